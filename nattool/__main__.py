@@ -1,0 +1,3 @@
+from nattool.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Typer commands: parse options, call one function below, render (rich or --json)."""

@@ -1,0 +1,34 @@
+"""Options shared by the client commands, declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+TrackerOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--tracker",
+        "-t",
+        help="Tracker HOST[:PORT] or [IPv6]:PORT (repeatable). Default: NATTOOL_TRACKERS, then the config file.",
+        show_default=False,
+    ),
+]
+DomainOpt = Annotated[
+    Optional[str],
+    typer.Option("--domain", help="Discover trackers from DNS SRV records _nattracker._udp.DOMAIN.", show_default=False),
+]
+TimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option("--timeout", help="Seconds to wait for each tracker, retries included [default: 2].", show_default=False),
+]
+RetriesOpt = Annotated[
+    Optional[int],
+    typer.Option("--retries", help="Retransmissions (with doubling backoff) within the timeout [default: 3].", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option("--config", help="Config file (TOML). Default: NATTOOL_CONFIG, then the platform config dir.", show_default=False),
+]

@@ -1,0 +1,63 @@
+"""Rendering for humans (rich) and machines (--json), and the error edge.
+
+Rich already honours NO_COLOR and writes no colour codes or live displays when the
+output is not a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from nattool.errors import NattoolError
+from nattool.exit_codes import ExitCode
+
+T = TypeVar("T")
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_verbosity = {"level": 0}
+
+
+def set_verbosity(quiet: bool, verbose: int) -> None:
+    _verbosity["level"] = -1 if quiet else verbose
+
+
+def verbosity() -> int:
+    return _verbosity["level"]
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    """Secondary human output (to stderr, so that stdout stays the answer)."""
+    if verbosity() >= 0:
+        stderr.print(message)
+
+
+def fail(message: str, code: int = ExitCode.FAILURE) -> NoReturn:
+    stderr.print(f"nattool: error: {message}", markup=False)
+    raise typer.Exit(int(code))
+
+
+def run_edge(body: Callable[[], T]) -> T:
+    """Run a command body: our errors become one line and an exit code, Ctrl-C 130."""
+    try:
+        return body()
+    except NattoolError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("interrupted", markup=False)
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"

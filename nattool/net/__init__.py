@@ -1,0 +1,1 @@
+"""All sockets and event loops: the server loop, client transactions, DNS."""

@@ -1,0 +1,396 @@
+"""`nattool serve`: the asyncio UDP shell around the pure tracker core.
+
+Per datagram: rate limit by source, then the cheapest possible path for the hot
+requests (bare ``//nat``), STUN to the STUN responder, text to the tracker core.
+Registrations that arrive in one event-loop turn are handed to the store as one
+batch (one transaction, one round trip); their replies go out when the store says
+the batch is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from nattool import __version__
+from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
+from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
+from nattool.protocol.stun import is_stun
+from nattool.store.base import Store, StoreLimits
+from nattool.tracker.dispatch import PendingRegistration, TrackerCore
+from nattool.tracker.federation import Federation, FederationConfig
+from nattool.tracker.ratelimit import SourceRateLimiter
+
+log = logging.getLogger("nattool.serve")
+
+MAX_QUEUED_REGISTRATIONS = 20_000  # beyond this, drop: never an unbounded queue
+HOUSEKEEPING_INTERVAL = 0.5
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    hosts: tuple[str, ...] = ()  # empty: every interface, IPv4 and IPv6
+    port: int = DEFAULT_PORT
+    ttl: float = 120.0
+    rate_limit: float = 50.0  # requests/s per source; 0 = off
+    burst: float | None = None
+    store: str = "sqlite:"
+    public: Endpoint | None = None
+    joins: tuple[Endpoint, ...] = ()
+    tracker_ttl: float = 300.0
+    announce_interval: float = 60.0
+    alt_host: str | None = None
+    alt_port: int | None = None
+    limits: StoreLimits = field(default_factory=StoreLimits)
+    reuse_port: bool = False  # set by --workers: several processes share the port
+
+
+def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
+    ip = ipaddress.ip_address(host)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            # One socket per family: no IPv4-mapped addresses to translate on the hot path.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            except OSError:
+                pass
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise NetworkError(f"cannot listen on udp {Endpoint(ip, port)}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _v6_source_key_cache() -> Callable[[str], str]:
+    cache: dict[str, str] = {}
+
+    def key(host: str) -> str:
+        value = cache.get(host)
+        if value is None:
+            ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+            if ip.ipv4_mapped is not None:
+                value = str(ip.ipv4_mapped)
+            else:
+                value = str(ipaddress.IPv6Address(int(ip) >> 64 << 64)) + "/64"
+            if len(cache) > 100_000:
+                cache.clear()
+            cache[host] = value
+        return value
+
+    return key
+
+
+class _Listener(asyncio.DatagramProtocol):
+    """One bound socket. Keeps the per-datagram work inline and small."""
+
+    def __init__(self, server: "TrackerServer", local: Endpoint, sock: socket.socket) -> None:
+        self.server = server
+        self.local = local
+        self.sock = sock  # kept for empty datagrams, which transports refuse to send
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.server.receive(self, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier sends (port unreachable): nothing to do but count.
+        self.server.core.counters["socket_error"] += 1
+
+
+class TrackerServer:
+    def __init__(self, config: ServerConfig, store: Store, stun: bool = True) -> None:
+        self.config = config
+        self.store = store
+        self.federation = Federation(
+            FederationConfig(tracker_ttl=config.tracker_ttl, announce_interval=config.announce_interval),
+            public=config.public,
+            joins=config.joins,
+        )
+        self.core = TrackerCore(self.federation)
+        self.limiter = SourceRateLimiter(config.rate_limit, config.burst)
+        self.stun_enabled = stun
+        self._stun_by_local: dict[Endpoint, Any] = {}  # local endpoint -> StunResponder
+        self.listeners: list[_Listener] = []
+        self._v6key = _v6_source_key_cache()
+        self._batch: list[tuple[PendingRegistration, _Listener, Any]] = []
+        self._flush_scheduled = False
+        self._flushing = False
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> list[Endpoint]:
+        """Open the store, bind every socket (the tracker port on each host, and the
+        RFC 5780 alternates), start the timers. Returns the bound endpoints."""
+        loop = self._loop = asyncio.get_running_loop()
+        await self.store.open()
+        try:
+            self.federation.restore(await self.store.load_trackers(time.time()))
+            await self._bind_all(loop)
+        except BaseException:
+            await self.stop()
+            raise
+        self._tasks.append(loop.create_task(self._housekeeping()))
+        return [lst.local for lst in self.listeners]
+
+    async def _bind_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = self.config
+        default_hosts = not cfg.hosts
+        hosts = list(cfg.hosts) or ["0.0.0.0", "::"]
+        alt_ip = ipaddress.ip_address(cfg.alt_host) if cfg.alt_host else None
+        if alt_ip is not None and not any(ipaddress.ip_address(h).version == alt_ip.version for h in hosts):
+            raise ConfigError(f"--alt-host {alt_ip} needs a --host of the same address family")
+        for host in hosts:
+            try:
+                primary_sock = _bind_udp(host, cfg.port, cfg.reuse_port)
+            except NetworkError:
+                if default_hosts and host == "::" and self.listeners:
+                    log.warning("event=no_ipv6 msg='IPv6 unavailable; serving IPv4 only'")
+                    continue
+                raise
+            primary = Endpoint.from_sockaddr(primary_sock.getsockname()[:2])
+            socks = [(primary, primary_sock)]
+            responder = None
+            if self.stun_enabled:
+                from nattool.tracker.stun_responder import StunResponder
+
+                same_family_alt = alt_ip if alt_ip is not None and alt_ip.version == primary.ip.version else None
+                try:
+                    responder = StunResponder(primary, alt_ip=same_family_alt, alt_port=cfg.alt_port)
+                except NattoolError:
+                    primary_sock.close()
+                    raise
+                for ep in responder.local_endpoints()[1:]:
+                    socks.append((ep, _bind_udp(str(ep.ip), ep.port, cfg.reuse_port)))
+            for local, sock in socks:
+                listener = _Listener(self, local, sock)
+                await loop.create_datagram_endpoint(lambda lst=listener: lst, sock=sock)  # type: ignore[misc]
+                self.listeners.append(listener)
+                if responder is not None:
+                    self._stun_by_local[local] = responder
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks.clear()
+        # Answer what is already queued before closing the store.
+        while self._batch or self._flushing:
+            if not self._flushing:
+                self._start_flush()
+            await asyncio.sleep(0.01)
+        for lst in self.listeners:
+            if lst.transport is not None:
+                lst.transport.close()
+        await self.store.close()
+        self._stopped.set()
+
+    # -- the hot path ----------------------------------------------------------------
+    def receive(self, listener: _Listener, data: bytes, addr: Any) -> None:
+        host = addr[0]
+        now = time.monotonic()
+        limiter = self.limiter
+        if limiter.rate:
+            key = self._v6key(host) if ":" in host else host
+            if not limiter.allow(key, now):
+                return
+        transport = listener.transport
+        assert transport is not None
+        if data == b"//nat":
+            self.core.counters["nat"] += 1
+            if ":" in host:
+                transport.sendto(f"[{host.split('%', 1)[0]}]:{addr[1]}".encode(), addr)
+            else:
+                transport.sendto(f"{host}:{addr[1]}".encode(), addr)
+            return
+        if data[:2] != b"//" and is_stun(data):
+            if listener.local in self._stun_by_local:
+                self._answer_stun(listener, data, addr)
+            return
+        try:
+            src = Endpoint.from_sockaddr(addr)
+        except ValueError:
+            return
+        outcome = self.core.on_datagram(data, src, now, time.time())
+        if outcome is None:
+            return
+        if isinstance(outcome, bytes):
+            if outcome:
+                transport.sendto(outcome, addr)
+            else:
+                # "I know no trackers" is an empty datagram (PROTOCOL.md section 3).
+                try:
+                    listener.sock.sendto(b"", addr)
+                except OSError:
+                    self.core.counters["socket_error"] += 1
+            return
+        if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
+            self.core.counters["drop_overload"] += 1
+            return
+        self._batch.append((outcome, listener, addr))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._start_flush)
+
+    def _answer_stun(self, listener: _Listener, data: bytes, addr: Any) -> None:
+        try:
+            src = Endpoint.from_sockaddr(addr)
+        except ValueError:
+            return
+        reply = self._stun_by_local[listener.local].respond(data, src, listener.local)
+        if reply is None:
+            self.core.counters["stun_drop"] += 1
+            return
+        self.core.counters["stun"] += 1
+        out = listener
+        if reply.send_from != listener.local:
+            for other in self.listeners:
+                if other.local == reply.send_from:
+                    out = other
+                    break
+            else:
+                self.core.counters["stun_drop"] += 1
+                return
+        assert out.transport is not None
+        out.transport.sendto(reply.data, reply.dest.sockaddr())
+
+    # -- registrations, batched per loop turn -----------------------------------------
+    def _start_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._flushing or not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        self._flushing = True
+        assert self._loop is not None
+        self._loop.create_task(self._flush(batch))
+
+    async def _flush(self, batch: list[tuple[PendingRegistration, _Listener, Any]]) -> None:
+        try:
+            started = time.perf_counter()
+            try:
+                results = await self.store.register([p.registration for p, _, _ in batch], time.time())
+            except NattoolError as exc:
+                log.warning("event=store_error kind=%s error=%r", self.store.kind, str(exc))
+                self.core.counters["store_error"] += 1
+                results = [StoreError("store unavailable")] * len(batch)
+            self.core.counters["store_batches"] += 1
+            self.core.counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
+            core = self.core
+            for (pending, listener, addr), result in zip(batch, results):
+                reply = core.finish_registration(pending, result)
+                if listener.transport is not None and not listener.transport.is_closing():
+                    listener.transport.sendto(reply, addr)
+        finally:
+            self._flushing = False
+            if self._batch and not self._flush_scheduled:
+                self._flush_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._start_flush)
+
+    # -- timers ----------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            now, wall = time.monotonic(), time.time()
+            try:
+                gone = await self.store.expire(wall)
+                if gone:
+                    self.core.counters["expired"] += gone
+            except NattoolError as exc:
+                self.core.counters["store_error"] += 1
+                log.warning("event=expire_failed error=%r", str(exc))
+            if now - last_sweep > 30:
+                self.limiter.sweep(now)
+                last_sweep = now
+            self._federation_tick(now, wall)
+            await self._persist_federation()
+
+    def _federation_tick(self, now: float, wall: float) -> None:
+        out = self.federation.outgoing(now, wall)
+        for dest, payload in out:
+            listener = self._listener_for(dest)
+            if listener is not None and listener.transport is not None:
+                listener.transport.sendto(payload, dest.sockaddr())
+
+    def _listener_for(self, dest: Endpoint) -> _Listener | None:
+        for lst in self.listeners:
+            if lst.local.ip.version == dest.ip.version and lst.local.port == self.config.port:
+                return lst
+        return None
+
+    async def _persist_federation(self) -> None:
+        events = self.federation.take_events()
+        if events.learned_public is not None:
+            log.info("event=public_learned public=%s", events.learned_public)
+        try:
+            for record in events.saved:
+                await self.store.save_tracker(record)
+            for ep in events.dropped:
+                await self.store.drop_tracker(ep)
+                log.info("event=tracker_expired tracker=%s", ep)
+        except NattoolError as exc:
+            self.core.counters["store_error"] += 1
+            log.warning("event=tracker_persist_failed error=%r", str(exc))
+
+    async def serve_until_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        if self._loop is not None and not self._stopped.is_set():
+            self._loop.create_task(self.stop())
+
+
+def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
+    cfg = server.config
+    addrs = ", ".join(str(e) for e in bound)
+    rate = f"{cfg.rate_limit:g}/s per source" if cfg.rate_limit else "off"
+    stun = "stun off"
+    if server.stun_enabled:
+        stun = "stun + RFC 5780" if cfg.alt_host or cfg.alt_port else "stun on"
+    return (
+        f"nattool {__version__} tracker listening on udp {addrs} "
+        f"(store {server.store.describe()}, ttl {cfg.ttl:g}s, rate limit {rate}, {stun})"
+    )
+
+
+async def serve(config: ServerConfig, store: Store, stun: bool = True, on_ready: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Run until SIGINT/SIGTERM; return the counters."""
+    server = TrackerServer(config, store, stun)
+    bound = await server.start()
+    loop = asyncio.get_running_loop()
+    if sys.platform != "win32":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_stop)
+    line = banner(server, bound)
+    if on_ready is not None:
+        on_ready(line)
+    try:
+        await server.serve_until_stopped()
+    finally:
+        if not server._stopped.is_set():
+            await server.stop()
+    return dict(server.core.counters)

@@ -1,0 +1,108 @@
+"""IPv4/IPv6 endpoints as the wire protocol writes them.
+
+An endpoint is written ``1.2.3.4:998`` or ``[2001:db8::1]:998``; a bare LAN address
+is written without port or brackets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Union
+
+from nattool.errors import ProtocolError
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+# The tracker's default port: int(hex("51pwn"), 16) % 65535, as the original server.
+DEFAULT_PORT = 43283
+
+_MAX_ENDPOINT_TEXT = 64  # "[" + 45 chars of IPv6 text + "]:" + 5 digits, with slack
+
+
+def parse_ip(text: str) -> IPAddress:
+    """Parse a bare IPv4 or IPv6 address (no brackets, no zone id)."""
+    if not text or len(text) > 45 or "%" in text:
+        raise ProtocolError(f"bad IP address {text[:48]!r}")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ProtocolError(f"bad IP address {text[:48]!r}") from None
+
+
+def unmap(ip: IPAddress) -> IPAddress:
+    """The IPv4 address behind an IPv4-mapped IPv6 address (dual-stack sockets)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def parse_port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 5:
+        raise ProtocolError(f"bad port {text[:8]!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ProtocolError(f"port {port} out of range 1..65535")
+    return port
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """An IP address and a UDP port."""
+
+    ip: IPAddress
+    port: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ProtocolError(f"port {self.port} out of range")
+
+    @classmethod
+    def from_text(cls, text: str) -> "Endpoint":
+        """Parse ``1.2.3.4:998`` or ``[2001:db8::1]:998``."""
+        if not text or len(text) > _MAX_ENDPOINT_TEXT:
+            raise ProtocolError(f"bad endpoint {text[:_MAX_ENDPOINT_TEXT]!r}")
+        if text.startswith("["):
+            close = text.find("]")
+            if close < 0 or text[close + 1 : close + 2] != ":":
+                raise ProtocolError(f"bad endpoint {text!r}: want [IPv6]:port")
+            ip = parse_ip(text[1:close])
+            if ip.version != 6:
+                raise ProtocolError(f"bad endpoint {text!r}: brackets are for IPv6")
+            return cls(ip, parse_port(text[close + 2 :]))
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ProtocolError(f"bad endpoint {text!r}: want IP:port or [IPv6]:port")
+        ip = parse_ip(host)
+        return cls(ip, parse_port(port))
+
+    @classmethod
+    def from_sockaddr(cls, addr: tuple) -> "Endpoint":  # type: ignore[type-arg]
+        """From a socket address tuple; IPv4-mapped IPv6 becomes plain IPv4."""
+        host = str(addr[0]).split("%", 1)[0]
+        return cls(unmap(ipaddress.ip_address(host)), int(addr[1]))
+
+    def to_text(self) -> str:
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+    def sockaddr(self) -> tuple[str, int]:
+        return (str(self.ip), self.port)
+
+    @property
+    def family_name(self) -> str:
+        return "IPv6" if self.ip.version == 6 else "IPv4"
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def source_key(ip: IPAddress) -> str:
+    """The unit of per-source accounting and of "same public IP": an IPv4 address,
+    or the /64 of an IPv6 address (one subscriber usually gets a whole /64)."""
+    ip = unmap(ip)
+    if ip.version == 6:
+        net = ipaddress.IPv6Network((int(ip) >> 64 << 64, 64))
+        return str(net)
+    return str(ip)

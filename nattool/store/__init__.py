@@ -1,0 +1,1 @@
+"""Tracker state behind one interface: memory, sqlite (the default), redis."""

@@ -1,0 +1,217 @@
+"""The volatile store, and the in-memory index that the SQLite store reuses."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator, Sequence
+
+from nattool.errors import LimitError, NattoolError
+from nattool.protocol.endpoint import Endpoint
+from nattool.store.base import (
+    GroupView,
+    Member,
+    Registration,
+    RegisterResult,
+    Store,
+    StoreLimits,
+    StoreStats,
+    TrackerRecord,
+)
+
+_Key = tuple[str, str]  # (group, identity)
+
+
+class MemberIndex:
+    """Groups of members with replacement by identity, TTL expiry and caps.
+
+    Synchronous and free of I/O: the clock comes in as ``now``. Every live member
+    sits in one global OrderedDict ordered by last registration, so expiry pops
+    from the front and costs O(expired), not a scan of everything.
+    """
+
+    def __init__(self, limits: StoreLimits) -> None:
+        self.limits = limits
+        # group -> identity -> Member, oldest first (re-registration moves to end)
+        self._groups: dict[str, OrderedDict[str, Member]] = {}
+        self._by_age: OrderedDict[_Key, float] = OrderedDict()
+        # source -> group -> live members of that source in that group
+        self._source_groups: dict[str, dict[str, int]] = {}
+
+    # -- queries -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._by_age)
+
+    @property
+    def group_count(self) -> int:
+        return len(self._groups)
+
+    def members(self) -> Iterator[Member]:
+        for group in self._groups.values():
+            yield from group.values()
+
+    def view(self, me: Member, offset: int, limit: int, now: float) -> GroupView:
+        group = self._groups.get(me.group)
+        others: list[Member] = []
+        total = 0
+        if group is not None:
+            horizon = now - self.limits.ttl
+            skip = offset
+            for member in reversed(group.values()):  # newest first
+                if member.identity == me.identity or member.seen <= horizon:
+                    continue
+                total += 1
+                if skip:
+                    skip -= 1
+                elif len(others) < limit:
+                    others.append(member)
+        return GroupView(me=me, others=tuple(others), total_others=total)
+
+    # -- updates -----------------------------------------------------------------
+    def upsert(self, member: Member, now: float) -> Member | None:
+        """Insert or replace; return the member evicted to make room, if any.
+        Raises LimitError when a cap refuses the member."""
+        limits = self.limits
+        group = self._groups.get(member.group)
+        old = group.get(member.identity) if group is not None else None
+        if old is None:
+            if len(self._by_age) >= limits.max_members:
+                self.expire(now)
+                if len(self._by_age) >= limits.max_members:
+                    raise LimitError("tracker full")
+            per_source = self._source_groups.get(member.source)
+            if (
+                per_source is not None
+                and member.group not in per_source
+                and len(per_source) >= limits.max_groups_per_source
+            ):
+                raise LimitError("too many groups from this source")
+        evicted: Member | None = None
+        if group is None:
+            group = self._groups[member.group] = OrderedDict()
+        elif old is None and len(group) >= limits.max_members_per_group:
+            evicted = next(iter(group.values()))
+            self._remove(evicted)
+        if old is not None:
+            self._forget_source(old)
+            group.move_to_end(member.identity)
+            self._by_age.move_to_end((member.group, member.identity))
+        group[member.identity] = member
+        self._by_age[(member.group, member.identity)] = member.seen
+        counts = self._source_groups.setdefault(member.source, {})
+        counts[member.group] = counts.get(member.group, 0) + 1
+        return evicted
+
+    def remove(self, group: str, identity: str) -> None:
+        members = self._groups.get(group)
+        if members is not None and identity in members:
+            self._remove(members[identity])
+
+    def expire(self, now: float, budget: int = 1 << 62) -> list[Member]:
+        """Remove up to ``budget`` members not seen for the TTL, oldest first."""
+        horizon = now - self.limits.ttl
+        gone: list[Member] = []
+        by_age = self._by_age
+        while by_age and len(gone) < budget:
+            key, seen = next(iter(by_age.items()))
+            if seen > horizon:
+                break
+            member = self._groups[key[0]][key[1]]
+            self._remove(member)
+            gone.append(member)
+        return gone
+
+    def _remove(self, member: Member) -> None:
+        group = self._groups[member.group]
+        del group[member.identity]
+        if not group:
+            del self._groups[member.group]
+        del self._by_age[(member.group, member.identity)]
+        self._forget_source(member)
+
+    def _forget_source(self, member: Member) -> None:
+        counts = self._source_groups[member.source]
+        left = counts[member.group] - 1
+        if left:
+            counts[member.group] = left
+        else:
+            del counts[member.group]
+            if not counts:
+                del self._source_groups[member.source]
+
+    def register_batch(
+        self, batch: Sequence[Registration], now: float
+    ) -> tuple[list[RegisterResult], list[Member], list[Member]]:
+        """Apply a batch; return the results, the members written and those evicted."""
+        results: list[RegisterResult] = []
+        written: list[Member] = []
+        evicted: list[Member] = []
+        for reg in batch:
+            try:
+                gone = self.upsert(reg.member, now)
+            except NattoolError as exc:
+                results.append(exc)
+                continue
+            if gone is not None:
+                evicted.append(gone)
+            written.append(reg.member)
+            results.append(self.view(reg.member, reg.offset, reg.limit, now))
+        return results, written, evicted
+
+
+class TrackerTable:
+    """Verified trackers with their expiry, capped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._records: dict[Endpoint, float] = {}
+
+    def save(self, record: TrackerRecord) -> bool:
+        if record.endpoint not in self._records and len(self._records) >= self.limit:
+            return False
+        self._records[record.endpoint] = record.expires
+        return True
+
+    def drop(self, endpoint: Endpoint) -> None:
+        self._records.pop(endpoint, None)
+
+    def load(self, now: float) -> list[TrackerRecord]:
+        for endpoint in [ep for ep, exp in self._records.items() if exp <= now]:
+            del self._records[endpoint]
+        return sorted(
+            (TrackerRecord(ep, exp) for ep, exp in self._records.items()),
+            key=lambda r: -r.expires,
+        )
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+class MemoryStore(Store):
+    """Volatile: everything is gone when the process ends."""
+
+    kind = "memory"
+
+    def __init__(self, limits: StoreLimits) -> None:
+        super().__init__(limits)
+        self.index = MemberIndex(limits)
+        self.trackers = TrackerTable(limits.max_trackers)
+
+    async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        return self.index.register_batch(batch, now)[0]
+
+    async def expire(self, now: float) -> int:
+        return len(self.index.expire(now))
+
+    async def save_tracker(self, record: TrackerRecord) -> None:
+        self.trackers.save(record)
+
+    async def drop_tracker(self, endpoint: Endpoint) -> None:
+        self.trackers.drop(endpoint)
+
+    async def load_trackers(self, now: float) -> list[TrackerRecord]:
+        return self.trackers.load(now)
+
+    async def stats(self) -> StoreStats:
+        return StoreStats(
+            groups=self.index.group_count, members=len(self.index), trackers=len(self.trackers)
+        )

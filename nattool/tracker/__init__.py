@@ -1,0 +1,1 @@
+"""The tracker's decisions: dispatch a datagram, registry rules, rate limits, federation."""

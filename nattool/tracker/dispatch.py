@@ -1,0 +1,117 @@
+"""Dispatch one datagram: decide the reply (or that there is none).
+
+The I/O shell (nattool.net.server) calls :meth:`TrackerCore.on_datagram` with the
+bytes, the source endpoint and the clocks. Everything that needs the store comes
+back as a :class:`PendingRegistration` that the shell batches and hands to the
+store; :meth:`TrackerCore.finish_registration` then builds the reply.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Union
+
+from nattool.errors import NattoolError, ProtocolError
+from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
+from nattool.protocol.text import (
+    AnnounceRequest,
+    ErrorReply,
+    MalformedRequest,
+    NatRequest,
+    NotARequest,
+    RegisterRequest,
+    TrackersRequest,
+    parse_request,
+)
+from nattool.store.base import RegisterResult, Registration
+from nattool.tracker.federation import Federation
+from nattool.tracker.registry import build_member_reply, member_from_request, registration_for
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRegistration:
+    registration: Registration
+    request: RegisterRequest
+    budget: int
+
+
+Outcome = Union[bytes, PendingRegistration, None]
+
+
+def fit(reply: bytes, budget: int) -> bytes | None:
+    """Enforce the amplification bound on a finished reply (a last line of defence:
+    builders already aim below it)."""
+    return reply if len(reply) <= budget else None
+
+
+class TrackerCore:
+    """Text-protocol decisions of one tracker. Counters are plain ints in a Counter,
+    read by the metrics endpoint and the shutdown summary."""
+
+    def __init__(self, federation: Federation, safe_datagram: int = SAFE_DATAGRAM) -> None:
+        self.federation = federation
+        self.safe_datagram = safe_datagram
+        self.counters: Counter[str] = Counter()
+
+    def on_datagram(self, data: bytes, src: Endpoint, now: float, wall_now: float) -> Outcome:
+        counters = self.counters
+        budget = reply_budget(len(data), self.safe_datagram)
+        try:
+            request = parse_request(data)
+        except NotARequest:
+            if self.federation.is_expected(src):
+                counters["federation_reply"] += 1
+                self.federation.on_reply(src, data, now, wall_now)
+            else:
+                counters["drop_unknown"] += 1
+            return None
+        except MalformedRequest as exc:
+            counters["malformed"] += 1
+            return ErrorReply(str(exc)).to_wire()[:budget]
+        if isinstance(request, NatRequest):
+            counters["nat"] += 1
+            return src.to_text().encode()
+        if isinstance(request, RegisterRequest):
+            try:
+                member = member_from_request(request, src, wall_now)
+                registration = registration_for(request, member)
+            except MalformedRequest as exc:
+                counters["malformed"] += 1
+                return ErrorReply(str(exc)).to_wire()[:budget]
+            counters["register"] += 1
+            return PendingRegistration(registration, request, budget)
+        if isinstance(request, TrackersRequest):
+            counters["trackers"] += 1
+            return self._tracker_list(budget, wall_now)
+        if isinstance(request, AnnounceRequest):
+            counters["announce"] += 1
+            self.federation.on_announce(request, src, now)
+            return self._tracker_list(budget, wall_now)
+        raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
+
+    def _tracker_list(self, budget: int, wall_now: float) -> bytes:
+        lines = self.federation.tracker_list(wall_now).trackers
+        out = b""
+        for line in lines:
+            candidate = (out + b"\n" if out else b"") + line.encode()
+            if len(candidate) > budget:
+                self.counters["cut_amplification"] += 1
+                break
+            out = candidate
+        return out
+
+    def finish_registration(self, pending: PendingRegistration, result: RegisterResult) -> bytes:
+        if isinstance(result, NattoolError):
+            self.counters["register_refused"] += 1
+            return ErrorReply(str(result)).to_wire()[: pending.budget]
+        request = pending.request
+        try:
+            offset = request.offset
+        except ProtocolError:  # pragma: no cover - offset was validated at parse time
+            offset = 0
+        reply = build_member_reply(result, pending.budget, request.wants_paging, offset)
+        if len(result.others) and reply.count(b"\n") < len(result.others):
+            self.counters["cut_amplification"] += 1
+        return reply

@@ -1,0 +1,76 @@
+"""Registry rules: who becomes which member, and what a registration reply says."""
+
+from __future__ import annotations
+
+from nattool.errors import LimitError
+from nattool.protocol.endpoint import Endpoint, source_key
+from nattool.protocol.text import ErrorReply, MalformedRequest, MemberEntry, MemberList, RegisterRequest
+from nattool.store.base import GroupView, Member, Registration
+
+# A reply line is at least "1.2.3.4:5\n": never ask a store for more than fits.
+MAX_PAGE = 128
+
+
+def member_from_request(req: RegisterRequest, observed: Endpoint, now: float) -> Member:
+    """Turn a registration into the member the store keeps.
+
+    An explicit public endpoint must carry the observed source IP: otherwise anyone
+    could point a whole group's traffic at a third party.
+    """
+    endpoint = observed
+    if req.public is not None:
+        if req.public.ip != observed.ip:
+            raise MalformedRequest("public ip differs from source ip")
+        endpoint = req.public
+    identity = req.identity if req.identity is not None else observed.to_text()
+    return Member(
+        group=req.group,
+        identity=identity,
+        endpoint=endpoint,
+        lan=req.lan,
+        source=source_key(observed.ip),
+        seen=now,
+    )
+
+
+def registration_for(req: RegisterRequest, member: Member) -> Registration:
+    return Registration(member=member, offset=req.offset, limit=MAX_PAGE)
+
+
+def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int = 0) -> bytes:
+    """The reply to a registration, cut to ``budget`` bytes, newest members kept.
+
+    The requester's own line comes first and carries its own LAN list; another
+    member's LAN list is shown only to requesters behind the same public IP (IPv6:
+    the same /64), since only they can use it.
+    """
+    me = view.me
+    lines = [MemberEntry(me.endpoint, me.lan).to_text()]
+    if len(lines[0]) > budget:
+        lines[0] = me.endpoint.to_text()
+    used = len(lines[0])
+    # Keep room for the "next=N" paging line when the client speaks paging.
+    reserve = 12 if paging else 0
+    shown = 0
+    for other in view.others:
+        lan = other.lan if other.lan and other.source == me.source else ()
+        line = MemberEntry(other.endpoint, lan).to_text()
+        if used + 1 + len(line) + reserve > budget:
+            break
+        lines.append(line)
+        used += 1 + len(line)
+        shown += 1
+    next_offset: int | None = None
+    if paging and offset + shown < view.total_others:
+        next_offset = offset + shown
+    entries_text = "\n".join(lines)
+    if next_offset is not None:
+        entries_text += f"\nnext={next_offset}"
+    return entries_text.encode("ascii")
+
+
+def error_reply(exc: LimitError | MalformedRequest | Exception, budget: int) -> bytes:
+    return ErrorReply(str(exc)).to_wire()[:budget]
+
+
+__all__ = ["MemberList", "build_member_reply", "error_reply", "member_from_request", "registration_for"]

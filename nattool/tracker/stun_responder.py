@@ -1,0 +1,267 @@
+"""The tracker's STUN server decisions (RFC 8489 Binding, RFC 3489 classic, RFC 5780).
+
+Pure: given a datagram, where it came from and which local socket received it, decide
+the reply (bytes, which local socket sends it, to where) or ``None`` (drop).
+
+Socket model. The server binds up to four UDP sockets, listed by
+:meth:`StunResponder.local_endpoints` (the first is the primary)::
+
+    (primary ip, primary port)   always -- the tracker port
+    (primary ip, alt port)       with alt_port
+    (alt ip,     primary port)   with alt_ip
+    (alt ip,     alt port)       with alt_ip and alt_port
+
+Each socket has a role ``(ip_is_alt, port_is_alt)``. A Binding request arriving on role
+``(i, p)`` is answered from role ``(i ^ change_ip, p ^ change_port)``; OTHER-ADDRESS (and
+RFC 3489 CHANGED-ADDRESS) names the socket that differs in every dimension the server can
+change.
+
+CHANGE-REQUEST that the server cannot honour (no alternate address / port for the flag
+asked) is answered with 420 (Unknown Attribute) listing CHANGE-REQUEST, as RFC 5780
+section 6.1 prescribes for a server without the alternate address, and as an RFC 5389-only
+server answers anyway. The server never answers such a request from the socket it arrived
+on: that silent fallback is exactly what makes old tools call every NAT "full cone".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from nattool import __version__
+from nattool.errors import ConfigError, ProtocolError
+from nattool.protocol.endpoint import Endpoint, IPAddress
+from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
+from nattool.protocol.stun import (
+    AttrType,
+    Attribute,
+    ChangedAddress,
+    ChangeRequest,
+    ErrorCode,
+    MappedAddress,
+    Method,
+    MsgClass,
+    OtherAddress,
+    ResponseOrigin,
+    ResponsePort,
+    Software,
+    SourceAddress,
+    StunMessage,
+    UnknownAttributes,
+    XorMappedAddress,
+    attr_type,
+    is_comprehension_required,
+    is_stun,
+    parse,
+)
+
+# Comprehension-required attributes a Binding request may carry that we understand
+# (address attributes and credentials in a request are understood and ignored: this
+# server has no credentials to check). CHANGE-REQUEST and RESPONSE-PORT are decided
+# separately because support depends on configuration.
+_UNDERSTOOD = frozenset(
+    {
+        AttrType.MAPPED_ADDRESS,
+        AttrType.SOURCE_ADDRESS,
+        AttrType.CHANGED_ADDRESS,
+        AttrType.USERNAME,
+        AttrType.MESSAGE_INTEGRITY,
+        AttrType.MESSAGE_INTEGRITY_SHA256,
+        AttrType.ERROR_CODE,
+        AttrType.UNKNOWN_ATTRIBUTES,
+        AttrType.XOR_MAPPED_ADDRESS,
+        AttrType.PADDING,
+    }
+)
+
+Role = tuple[bool, bool]  # (ip is the alternate, port is the alternate)
+
+
+@dataclass(frozen=True, slots=True)
+class StunReply:
+    data: bytes
+    send_from: Endpoint  # one of StunResponder.local_endpoints(): send with that socket
+    dest: Endpoint
+
+
+class StunResponder:
+    """STUN decisions for one address family's set of sockets (make one per primary).
+
+    ``primary`` is the tracker's own bound address. With ``alt_ip`` and/or ``alt_port``
+    it is an RFC 5780 server; that needs a concrete primary IP (not 0.0.0.0 / ::),
+    since RESPONSE-ORIGIN and OTHER-ADDRESS must name real addresses.
+    """
+
+    def __init__(
+        self,
+        primary: Endpoint,
+        *,
+        alt_ip: Optional[IPAddress] = None,
+        alt_port: Optional[int] = None,
+        software: Optional[str] = f"nattool/{__version__}",
+        safe_datagram: int = SAFE_DATAGRAM,
+        allow_response_port: bool = True,
+    ) -> None:
+        if alt_ip is not None or alt_port is not None:
+            if primary.ip.is_unspecified:
+                raise ConfigError(
+                    "an alternate STUN address/port needs a concrete primary address, "
+                    f"not {primary.ip} (RESPONSE-ORIGIN and OTHER-ADDRESS must be real)"
+                )
+            if primary.port == 0:
+                raise ConfigError("an alternate STUN port needs a fixed primary port")
+        if alt_ip is not None and (alt_ip.version != primary.ip.version or alt_ip == primary.ip):
+            raise ConfigError(f"alternate address {alt_ip} must differ from {primary.ip} in the same family")
+        if alt_port is not None and not (1 <= alt_port <= 65535 and alt_port != primary.port):
+            raise ConfigError(f"alternate port {alt_port} must be 1..65535 and differ from {primary.port}")
+        self.primary = primary
+        self.alt_ip = alt_ip
+        self.alt_port = alt_port
+        self.software = software
+        self.safe_datagram = safe_datagram
+        self.allow_response_port = allow_response_port
+        self._by_role: dict[Role, Endpoint] = {}
+        for ip_alt in (False, True):
+            for port_alt in (False, True):
+                if (ip_alt and alt_ip is None) or (port_alt and alt_port is None):
+                    continue
+                ip = alt_ip if ip_alt else primary.ip
+                port = alt_port if port_alt else primary.port
+                assert ip is not None and port is not None
+                self._by_role[(ip_alt, port_alt)] = Endpoint(ip, port)
+        self._role_of = {ep: role for role, ep in self._by_role.items()}
+
+    @property
+    def rfc5780(self) -> bool:
+        return self.alt_ip is not None or self.alt_port is not None
+
+    def local_endpoints(self) -> tuple[Endpoint, ...]:
+        """Sockets to bind, primary first: (P,P), (P,alt port), (alt ip,P), (alt ip,alt port)."""
+        return tuple(self._by_role.values())
+
+    def _other_role(self, role: Role) -> Role:
+        return (role[0] ^ (self.alt_ip is not None), role[1] ^ (self.alt_port is not None))
+
+    def respond(self, data: bytes, src: Endpoint, local: Endpoint) -> Optional[StunReply]:
+        """Decide the answer to ``data`` from ``src`` that arrived on socket ``local``."""
+        if not is_stun(data) or src.port == 0:
+            return None
+        try:
+            req = parse(data)
+        except ProtocolError:
+            return None
+        # Only requests are answered: answering responses or indications would let two
+        # servers bounce datagrams at each other forever.
+        if req.msg_class != MsgClass.REQUEST or req.method != Method.BINDING:
+            return None
+        role = self._role_of.get(local)
+        if role is None:
+            if self.rfc5780:
+                return None  # a socket we do not know: cannot say what it is
+            role = (False, False)
+            here = local
+        else:
+            here = self._by_role[role]
+
+        unknown: list[int] = []
+        change = req.get(ChangeRequest)
+        response_port = req.get(ResponsePort)
+        for attr in req.attributes:
+            t = attr_type(attr)
+            if not is_comprehension_required(t) or t in _UNDERSTOOD:
+                continue
+            if t == AttrType.CHANGE_REQUEST:
+                assert isinstance(change, ChangeRequest)
+                if (change.change_ip and self.alt_ip is None) or (change.change_port and self.alt_port is None):
+                    unknown.append(t)
+                continue
+            if t == AttrType.RESPONSE_PORT and self.allow_response_port:
+                continue
+            unknown.append(t)
+
+        dest = src
+        if not unknown and isinstance(response_port, ResponsePort) and self.allow_response_port:
+            if response_port.port == 0:
+                return None
+            # RFC 5780 section 7.5: same IP, other port -- never another host.
+            dest = Endpoint(src.ip, response_port.port)
+
+        budget = reply_budget(len(data), self.safe_datagram)
+        fingerprint = req.has_fingerprint
+        if unknown:
+            return self._error_420(req, unknown, src, here, budget, fingerprint)
+
+        send_role = role
+        if isinstance(change, ChangeRequest):
+            send_role = (role[0] ^ change.change_ip, role[1] ^ change.change_port)
+        send_from = self._by_role.get(send_role, here)
+        other = self._by_role.get(self._other_role(role)) if self.rfc5780 else None
+
+        # (attribute, droppable) in wire order; dropped in `drop_order` until it fits.
+        must: list[Attribute]
+        optional: dict[str, Attribute] = {}
+        if req.classic:
+            must = [MappedAddress(src)]
+            if self.rfc5780:
+                optional["source"] = SourceAddress(send_from)
+                if other is not None:
+                    optional["other"] = ChangedAddress(other)
+        else:
+            must = [XorMappedAddress(src)]
+            optional["mapped"] = MappedAddress(src)
+            if self.rfc5780:
+                optional["origin"] = ResponseOrigin(send_from)
+                if other is not None:
+                    optional["other"] = OtherAddress(other)
+        if self.software:
+            optional["software"] = Software(self.software)
+        drop_order = ["software", "fingerprint", "mapped", "source", "origin", "other"]
+        data_out = self._fit(req, MsgClass.SUCCESS, must, optional, fingerprint, drop_order, budget)
+        if data_out is None:
+            return None
+        return StunReply(data_out, send_from, dest)
+
+    def _error_420(
+        self,
+        req: StunMessage,
+        unknown: list[int],
+        src: Endpoint,
+        here: Endpoint,
+        budget: int,
+        fingerprint: bool,
+    ) -> Optional[StunReply]:
+        types = tuple(dict.fromkeys(unknown))
+        # Header 20 + ERROR-CODE 4+4+16 ("Unknown Attribute") + UNKNOWN-ATTRIBUTES header 4:
+        # cut the list so even the minimal reply fits the budget.
+        room = max(0, (budget - 20 - 24 - 4) // 2)
+        types = types[: max(1, room)]
+        must: list[Attribute] = [ErrorCode(420, "Unknown Attribute"), UnknownAttributes(types)]
+        optional: dict[str, Attribute] = {}
+        if self.software:
+            optional["software"] = Software(self.software)
+        data_out = self._fit(req, MsgClass.ERROR, must, optional, fingerprint, ["software", "fingerprint"], budget)
+        if data_out is None:
+            return None
+        return StunReply(data_out, here, src)
+
+    def _fit(
+        self,
+        req: StunMessage,
+        cls: MsgClass,
+        must: list[Attribute],
+        optional: dict[str, Attribute],
+        fingerprint: bool,
+        drop_order: list[str],
+        budget: int,
+    ) -> Optional[bytes]:
+        for n_dropped in range(len(drop_order) + 1):
+            dropped = set(drop_order[:n_dropped])
+            attrs = list(must) + [a for k, a in optional.items() if k not in dropped]
+            fp = fingerprint and "fingerprint" not in dropped
+            try:
+                out = StunMessage(cls, req.method, req.transaction_id, tuple(attrs)).to_wire(fingerprint=fp)
+            except ProtocolError:
+                return None
+            if len(out) <= budget:
+                return out
+        return None

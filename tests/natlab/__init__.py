@@ -1,0 +1,36 @@
+"""NAT lab: real NAT topologies in network namespaces for nattool's tests (see README.md)."""
+
+from .lab import (
+    Host,
+    Internet,
+    Lab,
+    LabError,
+    LabUnavailable,
+    Nat,
+    Node,
+    ServerHost,
+    sweep_stale_namespaces,
+    unavailable_reason,
+)
+from .nft import Ipv6Mode, NatBehaviour
+from .udp import AgentError, Datagram, UdpAgent, UdpSocket, udp_agent
+
+__all__ = [
+    "AgentError",
+    "Datagram",
+    "Host",
+    "Internet",
+    "Ipv6Mode",
+    "Lab",
+    "LabError",
+    "LabUnavailable",
+    "Nat",
+    "NatBehaviour",
+    "Node",
+    "ServerHost",
+    "UdpAgent",
+    "UdpSocket",
+    "sweep_stale_namespaces",
+    "udp_agent",
+    "unavailable_reason",
+]

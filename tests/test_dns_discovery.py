@@ -1,0 +1,412 @@
+"""Tracker names and SRV discovery against a real authoritative DNS server on loopback.
+
+The server (tests/loopback_dns.py) is dnspython's own message and zone code behind a
+UDP socket on 127.0.0.1 (or ::1). The addresses in the zone are documentation ranges:
+they are only ever resolved, never sent to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import dns.rcode
+import pytest
+
+from loopback_dns import LoopbackDNS, SilentUDP
+from nattool.errors import ResolveError, UsageError
+from nattool.net.resolve import (
+    discover_each_async,
+    discover_trackers,
+    discover_trackers_async,
+    gather_trackers,
+    parse_dns_server,
+    resolve_each,
+    resolve_trackers,
+    resolve_trackers_async,
+)
+from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
+from nattool.protocol.srv import SrvRecord, order_srv
+
+ZONE = """
+@                 60 IN SOA ns.test. admin.test. 1 60 60 60 60
+@                 60 IN NS  ns.test.
+ns                60 IN A   127.0.0.1
+
+; trackers with both families, one family, or none
+dual.trk          60 IN A    192.0.2.1
+dual.trk          60 IN A    192.0.2.2
+dual.trk          60 IN AAAA 2001:db8::1
+v4.trk            60 IN A    192.0.2.4
+v6.trk            60 IN AAAA 2001:db8::6
+txtonly.trk       60 IN TXT  "no address here"
+second.trk        60 IN A    198.51.100.2
+
+; SRV discovery: priorities 5 < 10 < 20, weights 60/30/10 inside priority 10
+_nattracker._udp.srv  60 IN SRV 10 60 40001 w60.srv.test.
+_nattracker._udp.srv  60 IN SRV 10 30 40002 w30.srv.test.
+_nattracker._udp.srv  60 IN SRV 10 10 40003 w10.srv.test.
+_nattracker._udp.srv  60 IN SRV 20 0  40004 backup.srv.test.
+_nattracker._udp.srv  60 IN SRV 5  0  40005 first.srv.test.
+w60.srv           60 IN A    203.0.113.60
+w60.srv           60 IN AAAA 2001:db8::60
+w30.srv           60 IN A    203.0.113.30
+w10.srv           60 IN AAAA 2001:db8::10
+backup.srv        60 IN A    203.0.113.20
+first.srv         60 IN A    203.0.113.5
+first.srv         60 IN AAAA 2001:db8::5
+
+; no SRV: fall back to the domain's own addresses on the default port
+plain             60 IN A    198.51.100.7
+plain             60 IN AAAA 2001:db8::7
+
+; "." target: the domain says it runs no tracker
+_nattracker._udp.none 60 IN SRV 0 0 0 .
+none              60 IN A    198.51.100.8
+
+; one target does not resolve, the other does
+_nattracker._udp.partial 60 IN SRV 1 10 40010 gone.partial.test.
+_nattracker._udp.partial 60 IN SRV 1 10 40011 ok.partial.test.
+ok.partial        60 IN A    192.0.2.11
+
+; no target resolves
+_nattracker._udp.broken 60 IN SRV 1 10 40020 gone.broken.test.
+
+; the SRV name exists but the domain has no addresses at all
+empty             60 IN TXT "nothing"
+
+; a tracker answered over v4 while its AAAA query is swallowed
+slowv6.trk        60 IN A    192.0.2.66
+slowv6.trk        60 IN AAAA 2001:db8::66
+"""
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[LoopbackDNS]:
+    server = LoopbackDNS(
+        ZONE,
+        origin="test.",
+        rcodes={"servfail.trk": dns.rcode.SERVFAIL, "refused.trk": dns.rcode.REFUSED},
+        drop={("slowv6.trk", "AAAA")},
+    )
+    with server:
+        yield server
+
+
+def ep(text: str) -> Endpoint:
+    return Endpoint.from_text(text)
+
+
+def same(got: list[Endpoint], expected: list[Endpoint]) -> bool:
+    """Equal up to the order inside one name and family: DNS servers may rotate an
+    RRset, and the resolver keeps the server's order (A records before AAAA)."""
+    versions = [e.ip.version for e in got]
+    key = lambda e: (e.ip.version, e.to_text())  # noqa: E731
+    return sorted(got, key=key) == sorted(expected, key=key) and versions == sorted(versions)
+
+
+# ----------------------------------------------------------------------- host names
+
+
+def test_name_resolves_to_every_address_of_both_families(dns_server: LoopbackDNS) -> None:
+    got = resolve_trackers(["dual.trk.test:4000"], timeout=2, resolver_address=dns_server.address)
+    assert same(got, [ep("192.0.2.1:4000"), ep("192.0.2.2:4000"), ep("[2001:db8::1]:4000")])
+
+
+def test_default_port_and_family_filters(dns_server: LoopbackDNS) -> None:
+    addr = dns_server.address
+    v4 = resolve_trackers(["dual.trk.test"], timeout=2, family=socket.AF_INET, resolver_address=addr)
+    v6 = resolve_trackers(["dual.trk.test"], timeout=2, family=socket.AF_INET6, resolver_address=addr)
+    assert same(v4, [ep(f"192.0.2.1:{DEFAULT_PORT}"), ep(f"192.0.2.2:{DEFAULT_PORT}")])
+    assert v6 == [ep(f"[2001:db8::1]:{DEFAULT_PORT}")]
+    assert resolve_trackers(["v6.trk.test:1"], timeout=2, resolver_address=addr) == [ep("[2001:db8::6]:1")]
+    assert resolve_trackers(["v4.trk.test:1"], timeout=2, resolver_address=addr) == [ep("192.0.2.4:1")]
+    with pytest.raises(ResolveError, match=r"cannot resolve tracker 'v4.trk.test': no AAAA record"):
+        resolve_trackers(["v4.trk.test"], timeout=2, family=socket.AF_INET6, resolver_address=addr)
+
+
+def test_the_server_really_was_asked(dns_server: LoopbackDNS) -> None:
+    before = dns_server.query_count()
+    resolve_trackers(["second.trk.test"], timeout=2, resolver_address=dns_server.address)
+    asked = dns_server.queries[before:]
+    assert sorted(asked) == [("second.trk.test.", "A"), ("second.trk.test.", "AAAA")]
+
+
+def test_literals_and_localhost_need_no_dns(dns_server: LoopbackDNS) -> None:
+    with SilentUDP() as silent:
+        start = time.monotonic()
+        got = resolve_trackers(
+            ["localhost:5", "192.0.2.9", "[2001:db8::9]:7", "2001:db8::a", "x.localhost:6"],
+            timeout=2,
+            resolver_address=silent.address,
+        )
+        assert time.monotonic() - start < 0.5  # nothing waited on the silent server
+    assert got == [
+        ep("127.0.0.1:5"),
+        ep("[::1]:5"),
+        ep(f"192.0.2.9:{DEFAULT_PORT}"),
+        ep("[2001:db8::9]:7"),
+        ep(f"[2001:db8::a]:{DEFAULT_PORT}"),
+        ep("127.0.0.1:6"),
+        ep("[::1]:6"),
+    ]
+    v4 = resolve_trackers(["localhost"], timeout=1, family=socket.AF_INET, resolver_address=silent.address)
+    assert v4 == [ep(f"127.0.0.1:{DEFAULT_PORT}")]
+    with pytest.raises(ResolveError, match="not an IPv4 address"):
+        resolve_trackers(["[::1]"], timeout=1, family=socket.AF_INET, resolver_address=silent.address)
+
+
+def test_duplicates_are_dropped_in_order(dns_server: LoopbackDNS) -> None:
+    got = resolve_trackers(
+        ["192.0.2.4:1", "v4.trk.test:1", "dual.trk.test:1", "192.0.2.1:1"],
+        timeout=2,
+        resolver_address=dns_server.address,
+    )
+    assert got[0] == ep("192.0.2.4:1")
+    assert same(got[1:], [ep("192.0.2.1:1"), ep("192.0.2.2:1"), ep("[2001:db8::1]:1")])
+
+
+def test_resolve_each_keeps_spec_and_scheme(dns_server: LoopbackDNS) -> None:
+    items = resolve_each(["stun:v4.trk.test", "dual.trk.test:9"], timeout=2, resolver_address=dns_server.address)
+    assert items[0].spec.scheme == "stun" and items[0].endpoints == (ep("192.0.2.4:3478"),)
+    assert items[1].spec.host == "dual.trk.test" and len(items[1].endpoints) == 3
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing.test", r"cannot resolve tracker 'missing.test': NXDOMAIN"),
+        ("txtonly.trk.test", r"cannot resolve tracker 'txtonly.trk.test': no A or AAAA record"),
+        ("servfail.trk.test", r"cannot resolve tracker 'servfail.trk.test': .*SERVFAIL"),
+        ("refused.trk.test", r"cannot resolve tracker 'refused.trk.test': .*REFUSED"),
+        ("outside.example", r"cannot resolve tracker 'outside.example': .*REFUSED"),
+    ],
+)
+def test_errors_are_one_line(dns_server: LoopbackDNS, name: str, message: str) -> None:
+    with pytest.raises(ResolveError, match=message) as info:
+        resolve_trackers([name], timeout=2, resolver_address=dns_server.address)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_spec_is_a_usage_error_before_any_dns(dns_server: LoopbackDNS) -> None:
+    before = dns_server.query_count()
+    with pytest.raises(UsageError, match="port 70000 out of range"):
+        resolve_trackers(["v4.trk.test:70000"], timeout=2, resolver_address=dns_server.address)
+    assert dns_server.query_count() == before
+
+
+def test_on_error_skips_failures_but_not_all(dns_server: LoopbackDNS) -> None:
+    errors: list[ResolveError] = []
+    got = resolve_trackers(
+        ["missing.test", "v4.trk.test:2"], timeout=2, resolver_address=dns_server.address, on_error=errors.append
+    )
+    assert got == [ep("192.0.2.4:2")]
+    assert len(errors) == 1 and "missing.test" in str(errors[0])
+    with pytest.raises(ResolveError, match="no tracker could be resolved"):
+        resolve_trackers(["missing.test"], timeout=2, resolver_address=dns_server.address, on_error=errors.append)
+
+
+def test_one_family_timing_out_still_returns_the_other(dns_server: LoopbackDNS) -> None:
+    start = time.monotonic()
+    got = resolve_trackers(["slowv6.trk.test:3"], timeout=0.6, resolver_address=dns_server.address)
+    elapsed = time.monotonic() - start
+    assert got == [ep("192.0.2.66:3")]
+    assert elapsed < 1.5
+
+
+def test_hosts_file_is_used_before_dns(dns_server: LoopbackDNS, tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment\n192.0.2.77 tracker.lab tracker\n2001:db8::77 tracker.lab\nbad line\n")
+    before = dns_server.query_count()
+    got = resolve_trackers(
+        ["tracker.lab:5", "tracker"], timeout=2, resolver_address=dns_server.address, hosts_path=hosts
+    )
+    assert got == [ep("192.0.2.77:5"), ep("[2001:db8::77]:5"), ep(f"192.0.2.77:{DEFAULT_PORT}")]
+    assert dns_server.query_count() == before
+
+
+# ---------------------------------------------------------------------------- timeouts
+
+
+@pytest.mark.parametrize("family_host", ["127.0.0.1", "::1"])
+def test_silent_dns_server_times_out_in_bounded_time(family_host: str) -> None:
+    with SilentUDP(family_host) as silent:
+        for call in (
+            lambda: resolve_trackers(["a.example", "b.example"], timeout=0.5, resolver_address=silent.address),
+            lambda: discover_trackers("example.org", timeout=0.5, resolver_address=silent.address),
+        ):
+            start = time.monotonic()
+            with pytest.raises(ResolveError, match=r"timed out after 0.5s") as info:
+                call()
+            elapsed = time.monotonic() - start
+            assert 0.4 <= elapsed < 1.2, elapsed
+            assert "\n" not in str(info.value)
+
+
+def test_dns_server_over_ipv6_loopback() -> None:
+    with LoopbackDNS(ZONE, origin="test.", host="::1") as server6:
+        got = resolve_trackers(["v6.trk.test:8"], timeout=2, resolver_address=server6.address)
+    assert got == [ep("[2001:db8::6]:8")]
+
+
+# ---------------------------------------------------------------------------- discovery
+
+SRV_RECORDS = [
+    SrvRecord(10, 60, 40001, "w60.srv.test"),
+    SrvRecord(10, 30, 40002, "w30.srv.test"),
+    SrvRecord(10, 10, 40003, "w10.srv.test"),
+    SrvRecord(20, 0, 40004, "backup.srv.test"),
+    SrvRecord(5, 0, 40005, "first.srv.test"),
+]
+
+
+def test_srv_priority_order_and_every_address(dns_server: LoopbackDNS) -> None:
+    seed = 11
+    got = discover_trackers("srv.test", timeout=2, resolver_address=dns_server.address, rng=random.Random(seed))
+    # The weighted middle is what the pure RFC 2782 ordering says for this seed.
+    middle = [r.target for r in order_srv(SRV_RECORDS, random.Random(seed)) if r.priority == 10]
+    addresses = {
+        "w60.srv.test": ["203.0.113.60:40001", "[2001:db8::60]:40001"],
+        "w30.srv.test": ["203.0.113.30:40002"],
+        "w10.srv.test": ["[2001:db8::10]:40003"],
+    }
+    expected = ["203.0.113.5:40005", "[2001:db8::5]:40005"]
+    for target in middle:
+        expected += addresses[target]
+    expected += ["203.0.113.20:40004"]
+    assert [e.to_text() for e in got] == expected
+
+
+def test_srv_priority_holds_for_any_seed(dns_server: LoopbackDNS) -> None:
+    for seed in range(8):
+        items = asyncio.run(
+            discover_each_async("srv.test", timeout=2, resolver_address=dns_server.address, rng=random.Random(seed))
+        )
+        hosts = [i.spec.host for i in items]
+        assert hosts[0] == "first.srv.test" and hosts[-1] == "backup.srv.test"
+        assert set(hosts[1:4]) == {"w60.srv.test", "w30.srv.test", "w10.srv.test"}
+        assert all(i.via == "_nattracker._udp.srv.test" for i in items)
+
+
+def test_srv_weights_through_real_dns(dns_server: LoopbackDNS) -> None:
+    rng = random.Random(2782)
+    trials = 300
+
+    async def many() -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for _ in range(trials):
+            items = await discover_each_async("srv.test", timeout=2, resolver_address=dns_server.address, rng=rng)
+            counts[items[1].spec.host] += 1  # first pick inside priority 10
+        return counts
+
+    counts = asyncio.run(many())
+    assert abs(counts["w60.srv.test"] / trials - 0.6) < 0.08, counts
+    assert abs(counts["w30.srv.test"] / trials - 0.3) < 0.08, counts
+    assert abs(counts["w10.srv.test"] / trials - 0.1) < 0.06, counts
+
+
+def test_srv_both_families_filtered(dns_server: LoopbackDNS) -> None:
+    addr = dns_server.address
+    v6 = discover_trackers("srv.test", timeout=2, family=socket.AF_INET6, resolver_address=addr, rng=random.Random(1))
+    assert all(e.ip.version == 6 for e in v6)
+    # w30 and backup have no AAAA: skipped, the rest still served.
+    assert {e.port for e in v6} == {40005, 40001, 40003}
+    v4 = discover_trackers("srv.test", timeout=2, family=socket.AF_INET, resolver_address=addr, rng=random.Random(1))
+    assert {e.port for e in v4} == {40005, 40001, 40002, 40004}
+
+
+def test_fallback_to_domain_addresses_on_default_port(dns_server: LoopbackDNS) -> None:
+    got = discover_trackers("plain.test", timeout=2, resolver_address=dns_server.address)
+    assert got == [ep(f"198.51.100.7:{DEFAULT_PORT}"), ep(f"[2001:db8::7]:{DEFAULT_PORT}")]
+    assert ("_nattracker._udp.plain.test.", "SRV") in dns_server.queries
+
+
+def test_dot_target_means_no_tracker(dns_server: LoopbackDNS) -> None:
+    # The domain has an A record too, but "." is an explicit "not here": no fallback.
+    assert discover_trackers("none.test", timeout=2, resolver_address=dns_server.address) == []
+
+
+def test_unresolvable_targets(dns_server: LoopbackDNS) -> None:
+    got = discover_trackers("partial.test", timeout=2, resolver_address=dns_server.address)
+    assert got == [ep("192.0.2.11:40011")]
+    with pytest.raises(ResolveError, match=r"cannot discover trackers for 'broken.test': no SRV target resolves"):
+        discover_trackers("broken.test", timeout=2, resolver_address=dns_server.address)
+
+
+@pytest.mark.parametrize(
+    "domain, message",
+    [
+        ("nowhere.test", r"no SRV record _nattracker._udp.nowhere.test and the domain itself: NXDOMAIN"),
+        ("empty.test", r"no SRV record _nattracker._udp.empty.test and the domain itself: no A or AAAA record"),
+    ],
+)
+def test_discovery_errors(dns_server: LoopbackDNS, domain: str, message: str) -> None:
+    with pytest.raises(ResolveError, match=message):
+        discover_trackers(domain, timeout=2, resolver_address=dns_server.address)
+
+
+@pytest.mark.parametrize("bad", ["", "192.0.2.1", "example.org:53", "exa mple.org", "[::1]"])
+def test_bad_domain_is_usage_error(bad: str) -> None:
+    with pytest.raises(UsageError):
+        discover_trackers(bad, timeout=1, resolver_address=("127.0.0.1", 9))
+
+
+# ------------------------------------------------------------- async, gather, settings
+
+
+def test_async_variants_and_sync_inside_a_running_loop(dns_server: LoopbackDNS) -> None:
+    addr = dns_server.address
+
+    async def main() -> tuple[list[Endpoint], list[Endpoint], list[Endpoint]]:
+        a = await resolve_trackers_async(["v4.trk.test:1"], timeout=2, resolver_address=addr)
+        b = await discover_trackers_async("plain.test", timeout=2, resolver_address=addr)
+        # A blocking call from inside a loop must not fail with "loop already running".
+        c = resolve_trackers(["v6.trk.test:1"], timeout=2, resolver_address=addr)
+        return a, b, c
+
+    a, b, c = asyncio.run(main())
+    assert a == [ep("192.0.2.4:1")]
+    assert b[0] == ep(f"198.51.100.7:{DEFAULT_PORT}")
+    assert c == [ep("[2001:db8::6]:1")]
+
+
+def test_gather_trackers_and_domain_together(dns_server: LoopbackDNS) -> None:
+    items = gather_trackers(
+        ["v4.trk.test:1"], "plain.test", timeout=2, resolver_address=dns_server.address
+    )
+    assert [i.spec.host for i in items] == ["v4.trk.test", "plain.test"]
+    with pytest.raises(UsageError, match="no tracker given"):
+        gather_trackers([], None, timeout=2, resolver_address=dns_server.address)
+
+
+def test_parse_dns_server() -> None:
+    assert parse_dns_server("127.0.0.1") == ("127.0.0.1", 53)
+    assert parse_dns_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parse_dns_server("[::1]:5353") == ("::1", 5353)
+    assert parse_dns_server("::1") == ("::1", 53)
+    with pytest.raises(UsageError, match="must be an IP address"):
+        parse_dns_server("dns.example.org")
+
+
+def test_settings_env_points_resolution_at_the_server(dns_server: LoopbackDNS) -> None:
+    from nattool.config import load_settings
+
+    settings = load_settings(
+        {},
+        config_path=None,
+        environ={
+            "HOME": "/nonexistent-home",
+            "NATTOOL_DNS_SERVER": dns_server.env_value,
+            "NATTOOL_TRACKERS": "dual.trk.test:5,192.0.2.200:6",
+        },
+    )
+    got = resolve_trackers(settings.tracker_specs(), timeout=2, resolver_address=settings.resolver_address())
+    assert same(got[:3], [ep("192.0.2.1:5"), ep("192.0.2.2:5"), ep("[2001:db8::1]:5")])
+    assert got[3] == ep("192.0.2.200:6")
+    assert ipaddress.ip_address(settings.resolver_address()[0]).is_loopback  # type: ignore[index]

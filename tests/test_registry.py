@@ -1,0 +1,167 @@
+"""Registry rules and reply building: pure, the clock passed in."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nattool.errors import LimitError
+from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.limits import reply_budget
+from nattool.protocol.text import MalformedRequest, MemberList, RegisterRequest, parse_request
+from nattool.store.base import Registration, StoreLimits
+from nattool.store.memory import MemberIndex, MemoryStore
+from nattool.tracker.registry import build_member_reply, member_from_request
+
+
+def ep(text: str) -> Endpoint:
+    return Endpoint.from_text(text)
+
+
+def register(index: MemberIndex, raw: bytes, src: str, now: float, offset: int = 0, limit: int = 128) -> bytes:
+    req = parse_request(raw)
+    assert isinstance(req, RegisterRequest)
+    member = member_from_request(req, ep(src), now)
+    index.upsert(member, now)
+    view = index.view(member, offset, limit, now)
+    return build_member_reply(view, reply_budget(len(raw)), req.wants_paging, offset)
+
+
+def test_seed_example_reply() -> None:
+    """PROTOCOL.md's example: the requester first with its LAN list, a member behind
+    another IP without LAN, a member behind the same IP with its LAN list."""
+    index = MemberIndex(StoreLimits())
+    g = "46D0F69E-E347-47A7-8E95-43E5BAA95348"
+    register(index, f"//51pwn/P2P&E2E/{g}/0/192.168.0.57/aa:aa:aa:aa:aa:01".encode(), "122.44.78.33:1998", 1.0)
+    register(index, f"//51pwn/P2P&E2E/{g}/0/10.9.9.9/aa:aa:aa:aa:aa:02".encode(), "22.144.178.133:1998", 2.0)
+    reply = register(
+        index,
+        f"//51pwn/P2P&E2E/{g}/0/192.168.0.56,172.66.0.10/77:5b:67:a5:87:66".encode(),
+        "122.44.78.33:998",
+        3.0,
+    )
+    assert reply == b"122.44.78.33:998;192.168.0.56,172.66.0.10\n22.144.178.133:1998\n122.44.78.33:1998;192.168.0.57"
+
+
+def test_same_identity_replaces_and_moves_to_newest() -> None:
+    index = MemberIndex(StoreLimits())
+    register(index, b"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:aa:01", "203.0.113.1:1000", 1.0)
+    register(index, b"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:aa:02", "203.0.113.2:1000", 2.0)
+    register(index, b"//51pwn/P2P&E2E/g/0/0/AA-AA-AA-AA-AA-01", "203.0.113.1:2000", 3.0)  # new NAT port
+    reply = register(index, b"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:aa:03", "203.0.113.3:1000", 4.0)
+    assert reply.split(b"\n") == [b"203.0.113.3:1000", b"203.0.113.1:2000", b"203.0.113.2:1000"]
+    assert len(index) == 3
+
+
+def test_without_identity_the_endpoint_is_the_identity() -> None:
+    index = MemberIndex(StoreLimits())
+    register(index, b"//51pwn/P2P&E2E/g/0/0/0", "203.0.113.1:1000", 1.0)
+    register(index, b"//51pwn/P2P&E2E/g/0/0/0", "203.0.113.1:1000", 2.0)
+    register(index, b"//51pwn/P2P&E2E/g/0/0/0", "203.0.113.1:1001", 3.0)
+    assert len(index) == 2
+
+
+def test_ipv6_lan_visibility_by_slash64() -> None:
+    index = MemberIndex(StoreLimits())
+    register(index, b"//51pwn/P2P&E2E/g/0/fd00::5/0", "[2001:db8:0:1::aaaa]:5000", 1.0)
+    register(index, b"//51pwn/P2P&E2E/g/0/fd00::9/0", "[2001:db8:0:2::1]:5000", 2.0)
+    reply = register(index, b"//51pwn/P2P&E2E/g/0/fd00::6/0", "[2001:db8:0:1::bbbb]:6000", 3.0)
+    assert reply.split(b"\n") == [
+        b"[2001:db8:0:1::bbbb]:6000;fd00::6",
+        b"[2001:db8:0:2::1]:5000",
+        b"[2001:db8:0:1::aaaa]:5000;fd00::5",
+    ]
+
+
+def test_explicit_public_must_match_source_ip() -> None:
+    req = parse_request(b"//51pwn/P2P&E2E/g/198.51.100.7:5000/0/0")
+    assert isinstance(req, RegisterRequest)
+    with pytest.raises(MalformedRequest):
+        member_from_request(req, ep("203.0.113.1:1000"), 0.0)
+    member = member_from_request(req, ep("198.51.100.7:1234"), 0.0)
+    assert member.endpoint == ep("198.51.100.7:5000")
+
+
+def test_ttl_expiry() -> None:
+    index = MemberIndex(StoreLimits(ttl=120))
+    register(index, b"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:aa:01", "203.0.113.1:1000", 0.0)
+    register(index, b"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:aa:02", "203.0.113.2:1000", 100.0)
+    # At 121 s the first is expired even before a sweep: never listed.
+    reply = register(index, b"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:aa:03", "203.0.113.3:1000", 121.0)
+    assert reply.split(b"\n") == [b"203.0.113.3:1000", b"203.0.113.2:1000"]
+    assert [m.identity for m in index.expire(121.0)] == ["aa:aa:aa:aa:aa:01"]
+    assert len(index) == 2
+    assert index.expire(1000.0) and len(index) == 0 and index.group_count == 0
+
+
+def test_caps() -> None:
+    index = MemberIndex(StoreLimits(max_members_per_group=3, max_groups_per_source=2, max_members=6))
+    for i in range(4):
+        register(index, f"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:aa:0{i}".encode(), f"203.0.113.{i + 1}:1000", float(i))
+    # A full group evicts its least recently seen member.
+    assert len(index) == 3
+    assert "aa:aa:aa:aa:aa:00" not in {m.identity for m in index.members()}
+    register(index, b"//51pwn/P2P&E2E/h/0/0/0", "198.51.100.1:1", 10.0)
+    register(index, b"//51pwn/P2P&E2E/i/0/0/0", "198.51.100.1:1", 10.0)
+    with pytest.raises(LimitError, match="too many groups"):
+        register(index, b"//51pwn/P2P&E2E/j/0/0/0", "198.51.100.1:1", 10.0)
+    register(index, b"//51pwn/P2P&E2E/k/0/0/0", "198.51.100.2:1", 10.0)
+    with pytest.raises(LimitError, match="tracker full"):
+        register(index, b"//51pwn/P2P&E2E/l/0/0/0", "198.51.100.3:1", 10.0)
+    assert len(index) == 6
+
+
+def test_paging() -> None:
+    index = MemberIndex(StoreLimits())
+    for i in range(60):
+        register(index, f"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:00:{i:02x}".encode(), f"203.0.113.{i + 1}:40000", float(i))
+    raw = b"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:ff:ff\noffset=0"
+    first = MemberList.from_wire(register(index, raw, "198.51.100.1:1", 100.0))
+    assert first.next_offset is not None and first.next_offset == len(first.entries) - 1
+    seen = [e.endpoint for e in first.entries[1:]]
+    offset = first.next_offset
+    while offset is not None:
+        raw = f"//51pwn/P2P&E2E/g/0/0/aa:aa:aa:aa:ff:ff\noffset={offset}".encode()
+        page = MemberList.from_wire(register(index, raw, "198.51.100.1:1", 100.0, offset=offset))
+        seen += [e.endpoint for e in page.entries[1:]]
+        offset = page.next_offset
+    assert len(seen) == 60 == len(set(seen))
+    assert seen[0] == ep("203.0.113.60:40000")  # newest first
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 80),
+    st.integers(0, 1400),
+    st.lists(st.integers(0, 16), min_size=1, max_size=80),
+    st.booleans(),
+)
+def test_every_reply_obeys_the_amplification_bound(members: int, padding: int, lan_sizes: list[int], v6: bool) -> None:
+    index = MemberIndex(StoreLimits())
+    for i in range(members):
+        lan = ",".join(f"fd00::{j + 1:x}" if v6 else f"10.0.{j}.1" for j in range(lan_sizes[i % len(lan_sizes)])) or "0"
+        src = f"[2001:db8::{i + 1:x}]:{1000 + i}" if v6 else f"203.0.113.{i % 3 + 1}:{1000 + i}"
+        register(index, f"//51pwn/P2P&E2E/g/0/{lan}/0".encode(), src, float(i))
+    lan = ",".join(f"10.1.{j}.1" for j in range(lan_sizes[0])) or "0"
+    raw = f"//51pwn/P2P&E2E/g/0/{lan}/0".encode() + (b"\n" + b" " * padding if padding else b"")
+    reply = register(index, raw, "203.0.113.1:9", 1000.0)
+    assert len(reply) <= min(max(3 * len(raw), 128), 1200)
+    parsed = MemberList.from_wire(reply)
+    assert parsed.entries[0].endpoint == ep("203.0.113.1:9")
+
+
+def test_memory_store_batch_results() -> None:
+    store = MemoryStore(StoreLimits(max_groups_per_source=1))
+    req = parse_request(b"//51pwn/P2P&E2E/a/0/0/0")
+    req2 = parse_request(b"//51pwn/P2P&E2E/b/0/0/0")
+    assert isinstance(req, RegisterRequest) and isinstance(req2, RegisterRequest)
+    m1 = member_from_request(req, ep("203.0.113.1:1"), 1.0)
+    m2 = member_from_request(req2, ep("203.0.113.1:1"), 1.0)
+    results = asyncio.run(store.register([Registration(m1), Registration(m2)], 1.0))
+    assert results[0].me == m1  # type: ignore[union-attr]
+    assert isinstance(results[1], LimitError)
+    assert ipaddress.ip_address("203.0.113.1") == m1.endpoint.ip

@@ -1,0 +1,171 @@
+"""Redis store against a real redis-server: sharing between trackers, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from nattool.errors import StoreError
+from nattool.protocol.endpoint import Endpoint
+from nattool.store.base import GroupView, Member, Registration, StoreLimits
+
+try:
+    from redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
+except ImportError:  # tests/ imported as a package
+    from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
+
+
+@pytest.fixture
+def redisd(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def member(identity: str, port: int, seen: float, group: str = "g") -> Member:
+    return Member(
+        group=group,
+        identity=identity,
+        endpoint=Endpoint(ipaddress.ip_address("198.51.100.7"), port),
+        lan=(),
+        source="198.51.100.7",
+        seen=seen,
+    )
+
+
+def test_two_trackers_on_one_redis_are_one_tracker(redisd: RedisServer) -> None:
+    from nattool.store.redis import RedisStore
+
+    async def body() -> None:
+        a = RedisStore(StoreLimits(), redisd.url)
+        b = RedisStore(StoreLimits(), redisd.url)
+        await a.open()
+        await b.open()
+        try:
+            now = time.time()
+            [va] = await a.register([Registration(member("alice", 1000, now))], now)
+            assert isinstance(va, GroupView) and va.others == ()
+            # at once, no waiting: the other tracker lists alice
+            [vb] = await b.register([Registration(member("bob", 2000, now + 0.1))], now + 0.1)
+            assert isinstance(vb, GroupView)
+            assert [(m.identity, m.endpoint.port) for m in vb.others] == [("alice", 1000)]
+            assert vb.others[0].lan == ()
+            [va] = await a.register([Registration(member("alice", 1001, now + 0.2))], now + 0.2)
+            assert isinstance(va, GroupView) and [m.identity for m in va.others] == ["bob"]
+            assert (await a.stats()).members == 2 == (await b.stats()).members
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(body())
+
+
+def test_group_keys_expire_in_redis_itself(redisd: RedisServer) -> None:
+    from nattool.store.redis import RedisStore, group_keys
+
+    async def body() -> None:
+        store = RedisStore(StoreLimits(ttl=0.5), redisd.url)
+        await store.open()
+        try:
+            now = time.time()
+            await store.register([Registration(member("x", 1, now))], now)
+            client = store._require()
+            m, d = group_keys("g")
+            assert m.startswith("nt:{g}") and d.startswith("nt:{g}")  # one cluster slot
+            assert await client.exists(m, d) == 2
+            pttl = await client.pttl(m)
+            assert 0 < pttl <= 1500
+            await asyncio.sleep(1.7)
+            assert await client.exists(m, d) == 0  # gone without any expire() call
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_redis_down_fails_fast_then_reconnects(redisd: RedisServer) -> None:
+    from nattool.store.redis import RedisStore
+
+    async def body() -> None:
+        store = RedisStore(StoreLimits(), redisd.url, timeout=0.3, max_backoff=0.5)
+        await store.open()
+        try:
+            now = time.time()
+            batch = [Registration(member(f"m{i}", 1000 + i, now)) for i in range(5)]
+            assert all(isinstance(r, GroupView) for r in await store.register(batch, now))
+
+            redisd.stop()
+            started = time.monotonic()
+            results = await store.register(batch, now)
+            took = time.monotonic() - started
+            assert len(results) == 5 and all(isinstance(r, StoreError) for r in results)
+            assert took < 1.0, f"an outage must be answered quickly, took {took:.2f}s"
+            # while backing off: no network at all, an answer in well under a ms
+            started = time.monotonic()
+            again = await store.register(batch, now)
+            assert all(isinstance(r, StoreError) for r in again)
+            assert time.monotonic() - started < 0.05
+            with pytest.raises(StoreError):
+                await store.load_trackers(now)
+            stats_failures = store.counters["failures"]
+            assert stats_failures >= 1 and store.counters["fast_fails"] >= 1
+
+            redisd.start()  # same port, empty (no persistence), scripts gone
+            deadline = time.monotonic() + 5
+            while True:
+                now = time.time()
+                results = await store.register(batch, now)
+                if all(isinstance(r, GroupView) for r in results):
+                    break
+                assert time.monotonic() < deadline, results
+                await asyncio.sleep(0.1)
+            assert [m.identity for m in results[-1].others] == ["m3", "m2", "m1", "m0"]  # type: ignore[union-attr]
+            stats = await store.stats()
+            assert stats.extra["reconnects"] >= 1 and stats.members == 5
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_slow_redis_is_a_timeout_not_a_hang(redisd: RedisServer) -> None:
+    """A stopped (SIGSTOP) redis-server accepts nothing and answers nothing: the
+    way a stalled Redis looks from the tracker."""
+    from nattool.store.redis import RedisStore
+
+    async def body() -> None:
+        store = RedisStore(StoreLimits(), redisd.url, timeout=0.2, max_backoff=0.3)
+        await store.open()
+        assert redisd.proc is not None
+        try:
+            redisd.proc.send_signal(signal.SIGSTOP)
+            now = time.time()
+            started = time.monotonic()
+            [result] = await store.register([Registration(member("a", 1, now))], now)
+            assert isinstance(result, StoreError)
+            assert time.monotonic() - started < 0.6
+            assert store.counters["timeouts"] >= 1
+        finally:
+            redisd.proc.send_signal(signal.SIGCONT)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                now = time.time()
+                [result] = await store.register([Registration(member("a", 1, now))], now)
+                if isinstance(result, GroupView):
+                    break
+                assert time.monotonic() < deadline, result
+                await asyncio.sleep(0.1)
+        finally:
+            await store.close()
+
+    asyncio.run(body())

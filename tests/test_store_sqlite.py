@@ -1,0 +1,268 @@
+"""SQLite store: durability across kill -9, migration, corrupt files, expiry on reopen."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nattool.errors import StoreError
+from nattool.protocol.endpoint import Endpoint
+from nattool.store.base import GroupView, Member, Registration, StoreLimits, TrackerRecord
+from nattool.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
+
+ROOT = Path(__file__).resolve().parent.parent
+TTL = 120.0
+
+
+def member(group: str, identity: str, port: int, seen: float) -> Member:
+    return Member(
+        group=group,
+        identity=identity,
+        endpoint=Endpoint(ipaddress.ip_address("198.51.100.7"), port),
+        lan=("10.0.0.2", "fd00::2"),
+        source="198.51.100.7",
+        seen=seen,
+    )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reopen(path: Path, limits: StoreLimits = StoreLimits(ttl=TTL)) -> SqliteStore:
+    store = SqliteStore(limits, path)
+    asyncio.run(store.open())
+    return store
+
+
+def close(store: SqliteStore) -> None:
+    asyncio.run(store.close())
+
+
+_WRITER = r"""
+import asyncio, ipaddress, sys, time
+from nattool.protocol.endpoint import Endpoint
+from nattool.store.base import GroupView, Member, Registration, StoreLimits
+from nattool.store.sqlite import SqliteStore
+
+async def main(path):
+    limits = StoreLimits(ttl=600, max_members_per_group=1_000_000, max_groups_per_source=1000)
+    store = SqliteStore(limits, path)
+    await store.open()
+    print("ready", flush=True)
+    n = 0
+    while True:
+        now = time.time()
+        size = 1 + n % 17
+        ids = [f"id{n + i}" for i in range(size)]
+        batch = [Registration(Member(f"g{(n + i) % 5}", ident,
+                 Endpoint(ipaddress.ip_address("198.51.100.7"), 1 + (n + i) % 60000),
+                 ("10.0.0.2",), "198.51.100.7", now)) for i, ident in enumerate(ids)]
+        results = await store.register(batch, now)
+        assert all(isinstance(r, GroupView) for r in results), results
+        # acknowledged: this line is the "reply"
+        sys.stdout.write(" ".join(ids) + "\n")
+        sys.stdout.flush()
+        n += size
+        if n % 7 == 0:
+            await store.expire(now)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_kill_9_loses_no_acknowledged_registration(tmp_path: Path) -> None:
+    path = tmp_path / "tracker.db"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        acknowledged: list[str] = []
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and len(acknowledged) < 20_000:
+            line = proc.stdout.readline()
+            acknowledged.extend(line.split())
+        os.kill(proc.pid, signal.SIGKILL)
+        # lines written before the kill are acknowledged too
+        rest = proc.stdout.read()
+        for line in rest.splitlines(keepends=True):
+            if line.endswith("\n"):
+                acknowledged.extend(line.split())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(acknowledged) > 500, "the writer made too little progress to prove anything"
+
+    store = reopen(path, StoreLimits(ttl=600, max_members_per_group=1_000_000))
+    try:
+        found = {m.identity for m in store.index.members()}
+        missing = [i for i in acknowledged if i not in found]
+        print(f"kill -9: acknowledged {len(acknowledged)}, found {len(found)}, missing {len(missing)}")
+        assert not missing
+        # and they are served through the public API
+        now = time.time()
+        [view] = asyncio.run(
+            store.register([Registration(member("g0", "probe", 9, now), limit=5)], now)
+        )
+        assert isinstance(view, GroupView) and view.total_others >= len(acknowledged) // 5 - 1
+    finally:
+        close(store)
+
+
+def test_members_and_trackers_survive_reopen_expired_do_not(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    now = time.time()
+    store = reopen(path)
+
+    async def fill() -> None:
+        batch = [
+            Registration(member("g", "old", 1000, now - TTL - 5)),
+            Registration(member("g", "a", 1001, now - 10)),
+            Registration(member("g", "b", 1002, now - 5)),
+            Registration(member("h", "c", 1003, now - 1)),
+        ]
+        await store.register(batch, now - TTL - 5)
+        await store.save_tracker(TrackerRecord(Endpoint.from_text("127.0.0.1:1"), now + 60))
+        await store.save_tracker(TrackerRecord(Endpoint.from_text("127.0.0.1:2"), now - 1))
+        await store.close()
+
+    asyncio.run(fill())
+    store = reopen(path)
+    try:
+        assert sorted(m.identity for m in store.index.members()) == ["a", "b", "c"]
+        trackers = asyncio.run(store.load_trackers(now))
+        assert [t.endpoint.port for t in trackers] == [1]
+        [view] = asyncio.run(store.register([Registration(member("g", "z", 1, now))], now))
+        assert isinstance(view, GroupView)
+        assert [m.endpoint.port for m in view.others] == [1002, 1001]  # newest first
+        assert view.others[0].lan == ("10.0.0.2", "fd00::2")
+    finally:
+        close(store)
+    with sqlite3.connect(path) as db:  # expired rows were deleted from the file
+        assert db.execute("SELECT count(*) FROM members WHERE identity='old'").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM trackers").fetchone() == (1,)
+
+
+def test_group_eviction_is_durable(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    limits = StoreLimits(ttl=TTL, max_members_per_group=2)
+    now = time.time()
+    store = reopen(path, limits)
+    batch = [Registration(member("g", f"m{i}", 1000 + i, now + i)) for i in range(3)]
+    asyncio.run(store.register(batch, now + 3))
+    close(store)
+    store = reopen(path, limits)
+    try:
+        assert sorted(m.identity for m in store.index.members()) == ["m1", "m2"]
+    finally:
+        close(store)
+
+
+def test_fresh_and_empty_files_are_created_at_current_version(tmp_path: Path) -> None:
+    for path in (tmp_path / "sub" / "dir" / "new.db", tmp_path / "empty.db"):
+        if path.name == "empty.db":
+            path.write_bytes(b"")  # version 0: a zero-length file is an empty database
+        close(reopen(path))
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            assert db.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        close(reopen(path))  # reopening at the current version is a no-op
+
+
+def _assert_refused_and_intact(path: Path, match: str) -> None:
+    before = digest(path)
+    with pytest.raises(StoreError, match=match) as info:
+        reopen(path)
+    assert digest(path) == before
+    assert not Path(str(path) + "-wal").exists() or Path(str(path) + "-wal").stat().st_size == 0
+    return info  # type: ignore[return-value]
+
+
+def test_garbage_file_is_refused_and_left_intact(tmp_path: Path) -> None:
+    path = tmp_path / "tracker.db"
+    path.write_bytes(os.urandom(16384))
+    info = _assert_refused_and_intact(path, "not a database")
+    message = str(info.value)  # type: ignore[attr-defined]
+    assert str(path) in message and "mv " in message and "--store memory" in message
+
+
+def test_damaged_database_is_refused_and_left_intact(tmp_path: Path) -> None:
+    path = tmp_path / "tracker.db"
+    now = time.time()
+    store = reopen(path, StoreLimits(ttl=TTL, max_members_per_group=100_000))
+    batch = [Registration(member("g", f"m{i}" * 20, i + 1, now)) for i in range(2000)]
+    asyncio.run(store.register(batch, now))
+    close(store)
+    size = path.stat().st_size
+    assert size > 8 * 4096
+    with open(path, "r+b") as fh:  # smash pages in the middle, keep the header
+        fh.seek(4 * 4096)
+        fh.write(b"\xa5" * (size // 2 - 4 * 4096))
+    _assert_refused_and_intact(path, "mv ")
+
+
+def test_foreign_and_newer_databases_are_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE recipes (name TEXT)")
+    _assert_refused_and_intact(foreign, "another program")
+
+    newer = tmp_path / "newer.db"
+    close(reopen(newer))
+    with sqlite3.connect(newer) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    _assert_refused_and_intact(newer, "newer nattool")
+
+
+def test_one_process_per_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = reopen(path)
+    try:
+        with pytest.raises(StoreError, match="in use by another nattool process"):
+            reopen(path)
+    finally:
+        close(first)
+    close(reopen(path))  # released on close
+
+
+def test_expire_deletes_rows_in_bounded_batches(tmp_path: Path) -> None:
+    from nattool.store import sqlite as mod
+
+    path = tmp_path / "t.db"
+    now = time.time()
+    store = reopen(path, StoreLimits(ttl=TTL, max_members_per_group=100_000))
+
+    async def body() -> None:
+        batch = [Registration(member("g", f"m{i}", 1 + i, now)) for i in range(mod.EXPIRE_BATCH * 2 + 10)]
+        await store.register(batch, now)
+        later = now + TTL + 1
+        first = await store.expire(later)
+        assert 0 < first <= mod.EXPIRE_BATCH * 4
+        left = store._require().execute("SELECT count(*) FROM members").fetchone()[0]
+        assert left == len(batch) - mod.EXPIRE_BATCH  # one bounded DELETE per call
+        while await store.expire(later) or store._delete_expired(later - TTL):
+            pass
+        assert store._require().execute("SELECT count(*) FROM members").fetchone()[0] == 0
+        await store.close()
+
+    asyncio.run(body())
