@@ -81,6 +81,12 @@ def _v_str(value: Any) -> str:
     return value.strip()
 
 
+def _v_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false")
+    return value
+
+
 def _v_str_or_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -182,14 +188,21 @@ KEYS: dict[str, KeyDef] = {
         KeyDef("serve.host", _v_str_or_list, (), "addresses to listen on (default: all)"),
         KeyDef("serve.port", _v_int(0, 65535), DEFAULT_PORT, "UDP port to listen on"),
         KeyDef("serve.ttl", _v_number(positive=True), 120.0, "seconds a registration lives"),
-        KeyDef("serve.rate_limit", _v_number(positive=False), None, "requests/s per source (0: off)"),
-        KeyDef("serve.store", _v_str, None, "memory, sqlite:PATH or redis://HOST:PORT/DB", "NATTOOL_STORE"),
-        KeyDef("serve.log_level", _v_log_level, "info", "log level"),
-        KeyDef("serve.public", _v_str, None, "HOST:PORT this tracker announces"),
-        KeyDef("serve.join", _v_trackers, (), "trackers to federate with"),
-        KeyDef("serve.metrics", _v_metrics, None, "Prometheus endpoint [ADDR:]PORT"),
+        KeyDef("serve.rate_limit", _v_number(positive=False), 50.0, "requests/s per source (0: off)"),
+        KeyDef("serve.burst", _v_number(positive=True), None, "requests at once before the rate applies (default 2 x rate)"),
+        KeyDef("serve.store", _v_str, "sqlite:", "memory, sqlite:PATH or redis://HOST:PORT/DB", "NATTOOL_STORE"),
         KeyDef("serve.alt_host", _v_str, None, "RFC 5780 alternate address"),
         KeyDef("serve.alt_port", _v_int(1, 65535), None, "RFC 5780 alternate port"),
+        KeyDef("serve.no_stun", _v_bool, False, "do not answer STUN"),
+        KeyDef("serve.public", _v_str, None, "HOST:PORT this tracker announces"),
+        KeyDef("serve.join", _v_trackers, (), "trackers to federate with"),
+        KeyDef("serve.tracker_ttl", _v_number(positive=True), 300.0, "seconds a verified tracker stays listed"),
+        KeyDef("serve.announce_interval", _v_number(positive=True), 60.0, "seconds between announcements"),
+        KeyDef("serve.max_members", _v_int(1), 1_000_000, "live members in the whole tracker"),
+        KeyDef("serve.max_group_members", _v_int(1), 1024, "members per group"),
+        KeyDef("serve.max_groups_per_source", _v_int(1), 64, "groups one source may be a member of"),
+        KeyDef("serve.log_level", _v_log_level, "info", "log level"),
+        KeyDef("serve.metrics", _v_metrics, None, "Prometheus endpoint [ADDR:]PORT"),
         KeyDef("serve.workers", _v_int(1, 1024), 1, "processes sharing the port"),
     )
 }

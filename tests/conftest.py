@@ -76,7 +76,9 @@ def _dest(dest: object) -> Dest:
 def udp_socket(src_ip: str = "127.0.0.2", src_port: int = 0, timeout: float = 1.0) -> socket.socket:
     """A plain UDP socket bound to a chosen loopback source (a stand-in public IP)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # No SO_REUSEADDR: on Linux two UDP sockets that both set it may be given the
+    # same ephemeral port, and replies then go to the wrong one. UDP has no TIME_WAIT,
+    # so fixed ports are free again as soon as the socket is closed.
     sock.bind((src_ip, src_port))
     sock.settimeout(timeout)
     return sock

@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
+
+from nattool.cli.options import ConfigOpt
 
 from nattool.config import KEYS, default_config_path, load_settings
 from nattool.errors import ConfigError, UsageError
@@ -31,6 +34,13 @@ metrics = 9100
 alt_host = "127.0.0.2"
 alt_port = 5001
 workers = 2
+no_stun = true
+burst = 10
+max_group_members = 16
+tracker_ttl = 30
+announce_interval = 5
+max_members = 100
+max_groups_per_source = 4
 """
 
 
@@ -69,6 +79,7 @@ def test_file_values_and_sources(tmp_path: Path) -> None:
     assert serve["host"] == ("127.0.0.1", "::1")
     assert serve["port"] == 5000 and serve["rate_limit"] == 0.0 and serve["log_level"] == "debug"
     assert serve["metrics"] == "9100" and serve["workers"] == 2 and serve["join"] == ("192.0.2.2:43283",)
+    assert serve["no_stun"] is True and serve["burst"] == 10.0 and serve["max_group_members"] == 16
     for item in s.items():
         if item.key != "domain":
             assert item.source == f"file {path}", item
@@ -169,6 +180,7 @@ def test_platform_paths() -> None:
         ("[serve]\nport = 70000\n", ["key 'serve.port' must be an integer 0..65535"]),
         ('[serve]\nlog_level = "loud"\n', ["key 'serve.log_level' must be one of debug, info"]),
         ("[serve]\nworkers = 0\n", ["key 'serve.workers' must be an integer 1..1024"]),
+        ("[serve]\nno_stun = 1\n", ["key 'serve.no_stun' must be true or false"]),
         ("[serve]\nhost = [1, 2]\n", ["key 'serve.host' must be a string or a list of strings"]),
     ],
 )
@@ -287,10 +299,7 @@ def test_config_path(tmp_path: Path) -> None:
 
 
 def test_config_given_to_the_main_command_is_honoured(tmp_path: Path) -> None:
-    import typer
-
     from nattool.cli.config_cmd import app as config_app
-    from nattool.cli.options import ConfigOpt
 
     root = typer.Typer()
 
@@ -303,3 +312,25 @@ def test_config_given_to_the_main_command_is_honoured(tmp_path: Path) -> None:
     result = CliRunner().invoke(root, ["--config", str(path), "config", "show", "--json"], env={"HOME": str(tmp_path)})
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["settings"]["retries"] == {"value": 9, "source": f"file {path}"}
+
+
+# Options of `serve` that are actions or meta, not settings a config file should hold.
+NOT_SETTINGS = {"help", "config", "print_unit"}
+
+
+def test_every_serve_flag_has_a_config_key() -> None:
+    # "A config file for serve with the same keys as the flags": fails when a flag is
+    # added to `nattool serve` without a [serve] key here.
+    from nattool.cli.app import app as nattool_app
+
+    command = typer.main.get_command(nattool_app).commands["serve"]  # type: ignore[attr-defined]
+    flags = {
+        p.name
+        for p in command.params
+        if any(o.startswith("--") for o in p.opts) and p.name not in NOT_SETTINGS
+    }
+    keys = {k.split(".", 1)[1] for k in KEYS if k.startswith("serve.")}
+    assert flags, "no serve options found"
+    assert flags <= keys, f"serve flags without a [serve] config key: {sorted(flags - keys)}"
+    for key in flags:
+        assert KEYS[f"serve.{key}"].flag in command.params[[p.name for p in command.params].index(key)].opts

@@ -8,6 +8,7 @@ they are only ever resolved, never sent to.
 from __future__ import annotations
 
 import asyncio
+import json
 import ipaddress
 import random
 import socket
@@ -410,3 +411,71 @@ def test_settings_env_points_resolution_at_the_server(dns_server: LoopbackDNS) -
     assert same(got[:3], [ep("192.0.2.1:5"), ep("192.0.2.2:5"), ep("[2001:db8::1]:5")])
     assert got[3] == ep("192.0.2.200:6")
     assert ipaddress.ip_address(settings.resolver_address()[0]).is_loopback  # type: ignore[index]
+
+
+# ------------------------------------------------------------ the real CLI, end to end
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_cli_finds_a_real_tracker_by_srv(tmp_path: Path) -> None:
+    """`nattool whoami --domain` and `nattool trackers --domain`: SRV on the loopback DNS
+    server -> a real `nattool serve` on 127.0.0.1 -> answers."""
+    import os
+    import subprocess
+    import sys
+
+    port = _free_udp_port()
+    zone = f"""
+@   60 IN SOA ns.lab.test. admin.lab.test. 1 60 60 60 60
+@   60 IN NS  ns.lab.test.
+ns  60 IN A   127.0.0.1
+_nattracker._udp 60 IN SRV 10 10 {port} trk.lab.test.
+trk 60 IN A 127.0.0.1
+"""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nattool", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", "memory"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()
+        assert f"127.0.0.1:{port}" in banner, banner
+        with LoopbackDNS(zone, origin="lab.test.") as lab_dns:
+            environ = {
+                k: v for k, v in os.environ.items() if not k.startswith("NATTOOL_")
+            } | {"HOME": str(tmp_path), "NATTOOL_DNS_SERVER": lab_dns.env_value, "NO_COLOR": "1"}
+            whoami = subprocess.run(
+                [sys.executable, "-m", "nattool", "whoami", "--domain", "lab.test", "--json", "--timeout", "3"],
+                capture_output=True, text=True, env=environ, timeout=30,
+            )
+            assert whoami.returncode == 0, whoami.stderr
+            answer = json.loads(whoami.stdout)
+            assert answer["endpoint"].startswith("127.0.0.1:")
+            assert [a["tracker"] for a in answer["answers"]] == [f"127.0.0.1:{port}"]
+            assert ("_nattracker._udp.lab.test.", "SRV") in lab_dns.queries
+
+            listed = subprocess.run(
+                [sys.executable, "-m", "nattool", "trackers", "--domain", "lab.test", "--json", "--timeout", "3"],
+                capture_output=True, text=True, env=environ, timeout=30,
+            )
+            assert listed.returncode == 0, listed.stderr
+            assert f"127.0.0.1:{port}" in listed.stdout
+
+            # A domain that does not exist: one line, the "unreachable" exit code.
+            missing = subprocess.run(
+                [sys.executable, "-m", "nattool", "whoami", "--domain", "nowhere.lab.test", "--timeout", "2"],
+                capture_output=True, text=True, env=environ, timeout=30,
+            )
+            assert missing.returncode == 4, missing
+            assert missing.stderr.count("\n") == 1 and "NXDOMAIN" in missing.stderr
+            assert "Traceback" not in missing.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -28,10 +28,12 @@ LO2 = ipaddress.ip_address("127.0.0.2")
 class LoopbackStun:
     """StunResponder on real sockets. ``ignore_change``: answer every request from the
     socket it arrived on (a server that claims RFC 5780 but ignores CHANGE-REQUEST).
-    ``text_only``: an old tracker that answers only ``//nat``."""
+    ``text_only``: an old tracker that answers only ``//nat``. ``drop_change``: silently
+    drop every request carrying CHANGE-REQUEST (sends OTHER-ADDRESS, answers there)."""
 
-    def __init__(self, alt: bool = True, ignore_change: bool = False, text_only: bool = False) -> None:
+    def __init__(self, alt: bool = True, ignore_change: bool = False, text_only: bool = False, drop_change: bool = False) -> None:
         self.ignore_change = ignore_change
+        self.drop_change = drop_change
         self.text_only = text_only
         self.requests = 0
         for _ in range(50):
@@ -86,6 +88,8 @@ class LoopbackStun:
                     continue
                 reply = self.responder.respond(data, src, local)
                 if reply is None:
+                    continue
+                if self.drop_change and reply.send_from != local:
                     continue
                 out = s if self.ignore_change else self.socks[reply.send_from]
                 out.sendto(reply.data, reply.dest.sockaddr())
@@ -175,6 +179,22 @@ def test_server_that_ignores_change_request(servers: list[LoopbackStun]) -> None
     assert fam.servers[0].rfc5780 is False  # answers from P while claiming the alternate
 
 
+def test_server_that_silently_drops_change_request(servers: list[LoopbackStun]) -> None:
+    # The worst case: OTHER-ADDRESS is real and answers, but CHANGE-REQUEST is dropped, so
+    # the filtering tests time out exactly as behind a port-restricted NAT. The control
+    # test (alternate addresses contacted first) tells the two apart.
+    mute = LoopbackStun(drop_change=True)
+    servers.append(mute)
+    result = probe([stun_target(mute)], families=(4,))
+    fam = result.primary
+    assert fam is not None
+    assert fam.behaviour.filtering is None, fam.behaviour.filtering_reason
+    assert "control" in fam.behaviour.filtering_reason
+    assert fam.servers[0].rfc5780 is False
+    assert fam.behaviour.nat_type == NatType.UNKNOWN
+    assert fam.behaviour.mapping == Behaviour.ENDPOINT_INDEPENDENT
+
+
 def test_old_tracker_is_used_for_mapping_only(servers: list[LoopbackStun]) -> None:
     old, new = LoopbackStun(alt=False, text_only=True), LoopbackStun()
     servers += [old, new]
@@ -260,3 +280,52 @@ def test_ipv6_plain_server() -> None:
     assert fam is not None and fam.family == "IPv6"
     assert fam.behaviour.no_nat is True and fam.behaviour.cgnat is None
     assert fam.behaviour.filtering is None
+
+
+def _cli_app():  # type: ignore[no-untyped-def]
+    import typer
+
+    from nattool.cli.probe_cmd import probe as probe_cmd
+
+    app = typer.Typer()
+    app.command()(probe_cmd)
+
+    @app.callback()
+    def _main() -> None:
+        pass
+
+    return app
+
+
+def test_cli_probe_json_and_human(servers: list[LoopbackStun], tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    (tmp_path / "empty.toml").write_text("")
+    monkeypatch.setenv("NATTOOL_CONFIG", str(tmp_path / "empty.toml"))
+    monkeypatch.delenv("NATTOOL_TRACKERS", raising=False)
+    srv = LoopbackStun()
+    servers.append(srv)
+    app = _cli_app()
+    res = CliRunner().invoke(app, ["probe", f"stun:{srv.primary}", "-4", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["schema"] == SCHEMA and doc["nat_type"] == "open internet"
+    assert set(doc["families"]) == {"IPv4"}
+    res = CliRunner().invoke(app, ["probe", f"stun:{srv.primary}", "-4", "--hairpin"])
+    assert res.exit_code == 0, res.output
+    assert "open internet" in res.output and "direct connections will work" in res.output
+    res = CliRunner().invoke(app, ["probe", f"stun:{srv.primary}", "-4", "-6"])
+    assert res.exit_code == 2
+
+
+def test_cli_probe_blocked_exit_code(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    (tmp_path / "empty.toml").write_text("")
+    monkeypatch.setenv("NATTOOL_CONFIG", str(tmp_path / "empty.toml"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = Endpoint.from_sockaddr(s.getsockname())
+        res = CliRunner().invoke(_cli_app(), ["probe", f"stun:{dead}", "--json", "--wait", "0.3"])
+    assert res.exit_code == 3, res.output
+    assert json.loads(res.output)["udp"] == "blocked"

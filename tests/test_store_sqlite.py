@@ -157,7 +157,8 @@ def test_members_and_trackers_survive_reopen_expired_do_not(tmp_path: Path) -> N
     finally:
         close(store)
     with sqlite3.connect(path) as db:  # expired rows were deleted from the file
-        assert db.execute("SELECT count(*) FROM members WHERE identity='old'").fetchone() == (0,)
+        rows = [r for (r,) in db.execute("SELECT rec FROM log")]
+        assert len(rows) == 4 and not any("\\x1fold\\x1f" in r for r in rows)  # a, b, c, z
         assert db.execute("SELECT count(*) FROM trackers").fetchone() == (1,)
 
 
@@ -245,24 +246,33 @@ def test_one_process_per_file(tmp_path: Path) -> None:
     close(reopen(path))  # released on close
 
 
-def test_expire_deletes_rows_in_bounded_batches(tmp_path: Path) -> None:
+def test_expire_compacts_the_log_in_bounded_batches(tmp_path: Path) -> None:
     from nattool.store import sqlite as mod
 
     path = tmp_path / "t.db"
     now = time.time()
     store = reopen(path, StoreLimits(ttl=TTL, max_members_per_group=100_000))
 
+    def rows() -> int:
+        return int(store._require().execute("SELECT count(*) FROM log").fetchone()[0])
+
     async def body() -> None:
-        batch = [Registration(member("g", f"m{i}", 1 + i, now)) for i in range(mod.EXPIRE_BATCH * 2 + 10)]
-        await store.register(batch, now)
-        later = now + TTL + 1
-        first = await store.expire(later)
-        assert 0 < first <= mod.EXPIRE_BATCH * 4
-        left = store._require().execute("SELECT count(*) FROM members").fetchone()[0]
-        assert left == len(batch) - mod.EXPIRE_BATCH  # one bounded DELETE per call
-        while await store.expire(later) or store._delete_expired(later - TTL):
-            pass
-        assert store._require().execute("SELECT count(*) FROM members").fetchone()[0] == 0
+        n = mod.EXPIRE_BATCH * 3 + 10
+        await store.register([Registration(member("g", f"m{i}", 1 + i, now)) for i in range(n)], now)
+        # re-registrations append; the older rows are dead once the TTL passes
+        await store.register([Registration(member("g", "m0", 1, now + 1))], now + 1)
+        assert rows() == n + 1
+        assert await store.expire(now + 1) == 0 and rows() == n + 1  # nothing dead yet
+        # with nothing appended since, one call deletes one bounded batch
+        later = now + TTL + 0.5
+        assert await store.expire(later) == n - 1  # the index drops them all at once
+        assert rows() == n + 1 - mod.EXPIRE_BATCH
+        while rows() > 1:
+            before = rows()
+            await store.expire(later)
+            assert before - rows() <= mod.EXPIRE_BATCH
+        [rec] = [r for (r,) in store._require().execute("SELECT rec FROM log")]
+        assert "\x1fm0\x1f" in rec  # the live re-registration stays
         await store.close()
 
     asyncio.run(body())

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from nattool import __version__
+from nattool.cli.config_cmd import app as config_app
 from nattool.cli.output import set_verbosity
+from nattool.cli.probe_cmd import probe
 from nattool.cli.register_cmd import register
 from nattool.cli.serve_cmd import serve
 from nattool.cli.trackers_cmd import trackers
@@ -45,6 +47,8 @@ app.command()(serve)
 app.command()(whoami)
 app.command()(register)
 app.command()(trackers)
+app.command()(probe)
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:

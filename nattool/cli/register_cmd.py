@@ -26,14 +26,14 @@ PAD_TO = 400
 
 
 def register(
-    group: Annotated[str, typer.Argument(help="Group key shared by the members (usually a UUID), or 'new' to make one.")],
+    group: Annotated[str, typer.Argument(metavar="GROUP", help="Group key shared by the members (usually a UUID), or 'new' to make one.")],
     tracker: TrackerOpt = None,
     domain: DomainOpt = None,
-    public: Annotated[str, typer.Option("--public", help="'0' to use the endpoint the tracker sees, or IP:PORT where this node listens itself.")] = "0",
-    lan: Annotated[str, typer.Option("--lan", help="LAN addresses for peers behind the same public IP: 'auto', '0' (none) or a comma list.")] = "auto",
-    node_id: Annotated[str, typer.Option("--id", help="Identity inside the group: 'auto' (a stable MAC of this host), a MAC, or '0' (none).")] = "auto",
-    keepalive: Annotated[Optional[float], typer.Option("--keepalive", help="Stay running and re-register every SECONDS, showing members joining and leaving.", show_default=False)] = None,
-    port: Annotated[int, typer.Option("--port", "-p", help="Local UDP port to register from (0: any).")] = 0,
+    public: Annotated[str, typer.Option("--public", metavar="IP:PORT", help="'0' to use the endpoint the tracker sees, or IP:PORT where this node listens itself.")] = "0",
+    lan: Annotated[str, typer.Option("--lan", metavar="LAN", help="LAN addresses for peers behind the same public IP: 'auto', '0' (none) or a comma list.")] = "auto",
+    node_id: Annotated[str, typer.Option("--id", metavar="ID", help="Identity inside the group: 'auto' (a stable MAC of this host), a MAC, or '0' (none).")] = "auto",
+    keepalive: Annotated[Optional[float], typer.Option("--keepalive", metavar="SECONDS", help="Stay running and re-register every SECONDS, showing members joining and leaving.", show_default=False)] = None,
+    port: Annotated[int, typer.Option("--port", "-p", metavar="PORT", help="Local UDP port to register from (0: any).")] = 0,
     timeout: TimeoutOpt = None,
     retries: RetriesOpt = None,
     json_out: JsonOpt = False,

@@ -4,84 +4,125 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from nattool.cli.options import ConfigOpt
 from nattool.cli.output import run_edge
 from nattool.errors import ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
 from nattool.store.base import StoreLimits
 
+if TYPE_CHECKING:
+    from nattool.net.server import ServerConfig
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def serve(
-    host: Annotated[Optional[list[str]], typer.Option("--host", help="Address to listen on (repeatable). Default: every interface, IPv4 and IPv6.", show_default=False)] = None,
-    port: Annotated[int, typer.Option("--port", "-p", help="UDP port of the tracker (text protocol and STUN).")] = DEFAULT_PORT,
-    ttl: Annotated[float, typer.Option("--ttl", help="Seconds a member stays listed without re-registering.")] = 120.0,
-    rate_limit: Annotated[float, typer.Option("--rate-limit", help="Requests per second allowed per source (IPv4 address or IPv6 /64); 0 turns the limit off.")] = 50.0,
-    burst: Annotated[Optional[float], typer.Option("--burst", help="Requests a source may send at once before the rate applies [default: 2 x rate].", show_default=False)] = None,
-    store: Annotated[str, typer.Option("--store", help="State store: memory, sqlite:PATH ('sqlite:' = default path), redis://HOST:PORT/DB.")] = "sqlite:",
-    alt_host: Annotated[Optional[str], typer.Option("--alt-host", help="Second address for RFC 5780 STUN (CHANGE-REQUEST change-IP).", show_default=False)] = None,
-    alt_port: Annotated[Optional[int], typer.Option("--alt-port", help="Second port for RFC 5780 STUN (CHANGE-REQUEST change-port).", show_default=False)] = None,
-    no_stun: Annotated[bool, typer.Option("--no-stun", help="Do not answer STUN on the tracker port.")] = False,
-    public: Annotated[Optional[str], typer.Option("--public", help="IP:PORT this tracker announces to others. Default: learned from a joined tracker.", show_default=False)] = None,
-    join: Annotated[Optional[list[str]], typer.Option("--join", help="Tracker IP:PORT to announce to and learn trackers from (repeatable).", show_default=False)] = None,
-    tracker_ttl: Annotated[float, typer.Option("--tracker-ttl", help="Seconds a verified tracker stays listed without being verified again.")] = 300.0,
-    announce_interval: Annotated[float, typer.Option("--announce-interval", help="Seconds between announcements to joined trackers.")] = 60.0,
-    max_members: Annotated[int, typer.Option("--max-members", help="Live members in the whole tracker.")] = 1_000_000,
-    max_group_members: Annotated[int, typer.Option("--max-group-members", help="Members per group (the least recently seen is evicted).")] = 1024,
-    max_groups_per_source: Annotated[int, typer.Option("--max-groups-per-source", help="Groups one source may be a member of.")] = 64,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    host: Annotated[Optional[list[str]], typer.Option("--host", metavar="ADDR", help="Address to listen on (repeatable). [default: every interface, IPv4 and IPv6]", show_default=False)] = None,
+    port: Annotated[Optional[int], typer.Option("--port", "-p", metavar="PORT", help=f"UDP port of the tracker (text protocol and STUN). [default: {DEFAULT_PORT}]", show_default=False)] = None,
+    ttl: Annotated[Optional[float], typer.Option("--ttl", metavar="SECONDS", help="Seconds a member stays listed without re-registering. [default: 120]", show_default=False)] = None,
+    rate_limit: Annotated[Optional[float], typer.Option("--rate-limit", metavar="RATE", help="Requests per second allowed per source (IPv4 address or IPv6 /64); 0 turns the limit off. [default: 50]", show_default=False)] = None,
+    burst: Annotated[Optional[float], typer.Option("--burst", metavar="N", help="Requests a source may send at once before the rate applies. [default: 2 x rate]", show_default=False)] = None,
+    store: Annotated[Optional[str], typer.Option("--store", metavar="STORE", help="State store: memory, sqlite:PATH ('sqlite:' = the default path), redis://HOST:PORT/DB. [default: sqlite:]", show_default=False)] = None,
+    alt_host: Annotated[Optional[str], typer.Option("--alt-host", metavar="ADDR", help="Second address for RFC 5780 STUN (CHANGE-REQUEST change-IP).", show_default=False)] = None,
+    alt_port: Annotated[Optional[int], typer.Option("--alt-port", metavar="PORT", help="Second port for RFC 5780 STUN (CHANGE-REQUEST change-port).", show_default=False)] = None,
+    no_stun: Annotated[Optional[bool], typer.Option("--no-stun", help="Do not answer STUN on the tracker port.", show_default=False)] = None,
+    public: Annotated[Optional[str], typer.Option("--public", metavar="IP:PORT", help="Endpoint this tracker announces to others. [default: learned from a joined tracker]", show_default=False)] = None,
+    join: Annotated[Optional[list[str]], typer.Option("--join", metavar="IP:PORT", help="Tracker to announce to and learn trackers from (repeatable).", show_default=False)] = None,
+    tracker_ttl: Annotated[Optional[float], typer.Option("--tracker-ttl", metavar="SECONDS", help="Seconds a verified tracker stays listed without being verified again. [default: 300]", show_default=False)] = None,
+    announce_interval: Annotated[Optional[float], typer.Option("--announce-interval", metavar="SECONDS", help="Seconds between announcements to joined trackers. [default: 60]", show_default=False)] = None,
+    max_members: Annotated[Optional[int], typer.Option("--max-members", metavar="N", help="Live members in the whole tracker. [default: 1000000]", show_default=False)] = None,
+    max_group_members: Annotated[Optional[int], typer.Option("--max-group-members", metavar="N", help="Members per group; the least recently seen is evicted. [default: 1024]", show_default=False)] = None,
+    max_groups_per_source: Annotated[Optional[int], typer.Option("--max-groups-per-source", metavar="N", help="Groups one source may be a member of. [default: 64]", show_default=False)] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", metavar="ADDR:PORT", help="Serve Prometheus metrics over HTTP at ADDR:PORT (loopback when only PORT is given). Off by default.", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Processes sharing the port (SO_REUSEPORT); needs a shared store (redis) when N > 1. [default: 1]", show_default=False)] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error. [default: info]", show_default=False)] = None,
+    config: ConfigOpt = None,
+    print_unit: Annotated[bool, typer.Option("--print-unit", help="Print a hardened systemd unit for this tracker and exit.")] = False,
 ) -> None:
-    """Run a tracker: answer //nat, registrations, tracker lists and STUN on one UDP port."""
+    """Run a tracker: answer //nat, registrations, tracker lists and STUN on one UDP port.
 
-    def body() -> int:
-        from nattool.net.eventloop import run as run_loop
-        from nattool.net.server import ServerConfig, serve as serve_forever
-        from nattool.store.factory import open_store
+    Every option can also be set in the [serve] table of the config file; flags win.
+    """
+    if print_unit:
+        from importlib.resources import files
 
-        level = log_level.lower()
-        if level not in LOG_LEVELS:
-            raise UsageError(f"bad --log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
-        _setup_logging(level)
-        config = ServerConfig(
-            hosts=tuple(_check_host(h, "--host") for h in host or ()),
-            port=_check_port(port, "--port"),
-            ttl=_check_range(ttl, 1, 86400, "--ttl"),
-            rate_limit=_check_range(rate_limit, 0, 1e9, "--rate-limit"),
-            burst=_check_range(burst, 1, 1e9, "--burst") if burst is not None else None,
-            store=store,
-            alt_host=_check_host(alt_host, "--alt-host") if alt_host else None,
-            alt_port=_check_port(alt_port, "--alt-port") if alt_port is not None else None,
-            public=_endpoint(public, "--public") if public else None,
-            joins=tuple(_endpoint(j, "--join") for j in join or ()),
-            tracker_ttl=_check_range(tracker_ttl, 1, 86400 * 7, "--tracker-ttl"),
-            announce_interval=_check_range(announce_interval, 0.1, 86400, "--announce-interval"),
-            limits=StoreLimits(
-                ttl=ttl,
-                max_members=int(_check_range(max_members, 1, 100_000_000, "--max-members")),
-                max_members_per_group=int(_check_range(max_group_members, 1, 1_000_000, "--max-group-members")),
-                max_groups_per_source=int(_check_range(max_groups_per_source, 1, 1_000_000, "--max-groups-per-source")),
-            ),
-        )
-        if config.alt_port is not None and config.alt_port == config.port:
-            raise UsageError("--alt-port must differ from --port")
-        state = open_store(config.store, config.limits)
+        print(files("nattool").joinpath("data/nattool.service").read_text(), end="")
+        raise typer.Exit(0)
+    flags = {
+        "serve.host": host, "serve.port": port, "serve.ttl": ttl, "serve.rate_limit": rate_limit,
+        "serve.burst": burst, "serve.store": store, "serve.alt_host": alt_host, "serve.alt_port": alt_port,
+        "serve.no_stun": no_stun, "serve.public": public, "serve.join": join, "serve.tracker_ttl": tracker_ttl,
+        "serve.announce_interval": announce_interval, "serve.max_members": max_members,
+        "serve.max_group_members": max_group_members, "serve.max_groups_per_source": max_groups_per_source,
+        "serve.metrics": metrics, "serve.workers": workers, "serve.log_level": log_level,
+    }
+    raise typer.Exit(run_edge(lambda: _serve(flags, config)))
 
-        def ready(line: str) -> None:
-            print(line, flush=True)
 
-        counters = run_loop(serve_forever(config, state, stun=not no_stun, on_ready=ready))
-        logging.getLogger("nattool.serve").info(
-            "event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
-        )
-        return int(ExitCode.OK)
+def build_server_config(opts: dict[str, Any]) -> "ServerConfig":
+    """Validated ServerConfig from effective settings (flags > env > file > defaults)."""
+    from nattool.net.metrics import parse_metrics_address
+    from nattool.net.server import ServerConfig
 
-    raise typer.Exit(run_edge(body))
+    ttl = _check_range(float(opts["ttl"]), 1, 86400, "--ttl")
+    config = ServerConfig(
+        hosts=tuple(_check_host(h, "--host") for h in opts["host"] or ()),
+        port=_check_port(int(opts["port"]), "--port"),
+        ttl=ttl,
+        rate_limit=_check_range(float(opts["rate_limit"]), 0, 1e9, "--rate-limit"),
+        burst=_check_range(float(opts["burst"]), 1, 1e9, "--burst") if opts["burst"] is not None else None,
+        store=str(opts["store"]),
+        alt_host=_check_host(opts["alt_host"], "--alt-host") if opts["alt_host"] else None,
+        alt_port=_check_port(int(opts["alt_port"]), "--alt-port") if opts["alt_port"] is not None else None,
+        public=_endpoint(opts["public"], "--public") if opts["public"] else None,
+        joins=tuple(_endpoint(j, "--join") for j in opts["join"] or ()),
+        tracker_ttl=_check_range(float(opts["tracker_ttl"]), 1, 86400 * 7, "--tracker-ttl"),
+        announce_interval=_check_range(float(opts["announce_interval"]), 0.1, 86400, "--announce-interval"),
+        metrics=parse_metrics_address(str(opts["metrics"])) if opts["metrics"] else None,
+        limits=StoreLimits(
+            ttl=ttl,
+            max_members=int(_check_range(int(opts["max_members"]), 1, 100_000_000, "--max-members")),
+            max_members_per_group=int(_check_range(int(opts["max_group_members"]), 1, 1_000_000, "--max-group-members")),
+            max_groups_per_source=int(_check_range(int(opts["max_groups_per_source"]), 1, 1_000_000, "--max-groups-per-source")),
+        ),
+    )
+    if config.alt_port is not None and config.alt_port == config.port:
+        raise UsageError("--alt-port must differ from --port")
+    return config
+
+
+def _serve(flags: dict[str, Any], config_path: str | None) -> int:
+    from nattool.config import load_settings
+    from nattool.net.eventloop import run as run_loop
+    from nattool.net.server import serve as serve_forever
+    from nattool.store.factory import open_store
+
+    opts = load_settings(flags, config_path=config_path, environ=os.environ).serve()
+    level = str(opts["log_level"]).lower()
+    if level not in LOG_LEVELS:
+        raise UsageError(f"bad --log-level {level!r}: use one of {', '.join(LOG_LEVELS)}")
+    _setup_logging(level)
+    config = build_server_config(opts)
+    workers = int(opts["workers"] or 1)
+    if workers != 1:
+        raise UsageError("--workers N > 1 is not available yet")
+    state = open_store(config.store, config.limits)
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+
+    counters = run_loop(serve_forever(config, state, stun=not opts["no_stun"], on_ready=ready))
+    logging.getLogger("nattool.serve").info(
+        "event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
+    )
+    return int(ExitCode.OK)
 
 
 class _KeyValueFormatter(logging.Formatter):

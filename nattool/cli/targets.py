@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+from nattool.config import load_settings
 from nattool.errors import UsageError
 from nattool.net.resolve import ResolvedTracker, gather_trackers_async, parse_dns_server
 from nattool.protocol.endpoint import Endpoint
@@ -30,10 +31,6 @@ def client_settings(
     config_path: str | None = None,
 ) -> ClientSettings:
     """Effective client settings, flags > env > file > defaults."""
-    try:
-        from nattool.config import load_settings
-    except ImportError:  # pragma: no cover - config module not present
-        load_settings = None  # type: ignore[assignment]
     overrides: dict[str, object] = {}
     if trackers:
         overrides["trackers"] = list(trackers)
@@ -43,24 +40,15 @@ def client_settings(
         overrides["timeout"] = timeout
     if retries is not None:
         overrides["retries"] = retries
-    if load_settings is not None:
-        settings = load_settings(overrides, config_path=config_path, environ=os.environ)
-        get = settings.get
-        dns = get("dns_server")
-        return ClientSettings(
-            trackers=tuple(get("trackers") or ()),
-            domain=get("domain") or None,
-            timeout=float(get("timeout")),
-            retries=int(get("retries")),
-            dns_server=parse_dns_server(dns) if dns else None,
-        )
-    env = [t.strip() for t in os.environ.get("NATTOOL_TRACKERS", "").split(",") if t.strip()]
+    settings = load_settings(overrides, config_path=config_path, environ=os.environ)
+    get = settings.get
+    dns = get("dns_server")
     return ClientSettings(
-        trackers=tuple(trackers or env),
-        domain=domain or os.environ.get("NATTOOL_DOMAIN") or None,
-        timeout=timeout if timeout is not None else 2.0,
-        retries=retries if retries is not None else 3,
-        dns_server=None,
+        trackers=tuple(get("trackers") or ()),
+        domain=get("domain") or None,
+        timeout=float(get("timeout")),
+        retries=int(get("retries")),
+        dns_server=parse_dns_server(dns) if dns else None,
     )
 
 
@@ -84,6 +72,8 @@ async def resolve_targets(settings: ClientSettings) -> list[Endpoint]:
             if ep not in out:
                 out.append(ep)
     if not out:
+        if settings.domain and not settings.trackers:
+            raise UsageError(f"domain {settings.domain} publishes no tracker (SRV target '.')")
         raise UsageError("no tracker address to talk to")
     return out
 

@@ -17,13 +17,13 @@ from nattool.net.tracker_client import TrackerAnswer, whoami as ask_whoami
 
 def whoami(
     trackers_arg: Annotated[
-        Optional[list[str]], typer.Argument(metavar="[TRACKER]...", help="Trackers to ask (same forms as --tracker).", show_default=False)
+        Optional[list[str]], typer.Argument(metavar="TRACKER", help="Trackers to ask (same forms as --tracker).", show_default=False)
     ] = None,
     tracker: TrackerOpt = None,
     domain: DomainOpt = None,
     timeout: TimeoutOpt = None,
     retries: RetriesOpt = None,
-    port: Annotated[int, typer.Option("--port", "-p", help="Local UDP port to send from (0: any).")] = 0,
+    port: Annotated[int, typer.Option("--port", "-p", metavar="PORT", help="Local UDP port to send from (0: any).")] = 0,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Optional, Sequence, TypeVar, Union
 
@@ -30,7 +30,6 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.rcode
-import dns.rdatatype
 import dns.resolver
 
 from nattool.errors import ResolveError, UsageError
@@ -57,7 +56,7 @@ class ResolvedTracker:
     spec: TrackerSpec
     endpoints: tuple[Endpoint, ...]
     # For SRV-discovered trackers: the SRV target they came from (display only).
-    via: Optional[str] = field(default=None)
+    via: Optional[str] = None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -161,9 +160,10 @@ class _Lookup:
                 host, port = self.resolver_address
                 res.nameservers = [host]
                 res.port = port
-            # One attempt may use all the time left; the lifetime passed per query
-            # (what is left of the deadline) is the real bound.
-            res.timeout = self.timeout
+            # Several attempts fit in the lifetime, so a lost datagram is retransmitted
+            # and a dead first nameserver leaves time for the next; the lifetime passed
+            # per query (what is left of the deadline) is the real bound.
+            res.timeout = max(min(self.timeout / 2, 2.0), 0.1)
             res.lifetime = self.timeout
             res.cache = None
             self._resolver = res
@@ -178,7 +178,7 @@ class _Lookup:
         host, port = self.resolver_address
         return f"DNS server {Endpoint(ipaddress.ip_address(host), port)}"
 
-    async def query(self, qname: str, rdtype: str) -> Optional[dns.resolver.Answer]:
+    async def query(self, qname: str, rdtype: str, *, search: bool = False) -> Optional[dns.resolver.Answer]:
         """The answer, or None for "name exists, no such record" (NODATA).
 
         NXDOMAIN propagates as dns.resolver.NXDOMAIN; everything else becomes a
@@ -189,7 +189,7 @@ class _Lookup:
             raise ResolveError(f"DNS timed out after {self.timeout:g}s asking {self._server_text()}")
         resolver = self.resolver()
         try:
-            return await resolver.resolve(qname, rdtype, lifetime=left, search=False)
+            return await resolver.resolve(qname, rdtype, lifetime=left, search=search)
         except dns.resolver.NoAnswer:
             return None
         except dns.resolver.NXDOMAIN:
@@ -210,8 +210,12 @@ class _Lookup:
             # OSError: e.g. no route to the DNS server; ValueError: a bad nameserver string.
             raise ResolveError(f"DNS query {qname} {rdtype} failed: {exc}") from None
 
-    async def addresses(self, name: str, versions: tuple[int, ...]) -> list[IPAddress]:
+    async def addresses(self, name: str, versions: tuple[int, ...], *, search: bool = False) -> list[IPAddress]:
         """Every address of ``name`` in the given IP versions; raises when there is none.
+
+        ``search``: a tracker name typed by a user gets the system resolver's search
+        domains (``tracker`` -> ``tracker.lab.example``) as getaddrinfo would give it;
+        names taken from DNS itself (SRV targets, the discovery domain) are absolute.
 
         Error texts name the cause only ("NXDOMAIN", "no A or AAAA record"); callers
         prefix them with what was being resolved.
@@ -224,7 +228,8 @@ class _Lookup:
             return found or _no_family(versions)
         rdtypes = [t for v, t in ((4, "A"), (6, "AAAA")) if v in versions]
         results = await asyncio.gather(
-            *(self.query(name + ".", t) for t in rdtypes), return_exceptions=True
+            *(self.query(name if search else name + ".", t, search=search) for t in rdtypes),
+            return_exceptions=True,
         )
         out: list[IPAddress] = []
         errors: list[BaseException] = []
@@ -297,7 +302,7 @@ async def resolve_each_async(
                 raise ResolveError(f"tracker {spec.to_text()!r} is not an IPv{versions[0]} address")
             return ResolvedTracker(spec, (Endpoint(spec.ip, spec.port),))
         try:
-            ips = await lookup.addresses(spec.host, versions)
+            ips = await lookup.addresses(spec.host, versions, search=True)
         except _Cause as cause:
             raise ResolveError(f"cannot resolve tracker {spec.host!r}: {cause}") from None
         except ResolveError as exc:

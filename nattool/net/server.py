@@ -23,7 +23,7 @@ from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
 from nattool.protocol.stun import is_stun
-from nattool.store.base import Store, StoreLimits
+from nattool.store.base import Store, StoreLimits, StoreStats
 from nattool.tracker.dispatch import PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
 from nattool.tracker.ratelimit import SourceRateLimiter
@@ -50,6 +50,7 @@ class ServerConfig:
     alt_port: int | None = None
     limits: StoreLimits = field(default_factory=StoreLimits)
     reuse_port: bool = False  # set by --workers: several processes share the port
+    metrics: tuple[str, int] | None = None  # --metrics address
 
 
 def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -135,6 +136,8 @@ class TrackerServer:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_stats: StoreStats | None = None  # refreshed by housekeeping, read by metrics
+        self._metrics_httpd: Any = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> list[Endpoint]:
@@ -148,6 +151,14 @@ class TrackerServer:
         except BaseException:
             await self.stop()
             raise
+        if self.config.metrics is not None:
+            from nattool.net.metrics import start_metrics
+
+            try:
+                self._metrics_httpd = start_metrics(self, *self.config.metrics)
+            except BaseException:
+                await self.stop()
+                raise
         self._tasks.append(loop.create_task(self._housekeeping()))
         return [lst.local for lst in self.listeners]
 
@@ -204,6 +215,9 @@ class TrackerServer:
         for lst in self.listeners:
             if lst.transport is not None:
                 lst.transport.close()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd = None
         await self.store.close()
         self._stopped.set()
 
@@ -328,6 +342,10 @@ class TrackerServer:
                 last_sweep = now
             self._federation_tick(now, wall)
             await self._persist_federation()
+            try:
+                self.last_stats = await self.store.stats()
+            except NattoolError:
+                self.core.counters["store_error"] += 1
 
     def _federation_tick(self, now: float, wall: float) -> None:
         out = self.federation.outgoing(now, wall)

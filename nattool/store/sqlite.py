@@ -2,23 +2,37 @@
 
 Every read is served by the same :class:`MemberIndex` as the memory store, so the
 hot path never waits on a query. Each ``register()`` batch (everything one event
-loop turn received) is written as ONE transaction: group commit. With
+loop turn received) is written as ONE transaction: group commit.
+
+The file is an append-only log of registrations, not a table updated in place:
+appending to the end of a rowid b-tree costs about 1 us a row, an upsert into a
+(group, identity) table with a ``seen`` index 15-25 us (benchmarks/store_bench.py
+measures this). Opening replays the log through the same index, which reproduces
+replacement by identity and group evictions. Compaction is trivial because of
+soft state: a row whose ``seen`` is older than the TTL is dead -- its member
+either expired or registered again since, in a later row -- so ``expire()``
+deletes dead rows from the head of the log in bounded batches. The log holds
+about (registration rate x TTL) rows. With
 ``journal_mode=WAL`` and ``synchronous=NORMAL`` a commit is a ``write()`` into the
 WAL file with no fsync, so a committed batch survives ``kill -9`` of the process
 (the data sit in the kernel's page cache); only a power loss can take the last
 few commits, which soft state with a TTL of two minutes tolerates.
 
-The commit runs in the event-loop thread: it costs tens of microseconds (measured
-by benchmarks/store_bench.py), less than a hop to a worker thread and back, and it
-keeps the write order trivially equal to the order of the batches. What does
-fsync -- the WAL checkpoint -- is moved out of the loop: automatic checkpoints
-are raised to a large backstop and ``expire()`` runs a PASSIVE checkpoint on a
-second connection in a worker thread about once a second.
+The commit runs in the event-loop thread. Measured with benchmarks/store_bench.py,
+a hop to a worker thread and back costs more than the commit itself (batches of
+one: ~10k registrations/s through a thread vs ~47k in the loop), and staying in
+one thread keeps the write order equal to the batch order for free. The price is
+SQLite's automatic WAL checkpoint (every ~4 MB of WAL), which runs inside a
+commit and fsyncs: under a saturating write load it showed up as 10-25 ms pauses
+about twice a second. A background checkpoint thread on a second connection was
+tried and did not remove them (the WAL can only restart when the checkpoint has
+caught up with a writer that never pauses), so it is not there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import sqlite3
 import sys
@@ -27,7 +41,7 @@ from pathlib import Path
 from typing import IO, Iterable, Sequence
 
 from nattool.errors import LimitError, ProtocolError, StoreError
-from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.endpoint import Endpoint, IPAddress
 from nattool.store.base import (
     Member,
     Registration,
@@ -46,24 +60,17 @@ APPLICATION_ID = 0x6E617454
 # Rows deleted per statement when expiring: bounds the time one expire() holds the
 # loop (and the size of one WAL transaction).
 EXPIRE_BATCH = 2000
-# Pages in the WAL before SQLite checkpoints inside a commit (fsync in the loop).
-# Normally the background checkpoint keeps the WAL far below this; it only bounds
-# the file when the checkpoint thread falls behind.
-WAL_BACKSTOP_PAGES = 16384
-CHECKPOINT_INTERVAL = 1.0
-_LAN_SEP = "\x1f"  # LAN addresses never contain control characters
+# Pages in the WAL before SQLite checkpoints inside a commit (SQLite's default).
+WAL_AUTOCHECKPOINT_PAGES = 1000
+_SEP = "\x1f"  # fields; none of them can hold control characters
+_LAN_SEP = "\x1e"
 
 _SCHEMA_V1 = """
-CREATE TABLE members (
-    grp      TEXT NOT NULL,
-    identity TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    lan      TEXT NOT NULL,
-    source   TEXT NOT NULL,
-    seen     REAL NOT NULL,
-    PRIMARY KEY (grp, identity)
-) WITHOUT ROWID;
-CREATE INDEX members_seen ON members (seen);
+CREATE TABLE log (
+    seq  INTEGER PRIMARY KEY,  -- append order = registration order
+    seen REAL NOT NULL,
+    rec  TEXT NOT NULL          -- group US identity US ipversion US int(ip) US port US lan(RS) US source
+);
 CREATE TABLE trackers (
     endpoint TEXT PRIMARY KEY,
     expires  REAL NOT NULL
@@ -73,16 +80,12 @@ CREATE TABLE trackers (
 # version found in the file -> script that brings it to the next version
 _MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
 
-_UPSERT = (
-    "INSERT INTO members (grp, identity, endpoint, lan, source, seen) "
-    "VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (grp, identity) DO UPDATE SET endpoint = excluded.endpoint, "
-    "lan = excluded.lan, source = excluded.source, seen = excluded.seen"
-)
-_DELETE = "DELETE FROM members WHERE grp = ? AND identity = ?"
-_EXPIRE = (
-    "DELETE FROM members WHERE (grp, identity) IN "
-    "(SELECT grp, identity FROM members WHERE seen <= ? LIMIT ?)"
+_APPEND = "INSERT INTO log (seen, rec) VALUES (?, ?)"
+# Dead rows among the oldest ones. Rows are appended in time order, so this
+# normally deletes a prefix; after a wall-clock step backwards a live row may sit
+# among dead ones and simply stays until it dies too.
+_COMPACT = (
+    "DELETE FROM log WHERE seq IN (SELECT seq FROM log ORDER BY seq LIMIT ?) AND seen <= ?"
 )
 
 
@@ -99,23 +102,33 @@ def default_sqlite_path() -> Path:
     return base / "nattool" / "tracker.db"
 
 
-def _row(member: Member) -> tuple[str, str, str, str, str, float]:
+def _row(member: Member) -> tuple[float, str]:
+    # The address as an integer: str() of an ipaddress object costs microseconds,
+    # int() nothing, and this runs once per registration.
+    ep = member.endpoint
     return (
-        member.group,
-        member.identity,
-        member.endpoint.to_text(),
-        _LAN_SEP.join(member.lan),
-        member.source,
         member.seen,
+        f"{member.group}{_SEP}{member.identity}{_SEP}{ep.ip.version}{_SEP}{int(ep.ip)}{_SEP}"
+        f"{ep.port}{_SEP}{_LAN_SEP.join(member.lan)}{_SEP}{member.source}",
     )
 
 
-def _member(row: tuple[str, str, str, str, str, float]) -> Member:
-    grp, identity, endpoint, lan, source, seen = row
+def _member(seen: float, rec: str) -> Member:
+    fields = rec.split(_SEP)
+    if len(fields) != 7:
+        raise ProtocolError("bad log record")
+    grp, identity, version, ip, port, lan, source = fields
+    address: IPAddress
+    if version == "4":
+        address = ipaddress.IPv4Address(int(ip))
+    elif version == "6":
+        address = ipaddress.IPv6Address(int(ip))
+    else:
+        raise ProtocolError("bad log record")
     return Member(
         group=grp,
         identity=identity,
-        endpoint=Endpoint.from_text(endpoint),
+        endpoint=Endpoint(address, int(port)),
         lan=tuple(lan.split(_LAN_SEP)) if lan else (),
         source=source,
         seen=float(seen),
@@ -175,12 +188,13 @@ class SqliteStore(Store):
         self.trackers = TrackerTable(limits.max_trackers)
         self._db: sqlite3.Connection | None = None
         self._lock = _FileLock(Path(str(self.path) + ".lock"))
-        self._last_checkpoint = 0.0
-        self._checkpointing: asyncio.Future[None] | None = None
         self.commits = 0
         self.commit_seconds = 0.0
         self.write_errors = 0
         self.loaded = 0
+        self.bad_rows = 0
+        self.appended = 0  # rows appended since the last expire()
+        self.compacted = 0
 
     def describe(self) -> str:
         return f"sqlite:{self.path}"
@@ -207,7 +221,7 @@ class SqliteStore(Store):
             self._check_and_migrate(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             db.execute("PRAGMA journal_size_limit=67108864")
             db.execute("PRAGMA busy_timeout=2000")
             self._db = db
@@ -252,32 +266,26 @@ class SqliteStore(Store):
             version += 1
 
     def _load(self, now: float) -> None:
-        """Bring back every unexpired member and tracker, oldest first (so that
-        the index's age order matches), then drop what has expired."""
+        """Replay the live part of the log through the index (replacement and
+        evictions come out as they did), bring back unexpired trackers, then
+        delete what is dead."""
         db = self._require()
         horizon = now - self.limits.ttl
-        evicted: list[Member] = []
-        refused: list[tuple[str, str]] = []
-        cursor = db.execute(
-            "SELECT grp, identity, endpoint, lan, source, seen FROM members "
-            "WHERE seen > ? ORDER BY seen",
-            (horizon,),
-        )
-        for row in cursor:
+        index = self.index
+        for seen, rec in db.execute(
+            "SELECT seen, rec FROM log WHERE seen > ? ORDER BY seq", (horizon,)
+        ):
             try:
-                member = _member(row)
-            except ProtocolError:
-                # A row we cannot parse was not written by us; keep it out of the
-                # index but leave it for expiry rather than guessing.
-                refused.append((row[0], row[1]))
+                member = _member(seen, rec)
+            except (ProtocolError, ValueError):
+                # Not a record we write: count it, serve nothing made up, and
+                # leave the row alone until it is older than the TTL.
+                self.bad_rows += 1
                 continue
             try:
-                gone = self.index.upsert(member, now)
+                index.upsert(member, now)
             except LimitError:  # the caps were lowered since the row was written
-                refused.append((member.group, member.identity))
                 continue
-            if gone is not None:
-                evicted.append(gone)
             self.loaded += 1
         for endpoint_text, expires in db.execute(
             "SELECT endpoint, expires FROM trackers WHERE expires > ? ORDER BY expires DESC",
@@ -286,17 +294,12 @@ class SqliteStore(Store):
             try:
                 self.trackers.save(TrackerRecord(Endpoint.from_text(endpoint_text), expires))
             except ProtocolError:
-                continue
-        db.execute("BEGIN")
-        db.executemany(_DELETE, [(m.group, m.identity) for m in evicted] + refused)
+                self.bad_rows += 1
         db.execute("DELETE FROM trackers WHERE expires <= ?", (now,))
-        db.execute("COMMIT")
-        while self._delete_expired(horizon) == EXPIRE_BATCH:
-            pass
+        self._compact(horizon, 1 << 62)
+        self.loaded = len(index)
 
     async def close(self) -> None:
-        if self._checkpointing is not None:
-            await asyncio.shield(self._checkpointing)
         if self._db is not None:
             try:
                 # A clean close folds the WAL back into the database file.
@@ -314,11 +317,12 @@ class SqliteStore(Store):
 
     # -- members -----------------------------------------------------------------
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
-        results, written, evicted = self.index.register_batch(batch, now)
-        if not written and not evicted:
+        # Evictions need no write: replaying the log evicts the same members.
+        results, written, _evicted = self.index.register_batch(batch, now)
+        if not written:
             return results
         try:
-            self._commit(written, evicted)
+            self._commit(written)
         except (sqlite3.Error, StoreError) as exc:
             self.write_errors += 1
             # Nothing of this batch is durable: refuse every entry rather than
@@ -328,46 +332,53 @@ class SqliteStore(Store):
             return [error if not isinstance(r, Exception) else r for r in results]
         return results
 
-    def _commit(self, written: Iterable[Member], evicted: Sequence[Member]) -> None:
+    def _commit(self, written: Iterable[Member]) -> None:
         db = self._require()
         started = time.perf_counter()
         db.execute("BEGIN")
         try:
-            if evicted:
-                db.executemany(_DELETE, [(m.group, m.identity) for m in evicted])
-            db.executemany(_UPSERT, map(_row, written))
+            cursor = db.executemany(_APPEND, map(_row, written))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.appended += cursor.rowcount
         self.commits += 1
         self.commit_seconds += time.perf_counter() - started
 
     async def expire(self, now: float) -> int:
         gone = self.index.expire(now, EXPIRE_BATCH * 4)
+        # Keep pace with the appends: delete up to twice what was appended since
+        # the last call, and at least one batch, one bounded statement at a time.
+        # Between statements the loop gets control back (a statement is ~2 ms).
+        budget = max(EXPIRE_BATCH, 2 * self.appended)
+        self.appended = 0
+        horizon = now - self.limits.ttl
+        deleted = 0
         try:
-            self._delete_expired(now - self.limits.ttl)
+            while deleted < budget:
+                step = self._compact(horizon, min(EXPIRE_BATCH, budget - deleted))
+                deleted += step
+                if step < EXPIRE_BATCH:
+                    break
+                await asyncio.sleep(0)
         except sqlite3.Error as exc:
             self.write_errors += 1
-            raise StoreError(f"cannot expire rows in {self.path}: {exc}") from None
-        self._maybe_checkpoint()
+            raise StoreError(f"cannot compact {self.path}: {exc}") from None
         return len(gone)
 
-    def _delete_expired(self, horizon: float) -> int:
-        """Delete one bounded batch of expired rows; return how many went."""
+    def _compact(self, horizon: float, budget: int) -> int:
+        """Delete dead log rows, EXPIRE_BATCH per statement, up to ``budget``."""
         db = self._require()
-        return db.execute(_EXPIRE, (horizon, EXPIRE_BATCH)).rowcount
-
-    def _maybe_checkpoint(self) -> None:
-        clock = time.monotonic()
-        if self._checkpointing is not None and not self._checkpointing.done():
-            return
-        if clock - self._last_checkpoint < CHECKPOINT_INTERVAL:
-            return
-        self._last_checkpoint = clock
-        loop = asyncio.get_running_loop()
-        self._checkpointing = loop.run_in_executor(None, _checkpoint, str(self.path))
+        deleted = 0
+        while deleted < budget:
+            step = db.execute(_COMPACT, (min(EXPIRE_BATCH, budget - deleted), horizon)).rowcount
+            deleted += step
+            if step == 0:
+                break
+        self.compacted += deleted
+        return deleted
 
     # -- trackers ----------------------------------------------------------------
     async def save_tracker(self, record: TrackerRecord) -> None:
@@ -406,22 +417,10 @@ class SqliteStore(Store):
                 "commit_seconds": self.commit_seconds,
                 "write_errors": float(self.write_errors),
                 "loaded": float(self.loaded),
+                "bad_rows": float(self.bad_rows),
+                "compacted_rows": float(self.compacted),
             },
         )
-
-
-def _checkpoint(path: str) -> None:
-    """Copy WAL pages into the database file (this is where the fsyncs are), on
-    its own connection in a worker thread so the event loop never waits for the
-    disk. PASSIVE never blocks the loop's writer."""
-    try:
-        db = sqlite3.connect(path, isolation_level=None, timeout=0.5)
-        try:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            db.close()
-    except sqlite3.Error:
-        pass  # the backstop autocheckpoint still bounds the WAL
 
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore", "default_sqlite_path"]

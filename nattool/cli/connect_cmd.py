@@ -1,0 +1,162 @@
+"""`nattool connect GROUP`: a direct UDP path to the group's members, and a tiny chat."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+
+from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
+from nattool.cli.output import run_edge, stderr, verbosity
+from nattool.cli.targets import client_settings, resolve_targets, run
+from nattool.diag.connect import DEFAULT_CONNECT_PORT, ConnectOptions, connect_session
+from nattool.errors import ProtocolError, UsageError
+from nattool.net.localinfo import lan_addresses, stable_node_id
+from nattool.protocol.endpoint import parse_ip
+from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
+
+
+def connect(
+    group: Annotated[str, typer.Argument(help="Group key shared by the members (usually a UUID). It also keys the peers' message authentication.")],
+    tracker: TrackerOpt = None,
+    domain: DomainOpt = None,
+    port: Annotated[int, typer.Option("--port", "-p", help="Local UDP port for trackers and peers alike (0: any). Members on one LAN find each other at this port.")] = DEFAULT_CONNECT_PORT,
+    bind: Annotated[Optional[str], typer.Option("--bind", help="Local address to bind (default: all).", show_default=False)] = None,
+    lan: Annotated[str, typer.Option("--lan", help="LAN addresses for members behind the same public IP: 'auto', '0' (none) or a comma list.")] = "auto",
+    node_id: Annotated[str, typer.Option("--id", help="Identity inside the group: '0' (the endpoint the tracker sees), 'auto' (a stable MAC of this host) or a MAC.")] = "0",
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up (non-zero exit) when no path is up for this many seconds.")] = 30.0,
+    keepalive: Annotated[float, typer.Option("--keepalive", help="Seconds between keepalive pings on an open path.")] = 20.0,
+    dead_after: Annotated[Optional[float], typer.Option("--dead-after", help="A path with no answer for this many seconds is down [default: 3 x keepalive].", show_default=False)] = None,
+    once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Open a direct UDP path to every member of GROUP (hole punching), then relay lines:
+    stdin goes to the connected peers, their lines are printed as '<peer> line'.
+
+    End of input leaves the group. Exit status: 0 ok, 1 no path could be opened (with
+    the reason), 3 no tracker or no other member answered within --timeout.
+    """
+
+    def body() -> int:
+        settings = client_settings(tracker, domain, None, None, config)
+        try:
+            group_key = canonical_group(group)
+        except ProtocolError:
+            raise UsageError(f"bad group {group[:70]!r}: 1..64 characters of A-Z a-z 0-9 . _ -") from None
+        if not 0 <= port <= 65535:
+            raise UsageError("--port must be in 0..65535")
+        if not 0 < timeout <= 86400:
+            raise UsageError("--timeout must be in (0, 86400] seconds")
+        if not 0.2 <= keepalive <= 3600:
+            raise UsageError("--keepalive must be in 0.2..3600 seconds")
+        dead = dead_after if dead_after is not None else 3 * keepalive
+        if not keepalive < dead <= 86400:
+            raise UsageError("--dead-after must be longer than --keepalive")
+        if bind is not None:
+            try:
+                parse_ip(bind)
+            except ProtocolError:
+                raise UsageError(f"bad --bind {bind[:50]!r}: want an IP address") from None
+        identity = _identity(node_id)
+
+        async def go() -> int:
+            targets = await resolve_targets(settings)
+            opts = ConnectOptions(
+                group=group_key,
+                trackers=tuple(targets),
+                port=port,
+                bind=bind,
+                lan=_lan(lan, targets),
+                identity=identity,
+                timeout=timeout,
+                keepalive=keepalive,
+                dead_after=dead,
+                tracker_timeout=settings.timeout,
+                retries=settings.retries,
+                once=once,
+            )
+            return await connect_session(opts, _Renderer(json_out), read_stdin=not once)
+
+        return int(run(go()))
+
+    raise typer.Exit(run_edge(body))
+
+
+def _identity(text: str) -> Optional[str]:
+    # Default '0': hosts cloned from one image (containers, namespaces) share a machine
+    # id, so 'auto' would make them replace each other in the tracker.
+    if text == "0":
+        return None
+    if text == "auto":
+        return stable_node_id()
+    try:
+        return canonical_mac(text)
+    except ProtocolError:
+        raise UsageError(f"bad --id {text[:40]!r}: want 0, auto or a MAC like aa:bb:cc:dd:ee:ff") from None
+
+
+def _lan(text: str, targets: list[Any]) -> tuple[str, ...]:
+    if text == "auto":
+        return lan_addresses(targets)
+    try:
+        return parse_lan_list(text)
+    except ProtocolError as exc:
+        raise UsageError(f"bad --lan {text[:70]!r}: {exc}; want auto, 0 or a comma list of IPs") from None
+
+
+class _Renderer:
+    """Events to the terminal: chat lines on stdout, status on stderr; or, with --json,
+    every event as one compact JSON object per line on stdout."""
+
+    def __init__(self, json_out: bool) -> None:
+        self.json_out = json_out
+        self.t0 = time.monotonic()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.json_out:
+            out = {"event": event["event"], "t": round(time.monotonic() - self.t0, 3)}
+            out.update({k: v for k, v in event.items() if k != "event"})
+            sys.stdout.write(json.dumps(out, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+            return
+        kind = event["event"]
+        if kind == "message":
+            sys.stdout.write(f"<{event['peer']}> {event['text']}\n")
+            sys.stdout.flush()
+            return
+        text = _human(event)
+        if text is not None and (verbosity() >= 0 or kind == "gave_up"):
+            stderr.print(text, markup=False)
+
+
+def _human(e: dict[str, Any]) -> Optional[str]:
+    kind = e["event"]
+    if kind == "registered":
+        return f"registered at {e['tracker']}: public endpoint {e['public']}"
+    if kind == "member_seen":
+        lan = f" (LAN {', '.join(e['lan'])})" if e["lan"] else ""
+        return f"member {e['member']}{lan}: punching"
+    if kind == "path_up":
+        return (f"path up to {e['peer']} via {'LAN' if e['path'] == 'lan' else 'Internet'}: "
+                f"rtt {e['rtt_ms']:.1f} ms, opened in {e['open_s']:.2f} s")
+    if kind == "path_down":
+        return f"path down to {e['peer']} ({e['reason']}): trying again"
+    if kind == "gave_up":
+        who = e.get("member") or "group"
+        head = "impossible" if e.get("impossible") else "gave up"
+        lines = [f"{head}: {who}: {e['reason']}"]
+        mapping = e.get("mapping")
+        if mapping:
+            lines.append(f"  your mapping: {mapping['self'] or 'unknown'} ({mapping['self_reason']})")
+            lines.append(f"  peer mapping: {mapping['peer'] or 'unknown'} ({mapping['peer_reason']})")
+        return "\n".join(lines)
+    if kind == "undelivered":
+        return f"line not delivered to {e.get('peer') or 'anyone'}: {e['reason']}"
+    return None
+
+
+__all__ = ["connect"]

@@ -1,0 +1,161 @@
+"""`nattool probe`: what does my NAT do, and can my peers reach me?"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
+from nattool.cli.output import emit_json, info, run_edge, stdout, verbosity
+from nattool.cli.targets import client_settings
+from nattool.diag.probe import GIVE_UP, FamilyResult, ProbeResult, ProbeTarget, probe as run_probe
+from nattool.errors import ResolveError, UsageError
+from nattool.exit_codes import ExitCode
+from nattool.net.resolve import gather_trackers_async
+
+
+def probe(
+    servers: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            metavar="[SERVER]...",
+            help="Trackers HOST[:PORT] (STUN on the tracker port, or //nat for old trackers) "
+            "or STUN servers stun:HOST[:PORT] (port 3478). Default: the configured trackers.",
+            show_default=False,
+        ),
+    ] = None,
+    tracker: TrackerOpt = None,
+    domain: DomainOpt = None,
+    ipv4: Annotated[bool, typer.Option("-4", help="IPv4 only.")] = False,
+    ipv6: Annotated[bool, typer.Option("-6", help="IPv6 only.")] = False,
+    hairpin: Annotated[bool, typer.Option("--hairpin", help="Also test hairpinning (reaching my own public endpoint).")] = False,
+    lifetime: Annotated[bool, typer.Option("--lifetime", help="Also measure the mapping lifetime (needs a server with RESPONSE-PORT; takes up to --lifetime-max).")] = False,
+    lifetime_max: Annotated[float, typer.Option("--lifetime-max", help="Longest idle time tried by --lifetime, seconds (1..600).")] = 120.0,
+    repeat: Annotated[int, typer.Option("--repeat", help="Run the whole probe N times and report whether the verdicts agree.")] = 1,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for each answer, retransmissions included (0.2..10).")] = GIVE_UP,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Classify my NAT (RFC 4787 mapping and filtering) against one or more servers.
+
+    Filtering is measured only with a server that proves RFC 5780 support (an alternate
+    address that really answers); otherwise it is reported unknown, with the reason.
+    """
+
+    def body() -> int:
+        if ipv4 and ipv6:
+            raise UsageError("-4 and -6 exclude each other")
+        if not 0.2 <= wait <= 10:
+            raise UsageError("--wait must be in 0.2..10 seconds")
+        family = 4 if ipv4 else 6 if ipv6 else None
+        settings = client_settings((servers or []) + (tracker or []) or None, domain, None, None, config)
+        targets = _resolve(list(settings.trackers), settings.domain, family, settings.timeout, settings.dns_server)
+        result = run_probe(
+            targets,
+            families=(family,) if family else (4, 6),
+            hairpin=hairpin,
+            lifetime_max=lifetime_max if lifetime else None,
+            repeat=repeat,
+            give_up=wait,
+        )
+        return render(result, json_out)
+
+    raise typer.Exit(run_edge(body))
+
+
+def _resolve(
+    specs: list[str], domain: Optional[str], family: Optional[int], timeout: float, dns_server: Optional[tuple[str, int]]
+) -> list[ProbeTarget]:
+    def warn(err: ResolveError) -> None:
+        info(f"[yellow]warning:[/yellow] {err}")
+
+    af = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family or 0)
+    resolved = asyncio.run(
+        gather_trackers_async(specs, domain, timeout=timeout, family=af, resolver_address=dns_server, on_error=warn)
+    )
+    targets: list[ProbeTarget] = []
+    for item in resolved:
+        kind = "stun" if item.spec.scheme == "stun" else "tracker"
+        for ep in item.endpoints:
+            if all(t.endpoint != ep for t in targets):
+                targets.append(ProbeTarget(item.spec.to_text(), ep, kind))
+    if not targets:
+        raise UsageError("no server address to probe")
+    return targets
+
+
+def _yn(value: Optional[bool]) -> str:
+    return "unknown" if value is None else "yes" if value else "no"
+
+
+def render(result: ProbeResult, json_out: bool) -> int:
+    ok = any(f.behaviour.udp == "ok" for f in result.families)
+    code = int(ExitCode.OK) if ok else int(ExitCode.TIMEOUT)
+    if json_out:
+        emit_json(result.to_json())
+        return code
+    for fam in result.families:
+        _render_family(fam)
+    if len(result.runs) > 1:
+        consistent = result.consistent()
+        types = ", ".join("/".join(f.behaviour.nat_type.value for f in run) for run in result.runs)
+        stdout.print(f"Repeat: {len(result.runs)} runs, {'consistent' if consistent else '[red]inconsistent[/red]'} ({types})")
+    if verbosity() >= 0:
+        info(f"probe took {result.elapsed:.2f} s")
+    return code
+
+
+def _render_family(fam: FamilyResult) -> None:
+    b = fam.behaviour
+    stdout.print(f"[bold]{fam.family}[/bold] ({len(fam.servers)} server{'s' if len(fam.servers) != 1 else ''}, {fam.elapsed:.2f} s)")
+    rows: list[tuple[str, str]] = [("UDP", "ok" if b.udp == "ok" else "[red]blocked[/red]")]
+    if b.udp == "ok":
+        rows += [
+            ("Public endpoint", str(b.public_endpoint) if b.public_endpoint else "unknown"),
+            ("NAT type", f"[bold]{b.nat_type.value}[/bold]"),
+            ("Mapping", (b.mapping.value if b.mapping else "unknown") + f"  ({b.mapping_reason})"),
+            ("Filtering", (b.filtering.value if b.filtering else "unknown") + f"  ({b.filtering_reason})"),
+            ("NAT present", _yn(None if b.no_nat is None else not b.no_nat)),
+            ("Port preservation", _yn(b.port_preservation)),
+        ]
+        if b.hairpinning is not None:
+            rows.append(("Hairpinning", _yn(b.hairpinning)))
+        if b.cgnat:
+            rows.append(("CGNAT hint", "yes (100.64.0.0/10 address seen)"))
+        if b.alg:
+            rows.append(("ALG hint", "yes (MAPPED-ADDRESS differs from XOR-MAPPED-ADDRESS)"))
+    if fam.lifetime is not None:
+        life = fam.lifetime
+        if life.get("tested"):
+            below = life.get("below_s")
+            text = f">= {life['at_least_s']} s" + (f", < {below} s" if below is not None else " (alive at the longest wait)")
+        else:
+            text = f"not tested: {life.get('reason')}"
+        rows.append(("Mapping lifetime", text))
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    stdout.print(table)
+    stdout.print(b.hole_punching)
+    for note in b.notes:
+        stdout.print(f"note: {note}")
+    if verbosity() >= 1:
+        servers = Table(box=None, pad_edge=False)
+        for col in ("server", "address", "answered", "sees me as", "RFC 5780"):
+            servers.add_column(col)
+        for s in fam.servers:
+            servers.add_row(
+                s.target.label,
+                str(s.target.endpoint),
+                s.protocol or "[red]no[/red]",
+                str(s.mapped) if s.mapped else "-",
+                "yes" if s.rfc5780 else f"no ({s.rfc5780_reason})",
+            )
+        stdout.print(servers)
+    stdout.print()

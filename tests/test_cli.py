@@ -1,0 +1,268 @@
+"""The real CLI, end to end: pexpect drives `nattool` on a terminal (the 2-minute tour),
+subprocess pipes check errors, exit codes and plain output."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from conftest import TrackerProcess, free_udp_port, nattool_env, run_nattool
+
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ANSI_RE = re.compile(r"\x1b\[")
+# SGR colour parameters: 30-37/39 (fg), 40-47/49 (bg), 90-97, 100-107, 38;5/38;2 …
+COLOUR_SGR_RE = re.compile(r"\x1b\[(?:[0-9;]*;)?(?:3[0-9]|4[0-9]|9[0-7]|10[0-7])(?:;[0-9;]*)?m")
+
+
+def spawn(home: Path, *args: str, timeout: float = 15, **env: str) -> pexpect.spawn:
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "nattool", *args],
+        env=nattool_env(home, **env),
+        timeout=timeout,
+        encoding="utf-8",
+        codec_errors="replace",
+        dimensions=(50, 200),
+    )
+
+
+def finish(child: pexpect.spawn, timeout: float = 15) -> tuple[str, int]:
+    """Wait for the end; return the output and the exit status."""
+    child.expect(pexpect.EOF, timeout=timeout)
+    out = child.before
+    child.close()
+    assert child.exitstatus is not None, f"killed by signal {child.signalstatus}: {out}"
+    return out, child.exitstatus
+
+
+def json_run(home: Path, *args: str) -> dict:  # type: ignore[type-arg]
+    out, code = finish(spawn(home, *args, "--json"))
+    assert code == 0, out
+    assert "Traceback" not in out
+    return json.loads(out)
+
+
+# -- the 2-minute tour ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path, nattool_home: Path):  # type: ignore[no-untyped-def]
+    """`nattool serve` on a terminal, as the README's first terminal runs it."""
+    servers: list[pexpect.spawn] = []
+
+    def start(*extra: str) -> str:
+        port = free_udp_port()
+        child = spawn(nattool_home, "serve", "--host", "127.0.0.1", "--port", str(port), "--store", "memory", *extra)
+        child.expect(r"nattool \S+ tracker listening on udp 127\.0\.0\.1:%d" % port, timeout=10)
+        servers.append(child)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for child in servers:
+        child.kill(2)  # Ctrl-C, as a user stops it
+        out, code = finish(child, 10)
+        assert code == 0, out
+        assert "Traceback" not in out
+        assert "event=stopped" in out
+
+
+def test_tour_whoami_register_trackers(served, nattool_home: Path) -> None:  # type: ignore[no-untyped-def]
+    tracker = served()
+
+    who = json_run(nattool_home, "whoami", tracker)
+    assert set(who) >= {"endpoint", "answers"}
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", who["endpoint"])
+    [answer] = who["answers"]
+    assert answer["ok"] is True and answer["tracker"] == tracker and answer["endpoint"] == who["endpoint"]
+    assert answer["rtt_ms"] is not None and answer["rtt_ms"] >= 0
+
+    group = f"tour-{uuid.uuid4().hex[:8]}"
+    first = json_run(nattool_home, "register", group, "-t", tracker, "--lan", "10.0.0.1", "--id", "0")
+    assert set(first) >= {"group", "self", "members"}
+    assert first["group"] == group
+    assert first["members"] == []
+    assert set(first["self"]) == {"endpoint", "lan"} and first["self"]["lan"] == ["10.0.0.1"]
+    assert first["trackers"][0]["form"] == "seed"
+
+    second = json_run(nattool_home, "register", group, "-t", tracker, "--lan", "10.0.0.2", "--id", "0")
+    assert second["self"]["lan"] == ["10.0.0.2"]
+    # Same public IP (127.0.0.1): the first member's LAN list is shown to the second.
+    assert second["members"] == [{"endpoint": first["self"]["endpoint"], "lan": ["10.0.0.1"]}]
+
+    # Human output of the same on a terminal.
+    child = spawn(nattool_home, "register", group, "-t", tracker, "--lan", "0", "--id", "0")
+    child.expect(f"group {group}: registered as 127.0.0.1:")
+    out, code = finish(child)
+    assert code == 0 and first["self"]["endpoint"] in out and second["self"]["endpoint"] in out
+
+    child = spawn(nattool_home, "trackers", "-t", tracker)
+    child.expect(r"\(none\)")
+    child.expect(r"1 tracker\(s\): " + re.escape(tracker))
+    assert finish(child)[1] == 0
+
+
+def test_register_new_prints_a_uuid(served, nattool_home: Path) -> None:  # type: ignore[no-untyped-def]
+    tracker = served()
+    child = spawn(nattool_home, "register", "new", "-t", tracker, "--lan", "0", "--id", "0")
+    child.expect(r"new group: (" + UUID_RE.pattern + ")")
+    group = child.match.group(1)
+    child.expect(f"group {group}: registered as")
+    assert finish(child)[1] == 0
+    # --json: the new group is in the document (the note goes to stderr).
+    result = run_nattool("register", "new", "-t", tracker, "--json", "--lan", "0", "--id", "0", home=nattool_home)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert UUID_RE.fullmatch(doc["group"])
+    assert doc["group"] in result.stderr
+
+
+def test_keepalive_shows_members_joining_and_leaving(served, nattool_home: Path) -> None:  # type: ignore[no-untyped-def]
+    tracker = served("--ttl", "1.5")
+    group = f"ka-{uuid.uuid4().hex[:8]}"
+    watcher = spawn(nattool_home, "register", group, "-t", tracker, "--keepalive", "1", "--lan", "0", "--id", "0")
+    watcher.expect(f"registered in {group} as 127.0.0.1:")
+    visitor = json_run(nattool_home, "register", group, "-t", tracker, "--lan", "0", "--id", "0")
+    ep = re.escape(visitor["self"]["endpoint"])
+    watcher.expect(r"\+ " + ep, timeout=5)
+    # The visitor never re-registers: gone after the TTL.
+    watcher.expect(r"- " + ep, timeout=6)
+    watcher.sendintr()
+    out, code = finish(watcher, 10)
+    assert code == 130, out
+    assert "Traceback" not in out
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def assert_one_line_error(result, code: int | None = None) -> str:  # type: ignore[no-untyped-def]
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode != 0
+    if code is not None:
+        assert result.returncode == code, (result.returncode, err)
+    assert err.startswith("nattool: error: "), err
+    assert "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["register", "bad group!", "-t", "127.0.0.1:9"],
+        ["register", "g" * 65, "-t", "127.0.0.1:9"],
+        ["register", "g", "-t", "127.0.0.1:9", "--public", "1.2.3"],
+        ["register", "g", "-t", "127.0.0.1:9", "--public", "127.0.0.1:0"],
+        ["register", "g", "-t", "127.0.0.1:9", "--lan", "10.0.0.300"],
+        ["register", "g", "-t", "127.0.0.1:9", "--lan", ",".join(f"10.0.0.{i}" for i in range(17))],
+        ["register", "g", "-t", "127.0.0.1:9", "--id", "not-a-mac"],
+        ["register", "g", "-t", "127.0.0.1:9", "--keepalive", "0"],
+        ["whoami", "[::1"],
+        ["whoami", "-t", "127.0.0.1:99999"],
+        ["trackers", "-t", "127.0.0.1:"],
+        ["whoami", "127.0.0.1:9", "--timeout", "0"],
+        ["serve", "--port", "70000"],
+        ["serve", "--host", "not-an-ip", "--port", "0"],
+        ["serve", "--store", "bogus", "--host", "127.0.0.1", "--port", "0"],
+        ["serve", "--log-level", "chatty", "--host", "127.0.0.1", "--port", "0"],
+    ],
+    ids=lambda a: " ".join(a)[:50],
+)
+def test_bad_input_is_a_one_line_usage_error(args: list[str], nattool_home: Path) -> None:
+    result = run_nattool(*args, home=nattool_home)
+    assert_one_line_error(result, 2)
+    assert result.stdout == ""
+
+
+def test_no_tracker_says_how_to_give_one(nattool_home: Path) -> None:
+    for command in ("whoami", "trackers"):
+        err = assert_one_line_error(run_nattool(command, home=nattool_home), 2)
+        assert "--tracker" in err and "NATTOOL_TRACKERS" in err
+    err = assert_one_line_error(run_nattool("register", "g", home=nattool_home), 2)
+    assert "--tracker" in err
+
+
+def test_trackers_from_the_environment(served, nattool_home: Path) -> None:  # type: ignore[no-untyped-def]
+    tracker = served()
+    result = run_nattool("whoami", "--json", env=nattool_env(nattool_home, NATTOOL_TRACKERS=tracker))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["answers"][0]["tracker"] == tracker
+
+
+@pytest.mark.parametrize("command", [["whoami"], ["trackers"], ["register", "g", "--lan", "0", "--id", "0"]])
+def test_unreachable_tracker_exits_3_within_the_timeout(command: list[str], nattool_home: Path) -> None:
+    dead = f"127.0.0.1:{free_udp_port()}"
+    started = time.monotonic()
+    result = run_nattool(*command, "-t", dead, "--timeout", "2", home=nattool_home)
+    took = time.monotonic() - started
+    assert result.returncode == 3, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert dead in result.stdout + result.stderr
+    # Two seconds of waiting plus the interpreter's start-up, not more.
+    assert took < 2 + 1.0, f"{command[0]} took {took:.2f}s with --timeout 2"
+
+
+def test_serve_on_a_port_in_use_is_a_clear_error(nattool_home: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        result = run_nattool("serve", "--host", "127.0.0.1", "--port", str(port), "--store", "memory", home=nattool_home)
+    err = assert_one_line_error(result)
+    assert f"127.0.0.1:{port}" in err and "in use" in err
+    assert "tracker listening" not in result.stdout
+
+
+def test_option_parse_errors_are_one_line_too(nattool_home: Path) -> None:
+    """Typer/click's own parse errors (a number that is not a number, an unknown
+    option) should look like every other error: one line, "nattool: error: ..."."""
+    for args in (["whoami", "127.0.0.1:9", "--timeout", "abc"], ["serve", "--port", "abc"], ["whoami", "--no-such-flag"]):
+        result = run_nattool(*args, home=nattool_home)
+        assert result.returncode == 2, result
+        assert_one_line_error(result, 2)
+
+
+# -- version and plain output ---------------------------------------------------------------------------
+
+
+def test_version(nattool_home: Path) -> None:
+    import nattool
+
+    result = run_nattool("--version", home=nattool_home)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"nattool {nattool.__version__}"
+    out, code = finish(spawn(nattool_home, "--version"))
+    assert code == 0 and out.strip() == f"nattool {nattool.__version__}"
+
+
+def test_piped_output_has_no_escape_codes(shared_tracker: TrackerProcess, nattool_home: Path) -> None:
+    dead = f"127.0.0.1:{free_udp_port()}"
+    for args in (
+        ["whoami", shared_tracker.endpoint, dead, "--timeout", "0.5"],  # a red error cell too
+        ["register", "pipe-test", "-t", shared_tracker.endpoint, "--lan", "0", "--id", "0"],
+        ["trackers", "-t", shared_tracker.endpoint],
+    ):
+        # Piped, and without NO_COLOR: still plain.
+        env = nattool_env(nattool_home)
+        env.pop("NO_COLOR")
+        result = run_nattool(*args, env=env)
+        assert shared_tracker.endpoint in result.stdout, result
+        assert not ANSI_RE.search(result.stdout + result.stderr), repr(result.stdout)
+
+
+def test_no_color_on_a_terminal(shared_tracker: TrackerProcess, nattool_home: Path) -> None:
+    dead = f"127.0.0.1:{free_udp_port()}"
+    args = ("whoami", shared_tracker.endpoint, dead, "--timeout", "0.5")
+    coloured, _ = finish(spawn(nattool_home, *args, NO_COLOR="", TERM="xterm-256color", FORCE_COLOR="1"))
+    # Proof that the command does colour its output on a terminal (else this test is void).
+    assert COLOUR_SGR_RE.search(coloured), repr(coloured)
+    plain, _ = finish(spawn(nattool_home, *args, NO_COLOR="1", TERM="xterm-256color"))
+    assert shared_tracker.endpoint in plain
+    assert not COLOUR_SGR_RE.search(plain), repr(plain)
