@@ -32,6 +32,8 @@ from tests.natlab.topologies import (
     same_nat_topology,
 )
 
+pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available")]
+
 # How long to wait for a datagram that must NOT arrive. Everything here is on one machine
 # (sub-millisecond RTT), so 0.3 s is ample for the ones that must arrive.
 SILENCE = 0.3
@@ -253,6 +255,25 @@ def test_hosts_behind_the_same_nat_talk_over_the_lan(natlab: Lab) -> None:
     ma, mb = a.ask((SERVER_V4[0], 3478)), b.ask((SERVER_V4[0], 3478))
     assert ma is not None and mb is not None
     assert ma[0] == mb[0] == topo.nat.wan_ip and ma[1] != mb[1]
+
+
+@pytest.mark.parametrize("hairpin", [True, False], ids=["hairpin", "no-hairpin"])
+def test_hairpinning_is_opt_in(natlab: Lab, hairpin: bool) -> None:
+    topo = same_nat_topology(natlab, NatBehaviour.EIM_APDF, hairpin=hairpin)
+    udp_agent(natlab, topo.tracker).bind(SERVER_V4[0], 3478, reflect=True)
+    a = udp_agent(natlab, topo.a).bind(topo.a.ip, 0)
+    b = udp_agent(natlab, topo.b).bind(topo.b.ip, 0)
+    ma, mb = a.ask((SERVER_V4[0], 3478)), b.ask((SERVER_V4[0], 3478))
+    assert ma is not None and mb is not None
+    a.send(ma, "to-myself")
+    a.send(mb, "to-b")
+    got_a, got_b = a.recv_all(SILENCE), b.recv_all(SILENCE)
+    if hairpin:
+        # Both arrive, and from a's *mapped* address, as RFC 4787 REQ-9 wants.
+        assert [(d.data, d.src) for d in got_a] == [(b"to-myself", ma)]
+        assert [(d.data, d.src) for d in got_b] == [(b"to-b", ma)]
+    else:
+        assert got_a == got_b == []
 
 
 def _punch(lab: Lab, left_b: NatBehaviour, right_b: NatBehaviour) -> tuple[bool, bool]:

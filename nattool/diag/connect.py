@@ -567,9 +567,25 @@ class Connector:
         self._wake_tick()
 
     def _classify(self, ep: Endpoint) -> str:
+        """LAN or Internet, for an endpoint a peer reached us from. A member's LAN list
+        says it best; before the tracker told us about the member, an address in the
+        subnet of one of our own LAN addresses (/24, /64: the prefix length is not
+        known) that is nobody's public address is taken for a LAN neighbour."""
         for member in self.members.values():
             if str(ep.ip) in member.lan:
                 return "lan"
+        public = {m.endpoint.ip for m in self.members.values()} | {e.ip for e in self.observed.values()}
+        if ep.ip in public:
+            return "internet"
+        for own in self.opts.lan:
+            try:
+                mine = ipaddress.ip_address(own)
+            except ValueError:
+                continue
+            if mine.version == ep.ip.version and mine != ep.ip:
+                bits = 24 if mine.version == 4 else 64
+                if ipaddress.ip_network((mine, bits), strict=False) == ipaddress.ip_network((ep.ip, bits), strict=False):
+                    return "lan"
         return "internet"
 
     def _on_ping(self, peer: Peer, msg: PeerMessage, src: Endpoint, now: float) -> None:

@@ -145,7 +145,13 @@ class _FileLock:
         self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
-        fh = open(self.path, "a+", encoding="ascii")
+        try:
+            fh = open(self.path, "a+", encoding="ascii")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create {self.path}: {exc.strerror}; "
+                "use a writable --store sqlite:PATH, or --store memory"
+            ) from None
         try:
             if sys.platform == "win32":
                 import msvcrt

@@ -9,8 +9,10 @@ from .lab import (
     Nat,
     Node,
     ServerHost,
+    read_line,
     sweep_stale_namespaces,
     unavailable_reason,
+    wait_for_line,
 )
 from .nft import Ipv6Mode, NatBehaviour
 from .udp import AgentError, Datagram, UdpAgent, UdpSocket, udp_agent
@@ -28,9 +30,11 @@ __all__ = [
     "NatBehaviour",
     "Node",
     "ServerHost",
+    "read_line",
     "UdpAgent",
     "UdpSocket",
     "sweep_stale_namespaces",
     "udp_agent",
     "unavailable_reason",
+    "wait_for_line",
 ]

@@ -13,7 +13,9 @@ Fixtures:
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -37,10 +39,24 @@ def _skip_or_fail(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def natlab_available() -> None:
+def natlab_available() -> Iterator[None]:
     reason = unavailable_reason()
     if reason is not None:
         _skip_or_fail(reason)
+    # SIGTERM would end the process without finalizers or atexit and leave namespaces
+    # behind (until the next run sweeps them): turn it into an interrupt pytest cleans up
+    # after. Only if nobody else handles SIGTERM, and restored at the end of the session.
+    previous = None
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    yield
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +64,13 @@ def turnserver_available(natlab_available: None) -> None:
     reason = _turnserver_reason()
     if reason is not None:
         _skip_or_fail(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test that builds a lab gets the "natlab" marker: `-m "not natlab"` skips them all.
+    for item in items:
+        if "natlab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.natlab)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Union
@@ -115,6 +115,7 @@ class Nat(Node):
     lan: ipaddress.IPv4Network = LAN_SUPERNET
     lan6: ipaddress.IPv6Network | None = None
     udp_timeout: int = DEFAULT_UDP_TIMEOUT
+    hairpin: bool = False
     hosts: list[Host] = field(default_factory=list, repr=False)
 
     @property
@@ -205,7 +206,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed run can linger as a zombie until its parent reaps it
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _ns_pids(ns: str) -> list[int]:
@@ -286,6 +291,7 @@ class Lab:
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._spawns: list[pexpect.spawn] = []
+        self._cleanups: list[Callable[[], object]] = []
         self._servers = 0
         self._nats = 0
         self._used_addrs: set[Addr] = set()
@@ -333,6 +339,11 @@ class Lab:
         self._closed = True
         with _open_lock:
             _open_labs.discard(self)
+        for callback in reversed(self._cleanups):
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - one failing cleanup must not stop the rest
+                print(f"natlab: cleanup {callback!r} failed: {exc!r}", file=sys.stderr)
         for child in self._spawns:
             try:
                 child.close(force=True)
@@ -463,15 +474,21 @@ class Lab:
 
     def add_nat(self, name: str, behaviour: NatBehaviour = NatBehaviour.EIM_EIF, *,
                 ipv6: Ipv6Mode | None = None, wan_ip: str | None = None,
-                udp_timeout: int | None = None) -> Nat:
+                udp_timeout: int | None = None, hairpin: bool = False) -> Nat:
         """A NAT router with an empty LAN; put hosts behind it with ``add_host``.
 
         ``ipv6`` defaults to FIREWALL for IPV6_FIREWALL and NONE otherwise (pass e.g.
         Ipv6Mode.FIREWALL with EIM_APDF for a typical dual-stack home router).
         ``udp_timeout`` (seconds) sets the router's UDP conntrack timeouts and the lifetime of
         its EIF/ADF state, i.e. how long an idle mapping lives (default 120, the kernel's).
+        ``hairpin`` makes UDP from the LAN to one of the router's mappings loop back to the
+        mapping's owner (with the sender's mapped address as source); off by default, as
+        on Linux masquerade. Only for the NATing behaviours (EIM_*, APDM).
         """
         self._check_name(name)
+        if hairpin and behaviour in (NatBehaviour.NO_NAT, NatBehaviour.UDP_BLOCKED,
+                                     NatBehaviour.IPV6_FIREWALL):
+            raise ValueError(f"hairpin needs a NATing behaviour, not {behaviour.name}")
         if ipv6 is None:
             ipv6 = (Ipv6Mode.FIREWALL if behaviour is NatBehaviour.IPV6_FIREWALL
                     else Ipv6Mode.NONE)
@@ -526,9 +543,10 @@ class Lab:
         if udp_timeout:
             tail += "".join(f"echo {udp_timeout} > /proc/sys/net/netfilter/{k}\n" for k in (
                 "nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"))
-        self._sysctl(ns, {}, tail, input=router_ruleset(behaviour, ipv6, timeout))
+        self._sysctl(ns, {}, tail, input=router_ruleset(behaviour, ipv6, timeout, wan_ip=wan,
+                                                    lan=str(lan), hairpin=hairpin))
         node = Nat(name, ns, self, behaviour=behaviour, ipv6=ipv6, index=index, wan_ip=wan,
-                   wan_ip6=wan6, lan=lan, lan6=lan6, udp_timeout=timeout)
+                   wan_ip6=wan6, lan=lan, lan6=lan6, udp_timeout=timeout, hairpin=hairpin)
         self._nodes[name] = node
         return node
 
@@ -627,6 +645,11 @@ class Lab:
         self._spawns.append(child)
         return child
 
+    def add_cleanup(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` on close(), last added first, before processes are killed."""
+        self._check_running()
+        self._cleanups.append(callback)
+
     def _check_running(self) -> None:
         if not self._started or self._closed:
             raise LabError("lab is not running")
@@ -643,6 +666,21 @@ class Lab:
                 parts.append(subprocess.run(self.argv(node, ["nft", "list", "ruleset"]),
                                             capture_output=True, text=True).stdout.rstrip())
         return "\n".join(parts)
+
+
+def wait_for_line(stream: IO[str], needle: str, timeout: float) -> str:
+    """Read lines from a Popen'ed program's text pipe until one contains ``needle``; return
+    it. Raises LabError (with the lines seen) on timeout or EOF. Uses :func:`read_line`."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        line = read_line(stream, max(0.0, deadline - time.monotonic()))
+        if line is None:
+            raise LabError(f"no line containing {needle!r} within {timeout}s; got:\n"
+                           + "\n".join(seen[-40:]))
+        if needle in line:
+            return line
+        seen.append(line)
 
 
 def read_line(stream: IO[str], timeout: float) -> str | None:

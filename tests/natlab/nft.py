@@ -91,11 +91,20 @@ class Ipv6Mode(enum.Enum):
     OPEN = "open"
 
 
-def router_ruleset(behaviour: NatBehaviour, ipv6: Ipv6Mode, mapping_timeout: int) -> str:
-    """The complete nftables ruleset (``nft -f`` input) for one router namespace."""
+def router_ruleset(behaviour: NatBehaviour, ipv6: Ipv6Mode, mapping_timeout: int, *,
+                   wan_ip: str = "", lan: str = "", hairpin: bool = False) -> str:
+    """The complete nftables ruleset (``nft -f`` input) for one router namespace.
+
+    ``hairpin`` (needs ``wan_ip`` and ``lan``): a LAN host sending to a mapped address of
+    this router reaches the host owning that mapping, with the sender's mapped address as
+    source (RFC 4787 REQ-9); without it such packets end at the router itself.
+    """
     dnat = behaviour in (NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF)
+    hairpin = hairpin and behaviour in (NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF,
+                                        NatBehaviour.EIM_APDF, NatBehaviour.APDM)
+    track = dnat or hairpin
     out: list[str] = ["table inet natlab {"]
-    if dnat:
+    if track:
         # Endpoint-independent filtering is not something masquerade can do: inbound
         # packets from a new remote are a *new* conntrack, so they need an explicit DNAT.
         # The map remembers, per external port, which inside address:port owns it; it is
@@ -121,11 +130,17 @@ def router_ruleset(behaviour: NatBehaviour, ipv6: Ipv6Mode, mapping_timeout: int
             '    iifname "wan" ct state new meta l4proto udp ip saddr . udp dport != @adf drop',
             "  }",
         ]
-    if dnat:
+    if track:
         out += [
             "  chain pre_nat {",
             "    type nat hook prerouting priority dstnat; policy accept;",
-            '    iifname "wan" meta l4proto udp dnat ip to udp dport map @eif',
+        ]
+        if dnat:
+            out.append('    iifname "wan" meta l4proto udp dnat ip to udp dport map @eif')
+        if hairpin:
+            out.append(f'    iifname != "wan" ip daddr {wan_ip} meta l4proto udp '
+                       "dnat ip to udp dport map @eif")
+        out += [
             "  }",
             "  chain post_track {",
             "    type filter hook postrouting priority 300; policy accept;",
@@ -149,6 +164,11 @@ def router_ruleset(behaviour: NatBehaviour, ipv6: Ipv6Mode, mapping_timeout: int
             "  chain post_nat {",
             "    type nat hook postrouting priority srcnat; policy accept;",
             f'    oifname "wan" meta nfproto ipv4 {masq}',
+        ]
+        if hairpin:
+            # The hairpinned packet must carry the sender's *mapped* address as source.
+            out.append(f'    oifname != "wan" ct status dnat ip saddr {lan} snat ip to {wan_ip}')
+        out += [
             "  }",
         ]
 

@@ -191,6 +191,7 @@ def start_turnserver(lab: Lab, host: NodeRef, ips: list[str] | tuple[str, ...],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                      errors="replace")
     server = TurnServer(proc, tuple(ips), port, alt, conf, _tmp=tmp)
+    lab.add_cleanup(server.stop)
 
     def drain() -> None:  # a full pipe would block coturn
         assert proc.stdout is not None

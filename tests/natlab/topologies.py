@@ -48,10 +48,10 @@ class ProbeTopology:
 
 
 def probe_topology(lab: Lab, behaviour: NatBehaviour, *, ipv6: Ipv6Mode | None = None,
-                   udp_timeout: int | None = None) -> ProbeTopology:
+                   udp_timeout: int | None = None, hairpin: bool = False) -> ProbeTopology:
     """server "srv" (SERVER_V4 + SERVER_V6) -- internet -- NAT "nat" -- host "client"."""
     server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
-    nat = lab.add_nat("nat", behaviour, ipv6=ipv6, udp_timeout=udp_timeout)
+    nat = lab.add_nat("nat", behaviour, ipv6=ipv6, udp_timeout=udp_timeout, hairpin=hairpin)
     client = lab.add_host("client", behind=nat)
     return ProbeTopology(server, nat, client)
 
@@ -92,7 +92,7 @@ class SameNatTopology:
 
 
 def same_nat_topology(lab: Lab, behaviour: NatBehaviour = NatBehaviour.EIM_APDF, *,
-                      ipv6: Ipv6Mode | None = None) -> SameNatTopology:
+                      ipv6: Ipv6Mode | None = None, hairpin: bool = False) -> SameNatTopology:
     """tracker "tracker" (SERVER_V4/V6); NAT "nat" with hosts "a" and "b" on one LAN.
 
     Give the two peers different local ports: Linux masquerade keeps a port only while it
@@ -100,6 +100,6 @@ def same_nat_topology(lab: Lab, behaviour: NatBehaviour = NatBehaviour.EIM_APDF,
     mapping (the second one is remapped per destination).
     """
     tracker = lab.add_server_host("tracker", addrs=[*SERVER_V4, *SERVER_V6])
-    nat = lab.add_nat("nat", behaviour, ipv6=ipv6)
+    nat = lab.add_nat("nat", behaviour, ipv6=ipv6, hairpin=hairpin)
     return SameNatTopology(tracker, nat, lab.add_host("a", behind=nat),
                            lab.add_host("b", behind=nat))

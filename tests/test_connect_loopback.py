@@ -1,0 +1,184 @@
+"""`nattool connect` end to end on loopback: a real `nattool serve`, real `nattool
+connect` processes driven through a terminal (pexpect), real UDP.
+
+127.0.0.2 and 127.0.0.3 stand for two hosts with different public IPs (each peer binds
+its own); there is no NAT on loopback, so this proves the chain (registration, member
+lists, authenticated ping/pong, chat, keepalive, dead-path detection, give-up), and the
+NAT lab (test_connect_lab.py) proves the punching.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+
+from nattool.protocol.punch import Kind, PeerMessage, derive_key
+from tests.conftest import TrackerFactory, free_udp_port, nattool_cmd, nattool_env
+
+A_IP, B_IP, STRANGER_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+
+_SHIM = (
+    "from nattool.cli.app import app\n"
+    "from nattool.cli.connect_cmd import connect\n"
+    "app.command()(connect)\n"
+    "app(prog_name='nattool')\n"
+)
+
+
+def connect_argv(*args: str) -> list[str]:
+    """`nattool connect ...`. Until the command is registered in nattool/cli/app.py the
+    same Typer app is run with it added (same code path, same options)."""
+    from nattool.cli.app import app
+    from nattool.cli.connect_cmd import connect
+
+    if any(c.callback is connect for c in app.registered_commands):
+        return nattool_cmd("connect", *args)
+    return [sys.executable, "-c", _SHIM, "connect", *args]
+
+
+def spawn(home: Path, *args: str, timeout: float = 10) -> pexpect.spawn:
+    argv = connect_argv(*args)
+    return pexpect.spawn(argv[0], argv[1:], env=nattool_env(home), encoding="utf-8",
+                         codec_errors="replace", timeout=timeout, echo=False)
+
+
+def peer_args(tracker: str, ip: str, port: int, group: str, *extra: str) -> list[str]:
+    return [group, "-t", tracker, "--bind", ip, "--port", str(port), "--lan", "0", *extra]
+
+
+def json_events(child: pexpect.spawn) -> list[dict[str, Any]]:
+    out = []
+    for line in (child.before or "").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def finish(child: pexpect.spawn, timeout: float = 10) -> int:
+    child.expect(pexpect.EOF, timeout=timeout)
+    child.close()
+    assert child.exitstatus is not None, f"killed by signal {child.signalstatus}"
+    return int(child.exitstatus)
+
+
+@pytest.fixture
+def pair(tracker: TrackerFactory, nattool_home: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    tp = tracker()
+    children: list[pexpect.spawn] = []
+
+    def start(ip: str, port: int, *extra: str, group: str = "chat-" + request.node.name[:40]) -> pexpect.spawn:
+        child = spawn(nattool_home, *peer_args(tp.endpoint, ip, port, group, *extra))
+        children.append(child)
+        return child
+
+    yield tp, start
+    for child in children:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+        child.close(force=True)
+
+
+def test_two_peers_open_a_path_and_chat(pair) -> None:  # type: ignore[no-untyped-def]
+    tp, start = pair
+    pa, pb = free_udp_port(A_IP), free_udp_port(B_IP)
+    a = start(A_IP, pa)
+    b = start(B_IP, pb)
+    a.expect(rf"path up to {B_IP}:{pb} via Internet: rtt [\d.]+ ms, opened in [\d.]+ s")
+    b.expect(rf"path up to {A_IP}:{pa} via Internet")
+    a.sendline("hello from a")
+    b.expect_exact(f"<{A_IP}:{pa}> hello from a")
+    b.sendline("and back \x1b[2J from b")  # an escape sequence must not reach the terminal raw
+    a.expect_exact(f"<{B_IP}:{pb}> and back \ufffd[2J from b")
+    # End of input: a leaves, says so, and b notices at once (not after --dead-after).
+    a.sendeof()
+    assert finish(a) == 0
+    b.expect(r"path down to .* \(the peer left\)", timeout=3)
+
+
+def test_json_once_reports_path_rtt_and_time_to_open(pair) -> None:  # type: ignore[no-untyped-def]
+    tp, start = pair
+    pa, pb = free_udp_port(A_IP), free_udp_port(B_IP)
+    t0 = time.monotonic()
+    a = start(A_IP, pa, "--once", "--json")
+    b = start(B_IP, pb, "--once", "--json")
+    assert finish(a) == 0 and finish(b) == 0
+    assert time.monotonic() - t0 < 8
+    for child, me, other in ((a, f"{A_IP}:{pa}", f"{B_IP}:{pb}"), (b, f"{B_IP}:{pb}", f"{A_IP}:{pa}")):
+        events = json_events(child)
+        kinds = [e["event"] for e in events]
+        assert "registered" in kinds and "path_up" in kinds, events
+        up = next(e for e in events if e["event"] == "path_up")
+        assert up["peer"] == other and up["path"] == "internet"
+        assert up["observed_as"] == me  # the peer saw us where the tracker did
+        assert 0 <= up["rtt_ms"] < 1000 and 0 <= up["open_s"] < 3
+        assert len(up["peer_id"]) == 16
+
+
+def test_dead_path_is_noticed_and_reopened(pair) -> None:  # type: ignore[no-untyped-def]
+    tp, start = pair
+    pa, pb = free_udp_port(A_IP), free_udp_port(B_IP)
+    timing = ("--keepalive", "0.3", "--dead-after", "1.2")
+    a = start(A_IP, pa, *timing)
+    b = start(B_IP, pb, *timing)
+    a.expect("path up")
+    b.expect("path up")
+    b.kill(signal.SIGKILL)  # gone without a goodbye: only the keepalives can tell
+    t0 = time.monotonic()
+    a.expect(r"path down to .* \(no answer for [\d.]+s\): trying again", timeout=5)
+    assert time.monotonic() - t0 < 3
+    b2 = start(B_IP, pb, *timing)  # the same endpoint comes back (a new session)
+    a.expect(rf"path up to {B_IP}:{pb}", timeout=5)
+    b2.expect("path up", timeout=5)
+
+
+def test_stranger_who_knows_the_endpoint_cannot_inject(pair) -> None:  # type: ignore[no-untyped-def]
+    tp, start = pair
+    pa, pb = free_udp_port(A_IP), free_udp_port(B_IP)
+    a = start(A_IP, pa)
+    b = start(B_IP, pb, "--json")
+    a.expect("path up")
+    b.expect('"event":"path_up"')
+    forged_key = derive_key("not-the-group")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((STRANGER_IP, 0))
+        s.settimeout(0.3)
+        for seq in range(1, 6):
+            # DATA with the wrong key; a ping too (would it answer?); plain junk.
+            s.sendto(PeerMessage(Kind.DATA, b"stranger", seq, seq, b"INJECTED").to_wire(forged_key), (B_IP, pb))
+            s.sendto(PeerMessage(Kind.PING, b"stranger", 100 + seq).to_wire(forged_key), (B_IP, pb))
+            s.sendto(b"NtC1INJECTED" + bytes(40), (B_IP, pb))
+        with pytest.raises(socket.timeout):
+            s.recvfrom(2048)  # not even a pong: a stranger learns nothing
+    a.sendline("genuine")
+    b.expect(r'"event":"message"[^\n]*"text":"genuine"')
+    before = b.before or ""
+    assert "INJECTED" not in before and '"event":"message"' not in before, before
+    b.sendeof()
+    assert finish(b) == 0
+    assert "INJECTED" not in (b.before or "")
+
+
+def test_alone_in_the_group_gives_up_with_exit_3(pair) -> None:  # type: ignore[no-untyped-def]
+    tp, start = pair
+    a = start(A_IP, free_udp_port(A_IP), "--timeout", "1.5", "--json", group="nobody-else-here")
+    t0 = time.monotonic()
+    assert finish(a) == 3
+    assert time.monotonic() - t0 < 6
+    gave_up = [e for e in json_events(a) if e["event"] == "gave_up"]
+    assert gave_up and "no other member" in gave_up[-1]["reason"]
+
+
+def test_no_tracker_answering_is_said_plainly(nattool_home: Path) -> None:
+    dead = f"127.0.0.1:{free_udp_port()}"  # nothing listens there
+    a = spawn(nattool_home, *peer_args(dead, A_IP, free_udp_port(A_IP), "g", "--timeout", "1.5"))
+    assert finish(a) == 3
+    assert "no tracker answered" in (a.before or "")
