@@ -11,6 +11,7 @@ within 3 s of both peers starting.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ def start_trackers(lab: Lab, home: Path) -> None:
         host, port = ep.rsplit(":", 1)
         proc = lab.popen("tracker", nattool_cmd("serve", "--host", host, "--port", port, "--store", "memory",
                                                 "--rate-limit", "0"),
-                         stdout=__import__("subprocess").PIPE, stderr=__import__("subprocess").DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          env=nattool_env(home), text=True)
         line = read_line(proc.stdout, 15)
         assert line and BANNER_PREFIX in line, f"tracker {ep} did not start: {line!r}"
@@ -76,10 +77,10 @@ def punch_once(lab: Lab, a: Host, b: Host, home: Path, group: str, pa: int, pb: 
         child.expect(r'\{"event":"path_up"[^\n]*\n')
         t_up[name] = time.monotonic()
         ups[name] = json.loads(child.after.strip())
+    # The exit of --once (after it lingers for the peer) is the loopback tests' business;
+    # here time is short, so the run ends as soon as both sides have their path.
     for child in (ca, cb):
-        child.expect(pexpect.EOF, timeout=10)
-        child.close()
-        assert child.exitstatus == 0, child.before
+        child.close(force=True)
     return Run(ups["a"], ups["b"], max(t_up.values()) - t_start)
 
 
@@ -99,22 +100,25 @@ def print_table() -> Iterator[None]:
 
 
 @pytest.mark.parametrize(
-    "left,right",
+    "left,right,runs",
     [
-        (N.EIM_EIF, N.EIM_EIF),
-        (N.EIM_ADF, N.EIM_APDF),
-        (N.EIM_APDF, N.EIM_APDF),
-        (N.APDM, N.EIM_EIF),
-        (N.EIM_EIF, N.APDM),
-        (N.APDM, N.EIM_ADF),
+        # The issue's cases, RUNS times each: EIM on both sides with the strictest
+        # filtering there is, and symmetric against full cone.
+        (N.EIM_APDF, N.EIM_APDF, RUNS),
+        (N.APDM, N.EIM_EIF, RUNS),
+        # The other filterings and orders, fewer runs to keep the lab under 3 minutes.
+        (N.EIM_EIF, N.EIM_EIF, 3),
+        (N.EIM_ADF, N.EIM_APDF, 3),
+        (N.EIM_EIF, N.APDM, 3),
+        (N.APDM, N.EIM_ADF, 3),
     ],
-    ids=lambda b: b.value,
+    ids=lambda v: v.value if isinstance(v, NatBehaviour) else f"{v}runs",
 )
-def test_punching_succeeds(natlab: Lab, lab_home: Path, left: NatBehaviour, right: NatBehaviour) -> None:  # noqa: F811
+def test_punching_succeeds(natlab: Lab, lab_home: Path, left: NatBehaviour, right: NatBehaviour, runs: int) -> None:  # noqa: F811
     topo = pair_topology(natlab, left, right)
     start_trackers(natlab, lab_home)
     times: list[float] = []
-    for i in range(RUNS):
+    for i in range(runs):
         # A fresh port pair per run: no NAT state carried over from the run before.
         run = punch_once(natlab, topo.left, topo.right, lab_home, f"pair-{i}", 43300 + i, 43400 + i)
         assert run.a_up["path"] == run.b_up["path"] == "internet"
@@ -122,7 +126,7 @@ def test_punching_succeeds(natlab: Lab, lab_home: Path, left: NatBehaviour, righ
         assert run.b_up["peer"].startswith(topo.left_nat.wan_ip + ":")
         assert run.elapsed < TARGET, f"run {i}: path after {run.elapsed:.2f}s"
         times.append(run.elapsed)
-    RESULTS.append((f"{left.value} x {right.value}", "path up (internet)", "path up (internet) 10/10", times))
+    RESULTS.append((f"{left.value} x {right.value}", "path up (internet)", f"path up (internet) {runs}/{runs}", times))
 
 
 def test_chat_line_crosses_two_port_restricted_nats(natlab: Lab, lab_home: Path) -> None:  # noqa: F811

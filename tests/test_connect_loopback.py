@@ -102,6 +102,8 @@ def test_two_peers_open_a_path_and_chat(pair) -> None:  # type: ignore[no-untype
     a.sendeof()
     assert finish(a) == 0
     b.expect(r"path down to .* \(the peer left\)", timeout=3)
+    b.kill(signal.SIGINT)
+    assert finish(b) == 130
 
 
 def test_json_once_reports_path_rtt_and_time_to_open(pair) -> None:  # type: ignore[no-untyped-def]
@@ -182,3 +184,66 @@ def test_no_tracker_answering_is_said_plainly(nattool_home: Path) -> None:
     a = spawn(nattool_home, *peer_args(dead, A_IP, free_udp_port(A_IP), "g", "--timeout", "1.5"))
     assert finish(a) == 3
     assert "no tracker answered" in (a.before or "")
+
+
+# -- the decisions behind the procedure (no sockets) ------------------------------------
+
+
+def test_lan_candidates_guess_the_ports_a_member_listens_on() -> None:
+    from nattool.diag.connect import DEFAULT_CONNECT_PORT, lan_candidates
+
+    got = [e.to_text() for e in lan_candidates(("192.0.2.11", "bad"), 5000, 6000)]
+    assert got == ["192.0.2.11:5000", "192.0.2.11:6000", f"192.0.2.11:{DEFAULT_CONNECT_PORT}"]
+    assert [e.to_text() for e in lan_candidates(("192.0.2.11",), DEFAULT_CONNECT_PORT, DEFAULT_CONNECT_PORT)] == [
+        f"192.0.2.11:{DEFAULT_CONNECT_PORT}"
+    ]
+
+
+def test_mapping_and_verdict() -> None:
+    from nattool.diag.connect import ED, EI, mapping_of, verdict
+    from nattool.protocol.endpoint import Endpoint
+
+    local = Endpoint.from_text("192.0.2.10:43284")
+    t1, t2 = Endpoint.from_text("203.0.113.10:43283"), Endpoint.from_text("203.0.113.11:43283")
+    same = Endpoint.from_text("198.51.100.2:43284")
+    assert mapping_of({t1: same}, local)[0] is None  # one tracker: unknown, never a guess
+    assert mapping_of({t1: same, t2: same}, local)[0] == EI
+    assert mapping_of({t1: same, t2: Endpoint.from_text("198.51.100.2:999")}, local)[0] == ED
+    impossible, why = verdict(ED, ED)
+    assert impossible and "relay" in why
+    for mine, theirs in ((ED, None), (None, ED), (EI, EI), (None, None), (EI, ED)):
+        assert verdict(mine, theirs)[0] is False
+
+
+def test_sanitize_keeps_text_and_defuses_escapes() -> None:
+    from nattool.diag.connect import sanitize
+
+    assert sanitize("héllo\tworld\r\n") == "héllo\tworld"
+    assert sanitize("\x1b]0;pwned\x07\x9b") == "\ufffd]0;pwned\ufffd\ufffd"
+
+
+def test_piped_input_waits_for_a_peer_is_delivered_then_exits_0(pair, nattool_home: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    tp, start = pair
+    pa, pb = free_udp_port(A_IP), free_udp_port(B_IP)
+    group = "piped-input"
+    sender = subprocess.Popen(connect_argv(*peer_args(tp.endpoint, A_IP, pa, group, "--timeout", "8")),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=nattool_env(nattool_home), text=True)
+    try:
+        assert sender.stdin is not None
+        sender.stdin.write("typed before anyone was there\n")
+        sender.stdin.close()  # EOF at once: it must still wait for a peer
+        time.sleep(0.5)
+        b = start(B_IP, pb, group=group)
+        b.expect_exact(f"<{A_IP}:{pa}> typed before anyone was there")
+        assert sender.wait(timeout=8) == 0
+        b.expect(r"path down to .* \(the peer left\)", timeout=3)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+        for stream in (sender.stdout, sender.stderr):
+            if stream is not None:
+                stream.close()

@@ -19,8 +19,8 @@ def test_announced_tracker_is_listed_only_after_it_answers_nat() -> None:
     assert out == [(ep("203.0.113.5:43283"), NAT_PROBE)]
     assert fed.is_expected(ep("203.0.113.5:43283"))
     fed.on_reply(ep("203.0.113.5:43283"), b"198.51.100.1:43283", 0.1, 0.1)
-    assert fed.tracker_list(0.2).trackers == ("198.51.100.1:43283", "203.0.113.5:43283")
-    assert fed.public == ep("198.51.100.1:43283")  # learned from the first verified tracker
+    assert fed.tracker_list(0.2).trackers == ("203.0.113.5:43283",)
+    assert fed.public is None  # a stranger's answer never sets our own endpoint
     events = fed.take_events()
     assert [r.endpoint for r in events.saved] == [ep("203.0.113.5:43283")]
 
@@ -69,6 +69,16 @@ def test_listed_trackers_expire() -> None:
     fed.outgoing(11.0, 11.0)
     assert "203.0.113.5:43283" not in fed.tracker_list(11.0).trackers
     assert fed.take_events().dropped == [ep("203.0.113.5:43283")]
+
+
+def test_public_endpoint_is_learned_from_a_joined_tracker_only() -> None:
+    join = ep("203.0.113.7:43283")
+    fed = Federation(FederationConfig(), joins=(join,))
+    assert fed.outgoing(0.0, 0.0) == [(join, NAT_PROBE)]
+    fed.on_reply(join, b"198.51.100.1:43283", 0.0, 0.0)
+    assert fed.public == ep("198.51.100.1:43283")
+    assert fed.take_events().learned_public == ep("198.51.100.1:43283")
+    assert fed.tracker_list(1.0).trackers == ("198.51.100.1:43283", "203.0.113.7:43283")
 
 
 def test_join_round_verifies_announces_and_pulls_one_at_a_time() -> None:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+import sys
+
 import typer
 
 from nattool import __version__
+from nattool.cli.bench_cmd import bench
 from nattool.cli.config_cmd import app as config_app
+from nattool.cli.connect_cmd import connect
 from nattool.cli.output import set_verbosity
+from nattool.exit_codes import ExitCode
 from nattool.cli.probe_cmd import probe
 from nattool.cli.register_cmd import register
 from nattool.cli.serve_cmd import serve
@@ -48,8 +53,40 @@ app.command()(whoami)
 app.command()(register)
 app.command()(trackers)
 app.command()(probe)
+app.command()(connect)
+app.command()(bench)
 app.add_typer(config_app, name="config")
 
 
+def _click_kind(exc: BaseException) -> str | None:
+    """Typer >= 0.26 vendors its own Click: recognise its exceptions by class name."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    for kind in ("NoArgsIsHelpError", "UsageError", "ClickException", "Abort", "Exit"):
+        if kind in names:
+            return kind
+    return None
+
+
 def main() -> None:
-    app(prog_name="nattool")
+    """Run the CLI; every error, Click's parse errors included, is one line."""
+    try:
+        result = app(prog_name="nattool", standalone_mode=False)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as exc:
+        kind = _click_kind(exc)
+        if kind == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]  # the help text, as asked
+            sys.exit(int(ExitCode.USAGE))
+        if kind in ("UsageError", "ClickException"):
+            message = exc.format_message()  # type: ignore[attr-defined]
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            sys.stderr.write(f"nattool: error: {message}{hint}\n")
+            sys.exit(int(getattr(exc, "exit_code", ExitCode.USAGE)))
+        if kind == "Abort":
+            sys.stderr.write("interrupted\n")
+            sys.exit(int(ExitCode.INTERRUPTED))
+        raise
+    sys.exit(result if isinstance(result, int) else 0)

@@ -30,6 +30,7 @@ def bench(
     ramp_factor: Annotated[float, typer.Option("--ramp-factor", metavar="F", help="Rate multiplier between --ramp steps.")] = 1.25,
     ramp_step: Annotated[float, typer.Option("--ramp-step", metavar="SECONDS", help="Measured seconds per --ramp step.")] = 2.0,
     ramp_budget: Annotated[float, typer.Option("--ramp-budget", metavar="SECONDS", help="Total time --ramp may take.")] = 60.0,
+    spin: Annotated[bool, typer.Option("--spin", help="Busy-poll for replies instead of sleeping (spares a fast server the wake-ups; the generator then uses a whole core).")] = False,
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of group names and identities (runs with the same seed re-register the same members).")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
 ) -> None:
@@ -58,6 +59,7 @@ def bench(
             timeout=timeout,
             processes=processes,
             seed=seed,
+            spin=spin,
         )
         live = stdout.is_terminal and not json_out and verbosity() >= 0
         if ramp:

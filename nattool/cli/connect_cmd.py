@@ -37,7 +37,7 @@ def connect(
     """Open a direct UDP path to every member of GROUP (hole punching), then relay lines:
     stdin goes to the connected peers, their lines are printed as '<peer> line'.
 
-    End of input leaves the group. Exit status: 0 ok, 1 no path could be opened (with
+    End of input leaves, once the lines read are delivered. Exit status: 0 ok, 1 no path could be opened (with
     the reason), 3 no tracker or no other member answered within --timeout.
     """
 
@@ -154,6 +154,8 @@ def _human(e: dict[str, Any]) -> Optional[str]:
             lines.append(f"  your mapping: {mapping['self'] or 'unknown'} ({mapping['self_reason']})")
             lines.append(f"  peer mapping: {mapping['peer'] or 'unknown'} ({mapping['peer_reason']})")
         return "\n".join(lines)
+    if kind == "queued":
+        return "no peer connected yet: the line will be sent when a path is up"
     if kind == "undelivered":
         return f"line not delivered to {e.get('peer') or 'anyone'}: {e['reason']}"
     return None

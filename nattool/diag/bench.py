@@ -58,7 +58,7 @@ class BenchConfig:
     processes: int = 1
     seed: int = 1
     spread_sources: bool = True  # IPv4 loopback: one source address per socket
-    spin: bool = True  # busy-poll for replies (see bench_engine)
+    spin: bool = False  # busy-poll for replies (see bench_engine); CPU then reads ~100%
 
     def describe_workload(self) -> str:
         return ",".join(f"{name}={weight}" for name, weight in self.mix)
@@ -478,7 +478,7 @@ def run_ramp(
             stopped = f"the generator is the limit at {rate:,.0f}/s: {report.generator_limited}"
         else:
             bad_rate = rate
-            stopped = f"loss {report.loss_ratio:.2%} > {max_loss:.2%} at {rate:,.0f}/s" if report.invalid == 0 else f"invalid replies at {rate:,.0f}/s"
+            stopped = f"loss {report.loss_ratio:.2%} > {max_loss:.2%} at {rate:,.0f}/s" if report.result.invalid == 0 else f"invalid replies at {rate:,.0f}/s"
         break
     # One bisection between the best good rate and the first bad one, if time allows.
     if bad_rate is not None and best is not None and best.config.rate:

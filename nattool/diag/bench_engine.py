@@ -77,7 +77,7 @@ class EnginePlan:
     seed: int = 1
     max_requests: int = 50_000_000  # hard bound on requests, whatever the rate
     start_at_ns: int = 0  # time.monotonic_ns() at which to start (aligns processes)
-    spin: bool = True  # busy-poll while waiting for replies instead of sleeping in epoll
+    spin: bool = False  # busy-poll while waiting for replies instead of sleeping in epoll
 
 
 @dataclass(slots=True)
@@ -360,7 +360,7 @@ class Engine:
         worked = True
         while True:
             now = perf()
-            if not worked and measuring:
+            if not worked and measuring and sending:
                 idle_ns += now - prev
             prev = now
             worked = False

@@ -130,7 +130,7 @@ def verdict(mine: Optional[str], theirs: Optional[str]) -> tuple[bool, str]:
     """(impossible?, explanation) for a member no path could be opened to."""
     if mine == ED and theirs == ED:
         return True, (
-            "both sides' NATs pick a new public port per destination (symmetric, address-and-port-"
+            "both sides' NATs pick a new public port per destination (symmetric NAT: endpoint-"
             "dependent mapping): neither side can know which port to send to, so hole punching "
             "cannot work; these peers need a relay (TURN)"
         )
@@ -254,6 +254,8 @@ class Connector:
         self._register_now = asyncio.Event()
         self._done: Optional[int] = None
         self._tick_soon = False
+        self.backlog: list[str] = []  # lines typed before any path was up
+        self.closing = False  # input ended: leave once every line is delivered
         self.local: Optional[Endpoint] = None
 
     # -- sockets ---------------------------------------------------------------------
@@ -439,7 +441,14 @@ class Connector:
             elif now - path.last_ping >= self.opts.keepalive:
                 path.last_ping = now
                 self._ping(path.endpoint, now)
+        if self.backlog and any(p.active for p in self.peers.values()):
+            lines, self.backlog = self.backlog, []
+            for line in lines:
+                self.send_line(line)
         self._resend_data(now)
+        if self.closing and self.first_up is not None and not self.backlog and not self.outgoing:
+            self.leave()
+            self.finish(int(ExitCode.OK))
         self._check_give_up(now)
 
     def _path_down(self, peer: Peer, path: Path, reason: str, now: float) -> None:
@@ -618,6 +627,13 @@ class Connector:
             member = self.members.get(cand.member)
             if member is not None and member.peer != peer.sender:
                 member.peer = peer.sender
+        elif cand is not None and kind == "internet":
+            # A peer-reflexive path (e.g. a symmetric NAT's fresh port): the members the
+            # trackers list at that public IP, not yet reached, are most likely this peer
+            # as each tracker saw it; without this they would be "given up" while connected.
+            for member in self.members.values():
+                if member.peer is None and member.endpoint.ip == dest.ip:
+                    member.peer = peer.sender
         path = peer.paths.get(dest)
         if path is None:
             path = peer.paths[dest] = Path(dest, kind)
@@ -669,7 +685,11 @@ class Connector:
     # -- sending lines ---------------------------------------------------------------
 
     def send_line(self, text: str) -> int:
-        """Queue ``text`` for every connected peer; returns how many it goes to."""
+        """Queue ``text`` for every connected peer; returns how many it goes to (0: it
+        waits in the backlog for the first path)."""
+        if not any(p.active for p in self.peers.values()):
+            self.backlog.append(text)
+            return 0
         body = text.encode("utf-8")[:MAX_BODY]
         now = self.clock()
         count = 0
@@ -721,14 +741,16 @@ async def connect_session(opts: ConnectOptions, emit: Emit, *, read_stdin: bool 
     reader = asyncio.create_task(_pump_stdin(connector, emit))
     try:
         await asyncio.wait([runner, reader], return_when=asyncio.FIRST_COMPLETED)
-        if reader.done() and not reader.cancelled() and reader.exception() is None and not runner.done():
-            connector.leave()
-            connector.finish(int(ExitCode.OK))
+        if reader.done() and not reader.cancelled() and reader.exception() is None:
+            # End of input: leave once what was typed is delivered (`echo hi | nattool
+            # connect G` waits for a peer, hands the line over, and exits 0).
+            connector.closing = True
         return await runner
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
         if not runner.done():
+            connector.leave()  # Ctrl-C: the peers hear it now, not after --dead-after
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
 
@@ -754,7 +776,7 @@ async def _pump_stdin(connector: Connector, emit: Emit) -> None:
         if not text:
             continue
         if connector.send_line(text) == 0:
-            emit({"event": "undelivered", "peer": None, "reason": "no peer connected yet"})
+            emit({"event": "queued", "reason": "no path up yet: the line waits for the first peer"})
 
 
 # --------------------------------------------------------------------------- plumbing

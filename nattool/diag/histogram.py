@@ -105,7 +105,8 @@ class Histogram:
         if self.count == 0:
             return 0
         rank = max(1, -(-int(q * self.count * 1000) // 100_000))  # ceil without float drift
-        rank = min(rank, self.count)
+        if rank >= self.count:
+            return self.max  # kept exactly, even above max_value
         seen = 0
         for i, c in enumerate(self.counts):
             if c:

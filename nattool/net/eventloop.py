@@ -4,6 +4,7 @@ times the datagram rate of plain asyncio), plain asyncio elsewhere (Windows)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any, Coroutine, TypeVar
 
 T = TypeVar("T")
@@ -25,4 +26,9 @@ def run(main: Coroutine[Any, Any, T], *, fast: bool = True) -> T:
             pass
         else:
             return uvloop.run(main)
+    if sys.platform == "win32":
+        # The server reads its sockets with loop.add_reader, which Windows' default
+        # proactor loop lacks; the selector loop has it.
+        with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+            return runner.run(main)
     return asyncio.run(main)

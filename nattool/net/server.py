@@ -31,6 +31,8 @@ from nattool.tracker.ratelimit import SourceRateLimiter
 log = logging.getLogger("nattool.serve")
 
 MAX_QUEUED_REGISTRATIONS = 20_000  # beyond this, drop: never an unbounded queue
+DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the store get a turn)
+MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
 
 
@@ -95,24 +97,15 @@ def _v6_source_key_cache() -> Callable[[str], str]:
     return key
 
 
-class _Listener(asyncio.DatagramProtocol):
-    """One bound socket. Keeps the per-datagram work inline and small."""
+class _Listener:
+    """One bound socket, read by the event loop's reader callback."""
 
-    def __init__(self, server: "TrackerServer", local: Endpoint, sock: socket.socket) -> None:
-        self.server = server
+    __slots__ = ("local", "sock", "closed")
+
+    def __init__(self, local: Endpoint, sock: socket.socket) -> None:
         self.local = local
-        self.sock = sock  # kept for empty datagrams, which transports refuse to send
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.server.receive(self, data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier sends (port unreachable): nothing to do but count.
-        self.server.core.counters["socket_error"] += 1
+        self.sock = sock
+        self.closed = False
 
 
 class TrackerServer:
@@ -192,11 +185,11 @@ class TrackerServer:
                 for ep in responder.local_endpoints()[1:]:
                     socks.append((ep, _bind_udp(str(ep.ip), ep.port, cfg.reuse_port)))
             for local, sock in socks:
-                listener = _Listener(self, local, sock)
-                await loop.create_datagram_endpoint(lambda lst=listener: lst, sock=sock)  # type: ignore[misc]
+                listener = _Listener(local, sock)
                 self.listeners.append(listener)
                 if responder is not None:
                     self._stun_by_local[local] = responder
+                loop.add_reader(sock.fileno(), self._drain, listener)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -213,8 +206,11 @@ class TrackerServer:
                 self._start_flush()
             await asyncio.sleep(0.01)
         for lst in self.listeners:
-            if lst.transport is not None:
-                lst.transport.close()
+            if not lst.closed:
+                lst.closed = True
+                if self._loop is not None:
+                    self._loop.remove_reader(lst.sock.fileno())
+                lst.sock.close()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd = None
@@ -222,43 +218,60 @@ class TrackerServer:
         self._stopped.set()
 
     # -- the hot path ----------------------------------------------------------------
-    def receive(self, listener: _Listener, data: bytes, addr: Any) -> None:
-        host = addr[0]
-        now = time.monotonic()
+    def _drain(self, listener: _Listener) -> None:
+        """Read and answer up to DRAIN_BATCH datagrams: one event-loop wake-up serves a
+        burst, and the cheap requests are answered right here with plain sendto."""
+        sock = listener.sock
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
         limiter = self.limiter
-        if limiter.rate:
-            key = self._v6key(host) if ":" in host else host
-            if not limiter.allow(key, now):
-                return
-        transport = listener.transport
-        assert transport is not None
-        if data == b"//nat":
-            self.core.counters["nat"] += 1
-            if ":" in host:
-                transport.sendto(f"[{host.split('%', 1)[0]}]:{addr[1]}".encode(), addr)
-            else:
-                transport.sendto(f"{host}:{addr[1]}".encode(), addr)
-            return
+        limited = limiter.rate > 0
+        v6key = self._v6key
+        now = time.monotonic()
+        nat = 0
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # ICMP errors for earlier sends surface here on some systems.
+                self.core.counters["socket_error"] += 1
+                continue
+            host = addr[0]
+            if limited and not limiter.allow(v6key(host) if ":" in host else host, now):
+                continue
+            if data == b"//nat":
+                nat += 1
+                if ":" in host:
+                    reply = f"[{host.split('%', 1)[0]}]:{addr[1]}".encode()
+                else:
+                    reply = f"{host}:{addr[1]}".encode()
+                try:
+                    sendto(reply, addr)
+                except OSError:
+                    self.core.counters["send_error"] += 1
+                continue
+            self._slow_path(listener, data, addr)
+        if nat:
+            self.core.counters["nat"] += nat
+
+    def _slow_path(self, listener: _Listener, data: bytes, addr: Any) -> None:
         if data[:2] != b"//" and is_stun(data):
-            if listener.local in self._stun_by_local:
-                self._answer_stun(listener, data, addr)
+            responder = self._stun_by_local.get(listener.local)
+            if responder is not None:
+                self._answer_stun(responder, listener, data, addr)
             return
         try:
             src = Endpoint.from_sockaddr(addr)
         except ValueError:
             return
-        outcome = self.core.on_datagram(data, src, now, time.time())
+        outcome = self.core.on_datagram(data, src, time.monotonic(), time.time())
         if outcome is None:
             return
         if isinstance(outcome, bytes):
-            if outcome:
-                transport.sendto(outcome, addr)
-            else:
-                # "I know no trackers" is an empty datagram (PROTOCOL.md section 3).
-                try:
-                    listener.sock.sendto(b"", addr)
-                except OSError:
-                    self.core.counters["socket_error"] += 1
+            # An empty reply is meaningful: "I know no trackers" (PROTOCOL.md section 3).
+            self._send(listener, outcome, addr)
             return
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
             self.core.counters["drop_overload"] += 1
@@ -269,12 +282,31 @@ class TrackerServer:
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
 
-    def _answer_stun(self, listener: _Listener, data: bytes, addr: Any) -> None:
+    def _send(self, listener: _Listener, data: bytes, addr: Any) -> None:
+        if listener.closed:
+            return
+        try:
+            listener.sock.sendto(data, addr)
+        except OSError:
+            # Full socket buffer or an unroutable peer: the reply is lost, as UDP allows.
+            self.core.counters["send_error"] += 1
+
+    def _answer_stun(self, responder: Any, listener: _Listener, data: bytes, addr: Any) -> None:
+        host = addr[0].split("%", 1)[0]
+        try:
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        except OSError:
+            return
+        fast = responder.bare_binding_reply(data, packed, addr[1], listener.local)
+        if fast is not None:
+            self.core.counters["stun"] += 1
+            self._send(listener, fast, addr)
+            return
         try:
             src = Endpoint.from_sockaddr(addr)
         except ValueError:
             return
-        reply = self._stun_by_local[listener.local].respond(data, src, listener.local)
+        reply = responder.respond(data, src, listener.local)
         if reply is None:
             self.core.counters["stun_drop"] += 1
             return
@@ -288,8 +320,7 @@ class TrackerServer:
             else:
                 self.core.counters["stun_drop"] += 1
                 return
-        assert out.transport is not None
-        out.transport.sendto(reply.data, reply.dest.sockaddr())
+        self._send(out, reply.data, addr if reply.dest == src else reply.dest.sockaddr())
 
     # -- registrations, batched per loop turn -----------------------------------------
     def _start_flush(self) -> None:
@@ -314,9 +345,7 @@ class TrackerServer:
             self.core.counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
             core = self.core
             for (pending, listener, addr), result in zip(batch, results):
-                reply = core.finish_registration(pending, result)
-                if listener.transport is not None and not listener.transport.is_closing():
-                    listener.transport.sendto(reply, addr)
+                self._send(listener, core.finish_registration(pending, result), addr)
         finally:
             self._flushing = False
             if self._batch and not self._flush_scheduled:
@@ -351,8 +380,8 @@ class TrackerServer:
         out = self.federation.outgoing(now, wall)
         for dest, payload in out:
             listener = self._listener_for(dest)
-            if listener is not None and listener.transport is not None:
-                listener.transport.sendto(payload, dest.sockaddr())
+            if listener is not None:
+                self._send(listener, payload, dest.sockaddr())
 
     def _listener_for(self, dest: Endpoint) -> _Listener | None:
         for lst in self.listeners:

@@ -86,9 +86,9 @@ class Registrar:
             extensions=request.extensions if form == "seed" else {},
             padding=request.padding if form == "seed" else 0,
         )
-        # The seed form is tried briefly when the dialect is unknown, so that an
-        # original server costs a fraction of the timeout before the fallback.
-        unknown = tracker not in self.forms and form == "seed"
+        # While the dialect is unknown, each form gets half of the timeout, so that
+        # --timeout bounds the whole registration, fallback included.
+        unknown = tracker not in self.forms
         timeout = self.timeout / 2 if unknown else self.timeout
         answer = await _ask(self.pool, tracker, req.to_wire(), MemberList.from_wire, timeout, self.retries)
         if answer.ok:

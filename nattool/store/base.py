@@ -10,6 +10,7 @@ that keep a flood of registrations from exhausting the server.
 from __future__ import annotations
 
 import abc
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -35,16 +36,73 @@ class StoreLimits:
     max_trackers: int = 64
 
 
-@dataclass(frozen=True, slots=True)
 class Member:
-    """One registration inside a group."""
+    """One registration inside a group: an immutable record.
+
+    Hand-written rather than a dataclass to stay small, since a tracker keeps up to a
+    million of them: the endpoint is kept as its wire text (which every reply needs
+    anyway) and parsed into an :class:`Endpoint` only when asked; group keys and
+    sources are interned, as many members share them. Records compare by identity:
+    the stores key their age index by the object itself. Use :meth:`key` to compare
+    contents.
+    """
+
+    __slots__ = ("group", "identity", "endpoint_text", "lan", "source", "seen")
 
     group: str  # canonical group key (see protocol.text.canonical_group)
     identity: str  # canonical MAC, or the endpoint text when the node gave none
-    endpoint: Endpoint  # where peers reach it
-    lan: tuple[str, ...]  # LAN addresses it published ("" tuple: none)
-    source: str  # source_key() of the registering host: "same public IP" test
+    endpoint_text: str  # where peers reach it, as the wire writes it
+    lan: tuple[str, ...]  # LAN addresses it published (empty: none)
+    source: str  # source_key() of the registering host: the "same public IP" test
     seen: float  # wall-clock seconds (time.time()) of the latest registration
+
+    def __init__(
+        self,
+        group: str,
+        identity: str,
+        endpoint: Endpoint | str,
+        lan: tuple[str, ...],
+        source: str,
+        seen: float,
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "group", sys.intern(group))
+        setter(self, "identity", identity)
+        setter(self, "endpoint_text", endpoint if isinstance(endpoint, str) else endpoint.to_text())
+        setter(self, "lan", lan)
+        setter(self, "source", sys.intern(source))
+        setter(self, "seen", seen)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint.from_text(self.endpoint_text)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Member is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Member is immutable (cannot delete {name!r})")
+
+    def replace(self, **changes: object) -> "Member":
+        fields = {
+            "group": self.group,
+            "identity": self.identity,
+            "endpoint": self.endpoint_text,
+            "lan": self.lan,
+            "source": self.source,
+            "seen": self.seen,
+        }
+        fields.update(changes)
+        return Member(**fields)  # type: ignore[arg-type]
+
+    def key(self) -> tuple[str, str, str, tuple[str, ...], str, float]:
+        return (self.group, self.identity, self.endpoint_text, self.lan, self.source, self.seen)
+
+    def __repr__(self) -> str:
+        return (
+            f"Member(group={self.group!r}, identity={self.identity!r}, endpoint={self.endpoint_text!r}, "
+            f"lan={self.lan!r}, source={self.source!r}, seen={self.seen!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

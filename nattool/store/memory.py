@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Iterator, Sequence
 
 from nattool.errors import LimitError, NattoolError
@@ -18,22 +17,21 @@ from nattool.store.base import (
     TrackerRecord,
 )
 
-_Key = tuple[str, str]  # (group, identity)
-
-
 class MemberIndex:
     """Groups of members with replacement by identity, TTL expiry and caps.
 
-    Synchronous and free of I/O: the clock comes in as ``now``. Every live member
-    sits in one global OrderedDict ordered by last registration, so expiry pops
-    from the front and costs O(expired), not a scan of everything.
+    Synchronous and free of I/O: the clock comes in as ``now``. Plain dicts keep
+    insertion order, so "move to the newest end" is delete-and-insert. Every live
+    member is also a key of one global dict ordered by last registration (keyed by
+    the Member object itself: no extra key objects), so expiry pops from the front
+    and costs O(expired), not a scan of everything. About 500 bytes per member.
     """
 
     def __init__(self, limits: StoreLimits) -> None:
         self.limits = limits
-        # group -> identity -> Member, oldest first (re-registration moves to end)
-        self._groups: dict[str, OrderedDict[str, Member]] = {}
-        self._by_age: OrderedDict[_Key, float] = OrderedDict()
+        # group -> identity -> Member, oldest first
+        self._groups: dict[str, dict[str, Member]] = {}
+        self._by_age: dict[Member, None] = {}
         # source -> group -> live members of that source in that group
         self._source_groups: dict[str, dict[str, int]] = {}
 
@@ -56,8 +54,9 @@ class MemberIndex:
         if group is not None:
             horizon = now - self.limits.ttl
             skip = offset
+            identity = me.identity
             for member in reversed(group.values()):  # newest first
-                if member.identity == me.identity or member.seen <= horizon:
+                if member.seen <= horizon or member.identity == identity:
                     continue
                 total += 1
                 if skip:
@@ -87,17 +86,19 @@ class MemberIndex:
                 raise LimitError("too many groups from this source")
         evicted: Member | None = None
         if group is None:
-            group = self._groups[member.group] = OrderedDict()
+            group = self._groups[member.group] = {}
         elif old is None and len(group) >= limits.max_members_per_group:
             evicted = next(iter(group.values()))
             self._remove(evicted)
         if old is not None:
+            del group[member.identity]
+            del self._by_age[old]
             self._forget_source(old)
-            group.move_to_end(member.identity)
-            self._by_age.move_to_end((member.group, member.identity))
         group[member.identity] = member
-        self._by_age[(member.group, member.identity)] = member.seen
-        counts = self._source_groups.setdefault(member.source, {})
+        self._by_age[member] = None
+        counts = self._source_groups.get(member.source)
+        if counts is None:
+            counts = self._source_groups[member.source] = {}
         counts[member.group] = counts.get(member.group, 0) + 1
         return evicted
 
@@ -112,10 +113,9 @@ class MemberIndex:
         gone: list[Member] = []
         by_age = self._by_age
         while by_age and len(gone) < budget:
-            key, seen = next(iter(by_age.items()))
-            if seen > horizon:
+            member = next(iter(by_age))
+            if member.seen > horizon:
                 break
-            member = self._groups[key[0]][key[1]]
             self._remove(member)
             gone.append(member)
         return gone
@@ -125,7 +125,7 @@ class MemberIndex:
         del group[member.identity]
         if not group:
             del self._groups[member.group]
-        del self._by_age[(member.group, member.identity)]
+        del self._by_age[member]
         self._forget_source(member)
 
     def _forget_source(self, member: Member) -> None:

@@ -169,7 +169,7 @@ def _num(value: float) -> str:
 
 def _encode(member: Member) -> str:
     return _FIELD_SEP.join(
-        (member.endpoint.to_text(), _LAN_SEP.join(member.lan), member.source, _num(member.seen))
+        (member.endpoint_text, _LAN_SEP.join(member.lan), member.source, _num(member.seen))
     )
 
 

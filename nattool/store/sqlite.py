@@ -32,7 +32,6 @@ caught up with a writer that never pauses), so it is not there.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import sqlite3
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import IO, Iterable, Sequence
 
 from nattool.errors import LimitError, ProtocolError, StoreError
-from nattool.protocol.endpoint import Endpoint, IPAddress
+from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import (
     Member,
     Registration,
@@ -103,32 +102,24 @@ def default_sqlite_path() -> Path:
 
 
 def _row(member: Member) -> tuple[float, str]:
-    # The address as an integer: str() of an ipaddress object costs microseconds,
-    # int() nothing, and this runs once per registration.
-    ep = member.endpoint
+    # The endpoint as the wire text the member already carries: no formatting on
+    # the hot path; it is validated when the log is replayed.
     return (
         member.seen,
-        f"{member.group}{_SEP}{member.identity}{_SEP}{ep.ip.version}{_SEP}{int(ep.ip)}{_SEP}"
-        f"{ep.port}{_SEP}{_LAN_SEP.join(member.lan)}{_SEP}{member.source}",
+        f"{member.group}{_SEP}{member.identity}{_SEP}{member.endpoint_text}{_SEP}"
+        f"{_LAN_SEP.join(member.lan)}{_SEP}{member.source}",
     )
 
 
 def _member(seen: float, rec: str) -> Member:
     fields = rec.split(_SEP)
-    if len(fields) != 7:
+    if len(fields) != 5:
         raise ProtocolError("bad log record")
-    grp, identity, version, ip, port, lan, source = fields
-    address: IPAddress
-    if version == "4":
-        address = ipaddress.IPv4Address(int(ip))
-    elif version == "6":
-        address = ipaddress.IPv6Address(int(ip))
-    else:
-        raise ProtocolError("bad log record")
+    grp, identity, endpoint, lan, source = fields
     return Member(
         group=grp,
         identity=identity,
-        endpoint=Endpoint(address, int(port)),
+        endpoint=Endpoint.from_text(endpoint).to_text(),
         lan=tuple(lan.split(_LAN_SEP)) if lan else (),
         source=source,
         seen=float(seen),

@@ -112,10 +112,12 @@ class Federation:
             if pending.kind == "verify":
                 observed = NatReply.from_wire(data).endpoint
                 self._verified(src, wall_now)
-                if self.public is None or (self.public_is_learned and src in self.joins):
-                    if self.public != Endpoint(observed.ip, observed.port):
-                        self.public = observed
-                        self.events.learned_public = observed
+                # Only a tracker the operator joined may tell us our own endpoint: any
+                # verified stranger could otherwise put a third party's address at the
+                # head of the list every client downloads.
+                if self.public_is_learned and src in self.joins and self.public != observed:
+                    self.public = observed
+                    self.events.learned_public = observed
             else:
                 for text in TrackerList.from_wire(data).trackers:
                     try:

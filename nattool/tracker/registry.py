@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nattool.errors import LimitError
 from nattool.protocol.endpoint import Endpoint, source_key
-from nattool.protocol.text import ErrorReply, MalformedRequest, MemberEntry, MemberList, RegisterRequest
+from nattool.protocol.text import ErrorReply, MalformedRequest, MemberList, RegisterRequest
 from nattool.store.base import GroupView, Member, Registration
 
 # A reply line is at least "1.2.3.4:5\n": never ask a store for more than fits.
@@ -45,16 +45,19 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     the same /64), since only they can use it.
     """
     me = view.me
-    lines = [MemberEntry(me.endpoint, me.lan).to_text()]
+    lines = [f"{me.endpoint_text};{','.join(me.lan)}" if me.lan else me.endpoint_text]
     if len(lines[0]) > budget:
-        lines[0] = me.endpoint.to_text()
+        lines[0] = me.endpoint_text
     used = len(lines[0])
     # Keep room for the "next=N" paging line when the client speaks paging.
     reserve = 12 if paging else 0
     shown = 0
+    source = me.source
     for other in view.others:
-        lan = other.lan if other.lan and other.source == me.source else ()
-        line = MemberEntry(other.endpoint, lan).to_text()
+        if other.lan and other.source == source:
+            line = f"{other.endpoint_text};{','.join(other.lan)}"
+        else:
+            line = other.endpoint_text
         if used + 1 + len(line) + reserve > budget:
             break
         lines.append(line)

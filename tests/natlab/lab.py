@@ -281,12 +281,12 @@ class Lab:
     also runs at interpreter exit.
     """
 
-    def __init__(self, *, prefix: str = PREFIX) -> None:
+    def __init__(self) -> None:
         global _lab_counter
         with _open_lock:
             _lab_counter += 1
             self.id = _lab_counter
-        self._prefix = f"{prefix}-{os.getpid()}-{self.id}"
+        self._prefix = f"{PREFIX}-{os.getpid()}-{self.id}"
         self._nodes: dict[str, Node] = {}
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
@@ -645,6 +645,26 @@ class Lab:
         self._spawns.append(child)
         return child
 
+    def start_service(self, node: NodeRef, argv: Sequence[str], *, ready: str | None = None,
+                      timeout: float = 10.0, env: Mapping[str, str] | None = None,
+                      cwd: str | os.PathLike[str] | None = None) -> Service:
+        """Start a long-running program in ``node`` whose stdout+stderr is collected in the
+        background (so it can never block on a full pipe) into ``Service.lines``.
+
+        With ``ready``, return only once a line contains it; raise LabError with the output
+        if the program exits or ``timeout`` passes first.
+        """
+        proc = self.popen(node, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace",
+                          env=None if env is None else dict(env), cwd=cwd)
+        svc = Service(proc, ready)
+        if ready is not None and not (svc.ready.wait(timeout)
+                                      and any(ready in line for line in svc.lines)):
+            svc.stop()
+            raise LabError(f"{' '.join(argv)}: no line containing {ready!r} within "
+                           f"{timeout}s (exit {proc.poll()}); output:\n" + svc.output())
+        return svc
+
     def add_cleanup(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` on close(), last added first, before processes are killed."""
         self._check_running()
@@ -666,6 +686,45 @@ class Lab:
                 parts.append(subprocess.run(self.argv(node, ["nft", "list", "ruleset"]),
                                             capture_output=True, text=True).stdout.rstrip())
         return "\n".join(parts)
+
+
+class Service:
+    """A program started by :meth:`Lab.start_service`; its output lines in ``lines``."""
+
+    def __init__(self, proc: subprocess.Popen[str], ready: str | None) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._needle = ready
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"natlab-service-{proc.pid}")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                if self._needle is not None and self._needle in line:
+                    self.ready.set()
+        except (ValueError, OSError):  # the lab closed the pipe under us at teardown
+            pass
+        self.ready.set()  # EOF: wake a waiter; it checks what it got
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; the exit status (negative: signal)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(2)
+        return self.proc.returncode
 
 
 def wait_for_line(stream: IO[str], needle: str, timeout: float) -> str:

@@ -195,8 +195,11 @@ def start_turnserver(lab: Lab, host: NodeRef, ips: list[str] | tuple[str, ...],
 
     def drain() -> None:  # a full pipe would block coturn
         assert proc.stdout is not None
-        for line in proc.stdout:
-            server.log.append(line.rstrip("\n"))
+        try:
+            for line in proc.stdout:
+                server.log.append(line.rstrip("\n"))
+        except (ValueError, OSError):  # the lab closed the pipe under us at teardown
+            pass
 
     threading.Thread(target=drain, name="turnserver-log", daemon=True).start()
     for ip in ips:

@@ -1,0 +1,257 @@
+"""`nattool serve` against coturn, measured by `nattool bench` in the same run.
+
+    python benchmarks/run_benchmarks.py            # 10 s runs, median of 3
+    python benchmarks/run_benchmarks.py --quick    # 3 s runs, median of 3
+    python benchmarks/run_benchmarks.py --json out.json
+
+Not run in CI. Starts coturn (`turnserver`, Debian package coturn: STUN only, no
+auth, loopback) and `nattool serve` (default embedded SQLite store in a temporary
+HOME, --rate-limit 0 because the generator is one source), then runs
+`nattool bench` against each, workloads interleaved round by round so that a noisy
+neighbour hurts every server alike, and prints one table with ratios to coturn's
+STUN Binding rate measured in the same run. A last pass measures p99 latency at
+half of each nattool workload's maximum rate (open loop).
+
+Everything stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def env(home: Path) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("NATTOOL_")}
+    e["PYTHONPATH"] = str(REPO)
+    e["HOME"] = str(home)
+    e["XDG_STATE_HOME"] = str(home / "state")
+    e["XDG_CONFIG_HOME"] = str(home / "config")
+    e["NO_COLOR"] = "1"
+    return e
+
+
+def bench_cmd() -> list[str]:
+    """`nattool bench`, or the command function directly until the app registers it."""
+    probe = subprocess.run([sys.executable, "-m", "nattool", "bench", "--help"], capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if probe.returncode == 0:
+        return [sys.executable, "-m", "nattool", "bench"]
+    code = (
+        "import typer; from nattool.cli.bench_cmd import bench; "
+        "app = typer.Typer(); app.command()(bench); app.callback()(lambda: None); "
+        "app(prog_name='nattool')"
+    )
+    return [sys.executable, "-c", code, "bench"]
+
+
+def wait_stun(port: int, timeout: float = 10.0) -> None:
+    """Until a Binding request to the port is answered."""
+    req = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + os.urandom(12)
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() < deadline:
+            s.sendto(req, (HOST, port))
+            try:
+                s.recvfrom(2048)
+                return
+            except (socket.timeout, ConnectionRefusedError):
+                time.sleep(0.1)
+    raise RuntimeError(f"nothing answers STUN on {HOST}:{port}")
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def rss_mib(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+
+def start_coturn(work: Path) -> Optional[Server]:
+    exe = shutil.which("turnserver")
+    if exe is None:
+        return None
+    port = free_port()
+    log = work / "coturn.log"
+    args = [
+        exe, "-n", "--stun-only", "--no-auth", "--no-cli", "--no-tls", "--no-dtls",
+        "--listening-ip", HOST, "--listening-port", str(port), "--simple-log", "--log-file", str(log),
+        "--pidfile", str(work / "coturn.pid"),
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server("coturn", port, proc, log)
+    try:
+        wait_stun(port)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def start_nattool(work: Path, extra: tuple[str, ...] = ()) -> Server:
+    port = free_port()
+    log = work / f"nattool-{port}.log"
+    home = work / "home"
+    home.mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "nattool", "serve", "--host", HOST, "--port", str(port), "--rate-limit", "0", "--log-level", "warning", *extra]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env(home))
+    server = Server("nattool", port, proc, log)
+    try:
+        wait_stun(port)
+    except RuntimeError:
+        server.stop()
+        raise RuntimeError(f"nattool serve did not start: {log.read_text()[-2000:]}") from None
+    return server
+
+
+@dataclass
+class Case:
+    server: str
+    workload: str  # "nat", "stun", "register"
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.runs)
+
+    def median_p99(self) -> float:
+        return statistics.median(r["latency_ms"]["p99"] for r in self.runs)
+
+    def max_gen_cpu(self) -> float:
+        return max(max(r["generator"]["cpu_per_process"]) for r in self.runs)
+
+
+WORKLOAD_ARGS = {
+    "nat": ["--mix", "nat=1"],
+    "stun": ["--stun"],
+    "register": ["--mix", "register=1", "--groups", "1000", "--members", "10000"],
+}
+
+
+def run_bench(cmd: list[str], server: Server, workload: str, duration: float, warmup: float, extra: list[str], work: Path) -> dict[str, Any]:
+    args = [*cmd, f"{HOST}:{server.port}", *WORKLOAD_ARGS[workload], "--duration", str(duration), "--warmup", str(warmup), "--json", *extra]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env(work / "home"), timeout=duration + warmup + 60)
+    if out.returncode not in (0, 1):
+        raise RuntimeError(f"bench failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 s runs (instead of 10 s)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=None)
+    ap.add_argument("--window", type=int, default=64, help="closed-loop window of the generator")
+    ap.add_argument("--sockets", type=int, default=512)
+    ap.add_argument("--processes", type=int, default=1, help="generator processes")
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra flag for nattool serve (repeatable)")
+    ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
+    opts = ap.parse_args()
+    duration = opts.duration or (3.0 if opts.quick else 10.0)
+    warmup = 1.0
+    gen = ["--window", str(opts.window), "--sockets", str(opts.sockets), "--processes", str(opts.processes), "--timeout", "1"]
+    cmd = bench_cmd()
+    cases: dict[tuple[str, str], Case] = {}
+    with tempfile.TemporaryDirectory(prefix="nattool-bench-") as tmp:
+        work = Path(tmp)
+        (work / "home").mkdir()
+        coturn = start_coturn(work)
+        nattool = start_nattool(work, tuple(opts.serve_arg))
+        servers = [s for s in (coturn, nattool) if s is not None]
+        plan = [(nattool, "nat"), (nattool, "stun"), (nattool, "register")]
+        if coturn is not None:
+            plan.insert(0, (coturn, "stun"))
+        try:
+            for rnd in range(opts.rounds):
+                for server, workload in plan:
+                    doc = run_bench(cmd, server, workload, duration, warmup, gen, work)
+                    case = cases.setdefault((server.name, workload), Case(server.name, workload))
+                    case.runs.append(doc)
+                    print(
+                        f"round {rnd + 1}: {server.name:8} {workload:9} {doc['achieved_rate']:>10,.0f}/s  "
+                        f"loss {doc['loss_ratio']:.3%}  invalid {doc['invalid']}  p99 {doc['latency_ms']['p99']:.3f} ms  "
+                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            # Latency at half the maximum rate (open loop), nattool workloads.
+            half: dict[str, dict[str, Any]] = {}
+            for workload in ("nat", "stun", "register"):
+                rate = cases[("nattool", workload)].median("achieved_rate") / 2
+                half[workload] = run_bench(cmd, nattool, workload, duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work)
+            if coturn is not None:
+                rate = cases[("coturn", "stun")].median("achieved_rate") / 2
+                half["coturn-stun"] = run_bench(cmd, coturn, "stun", duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work)
+            rss = {s.name: s.rss_mib() for s in servers}
+        finally:
+            for s in servers:
+                s.stop()
+    ref = cases.get(("coturn", "stun"))
+    ref_rate = ref.median("achieved_rate") if ref else None
+    print()
+    print(f"nattool bench, {opts.rounds} x {duration:g} s runs (median), closed loop window {opts.window}, "
+          f"{opts.processes} generator process(es); {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, kernel {platform.release()}")
+    print()
+    print("| server | workload | replies/s | vs coturn STUN | loss | p99 ms | p99 ms at 50% rate | generator CPU |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (name, workload), case in cases.items():
+        rate = case.median("achieved_rate")
+        ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
+        key = workload if name == "nattool" else "coturn-stun"
+        h = half.get(key)
+        p99_half = f"{h['latency_ms']['p99']:.3f}" if h else "-"
+        print(
+            f"| {name} | {workload} | {rate:,.0f} | {ratio} | {case.median('loss_ratio'):.3%} | "
+            f"{case.median_p99():.3f} | {p99_half} | {case.max_gen_cpu() * 100:.0f}% |"
+        )
+    print()
+    print("server RSS at the end (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"cases": {f"{k[0]}/{k[1]}": c.runs for k, c in cases.items()}, "half_rate": half}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""`nattool bench`: loss, invalid replies, real servers, the CLI.
+
+Fake servers are small blocking responders in a child process (this file run as a
+script), each misbehaving in one deterministic way. Everything stays on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from nattool.diag.bench import BenchConfig, parse_mix, parse_target, run_bench, run_ramp
+from nattool.diag.bench_engine import register_request, stun_request, xor_mapped_value
+from nattool.errors import UsageError
+from nattool.exit_codes import ExitCode
+from nattool.protocol import stun as stun_codec
+from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.text import MemberList, parse_request
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+
+
+# -- a misbehaving responder ---------------------------------------------------------
+
+
+def fake_server(mode: str) -> None:
+    """Answer //nat, Binding requests and seed-form registrations; ``mode`` says how
+    to go wrong: ok, drop10 (every 10th request unanswered), wrong-endpoint,
+    wrong-txid, garbage."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    n = 0
+    deadline = time.monotonic() + 60  # never outlives a test run
+    sock.settimeout(1.0)
+    while time.monotonic() < deadline:
+        try:
+            data, addr = sock.recvfrom(2048)
+        except socket.timeout:
+            continue
+        n += 1
+        if mode == "drop10" and n % 10 == 0:
+            continue
+        host, port = addr[0], addr[1]
+        if mode == "wrong-endpoint":
+            port = port + 1 if port < 65535 else 1
+        ep = Endpoint.from_text(f"{host}:{port}")
+        if mode == "garbage":
+            reply = b"\x00\xffgarbage"
+        elif data == b"//nat":
+            reply = ep.to_text().encode()
+        elif stun_codec.is_stun(data):
+            txid = stun_codec.parse(data).transaction_id
+            if mode == "wrong-txid":
+                txid = bytes(b ^ 0x55 for b in txid)
+            msg = stun_codec.StunMessage(
+                stun_codec.MsgClass.SUCCESS, stun_codec.Method.BINDING, txid, (stun_codec.XorMappedAddress(ep),)
+            )
+            reply = msg.to_wire()
+        else:
+            req = parse_request(data)
+            lan = ",".join(req.lan)  # type: ignore[union-attr]
+            reply = f"{ep.to_text()};{lan}\n198.51.100.7:4000".encode()
+        sock.sendto(reply, addr)
+
+
+@pytest.fixture
+def fake() -> Iterator["callable[[str], Endpoint]"]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(mode: str) -> Endpoint:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE), "fake-server", mode],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=str(REPO),
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        return Endpoint.from_text(f"127.0.0.1:{port}")
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(5)
+
+
+def quick(target: Endpoint, mix: str = "nat=1", **kw: object) -> BenchConfig:
+    opts: dict[str, object] = dict(
+        target=target,
+        mix=parse_mix(mix),
+        sockets=32,
+        window=8,
+        duration=0.5,
+        warmup=0.1,
+        timeout=0.2,
+        members=200,
+        groups=20,
+    )
+    opts.update(kw)
+    return BenchConfig(**opts)  # type: ignore[arg-type]
+
+
+# -- loss and invalid replies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mix", ["nat=1", "stun=1", "register=1"])
+def test_a_server_that_drops_every_tenth_request_shows_ten_percent_loss(fake, mix: str) -> None:
+    report = run_bench(quick(fake("drop10"), mix, sockets=64, window=32, timeout=0.1))
+    r = report.result
+    assert r.sent > 300
+    assert r.invalid == 0
+    assert 0.07 <= report.loss_ratio <= 0.13, report.to_json()
+    assert r.answered + r.lost == r.sent
+
+
+@pytest.mark.parametrize(
+    "mode,mix,reason",
+    [
+        ("wrong-endpoint", "nat=1", "nat: not our endpoint"),
+        ("wrong-endpoint", "stun=1", "stun: wrong mapped address"),
+        ("wrong-endpoint", "register=1", "register: not our own line first"),
+        ("wrong-txid", "stun=1", "stun: wrong transaction id"),
+        ("garbage", "nat=1", "nat: not our endpoint"),
+        ("garbage", "stun=1", "stun: bad reply"),
+        ("garbage", "register=1", "register: not our own line first"),
+    ],
+)
+def test_wrong_replies_are_invalid_not_answered(fake, mode: str, mix: str, reason: str) -> None:
+    report = run_bench(quick(fake(mode), mix))
+    r = report.result
+    assert r.sent > 100
+    assert r.answered == 0
+    assert r.invalid == r.sent - r.lost and r.lost <= 2
+    assert r.invalid_reasons == {reason: r.invalid}
+
+
+def test_a_correct_fake_is_all_answered(fake) -> None:
+    # The control for the two tests above: same fake, no fault, nothing invalid.
+    report = run_bench(quick(fake("ok"), "nat=1,stun=1,register=2"))
+    r = report.result
+    assert r.sent > 300 and r.answered == r.sent and r.invalid == 0 and r.lost == 0
+    assert set(r.by_kind) == {"nat", "stun", "register"}
+
+
+def test_open_loop_holds_the_rate(fake) -> None:
+    report = run_bench(quick(fake("ok"), rate=2000.0, window=None, duration=1.0))
+    assert 1800 <= report.offered_rate <= 2100, report.to_json()
+    assert report.result.answered == report.result.sent
+
+
+def test_several_processes_merge(fake) -> None:
+    report = run_bench(quick(fake("drop10"), processes=2, sockets=64, window=32, timeout=0.1))
+    assert report.result.sent > 300
+    assert len(report.processes_cpu) == 2
+    assert 0.07 <= report.loss_ratio <= 0.13
+    assert report.result.histogram.count == report.result.answered
+
+
+# -- against the real tracker ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mix", ["nat=1", "stun=1", "register=1", "nat=1,register=3,trackers=1"])
+def test_real_tracker_short_run_is_clean(shared_tracker, mix: str) -> None:
+    tp = shared_tracker  # memory store, --rate-limit 0
+    report = run_bench(
+        BenchConfig(
+            target=Endpoint.from_text(tp.endpoint),
+            mix=parse_mix(mix),
+            sockets=64,
+            window=16,
+            duration=1.0,
+            warmup=0.2,
+            timeout=1.0,
+            groups=100,
+            members=1000,
+        )
+    )
+    r = report.result
+    assert r.invalid == 0, dict(r.invalid_reasons)
+    assert r.sent > 1000
+    assert r.lost <= r.sent * 0.001
+    assert r.answered >= r.sent * 0.999
+    s = r.histogram.summary()
+    assert 0 < s.min <= s.p50 <= s.p99 <= s.max
+
+
+# -- request builders agree with the protocol package ---------------------------------------
+
+
+def test_stun_request_is_the_codecs_binding_request() -> None:
+    txid = bytes(range(12))
+    assert stun_request(txid) == stun_codec.binding_request(txid, fingerprint=False)
+
+
+def test_expected_xor_mapped_address_matches_the_codec() -> None:
+    txid = bytes(range(12))
+    for text in ("127.0.0.1:40000", "[::1]:40000"):
+        ep = Endpoint.from_text(text)
+        wire = stun_codec.StunMessage(
+            stun_codec.MsgClass.SUCCESS, stun_codec.Method.BINDING, txid, (stun_codec.XorMappedAddress(ep),)
+        ).to_wire()
+        assert xor_mapped_value(str(ep.ip), ep.port, txid) in wire
+
+
+def test_register_request_is_the_seed_form() -> None:
+    req = parse_request(register_request(7, 10, 1234))
+    assert req.form == "seed" and req.public is None  # type: ignore[union-attr]
+    assert req.lan == ("10.0.4.210",) and req.identity is not None  # type: ignore[union-attr]
+    MemberList.from_wire(b"127.0.0.1:5;10.0.4.210")
+
+
+def test_config_parsing() -> None:
+    assert parse_mix("nat=1,register=3,trackers=0") == (("nat", 1), ("register", 3))
+    with pytest.raises(UsageError):
+        parse_mix("nat=0")
+    with pytest.raises(UsageError):
+        parse_mix("bogus=1")
+    with pytest.raises(UsageError):
+        parse_target("")
+    with pytest.raises(UsageError):
+        parse_target("example.com:43283")  # no name resolution
+    assert parse_target("localhost:5").to_text() == "127.0.0.1:5"
+
+
+# -- ramp ---------------------------------------------------------------------------------
+
+
+def test_ramp_stops_when_loss_passes_the_threshold(fake) -> None:
+    target = fake("drop10")
+    strict = run_ramp(quick(target, window=None), start_rate=2000, factor=2, step_seconds=0.4, max_loss=0.05, budget_seconds=3)
+    assert strict.best is None and "loss" in strict.stopped_because and len(strict.steps) == 1
+    lax = run_ramp(quick(target, window=None), start_rate=1000, factor=2, step_seconds=0.4, max_loss=0.2, budget_seconds=3.5)
+    assert lax.best is not None and len(lax.steps) >= 2
+    rates = [s.config.rate for s in lax.steps]
+    assert rates == sorted(rates)
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+
+def _app() -> typer.Typer:
+    from nattool.cli.bench_cmd import bench
+
+    app = typer.Typer()
+    app.command()(bench)
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    return app
+
+
+def run_cli(*args: str) -> "object":
+    return CliRunner().invoke(_app(), ["bench", *args])
+
+
+JSON_KEYS = {
+    "target", "workload", "mode", "window", "rate", "duration", "warmup", "timeout", "processes",
+    "sockets", "sent", "answered", "lost", "invalid", "send_errors", "skipped", "loss_ratio",
+    "elapsed", "offered_rate", "achieved_rate", "latency_ms", "invalid_reasons", "by_kind", "generator",
+}
+
+
+def test_cli_json_schema_and_exit_ok(fake) -> None:
+    target = fake("ok")
+    res = run_cli(target.to_text(), "--duration", "0.5", "--warmup", "0.1", "--sockets", "16", "--window", "4", "--json")
+    assert res.exit_code == ExitCode.OK, res.output
+    doc = json.loads(res.stdout)
+    assert set(doc) == JSON_KEYS
+    assert set(doc["latency_ms"]) == {"min", "p50", "p90", "p99", "p99.9", "max", "mean", "relative_error"}
+    assert set(doc["generator"]) >= {"cpu_user", "cpu_system", "cpu_per_process", "limited", "limit_reason"}
+    assert doc["answered"] == doc["sent"] > 0 and doc["mode"] == "closed"
+
+
+def test_cli_human_output_without_a_terminal_has_no_live_display(fake) -> None:
+    target = fake("ok")
+    res = run_cli(target.to_text(), "--stun", "--duration", "0.4", "--warmup", "0", "--sockets", "8", "--window", "4")
+    assert res.exit_code == ExitCode.OK, res.output
+    assert "achieved rate" in res.stdout and "p99" in res.stdout
+    assert "\x1b[" not in res.stdout and "starting" not in res.stdout
+
+
+def test_cli_invalid_replies_exit_1(fake) -> None:
+    res = run_cli(fake("garbage").to_text(), "--duration", "0.3", "--warmup", "0", "--sockets", "4", "--window", "2", "--json")
+    assert res.exit_code == ExitCode.FAILURE
+    assert json.loads(res.stdout)["invalid"] > 0
+
+
+def test_cli_loss_over_max_loss_exits_1(fake) -> None:
+    res = run_cli(fake("drop10").to_text(), "--duration", "0.5", "--warmup", "0", "--timeout", "0.2", "--sockets", "8", "--window", "4", "--max-loss", "0.01", "--json")
+    assert res.exit_code == ExitCode.FAILURE, res.output
+
+
+def test_cli_no_server_exits_timeout() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound and silent: requests vanish
+        res = run_cli(f"127.0.0.1:{port}", "--duration", "0.3", "--warmup", "0", "--timeout", "0.1", "--sockets", "4", "--window", "2")
+    assert res.exit_code == ExitCode.TIMEOUT, res.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],  # no target: refuse
+        ["127.0.0.1:1", "--mix", "bogus=1"],
+        ["127.0.0.1:1", "--window", "4", "--rate", "100"],
+        ["127.0.0.1:1", "--duration", "0"],
+        ["127.0.0.1:1", "--duration", "100000"],
+        ["127.0.0.1:1", "--window", "100", "--sockets", "10"],
+        ["not-an-endpoint"],
+    ],
+)
+def test_cli_usage_errors_exit_2(args: list[str]) -> None:
+    res = run_cli(*args)
+    assert res.exit_code == ExitCode.USAGE, res.output
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "fake-server":
+    fake_server(sys.argv[2])
