@@ -19,6 +19,9 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
+# The NAT lab's fixtures (network namespaces + nftables), for every test module.
+pytest_plugins = ["tests.natlab.fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 BANNER_PREFIX = "tracker listening on udp"
 START_TIMEOUT = 10.0

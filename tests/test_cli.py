@@ -278,7 +278,7 @@ def test_unreachable_tracker_exits_3_within_the_timeout(nattool_home: Path) -> N
             assert hole.endpoint in out + err
             assert hole.first is not None and hole.count >= 2, "no retransmission"
             waited = ended - hole.first
-            if waited > timeout + 0.4:
+            if waited > timeout + 0.8:  # process exit included; a loaded 2-core machine needs the slack
                 slow.append(f"{name} waited {waited:.2f}s with --timeout {timeout:g} ({hole.count} datagrams)")
         assert not slow, slow
     finally:

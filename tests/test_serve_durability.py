@@ -153,7 +153,7 @@ def run_load(
 # -- reading a group back, through the paging extension ----------------------------------
 
 
-def group_members(tp: TrackerProcess, group: str, probe_ip: str) -> set[str]:
+def group_members(tp: TrackerProcess, group: str, probe_ip: str, pages: list[int] | None = None) -> set[str]:
     """Register a probe member in ``group`` (its own identity: the probe endpoint) and
     page through the list with ``offset=`` until no ``next=`` line comes back.
     Padding the request makes room for a 1200-byte reply (the 3x amplification rule)."""
@@ -164,6 +164,8 @@ def group_members(tp: TrackerProcess, group: str, probe_ip: str) -> set[str]:
             req = f"{REG}{group}/0/0/0\noffset={offset}\n".encode()
             req += b" " * (420 - len(req))
             reply = ask_on(s, req, tp, timeout=2.0)
+            if pages is not None:
+                pages.append(offset)
             rows = lines(reply)
             assert rows[0] == "%s:%d" % s.getsockname()[:2], rows
             nxt = None
@@ -179,13 +181,13 @@ def group_members(tp: TrackerProcess, group: str, probe_ip: str) -> set[str]:
     raise AssertionError(f"paging through {group} did not end")
 
 
-def served(tp: TrackerProcess, idents: list[Ident]) -> tuple[set[int], set[str]]:
+def served(tp: TrackerProcess, idents: list[Ident], pages: list[int] | None = None) -> tuple[set[int], set[str]]:
     """Which of ``idents`` the server lists, and every endpoint it lists (probes excluded)."""
     groups = sorted({ident.group for ident in idents})
     listed: dict[str, set[str]] = {}
     for n, group in enumerate(groups):
         # 50 groups per probe IP: under the groups-per-source cap (64).
-        listed[group] = group_members(tp, group, f"127.0.5.{n // 50 + 1}")
+        listed[group] = group_members(tp, group, f"127.0.5.{n // 50 + 1}", pages)
     found = {ident.i for ident in idents if ident.endpoint in listed[ident.group]}
     everything = set().union(*listed.values()) if listed else set()
     return found, {e for e in everything if not e.startswith("127.0.5.")}
@@ -229,7 +231,10 @@ def test_kill_9_mid_load_loses_no_acknowledged_registration(
     sqlite_trackers: list[TrackerProcess], tmp_path: Path, nattool_home: Path
 ) -> None:
     db = tmp_path / "state" / "tracker.db"
-    idents = identities(6000, groups=300, sources=60, prefix="dur")
+    # 240 members a group (about 120 acknowledged at the kill): more than one
+    # 1200-byte reply holds, so reading them
+    # back needs the paging extension.
+    idents = identities(6000, groups=25, sources=60, prefix="dur")
     tp = start_sqlite(sqlite_trackers, db, tmp_path, nattool_home, "--ttl", "600")
     load = run_load(tp, idents, window=8, kill_after_acked=3000)
     assert load.killed_at_acked is not None, f"the load finished before the kill: {len(load.acked)} acked"
@@ -240,7 +245,9 @@ def test_kill_9_mid_load_loses_no_acknowledged_registration(
     assert 3000 <= acked < len(idents), (sent, acked)
 
     again = start_sqlite(sqlite_trackers, db, tmp_path, nattool_home, "--ttl", "600", port=tp.port)
-    found, listed = served(again, idents)
+    pages: list[int] = []
+    found, listed = served(again, idents, pages)
+    assert len(pages) >= 2 * 25 and max(pages) > 0, "the lists were not long enough to need paging"
     lost = load.acked - found
     print(
         f"\ndurability: sent={sent} acknowledged={acked} found={len(found & load.acked)} "

@@ -7,6 +7,7 @@ output is not a terminal.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -18,8 +19,10 @@ from nattool.exit_codes import ExitCode
 
 T = TypeVar("T")
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# NO_COLOR (https://no-color.org): no escape codes at all, bold included.
+_plain = {"color_system": None} if os.environ.get("NO_COLOR") else {}
+stdout = Console(highlight=False, soft_wrap=True, **_plain)  # type: ignore[arg-type]
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, **_plain)  # type: ignore[arg-type]
 
 _verbosity = {"level": 0}
 
