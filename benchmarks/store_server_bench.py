@@ -121,7 +121,9 @@ class Load:
             s.close()
         self.sel.close()
 
-    def run(self, dest: tuple[str, int], passes: int, window: int, deadline_s: float = 60.0) -> tuple[int, int, int, float]:
+    def run(
+        self, dest: tuple[str, int], passes: int, window: int, deadline_s: float = 60.0
+    ) -> tuple[int, int, int, float]:
         """Send every request ``passes`` times; returns (sent, replies, errors, seconds)."""
         socks, requests = self.socks, self.requests
         cursor = [0] * len(socks)
@@ -220,9 +222,15 @@ def main() -> int:
                     cpu0 = server.cpu_seconds()
                     sent, got, errs, secs = load.run(server.addr, args.passes, args.window)
                     cpu = server.cpu_seconds() - cpu0
-                    row = {"rate": got / secs, "lost": sent - got, "errors": errs, "cpu_per_1k": 1000 * cpu / max(got, 1)}
+                    row = {
+                        "rate": got / secs, "lost": sent - got, "errors": errs,
+                        "cpu_per_1k": 1000 * cpu / max(got, 1),
+                    }  # fmt: skip
                     results[server.name].append(row)
-                    print(f"{r + 1:>5} {server.name:>7} {row['rate']:>9,.0f} {row['lost']:>6} {errs:>5} {row['cpu_per_1k']:>12.3f}")
+                    print(
+                        f"{r + 1:>5} {server.name:>7} {row['rate']:>9,.0f} {row['lost']:>6} {errs:>5} "
+                        f"{row['cpu_per_1k']:>12.3f}"
+                    )
         finally:
             load.close()
             for server in servers:

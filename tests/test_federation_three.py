@@ -10,7 +10,7 @@ import socket
 import time
 import urllib.request
 
-from conftest import TrackerProcess, free_udp_port, udp_ask, udp_socket
+from conftest import TrackerFactory, TrackerProcess, free_udp_port, udp_ask, udp_socket
 
 TRACKER_TTL = 3.0
 ANNOUNCE = 0.5
@@ -30,7 +30,7 @@ def peers_metric(port: int) -> float:
     return float(m.group(1))
 
 
-def test_three_trackers_find_each_other_and_forget_the_dead_one(tracker) -> None:  # type: ignore[no-untyped-def]
+def test_three_trackers_find_each_other_and_forget_the_dead_one(tracker: TrackerFactory) -> None:
     ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     ports = [free_udp_port(ip) for ip in ips]
     eps = [f"{ip}:{port}" for ip, port in zip(ips, ports)]

@@ -8,12 +8,23 @@ from __future__ import annotations
 import struct
 import time
 import urllib.error
+from pathlib import Path
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TrackerProcess, ask_on, free_udp_port, lines, recv_from, udp_ask, udp_socket
+from conftest import (
+    TrackerFactory,
+    TrackerProcess,
+    ask_on,
+    free_udp_port,
+    lines,
+    recv_from,
+    run_nattool,
+    udp_ask,
+    udp_socket,
+)
 
 REG = "//51pwn/P2P&E2E/"
 STUN_BINDING = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, b"metrics-test")
@@ -50,7 +61,7 @@ def wait_for(port: int, name: str, want: float, **labels: str) -> Samples:
         time.sleep(0.1)
 
 
-def test_metrics_move_with_traffic(tracker) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_move_with_traffic(tracker: TrackerFactory) -> None:
     mport = free_udp_port()
     tp: TrackerProcess = tracker("--metrics", str(mport), "--burst", "5", rate_limit="5")
     before = scrape(mport)
@@ -99,7 +110,7 @@ def test_metrics_move_with_traffic(tracker) -> None:  # type: ignore[no-untyped-
     assert value(after, "nattool_federation_peers") == 0
 
 
-def test_metrics_listen_on_loopback_only_when_given_a_port(tracker) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_listen_on_loopback_only_when_given_a_port(tracker: TrackerFactory) -> None:
     mport = free_udp_port()
     tp: TrackerProcess = tracker("--metrics", str(mport))
     scrape(mport, "127.0.0.1")
@@ -109,10 +120,11 @@ def test_metrics_listen_on_loopback_only_when_given_a_port(tracker) -> None:  # 
         scrape(mport, "127.0.0.2")
 
 
-def test_metrics_are_off_by_default_and_a_bad_address_is_a_usage_error(tracker, nattool_home) -> None:  # type: ignore[no-untyped-def]
-    from conftest import run_nattool
-
-    res = run_nattool("serve", "--host", "127.0.0.1", "--port", "0", "--store", "memory", "--metrics", "localhost:x", home=nattool_home)
+def test_metrics_are_off_by_default_and_a_bad_address_is_a_usage_error(
+    tracker: TrackerFactory, nattool_home: Path
+) -> None:
+    args = ("serve", "--host", "127.0.0.1", "--port", "0", "--store", "memory", "--metrics", "localhost:x")
+    res = run_nattool(*args, home=nattool_home)
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert res.stderr.strip().count("\n") == 0 and "--metrics" in res.stderr, res.stderr
     tp: TrackerProcess = tracker()

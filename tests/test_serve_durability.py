@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import TrackerProcess, ask_on, lines, start_tracker, udp_ask, udp_socket
+from conftest import TrackerFactory, TrackerProcess, ask_on, lines, start_tracker, udp_ask, udp_socket
 
 REG = "//51pwn/P2P&E2E/"
 PORT_BASE = 20000
@@ -211,8 +211,12 @@ def sqlite_trackers(tmp_path: Path, nattool_home: Path) -> Iterator[list[Tracker
             tp.proc.wait(5)
 
 
-def start_sqlite(started: list[TrackerProcess], db: Path, tmp_path: Path, home: Path, *extra: str, port: int | None = None) -> TrackerProcess:
-    tp = start_tracker(*extra, workdir=tmp_path / "trackers", home=home, store=f"sqlite:{db}", rate_limit="0", port=port)
+def start_sqlite(
+    started: list[TrackerProcess], db: Path, tmp_path: Path, home: Path, *extra: str, port: int | None = None
+) -> TrackerProcess:
+    tp = start_tracker(
+        *extra, workdir=tmp_path / "trackers", home=home, store=f"sqlite:{db}", rate_limit="0", port=port
+    )
     started.append(tp)
     assert f"store sqlite:{db}" in tp.banner, tp.banner
     return tp
@@ -284,13 +288,16 @@ def test_members_whose_ttl_passed_during_the_downtime_are_not_served(
     assert time.time() < t_young + ttl - 0.3, "the restart took too long for this test to mean anything"
     found_old = found & {ident.i for ident in old}
     found_young = found & {ident.i for ident in young}
-    print(f"\nttl during downtime: old {len(old)} -> served {len(found_old)}, young {len(young)} -> served {len(found_young)}")
+    print(
+        f"\nttl during downtime: old {len(old)} -> served {len(found_old)}, "
+        f"young {len(young)} -> served {len(found_young)}"
+    )
     assert not found_old, f"{len(found_old)} expired members served after the restart"
     assert found_young == {ident.i for ident in young}
 
 
 def test_verified_trackers_survive_kill_9_until_they_expire(
-    sqlite_trackers: list[TrackerProcess], tracker, tmp_path: Path, nattool_home: Path  # type: ignore[no-untyped-def]
+    sqlite_trackers: list[TrackerProcess], tracker: TrackerFactory, tmp_path: Path, nattool_home: Path
 ) -> None:
     peer: TrackerProcess = tracker(host="127.0.0.3")
     db = tmp_path / "state" / "tracker.db"

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import TrackerProcess, ask_on, free_udp_port, lines, recv_from, udp_socket
+from conftest import TrackerFactory, TrackerProcess, ask_on, free_udp_port, lines, recv_from, udp_socket
 
 try:
     from redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
@@ -43,7 +43,7 @@ def metric(port: int, name: str) -> float:
     return float(m.group(1))
 
 
-def test_two_servers_on_one_redis_are_one_tracker(tracker, redisd: RedisServer) -> None:  # type: ignore[no-untyped-def]
+def test_two_servers_on_one_redis_are_one_tracker(tracker: TrackerFactory, redisd: RedisServer) -> None:
     a: TrackerProcess = tracker(store=redisd.url)
     b: TrackerProcess = tracker(store=redisd.url)
     assert a.port != b.port and "store redis://127.0.0.1" in a.banner
@@ -61,7 +61,7 @@ def test_two_servers_on_one_redis_are_one_tracker(tracker, redisd: RedisServer) 
         assert lines(ask_on(alice, f"{REG}{group}/0/0/aa:00:00:00:00:01".encode(), b)) == [me_a, me_c, me_b]
 
 
-def test_redis_outage_gives_short_errors_and_recovers(tracker, redisd: RedisServer) -> None:  # type: ignore[no-untyped-def]
+def test_redis_outage_gives_short_errors_and_recovers(tracker: TrackerFactory, redisd: RedisServer) -> None:
     mport = free_udp_port()
     a: TrackerProcess = tracker("--metrics", str(mport), store=redisd.url)
     b: TrackerProcess = tracker(store=redisd.url)
@@ -129,7 +129,7 @@ def test_redis_outage_gives_short_errors_and_recovers(tracker, redisd: RedisServ
         assert tp.alive()
 
 
-def test_store_failures_are_counted_logged_and_not_leaked(tracker, redisd: RedisServer) -> None:  # type: ignore[no-untyped-def]
+def test_store_failures_are_counted_logged_and_not_leaked(tracker: TrackerFactory, redisd: RedisServer) -> None:
     """Each failed registration batch counts in nattool_store_errors_total and is
     logged (issue 3: "logs and counts each failure"), and the client's ERR does not
     carry the store's own error text (it may name internal hosts and ports)."""

@@ -7,7 +7,8 @@ is written without port or brackets.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from typing import Union
 
 from nattool.errors import ProtocolError
@@ -52,6 +53,9 @@ class Endpoint:
 
     ip: IPAddress
     port: int
+    # The wire text, when the constructor already had it: str() of an ipaddress
+    # object costs microseconds, and the tracker writes endpoints in every reply.
+    _text: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -78,14 +82,37 @@ class Endpoint:
 
     @classmethod
     def from_sockaddr(cls, addr: tuple) -> "Endpoint":  # type: ignore[type-arg]
-        """From a socket address tuple; IPv4-mapped IPv6 becomes plain IPv4."""
+        """From a socket address tuple; IPv4-mapped IPv6 becomes plain IPv4.
+
+        The kernel's own text is canonical, so it is parsed with inet_pton (C) rather
+        than the ipaddress module's string parser, and kept as the wire text.
+        """
         host = str(addr[0]).split("%", 1)[0]
-        return cls(unmap(ipaddress.ip_address(host)), int(addr[1]))
+        port = int(addr[1])
+        try:
+            if ":" not in host:
+                ip: IPAddress = ipaddress.IPv4Address(int.from_bytes(socket.inet_aton(host), "big"))
+                return cls(ip, port, f"{host}:{port}")
+            ip = ipaddress.IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big"))
+        except OSError:
+            raise ValueError(f"bad socket address {host!r}") from None
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+            return cls(ip, port, f"{ip}:{port}")
+        return cls(ip, port)
 
     def to_text(self) -> str:
+        if self._text:
+            return self._text
         if self.ip.version == 6:
             return f"[{self.ip}]:{self.port}"
         return f"{self.ip}:{self.port}"
+
+    def host_text(self) -> str:
+        """The address alone, as text (no brackets)."""
+        if self._text and self.ip.version == 4:
+            return self._text.rsplit(":", 1)[0]
+        return str(self.ip)
 
     def sockaddr(self) -> tuple[str, int]:
         return (str(self.ip), self.port)
@@ -96,6 +123,13 @@ class Endpoint:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def endpoint_source_key(ep: Endpoint) -> str:
+    """:func:`source_key` of an endpoint's address, without re-formatting IPv4."""
+    if ep.ip.version == 4:
+        return ep.host_text()
+    return source_key(ep.ip)
 
 
 def source_key(ip: IPAddress) -> str:

@@ -48,21 +48,32 @@ class MemberIndex:
             yield from group.values()
 
     def view(self, me: Member, offset: int, limit: int, now: float) -> GroupView:
+        """The requester and a page of the others, newest first.
+
+        Stops at the page's end instead of walking the whole group; the count of
+        others is then the group's size, which may include a few members that
+        expired since the last sweep (they are never listed, only counted).
+        """
         group = self._groups.get(me.group)
+        if group is None:
+            return GroupView(me=me, others=(), total_others=0)
         others: list[Member] = []
-        total = 0
-        if group is not None:
-            horizon = now - self.limits.ttl
-            skip = offset
-            identity = me.identity
-            for member in reversed(group.values()):  # newest first
-                if member.seen <= horizon or member.identity == identity:
-                    continue
-                total += 1
-                if skip:
-                    skip -= 1
-                elif len(others) < limit:
-                    others.append(member)
+        horizon = now - self.limits.ttl
+        skip = offset
+        identity = me.identity
+        for member in reversed(group.values()):  # newest first
+            if member.seen <= horizon or member.identity == identity:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            if len(others) >= limit:
+                break
+            others.append(member)
+        total = len(group) - (1 if identity in group else 0)
+        if len(others) < limit:
+            # The walk reached the end: the exact count is known.
+            total = offset - skip + len(others)
         return GroupView(me=me, others=tuple(others), total_others=total)
 
     # -- updates -----------------------------------------------------------------

@@ -76,7 +76,7 @@ class TrackerCore:
         if isinstance(request, RegisterRequest):
             try:
                 member = member_from_request(request, src, wall_now)
-                registration = registration_for(request, member)
+                registration = registration_for(request, member, budget)
             except MalformedRequest as exc:
                 counters["malformed"] += 1
                 return ErrorReply(str(exc)).to_wire()[:budget]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nattool.errors import LimitError
-from nattool.protocol.endpoint import Endpoint, source_key
+from nattool.protocol.endpoint import Endpoint, endpoint_source_key
 from nattool.protocol.text import ErrorReply, MalformedRequest, MemberList, RegisterRequest
 from nattool.store.base import GroupView, Member, Registration
 
@@ -28,13 +28,15 @@ def member_from_request(req: RegisterRequest, observed: Endpoint, now: float) ->
         identity=identity,
         endpoint=endpoint,
         lan=req.lan,
-        source=source_key(observed.ip),
+        source=endpoint_source_key(observed),
         seen=now,
     )
 
 
-def registration_for(req: RegisterRequest, member: Member) -> Registration:
-    return Registration(member=member, offset=req.offset, limit=MAX_PAGE)
+def registration_for(req: RegisterRequest, member: Member, budget: int = 1200) -> Registration:
+    # Ask the store for no more members than could fit: a reply line is at least
+    # "1.2.3.4:5" plus its newline.
+    return Registration(member=member, offset=req.offset, limit=min(MAX_PAGE, budget // 10))
 
 
 def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int = 0) -> bytes:
