@@ -229,11 +229,6 @@ def test_quiet_and_verbose_are_accepted(nattool_home: Path) -> None:
         assert result.stdout == plain.stdout, key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="-q does not change whoami's output yet (it still prints the table and the "
-    "'Public endpoint: ... (one tracker answered ...)' note); --help promises 'Print only the answer'",
-)
 def test_quiet_prints_only_the_answer(shared_tracker: TrackerProcess, nattool_home: Path) -> None:
     loud = run_nattool("whoami", "-t", shared_tracker.endpoint, home=nattool_home)
     quiet = run_nattool("-q", "whoami", "-t", shared_tracker.endpoint, home=nattool_home)

@@ -6,12 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from nattool.cli.complete import complete_trackers
+
 TrackerOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--tracker",
         "-t",
         metavar="TRACKER",
+        autocompletion=complete_trackers,
         help="Tracker HOST[:PORT] or [IPv6]:PORT (repeatable). Default: NATTOOL_TRACKERS, then the config file.",
         show_default=False,
     ),

@@ -22,7 +22,7 @@ def probe(
     servers: Annotated[
         Optional[list[str]],
         typer.Argument(
-            metavar="[SERVER]...",
+            metavar="SERVER",
             help="Trackers HOST[:PORT] (STUN on the tracker port, or //nat for old trackers) "
             "or STUN servers stun:HOST[:PORT] (port 3478). Default: the configured trackers.",
             show_default=False,
@@ -34,9 +34,9 @@ def probe(
     ipv6: Annotated[bool, typer.Option("-6", help="IPv6 only.")] = False,
     hairpin: Annotated[bool, typer.Option("--hairpin", help="Also test hairpinning (reaching my own public endpoint).")] = False,
     lifetime: Annotated[bool, typer.Option("--lifetime", help="Also measure the mapping lifetime (needs a server with RESPONSE-PORT; takes up to --lifetime-max).")] = False,
-    lifetime_max: Annotated[float, typer.Option("--lifetime-max", help="Longest idle time tried by --lifetime, seconds (1..600).")] = 120.0,
-    repeat: Annotated[int, typer.Option("--repeat", help="Run the whole probe N times and report whether the verdicts agree.")] = 1,
-    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for each answer, retransmissions included (0.2..10).")] = GIVE_UP,
+    lifetime_max: Annotated[float, typer.Option("--lifetime-max", metavar="SECONDS", help="Longest idle time tried by --lifetime, seconds (1..600).")] = 120.0,
+    repeat: Annotated[int, typer.Option("--repeat", metavar="N", help="Run the whole probe N times and report whether the verdicts agree.")] = 1,
+    wait: Annotated[float, typer.Option("--wait", metavar="SECONDS", help="Seconds to wait for each answer, retransmissions included (0.2..10).")] = GIVE_UP,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
-from nattool.cli.output import emit_json, fail, ms, run_edge, stdout
+from nattool.cli.output import emit_json, fail, ms, run_edge, stdout, verbosity
 from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool
@@ -77,6 +77,11 @@ def render(answers: list[TrackerAnswer], json_out: bool) -> int:
                 ],
             }
         )
+        return code
+    if verbosity() < 0:
+        # --quiet: the answer alone (the endpoint, or nothing and exit 3).
+        if first is not None:
+            stdout.print(first if agree is not False else "\n".join(seen), markup=False)
         return code
     table = Table(box=None, pad_edge=False)
     table.add_column("tracker")
