@@ -157,7 +157,10 @@ def test_a_correct_fake_is_all_answered(fake) -> None:
 
 def test_open_loop_holds_the_rate(fake) -> None:
     report = run_bench(quick(fake("ok"), rate=2000.0, window=None, duration=1.0))
-    assert 1800 <= report.offered_rate <= 2100, report.to_json()
+    # A starved generator (a loaded machine) must say so rather than quietly offer less.
+    assert 1800 <= report.offered_rate <= 2100 or (
+        report.offered_rate < 1800 and (report.generator_limited or report.result.skipped)
+    ), report.to_json()
     assert report.result.answered == report.result.sent
 
 

@@ -66,7 +66,7 @@ def test_metrics_move_with_traffic(tracker: TrackerFactory) -> None:
     tp: TrackerProcess = tracker("--metrics", str(mport), "--burst", "5", rate_limit="5")
     before = scrape(mport)
     for kind in ("nat", "register", "trackers", "announce", "stun"):
-        assert value(before, "nattool_requests_total", kind=kind) == 0
+        assert value(before, "nattool_requests_total", kind=kind, result="ok") == 0
     for reason in ("rate_limit", "amplification_cut", "malformed"):
         assert value(before, "nattool_drops_total", reason=reason) == 0
     assert value(before, "nattool_groups") == 0 and value(before, "nattool_members") == 0
@@ -97,12 +97,12 @@ def test_metrics_move_with_traffic(tracker: TrackerFactory) -> None:
     after = wait_for(mport, "nattool_members", 13)
     dropped = value(after, "nattool_drops_total", reason="rate_limit")
     assert dropped == 300 - answered and dropped >= 250, (dropped, answered)
-    assert value(after, "nattool_requests_total", kind="nat") == answered
+    assert value(after, "nattool_requests_total", kind="nat", result="ok") == answered
     assert value(after, "nattool_drops_total", reason="malformed") == 3
     assert value(after, "nattool_drops_total", reason="amplification_cut") >= 1
-    assert value(after, "nattool_requests_total", kind="register") == 13
-    assert value(after, "nattool_requests_total", kind="trackers") == 1
-    assert value(after, "nattool_requests_total", kind="stun") == 1
+    assert value(after, "nattool_requests_total", kind="register", result="ok") == 13
+    assert value(after, "nattool_requests_total", kind="trackers", result="ok") == 1
+    assert value(after, "nattool_requests_total", kind="stun", result="ok") == 1
     assert value(after, "nattool_groups") == 1
     assert value(after, "nattool_store_batches_total") >= 1
     assert value(after, "nattool_store_seconds_total") > 0

@@ -14,14 +14,11 @@ from nattool.errors import NetworkError, UsageError
 if TYPE_CHECKING:
     from nattool.net.server import TrackerServer
 
-REQUEST_KINDS = ("nat", "register", "trackers", "announce", "stun", "federation_reply")
 DROP_REASONS = {
     "malformed": "malformed",
     "drop_unknown": "unknown",
     "cut_amplification": "amplification_cut",
     "drop_overload": "overload",
-    "stun_drop": "stun_invalid",
-    "register_refused": "refused",
 }
 
 
@@ -58,9 +55,19 @@ class _Collector:
 
         server = self.server
         counters = dict(server.core.counters)
-        requests = CounterMetricFamily("nattool_requests", "Requests answered or handled, by kind.", labels=["kind"])
-        for kind in REQUEST_KINDS:
-            requests.add_metric([kind], counters.get(kind, 0))
+        requests = CounterMetricFamily(
+            "nattool_requests", "Requests handled, by kind and result.", labels=["kind", "result"]
+        )
+        register = counters.get("register", 0)
+        refused = counters.get("register_refused", 0)
+        store_failed = counters.get("register_store_error", 0)
+        requests.add_metric(["register", "ok"], register - refused)
+        requests.add_metric(["register", "refused"], max(0, refused - store_failed))
+        requests.add_metric(["register", "store_error"], store_failed)
+        requests.add_metric(["stun", "ok"], counters.get("stun", 0))
+        requests.add_metric(["stun", "invalid"], counters.get("stun_drop", 0))
+        for kind in ("nat", "trackers", "announce", "federation_reply"):
+            requests.add_metric([kind, "ok"], counters.get(kind, 0))
         yield requests
         drops = CounterMetricFamily("nattool_drops", "Datagrams dropped or cut, by reason.", labels=["reason"])
         drops.add_metric(["rate_limit"], server.limiter.dropped)

@@ -34,6 +34,7 @@ MAX_QUEUED_REGISTRATIONS = 20_000  # beyond this, drop: never an unbounded queue
 DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the store get a turn)
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
+_STORE_UNAVAILABLE = StoreError("store unavailable")
 
 
 @dataclass(slots=True)
@@ -129,6 +130,8 @@ class TrackerServer:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._store_error_logged_at = -1e9
+        self._store_errors_unlogged = 0
         self.last_stats: StoreStats | None = None  # refreshed by housekeeping, read by metrics
         self._metrics_httpd: Any = None
 
@@ -338,9 +341,13 @@ class TrackerServer:
             try:
                 results = await self.store.register([p.registration for p, _, _ in batch], time.time())
             except NattoolError as exc:
-                log.warning("event=store_error kind=%s error=%r", self.store.kind, str(exc))
-                self.core.counters["store_error"] += 1
-                results = [StoreError("store unavailable")] * len(batch)
+                results = [StoreError(str(exc))] * len(batch)
+            failed = [r for r in results if isinstance(r, StoreError)]
+            if failed:
+                # A store reports an outage per entry (redis) or raises: count and log
+                # both alike, and never send the store's own text (hosts, ports) to clients.
+                self._store_failed(len(failed), failed[0])
+                results = [_STORE_UNAVAILABLE if isinstance(r, StoreError) else r for r in results]
             self.core.counters["store_batches"] += 1
             self.core.counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
             core = self.core
@@ -352,6 +359,21 @@ class TrackerServer:
                 self._flush_scheduled = True
                 assert self._loop is not None
                 self._loop.call_soon(self._start_flush)
+
+    def _store_failed(self, refused: int, error: StoreError) -> None:
+        counters = self.core.counters
+        counters["store_error"] += 1
+        counters["register_store_error"] += refused
+        self._store_errors_unlogged += 1
+        now = time.monotonic()
+        # At most one line a second: an outage under load fails thousands of batches.
+        if now - self._store_error_logged_at >= 1.0:
+            log.warning(
+                "event=store_error kind=%s refused=%d failed_batches=%d error=%r",
+                self.store.kind, refused, self._store_errors_unlogged, str(error),
+            )
+            self._store_error_logged_at = now
+            self._store_errors_unlogged = 0
 
     # -- timers ----------------------------------------------------------------------
     async def _housekeeping(self) -> None:
