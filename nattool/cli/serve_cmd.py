@@ -108,15 +108,27 @@ def _serve(flags: dict[str, Any], config_path: str | None) -> int:
     level = str(opts["log_level"]).lower()
     if level not in LOG_LEVELS:
         raise UsageError(f"bad --log-level {level!r}: use one of {', '.join(LOG_LEVELS)}")
-    _setup_logging(level)
+    setup_logging(level)
     config = build_server_config(opts)
     workers = int(opts["workers"] or 1)
-    if workers != 1:
-        raise UsageError("--workers N > 1 is not available yet")
-    state = open_store(config.store, config.limits)
 
     def ready(line: str) -> None:
         print(line, flush=True)
+
+    if workers > 1:
+        from nattool.net.workers import run_workers
+
+        # Open (create, migrate, check) the store once here, so that the workers never
+        # race to create it and a bad store fails once, with one message.
+        probe_store = open_store(config.store, config.limits, shared=True)
+
+        async def check() -> None:
+            await probe_store.open()
+            await probe_store.close()
+
+        run_loop(check())
+        return run_workers(config, not opts["no_stun"], workers, level, ready)
+    state = open_store(config.store, config.limits)
 
     counters = run_loop(serve_forever(config, state, stun=not opts["no_stun"], on_ready=ready))
     logging.getLogger("nattool.serve").info(
@@ -126,14 +138,18 @@ def _serve(flags: dict[str, Any], config_path: str | None) -> int:
 
 
 class _KeyValueFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = "" if worker is None else f" worker={worker}"
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        return f"ts={stamp} level={record.levelname.lower()} {record.getMessage()}"
+        return f"ts={stamp} level={record.levelname.lower()}{self.worker} {record.getMessage()}"
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str, worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_KeyValueFormatter())
+    handler.setFormatter(_KeyValueFormatter(worker))
     root = logging.getLogger("nattool")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

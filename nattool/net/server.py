@@ -377,7 +377,7 @@ class TrackerServer:
 
     # -- timers ----------------------------------------------------------------------
     async def _housekeeping(self) -> None:
-        last_sweep = time.monotonic()
+        last_sweep = last_shared_read = time.monotonic()
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             now, wall = time.monotonic(), time.time()
@@ -393,6 +393,14 @@ class TrackerServer:
                 last_sweep = now
             self._federation_tick(now, wall)
             await self._persist_federation()
+            if self.store.shared and now - last_shared_read > 2.0:
+                # Other processes (workers, other trackers on one Redis) verify
+                # trackers too: list theirs.
+                last_shared_read = now
+                try:
+                    self.federation.restore(await self.store.load_trackers(wall))
+                except NattoolError:
+                    self.core.counters["store_error"] += 1
             try:
                 self.last_stats = await self.store.stats()
             except NattoolError:

@@ -147,6 +147,9 @@ class Store(abc.ABC):
 
     #: short name for banners and metrics ("memory", "sqlite", "redis")
     kind: str = "abstract"
+    #: other processes write to the same state (redis; sqlite under serve --workers):
+    #: the server then re-reads the tracker list from the store periodically
+    shared: bool = False
 
     def __init__(self, limits: StoreLimits) -> None:
         self.limits = limits

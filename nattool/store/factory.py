@@ -27,12 +27,19 @@ def _bad(spec: str, why: str) -> UsageError:
     return UsageError(f"bad --store {spec!r}: {why}; use one of: {forms}")
 
 
-def open_store(spec: str, limits: StoreLimits) -> Store:
-    """Build the store named by ``spec``. Raises UsageError on a bad spec."""
+def open_store(spec: str, limits: StoreLimits, *, shared: bool = False) -> Store:
+    """Build the store named by ``spec``. Raises UsageError on a bad spec.
+
+    ``shared``: the store is used by several worker processes at once (serve
+    --workers); the memory store cannot be.
+    """
     text = spec.strip()
     if not text:
         raise _bad(spec, "empty")
     if text == "memory":
+        if shared:
+            raise UsageError("--workers needs a store the workers can share: sqlite:PATH or redis://...; "
+                             "the memory store lives in one process")
         from nattool.store.memory import MemoryStore
 
         return MemoryStore(limits)
@@ -43,7 +50,7 @@ def open_store(spec: str, limits: StoreLimits) -> Store:
         # Accept the URL-ish spelling sqlite:///abs/path too.
         if path.startswith("//"):
             path = path[2:]
-        return SqliteStore(limits, path or default_sqlite_path())
+        return SqliteStore(limits, path or default_sqlite_path(), shared=shared)
     scheme, sep, _ = text.partition("://")
     if sep and scheme.lower() in _REDIS_SCHEMES:
         url = _REDIS_SCHEMES[scheme.lower()] + "://" + text[len(scheme) + 3 :]

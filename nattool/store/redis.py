@@ -208,6 +208,7 @@ class RedisStore(Store):
     """Shared state in Redis or Valkey."""
 
     kind = "redis"
+    shared = True
 
     def __init__(
         self,

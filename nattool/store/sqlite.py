@@ -66,9 +66,9 @@ _LAN_SEP = "\x1e"
 
 _SCHEMA_V1 = """
 CREATE TABLE log (
-    seq  INTEGER PRIMARY KEY,  -- append order = registration order
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,  -- append order; never reused (workers tail it)
     seen REAL NOT NULL,
-    rec  TEXT NOT NULL          -- group US identity US ipversion US int(ip) US port US lan(RS) US source
+    rec  TEXT NOT NULL          -- group US identity US endpoint US lan(RS) US source
 );
 CREATE TABLE trackers (
     endpoint TEXT PRIMARY KEY,
@@ -131,8 +131,9 @@ class _FileLock:
     serve only their own memory and overwrite each other's rows. The OS drops the
     lock when the process dies, kill -9 included, so it never goes stale."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared: bool = False) -> None:
         self.path = path
+        self.shared = shared  # the workers of one server share the file
         self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
@@ -152,7 +153,7 @@ class _FileLock:
             else:
                 import fcntl
 
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             fh.seek(0)
             holder = fh.read(32).strip() or "?"
@@ -161,10 +162,11 @@ class _FileLock:
                 f"{self.path.with_suffix('')} is in use by another nattool process "
                 f"(pid {holder}); stop it, or give this one its own --store sqlite:PATH"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        if not self.shared:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
         self._fh = fh
 
     def release(self) -> None:
@@ -178,13 +180,21 @@ class SqliteStore(Store):
 
     kind = "sqlite"
 
-    def __init__(self, limits: StoreLimits, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, limits: StoreLimits, path: str | os.PathLike[str] | None = None, *, shared: bool = False
+    ) -> None:
         super().__init__(limits)
+        # shared: several worker processes (serve --workers) use one file. Each keeps
+        # its own index and, inside every write transaction, first applies the rows
+        # the others appended since it last looked (it tails the log), so every
+        # worker answers from the same member set.
+        self.shared = shared
+        self._tail_seq = 0
         self.path = Path(path) if path is not None else default_sqlite_path()
         self.index = MemberIndex(limits)
         self.trackers = TrackerTable(limits.max_trackers)
         self._db: sqlite3.Connection | None = None
-        self._lock = _FileLock(Path(str(self.path) + ".lock"))
+        self._lock = _FileLock(Path(str(self.path) + ".lock"), shared=shared)
         self.commits = 0
         self.commit_seconds = 0.0
         self.write_errors = 0
@@ -269,9 +279,10 @@ class SqliteStore(Store):
         db = self._require()
         horizon = now - self.limits.ttl
         index = self.index
-        for seen, rec in db.execute(
-            "SELECT seen, rec FROM log WHERE seen > ? ORDER BY seq", (horizon,)
+        for seq, seen, rec in db.execute(
+            "SELECT seq, seen, rec FROM log WHERE seen > ? ORDER BY seq", (horizon,)
         ):
+            self._tail_seq = seq
             try:
                 member = _member(seen, rec)
             except (ProtocolError, ValueError):
@@ -314,6 +325,8 @@ class SqliteStore(Store):
 
     # -- members -----------------------------------------------------------------
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        if self.shared:
+            return self._register_shared(batch, now)
         # Evictions need no write: replaying the log evicts the same members.
         results, written, _evicted = self.index.register_batch(batch, now)
         if not written:
@@ -328,6 +341,47 @@ class SqliteStore(Store):
             error = StoreError(f"cannot write {self.path}: {exc}")
             return [error if not isinstance(r, Exception) else r for r in results]
         return results
+
+    def _register_shared(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        """Catch up with the other workers, apply the batch, append it: all inside one
+        write transaction, so no other worker's rows can slip in between."""
+        db = self._require()
+        started = time.perf_counter()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self.write_errors += 1
+            return [StoreError(f"cannot write {self.path}: {exc}")] * len(batch)
+        try:
+            self._catch_up(db, now)
+            results, written, _evicted = self.index.register_batch(batch, now)
+            if written:
+                db.executemany(_APPEND, map(_row, written))
+                self._tail_seq = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                self.appended += len(written)
+            db.execute("COMMIT")
+        except (sqlite3.Error, StoreError) as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self.write_errors += 1
+            error = StoreError(f"cannot write {self.path}: {exc}")
+            return [error] * len(batch)
+        self.commits += 1
+        self.commit_seconds += time.perf_counter() - started
+        return results
+
+    def _catch_up(self, db: sqlite3.Connection, now: float) -> None:
+        horizon = now - self.limits.ttl
+        for seq, seen, rec in db.execute(
+            "SELECT seq, seen, rec FROM log WHERE seq > ? ORDER BY seq", (self._tail_seq,)
+        ).fetchall():
+            self._tail_seq = seq
+            if seen <= horizon:
+                continue
+            try:
+                self.index.upsert(_member(seen, rec), now)
+            except (ProtocolError, ValueError, LimitError):
+                self.bad_rows += 1
 
     def _commit(self, written: Iterable[Member]) -> None:
         db = self._require()
@@ -402,6 +456,19 @@ class SqliteStore(Store):
             raise StoreError(f"cannot write {self.path}: {exc}") from None
 
     async def load_trackers(self, now: float) -> list[TrackerRecord]:
+        if self.shared:
+            # Another worker may have verified a tracker: the file is the truth.
+            try:
+                rows = self._require().execute(
+                    "SELECT endpoint, expires FROM trackers WHERE expires > ? ORDER BY expires DESC", (now,)
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read {self.path}: {exc}") from None
+            for endpoint_text, expires in rows:
+                try:
+                    self.trackers.save(TrackerRecord(Endpoint.from_text(endpoint_text), expires))
+                except ProtocolError:
+                    self.bad_rows += 1
         return self.trackers.load(now)
 
     async def stats(self) -> StoreStats:
