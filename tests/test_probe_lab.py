@@ -251,6 +251,34 @@ def test_server_with_alternate_port_only_never_guesses_the_filtering(natlab: Lab
         assert r["nat_type"] == "unknown"
 
 
+def test_server_with_alternate_address_only_never_guesses_the_filtering(natlab: Lab) -> None:
+    """--alt-host without --alt-port: OTHER-ADDRESS differs in IP only. Behind a
+    port-restricted NAT the silence of a change-IP answer cannot tell address-dependent
+    from address-and-port-dependent filtering: no verdict. The mapping (two IPs) is known."""
+    topo = probe_topology(natlab, NatBehaviour.EIM_APDF)
+    start_serve(natlab, topo.server, topo.primary, alt_host=topo.alternate)
+    for _ in range(2):
+        r = run_probe(natlab, topo.client, endpoint(topo.primary, PORT), flags=("-4",)).report
+        assert r["udp"] == "ok"
+        assert r["mapping"] == EI, r["mapping_reason"]
+        assert r["filtering"] is None, r["filtering_reason"]
+        assert r["filtering_reason"]
+        assert r["nat_type"] == "unknown"
+        (server,) = r["servers"]
+        assert server["other_address"] == endpoint(topo.alternate, PORT)
+
+
+def test_control_test_not_reported_when_not_run(natlab: Lab) -> None:
+    topo = probe_topology(natlab, NatBehaviour.EIM_APDF)
+    start_serve(natlab, topo.server, topo.primary, alt_host=topo.alternate)
+    r = run_probe(natlab, topo.client, endpoint(topo.primary, PORT), flags=("-4",)).report
+    (server,) = r["servers"]
+    ran = [t for t in server["transactions"] if t["request"].endswith("(control)")
+           and "change" in t["request"]]
+    assert ran == []  # with no alternate port there is no control CHANGE-REQUEST to send ...
+    assert server["filtering_tests"]["control_honoured"] is None  # ... so no result either
+
+
 def check_mapping_only(r: dict[str, Any], behaviour: NatBehaviour, topo: ProbeTopology) -> None:
     """The verdict from servers that can only show the mapping: the right mapping, and no
     filtering verdict.

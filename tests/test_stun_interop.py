@@ -34,7 +34,7 @@ from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like test
     turnserver_available,
 )
 from tests.natlab.stun import run_stunclient, start_turnserver
-from tests.natlab.topologies import ProbeTopology, probe_topology
+from tests.natlab.topologies import probe_topology
 from tests.test_probe_lab import (
     APD,
     EI,
@@ -265,11 +265,7 @@ def test_natdiscovery_loopback_agrees_with_whoami(tracker: TrackerFactory, famil
 # --------------------------------------------------------------------------- (a) behind lab NATs
 
 CLIENT_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, NatBehaviour.EIM_APDF,
-               NatBehaviour.APDM]
-
-
-def _public_ip(topo: ProbeTopology, behaviour: NatBehaviour) -> str:
-    return topo.client.ip if behaviour is NatBehaviour.NO_NAT else topo.nat.wan_ip
+               NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
 
 
 @pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
@@ -277,18 +273,22 @@ def test_coturn_clients_behind_nat(natlab: Lab, behaviour: NatBehaviour) -> None
     nd = _need("turnutils_natdiscovery")
     _need("turnutils_stunclient")
     topo = probe_topology(natlab, behaviour)
-    start_serve(natlab, topo.server, topo.primary, alt_host=topo.alternate, alt_port=STUN_ALT_PORT,
-                port=STUN_PORT)
-    public_ip = _public_ip(topo, behaviour)
+    if behaviour is NatBehaviour.IPV6_FIREWALL:  # IPv6 through a stateful firewall, no NAT
+        assert topo.client.ip6 is not None
+        primary, alternate, local_ip, public_ip = topo.primary6, topo.alternate6, topo.client.ip6, topo.client.ip6
+    else:
+        primary, alternate, local_ip = topo.primary, topo.alternate, topo.client.ip
+        public_ip = topo.client.ip if behaviour is NatBehaviour.NO_NAT else topo.nat.wan_ip
+    start_serve(natlab, topo.server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
 
     # natdiscovery from the port whoami used: the same 5-tuple, so the same mapping on any NAT.
     local_port = 40000
-    seen = whoami(local_port, endpoint(topo.primary, STUN_PORT), lab=natlab, node=topo.client)
+    seen = whoami(local_port, endpoint(primary, STUN_PORT), lab=natlab, node=topo.client)
     assert seen[0] == public_ip
     if behaviour is not NatBehaviour.APDM:
         assert seen[1] == local_port  # masquerade keeps a free port
-    proc = natlab.popen(topo.client, [nd, "-m", "-f", "-p", str(STUN_PORT), "-L", topo.client.ip,
-                                      "-l", str(local_port), topo.primary],
+    proc = natlab.popen(topo.client, [nd, "-m", "-f", "-p", str(STUN_PORT), "-L", local_ip,
+                                      "-l", str(local_port), primary],
                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                         text=True, errors="replace")
     try:
@@ -301,18 +301,18 @@ def test_coturn_clients_behind_nat(natlab: Lab, behaviour: NatBehaviour) -> None
     assert answers, out
     first = answers[0]
     assert first.reflexive == seen, out
-    assert first.origin == (topo.primary, STUN_PORT), out
-    assert first.other == (topo.alternate, STUN_ALT_PORT), out
+    assert first.origin == (primary, STUN_PORT), out
+    assert first.other == (alternate, STUN_ALT_PORT), out
     assert all(a.reflexive is None or a.reflexive[0] == public_ip for a in answers), out
     assert "ALG detected" not in out and "No ALG" in out, out
     assert natdiscovery_verdicts(out) == (behaviour.mapping, behaviour.filtering), out
 
     # turnutils_stunclient: behind a NAT its RFC 5780 run never ends; its first answer counts.
-    status, out = run_stunclient(natlab, topo.client, topo.primary, STUN_PORT, timeout=3.0)
+    status, out = run_stunclient(natlab, topo.client, primary, STUN_PORT, timeout=3.0)
     answers = parse_coturn(out)
     assert answers, f"no answer (status {status}):\n{out}"
-    assert answers[0].origin == (topo.primary, STUN_PORT), out
-    assert answers[0].other == (topo.alternate, STUN_ALT_PORT), out
+    assert answers[0].origin == (primary, STUN_PORT), out
+    assert answers[0].other == (alternate, STUN_ALT_PORT), out
     assert answers[0].reflexive is not None and answers[0].reflexive[0] == public_ip, out
     if behaviour is NatBehaviour.NO_NAT:
         assert status == 0, out

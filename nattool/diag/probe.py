@@ -581,14 +581,16 @@ def _probe_family(
         silent = out2 in (Outcome.TIMEOUT, Outcome.NOT_TESTED) and out1 in (Outcome.TIMEOUT, Outcome.NOT_TESTED)
         opened = all(tx.reply is not None for tx in ctx)
         if verified and silent and opened:
-            ctl_change[i] = []
+            tests: list[tuple[Txn, Endpoint]] = []
             if can_ip and can_port:
                 tx = _stun_txn(f"C[{i}]", c, p, "binding change-ip change-port (control)", change_ip=True, change_port=True)
-                ctl_change[i].append((tx, o))
+                tests.append((tx, o))
             if can_port:
                 tx = _stun_txn(f"C[{i}]", c, p, "binding change-port (control)", change_port=True)
-                ctl_change[i].append((tx, Endpoint(p.ip, o.port)))
-            phase3 += [tx for tx, _ in ctl_change[i]]
+                tests.append((tx, Endpoint(p.ip, o.port)))
+            if tests:  # no control test possible (OTHER-ADDRESS differs in IP only): no verdict
+                ctl_change[i] = tests
+                phase3 += [tx for tx, _ in tests]
     for i, r in enumerate(runs):
         if r.filtering is None:
             # Not proven: its filtering answers (if any) are kept as evidence, never used.

@@ -121,6 +121,7 @@ class TrackerServer:
         self.core = TrackerCore(self.federation)
         self.limiter = SourceRateLimiter(config.rate_limit, config.burst)
         self.stun_enabled = stun
+        self._sync_store = store.supports_sync
         self._stun_by_local: dict[Endpoint, Any] = {}  # local endpoint -> StunResponder
         self.listeners: list[_Listener] = []
         self._v6key = _v6_source_key_cache()
@@ -258,6 +259,9 @@ class TrackerServer:
             self._slow_path(listener, data, addr)
         if nat:
             self.core.counters["nat"] += nat
+        if self._batch and self._sync_store:
+            # Everything this wake-up read is answered now: one transaction, no task.
+            self._flush_now()
 
     def _slow_path(self, listener: _Listener, data: bytes, addr: Any) -> None:
         if data[:2] != b"//" and is_stun(data):
@@ -280,7 +284,7 @@ class TrackerServer:
             self.core.counters["drop_overload"] += 1
             return
         self._batch.append((outcome, listener, addr))
-        if not self._flush_scheduled:
+        if not self._sync_store and not self._flush_scheduled:
             self._flush_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
@@ -335,6 +339,15 @@ class TrackerServer:
         assert self._loop is not None
         self._loop.create_task(self._flush(batch))
 
+    def _flush_now(self) -> None:
+        batch, self._batch = self._batch, []
+        started = time.perf_counter()
+        try:
+            results = self.store.register_now([p.registration for p, _, _ in batch], time.time())
+        except NattoolError as exc:
+            results = [StoreError(str(exc))] * len(batch)
+        self._deliver(batch, results, started)
+
     async def _flush(self, batch: list[tuple[PendingRegistration, _Listener, Any]]) -> None:
         try:
             started = time.perf_counter()
@@ -342,23 +355,30 @@ class TrackerServer:
                 results = await self.store.register([p.registration for p, _, _ in batch], time.time())
             except NattoolError as exc:
                 results = [StoreError(str(exc))] * len(batch)
-            failed = [r for r in results if isinstance(r, StoreError)]
-            if failed:
-                # A store reports an outage per entry (redis) or raises: count and log
-                # both alike, and never send the store's own text (hosts, ports) to clients.
-                self._store_failed(len(failed), failed[0])
-                results = [_STORE_UNAVAILABLE if isinstance(r, StoreError) else r for r in results]
-            self.core.counters["store_batches"] += 1
-            self.core.counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
-            core = self.core
-            for (pending, listener, addr), result in zip(batch, results):
-                self._send(listener, core.finish_registration(pending, result), addr)
+            self._deliver(batch, results, started)
         finally:
             self._flushing = False
             if self._batch and not self._flush_scheduled:
                 self._flush_scheduled = True
                 assert self._loop is not None
                 self._loop.call_soon(self._start_flush)
+
+    def _deliver(
+        self, batch: list[tuple[PendingRegistration, _Listener, Any]], results: list[Any], started: float
+    ) -> None:
+        failed = [r for r in results if isinstance(r, StoreError)]
+        if failed:
+            # A store reports an outage per entry (redis) or raises: count and log
+            # both alike, and never send the store's own text (hosts, ports) to clients.
+            self._store_failed(len(failed), failed[0])
+            results = [_STORE_UNAVAILABLE if isinstance(r, StoreError) else r for r in results]
+        counters = self.core.counters
+        counters["store_batches"] += 1
+        counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
+        finish = self.core.finish_registration
+        send = self._send
+        for (pending, listener, addr), result in zip(batch, results):
+            send(listener, finish(pending, result), addr)
 
     def _store_failed(self, refused: int, error: StoreError) -> None:
         counters = self.core.counters

@@ -30,6 +30,7 @@ _UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]
 _MAC_RE = re.compile(
     r"(?:[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{12})\Z"
 )
+_CANONICAL_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
 # One entry of the original client's field: a MAC, a dash, then a comma list of IPs.
 _MACIP_RE = re.compile(
     r"([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{12})-(.*)\Z"
@@ -60,6 +61,8 @@ def canonical_group(text: str) -> str:
 
 def canonical_mac(text: str) -> str:
     """``aa:bb:cc:dd:ee:ff``, ``aa-bb-…`` or ``aabbccddeeff``, any case -> ``aa:bb:…``."""
+    if _CANONICAL_MAC_RE.match(text):
+        return text  # what our own clients send: nothing to rewrite
     if not _MAC_RE.match(text):
         raise MalformedRequest("bad mac")
     digits = text.replace(":", "").replace("-", "").lower()

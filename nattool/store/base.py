@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import sys
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 from nattool.errors import LimitError, NattoolError, StoreError
 from nattool.protocol.endpoint import Endpoint
@@ -36,19 +36,7 @@ class StoreLimits:
     max_trackers: int = 64
 
 
-class Member:
-    """One registration inside a group: an immutable record.
-
-    Hand-written rather than a dataclass to stay small, since a tracker keeps up to a
-    million of them: the endpoint is kept as its wire text (which every reply needs
-    anyway) and parsed into an :class:`Endpoint` only when asked; group keys and
-    sources are interned, as many members share them. Records compare by identity:
-    the stores key their age index by the object itself. Use :meth:`key` to compare
-    contents.
-    """
-
-    __slots__ = ("group", "identity", "endpoint_text", "lan", "source", "seen")
-
+class _MemberFields(NamedTuple):
     group: str  # canonical group key (see protocol.text.canonical_group)
     identity: str  # canonical MAC, or the endpoint text when the node gave none
     endpoint_text: str  # where peers reach it, as the wire writes it
@@ -56,35 +44,37 @@ class Member:
     source: str  # source_key() of the registering host: the "same public IP" test
     seen: float  # wall-clock seconds (time.time()) of the latest registration
 
-    def __init__(
-        self,
+
+class Member(_MemberFields):
+    """One registration inside a group: an immutable record.
+
+    A named tuple rather than a frozen dataclass: a tracker creates one per
+    registration and keeps up to a million, and a tuple is built several times
+    faster and is no larger. The endpoint is kept as its wire text (which every
+    reply needs anyway) and parsed into an :class:`Endpoint` only when asked; group
+    keys and sources are interned, as many members share them.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
         group: str,
         identity: str,
-        endpoint: Endpoint | str,
+        endpoint: "Endpoint | str",
         lan: tuple[str, ...],
         source: str,
         seen: float,
-    ) -> None:
-        setter = object.__setattr__
-        setter(self, "group", sys.intern(group))
-        setter(self, "identity", identity)
-        setter(self, "endpoint_text", endpoint if isinstance(endpoint, str) else endpoint.to_text())
-        setter(self, "lan", lan)
-        setter(self, "source", sys.intern(source))
-        setter(self, "seen", seen)
+    ) -> "Member":
+        text = endpoint if isinstance(endpoint, str) else endpoint.to_text()
+        return tuple.__new__(cls, (sys.intern(group), identity, text, lan, sys.intern(source), seen))
 
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint.from_text(self.endpoint_text)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Member is immutable (cannot set {name!r})")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"Member is immutable (cannot delete {name!r})")
-
     def replace(self, **changes: object) -> "Member":
-        fields = {
+        fields: dict[str, object] = {
             "group": self.group,
             "identity": self.identity,
             "endpoint": self.endpoint_text,
@@ -96,17 +86,10 @@ class Member:
         return Member(**fields)  # type: ignore[arg-type]
 
     def key(self) -> tuple[str, str, str, tuple[str, ...], str, float]:
-        return (self.group, self.identity, self.endpoint_text, self.lan, self.source, self.seen)
-
-    def __repr__(self) -> str:
-        return (
-            f"Member(group={self.group!r}, identity={self.identity!r}, endpoint={self.endpoint_text!r}, "
-            f"lan={self.lan!r}, source={self.source!r}, seen={self.seen!r})"
-        )
+        return tuple(self)  # type: ignore[return-value]
 
 
-@dataclass(frozen=True, slots=True)
-class Registration:
+class Registration(NamedTuple):
     """A member to upsert and the slice of its group's list the reply wants."""
 
     member: Member
@@ -116,8 +99,7 @@ class Registration:
     limit: int = 128
 
 
-@dataclass(frozen=True, slots=True)
-class GroupView:
+class GroupView(NamedTuple):
     """The answer to one registration: the requester's entry and a page of others."""
 
     me: Member
@@ -163,6 +145,15 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Flush what is pending and release resources."""
+
+    #: register_now() works: the store can answer a batch without waiting on I/O
+    #: it does not own (memory, sqlite), so the server answers within the same
+    #: event-loop wake-up that read the datagrams
+    supports_sync: bool = False
+
+    def register_now(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        """:meth:`register`, synchronously; only where ``supports_sync``."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:

@@ -207,8 +207,13 @@ class MemoryStore(Store):
         self.index = MemberIndex(limits)
         self.trackers = TrackerTable(limits.max_trackers)
 
-    async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+    supports_sync = True
+
+    def register_now(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
         return self.index.register_batch(batch, now)[0]
+
+    async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        return self.register_now(batch, now)
 
     async def expire(self, now: float) -> int:
         return len(self.index.expire(now))

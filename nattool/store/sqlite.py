@@ -324,7 +324,12 @@ class SqliteStore(Store):
         return self._db
 
     # -- members -----------------------------------------------------------------
+    supports_sync = True
+
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        return self.register_now(batch, now)
+
+    def register_now(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
         if self.shared:
             return self._register_shared(batch, now)
         # Evictions need no write: replaying the log evicts the same members.

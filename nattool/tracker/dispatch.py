@@ -9,8 +9,7 @@ store; :meth:`TrackerCore.finish_registration` then builds the reply.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 from nattool.errors import NattoolError, ProtocolError
 from nattool.protocol.endpoint import Endpoint
@@ -30,8 +29,7 @@ from nattool.tracker.federation import Federation
 from nattool.tracker.registry import build_member_reply, member_from_request, registration_for
 
 
-@dataclass(frozen=True, slots=True)
-class PendingRegistration:
+class PendingRegistration(NamedTuple):
     registration: Registration
     request: RegisterRequest
     budget: int
