@@ -15,7 +15,6 @@ from nattool.cli.targets import client_settings
 from nattool.diag.probe import GIVE_UP, FamilyResult, ProbeResult, ProbeTarget, probe as run_probe
 from nattool.errors import ResolveError, UsageError
 from nattool.exit_codes import ExitCode
-from nattool.net.resolve import gather_trackers_async
 
 
 def probe(
@@ -70,6 +69,8 @@ def probe(
 def _resolve(
     specs: list[str], domain: Optional[str], family: Optional[int], timeout: float, dns_server: Optional[tuple[str, int]]
 ) -> list[ProbeTarget]:
+    from nattool.net.resolve import gather_trackers_async
+
     def warn(err: ResolveError) -> None:
         info(f"[yellow]warning:[/yellow] {err}")
 

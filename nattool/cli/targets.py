@@ -10,7 +10,9 @@ from typing import Sequence
 
 from nattool.config import load_settings
 from nattool.errors import UsageError
-from nattool.net.resolve import ResolvedTracker, gather_trackers_async, parse_dns_server
+
+# nattool.net.resolve (and dnspython under it) is imported where it is used: a
+# tracker process (`serve`) never needs DNS, and the import costs ~6 MiB.
 from nattool.protocol.endpoint import Endpoint
 
 
@@ -40,6 +42,8 @@ def client_settings(
         overrides["timeout"] = timeout
     if retries is not None:
         overrides["retries"] = retries
+    from nattool.net.resolve import parse_dns_server
+
     settings = load_settings(overrides, config_path=config_path, environ=os.environ)
     get = settings.get
     dns = get("dns_server")
@@ -60,7 +64,9 @@ def check_timing(timeout: float, retries: int) -> None:
 
 
 async def resolve_targets(settings: ClientSettings) -> list[Endpoint]:
-    resolved: list[ResolvedTracker] = await gather_trackers_async(
+    from nattool.net.resolve import gather_trackers_async
+
+    resolved = await gather_trackers_async(
         list(settings.trackers),
         settings.domain,
         timeout=settings.timeout,

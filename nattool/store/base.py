@@ -40,7 +40,7 @@ class _MemberFields(NamedTuple):
     group: str  # canonical group key (see protocol.text.canonical_group)
     identity: str  # canonical MAC, or the endpoint text when the node gave none
     endpoint_text: str  # where peers reach it, as the wire writes it
-    lan: tuple[str, ...]  # LAN addresses it published (empty: none)
+    lan_text: str  # LAN addresses it published, comma-separated as on the wire ("": none)
     source: str  # source_key() of the registering host: the "same public IP" test
     seen: float  # wall-clock seconds (time.time()) of the latest registration
 
@@ -52,7 +52,8 @@ class Member(_MemberFields):
     registration and keeps up to a million, and a tuple is built several times
     faster and is no larger. The endpoint is kept as its wire text (which every
     reply needs anyway) and parsed into an :class:`Endpoint` only when asked; group
-    keys and sources are interned, as many members share them.
+    keys and sources are interned, as many members share them; the LAN list is kept
+    as its wire text too (a tuple of strings would cost 56 bytes more per member).
     """
 
     __slots__ = ()
@@ -62,12 +63,17 @@ class Member(_MemberFields):
         group: str,
         identity: str,
         endpoint: "Endpoint | str",
-        lan: tuple[str, ...],
+        lan: "tuple[str, ...] | str",
         source: str,
         seen: float,
     ) -> "Member":
         text = endpoint if isinstance(endpoint, str) else endpoint.to_text()
-        return tuple.__new__(cls, (sys.intern(group), identity, text, lan, sys.intern(source), seen))
+        lan_text = lan if isinstance(lan, str) else ",".join(lan)
+        return tuple.__new__(cls, (sys.intern(group), identity, text, lan_text, sys.intern(source), seen))
+
+    @property
+    def lan(self) -> tuple[str, ...]:
+        return tuple(self.lan_text.split(",")) if self.lan_text else ()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -78,7 +84,7 @@ class Member(_MemberFields):
             "group": self.group,
             "identity": self.identity,
             "endpoint": self.endpoint_text,
-            "lan": self.lan,
+            "lan": self.lan_text,
             "source": self.source,
             "seen": self.seen,
         }

@@ -62,13 +62,12 @@ EXPIRE_BATCH = 2000
 # Pages in the WAL before SQLite checkpoints inside a commit (SQLite's default).
 WAL_AUTOCHECKPOINT_PAGES = 1000
 _SEP = "\x1f"  # fields; none of them can hold control characters
-_LAN_SEP = "\x1e"
 
 _SCHEMA_V1 = """
 CREATE TABLE log (
     seq  INTEGER PRIMARY KEY AUTOINCREMENT,  -- append order; never reused (workers tail it)
     seen REAL NOT NULL,
-    rec  TEXT NOT NULL          -- group US identity US endpoint US lan(RS) US source
+    rec  TEXT NOT NULL          -- group US identity US endpoint US lan(comma list) US source
 );
 CREATE TABLE trackers (
     endpoint TEXT PRIMARY KEY,
@@ -107,7 +106,7 @@ def _row(member: Member) -> tuple[float, str]:
     return (
         member.seen,
         f"{member.group}{_SEP}{member.identity}{_SEP}{member.endpoint_text}{_SEP}"
-        f"{_LAN_SEP.join(member.lan)}{_SEP}{member.source}",
+        f"{member.lan_text}{_SEP}{member.source}",
     )
 
 
@@ -120,7 +119,7 @@ def _member(seen: float, rec: str) -> Member:
         group=grp,
         identity=identity,
         endpoint=Endpoint.from_text(endpoint).to_text(),
-        lan=tuple(lan.split(_LAN_SEP)) if lan else (),
+        lan=lan,
         source=source,
         seen=float(seen),
     )

@@ -47,7 +47,7 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     the same /64), since only they can use it.
     """
     me = view.me
-    lines = [f"{me.endpoint_text};{','.join(me.lan)}" if me.lan else me.endpoint_text]
+    lines = [f"{me.endpoint_text};{me.lan_text}" if me.lan_text else me.endpoint_text]
     if len(lines[0]) > budget:
         lines[0] = me.endpoint_text
     used = len(lines[0])
@@ -56,8 +56,8 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     shown = 0
     source = me.source
     for other in view.others:
-        if other.lan and other.source == source:
-            line = f"{other.endpoint_text};{','.join(other.lan)}"
+        if other.lan_text and other.source == source:
+            line = f"{other.endpoint_text};{other.lan_text}"
         else:
             line = other.endpoint_text
         if used + 1 + len(line) + reserve > budget:

@@ -1,0 +1,127 @@
+"""Server memory with one million live members (issue: at most 512 MiB).
+
+    python benchmarks/million_members.py [--members 1000000] [--groups 100000] [--store sqlite]
+
+Not run in CI. Starts `nattool serve` on loopback (default embedded SQLite store in a
+temporary directory, `--rate-limit 0`, a long TTL so nobody expires during the load),
+registers N distinct members (seed form, one LAN address each) from 256 sockets on
+distinct 127.64.x.y source addresses with a window of one request per socket, checks
+every reply names the member, then prints the server's resident memory (VmRSS) and
+its members gauge. Loopback only; bounded in count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--members", type=int, default=1_000_000)
+    ap.add_argument("--groups", type=int, default=100_000)
+    ap.add_argument("--store", default="sqlite", help="sqlite (temporary file) or memory")
+    ap.add_argument("--sockets", type=int, default=256)
+    opts = ap.parse_args()
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix="nattool-million-")
+    store = f"sqlite:{tmp}/tracker.db" if opts.store == "sqlite" else "memory"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nattool", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--rate-limit", "0", "--ttl", "3600", "--store", store,
+         "--max-members", str(opts.members + 10), "--max-groups-per-source", "1000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline().strip()
+        if not banner:
+            raise SystemExit(f"nattool serve did not start (exit {server.wait()})")
+        print(banner, flush=True)
+        base = rss_mib(server.pid)
+        socks = []
+        for i in range(opts.sockets):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((f"127.64.{i >> 8}.{i & 255 or 1}", 0))
+            s.setblocking(False)
+            socks.append(s)
+        by_fd = {s.fileno(): k for k, s in enumerate(socks)}
+        pending: dict[int, tuple[int, float]] = {}
+        next_member = 0
+        done = 0
+        started = time.perf_counter()
+        poller = select.epoll()
+        for s in socks:
+            poller.register(s.fileno(), select.EPOLLIN)
+
+        def send(k: int, m: int) -> None:
+            g = m % opts.groups
+            mac = f"02:{(m >> 32) & 255:02x}:{(m >> 24) & 255:02x}:{(m >> 16) & 255:02x}:{(m >> 8) & 255:02x}:{m & 255:02x}"
+            lan = f"10.{(m >> 16) & 255}.{(m >> 8) & 255}.{m & 255 or 1}"
+            req = f"//51pwn/P2P&E2E/00000001-0000-4000-8000-{g:012x}/0/{lan}/{mac}".encode()
+            socks[k].sendto(req, ("127.0.0.1", port))
+            pending[k] = (m, time.monotonic())
+
+        for k in range(len(socks)):
+            send(k, next_member)
+            next_member += 1
+        while done < opts.members:
+            if server.poll() is not None:
+                raise SystemExit(f"nattool serve died (exit {server.returncode})")
+            for fd, _ in poller.poll(0.5):
+                k = by_fd[fd]
+                try:
+                    reply = socks[k].recv(2048)
+                except BlockingIOError:
+                    continue
+                if reply.startswith(b"ERR"):
+                    raise SystemExit(f"server refused: {reply!r}")
+                done += 1
+                if next_member < opts.members:
+                    send(k, next_member)
+                    next_member += 1
+                else:
+                    pending.pop(k, None)
+            now = time.monotonic()
+            for k, (m, sent) in list(pending.items()):
+                if now - sent > 1.0:  # lost: send again
+                    send(k, m)
+        elapsed = time.perf_counter() - started
+        time.sleep(1.0)
+        rss = rss_mib(server.pid)
+        print(
+            f"{opts.members:,} members in {opts.groups:,} groups registered in {elapsed:.0f} s "
+            f"({opts.members / elapsed:,.0f}/s); server RSS {rss:,.0f} MiB (empty: {base:,.0f} MiB), "
+            f"{(rss - base) * 1024 * 1024 / opts.members:,.0f} bytes/member; store {opts.store}"
+        )
+        return 0 if rss <= 512 else 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
