@@ -269,3 +269,34 @@ def test_amplification_bound_and_no_crash(data: bytes, local: Endpoint, software
 def test_fingerprint_kept_over_software_when_tight() -> None:
     msg = parse(full().respond(binding_request(TXID), CLIENT, PP).data)
     assert isinstance(msg.attributes[-1], Fingerprint)
+
+
+# -- the server's template fast paths must answer byte for byte as respond() does ----------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(min_size=12, max_size=12),
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 65535),
+    st.booleans(),
+    st.booleans(),
+)
+def test_bare_binding_fast_paths_equal_the_full_path(txid: bytes, ip: int, port: int, alt_ip: bool, alt_port: bool) -> None:
+    from nattool.tracker.stun_responder import StunResponder, is_bare_binding
+
+    primary = Endpoint(ipaddress.ip_address("127.0.0.1"), 3478)
+    responder = StunResponder(
+        primary,
+        alt_ip=ipaddress.ip_address("127.0.0.2") if alt_ip else None,
+        alt_port=3479 if alt_port else None,
+    )
+    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + txid
+    assert is_bare_binding(request)
+    src = Endpoint(ipaddress.IPv4Address(ip), port)
+    full = responder.respond(request, src, primary)
+    assert full is not None and full.send_from == primary and full.dest == src
+    build = responder.bare_binding_builder_v4(primary)
+    assert build is not None
+    assert build(request, src.ip.packed, port) == full.data
+    assert responder.bare_binding_reply(request, src.ip.packed, port, primary) == full.data

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
-from nattool.protocol.stun import is_stun
+from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.store.base import Store, StoreLimits, StoreStats
 from nattool.tracker.dispatch import PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
@@ -34,6 +34,8 @@ MAX_QUEUED_REGISTRATIONS = 20_000  # beyond this, drop: never an unbounded queue
 DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the store get a turn)
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
+# A bare STUN Binding request starts with these 8 bytes (type, length 0, magic cookie).
+_BARE_BINDING_HEAD = b"\x00\x01\x00\x00" + MAGIC_COOKIE.to_bytes(4, "big")
 _STORE_UNAVAILABLE = StoreError("store unavailable")
 
 
@@ -101,12 +103,14 @@ def _v6_source_key_cache() -> Callable[[str], str]:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed")
+    __slots__ = ("local", "sock", "closed", "bare_stun")
 
     def __init__(self, local: Endpoint, sock: socket.socket) -> None:
         self.local = local
         self.sock = sock
         self.closed = False
+        # (request, packed IPv4 source, port) -> reply, for bare Binding requests
+        self.bare_stun: Callable[[bytes, bytes, int], bytes] | None = None
 
 
 class TrackerServer:
@@ -193,6 +197,8 @@ class TrackerServer:
                 self.listeners.append(listener)
                 if responder is not None:
                     self._stun_by_local[local] = responder
+                    if local.ip.version == 4:
+                        listener.bare_stun = responder.bare_binding_builder_v4(local)
                 loop.add_reader(sock.fileno(), self._drain, listener)
 
     async def stop(self) -> None:
@@ -231,8 +237,10 @@ class TrackerServer:
         limiter = self.limiter
         limited = limiter.rate > 0
         v6key = self._v6key
+        bare_stun = listener.bare_stun
+        inet_aton = socket.inet_aton
         now = time.monotonic()
-        nat = 0
+        nat = stun = 0
         for _ in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -256,9 +264,18 @@ class TrackerServer:
                 except OSError:
                     self.core.counters["send_error"] += 1
                 continue
+            if bare_stun is not None and len(data) == 20 and data[:8] == _BARE_BINDING_HEAD and addr[1]:
+                stun += 1
+                try:
+                    sendto(bare_stun(data, inet_aton(host), addr[1]), addr)
+                except OSError:
+                    self.core.counters["send_error"] += 1
+                continue
             self._slow_path(listener, data, addr)
         if nat:
             self.core.counters["nat"] += nat
+        if stun:
+            self.core.counters["stun"] += stun
         if self._batch and self._sync_store:
             # Everything this wake-up read is answered now: one transaction, no task.
             self._flush_now()

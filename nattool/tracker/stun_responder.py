@@ -26,7 +26,7 @@ on: that silent fallback is exactly what makes old tools call every NAT "full co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from nattool import __version__
 from nattool.errors import ConfigError, ProtocolError
@@ -83,6 +83,11 @@ _COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 # Binding request, message length 0, magic cookie: a bare RFC 8489 Binding request.
 _BARE_BINDING_HEAD = b"\x00\x01\x00\x00" + _COOKIE
 _MISSING = object()
+
+
+def is_bare_binding(data: bytes) -> bool:
+    """A bare RFC 8489 Binding request: 20 bytes, no attributes."""
+    return len(data) == 20 and data[:8] == _BARE_BINDING_HEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +205,30 @@ class StunResponder:
                 tail,
             )
         )
+
+    def bare_binding_builder_v4(self, local: Endpoint) -> Optional[Callable[[bytes, bytes, int], bytes]]:
+        """A function (request, packed IPv4 source, source port) -> reply for bare
+        Binding requests from IPv4 sources arriving on ``local``: the template of
+        :meth:`bare_binding_reply` with everything constant bound in advance, for the
+        server's hottest STUN path. The caller checks the request is bare
+        (:func:`is_bare_binding`). None when this socket has no such template."""
+        template = self._bare_template(local, 4)
+        if template is None:
+            return None
+        length, tail = template
+        head = b"\x01\x01" + length + _COOKIE
+        xma = b"\x00\x20\x00\x08\x00\x01"
+        ma = b"\x00\x01\x00\x08\x00\x01"
+        join = b"".join
+
+        def build(data: bytes, packed: bytes, port: int) -> bytes:
+            x = int.from_bytes(packed, "big") ^ MAGIC_COOKIE
+            return join(
+                (head, data[8:20], xma, (port ^ 0x2112).to_bytes(2, "big"), x.to_bytes(4, "big"),
+                 ma, port.to_bytes(2, "big"), packed, tail)
+            )
+
+        return build
 
     def _bare_template(self, local: Endpoint, version: int) -> Optional[tuple[bytes, bytes]]:
         """Learn the reply layout from the full path, once per socket and family."""
