@@ -10,13 +10,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
+from nattool.cli.node_args import parse_identity, parse_lan
 from nattool.cli.output import run_edge, stderr, verbosity
 from nattool.cli.targets import client_settings, resolve_targets, run
 from nattool.diag.connect import DEFAULT_CONNECT_PORT, ConnectOptions, connect_session
 from nattool.errors import ProtocolError, UsageError
-from nattool.net.localinfo import lan_addresses, stable_node_id
 from nattool.protocol.endpoint import parse_ip
-from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
+from nattool.protocol.text import canonical_group
 
 
 def connect(
@@ -61,7 +61,7 @@ def connect(
                 parse_ip(bind)
             except ProtocolError:
                 raise UsageError(f"bad --bind {bind[:50]!r}: want an IP address") from None
-        identity = _identity(node_id)
+        identity = parse_identity(node_id)
 
         async def go() -> int:
             targets = await resolve_targets(settings)
@@ -70,7 +70,7 @@ def connect(
                 trackers=tuple(targets),
                 port=port,
                 bind=bind,
-                lan=_lan(lan, targets),
+                lan=parse_lan(lan, targets),
                 identity=identity,
                 timeout=timeout,
                 keepalive=keepalive,
@@ -86,26 +86,6 @@ def connect(
     raise typer.Exit(run_edge(body))
 
 
-def _identity(text: str) -> Optional[str]:
-    # Default '0': hosts cloned from one image (containers, namespaces) share a machine
-    # id, so 'auto' would make them replace each other in the tracker.
-    if text == "0":
-        return None
-    if text == "auto":
-        return stable_node_id()
-    try:
-        return canonical_mac(text)
-    except ProtocolError:
-        raise UsageError(f"bad --id {text[:40]!r}: want 0, auto or a MAC like aa:bb:cc:dd:ee:ff") from None
-
-
-def _lan(text: str, targets: list[Any]) -> tuple[str, ...]:
-    if text == "auto":
-        return lan_addresses(targets)
-    try:
-        return parse_lan_list(text)
-    except ProtocolError as exc:
-        raise UsageError(f"bad --lan {text[:70]!r}: {exc}; want auto, 0 or a comma list of IPs") from None
 
 
 class _Renderer:

@@ -11,15 +11,15 @@ import typer
 from rich.table import Table
 
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
+from nattool.cli.node_args import parse_identity, parse_lan
 from nattool.cli.output import emit_json, info, run_edge, stdout
 from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
 from nattool.errors import ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool
-from nattool.net.localinfo import lan_addresses, stable_node_id
 from nattool.net.tracker_client import Registrar, TrackerAnswer
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.text import MemberEntry, MemberList, RegisterRequest, canonical_group, canonical_mac, parse_lan_list
+from nattool.protocol.text import MemberEntry, MemberList, RegisterRequest, canonical_group
 
 # Padding lets the tracker send a longer list (its reply may be 3x the request).
 PAD_TO = 400
@@ -50,7 +50,7 @@ def register(
         if not 0 <= port <= 65535:
             raise UsageError("--port must be in 0..65535")
         explicit_public = _public(public)
-        identity = _identity(node_id)
+        identity = parse_identity(node_id)
         return run(_main(settings, group_key, explicit_public, lan, identity, keepalive, port, json_out))
 
     raise typer.Exit(run_edge(body))
@@ -76,29 +76,11 @@ def _public(text: str) -> Endpoint | None:
         raise UsageError(f"bad --public {text[:70]!r}: want 0, IP:PORT or [IPv6]:PORT") from None
 
 
-def _identity(text: str) -> str | None:
-    if text == "0":
-        return None
-    if text == "auto":
-        return stable_node_id()
-    try:
-        return canonical_mac(text)
-    except ProtocolError:
-        raise UsageError(f"bad --id {text[:40]!r}: want auto, 0 or a MAC like aa:bb:cc:dd:ee:ff") from None
-
-
-def _lan(text: str, targets: list[Endpoint]) -> tuple[str, ...]:
-    if text == "auto":
-        return lan_addresses(targets)
-    try:
-        return parse_lan_list(text)
-    except ProtocolError as exc:
-        raise UsageError(f"bad --lan {text[:70]!r}: {exc}; want auto, 0 or a comma list of IPs") from None
 
 
 async def _main(settings, group: str, public, lan_text: str, identity, keepalive, port: int, json_out: bool) -> int:  # type: ignore[no-untyped-def]
     targets = await resolve_targets(settings)
-    lan = _lan(lan_text, targets)
+    lan = parse_lan(lan_text, targets)
     request = RegisterRequest(group=group, public=public, lan=lan, identity=identity, padding=0)
     wire_len = len(request.to_wire())
     request = RegisterRequest(group=group, public=public, lan=lan, identity=identity, padding=max(0, PAD_TO - wire_len - 1))
