@@ -296,3 +296,15 @@ __all__: Sequence[str] = (
     "udp_ask",
     "udp_socket",
 )
+
+
+@pytest.fixture
+def redisd(tmp_path: Path) -> Iterator[object]:
+    """A throw-away redis-server on a free loopback port, no persistence (the modules
+    that use it skip themselves where redis-server is not installed)."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -10,8 +10,6 @@ import signal
 import struct
 import time
 import urllib.request
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -26,14 +24,6 @@ pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
 
 REG = "//51pwn/P2P&E2E/"
 STUN_BINDING = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, b"fleet-test01")
-
-
-@pytest.fixture
-def redisd(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def metric(port: int, name: str) -> float:

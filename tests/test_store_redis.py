@@ -6,8 +6,6 @@ import asyncio
 import ipaddress
 import signal
 import time
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -21,14 +19,6 @@ except ImportError:  # tests/ imported as a package
     from tests.redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
-
-
-@pytest.fixture
-def redisd(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def member(identity: str, port: int, seen: float, group: str = "g") -> Member:

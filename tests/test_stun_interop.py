@@ -33,7 +33,7 @@ from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like test
     natlab_available,
     turnserver_available,
 )
-from tests.natlab.stun import run_stunclient, start_turnserver
+from tests.natlab.stun import communicate_bounded, run_stunclient, start_turnserver
 from tests.natlab.topologies import probe_topology
 from tests.test_probe_lab import (
     APD,
@@ -161,13 +161,7 @@ def run_bounded(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
     """Run ``argv`` (stdout+stderr merged); None as status when killed at ``timeout``."""
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        return None, out
+    return communicate_bounded(proc, timeout)
 
 
 def whoami(port: int, server: str, *, lab: Lab | None = None, node: object = None) -> tuple[str, int]:

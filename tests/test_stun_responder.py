@@ -296,7 +296,7 @@ def test_bare_binding_fast_paths_equal_the_full_path(txid: bytes, ip: int, port:
     src = Endpoint(ipaddress.IPv4Address(ip), port)
     full = responder.respond(request, src, primary)
     assert full is not None and full.send_from == primary and full.dest == src
-    build = responder.bare_binding_builder_v4(primary)
+    build = responder.bare_binding_builder(primary, 4)
     assert build is not None
     assert build(request, src.ip.packed, port) == full.data
     assert responder.bare_binding_reply(request, src.ip.packed, port, primary) == full.data

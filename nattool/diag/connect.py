@@ -116,9 +116,14 @@ def mapping_of(observed: dict[Endpoint, Endpoint], local: Endpoint) -> tuple[Opt
     endpoint), with the reasoning. None = unknown."""
     if len(observed) < 2:
         return None, "only one tracker answered: mapping behaviour unknown (give two trackers on different IPs)"
-    obs = [BindingObservation("s", local, dest, mapped) for dest, mapped in observed.items()]
-    behaviour, eim, reason = infer_mapping(obs)
-    seen = ", ".join(f"{t} saw {m}" for t, m in observed.items())
+    return _mapping_verdict(local, observed)
+
+
+def _mapping_verdict(local: Endpoint, seen_as: dict[Endpoint, Endpoint]) -> tuple[Optional[str], str]:
+    """EI/ED/None and the reasoning, from where each tracker saw one socket."""
+    obs = [BindingObservation("s", local, tracker, mapped) for tracker, mapped in seen_as.items()]
+    _, eim, reason = infer_mapping(obs)
+    seen = ", ".join(f"{t} saw {m}" for t, m in seen_as.items())
     if eim:
         return EI, f"{seen}: {reason}"
     if eim is False:
@@ -530,14 +535,7 @@ class Connector:
             return None, "seen by one tracker only: unknown"
         if any(len(v) != 1 for v in per_tracker.values()):
             return None, "several members behind that public IP: cannot tell"
-        obs = [BindingObservation("peer", member.endpoint, t, v[0]) for t, v in per_tracker.items()]
-        _, eim, reason = infer_mapping(obs)
-        seen = ", ".join(f"{t} saw {v[0]}" for t, v in per_tracker.items())
-        if eim:
-            return EI, f"{seen}: {reason}"
-        if eim is False:
-            return ED, f"{seen}: {reason}"
-        return None, f"{seen}: {reason}"
+        return _mapping_verdict(member.endpoint, {t: v[0] for t, v in per_tracker.items()})
 
     # -- receiving -------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import os
+import random
 import socket
 import sys
 import time
@@ -395,7 +396,7 @@ async def discover_each_async(
     usable = [r for r in records if not r.is_decline and r.port != 0]
     if not usable:
         return []
-    ordered = order_srv(usable, rng)
+    ordered = order_srv(usable, rng if rng is not None else random.Random())
 
     async def one(record: SrvRecord) -> ResolvedTracker | _Cause:
         try:

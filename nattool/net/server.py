@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
-from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
+from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.store.base import Store, StoreLimits, StoreStats
 from nattool.tracker.dispatch import PendingRegistration, TrackerCore
@@ -87,11 +87,7 @@ def _v6_source_key_cache() -> Callable[[str], str]:
     def key(host: str) -> str:
         value = cache.get(host)
         if value is None:
-            ip = ipaddress.IPv6Address(host.split("%", 1)[0])
-            if ip.ipv4_mapped is not None:
-                value = str(ip.ipv4_mapped)
-            else:
-                value = str(ipaddress.IPv6Address(int(ip) >> 64 << 64)) + "/64"
+            value = source_key(ipaddress.IPv6Address(host.split("%", 1)[0]))
             if len(cache) > 100_000:
                 cache.clear()
             cache[host] = value
@@ -198,7 +194,7 @@ class TrackerServer:
                 if responder is not None:
                     self._stun_by_local[local] = responder
                     if local.ip.version == 4:
-                        listener.bare_stun = responder.bare_binding_builder_v4(local)
+                        listener.bare_stun = responder.bare_binding_builder(local, 4)
                 loop.add_reader(sock.fileno(), self._drain, listener)
 
     async def stop(self) -> None:
@@ -239,7 +235,7 @@ class TrackerServer:
         v6key = self._v6key
         bare_stun = listener.bare_stun
         inet_aton = socket.inet_aton
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
         for _ in range(DRAIN_BATCH):
             try:
@@ -271,7 +267,7 @@ class TrackerServer:
                 except OSError:
                     self.core.counters["send_error"] += 1
                 continue
-            self._slow_path(listener, data, addr)
+            self._slow_path(listener, data, addr, now, wall)
         if nat:
             self.core.counters["nat"] += nat
         if stun:
@@ -280,7 +276,7 @@ class TrackerServer:
             # Everything this wake-up read is answered now: one transaction, no task.
             self._flush_now()
 
-    def _slow_path(self, listener: _Listener, data: bytes, addr: Any) -> None:
+    def _slow_path(self, listener: _Listener, data: bytes, addr: Any, now: float, wall: float) -> None:
         if data[:2] != b"//" and is_stun(data):
             responder = self._stun_by_local.get(listener.local)
             if responder is not None:
@@ -290,7 +286,7 @@ class TrackerServer:
             src = Endpoint.from_sockaddr(addr)
         except ValueError:
             return
-        outcome = self.core.on_datagram(data, src, time.monotonic(), time.time())
+        outcome = self.core.on_datagram(data, src, now, wall)
         if outcome is None:
             return
         if isinstance(outcome, bytes):

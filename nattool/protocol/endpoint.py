@@ -7,7 +7,6 @@ is written without port or brackets.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -84,17 +83,19 @@ class Endpoint:
     def from_sockaddr(cls, addr: tuple) -> "Endpoint":  # type: ignore[type-arg]
         """From a socket address tuple; IPv4-mapped IPv6 becomes plain IPv4.
 
-        The kernel's own text is canonical, so it is parsed with inet_pton (C) rather
-        than the ipaddress module's string parser, and kept as the wire text.
+        The kernel's own IPv4 text is canonical dotted quad, so it is turned into an
+        integer directly rather than through the ipaddress module's string parser,
+        and kept as the wire text.
         """
         host = str(addr[0]).split("%", 1)[0]
         port = int(addr[1])
         try:
             if ":" not in host:
-                ip: IPAddress = ipaddress.IPv4Address(int.from_bytes(socket.inet_aton(host), "big"))
+                a, b, c, d = map(int, host.split("."))
+                ip: IPAddress = ipaddress.IPv4Address(a << 24 | b << 16 | c << 8 | d)
                 return cls(ip, port, f"{host}:{port}")
-            ip = ipaddress.IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big"))
-        except OSError:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
             raise ValueError(f"bad socket address {host!r}") from None
         if ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped

@@ -5,7 +5,6 @@ Pure: the random source is passed in, so tests can pin the order.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
@@ -27,9 +26,9 @@ class SrvRecord:
         return self.target == ""
 
 
-def order_srv(records: Iterable[SrvRecord], rng: RandInt | None = None) -> list[SrvRecord]:
-    """The order in which to contact the targets, per RFC 2782's selection algorithm."""
-    rng = rng if rng is not None else random.Random()
+def order_srv(records: Iterable[SrvRecord], rng: RandInt) -> list[SrvRecord]:
+    """The order in which to contact the targets, per RFC 2782's selection algorithm.
+    ``rng`` is the caller's random source (the protocol package draws none itself)."""
     by_priority: dict[int, list[SrvRecord]] = {}
     for record in records:
         by_priority.setdefault(record.priority, []).append(record)

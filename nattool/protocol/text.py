@@ -8,7 +8,6 @@ Requests are ASCII; the first line is the request and any further lines are
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -30,6 +29,8 @@ _UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]
 _MAC_RE = re.compile(
     r"(?:[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{12})\Z"
 )
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
 _CANONICAL_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
 # One entry of the original client's field: a MAC, a dash, then a comma list of IPs.
 _MACIP_RE = re.compile(
@@ -85,14 +86,13 @@ def parse_lan_list(text: str) -> tuple[str, ...]:
 
 
 def _canonical_ip_text(text: str) -> str:
-    """Validate an address and return its canonical text. IPv4 goes through the C
-    inet_pton/inet_ntop pair (strict, and ten times cheaper than ipaddress); IPv6
-    through ipaddress, whose text form is the one used everywhere else."""
+    """Validate an address and return its canonical text. Dotted-quad IPv4 without
+    leading zeros is already canonical, so one regex match decides it (several times
+    cheaper than ipaddress); anything else goes through ipaddress."""
+    if _CANONICAL_IPV4_RE.match(text):
+        return text
     if "." in text and ":" not in text:
-        try:
-            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
-        except (OSError, ValueError):
-            raise MalformedRequest("bad lan address") from None
+        raise MalformedRequest("bad lan address")
     try:
         return str(parse_ip(text))
     except ProtocolError:

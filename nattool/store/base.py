@@ -79,20 +79,6 @@ class Member(_MemberFields):
     def endpoint(self) -> Endpoint:
         return Endpoint.from_text(self.endpoint_text)
 
-    def replace(self, **changes: object) -> "Member":
-        fields: dict[str, object] = {
-            "group": self.group,
-            "identity": self.identity,
-            "endpoint": self.endpoint_text,
-            "lan": self.lan_text,
-            "source": self.source,
-            "seen": self.seen,
-        }
-        fields.update(changes)
-        return Member(**fields)  # type: ignore[arg-type]
-
-    def key(self) -> tuple[str, str, str, tuple[str, ...], str, float]:
-        return tuple(self)  # type: ignore[return-value]
 
 
 class Registration(NamedTuple):

@@ -143,8 +143,8 @@ class StunResponder:
                 assert ip is not None and port is not None
                 self._by_role[(ip_alt, port_alt)] = Endpoint(ip, port)
         self._role_of = {ep: role for role, ep in self._by_role.items()}
-        # (local endpoint, IP version) -> (message length, attributes after MAPPED-ADDRESS)
-        self._bare_templates: dict[tuple[Endpoint, int], Optional[tuple[int, bytes]]] = {}
+        # (local endpoint, IP version) -> reply builder for bare Binding requests
+        self._bare_builders: dict[tuple[Endpoint, int], object] = {}
 
     @property
     def rfc5780(self) -> bool:
@@ -163,70 +163,53 @@ class StunResponder:
         built from a cached template with no parsing. Byte for byte what
         :meth:`respond` builds (a test proves it). None: use :meth:`respond`.
 
-        ``src_ip_packed`` is the 4- or 16-byte source address (socket.inet_pton).
+        ``src_ip_packed`` is the 4- or 16-byte source address.
         """
-        if len(data) != 20 or data[:8] != _BARE_BINDING_HEAD or src_port == 0:
+        if not is_bare_binding(data) or src_port == 0:
             return None
-        version = 4 if len(src_ip_packed) == 4 else 6
-        key = (local, version)
-        template = self._bare_templates.get(key, _MISSING)
-        if template is _MISSING:
-            template = self._bare_templates[key] = self._bare_template(local, version)
-        if template is None:
-            return None
-        length, tail = template  # type: ignore[misc]
-        txid = data[8:20]
-        xport = src_port ^ 0x2112
-        if version == 4:
-            xaddr = (int.from_bytes(src_ip_packed, "big") ^ MAGIC_COOKIE).to_bytes(4, "big")
-            family = b"\x00\x01"
-            alen = b"\x00\x08"
-        else:
-            mask = int.from_bytes(_COOKIE + txid, "big")
-            xaddr = (int.from_bytes(src_ip_packed, "big") ^ mask).to_bytes(16, "big")
-            family = b"\x00\x02"
-            alen = b"\x00\x14"
-        return b"".join(
-            (
-                b"\x01\x01",
-                length,
-                _COOKIE,
-                txid,
-                b"\x00\x20",
-                alen,
-                family,
-                xport.to_bytes(2, "big"),
-                xaddr,
-                b"\x00\x01",
-                alen,
-                family,
-                src_port.to_bytes(2, "big"),
-                src_ip_packed,
-                tail,
-            )
-        )
+        build = self.bare_binding_builder(local, 4 if len(src_ip_packed) == 4 else 6)
+        return None if build is None else build(data, src_ip_packed, src_port)
 
-    def bare_binding_builder_v4(self, local: Endpoint) -> Optional[Callable[[bytes, bytes, int], bytes]]:
-        """A function (request, packed IPv4 source, source port) -> reply for bare
-        Binding requests from IPv4 sources arriving on ``local``: the template of
-        :meth:`bare_binding_reply` with everything constant bound in advance, for the
-        server's hottest STUN path. The caller checks the request is bare
-        (:func:`is_bare_binding`). None when this socket has no such template."""
-        template = self._bare_template(local, 4)
+    def bare_binding_builder(self, local: Endpoint, version: int) -> Optional[Callable[[bytes, bytes, int], bytes]]:
+        """A function (bare request, packed source address, source port) -> reply for
+        requests from ``version`` sources arriving on ``local``, with everything
+        constant bound in advance (cached): the server calls it straight from its
+        receive loop. The caller checks the request is bare (:func:`is_bare_binding`).
+        None when this socket's replies do not follow the template."""
+        key = (local, version)
+        build = self._bare_builders.get(key, _MISSING)
+        if build is _MISSING:
+            build = self._bare_builders[key] = self._make_builder(local, version)
+        return build  # type: ignore[return-value]
+
+    def _make_builder(self, local: Endpoint, version: int) -> Optional[Callable[[bytes, bytes, int], bytes]]:
+        template = self._bare_template(local, version)
         if template is None:
             return None
         length, tail = template
         head = b"\x01\x01" + length + _COOKIE
-        xma = b"\x00\x20\x00\x08\x00\x01"
-        ma = b"\x00\x01\x00\x08\x00\x01"
+        family_len = b"\x00\x08\x00\x01" if version == 4 else b"\x00\x14\x00\x02"
+        xma = b"\x00\x20" + family_len
+        ma = b"\x00\x01" + family_len
         join = b"".join
+        if version == 4:
 
-        def build(data: bytes, packed: bytes, port: int) -> bytes:
-            x = int.from_bytes(packed, "big") ^ MAGIC_COOKIE
-            return join(
-                (head, data[8:20], xma, (port ^ 0x2112).to_bytes(2, "big"), x.to_bytes(4, "big"),
-                 ma, port.to_bytes(2, "big"), packed, tail)
-            )
+            def build(data: bytes, packed: bytes, port: int) -> bytes:
+                x = int.from_bytes(packed, "big") ^ MAGIC_COOKIE
+                return join(
+                    (head, data[8:20], xma, (port ^ 0x2112).to_bytes(2, "big"), x.to_bytes(4, "big"),
+                     ma, port.to_bytes(2, "big"), packed, tail)
+                )
+
+        else:
+
+            def build(data: bytes, packed: bytes, port: int) -> bytes:
+                txid = data[8:20]
+                x = int.from_bytes(packed, "big") ^ int.from_bytes(_COOKIE + txid, "big")
+                return join(
+                    (head, txid, xma, (port ^ 0x2112).to_bytes(2, "big"), x.to_bytes(16, "big"),
+                     ma, port.to_bytes(2, "big"), packed, tail)
+                )
 
         return build
 

@@ -226,6 +226,12 @@ def run_stunclient(lab: Lab, node: NodeRef, server_ip: str, port: int = 3478, *,
     proc = lab.popen(node, ["turnutils_stunclient", "-p", str(port), *extra_args, server_ip],
                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, text=True, errors="replace")
+    return communicate_bounded(proc, timeout)
+
+
+def communicate_bounded(proc: "subprocess.Popen[str]", timeout: float) -> tuple[int | None, str]:
+    """Wait for ``proc`` at most ``timeout`` seconds, killing it then; returns its exit
+    status (None when killed) and its output so far."""
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
