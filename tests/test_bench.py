@@ -36,7 +36,7 @@ REPO = HERE.parents[1]
 def fake_server(mode: str) -> None:
     """Answer //nat, Binding requests and seed-form registrations; ``mode`` says how
     to go wrong: ok, drop10 (every 10th request unanswered), wrong-endpoint,
-    wrong-txid, garbage."""
+    wrong-txid, garbage; slow answers right, 20 ms late."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)
@@ -51,6 +51,8 @@ def fake_server(mode: str) -> None:
         n += 1
         if mode == "drop10" and n % 10 == 0:
             continue
+        if mode == "slow":
+            time.sleep(0.020)
         host, port = addr[0], addr[1]
         if mode == "wrong-endpoint":
             port = port + 1 if port < 65535 else 1
@@ -162,6 +164,17 @@ def test_open_loop_holds_the_rate(fake) -> None:
         report.offered_rate < 1800 and (report.generator_limited or report.result.skipped)
     ), report.to_json()
     assert report.result.answered == report.result.sent
+
+
+def test_open_loop_latency_is_the_servers_delay(fake) -> None:
+    """Open loop on Linux times replies by the kernel's receive timestamp: the
+    figure must be the server's real delay, not zero, and not a clock mix-up."""
+    report = run_bench(quick(fake("slow"), rate=20.0, window=None, duration=1.0, timeout=0.5))
+    doc = report.to_json()
+    assert report.result.answered == report.result.sent > 10, doc
+    if sys.platform.startswith("linux"):
+        assert doc["latency_ms"]["clock"] == "kernel"
+    assert 20.0 <= doc["latency_ms"]["min"] and doc["latency_ms"]["p50"] < 60.0, doc["latency_ms"]
 
 
 def test_several_processes_merge(fake) -> None:
@@ -284,7 +297,8 @@ def test_cli_json_schema_and_exit_ok(fake) -> None:
     assert res.exit_code == ExitCode.OK, res.output
     doc = json.loads(res.stdout)
     assert set(doc) == JSON_KEYS
-    assert set(doc["latency_ms"]) == {"min", "p50", "p90", "p99", "p99.9", "max", "mean", "relative_error"}
+    assert set(doc["latency_ms"]) == {"min", "p50", "p90", "p99", "p99.9", "max", "mean", "relative_error", "clock"}
+    assert doc["latency_ms"]["clock"] == "user"  # closed loop: the generator's own clock
     assert set(doc["generator"]) >= {"cpu_user", "cpu_system", "cpu_per_process", "limited", "limit_reason"}
     assert doc["answered"] == doc["sent"] > 0 and doc["mode"] == "closed"
 

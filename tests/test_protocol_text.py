@@ -24,6 +24,7 @@ from nattool.protocol.text import (
     TrackersRequest,
     canonical_mac,
     parse_request,
+    parse_seed_register,
 )
 
 SEED_EXAMPLE = b"//51pwn/P2P&E2E/46D0F69E-E347-47A7-8E95-43E5BAA95348/0/192.168.0.56,172.66.0.10/77:5b:67:a5:87:66"
@@ -230,3 +231,59 @@ def test_mutated_requests_raise_only_our_errors(data: bytes, edits: list[tuple[i
         except NattoolError:
             return
         assert parse_request(req.to_wire()) == req
+
+
+# --- the registration fast path agrees with the parser ----------------------------------
+
+
+def _agrees_with_parse_request(data: bytes) -> bool:
+    """parse_seed_register either declines (None) or says what parse_request says.
+    Returns whether it took the input."""
+    fast = parse_seed_register(data)
+    if fast is None:
+        return False
+    req = parse_request(data)  # never raises for an input the fast path took
+    assert isinstance(req, RegisterRequest) and req.form == "seed"
+    group, lan_text, identity = fast
+    assert (group, lan_text, identity) == (req.group, ",".join(req.lan), req.identity)
+    assert req.public is None and req.extensions == {} and req.offset == 0
+    return True
+
+
+FAST_FORMS = [
+    b"//51pwn/P2P&E2E/g/0/0/0",
+    b"//51pwn/P2P&E2E/46D0F69E-E347-47A7-8E95-43E5BAA95348/0/192.168.0.56,172.66.0.10/77:5b:67:a5:87:66",
+    b"//51pwn/P2P&E2E/abc_DEF.1-2/0/10.0.0.1/02:00:00:00:00:01 \r",
+    SEED_EXAMPLE,
+]
+
+
+def test_fast_path_takes_the_common_forms() -> None:
+    assert all(_agrees_with_parse_request(d) for d in FAST_FORMS)
+    # ...and leaves everything else to parse_request
+    for other in (
+        ORIGINAL_EXAMPLE,
+        SEED_EXAMPLE + b"\noffset=3",
+        b"//51pwn/P2P&E2E/g/1.2.3.4:5/0/0",  # a public endpoint
+        b"//51pwn/P2P&E2E/g/0/10.0.0.1,10.0.0.1/0",  # a duplicate (parse_lan_list drops it)
+        b"//51pwn/P2P&E2E/g/0/010.0.0.1/0",  # not canonical
+        b"//51pwn/P2P&E2E/g/0/fd00::1/0",  # IPv6 LAN address
+        b"//51pwn/P2P&E2E/g/0/0/77-5B-67-A5-87-66",  # another MAC spelling
+        b"//nat",
+    ):
+        assert parse_seed_register(other) is None, other
+
+
+@settings(max_examples=1000)
+@given(st.sampled_from(FAST_FORMS), st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10**6), st.integers(0, 255)), max_size=4))
+def test_fast_path_never_disagrees_on_mutations(data: bytes, edits: list[tuple[int, int, int]]) -> None:
+    _agrees_with_parse_request(_mutate(data, edits))
+
+
+@settings(max_examples=300)
+@given(groups | st.uuids().map(lambda u: str(u).upper()), st.lists(ipv4.map(str), max_size=17), st.none() | macs)
+def test_fast_path_agrees_on_generated_registrations(group: str, lan: list[str], mac: str | None) -> None:
+    data = f"//51pwn/P2P&E2E/{group}/0/{','.join(lan) or '0'}/{mac or '0'}".encode()
+    took = _agrees_with_parse_request(data)
+    if len(lan) <= 16 and len(set(lan)) == len(lan):
+        assert took, data  # the common case must not fall back

@@ -258,7 +258,8 @@ def test_expire_compacts_the_log_in_bounded_batches(tmp_path: Path) -> None:
 
     async def body() -> None:
         n = mod.EXPIRE_BATCH * 3 + 10
-        await store.register([Registration(member("g", f"m{i}", 1 + i, now)) for i in range(n)], now)
+        # distinct instants: a row each (one instant would make one row)
+        await store.register([Registration(member("g", f"m{i}", 1 + i, now + i * 1e-6)) for i in range(n)], now)
         # re-registrations append; the older rows are dead once the TTL passes
         await store.register([Registration(member("g", "m0", 1, now + 1))], now + 1)
         assert rows() == n + 1
@@ -276,3 +277,49 @@ def test_expire_compacts_the_log_in_bounded_batches(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(body())
+
+
+def test_one_instant_is_one_row_and_replays_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    now = time.time()
+    store = reopen(path)
+    batch = [Registration(member("g", f"m{i}", 1000 + i, now)) for i in range(5)]
+    batch.append(Registration(member("h", "x", 2000, now + 0.5)))
+    asyncio.run(store.register(batch, now + 0.5))
+    close(store)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM log").fetchone() == (2,)
+    store = reopen(path)
+    try:
+        [view] = asyncio.run(store.register([Registration(member("g", "new", 1, now + 1))], now + 1))
+        assert isinstance(view, GroupView)
+        assert [m.identity for m in view.others] == ["m4", "m3", "m2", "m1", "m0"]  # newest first
+        assert sorted(m.identity for m in store.index.members()) == ["m0", "m1", "m2", "m3", "m4", "new", "x"]
+    finally:
+        close(store)
+
+
+def test_a_version_1_file_is_migrated_with_its_members(tmp_path: Path) -> None:
+    """Version 1 wrote a row per member: such rows are rows of one member."""
+    path = tmp_path / "v1.db"
+    now = time.time()
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, seen REAL NOT NULL, rec TEXT NOT NULL);"
+            "CREATE TABLE trackers (endpoint TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
+            f"PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version=1;"
+        )
+        for i in range(3):
+            rec = "\x1f".join(["g", f"m{i}", f"198.51.100.{i + 1}:{4000 + i}", "10.0.0.1", f"198.51.100.{i + 1}"])
+            db.execute("INSERT INTO log (seen, rec) VALUES (?, ?)", (now - 3 + i, rec))
+    db.close()
+    store = reopen(path)
+    try:
+        members = {m.identity: m for m in store.index.members()}
+        assert sorted(members) == ["m0", "m1", "m2"]
+        assert members["m2"].endpoint_text == "198.51.100.3:4002" and members["m2"].lan == ("10.0.0.1",)
+    finally:
+        close(store)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+    db.close()

@@ -28,6 +28,7 @@ from nattool.diag.bench_engine import (
     EngineResult,
     Progress,
     run_engine,
+    rx_timestamps_supported,
 )
 from nattool.diag.histogram import Histogram
 from nattool.errors import UsageError
@@ -140,6 +141,7 @@ class BenchReport:
                 "max": ms(s.max),
                 "mean": ms(s.mean),
                 "relative_error": r.histogram.relative_error,
+                "clock": r.latency_clock,
             },
             "invalid_reasons": dict(r.invalid_reasons),
             "by_kind": r.by_kind,
@@ -317,6 +319,7 @@ def engine_plans(config: BenchConfig, start_at_ns: int = 0) -> list[EnginePlan]:
                 max_requests=bound,
                 start_at_ns=start_at_ns,
                 spin=c.spin,
+                rx_timestamps=rate is not None and rx_timestamps_supported(),
             )
         )
     return plans
@@ -341,6 +344,7 @@ def merge_results(parts: list[EngineResult]) -> EngineResult:
         out.cpu_user += r.cpu_user
         out.cpu_system += r.cpu_system
         out.idle += r.idle
+        out.latency_clock = r.latency_clock
         for kind, counts in r.by_kind.items():
             mine = out.by_kind.setdefault(kind, {})
             for key, value in counts.items():

@@ -54,6 +54,12 @@ _LINE = _EP + rb"(?:;[0-9A-Fa-f:.,]{1,800})?"
 _MEMBER_LIST_RE = re.compile(rb"(?:" + _LINE + rb")(?:\n(?:" + _LINE + rb"|next=\d{1,6}))*\n?")
 FULL_PARSE_EVERY = 64
 
+# Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS) where it is 35; Python does not name it.
+_SO_TIMESTAMPNS = 35
+_TIMESTAMPNS_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "aarch64", "arm64", "armv7l", "riscv64", "s390x", "ppc64le"})
+_TIMESPEC = struct.Struct("@qq")
+IDLE_SLEEP_S = 20e-6  # open loop, nothing due: sleep rather than spin (see run())
+
 SEND_BATCH = 64  # requests sent per loop turn before looking for replies
 PROGRESS_EVERY_NS = 500_000_000
 MAX_BACKLOG_S = 0.01  # open loop: a schedule further behind than this is skipped, not burst
@@ -78,6 +84,9 @@ class EnginePlan:
     max_requests: int = 50_000_000  # hard bound on requests, whatever the rate
     start_at_ns: int = 0  # time.monotonic_ns() at which to start (aligns processes)
     spin: bool = False  # busy-poll while waiting for replies instead of sleeping in epoll
+    # Latency from the kernel's receive timestamp of each reply (open loop, Linux):
+    # the generator's own scheduling delays then do not count as server latency.
+    rx_timestamps: bool = False
 
 
 @dataclass(slots=True)
@@ -95,6 +104,7 @@ class EngineResult:
     cpu_user: float = 0.0
     cpu_system: float = 0.0
     idle: float = 0.0  # seconds of the run spent spinning idle (inside cpu_user/system)
+    latency_clock: str = "user"  # "kernel": receive timestamps from the kernel (SO_TIMESTAMPNS)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +121,7 @@ class EngineResult:
             "cpu_user": self.cpu_user,
             "cpu_system": self.cpu_system,
             "idle": self.idle,
+            "latency_clock": self.latency_clock,
         }
 
     @classmethod
@@ -129,6 +140,7 @@ class EngineResult:
             cpu_user=obj["cpu_user"],
             cpu_system=obj["cpu_system"],
             idle=obj["idle"],
+            latency_clock=obj.get("latency_clock", "user"),
         )
 
 
@@ -146,6 +158,14 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
+
+
+def rx_timestamps_supported() -> bool:
+    """Whether the kernel can stamp each received datagram (Linux, known ABI)."""
+    import platform
+    import sys
+
+    return sys.platform.startswith("linux") and platform.machine().lower() in _TIMESTAMPNS_MACHINES
 
 
 def endpoint_text(host: str, port: int) -> bytes:
@@ -246,6 +266,8 @@ class Engine:
             sock.setblocking(False)
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, 1 << 18)
+            if self.plan.rx_timestamps:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             sock.bind((self._bind_host(s), 0))
             sock.connect(self.plan.target)
         except OSError as exc:
@@ -309,6 +331,13 @@ class Engine:
         kind_pos = 0
 
         sent_at = [0] * nsock  # 0: free
+        rx_ts = plan.rx_timestamps
+        sent_wall = [0] * nsock  # time.time_ns() just before the send (rx_ts only)
+        wall_ns = time.time_ns
+        unpack_ts = _TIMESPEC.unpack
+        sleep = time.sleep
+        nap = False
+        anc: list[Any] = []
         counted = [False] * nsock
         kind_of = [0] * nsock
         expect: list[bytes] = [b""] * nsock
@@ -417,6 +446,8 @@ class Engine:
                         expect[s] = local_text[s] + lan
                     else:
                         payload = b"//tcksvr"
+                    if rx_ts:
+                        sent_wall[s] = wall_ns()
                     try:
                         socks[s].send(payload)
                     except BlockingIOError:
@@ -450,6 +481,9 @@ class Engine:
                 else:
                     gap = t0 + (issued + 1) * ns_per_req - now
                     wait = gap / 1e9 if gap > 1_500_000 else 0.0
+                    # Spinning here would starve the kernel's softirq thread on this
+                    # core: replies then wait for a scheduler tick (4 ms stalls).
+                    nap = not spin
             elif spin and sending:
                 # Spin rather than sleep: a sleeping generator makes every reply the
                 # server sends pay for a wake-up, which halves a fast server's rate.
@@ -457,6 +491,9 @@ class Engine:
             else:
                 wait = 0.002
             events = poll(wait)
+            if nap and not events:
+                sleep(IDLE_SLEEP_S)
+            nap = False
             if events:
                 worked = True
                 now = perf()
@@ -465,7 +502,10 @@ class Engine:
                     if s is None:
                         continue
                     try:
-                        data = socks[s].recv(2048)
+                        if rx_ts:
+                            data, anc, _flags, _addr = socks[s].recvmsg(2048, 64)
+                        else:
+                            data = socks[s].recv(2048)
                     except BlockingIOError:
                         continue
                     except OSError:
@@ -530,7 +570,13 @@ class Engine:
                         if ok:
                             answered += 1
                             k_ok[kind] += 1
-                            v = now - t_sent
+                            if rx_ts and anc:
+                                sec, nsec = unpack_ts(anc[0][2])
+                                v = sec * 1_000_000_000 + nsec - sent_wall[s]
+                                if v < 0:  # the wall clock stepped back
+                                    v = 0
+                            else:
+                                v = now - t_sent
                             if v < h_min:
                                 h_min = v
                             if v > h_max:
@@ -586,6 +632,7 @@ class Engine:
         res.cpu_user = end_cpu.user - measure_cpu0.user
         res.cpu_system = end_cpu.system - measure_cpu0.system
         res.idle = idle_ns / 1e9
+        res.latency_clock = "kernel" if rx_ts else "user"
         res.sent, res.answered, res.lost, res.invalid = sent, answered, lost, invalid
         res.send_errors, res.skipped = send_errors, skipped
         res.invalid_reasons = reasons

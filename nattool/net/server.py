@@ -23,6 +23,7 @@ from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
+from nattool.protocol.text import REGISTER_PREFIX
 from nattool.store.base import Store, StoreLimits, StoreStats
 from nattool.tracker.dispatch import PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
@@ -36,6 +37,8 @@ MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
 # A bare STUN Binding request starts with these 8 bytes (type, length 0, magic cookie).
 _BARE_BINDING_HEAD = b"\x00\x01\x00\x00" + MAGIC_COOKIE.to_bytes(4, "big")
+_REGISTER_HEAD = REGISTER_PREFIX.encode()
+_REGISTER_HEAD_LEN = len(_REGISTER_HEAD)
 _STORE_UNAVAILABLE = StoreError("store unavailable")
 
 
@@ -99,12 +102,13 @@ def _v6_source_key_cache() -> Callable[[str], str]:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed", "bare_stun")
+    __slots__ = ("local", "sock", "closed", "bare_stun", "v4")
 
     def __init__(self, local: Endpoint, sock: socket.socket) -> None:
         self.local = local
         self.sock = sock
         self.closed = False
+        self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
         # (request, packed IPv4 source, port) -> reply, for bare Binding requests
         self.bare_stun: Callable[[bytes, bytes, int], bytes] | None = None
 
@@ -235,6 +239,7 @@ class TrackerServer:
         v6key = self._v6key
         bare_stun = listener.bare_stun
         inet_aton = socket.inet_aton
+        register_v4 = self.core.on_register_v4 if listener.v4 else None
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
         for _ in range(DRAIN_BATCH):
@@ -267,6 +272,11 @@ class TrackerServer:
                 except OSError:
                     self.core.counters["send_error"] += 1
                 continue
+            if register_v4 is not None and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD:
+                pending = register_v4(data, host, addr[1], wall)
+                if pending is not None:
+                    self._enqueue(pending, listener, addr)
+                    continue
             self._slow_path(listener, data, addr, now, wall)
         if nat:
             self.core.counters["nat"] += nat
@@ -293,10 +303,13 @@ class TrackerServer:
             # An empty reply is meaningful: "I know no trackers" (PROTOCOL.md section 3).
             self._send(listener, outcome, addr)
             return
+        self._enqueue(outcome, listener, addr)
+
+    def _enqueue(self, pending: PendingRegistration, listener: _Listener, addr: Any) -> None:
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
             self.core.counters["drop_overload"] += 1
             return
-        self._batch.append((outcome, listener, addr))
+        self._batch.append((pending, listener, addr))
         if not self._sync_store and not self._flush_scheduled:
             self._flush_scheduled = True
             assert self._loop is not None

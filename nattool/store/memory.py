@@ -17,6 +17,10 @@ from nattool.store.base import (
     TrackerRecord,
 )
 
+# Groups up to this size are listed by walking all of their members at once.
+SMALL_GROUP = 64
+
+
 class MemberIndex:
     """Groups of members with replacement by identity, TTL expiry and caps.
 
@@ -57,10 +61,15 @@ class MemberIndex:
         group = self._groups.get(me.group)
         if group is None:
             return GroupView(me=me, others=(), total_others=0)
-        others: list[Member] = []
         horizon = now - self.limits.ttl
-        skip = offset
         identity = me.identity
+        if len(group) <= SMALL_GROUP:
+            # Most groups are small: one comprehension over all of it beats the
+            # stepwise walk below, which exists to stop early in big groups.
+            live = [m for m in reversed(group.values()) if m.seen > horizon and m.identity != identity]
+            return GroupView(me, tuple(live[offset : offset + limit]), len(live))
+        others: list[Member] = []
+        skip = offset
         for member in reversed(group.values()):  # newest first
             if member.seen <= horizon or member.identity == identity:
                 continue
@@ -83,6 +92,15 @@ class MemberIndex:
         limits = self.limits
         group = self._groups.get(member.group)
         old = group.get(member.identity) if group is not None else None
+        if old is not None and old.source == member.source:
+            # A re-registration from the same source (the keepalive, the bulk of a
+            # tracker's traffic): move it to the newest end; the per-source counts
+            # do not change.
+            del group[member.identity]  # type: ignore[union-attr]
+            group[member.identity] = member  # type: ignore[index]
+            del self._by_age[old]
+            self._by_age[member] = None
+            return None
         if old is None:
             if len(self._by_age) >= limits.max_members:
                 self.expire(now)

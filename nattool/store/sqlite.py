@@ -7,7 +7,9 @@ loop turn received) is written as ONE transaction: group commit.
 The file is an append-only log of registrations, not a table updated in place:
 appending to the end of a rowid b-tree costs about 1 us a row, an upsert into a
 (group, identity) table with a ``seen`` index 15-25 us (benchmarks/store_bench.py
-measures this). Opening replays the log through the same index, which reproduces
+measures this). A row holds every member that one batch registered at one instant
+(the server stamps a whole event-loop wake-up with one clock reading), so a commit
+inserts one row, not one per registration. Opening replays the log through the same index, which reproduces
 replacement by identity and group evictions. Compaction is trivial because of
 soft state: a row whose ``seen`` is older than the TTL is dead -- its member
 either expired or registered again since, in a later row -- so ``expire()``
@@ -37,7 +39,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import IO, Iterable, Sequence
+from typing import IO, Sequence
 
 from nattool.errors import LimitError, ProtocolError, StoreError
 from nattool.protocol.endpoint import Endpoint
@@ -52,7 +54,8 @@ from nattool.store.base import (
 )
 from nattool.store.memory import MemberIndex, TrackerTable
 
-SCHEMA_VERSION = 1
+# 2: a row holds every member one batch registered at one instant (was: one member)
+SCHEMA_VERSION = 2
 # PRAGMA application_id marks the file as ours ("natT"), so that we never migrate
 # somebody else's database by mistake.
 APPLICATION_ID = 0x6E617454
@@ -62,12 +65,13 @@ EXPIRE_BATCH = 2000
 # Pages in the WAL before SQLite checkpoints inside a commit (SQLite's default).
 WAL_AUTOCHECKPOINT_PAGES = 1000
 _SEP = "\x1f"  # fields; none of them can hold control characters
+_REC = "\x1e"  # members within one row (schema 2)
 
 _SCHEMA_V1 = """
 CREATE TABLE log (
     seq  INTEGER PRIMARY KEY AUTOINCREMENT,  -- append order; never reused (workers tail it)
     seen REAL NOT NULL,
-    rec  TEXT NOT NULL          -- group US identity US endpoint US lan(comma list) US source
+    rec  TEXT NOT NULL          -- members (RS-separated): group US identity US endpoint US lan US source
 );
 CREATE TABLE trackers (
     endpoint TEXT PRIMARY KEY,
@@ -76,7 +80,9 @@ CREATE TABLE trackers (
 """
 
 # version found in the file -> script that brings it to the next version
-_MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+# (1 -> 2 changes what a row may hold, not the tables: a version 1 row is a row of
+# one member. The version still moves, so that an older nattool refuses the file.)
+_MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: ""}
 
 _APPEND = "INSERT INTO log (seen, rec) VALUES (?, ?)"
 # Dead rows among the oldest ones. Rows are appended in time order, so this
@@ -100,14 +106,30 @@ def default_sqlite_path() -> Path:
     return base / "nattool" / "tracker.db"
 
 
-def _row(member: Member) -> tuple[float, str]:
+def _record(member: Member) -> str:
     # The endpoint as the wire text the member already carries: no formatting on
     # the hot path; it is validated when the log is replayed.
-    return (
-        member.seen,
-        f"{member.group}{_SEP}{member.identity}{_SEP}{member.endpoint_text}{_SEP}"
-        f"{member.lan_text}{_SEP}{member.source}",
-    )
+    return f"{member.group}{_SEP}{member.identity}{_SEP}{member.endpoint_text}{_SEP}{member.lan_text}{_SEP}{member.source}"
+
+
+def _rows(members: Sequence[Member]) -> list[tuple[float, str]]:
+    """One row per run of members registered at the same instant: normally the
+    whole batch (the server stamps one event-loop wake-up with one clock reading)."""
+    rows: list[tuple[float, str]] = []
+    start, n = 0, len(members)
+    while start < n:
+        seen = members[start].seen
+        end = start + 1
+        while end < n and members[end].seen == seen:
+            end += 1
+        rows.append((seen, _REC.join([_record(m) for m in members[start:end]])))
+        start = end
+    return rows
+
+
+def _members(seen: float, rec: str) -> list[Member]:
+    """The members of one log row, in the order they registered."""
+    return [_member(seen, part) for part in rec.split(_REC)]
 
 
 def _member(seen: float, rec: str) -> Member:
@@ -283,17 +305,18 @@ class SqliteStore(Store):
         ):
             self._tail_seq = seq
             try:
-                member = _member(seen, rec)
+                members = _members(seen, rec)
             except (ProtocolError, ValueError):
                 # Not a record we write: count it, serve nothing made up, and
                 # leave the row alone until it is older than the TTL.
                 self.bad_rows += 1
                 continue
-            try:
-                index.upsert(member, now)
-            except LimitError:  # the caps were lowered since the row was written
-                continue
-            self.loaded += 1
+            for member in members:
+                try:
+                    index.upsert(member, now)
+                except LimitError:  # the caps were lowered since the row was written
+                    continue
+                self.loaded += 1
         for endpoint_text, expires in db.execute(
             "SELECT endpoint, expires FROM trackers WHERE expires > ? ORDER BY expires DESC",
             (now,),
@@ -360,9 +383,10 @@ class SqliteStore(Store):
             self._catch_up(db, now)
             results, written, _evicted = self.index.register_batch(batch, now)
             if written:
-                db.executemany(_APPEND, map(_row, written))
+                rows = _rows(written)
+                db.executemany(_APPEND, rows)
                 self._tail_seq = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-                self.appended += len(written)
+                self.appended += len(rows)
             db.execute("COMMIT")
         except (sqlite3.Error, StoreError) as exc:
             if db.in_transaction:
@@ -383,16 +407,23 @@ class SqliteStore(Store):
             if seen <= horizon:
                 continue
             try:
-                self.index.upsert(_member(seen, rec), now)
-            except (ProtocolError, ValueError, LimitError):
+                members = _members(seen, rec)
+            except (ProtocolError, ValueError):
                 self.bad_rows += 1
+                continue
+            for member in members:
+                try:
+                    self.index.upsert(member, now)
+                except LimitError:
+                    continue
 
-    def _commit(self, written: Iterable[Member]) -> None:
+    def _commit(self, written: Sequence[Member]) -> None:
         db = self._require()
         started = time.perf_counter()
+        rows = _rows(written)
         db.execute("BEGIN")
         try:
-            cursor = db.executemany(_APPEND, map(_row, written))
+            cursor = db.executemany(_APPEND, rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

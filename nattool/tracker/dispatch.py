@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import NamedTuple, Union
 
-from nattool.errors import NattoolError, ProtocolError
+from nattool.errors import NattoolError
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
 from nattool.protocol.text import (
@@ -23,16 +23,19 @@ from nattool.protocol.text import (
     RegisterRequest,
     TrackersRequest,
     parse_request,
+    parse_seed_register,
 )
-from nattool.store.base import RegisterResult, Registration
+from nattool.store.base import Member, RegisterResult, Registration
 from nattool.tracker.federation import Federation
-from nattool.tracker.registry import build_member_reply, member_from_request, registration_for
+from nattool.tracker.registry import MAX_PAGE, build_member_reply, member_from_request, registration_for
 
 
 class PendingRegistration(NamedTuple):
     registration: Registration
-    request: RegisterRequest
-    budget: int
+    budget: int  # the reply's size bound (amplification rule)
+    paging: bool  # the client speaks the paging extension: add "next=N" when cut
+
+_new_tuple = tuple.__new__  # see Member.from_texts
 
 
 Outcome = Union[bytes, PendingRegistration, None]
@@ -52,6 +55,9 @@ class TrackerCore:
         self.federation = federation
         self.safe_datagram = safe_datagram
         self.counters: Counter[str] = Counter()
+        # reply_budget() by request length, up to where it reaches safe_datagram:
+        # an index instead of a call on the registration fast path.
+        self._budgets = tuple(reply_budget(n, safe_datagram) for n in range(safe_datagram // 3 + 1))
 
     def on_datagram(self, data: bytes, src: Endpoint, now: float, wall_now: float) -> Outcome:
         counters = self.counters
@@ -79,7 +85,7 @@ class TrackerCore:
                 counters["malformed"] += 1
                 return ErrorReply(str(exc)).to_wire()[:budget]
             counters["register"] += 1
-            return PendingRegistration(registration, request, budget)
+            return PendingRegistration(registration, budget, request.wants_paging)
         if isinstance(request, TrackersRequest):
             counters["trackers"] += 1
             return self._tracker_list(budget, wall_now)
@@ -88,6 +94,26 @@ class TrackerCore:
             self.federation.on_announce(request, src, now)
             return self._tracker_list(budget, wall_now)
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
+
+    def on_register_v4(self, data: bytes, host: str, port: int, wall_now: float) -> PendingRegistration | None:
+        """The common registration from an IPv4 source, decided without request or
+        Endpoint objects; None when it is not that case (then :meth:`on_datagram`).
+
+        ``host`` is the kernel's text of the source address (canonical dotted quad),
+        which is also the source's accounting key.
+        """
+        fields = parse_seed_register(data)
+        if fields is None:
+            return None
+        group, lan_text, identity = fields
+        endpoint = f"{host}:{port}"
+        member = Member.from_texts(group, identity or endpoint, endpoint, lan_text, host, wall_now)
+        size = len(data)
+        budgets = self._budgets
+        budget = budgets[size] if size < len(budgets) else self.safe_datagram
+        self.counters["register"] += 1
+        registration = _new_tuple(Registration, (member, 0, min(MAX_PAGE, budget // 10)))
+        return _new_tuple(PendingRegistration, (registration, budget, False))
 
     def _tracker_list(self, budget: int, wall_now: float) -> bytes:
         lines = self.federation.tracker_list(wall_now).trackers
@@ -104,12 +130,7 @@ class TrackerCore:
         if isinstance(result, NattoolError):
             self.counters["register_refused"] += 1
             return ErrorReply(str(result)).to_wire()[: pending.budget]
-        request = pending.request
-        try:
-            offset = request.offset
-        except ProtocolError:  # pragma: no cover - offset was validated at parse time
-            offset = 0
-        reply = build_member_reply(result, pending.budget, request.wants_paging, offset)
+        reply = build_member_reply(result, pending.budget, pending.paging, pending.registration.offset)
         if len(result.others) and reply.count(b"\n") < len(result.others):
             self.counters["cut_amplification"] += 1
         return reply

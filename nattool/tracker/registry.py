@@ -51,11 +51,23 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     if len(lines[0]) > budget:
         lines[0] = me.endpoint_text
     used = len(lines[0])
+    source = me.source
+    others = view.others
+    if not paging:
+        # Usually everything fits: build it whole, and walk line by line only
+        # when it has to be cut (the same cut: the newest members that fit).
+        whole = "\n".join(
+            lines + [
+                f"{o.endpoint_text};{o.lan_text}" if o.lan_text and o.source == source else o.endpoint_text
+                for o in others
+            ]
+        )
+        if len(whole) <= budget:
+            return whole.encode("ascii")
     # Keep room for the "next=N" paging line when the client speaks paging.
     reserve = 12 if paging else 0
     shown = 0
-    source = me.source
-    for other in view.others:
+    for other in others:
         if other.lan_text and other.source == source:
             line = f"{other.endpoint_text};{other.lan_text}"
         else:
