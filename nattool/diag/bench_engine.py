@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import random
 import re
 import select
 import socket
@@ -59,6 +58,12 @@ _SO_TIMESTAMPNS = 35
 _TIMESTAMPNS_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "aarch64", "arm64", "armv7l", "riscv64", "s390x", "ppc64le"})
 _TIMESPEC = struct.Struct("@qq")
 IDLE_SLEEP_S = 20e-6  # open loop, nothing due: sleep rather than spin (see run())
+
+# Binding requests each socket cycles through, built once: a socket has one request
+# outstanding and a timed-out socket is replaced (new transaction ids), so ids need
+# only differ from the socket's recent ones. A reply byte-identical to one already
+# validated for the very same request is valid without parsing it again.
+STUN_RING = 8
 
 SEND_BATCH = 64  # requests sent per loop turn before looking for replies
 PROGRESS_EVERY_NS = 500_000_000
@@ -225,7 +230,9 @@ class Engine:
         self.local_text: list[bytes] = []
         self.local_host: list[str] = []
         self.local_port: list[int] = []
-        self.xma_v4: list[bytes] = []
+        self.stun_req: list[bytes] = [b""] * (plan.sockets * STUN_RING)  # [s * STUN_RING + slot]
+        self.stun_xma: list[bytes] = [b""] * (plan.sockets * STUN_RING)  # its XOR-MAPPED-ADDRESS
+        self.stun_memo: list[Optional[bytes]] = [None] * (plan.sockets * STUN_RING)  # a validated reply to it
         n = plan.sockets
         self.ids_of: list[list[int]] = [[] for _ in range(n)]
         for j, ident in enumerate(plan.members):
@@ -238,7 +245,6 @@ class Engine:
                 self.local_text.append(b"")
                 self.local_host.append("")
                 self.local_port.append(0)
-                self.xma_v4.append(b"")
                 self._open(s, first=True)
         except BaseException:
             self.close()
@@ -277,7 +283,11 @@ class Engine:
         self.local_host[s] = lhost
         self.local_port[s] = lport
         self.local_text[s] = endpoint_text(lhost, lport)
-        self.xma_v4[s] = b"" if self.v6 else xor_mapped_value(lhost, lport, b"")
+        for k in range(s * STUN_RING, (s + 1) * STUN_RING):
+            txid = os.urandom(12)
+            self.stun_req[k] = _BINDING_HEAD + txid
+            self.stun_xma[k] = xor_mapped_value(lhost, lport, txid)
+            self.stun_memo[k] = None
         self.fd_index[sock.fileno()] = s
         self.epoll.register(sock.fileno(), select.EPOLLIN)
 
@@ -322,8 +332,8 @@ class Engine:
         socks = self.socks
         fd_index = self.fd_index
         local_text = self.local_text
-        xma_v4 = self.xma_v4
-        v6 = self.v6
+        stun_req, stun_xma, stun_memo = self.stun_req, self.stun_xma, self.stun_memo
+        stun_slot = [0] * nsock
         poll = self.epoll.poll
         perf = time.monotonic_ns
         kinds = plan.kinds
@@ -341,7 +351,7 @@ class Engine:
         counted = [False] * nsock
         kind_of = [0] * nsock
         expect: list[bytes] = [b""] * nsock
-        expect2: list[bytes] = [b""] * nsock
+        stun_key = [0] * nsock  # index of the Binding request outstanding on a socket
         free = list(range(nsock - 1, -1, -1))
         outstanding = 0
 
@@ -352,10 +362,6 @@ class Engine:
         reasons: Counter[str] = Counter()
         sent = answered = lost = invalid = send_errors = skipped = 0
         reg_replies = 0
-
-        rng = random.Random(plan.seed * 7919 + os.getpid())
-        tx_prefix = rng.getrandbits(32).to_bytes(4, "big")
-        tx_counter = rng.getrandbits(40)
 
         closed = plan.window is not None
         spin = plan.spin
@@ -434,13 +440,11 @@ class Engine:
                         payload = b"//nat"
                         expect[s] = local_text[s]
                     elif kind == KIND_STUN:
-                        tx_counter += 1
-                        txid = tx_prefix + (tx_counter & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
-                        payload = _BINDING_HEAD + txid
-                        expect[s] = txid
-                        expect2[s] = (
-                            xor_mapped_value(self.local_host[s], self.local_port[s], txid) if v6 else xma_v4[s]
-                        )
+                        slot = stun_slot[s]
+                        stun_slot[s] = (slot + 1) % STUN_RING
+                        k = s * STUN_RING + slot
+                        payload = stun_req[k]
+                        stun_key[s] = k
                     elif kind == KIND_REGISTER:
                         payload, lan = self._register_payload(s)
                         expect[s] = local_text[s] + lan
@@ -520,16 +524,21 @@ class Engine:
                         ok = data == expect[s]
                         why = "nat: not our endpoint"
                     elif kind == KIND_STUN:
-                        ok = (
-                            len(data) >= 32
-                            and data[:2] == _BINDING_OK
-                            and data[8:20] == expect[s]
-                            and ((data[2] << 8) | data[3]) + 20 == len(data)
-                            and expect2[s] in data
-                        )
+                        k = stun_key[s]
+                        ok = data == stun_memo[k]
                         why = "stun: bad reply"
                         if not ok:
-                            if len(data) >= 20 and data[8:20] != expect[s]:
+                            txid = stun_req[k][8:20]
+                            ok = (
+                                len(data) >= 32
+                                and data[:2] == _BINDING_OK
+                                and data[8:20] == txid
+                                and ((data[2] << 8) | data[3]) + 20 == len(data)
+                                and stun_xma[k] in data
+                            )
+                            if ok:
+                                stun_memo[k] = data
+                            elif len(data) >= 20 and data[8:20] != txid:
                                 why = "stun: wrong transaction id"
                             elif len(data) >= 20 and data[:2] != _BINDING_OK:
                                 why = "stun: not a binding success"

@@ -59,9 +59,14 @@ SCHEMA_VERSION = 2
 # PRAGMA application_id marks the file as ours ("natT"), so that we never migrate
 # somebody else's database by mistake.
 APPLICATION_ID = 0x6E617454
-# Rows deleted per statement when expiring: bounds the time one expire() holds the
-# loop (and the size of one WAL transaction).
-EXPIRE_BATCH = 2000
+# Rows deleted per statement when expiring: bounds the time one statement holds the
+# loop (and the size of one WAL transaction). A row holds one wake-up's batch, up
+# to a few hundred members in several KB of overflow pages, so a statement of 64
+# rows stays near a millisecond.
+EXPIRE_BATCH = 64
+# Members dropped from the index per step, and per expire() call (a step is ~1 ms).
+MEMBER_EXPIRE_STEP = 1000
+MEMBER_EXPIRE_MAX = 8000
 # Pages in the WAL before SQLite checkpoints inside a commit (SQLite's default).
 WAL_AUTOCHECKPOINT_PAGES = 1000
 _SEP = "\x1f"  # fields; none of them can hold control characters
@@ -434,10 +439,16 @@ class SqliteStore(Store):
         self.commit_seconds += time.perf_counter() - started
 
     async def expire(self, now: float) -> int:
-        gone = self.index.expire(now, EXPIRE_BATCH * 4)
+        gone = 0
+        while gone < MEMBER_EXPIRE_MAX:
+            step = len(self.index.expire(now, MEMBER_EXPIRE_STEP))
+            gone += step
+            if step < MEMBER_EXPIRE_STEP:
+                break
+            await asyncio.sleep(0)
         # Keep pace with the appends: delete up to twice what was appended since
         # the last call, and at least one batch, one bounded statement at a time.
-        # Between statements the loop gets control back (a statement is ~2 ms).
+        # Between statements the loop gets control back.
         budget = max(EXPIRE_BATCH, 2 * self.appended)
         self.appended = 0
         horizon = now - self.limits.ttl
@@ -452,7 +463,7 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             self.write_errors += 1
             raise StoreError(f"cannot compact {self.path}: {exc}") from None
-        return len(gone)
+        return gone
 
     def _compact(self, horizon: float, budget: int) -> int:
         """Delete dead log rows, EXPIRE_BATCH per statement, up to ``budget``."""
