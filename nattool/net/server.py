@@ -402,9 +402,14 @@ class TrackerServer:
         counters["store_batches"] += 1
         counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
         finish = self.core.finish_registration
-        send = self._send
         for (pending, listener, addr), result in zip(batch, results):
-            send(listener, finish(pending, result), addr)
+            # _send, inlined: this loop runs once per registration
+            if listener.closed:
+                continue
+            try:
+                listener.sock.sendto(finish(pending, result), addr)
+            except OSError:
+                counters["send_error"] += 1
 
     def _store_failed(self, refused: int, error: StoreError) -> None:
         counters = self.core.counters

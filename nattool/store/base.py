@@ -36,12 +36,6 @@ class StoreLimits:
     max_trackers: int = 64
 
 
-# tuple.__new__ straight: a NamedTuple's own __new__ is a Python-level function,
-# and the tracker builds several of these per registration.
-_new_tuple = tuple.__new__
-_intern = sys.intern
-
-
 class _MemberFields(NamedTuple):
     group: str  # canonical group key (see protocol.text.canonical_group)
     identity: str  # canonical MAC, or the endpoint text when the node gave none
@@ -60,6 +54,8 @@ class Member(_MemberFields):
     reply needs anyway) and parsed into an :class:`Endpoint` only when asked; group
     keys and sources are interned, as many members share them; the LAN list is kept
     as its wire text too (a tuple of strings would cost 56 bytes more per member).
+    The registration fast path (TrackerCore.on_register_v4) builds the tuple
+    directly, with the same interning, to spare a call per registration.
     """
 
     __slots__ = ()
@@ -76,13 +72,6 @@ class Member(_MemberFields):
         text = endpoint if isinstance(endpoint, str) else endpoint.to_text()
         lan_text = lan if isinstance(lan, str) else ",".join(lan)
         return tuple.__new__(cls, (sys.intern(group), identity, text, lan_text, sys.intern(source), seen))
-
-    @classmethod
-    def from_texts(
-        cls, group: str, identity: str, endpoint_text: str, lan_text: str, source: str, seen: float
-    ) -> "Member":
-        """From fields already in wire text (the registration fast path)."""
-        return _new_tuple(cls, (_intern(group), identity, endpoint_text, lan_text, _intern(source), seen))
 
     @property
     def lan(self) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ store; :meth:`TrackerCore.finish_registration` then builds the reply.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import NamedTuple, Union
 
@@ -35,7 +36,10 @@ class PendingRegistration(NamedTuple):
     budget: int  # the reply's size bound (amplification rule)
     paging: bool  # the client speaks the paging extension: add "next=N" when cut
 
-_new_tuple = tuple.__new__  # see Member.from_texts
+# tuple.__new__ straight: a NamedTuple's own __new__ is a Python-level function,
+# and the registration fast path builds three of these per registration.
+_new_tuple = tuple.__new__
+_intern = sys.intern
 
 
 Outcome = Union[bytes, PendingRegistration, None]
@@ -107,7 +111,9 @@ class TrackerCore:
             return None
         group, lan_text, identity = fields
         endpoint = f"{host}:{port}"
-        member = Member.from_texts(group, identity or endpoint, endpoint, lan_text, host, wall_now)
+        # Member(...) without its checks and conversions: every field is already
+        # wire text; group and source are interned as Member() does.
+        member = _new_tuple(Member, (_intern(group), identity or endpoint, endpoint, lan_text, _intern(host), wall_now))
         size = len(data)
         budgets = self._budgets
         budget = budgets[size] if size < len(budgets) else self.safe_datagram
