@@ -10,7 +10,9 @@ HOME, --rate-limit 0 because the generator is one source), then runs
 `nattool bench` against each, workloads interleaved round by round so that a noisy
 neighbour hurts every server alike, and prints one table with ratios to coturn's
 STUN Binding rate measured in the same run. A last pass measures p99 latency at
-half of each nattool workload's maximum rate (open loop).
+half of each nattool workload's maximum rate (open loop). Registrations are also
+measured against a second `nattool serve --store memory`, which shows what the
+embedded store's commits cost.
 
 Everything stays on 127.0.0.1.
 """
@@ -129,15 +131,15 @@ def start_coturn(work: Path) -> Optional[Server]:
     return server
 
 
-def start_nattool(work: Path, extra: tuple[str, ...] = ()) -> Server:
+def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool") -> Server:
     port = free_port()
     log = work / f"nattool-{port}.log"
-    home = work / "home"
+    home = work / f"home-{name}"
     home.mkdir(exist_ok=True)
     args = [sys.executable, "-m", "nattool", "serve", "--host", HOST, "--port", str(port), "--rate-limit", "0", "--log-level", "warning", *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env(home))
-    server = Server("nattool", port, proc, log)
+    server = Server(name, port, proc, log)
     try:
         wait_stun(port)
     except RuntimeError:
@@ -198,8 +200,9 @@ def main() -> int:
         (work / "home").mkdir()
         coturn = start_coturn(work)
         nattool = start_nattool(work, tuple(opts.serve_arg))
-        servers = [s for s in (coturn, nattool) if s is not None]
-        plan = [(nattool, "nat"), (nattool, "stun"), (nattool, "register")]
+        memory = start_nattool(work, (*opts.serve_arg, "--store", "memory"), name="nattool-memory")
+        servers = [s for s in (coturn, nattool, memory) if s is not None]
+        plan = [(nattool, "nat"), (nattool, "stun"), (nattool, "register"), (memory, "register")]
         if coturn is not None:
             plan.insert(0, (coturn, "stun"))
         try:
@@ -220,6 +223,8 @@ def main() -> int:
             for workload in ("nat", "stun", "register"):
                 rate = cases[("nattool", workload)].median("achieved_rate") / 2
                 half[workload] = run_bench(cmd, nattool, workload, duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work)
+            rate = cases[("nattool-memory", "register")].median("achieved_rate") / 2
+            half["memory-register"] = run_bench(cmd, memory, "register", duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work)
             if coturn is not None:
                 rate = cases[("coturn", "stun")].median("achieved_rate") / 2
                 half["coturn-stun"] = run_bench(cmd, coturn, "stun", duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work)
@@ -239,7 +244,7 @@ def main() -> int:
     for (name, workload), case in cases.items():
         rate = case.median("achieved_rate")
         ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
-        key = workload if name == "nattool" else "coturn-stun"
+        key = {"nattool": workload, "nattool-memory": f"memory-{workload}"}.get(name, "coturn-stun")
         h = half.get(key)
         p99_half = f"{h['latency_ms']['p99']:.3f}" if h else "-"
         print(

@@ -165,3 +165,40 @@ def test_memory_store_batch_results() -> None:
     assert results[0].me == m1  # type: ignore[union-attr]
     assert isinstance(results[1], LimitError)
     assert ipaddress.ip_address("203.0.113.1") == m1.endpoint.ip
+
+
+# --- the registration fast path decides exactly what the general path decides ------------
+
+_fast_groups = st.text("abcdefXYZ0123456789._-", min_size=1, max_size=64) | st.uuids().map(lambda u: str(u).upper())
+_fast_lans = st.lists(st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n))), max_size=16, unique=True)
+_fast_macs = st.none() | st.binary(min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))
+
+
+@settings(max_examples=300)
+@given(_fast_groups, _fast_lans, _fast_macs, st.integers(0, 2**32 - 1), st.integers(1, 65535), st.integers(0, 400))
+def test_fast_path_outcome_equals_the_general_path(group: str, lan: list[str], mac: str | None, ip: int, port: int, pad: int) -> None:
+    from nattool.tracker.dispatch import TrackerCore
+    from nattool.tracker.federation import Federation, FederationConfig
+
+    core = TrackerCore(Federation(FederationConfig()))
+    data = f"//51pwn/P2P&E2E/{group}/0/{','.join(lan) or '0'}/{mac or '0'}".encode() + b" " * pad
+    host = str(ipaddress.IPv4Address(ip))
+    fast = core.on_register_v4(data, host, port, 1234.5)
+    general = core.on_datagram(data, Endpoint.from_sockaddr((host, port)), 0.0, 1234.5)
+    assert fast is not None  # every such request takes the fast path
+    assert fast == general  # member, offset, page size, budget, paging: all equal
+    assert fast.registration.member.group is general.registration.member.group  # interned alike
+    assert core.counters["register"] == 2
+
+
+def test_mass_expiry_is_done_in_bounded_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nattool.store import memory
+
+    monkeypatch.setattr(memory, "EXPIRE_STEP", 100)
+    monkeypatch.setattr(memory, "EXPIRE_MAX", 300)
+    index = MemberIndex(StoreLimits(ttl=10, max_groups_per_source=1000))
+    for i in range(450):
+        register(index, f"//51pwn/P2P&E2E/g{i % 40}/0/0/aa:aa:aa:aa:{i >> 8:02x}:{i & 255:02x}".encode(), "203.0.113.1:1000", 0.0)
+    assert len(index) == 450
+    assert asyncio.run(memory.expire_in_steps(index, 100.0)) == 300  # bounded per call
+    assert asyncio.run(memory.expire_in_steps(index, 100.0)) == 150 and len(index) == 0

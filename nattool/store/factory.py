@@ -56,7 +56,7 @@ def open_store(spec: str, limits: StoreLimits, *, shared: bool = False) -> Store
         url = _REDIS_SCHEMES[scheme.lower()] + "://" + text[len(scheme) + 3 :]
         try:
             parts = urlsplit(url)
-            port = parts.port
+            parts.port  # noqa: B018 - reading it validates the port (ValueError)
             db = parts.path.strip("/")
         except ValueError as exc:
             raise _bad(spec, str(exc)) from None

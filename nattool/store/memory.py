@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Iterator, Sequence
 
 from nattool.errors import LimitError, NattoolError
@@ -19,6 +20,22 @@ from nattool.store.base import (
 
 # Groups up to this size are listed by walking all of their members at once.
 SMALL_GROUP = 64
+# Members dropped from the index per step (~0.25 ms), and per expire() call: the
+# event loop gets a turn between steps, so a mass expiry never stalls it.
+EXPIRE_STEP = 250
+EXPIRE_MAX = 8000
+
+
+async def expire_in_steps(index: "MemberIndex", now: float) -> int:
+    """Expire up to EXPIRE_MAX members, EXPIRE_STEP at a time; return how many went."""
+    gone = 0
+    while gone < EXPIRE_MAX:
+        step = len(index.expire(now, EXPIRE_STEP))
+        gone += step
+        if step < EXPIRE_STEP:
+            break
+        await asyncio.sleep(0)
+    return gone
 
 
 class MemberIndex:
@@ -234,7 +251,7 @@ class MemoryStore(Store):
         return self.register_now(batch, now)
 
     async def expire(self, now: float) -> int:
-        return len(self.index.expire(now))
+        return await expire_in_steps(self.index, now)
 
     async def save_tracker(self, record: TrackerRecord) -> None:
         self.trackers.save(record)
