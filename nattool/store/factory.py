@@ -64,7 +64,6 @@ def open_store(spec: str, limits: StoreLimits, *, shared: bool = False) -> Store
             raise _bad(spec, "no host")
         if db and not db.isdigit():
             raise _bad(spec, f"database {db!r} is not a number")
-        del port
         from nattool.store.redis import RedisStore
 
         return RedisStore(limits, url)
