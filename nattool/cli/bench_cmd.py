@@ -19,7 +19,7 @@ def bench(
     members: Annotated[int, typer.Option("--members", metavar="M", help="Distinct member identities that register.")] = 10_000,
     sockets: Annotated[int, typer.Option("--sockets", metavar="S", help="Source sockets per process (each carries one outstanding request).")] = 256,
     window: Annotated[Optional[int], typer.Option("--window", metavar="W", help="Closed loop: requests kept outstanding (all processes) [default: 128].", show_default=False)] = None,
-    rate: Annotated[Optional[float], typer.Option("--rate", metavar="R", help="Open loop: requests per second (all processes).", show_default=False)] = None,
+    rate: Annotated[Optional[float], typer.Option("--rate", metavar="R", help="Open loop: requests per second (all processes); on Linux latency is then timed by the kernel's receive timestamp of each reply.", show_default=False)] = None,
     duration: Annotated[float, typer.Option("--duration", metavar="SECONDS", help="Measured seconds.")] = 10.0,
     warmup: Annotated[float, typer.Option("--warmup", metavar="SECONDS", help="Seconds of load before measuring.")] = 1.0,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="A request without a reply after this long is lost.")] = 1.0,
@@ -179,7 +179,7 @@ def _render(d: dict[str, Any]) -> None:
         ("invalid", f"{d['invalid']:,}"),
         ("offered rate", f"{d['offered_rate']:,.0f}/s"),
         ("achieved rate", f"{d['achieved_rate']:,.0f} replies/s"),
-        ("latency ms", f"min {lat['min']:.3f}  p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  p99.9 {lat['p99.9']:.3f}  max {lat['max']:.3f}"),
+        ("latency ms" + (" (kernel rx time)" if lat.get("clock") == "kernel" else ""), f"min {lat['min']:.3f}  p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  p99.9 {lat['p99.9']:.3f}  max {lat['max']:.3f}"),
     ]
     gen = d["generator"]
     cpu = "+".join(f"{x * 100:.0f}%" for x in gen["cpu_per_process"])

@@ -36,6 +36,7 @@ class PendingRegistration(NamedTuple):
     budget: int  # the reply's size bound (amplification rule)
     paging: bool  # the client speaks the paging extension: add "next=N" when cut
 
+
 # tuple.__new__ straight: a NamedTuple's own __new__ is a Python-level function,
 # and the registration fast path builds three of these per registration.
 _new_tuple = tuple.__new__
