@@ -343,8 +343,9 @@ class Connector:
             fast = not any(p.active for p in self.peers.values())
             wait = FAST_REGISTER if fast else self.opts.register_every
             try:
-                await asyncio.wait_for(self._register_now.wait(), wait)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait):  # not wait_for: see net/client.py
+                    await self._register_now.wait()
+            except TimeoutError:
                 pass
             self._register_now.clear()
 

@@ -142,8 +142,12 @@ class UdpClient:
                 if left <= 0:
                     break
                 try:
-                    data = await asyncio.wait_for(queue.get(), left)
-                except asyncio.TimeoutError:
+                    # Not asyncio.wait_for: on Python 3.11 it can swallow a
+                    # cancellation (Ctrl-C) that lands as the reply arrives, and the
+                    # command then runs on (CPython gh-86296).
+                    async with asyncio.timeout(left):
+                        data = await queue.get()
+                except TimeoutError:
                     break
                 try:
                     value = parse(data)
