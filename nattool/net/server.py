@@ -240,6 +240,8 @@ class TrackerServer:
         bare_stun = listener.bare_stun
         inet_aton = socket.inet_aton
         register_v4 = self.core.on_register_v4 if listener.v4 else None
+        # A synchronous store is flushed at the end of this call: append directly.
+        sync_batch = self._batch if self._sync_store else None
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
         for _ in range(DRAIN_BATCH):
@@ -275,7 +277,10 @@ class TrackerServer:
             if register_v4 is not None and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD:
                 pending = register_v4(data, host, addr[1], wall)
                 if pending is not None:
-                    self._enqueue(pending, listener, addr)
+                    if sync_batch is not None and len(sync_batch) < MAX_QUEUED_REGISTRATIONS:
+                        sync_batch.append((pending, listener, addr))  # _enqueue, inlined
+                    else:
+                        self._enqueue(pending, listener, addr)
                     continue
             self._slow_path(listener, data, addr, now, wall)
         if nat:

@@ -191,16 +191,17 @@ class MemberIndex:
         results: list[RegisterResult] = []
         written: list[Member] = []
         evicted: list[Member] = []
-        for reg in batch:
+        upsert, view = self.upsert, self.view
+        for member, offset, limit in batch:
             try:
-                gone = self.upsert(reg.member, now)
+                gone = upsert(member, now)
             except NattoolError as exc:
                 results.append(exc)
                 continue
             if gone is not None:
                 evicted.append(gone)
-            written.append(reg.member)
-            results.append(self.view(reg.member, reg.offset, reg.limit, now))
+            written.append(member)
+            results.append(view(member, offset, limit, now))
         return results, written, evicted
 
 
