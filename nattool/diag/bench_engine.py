@@ -16,7 +16,16 @@ Every reply is validated: ``//nat`` must name the socket's own endpoint, a STUN
 reply must be a Binding success with our transaction id and our own
 XOR-MAPPED-ADDRESS, a registration reply must start with the requester's own line
 and be a well-formed member list, a tracker list must parse. Anything else is
-"invalid", counted apart from losses (no reply within the timeout).
+"invalid", counted apart from losses (no reply within the timeout). A STUN reply
+byte-identical to one already validated for the very same request (see STUN_RING)
+is valid without being parsed again.
+
+Latency in the open loop is taken from the kernel's receive timestamp of each reply
+(SO_TIMESTAMPNS) minus the wall clock just before the send, so that the generator's
+own scheduling does not count as the server's; the closed loop, which measures
+throughput, reads the monotonic clock once per poll. Waiting for the next send, the
+open loop sleeps rather than spins: a spinning generator starves the kernel's softirq
+thread on its core, and replies then sit in a queue for a scheduler tick (4 ms).
 """
 
 from __future__ import annotations
