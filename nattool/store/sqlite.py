@@ -108,12 +108,6 @@ def default_sqlite_path() -> Path:
     return base / "nattool" / "tracker.db"
 
 
-def _record(member: Member) -> str:
-    # The endpoint as the wire text the member already carries: no formatting on
-    # the hot path; it is validated when the log is replayed.
-    return f"{member.group}{_SEP}{member.identity}{_SEP}{member.endpoint_text}{_SEP}{member.lan_text}{_SEP}{member.source}"
-
-
 def _rows(members: Sequence[Member]) -> list[tuple[float, str]]:
     """One row per run of members registered at the same instant: normally the
     whole batch (the server stamps one event-loop wake-up with one clock reading)."""
@@ -124,7 +118,12 @@ def _rows(members: Sequence[Member]) -> list[tuple[float, str]]:
         end = start + 1
         while end < n and members[end].seen == seen:
             end += 1
-        rows.append((seen, _REC.join([_record(m) for m in members[start:end]])))
+        # A member is its fields joined by US, the endpoint as the wire text it
+        # already carries (validated when the log is replayed).
+        rows.append((seen, _REC.join([
+            f"{m.group}{_SEP}{m.identity}{_SEP}{m.endpoint_text}{_SEP}{m.lan_text}{_SEP}{m.source}"
+            for m in members[start:end]
+        ])))
         start = end
     return rows
 
