@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from nattool.diag.bench_engine import (
-    KIND_NAMES,
     KIND_NAT,
     KIND_REGISTER,
     KIND_STUN,
