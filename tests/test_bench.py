@@ -192,17 +192,7 @@ def test_several_processes_merge(fake) -> None:
 def test_real_tracker_short_run_is_clean(shared_tracker, mix: str) -> None:
     tp = shared_tracker  # memory store, --rate-limit 0
     report = run_bench(
-        BenchConfig(
-            target=Endpoint.from_text(tp.endpoint),
-            mix=parse_mix(mix),
-            sockets=64,
-            window=16,
-            duration=1.0,
-            warmup=0.2,
-            timeout=1.0,
-            groups=100,
-            members=1000,
-        )
+        quick(Endpoint.from_text(tp.endpoint), mix, sockets=64, window=16, duration=1.0, warmup=0.2, timeout=1.0, groups=100, members=1000)
     )
     r = report.result
     assert r.invalid == 0, dict(r.invalid_reasons)

@@ -129,13 +129,19 @@ def test_punching_succeeds(natlab: Lab, lab_home: Path, left: NatBehaviour, righ
     RESULTS.append((f"{left.value} x {right.value}", "path up (internet)", f"path up (internet) {runs}/{runs}", times))
 
 
-def test_chat_line_crosses_two_port_restricted_nats(natlab: Lab, lab_home: Path) -> None:  # noqa: F811
-    topo = pair_topology(natlab, N.EIM_APDF, N.EIM_APDF)
+def connected_pair(natlab: Lab, lab_home: Path, left: N, right: N, group: str):  # type: ignore[no-untyped-def]  # noqa: F811
+    """Two peers behind NATs of these kinds, each with its path up to the other."""
+    topo = pair_topology(natlab, left, right)
     start_trackers(natlab, lab_home)
-    a = spawn_peer(natlab, topo.left, lab_home, "chat", 43284)
-    b = spawn_peer(natlab, topo.right, lab_home, "chat", 43284)
+    a = spawn_peer(natlab, topo.left, lab_home, group, 43284)
+    b = spawn_peer(natlab, topo.right, lab_home, group, 43284)
     a.expect('"event":"path_up"')
     b.expect('"event":"path_up"')
+    return topo, a, b
+
+
+def test_chat_line_crosses_two_port_restricted_nats(natlab: Lab, lab_home: Path) -> None:  # noqa: F811
+    topo, a, b = connected_pair(natlab, lab_home, N.EIM_APDF, N.EIM_APDF, "chat")
     a.sendline("hello through two NATs")
     b.expect(r'\{"event":"message"[^\n]*\n')
     msg = json.loads(b.after.strip())
@@ -184,12 +190,7 @@ def test_both_symmetric_is_reported_impossible(natlab: Lab, lab_home: Path) -> N
 
 def test_stranger_knowing_the_endpoint_cannot_inject(natlab: Lab, lab_home: Path) -> None:  # noqa: F811
     # Full cone on the victim's side, so the stranger's datagrams really reach its socket.
-    topo = pair_topology(natlab, N.EIM_EIF, N.EIM_APDF)
-    start_trackers(natlab, lab_home)
-    a = spawn_peer(natlab, topo.left, lab_home, "secret-group", 43284)
-    b = spawn_peer(natlab, topo.right, lab_home, "secret-group", 43284)
-    a.expect('"event":"path_up"')
-    b.expect('"event":"path_up"')
+    topo, a, b = connected_pair(natlab, lab_home, N.EIM_EIF, N.EIM_APDF, "secret-group")
     stranger = udp_agent(natlab, topo.stranger).bind("203.0.113.50", 0)
     target = (topo.left_nat.wan_ip, 43284)
     forged = derive_key("guessed-group")

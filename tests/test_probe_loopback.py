@@ -169,12 +169,16 @@ def test_server_without_rfc5780_never_yields_filtering(servers: list[LoopbackStu
     assert result.to_json()["filtering"] is None
 
 
-def test_server_that_ignores_change_request(servers: list[LoopbackStun]) -> None:
-    liar = LoopbackStun(ignore_change=True)
-    servers.append(liar)
-    result = probe([stun_target(liar)], families=(4,))
-    fam = result.primary
+def _probe_alone(servers: list[LoopbackStun], server: LoopbackStun):  # type: ignore[no-untyped-def]
+    """Probe over IPv4 with this one server; the IPv4 result."""
+    servers.append(server)
+    fam = probe([stun_target(server)], families=(4,)).primary
     assert fam is not None
+    return fam
+
+
+def test_server_that_ignores_change_request(servers: list[LoopbackStun]) -> None:
+    fam = _probe_alone(servers, LoopbackStun(ignore_change=True))
     assert fam.behaviour.filtering is None, fam.behaviour.filtering_reason
     assert fam.servers[0].rfc5780 is False  # answers from P while claiming the alternate
 
@@ -183,11 +187,7 @@ def test_server_that_silently_drops_change_request(servers: list[LoopbackStun]) 
     # The worst case: OTHER-ADDRESS is real and answers, but CHANGE-REQUEST is dropped, so
     # the filtering tests time out exactly as behind a port-restricted NAT. The control
     # test (alternate addresses contacted first) tells the two apart.
-    mute = LoopbackStun(drop_change=True)
-    servers.append(mute)
-    result = probe([stun_target(mute)], families=(4,))
-    fam = result.primary
-    assert fam is not None
+    fam = _probe_alone(servers, LoopbackStun(drop_change=True))
     assert fam.behaviour.filtering is None, fam.behaviour.filtering_reason
     assert "control" in fam.behaviour.filtering_reason
     assert fam.servers[0].rfc5780 is False

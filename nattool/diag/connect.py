@@ -266,7 +266,7 @@ class Connector:
     # -- sockets ---------------------------------------------------------------------
 
     async def _open(self) -> ClientPool:
-        pool = _BoundPool(self.opts.port, self.opts.bind)
+        pool = ClientPool(self.opts.port, self.opts.bind)
         families = {socket.AF_INET6 if t.ip.version == 6 else socket.AF_INET for t in self.opts.trackers}
         for family in sorted(families):
             probe = next(t for t in self.opts.trackers if (t.ip.version == 6) == (family == socket.AF_INET6))
@@ -781,29 +781,6 @@ async def _pump_stdin(connector: Connector, emit: Emit) -> None:
 # --------------------------------------------------------------------------- plumbing
 
 
-class _BoundPool(ClientPool):
-    """ClientPool whose sockets bind a chosen local address (loopback tests stand in
-    for hosts with different public IPs by binding 127.0.0.2, 127.0.0.3, ...)."""
-
-    def __init__(self, local_port: int, local_host: Optional[str]) -> None:
-        super().__init__(local_port)
-        self.local_host = local_host
-        self._mine: dict[int, UdpClient] = {}
-
-    async def for_endpoint(self, dest: Endpoint) -> UdpClient:
-        family = socket.AF_INET6 if dest.ip.version == 6 else socket.AF_INET
-        client = self._mine.get(family)
-        if client is None:
-            host = self.local_host if self.local_host and _family_of(self.local_host) == family else None
-            client = self._mine[family] = await UdpClient.open(family, host, self.local_port)
-        return client
-
-    def close(self) -> None:
-        for client in self._mine.values():
-            client.close()
-        self._mine.clear()
-
-
 class _PoolView(ClientPool):
     """What the Registrar sees: the connector's own sockets, never new ones."""
 
@@ -817,13 +794,6 @@ class _PoolView(ClientPool):
 
     def close(self) -> None:
         pass
-
-
-def _family_of(host: str) -> int:
-    try:
-        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return socket.AF_INET
 
 
 __all__ = [

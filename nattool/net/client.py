@@ -8,6 +8,7 @@ Shared by whoami/register/trackers and, below them, probe, connect and bench.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
 from dataclasses import dataclass
@@ -189,17 +190,24 @@ def _norm_host(host: str) -> str:
 
 class ClientPool:
     """Lazily opened sockets, one per address family, shared by a command's requests
-    so that every tracker sees the same local port (the same NAT mapping)."""
+    so that every tracker sees the same local port (the same NAT mapping).
 
-    def __init__(self, local_port: int = 0) -> None:
+    ``local_host`` binds the socket of its own family to that address (`connect
+    --bind`; loopback tests stand in for hosts with different public IPs by binding
+    127.0.0.2, 127.0.0.3, ...); the other family binds the wildcard.
+    """
+
+    def __init__(self, local_port: int = 0, local_host: str | None = None) -> None:
         self.local_port = local_port
+        self.local_host = local_host
         self._clients: dict[int, UdpClient] = {}
 
     async def for_endpoint(self, dest: Endpoint) -> UdpClient:
         family = socket.AF_INET6 if dest.ip.version == 6 else socket.AF_INET
         client = self._clients.get(family)
         if client is None:
-            client = self._clients[family] = await UdpClient.open(family, local_port=self.local_port)
+            host = self.local_host if self.local_host and _family_of(self.local_host) == family else None
+            client = self._clients[family] = await UdpClient.open(family, host, self.local_port)
         return client
 
     def close(self) -> None:
@@ -212,3 +220,10 @@ class ClientPool:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _family_of(host: str) -> int:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET

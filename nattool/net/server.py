@@ -240,8 +240,6 @@ class TrackerServer:
         bare_stun = listener.bare_stun
         inet_aton = socket.inet_aton
         register_v4 = self.core.on_register_v4 if listener.v4 else None
-        # A synchronous store is flushed at the end of this call: append directly.
-        sync_batch = self._batch if self._sync_store else None
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
         for _ in range(DRAIN_BATCH):
@@ -277,10 +275,7 @@ class TrackerServer:
             if register_v4 is not None and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD:
                 pending = register_v4(data, host, addr[1], wall)
                 if pending is not None:
-                    if sync_batch is not None and len(sync_batch) < MAX_QUEUED_REGISTRATIONS:
-                        sync_batch.append((pending, listener, addr))  # _enqueue, inlined
-                    else:
-                        self._enqueue(pending, listener, addr)
+                    self._enqueue(pending, listener, addr)
                     continue
             self._slow_path(listener, data, addr, now, wall)
         if nat:
@@ -407,14 +402,9 @@ class TrackerServer:
         counters["store_batches"] += 1
         counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
         finish = self.core.finish_registration
+        send = self._send
         for (pending, listener, addr), result in zip(batch, results):
-            # _send, inlined: this loop runs once per registration
-            if listener.closed:
-                continue
-            try:
-                listener.sock.sendto(finish(pending, result), addr)
-            except OSError:
-                counters["send_error"] += 1
+            send(listener, finish(pending, result), addr)
 
     def _store_failed(self, refused: int, error: StoreError) -> None:
         counters = self.core.counters

@@ -24,14 +24,17 @@ MAX_ANNOUNCED = 8
 MAX_EXTENSIONS = 16
 MAX_REASON = 60
 
-_GROUP_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+_GROUP = r"[A-Za-z0-9._-]{1,64}"
+_GROUP_RE = re.compile(_GROUP + r"\Z")
 _UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\Z")
 _MAC_RE = re.compile(
     r"(?:[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{12})\Z"
 )
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_CANONICAL_IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
-_CANONICAL_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")
+_CANONICAL_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_CANONICAL_IPV4_RE = re.compile(_CANONICAL_IPV4 + r"\Z")
+_CANONICAL_MAC = r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}"
+_CANONICAL_MAC_RE = re.compile(_CANONICAL_MAC + r"\Z")
 # One entry of the original client's field: a MAC, a dash, then a comma list of IPs.
 _MACIP_RE = re.compile(
     r"([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{12})-(.*)\Z"
@@ -227,11 +230,12 @@ def parse_request(data: bytes) -> Request:
 # seed form, no public endpoint, canonical IPv4 LAN addresses, a canonical MAC (or
 # none), a single line. Anything else -- and any input this pattern does not accept --
 # goes through parse_request, which stays the definition of the protocol.
-_IPV4_BYTES = _OCTET.encode() + rb"(?:\." + _OCTET.encode() + rb"){3}"
 _SEED_REGISTER_RE = re.compile(
-    re.escape(REGISTER_PREFIX.encode())
-    + rb"([A-Za-z0-9._-]{1,64})/0/(0|" + _IPV4_BYTES + rb"(?:," + _IPV4_BYTES + rb"){0,%d})" % (MAX_LAN - 1)
-    + rb"/(0|[0-9a-f]{2}(?::[0-9a-f]{2}){5})[ \r\t\x00]*"
+    (
+        re.escape(REGISTER_PREFIX)
+        + rf"({_GROUP})/0/(0|{_CANONICAL_IPV4}(?:,{_CANONICAL_IPV4}){{0,{MAX_LAN - 1}}})"
+        + rf"/(0|{_CANONICAL_MAC})[ \r\t\x00]*"
+    ).encode()
 )
 
 

@@ -39,7 +39,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Iterable, Sequence
 
 from nattool.errors import LimitError, ProtocolError, StoreError
 from nattool.protocol.endpoint import Endpoint
@@ -301,23 +301,7 @@ class SqliteStore(Store):
         db = self._require()
         horizon = now - self.limits.ttl
         index = self.index
-        for seq, seen, rec in db.execute(
-            "SELECT seq, seen, rec FROM log WHERE seen > ? ORDER BY seq", (horizon,)
-        ):
-            self._tail_seq = seq
-            try:
-                members = _members(seen, rec)
-            except (ProtocolError, ValueError):
-                # Not a record we write: count it, serve nothing made up, and
-                # leave the row alone until it is older than the TTL.
-                self.bad_rows += 1
-                continue
-            for member in members:
-                try:
-                    index.upsert(member, now)
-                except LimitError:  # the caps were lowered since the row was written
-                    continue
-                self.loaded += 1
+        self._replay(db.execute("SELECT seq, seen, rec FROM log WHERE seen > ? ORDER BY seq", (horizon,)), now)
         for endpoint_text, expires in db.execute(
             "SELECT endpoint, expires FROM trackers WHERE expires > ? ORDER BY expires DESC",
             (now,),
@@ -400,22 +384,29 @@ class SqliteStore(Store):
         return results
 
     def _catch_up(self, db: sqlite3.Connection, now: float) -> None:
+        rows = db.execute("SELECT seq, seen, rec FROM log WHERE seq > ? ORDER BY seq", (self._tail_seq,)).fetchall()
+        self._replay(rows, now)
+
+    def _replay(self, rows: Iterable[tuple[int, float, str]], now: float) -> None:
+        """Apply log rows to the index in append order (which reproduces replacement
+        by identity and group evictions), and move the tail past them."""
         horizon = now - self.limits.ttl
-        for seq, seen, rec in db.execute(
-            "SELECT seq, seen, rec FROM log WHERE seq > ? ORDER BY seq", (self._tail_seq,)
-        ).fetchall():
+        index = self.index
+        for seq, seen, rec in rows:
             self._tail_seq = seq
             if seen <= horizon:
                 continue
             try:
                 members = _members(seen, rec)
             except (ProtocolError, ValueError):
+                # Not a record we write: count it, serve nothing made up, and
+                # leave the row alone until it is older than the TTL.
                 self.bad_rows += 1
                 continue
             for member in members:
                 try:
-                    self.index.upsert(member, now)
-                except LimitError:
+                    index.upsert(member, now)
+                except LimitError:  # the caps were lowered since the row was written
                     continue
 
     def _commit(self, written: Sequence[Member]) -> None:
