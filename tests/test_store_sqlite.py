@@ -323,3 +323,61 @@ def test_a_version_1_file_is_migrated_with_its_members(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
     db.close()
+
+
+def _shared(path: Path) -> SqliteStore:
+    store = SqliteStore(StoreLimits(ttl=TTL), path, shared=True)
+    asyncio.run(store.open())
+    return store
+
+
+def test_shared_workers_see_each_others_members_whole(tmp_path: Path) -> None:
+    """What one worker appended reaches the other field for field (its rows are
+    taken without a second parse), and a move of the same identity replaces."""
+    path = tmp_path / "w.db"
+    now = time.time()
+    a, b = _shared(path), _shared(path)
+    try:
+        asyncio.run(a.register([Registration(member("g", "alice", 4000, now))], now))
+        [view] = asyncio.run(b.register([Registration(member("g", "bob", 4001, now + 1))], now + 1))
+        assert isinstance(view, GroupView)
+        assert view.others == (member("g", "alice", 4000, now),)
+        assert view.others[0].lan == ("10.0.0.2", "fd00::2")
+        # alice moves, registering at b; a learns it when it next writes
+        asyncio.run(b.register([Registration(member("g", "alice", 4002, now + 2))], now + 2))
+        [view] = asyncio.run(a.register([Registration(member("h", "carol", 4003, now + 3))], now + 3))
+        assert sorted((m.identity, m.endpoint_text) for m in a.index.members()) == [
+            ("alice", "198.51.100.7:4002"), ("bob", "198.51.100.7:4001"), ("carol", "198.51.100.7:4003"),
+        ]
+    finally:
+        close(a)
+        close(b)
+
+
+_HOLDER = r"""
+import fcntl, sys, time
+with open(sys.argv[1], "a+") as fh:
+    fcntl.lockf(fh.fileno(), fcntl.LOCK_EX, 1, 1)
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="--workers needs SO_REUSEPORT (POSIX)")
+def test_shared_writes_wait_for_the_other_workers_writer_lock(tmp_path: Path) -> None:
+    """Workers queue on a blocking lock, not on SQLite's polling busy handler: a
+    write waits while another process holds the writer lock and goes on the moment
+    it is dropped."""
+    path = tmp_path / "w.db"
+    store = _shared(path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, f"{path}.lock", "0.6"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        [view] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
+        waited = time.monotonic() - started
+        assert isinstance(view, GroupView)
+        assert 0.3 < waited < 3.0, waited
+    finally:
+        holder.wait(10)
+        close(store)
