@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from contextlib import closing
 import ipaddress
 import os
 import signal
@@ -156,7 +157,7 @@ def test_members_and_trackers_survive_reopen_expired_do_not(tmp_path: Path) -> N
         assert view.others[0].lan == ("10.0.0.2", "fd00::2")
     finally:
         close(store)
-    with sqlite3.connect(path) as db:  # expired rows were deleted from the file
+    with closing(sqlite3.connect(path)) as db:  # expired rows were deleted from the file
         rows = [r for (r,) in db.execute("SELECT rec FROM log")]
         assert len(rows) == 4 and not any("\\x1fold\\x1f" in r for r in rows)  # a, b, c, z
         assert db.execute("SELECT count(*) FROM trackers").fetchone() == (1,)
@@ -182,7 +183,7 @@ def test_fresh_and_empty_files_are_created_at_current_version(tmp_path: Path) ->
         if path.name == "empty.db":
             path.write_bytes(b"")  # version 0: a zero-length file is an empty database
         close(reopen(path))
-        with sqlite3.connect(path) as db:
+        with closing(sqlite3.connect(path)) as db:
             assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             assert db.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
             assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -287,7 +288,7 @@ def test_one_instant_is_one_row_and_replays_in_order(tmp_path: Path) -> None:
     batch.append(Registration(member("h", "x", 2000, now + 0.5)))
     asyncio.run(store.register(batch, now + 0.5))
     close(store)
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM log").fetchone() == (2,)
     store = reopen(path)
     try:
@@ -320,9 +321,8 @@ def test_a_version_1_file_is_migrated_with_its_members(tmp_path: Path) -> None:
         assert members["m2"].endpoint_text == "198.51.100.3:4002" and members["m2"].lan == ("10.0.0.1",)
     finally:
         close(store)
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
-    db.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
 
 
 def _shared(path: Path) -> SqliteStore:
@@ -381,3 +381,92 @@ def test_shared_writes_wait_for_the_other_workers_writer_lock(tmp_path: Path) ->
     finally:
         holder.wait(10)
         close(store)
+
+
+def test_a_file_open_in_another_program_is_refused_clearly(tmp_path: Path) -> None:
+    """The server keeps the file to itself (SQLite's exclusive locking mode): an
+    sqlite3 shell left open on it gives a plain error, and the file is untouched."""
+    path = tmp_path / "t.db"
+    now = time.time()
+    store = reopen(path)
+    asyncio.run(store.register([Registration(member("g", "m", 1, now))], now))
+    close(store)
+    with closing(sqlite3.connect(path)) as shell:
+        shell.execute("SELECT count(*) FROM log").fetchone()
+        before = digest(path)
+        with pytest.raises(StoreError, match="open in another program"):
+            reopen(path)
+        assert digest(path) == before
+    close(reopen(path))  # and once it is closed, the tracker opens it
+
+
+def test_a_version_2_file_is_rebuilt_without_autoincrement(tmp_path: Path) -> None:
+    """Version 2's log used AUTOINCREMENT (a second page written by every commit):
+    version 3 rebuilds the table, keeping every row and its seq."""
+    path = tmp_path / "v2.db"
+    now = time.time()
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, seen REAL NOT NULL, rec TEXT NOT NULL);"
+            "CREATE TABLE trackers (endpoint TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
+            f"PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version=2;"
+        )
+        recs = ["\x1f".join(["g", f"m{i}", f"198.51.100.{i + 1}:{4000 + i}", "", f"198.51.100.{i + 1}"]) for i in range(3)]
+        db.execute("INSERT INTO log (seq, seen, rec) VALUES (7, ?, ?)", (now - 2, "\x1e".join(recs[:2])))
+        db.execute("INSERT INTO log (seq, seen, rec) VALUES (9, ?, ?)", (now - 1, recs[2]))
+    db.close()
+    store = reopen(path)
+    try:
+        assert sorted(m.identity for m in store.index.members()) == ["m0", "m1", "m2"]
+        asyncio.run(store.register([Registration(member("g", "new", 1, now))], now))
+    finally:
+        close(store)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        [sql] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'log'").fetchone()
+        assert "AUTOINCREMENT" not in sql.upper()
+        assert [seq for (seq,) in db.execute("SELECT seq FROM log ORDER BY seq")] == [7, 9, 10]
+
+
+def test_compaction_keeps_the_newest_row_so_seq_never_goes_back(tmp_path: Path) -> None:
+    """Without AUTOINCREMENT a new row's seq is the largest plus one: if every row
+    could be deleted, seq would start again at 1 and a worker tailing the log
+    (seq > last seen) would skip the new rows."""
+    path = tmp_path / "t.db"
+    now = time.time()
+    store = reopen(path)
+
+    def seqs() -> list[int]:
+        return [seq for (seq,) in store._require().execute("SELECT seq FROM log ORDER BY seq")]
+
+    async def body() -> None:
+        for i in range(5):
+            await store.register([Registration(member("g", f"m{i}", 1 + i, now + i))], now + i)
+        top = seqs()[-1]
+        later = now + 10 + TTL
+        assert await store.expire(later) == 5  # one call: fewer rows than a batch
+        assert seqs() == [top]  # all dead, the newest stays
+        await store.register([Registration(member("g", "late", 99, later))], later)
+        assert seqs() == [top, top + 1]
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_the_wal_flusher_runs_while_open_and_stops_on_close(tmp_path: Path) -> None:
+    import threading
+
+    store = reopen(tmp_path / "t.db")
+    flusher = store._flusher
+    assert flusher is not None and flusher.running
+    now = time.time()
+    for i in range(20):
+        asyncio.run(store.register([Registration(member("g", f"m{i}", 1 + i, now + i))], now + i))
+        time.sleep(0.003)
+    deadline = time.monotonic() + 5
+    while flusher.flushes == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert flusher.flushes > 0 and flusher.errors == 0
+    close(store)
+    assert not flusher.running
+    assert not [t for t in threading.enumerate() if t.name == "nattool-wal-flush"]

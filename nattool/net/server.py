@@ -10,6 +10,7 @@ the batch is durable.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import signal
@@ -500,10 +501,28 @@ def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
     )
 
 
+def _settle_garbage_collector() -> None:
+    """Keep CPython's full collections from stalling the loop.
+
+    Under a registration load a full (generation 2) collection walked every
+    tracked object -- the imported modules' and every stored member -- and held
+    the loop for 12-18 ms a few times a minute, most of the p99.9 at half rate.
+    Freezing what exists once serving starts (modules, the loaded store) takes it
+    out of every later walk; a full collection only every 1000 middle ones (not
+    every 10) leaves young cycles to the frequent cheap collections, and long
+    lived ones at most a minute or so.
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 1000)
+
+
 async def serve(config: ServerConfig, store: Store, stun: bool = True, on_ready: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run until SIGINT/SIGTERM; return the counters."""
     server = TrackerServer(config, store, stun)
     bound = await server.start()
+    _settle_garbage_collector()
     loop = asyncio.get_running_loop()
     if sys.platform != "win32":
         for sig in (signal.SIGINT, signal.SIGTERM):
