@@ -32,7 +32,12 @@ def test_two_workers_on_sqlite_are_one_tracker(tracker, tmp_path: Path) -> None:
     counts = _members_seen(tp, "workers-test", 24)
     # Every newcomer sees everyone before it, whichever worker answered either.
     assert counts == list(range(24)), counts
-    # Both workers did some of the work: the log names each with its counters.
+    # Both workers did some of the work: each logs its counters when it stops.
+    assert tp.stop() == 0
+    log = tp.stderr() + tp.stdout()
+    stopped = [ln for ln in log.splitlines() if "event=stopped" in ln and "worker=" in ln]
+    registered = sorted(int(ln.split("register=")[1].split()[0]) for ln in stopped)
+    assert len(registered) == 2 and registered[0] > 0 and sum(registered) == 24, stopped
 
 
 def test_workers_answer_nat_and_stun(tracker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -23,12 +23,23 @@ few commits, which soft state with a TTL of two minutes tolerates.
 The commit runs in the event-loop thread. Measured with benchmarks/store_bench.py,
 a hop to a worker thread and back costs more than the commit itself (batches of
 one: ~10k registrations/s through a thread vs ~47k in the loop), and staying in
-one thread keeps the write order equal to the batch order for free. The price is
-SQLite's automatic WAL checkpoint (every ~4 MB of WAL), which runs inside a
-commit and fsyncs: under a saturating write load it showed up as 10-25 ms pauses
-about twice a second. A background checkpoint thread on a second connection was
-tried and did not remove them (the WAL can only restart when the checkpoint has
-caught up with a writer that never pauses), so it is not there.
+one thread keeps the write order equal to the batch order for free. What made
+commits cost more than they had to, and what was done about each:
+
+- SQLite checkpoints inside a commit, and the checkpoint begins with an fsync of
+  the WAL: 2-3.5 ms for 4 MB written as thousands of small commits. A thread
+  (wal_flush.py) flushes the WAL shortly after commits, so the checkpoint finds it
+  flushed and takes about 0.5 ms at 1 MB (WAL_AUTOCHECKPOINT_BYTES).
+- AUTOINCREMENT rewrote the sqlite_sequence page in every commit: schema 3 drops
+  it and keeps seq growing by never deleting the newest row (20 -> 13 us a commit).
+- A lone tracker takes the file with ``locking_mode=EXCLUSIVE``: the WAL index
+  lives in this process's memory, with no -shm file and no lock calls per commit.
+  Workers (``shared``) keep the normal mode, queue on a lock of their own, and do
+  without the flusher thread.
+
+A background *checkpoint* thread was tried and did not help: the WAL can only
+restart once a checkpoint has caught up with the writer, which never pauses, and
+the restart's header fsync then lands in the loop anyway.
 """
 
 from __future__ import annotations
@@ -316,8 +327,12 @@ class SqliteStore(Store):
             db.execute("PRAGMA busy_timeout=2000")
             self._db = db
             self._load(now)
-            self._flusher = WalFlusher(Path(f"{where}-wal"))
-            self._flusher.start()
+            if not self.shared:
+                # Workers would each flush the one WAL: with every worker held to a
+                # share of a core, two workers then registered 1.4-1.5x what one
+                # did instead of 1.6-1.75x without (benchmarks/workers_scaling.py).
+                self._flusher = WalFlusher(Path(f"{where}-wal"))
+                self._flusher.start()
         except sqlite3.DatabaseError as exc:
             db.close()
             self._db = None
