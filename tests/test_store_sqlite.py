@@ -470,3 +470,28 @@ def test_the_wal_flusher_runs_while_open_and_stops_on_close(tmp_path: Path) -> N
     close(store)
     assert not flusher.running
     assert not [t for t in threading.enumerate() if t.name == "nattool-wal-flush"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="--workers needs SO_REUSEPORT (POSIX)")
+def test_a_worker_stuck_holding_the_writer_lock_costs_an_error_not_a_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nattool.store import sqlite as mod
+
+    monkeypatch.setattr(mod, "WRITER_WAIT", 0.3)
+    path = tmp_path / "w.db"
+    store = _shared(path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, f"{path}.lock", "5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        [result] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
+        assert 0.25 < time.monotonic() - started < 2.0
+        assert isinstance(result, StoreError) and "write lock" in str(result)
+        assert store.write_errors == 1
+    finally:
+        holder.kill()
+        holder.wait(10)
+    [view] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
+    assert isinstance(view, GroupView)  # the lock is free again: writes go on
+    close(store)

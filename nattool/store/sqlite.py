@@ -45,6 +45,7 @@ the restart's header fsync then lands in the loop anyway.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 import sys
@@ -83,6 +84,9 @@ EXPIRE_BATCH = 16
 # of 4 KB). 1 MB made each checkpoint shorter, but four times as many of them cost
 # more at full load (closed-loop p99 2.2-2.8 ms against 1.5-1.7 ms).
 WAL_AUTOCHECKPOINT_BYTES = 4 << 20
+# How often a worker looks again for the write lock, and for how long.
+WRITER_POLL = 50e-6
+WRITER_WAIT = 2.0
 _SEP = "\x1f"  # fields; none of them can hold control characters
 _REC = "\x1e"  # members within one row (schema 2)
 
@@ -235,13 +239,30 @@ class _FileLock:
         """Wait for the other workers' write transactions (shared mode only).
 
         SQLite's own busy handler polls with sleeps of 1 ms and more, which caps a
-        pair of workers below one; a blocking record lock hands over the moment the
-        holder commits. POSIX record locks are per process, so they order the
-        workers without touching the flock that keeps other servers out."""
-        if self._fh is not None and sys.platform != "win32":
-            import fcntl
+        pair of workers below one; this lock is polled every WRITER_POLL instead,
+        and gives up after WRITER_WAIT (a stopped or hung worker must cost a batch
+        an error, not stall every worker for good). POSIX record locks are per
+        process, so they order the workers without touching the flock that keeps
+        other servers out."""
+        if self._fh is None or sys.platform == "win32":
+            return
+        import fcntl
 
-            fcntl.lockf(self._fh.fileno(), fcntl.LOCK_EX, 1, 1)
+        fd = self._fh.fileno()
+        deadline = 0.0
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + WRITER_WAIT
+            elif now > deadline:
+                raise OSError(errno.EAGAIN, f"another worker held the write lock for over {WRITER_WAIT:g} s")
+            time.sleep(WRITER_POLL)
 
     def drop_writer(self) -> None:
         if self._fh is not None and sys.platform != "win32":
