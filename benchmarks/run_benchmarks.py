@@ -11,9 +11,8 @@ HOME, --rate-limit 0 because the generator is one source), then runs
 neighbour hurts every server alike, and prints one table with ratios to coturn's
 STUN Binding rate measured in the same run. Then as many open-loop rounds measure
 the p99 latency at half of each server's median maximum rate (the table gives the
-median and the range). Registrations are also
-measured against a second `nattool serve --store memory`, which shows what the
-embedded store's commits cost.
+median and the range). Registrations are also measured against a second
+`nattool serve --store memory`, which shows what the embedded store's commits cost.
 
 Everything stays on 127.0.0.1.
 """
@@ -222,16 +221,12 @@ def main() -> int:
             # Latency at half the maximum rate (open loop), as many rounds as above,
             # interleaved: one open-loop run near a server's limit is a coin toss
             # between "keeps up" and "falls behind", so one run proves little.
-            half_plan = [(nattool, "nat", "nat"), (nattool, "stun", "stun"), (nattool, "register", "register"),
-                         (memory, "register", "memory-register")]
-            if coturn is not None:
-                half_plan.append((coturn, "stun", "coturn-stun"))
-            half: dict[str, list[dict[str, Any]]] = {}
+            half: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for rnd in range(opts.rounds):
-                for server, workload, key in half_plan:
+                for server, workload in plan:
                     rate = cases[(server.name, workload)].median("achieved_rate") / 2
                     doc = run_bench(cmd, server, workload, duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work)
-                    half.setdefault(key, []).append(doc)
+                    half.setdefault((server.name, workload), []).append(doc)
                     print(
                         f"half-rate round {rnd + 1}: {server.name:8} {workload:9} {doc['achieved_rate']:>10,.0f}/s  "
                         f"loss {doc['loss_ratio']:.3%}  p99 {doc['latency_ms']['p99']:.3f} ms",
@@ -254,8 +249,7 @@ def main() -> int:
     for (name, workload), case in cases.items():
         rate = case.median("achieved_rate")
         ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
-        key = {"nattool": workload, "nattool-memory": f"memory-{workload}"}.get(name, "coturn-stun")
-        h = [d["latency_ms"]["p99"] for d in half.get(key, [])]
+        h = [d["latency_ms"]["p99"] for d in half.get((name, workload), [])]
         p99_half = f"{statistics.median(h):.3f} ({min(h):.2f}-{max(h):.2f})" if h else "-"
         print(
             f"| {name} | {workload} | {rate:,.0f} | {ratio} | {case.median('loss_ratio'):.3%} | "
@@ -264,7 +258,7 @@ def main() -> int:
     print()
     print("server RSS at the end (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"cases": {f"{k[0]}/{k[1]}": c.runs for k, c in cases.items()}, "half_rate": half}, indent=1))
+        Path(opts.json).write_text(json.dumps({"cases": {f"{k[0]}/{k[1]}": c.runs for k, c in cases.items()}, "half_rate": {f"{k[0]}/{k[1]}": runs for k, runs in half.items()}}, indent=1))
     return 0
 
 

@@ -300,20 +300,29 @@ def test_one_instant_is_one_row_and_replays_in_order(tmp_path: Path) -> None:
         close(store)
 
 
+def _old_rec(i: int, lan: str) -> str:
+    """Member i of a log row as versions 1 and 2 wrote it."""
+    return "\x1f".join(["g", f"m{i}", f"198.51.100.{i + 1}:{4000 + i}", lan, f"198.51.100.{i + 1}"])
+
+
+def _write_old_file(path: Path, version: int, rows: list[tuple[int | None, float, str]]) -> None:
+    """A file as nattool wrote it at ``version`` (1 or 2: same tables, AUTOINCREMENT
+    log), holding ``rows`` of (seq or None for the next one, seen, rec)."""
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            "CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, seen REAL NOT NULL, rec TEXT NOT NULL);"
+            "CREATE TABLE trackers (endpoint TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
+            f"PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version={version};"
+        )
+        db.executemany("INSERT INTO log (seq, seen, rec) VALUES (?, ?, ?)", rows)
+        db.commit()
+
+
 def test_a_version_1_file_is_migrated_with_its_members(tmp_path: Path) -> None:
     """Version 1 wrote a row per member: such rows are rows of one member."""
     path = tmp_path / "v1.db"
     now = time.time()
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            "CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, seen REAL NOT NULL, rec TEXT NOT NULL);"
-            "CREATE TABLE trackers (endpoint TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
-            f"PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version=1;"
-        )
-        for i in range(3):
-            rec = "\x1f".join(["g", f"m{i}", f"198.51.100.{i + 1}:{4000 + i}", "10.0.0.1", f"198.51.100.{i + 1}"])
-            db.execute("INSERT INTO log (seen, rec) VALUES (?, ?)", (now - 3 + i, rec))
-    db.close()
+    _write_old_file(path, 1, [(None, now - 3 + i, _old_rec(i, "10.0.0.1")) for i in range(3)])
     store = reopen(path)
     try:
         members = {m.identity: m for m in store.index.members()}
@@ -405,16 +414,8 @@ def test_a_version_2_file_is_rebuilt_without_autoincrement(tmp_path: Path) -> No
     version 3 rebuilds the table, keeping every row and its seq."""
     path = tmp_path / "v2.db"
     now = time.time()
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            "CREATE TABLE log (seq INTEGER PRIMARY KEY AUTOINCREMENT, seen REAL NOT NULL, rec TEXT NOT NULL);"
-            "CREATE TABLE trackers (endpoint TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
-            f"PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version=2;"
-        )
-        recs = ["\x1f".join(["g", f"m{i}", f"198.51.100.{i + 1}:{4000 + i}", "", f"198.51.100.{i + 1}"]) for i in range(3)]
-        db.execute("INSERT INTO log (seq, seen, rec) VALUES (7, ?, ?)", (now - 2, "\x1e".join(recs[:2])))
-        db.execute("INSERT INTO log (seq, seen, rec) VALUES (9, ?, ?)", (now - 1, recs[2]))
-    db.close()
+    recs = [_old_rec(i, "") for i in range(3)]
+    _write_old_file(path, 2, [(7, now - 2, "\x1e".join(recs[:2])), (9, now - 1, recs[2])])
     store = reopen(path)
     try:
         assert sorted(m.identity for m in store.index.members()) == ["m0", "m1", "m2"]

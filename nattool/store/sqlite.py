@@ -489,8 +489,6 @@ class SqliteStore(Store):
             return [error] * len(batch)
         finally:
             self._lock.drop_writer()
-        if self._flusher is not None:
-            self._flusher.nudge()
         self.commits += 1
         self.commit_seconds += time.perf_counter() - started
         return results

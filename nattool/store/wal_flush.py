@@ -25,8 +25,8 @@ from pathlib import Path
 
 # At most one flush per interval: under load the thread wakes ~100 times a second
 # and a checkpoint (every 4 MB, a few times a second) finds at most 10 ms of
-# commits unflushed. A 2 ms interval flushed no better and its GIL hand-offs cost
-# the loop a few per cent of its registration rate.
+# commits unflushed. A 2 ms interval cost the loop a few per cent of its
+# registration rate in an interleaved A/B (GIL hand-offs).
 FLUSH_INTERVAL = 0.010
 
 _sync = getattr(os, "fdatasync", os.fsync)
