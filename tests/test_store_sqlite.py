@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from contextlib import closing
 import ipaddress
 import os
 import signal
@@ -12,7 +11,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -372,23 +373,36 @@ with open(sys.argv[1], "a+") as fh:
 """
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="--workers needs SO_REUSEPORT (POSIX)")
-def test_shared_writes_wait_for_the_other_workers_writer_lock(tmp_path: Path) -> None:
-    """Workers queue on a blocking lock, not on SQLite's polling busy handler: a
-    write waits while another process holds the writer lock and goes on the moment
-    it is dropped."""
-    path = tmp_path / "w.db"
-    store = _shared(path)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, f"{path}.lock", "0.6"], stdout=subprocess.PIPE, text=True)
+@contextmanager
+def _writer_lock_held_elsewhere(path: Path, seconds: float) -> Iterator[None]:
+    """Another process holds the workers' writer lock of ``path`` for ``seconds``."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, f"{path}.lock", str(seconds)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        started = time.monotonic()
-        [view] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
-        waited = time.monotonic() - started
+        yield
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def _timed_register(store: SqliteStore) -> tuple[object, float]:
+    started = time.monotonic()
+    [result] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
+    return result, time.monotonic() - started
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="--workers needs SO_REUSEPORT (POSIX)")
+def test_shared_writes_wait_for_the_other_workers_writer_lock(tmp_path: Path) -> None:
+    """Workers queue on a lock of their own, not on SQLite's busy handler: a write
+    waits while another process holds the writer lock and goes on once it is dropped."""
+    path = tmp_path / "w.db"
+    store = _shared(path)
+    try:
+        with _writer_lock_held_elsewhere(path, 0.6):
+            view, waited = _timed_register(store)
         assert isinstance(view, GroupView)
         assert 0.3 < waited < 3.0, waited
     finally:
-        holder.wait(10)
         close(store)
 
 
@@ -482,17 +496,11 @@ def test_a_worker_stuck_holding_the_writer_lock_costs_an_error_not_a_stall(
     monkeypatch.setattr(mod, "WRITER_WAIT", 0.3)
     path = tmp_path / "w.db"
     store = _shared(path)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, f"{path}.lock", "5"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        started = time.monotonic()
-        [result] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
-        assert 0.25 < time.monotonic() - started < 2.0
-        assert isinstance(result, StoreError) and "write lock" in str(result)
-        assert store.write_errors == 1
-    finally:
-        holder.kill()
-        holder.wait(10)
+    with _writer_lock_held_elsewhere(path, 5):
+        result, waited = _timed_register(store)
+    assert 0.25 < waited < 2.0
+    assert isinstance(result, StoreError) and "write lock" in str(result)
+    assert store.write_errors == 1
     [view] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
     assert isinstance(view, GroupView)  # the lock is free again: writes go on
     close(store)
