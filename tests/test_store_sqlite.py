@@ -332,7 +332,7 @@ def test_a_version_1_file_is_migrated_with_its_members(tmp_path: Path) -> None:
     finally:
         close(store)
     with closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
 
 
 def _shared(path: Path) -> SqliteStore:
@@ -437,7 +437,7 @@ def test_a_version_2_file_is_rebuilt_without_autoincrement(tmp_path: Path) -> No
     finally:
         close(store)
     with closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         [sql] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'log'").fetchone()
         assert "AUTOINCREMENT" not in sql.upper()
         assert [seq for (seq,) in db.execute("SELECT seq FROM log ORDER BY seq")] == [7, 9, 10]
@@ -468,23 +468,146 @@ def test_compaction_keeps_the_newest_row_so_seq_never_goes_back(tmp_path: Path) 
     asyncio.run(body())
 
 
-def test_the_wal_flusher_runs_while_open_and_stops_on_close(tmp_path: Path) -> None:
+SWITCH = 64 << 10  # a small LOG_SWITCH_BYTES: the writer changes files every ~15 commits
+
+
+def _write_moving_members(store: SqliteStore, now: float, commits: int, idents: int = 20) -> dict[str, str]:
+    """One commit per registration; identity i moves to a new port each time it
+    registers. Returns every identity's last endpoint."""
+    last: dict[str, str] = {}
+    for n in range(commits):
+        ident = f"m{n % idents}"
+        m = member("g", ident, 1000 + n, now + n * 1e-3)
+        [view] = asyncio.run(store.register([Registration(m)], m.seen))
+        assert isinstance(view, GroupView)
+        last[ident] = m.endpoint_text
+        if n % 10 == 0:
+            time.sleep(0.002)  # give the checkpointer thread its turn, as a loop's idle moments do
+    return last
+
+
+def _rows_by_file(path: Path) -> tuple[list[int], list[int]]:
+    second = Path(f"{path}-log2")
+    out = []
+    for file in (path, second):
+        with closing(sqlite3.connect(file)) as db:
+            out.append([seq for (seq,) in db.execute("SELECT seq FROM log ORDER BY seq")])
+    return out[0], out[1]
+
+
+def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer moves to the other file once a file's WAL is big enough, and a
+    file is written again only after the checkpointer thread has copied its WAL
+    back: so each WAL restarts, and stays near LOG_SWITCH_BYTES without SQLite
+    ever checkpointing inside a commit (its own checkpoints start at four times
+    that). Replaying both files in seq order gives every member its last move."""
     import threading
 
-    store = reopen(tmp_path / "t.db")
-    flusher = store._flusher
-    assert flusher is not None and flusher.running
+    from nattool.store import sqlite as mod
+
+    monkeypatch.setattr(mod, "LOG_SWITCH_BYTES", SWITCH)
+    path = tmp_path / "t.db"
+    wal, wal2 = Path(f"{path}-wal"), Path(f"{path}-log2-wal")
+    store = reopen(path)
+    checkpointer = store._checkpointer
+    assert checkpointer is not None and checkpointer.running
+    if sys.platform.startswith("linux"):
+        # It must not take the event loop's core from it (SCHED_IDLE).
+        thread = checkpointer._thread
+        assert thread is not None and thread.native_id is not None
+        deadline = time.monotonic() + 2
+        while os.sched_getscheduler(thread.native_id) != os.SCHED_IDLE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.sched_getscheduler(thread.native_id) == os.SCHED_IDLE
     now = time.time()
-    for i in range(20):
-        asyncio.run(store.register([Registration(member("g", f"m{i}", 1 + i, now + i))], now + i))
-        time.sleep(0.003)
-    deadline = time.monotonic() + 5
-    while flusher.flushes == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert flusher.flushes > 0 and flusher.errors == 0
+    biggest = 0
+    last: dict[str, str] = {}
+    for _ in range(8):
+        last.update(_write_moving_members(store, now, 50))
+        now += 1
+        biggest = max(biggest, wal.stat().st_size, wal2.stat().st_size if wal2.exists() else 0)
+    switches, checkpoints = store.switches, checkpointer.checkpoints
     close(store)
-    assert not flusher.running
-    assert not [t for t in threading.enumerate() if t.name == "nattool-wal-flush"]
+    assert switches >= 10, switches
+    assert checkpoints >= switches - 1 and checkpointer.errors == 0
+    assert biggest <= 2 * SWITCH, f"a WAL grew to {biggest} bytes: it did not restart"
+    assert not checkpointer.running
+    assert not [t for t in threading.enumerate() if t.name == "nattool-log-checkpoint"]
+
+    first, second = _rows_by_file(path)
+    assert first and second
+    assert sorted(first + second) == list(range(1, 401)), "one sequence over both files"
+    store = reopen(path)
+    try:
+        assert {m.identity: m.endpoint_text for m in store.index.members()} == last
+        # and new rows go on from the largest seq of either file
+        asyncio.run(store.register([Registration(member("g", "new", 5, now + 1))], now + 1))
+    finally:
+        close(store)
+    first, second = _rows_by_file(path)
+    assert max(first + second) == 401
+
+
+def test_workers_fold_the_second_log_file_into_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers write one file: opening, they move the second file's rows into it
+    (seq kept), so a lone tracker's file serves them whole, and back again."""
+    from nattool.store import sqlite as mod
+
+    monkeypatch.setattr(mod, "LOG_SWITCH_BYTES", SWITCH)
+    path = tmp_path / "t.db"
+    store = reopen(path)
+    now = time.time()
+    last = _write_moving_members(store, now, 200)
+    close(store)
+    first, second = _rows_by_file(path)
+    assert first and second
+
+    worker = _shared(path)
+    try:
+        assert {m.identity: m.endpoint_text for m in worker.index.members()} == last
+        m = member("g", "m0", 9999, now + 1)
+        asyncio.run(worker.register([Registration(m)], m.seen))
+        last["m0"] = m.endpoint_text
+    finally:
+        close(worker)
+    first, second = _rows_by_file(path)
+    assert second == [] and len(first) == 201
+
+    store = reopen(path)
+    try:
+        assert {m.identity: m.endpoint_text for m in store.index.members()} == last
+    finally:
+        close(store)
+
+
+def test_a_garbage_second_log_file_is_refused_and_left_intact(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    close(reopen(path))
+    second = Path(f"{path}-log2")
+    second.write_bytes(b"not a database, " * 512)
+    before = digest(second)
+    with pytest.raises(StoreError, match=r"t\.db-log2 \(the second file of the log\).*mv"):
+        reopen(path)
+    assert digest(second) == before
+    second.unlink()
+    close(reopen(path))  # moved aside: the tracker starts
+
+
+def test_a_foreign_second_log_file_is_refused_and_left_intact(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    close(reopen(path))
+    second = Path(f"{path}-log2")
+    second.unlink()
+    with closing(sqlite3.connect(second)) as db:
+        db.execute("CREATE TABLE notes (x)")
+        db.commit()
+    before = digest(second)
+    with pytest.raises(StoreError, match="not a nattool log file"):
+        reopen(path)
+    assert digest(second) == before
+    with pytest.raises(StoreError, match="not a nattool log file"):
+        _shared(path)
+    assert digest(second) == before
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="--workers needs SO_REUSEPORT (POSIX)")

@@ -291,11 +291,12 @@ FILES: list[tuple[str, str]] = [
     (
         "$XDG_STATE_HOME/nattool/tracker.db",
         "The SQLite state of nattool serve with --store sqlite: (the default), with its "
-        "-wal and .lock files beside it (~/.local/state/nattool/tracker.db by default). "
-        "One process per file: a running tracker keeps it to itself (SQLite's exclusive "
-        "locking; with --workers the workers share it), so read it with sqlite3 only while "
-        "no tracker uses it. A corrupt file is never touched: move it aside or use "
-        "--store memory.",
+        "-log2 (the log's second file), -wal and .lock files beside it "
+        "(~/.local/state/nattool/tracker.db by default). "
+        "One process per file: a running tracker keeps its files to itself (SQLite's "
+        "exclusive locking; with --workers the workers share them), so read them with "
+        "sqlite3 only while no tracker uses them. A corrupt file is never touched: move "
+        "it aside or use --store memory.",
     ),
 ]
 

@@ -26,30 +26,28 @@ one: ~10k registrations/s through a thread vs ~47k in the loop), and staying in
 one thread keeps the write order equal to the batch order for free. What made
 commits cost more than they had to, and what was done about each:
 
-- SQLite checkpoints inside a commit, and the checkpoint begins with an fsync of
-  the WAL: 2-3.5 ms for 4 MB written as thousands of small commits. A thread
-  (wal_flush.py) flushes the WAL shortly after commits, so the checkpoint finds it
-  mostly flushed: about 1 ms instead of 3.6.
+- SQLite checkpoints inside a commit: 1-1.5 ms (fsyncs, mostly) about ten times a
+  second under a half-rate registration load, which was the whole registration
+  p99. A lone tracker splits the log over two files and a thread checkpoints the
+  one not being written (log_checkpoint.py); no checkpoint runs in the loop.
 - AUTOINCREMENT rewrote the sqlite_sequence page in every commit: schema 3 drops
   it and keeps seq growing by never deleting the newest row (20 -> 13 us a commit).
-- A lone tracker takes the file with ``locking_mode=EXCLUSIVE``: the WAL index
+- A lone tracker takes its files with ``locking_mode=EXCLUSIVE``: the WAL index
   lives in this process's memory, with no -shm file and no lock calls per commit.
-  Workers (``shared``) keep the normal mode, queue on a lock of their own, and do
-  without the flusher thread.
-
-A background *checkpoint* thread was tried and did not help: the WAL can only
-restart once a checkpoint has caught up with the writer, which never pauses, and
-the restart's header fsync then lands in the loop anyway.
+  Workers (``shared``) keep the normal mode, one file, and SQLite's own
+  checkpoints, and queue on a lock of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import os
 import sqlite3
 import sys
 import time
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Callable, Iterable, Sequence
 
@@ -65,13 +63,15 @@ from nattool.store.base import (
     TrackerRecord,
 )
 from nattool.store.memory import MemberIndex, TrackerTable, expire_in_steps
-from nattool.store.wal_flush import WalFlusher
+from nattool.store.log_checkpoint import LogCheckpointer
 
 # 2: a row holds every member one batch registered at one instant (was: one member)
 # 3: the log's seq is a plain rowid (was AUTOINCREMENT, which wrote a second page,
 #    sqlite_sequence, in every commit); compaction keeps the newest row instead, so
 #    seq still never goes back
-SCHEMA_VERSION = 3
+# 4: a lone tracker writes the log to two files in turn (PATH and PATH-log2) and
+#    gives every row its seq itself, one more than the largest in either file
+SCHEMA_VERSION = 4
 # PRAGMA application_id marks the file as ours ("natT"), so that we never migrate
 # somebody else's database by mistake.
 APPLICATION_ID = 0x6E617454
@@ -84,6 +84,10 @@ EXPIRE_BATCH = 16
 # of 4 KB). 1 MB made each checkpoint shorter, but four times as many of them cost
 # more at full load (closed-loop p99 2.2-2.8 ms against 1.5-1.7 ms).
 WAL_AUTOCHECKPOINT_BYTES = 4 << 20
+# A lone tracker's two log files (log_checkpoint.py): WAL bytes written to one
+# before the writer moves to the other, whose checkpoint must be complete by then.
+LOG_SWITCH_BYTES = 4 << 20
+SECOND_LOG_SUFFIX = "-log2"
 # How often a worker looks again for the write lock, and for how long.
 WRITER_POLL = 50e-6
 WRITER_WAIT = 2.0
@@ -119,9 +123,17 @@ INSERT INTO log_v3 (seq, seen, rec) SELECT seq, seen, rec FROM log;
 DROP TABLE log;
 ALTER TABLE log_v3 RENAME TO log;
 """,
+    3: "",  # the second file is created when a lone tracker first opens the store
 }
 
 _APPEND = "INSERT INTO log (seen, rec) VALUES (?, ?)"
+_APPEND_SEQ = "INSERT INTO log (seq, seen, rec) VALUES (?, ?, ?)"
+_SECOND_LOG_TABLE = """
+CREATE TABLE IF NOT EXISTS log (
+    seq  INTEGER PRIMARY KEY,   -- shares one sequence with the first file's log
+    seen REAL NOT NULL,
+    rec  TEXT NOT NULL
+)"""
 # Dead rows among the oldest ones. Rows are appended in time order, so this
 # normally deletes a prefix; after a wall-clock step backwards a live row may sit
 # among dead ones and simply stays until it dies too. The newest row always stays:
@@ -143,6 +155,21 @@ def default_sqlite_path() -> Path:
     # XDG says a relative value is invalid and must be ignored.
     base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
     return base / "nattool" / "tracker.db"
+
+
+def _connect(path: Path, shared: bool) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
+    # timeout: how long a lock held by another program may delay the open.
+    # Workers wait for the one that migrates the file; a lone tracker only finds
+    # the file locked when some other program has it open.
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0 if shared else 0.2)
+    if not shared:
+        # One process per file (the .lock file sees to that), so SQLite may keep
+        # the WAL index in this process's memory: no -shm file and no lock calls
+        # on it in every commit, 14 us a commit instead of 20 under load. Nothing
+        # else can read the file while we serve.
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    return db
 
 
 def _rows(members: Sequence[Member]) -> list[tuple[float, str]]:
@@ -295,7 +322,17 @@ class SqliteStore(Store):
         self.index = MemberIndex(limits)
         self.trackers = TrackerTable(limits.max_trackers)
         self._db: sqlite3.Connection | None = None
-        self._flusher: WalFlusher | None = None
+        # A lone tracker splits the log over two files, "main" (PATH) and "log2"
+        # (PATH-log2), each with a connection of its own, and writes them in turn
+        # (log_checkpoint.py says why); workers fold a second file's rows into the
+        # first when opening and write that one only.
+        self._db2: sqlite3.Connection | None = None
+        self._active = "main"
+        self._log_bytes = 0  # WAL bytes written to the active file, estimated
+        self._next_seq = 1
+        self._page_size = 4096
+        self._checkpointer: LogCheckpointer | None = None
+        self.switches = 0
         self._lock = _FileLock(Path(str(self.path) + ".lock"), shared=shared)
         self.commits = 0
         self.commit_seconds = 0.0
@@ -321,41 +358,33 @@ class SqliteStore(Store):
             raise StoreError(f"cannot create directory {where.parent}: {exc.strerror}") from None
         self._lock.acquire()
         try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
-            # timeout: how long a lock held by another program may delay the open.
-            # Workers wait for the one that migrates the file; a lone tracker only
-            # finds the file locked when some other program has it open.
-            db = sqlite3.connect(
-                where, isolation_level=None, check_same_thread=False, timeout=5.0 if self.shared else 0.2
-            )
+            db = _connect(where, self.shared)
         except sqlite3.Error as exc:
             self._lock.release()
             raise StoreError(f"cannot open {where}: {exc}; {way_out}") from None
+        second = Path(f"{where}{SECOND_LOG_SUFFIX}")
+        db2: sqlite3.Connection | None = None
         try:
-            if not self.shared:
-                # One process per file (the .lock file sees to that), so SQLite may
-                # keep the WAL index in this process's memory: no -shm file and no
-                # lock calls on it in every commit, 14 us a commit instead of 20
-                # under load. Nothing else can read the file while we serve.
-                db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._check_and_migrate(db)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            page_size = db.execute("PRAGMA page_size").fetchone()[0]
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_BYTES // page_size}")
-            db.execute("PRAGMA journal_size_limit=67108864")
-            db.execute("PRAGMA busy_timeout=2000")
+            self._configure(db)
+            if second.exists():
+                self._check_second(db, second)
+            if self.shared:
+                if second.exists():
+                    self._fold_second(db, second)
+            else:
+                db2 = self._open_second(second)
             self._db = db
+            self._db2 = db2
             self._load(now)
-            if not self.shared:
-                # Workers would each flush the one WAL: with every worker held to a
-                # share of a core, two workers then registered 1.4-1.5x what one
-                # did instead of 1.6-1.75x without (benchmarks/workers_scaling.py).
-                self._flusher = WalFlusher(Path(f"{where}-wal"))
-                self._flusher.start()
+            if db2 is not None:
+                self._checkpointer = LogCheckpointer({"main": db, "log2": db2})
+                self._checkpointer.start()
         except sqlite3.DatabaseError as exc:
-            db.close()
-            self._db = None
+            for conn in (db, db2):
+                if conn is not None:
+                    conn.close()
+            self._db = self._db2 = None
             self._lock.release()
             if "locked" in str(exc):
                 raise StoreError(
@@ -364,10 +393,84 @@ class SqliteStore(Store):
                 ) from None
             raise StoreError(f"cannot use {where}: {exc}; {way_out}") from None
         except StoreError:
-            db.close()
-            self._db = None
+            for conn in (db, db2):
+                if conn is not None:
+                    conn.close()
+            self._db = self._db2 = None
             self._lock.release()
             raise
+
+    def _configure(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        # A lone tracker's checkpoints run in the checkpointer thread, each file's
+        # while the other one is written; SQLite's own is then only a safety net.
+        limit = WAL_AUTOCHECKPOINT_BYTES if self.shared else 4 * LOG_SWITCH_BYTES
+        db.execute(f"PRAGMA wal_autocheckpoint={limit // self._page_size}")
+        db.execute("PRAGMA journal_size_limit=67108864")
+        db.execute("PRAGMA busy_timeout=2000")
+
+    def _check_second(self, db: sqlite3.Connection, second: Path) -> None:
+        """Refuse a second log file that is not ours, before anything writes to it."""
+        way_out = f"move it aside (mv '{second}' '{second}.corrupt') or use another --store path"
+        attached = False
+        try:
+            db.execute("ATTACH ? AS log2", (str(second),))
+            attached = True
+            app_id = db.execute("PRAGMA log2.application_id").fetchone()[0]
+            tables = {name for (name,) in db.execute("SELECT name FROM log2.sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:
+            if "locked" in str(exc):
+                raise  # told as "open in another program"
+            raise StoreError(f"cannot use {second} (the second file of the log): {exc}; {way_out}") from None
+        finally:
+            if attached:
+                db.execute("DETACH log2")
+        if tables and (app_id != APPLICATION_ID or tables != {"log"}) or app_id not in (0, APPLICATION_ID):
+            raise StoreError(f"{second} is not a nattool log file; {way_out}")
+
+    def _open_second(self, second: Path) -> sqlite3.Connection:
+        """The log's second file, for a lone tracker: its own connection, so that the
+        checkpointer thread can checkpoint it while the loop writes the first."""
+        db2 = _connect(second, False)
+        try:
+            self._configure(db2)
+            db2.executescript(
+                "BEGIN IMMEDIATE;"
+                + _SECOND_LOG_TABLE + ";"
+                + f"PRAGMA application_id={APPLICATION_ID};"
+                + f"PRAGMA user_version={SCHEMA_VERSION};"
+                + "COMMIT;"
+            )
+        except BaseException:
+            db2.close()
+            raise
+        return db2
+
+    def _fold_second(self, db: sqlite3.Connection, second: Path) -> None:
+        """Move a second log file's rows into the first, for an opener that writes
+        one file only (workers, platforms without unix-excl). Rows keep their seq;
+        a fold cut short by a crash is simply done again (OR IGNORE)."""
+        db.execute("ATTACH ? AS log2", (str(second),))
+        try:
+            app_id = db.execute("PRAGMA log2.application_id").fetchone()[0]
+            tables = {name for (name,) in db.execute("SELECT name FROM log2.sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return
+            if app_id != APPLICATION_ID or tables != {"log"}:
+                raise StoreError(
+                    f"{second} is an SQLite database of another program; move it aside "
+                    f"(it is {self.path}'s second log file) or use another --store path"
+                )
+            db.executescript(
+                "BEGIN IMMEDIATE;"
+                "INSERT OR IGNORE INTO main.log (seq, seen, rec) SELECT seq, seen, rec FROM log2.log;"
+                "DELETE FROM log2.log;"
+                "COMMIT;"
+            )
+        finally:
+            db.execute("DETACH log2")
 
     def _check_and_migrate(self, db: sqlite3.Connection) -> None:
         # Reading the header pragmas is what fails on a file that is not SQLite.
@@ -404,7 +507,15 @@ class SqliteStore(Store):
         db = self._require()
         horizon = now - self.limits.ttl
         index = self.index
-        self._replay(db.execute("SELECT seq, seen, rec FROM log WHERE seen > ? ORDER BY seq", (horizon,)), now)
+        live = "SELECT seq, seen, rec FROM log WHERE seen > ? ORDER BY seq"
+        if self._db2 is not None:
+            db2 = self._db2
+            # Each file is in seq order; together they are one log.
+            self._replay(heapq.merge(db.execute(live, (horizon,)), db2.execute(live, (horizon,)), key=itemgetter(0)), now)
+            last = "SELECT coalesce(max(seq), 0) FROM log"
+            self._next_seq = 1 + max(db.execute(last).fetchone()[0], db2.execute(last).fetchone()[0])
+        else:
+            self._replay(db.execute(live, (horizon,)), now)
         for endpoint_text, expires in db.execute(
             "SELECT endpoint, expires FROM trackers WHERE expires > ? ORDER BY expires DESC",
             (now,),
@@ -418,17 +529,19 @@ class SqliteStore(Store):
         self.loaded = len(index)
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.stop()
-            self._flusher = None
-        if self._db is not None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+        for db in (self._db, self._db2):
+            if db is None:
+                continue
             try:
                 # A clean close folds the WAL back into the database file.
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass  # the WAL is still valid; the next open replays it
-            self._db.close()
-            self._db = None
+            db.close()
+        self._db = self._db2 = None
         self._lock.release()
 
     def _require(self) -> sqlite3.Connection:
@@ -525,24 +638,52 @@ class SqliteStore(Store):
         db = self._require()
         started = time.perf_counter()
         rows = _rows(written)
-        if len(rows) == 1:
+        if self._db2 is not None:
+            seq = self._next_seq
+            if self._active == "log2":
+                db = self._db2
+            if len(rows) == 1:
+                db.execute(_APPEND_SEQ, (seq, *rows[0]))
+            else:
+                self._in_transaction(db, _APPEND_SEQ, [(seq + i, *row) for i, row in enumerate(rows)])
+            self._next_seq = seq + len(rows)
+            self._after_split_commit(rows)
+        elif len(rows) == 1:
             # The usual case (one instant per wake-up): a lone INSERT is its own
             # transaction, one statement instead of three.
             db.execute(_APPEND, rows[0])
         else:
-            db.execute("BEGIN")
-            try:
-                db.executemany(_APPEND, rows)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        if self._flusher is not None:
-            self._flusher.nudge()
+            self._in_transaction(db, _APPEND, rows)
         self.appended += len(rows)
         self.commits += 1
         self.commit_seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _in_transaction(db: sqlite3.Connection, sql: str, rows: list[tuple[object, ...]]) -> None:
+        db.execute("BEGIN")
+        try:
+            db.executemany(sql, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _after_split_commit(self, rows: list[tuple[float, str]]) -> None:
+        """Count what the commit put in the active file's WAL (a frame a page, the
+        row's page at least), and move to the other file once that is enough and
+        the other file's checkpoint is complete."""
+        page = self._page_size
+        self._log_bytes += sum((1 + len(rec) // page) * (page + 24) for _, rec in rows)
+        checkpointer = self._checkpointer
+        if self._log_bytes < LOG_SWITCH_BYTES or checkpointer is None:
+            return
+        other = "log2" if self._active == "main" else "main"
+        if checkpointer.ready(other):
+            checkpointer.request(self._active)
+            self._active = other
+            self._log_bytes = 0
+            self.switches += 1
 
     async def expire(self, now: float) -> int:
         gone = await expire_in_steps(self.index, now)
@@ -566,14 +707,24 @@ class SqliteStore(Store):
         return gone
 
     def _compact(self, horizon: float, budget: int) -> int:
-        """Delete dead log rows, EXPIRE_BATCH per statement, up to ``budget``."""
-        db = self._require()
+        """Delete dead log rows, EXPIRE_BATCH per statement, up to ``budget``
+        (shared by both files of a split log)."""
         deleted = 0
-        while deleted < budget:
-            step = db.execute(_COMPACT, (min(EXPIRE_BATCH, budget - deleted), horizon)).rowcount
-            deleted += step
-            if step == 0:
-                break
+        checkpointer = self._checkpointer
+        for name, db in (("main", self._require()), ("log2", self._db2)):
+            if db is None or (checkpointer is not None and not checkpointer.ready(name)):
+                continue  # the checkpointer thread is using that connection
+            in_file = 0
+            while deleted < budget:
+                step = db.execute(_COMPACT, (min(EXPIRE_BATCH, budget - deleted), horizon)).rowcount
+                deleted += step
+                in_file += step
+                if step == 0:
+                    break
+            if in_file and name != self._active and checkpointer is not None:
+                # The idle file got new WAL frames: it is written again only once
+                # they are back in the database file too.
+                checkpointer.request(name)
         self.compacted += deleted
         return deleted
 
