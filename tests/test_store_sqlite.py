@@ -548,6 +548,41 @@ def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, monk
     assert max(first + second) == 401
 
 
+def test_compaction_while_serving_leaves_the_idle_file_to_the_checkpointer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expiry compacts only the file being written: a write to the other one would
+    race the checkpointer thread and keep the writer from ever coming back to it
+    (its WAL then grew until SQLite checkpointed inside a commit: 15 ms)."""
+    from nattool.store import sqlite as mod
+
+    monkeypatch.setattr(mod, "LOG_SWITCH_BYTES", SWITCH)
+    store = reopen(tmp_path / "t.db", StoreLimits(ttl=1.0))
+    try:
+        now = time.time()
+        _write_moving_members(store, now, 100)
+        assert store.switches >= 2
+        active = store._active
+        idle = "log2" if active == "main" else "main"
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        deadline = time.monotonic() + 5
+        while not checkpointer.ready(idle) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        def rows(name: str) -> int:
+            return store._log_connection(name).execute("SELECT count(*) FROM log").fetchone()[0]
+
+        before = {name: rows(name) for name in ("main", "log2")}
+        assert min(before.values()) > 1
+        asyncio.run(store.expire(now + 10))  # every row is dead by then
+        after = {name: rows(name) for name in ("main", "log2")}
+        assert after[idle] == before[idle], "the idle file was written while serving"
+        assert after[active] == 1  # the newest row stays
+    finally:
+        close(store)
+
+
 def test_workers_fold_the_second_log_file_into_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers write one file: opening, they move the second file's rows into it
     (seq kept), so a lone tracker's file serves them whole, and back again."""

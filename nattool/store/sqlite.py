@@ -640,8 +640,7 @@ class SqliteStore(Store):
         rows = _rows(written)
         if self._db2 is not None:
             seq = self._next_seq
-            if self._active == "log2":
-                db = self._db2
+            db = self._log_connection(self._active)
             if len(rows) == 1:
                 db.execute(_APPEND_SEQ, (seq, *rows[0]))
             else:
@@ -707,26 +706,32 @@ class SqliteStore(Store):
         return gone
 
     def _compact(self, horizon: float, budget: int) -> int:
-        """Delete dead log rows, EXPIRE_BATCH per statement, up to ``budget``
-        (shared by both files of a split log)."""
+        """Delete dead log rows, EXPIRE_BATCH per statement, up to ``budget``.
+
+        While a split log is served only the file being written is compacted: the
+        other one belongs to the checkpointer thread, and a write to it would keep
+        the writer from coming back to it. Its dead rows go in its next turn (or
+        at the next start, which compacts both)."""
         deleted = 0
-        checkpointer = self._checkpointer
-        for name, db in (("main", self._require()), ("log2", self._db2)):
-            if db is None or (checkpointer is not None and not checkpointer.ready(name)):
-                continue  # the checkpointer thread is using that connection
-            in_file = 0
+        if self._checkpointer is not None:
+            files = [self._log_connection(self._active)]
+        else:
+            files = [db for db in (self._require(), self._db2) if db is not None]
+        for db in files:
             while deleted < budget:
                 step = db.execute(_COMPACT, (min(EXPIRE_BATCH, budget - deleted), horizon)).rowcount
                 deleted += step
-                in_file += step
                 if step == 0:
                     break
-            if in_file and name != self._active and checkpointer is not None:
-                # The idle file got new WAL frames: it is written again only once
-                # they are back in the database file too.
-                checkpointer.request(name)
+                # Deleting rows rewrites a few pages (leaves, the free list) in the WAL.
+                self._log_bytes += 4 * (self._page_size + 24)
         self.compacted += deleted
         return deleted
+
+    def _log_connection(self, name: str) -> sqlite3.Connection:
+        if name == "log2" and self._db2 is not None:
+            return self._db2
+        return self._require()
 
     # -- trackers ----------------------------------------------------------------
     async def save_tracker(self, record: TrackerRecord) -> None:
