@@ -16,8 +16,9 @@ first commit, which costs a header write and nothing else.
 Each file has a connection of its own in SQLite's exclusive locking mode (the WAL
 index in this process's memory, no -shm file, no other program on the file), and
 this thread checkpoints a file through that file's connection while the store
-leaves it alone: the store writes the other file meanwhile and compacts only a
-file whose checkpoint is done.
+leaves it alone: the store writes the other file meanwhile and compacts only the
+file it writes. (The tracker table's rare writes may reach the first file during
+its checkpoint: SQLite serializes calls on one connection, so they only wait.)
 """
 
 from __future__ import annotations
