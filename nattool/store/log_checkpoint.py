@@ -3,7 +3,7 @@
 A checkpoint copies the WAL back into the database file and fsyncs both; SQLite
 runs it inside a commit, in the event-loop thread, and under a half-rate
 registration load those checkpoints held the loop for 1-1.5 ms about ten times a
-second: the whole registration p99 (without them it was 0.4-0.5 ms).
+second, most of the registration p99 then (0.4-0.5 ms without them).
 
 Doing the same checkpoint from another thread is not enough. The WAL can only
 restart once a checkpoint has caught up with the last commit, and the writer
