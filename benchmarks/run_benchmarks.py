@@ -11,8 +11,9 @@ HOME, --rate-limit 0 because the generator is one source), then runs
 neighbour hurts every server alike, and prints one table with ratios to coturn's
 STUN Binding rate measured in the same run. Each maximum-rate run is followed at
 once by an open-loop run at half the rate it reached, for the p99 latency at half
-load (the table gives the median and the range over the rounds). Registrations are also measured against a second
-`nattool serve --store memory`, which shows what the embedded store's commits cost.
+load (the table gives the median and the range over the rounds). Registrations
+are also measured against a second `nattool serve --store memory`, which shows
+what the embedded store's commits cost.
 
 Everything stays on 127.0.0.1.
 """

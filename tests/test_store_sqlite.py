@@ -471,6 +471,13 @@ def test_compaction_keeps_the_newest_row_so_seq_never_goes_back(tmp_path: Path) 
 SWITCH = 64 << 10  # a small LOG_SWITCH_BYTES: the writer changes files every ~15 commits
 
 
+@pytest.fixture
+def small_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nattool.store import sqlite as mod
+
+    monkeypatch.setattr(mod, "LOG_SWITCH_BYTES", SWITCH)
+
+
 def _write_moving_members(store: SqliteStore, now: float, commits: int, idents: int = 20) -> dict[str, str]:
     """One commit per registration; identity i moves to a new port each time it
     registers. Returns every identity's last endpoint."""
@@ -495,7 +502,7 @@ def _rows_by_file(path: Path) -> tuple[list[int], list[int]]:
     return out[0], out[1]
 
 
-def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, small_switch: None) -> None:
     """The writer moves to the other file once a file's WAL is big enough, and a
     file is written again only after the checkpointer thread has copied its WAL
     back: so each WAL restarts, and stays near LOG_SWITCH_BYTES without SQLite
@@ -503,9 +510,6 @@ def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, monk
     that). Replaying both files in seq order gives every member its last move."""
     import threading
 
-    from nattool.store import sqlite as mod
-
-    monkeypatch.setattr(mod, "LOG_SWITCH_BYTES", SWITCH)
     path = tmp_path / "t.db"
     wal, wal2 = Path(f"{path}-wal"), Path(f"{path}-log2-wal")
     store = reopen(path)
@@ -548,15 +552,10 @@ def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, monk
     assert max(first + second) == 401
 
 
-def test_compaction_while_serving_leaves_the_idle_file_to_the_checkpointer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compaction_while_serving_leaves_the_idle_file_to_the_checkpointer(tmp_path: Path, small_switch: None) -> None:
     """Expiry compacts only the file being written: a write to the other one would
     race the checkpointer thread and keep the writer from ever coming back to it
     (its WAL then grew until SQLite checkpointed inside a commit: 15 ms)."""
-    from nattool.store import sqlite as mod
-
-    monkeypatch.setattr(mod, "LOG_SWITCH_BYTES", SWITCH)
     store = reopen(tmp_path / "t.db", StoreLimits(ttl=1.0))
     try:
         now = time.time()
@@ -583,12 +582,9 @@ def test_compaction_while_serving_leaves_the_idle_file_to_the_checkpointer(
         close(store)
 
 
-def test_workers_fold_the_second_log_file_into_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_fold_the_second_log_file_into_the_first(tmp_path: Path, small_switch: None) -> None:
     """Workers write one file: opening, they move the second file's rows into it
     (seq kept), so a lone tracker's file serves them whole, and back again."""
-    from nattool.store import sqlite as mod
-
-    monkeypatch.setattr(mod, "LOG_SWITCH_BYTES", SWITCH)
     path = tmp_path / "t.db"
     store = reopen(path)
     now = time.time()

@@ -42,7 +42,6 @@ class LogCheckpointer:
         self._done = {name: 0 for name in connections}
         self.checkpoints = 0
         self.errors = 0
-        self.last_error = ""
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -89,9 +88,8 @@ class LogCheckpointer:
                     # fetchall() finishes the statement: no read transaction is left
                     # open on the connection the store writes next.
                     busy = self._connections[name].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][0]
-                except sqlite3.Error as exc:
+                except sqlite3.Error:
                     self.errors += 1
-                    self.last_error = str(exc)
                     busy = 1
                 if busy:
                     # Not done (an I/O error, say): the file stays not ready, and

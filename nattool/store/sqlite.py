@@ -28,8 +28,8 @@ one thread keeps the write order equal to the batch order for free. What made
 commits cost more than they had to, and what was done about each:
 
 - SQLite checkpoints inside a commit: 1-1.5 ms (fsyncs, mostly) about ten times a
-  second under a half-rate registration load, which was the whole registration
-  p99. A lone tracker splits the log over two files and a thread checkpoints the
+  second under a half-rate registration load, most of the registration p99
+  then. A lone tracker splits the log over two files and a thread checkpoints the
   one not being written (log_checkpoint.py); no checkpoint runs in the loop.
 - AUTOINCREMENT rewrote the sqlite_sequence page in every commit: schema 3 drops
   it and keeps seq growing by never deleting the newest row (20 -> 13 us a commit).
@@ -81,9 +81,9 @@ APPLICATION_ID = 0x6E617454
 # to a few hundred members in several KB of overflow pages: 16 such rows take
 # 0.2-0.5 ms to delete.
 EXPIRE_BATCH = 16
-# WAL bytes before SQLite checkpoints inside a commit (SQLite's default, 1000 pages
-# of 4 KB). 1 MB made each checkpoint shorter, but four times as many of them cost
-# more at full load (closed-loop p99 2.2-2.8 ms against 1.5-1.7 ms).
+# Workers' WAL bytes before SQLite checkpoints inside a commit (SQLite's default,
+# 1000 pages of 4 KB). 1 MB made each checkpoint shorter, but four times as many of
+# them cost more at full load (closed-loop p99 2.2-2.8 ms against 1.5-1.7 ms).
 WAL_AUTOCHECKPOINT_BYTES = 4 << 20
 # A lone tracker's two log files (log_checkpoint.py): WAL bytes written to one
 # before the writer moves to the other, whose checkpoint must be complete by then.
@@ -368,10 +368,9 @@ class SqliteStore(Store):
         try:
             self._check_and_migrate(db)
             self._configure(db)
-            if second.exists():
-                self._check_second(db, second)
+            second_has_log = second.exists() and self._check_second(db, second)
             if self.shared:
-                if second.exists():
+                if second_has_log:
                     self._fold_second(db, second)
             else:
                 db2 = self._open_second(second)
@@ -412,8 +411,9 @@ class SqliteStore(Store):
         db.execute("PRAGMA journal_size_limit=67108864")
         db.execute("PRAGMA busy_timeout=2000")
 
-    def _check_second(self, db: sqlite3.Connection, second: Path) -> None:
-        """Refuse a second log file that is not ours, before anything writes to it."""
+    def _check_second(self, db: sqlite3.Connection, second: Path) -> bool:
+        """Refuse a second log file that is not ours, before anything writes to it;
+        True if it holds a log table."""
         way_out = f"move it aside (mv '{second}' '{second}.corrupt') or use another --store path"
         attached = False
         try:
@@ -430,6 +430,7 @@ class SqliteStore(Store):
                 db.execute("DETACH log2")
         if tables and (app_id != APPLICATION_ID or tables != {"log"}) or app_id not in (0, APPLICATION_ID):
             raise StoreError(f"{second} is not a nattool log file; {way_out}")
+        return bool(tables)
 
     def _open_second(self, second: Path) -> sqlite3.Connection:
         """The log's second file, for a lone tracker: its own connection, so that the
@@ -455,13 +456,12 @@ class SqliteStore(Store):
         a crash is simply done again (OR IGNORE)."""
         db.execute("ATTACH ? AS log2", (str(second),))
         try:
-            if db.execute("SELECT count(*) FROM log2.sqlite_master WHERE type = 'table'").fetchone()[0]:
-                db.executescript(
-                    "BEGIN IMMEDIATE;"
-                    "INSERT OR IGNORE INTO main.log (seq, seen, rec) SELECT seq, seen, rec FROM log2.log;"
-                    "DELETE FROM log2.log;"
-                    "COMMIT;"
-                )
+            db.executescript(
+                "BEGIN IMMEDIATE;"
+                "INSERT OR IGNORE INTO main.log (seq, seen, rec) SELECT seq, seen, rec FROM log2.log;"
+                "DELETE FROM log2.log;"
+                "COMMIT;"
+            )
         finally:
             db.execute("DETACH log2")
 
@@ -628,12 +628,11 @@ class SqliteStore(Store):
                     continue
 
     def _commit(self, written: Sequence[Member]) -> None:
-        db = self._require()
+        db = self._log_connection(self._active)
         started = time.perf_counter()
         rows = _rows(written)
         if self._db2 is not None:
             seq = self._next_seq
-            db = self._log_connection(self._active)
             if len(rows) == 1:
                 db.execute(_APPEND_SEQ, (seq, *rows[0]))
             else:
