@@ -203,6 +203,25 @@ def test_real_tracker_short_run_is_clean(shared_tracker, mix: str) -> None:
     assert 0 < s.min <= s.p50 <= s.p99 <= s.max
 
 
+@pytest.mark.parametrize("window", [4, None])
+def test_every_member_is_registered_from_every_socket_in_turn(shared_tracker, window: int | None) -> None:
+    """--members M over --sockets S means all M, whatever the window: a closed loop
+    that reused the sockets answered first registered a fraction of them (about
+    window x M/S), so groups looked smaller than asked and replies were cheaper."""
+    tp = shared_tracker
+    target = Endpoint.from_text(tp.endpoint)
+    seed, groups, members = 4242, 20, 200
+    load = {"window": window} if window else {"window": None, "rate": 4000.0}
+    run_bench(quick(target, "register=1", sockets=32, duration=0.6, warmup=0.1, timeout=1.0, groups=groups, members=members, seed=seed, **load))
+    # A newcomer in group 3 gets the whole group back: its 10 identities.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(2)
+        probe.sendto(register_request(seed, groups, 3 + members * groups), (str(target.ip), target.port))
+        reply = probe.recv(65535).decode()
+    listed = reply.splitlines()[1:]
+    assert len(listed) == members // groups, reply
+
+
 # -- request builders agree with the protocol package ---------------------------------------
 
 

@@ -37,7 +37,7 @@ import select
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -361,7 +361,10 @@ class Engine:
         kind_of = [0] * nsock
         expect: list[bytes] = [b""] * nsock
         stun_key = [0] * nsock  # index of the Binding request outstanding on a socket
-        free = list(range(nsock - 1, -1, -1))
+        # First in, first out: every socket takes its turn. A stack reused the
+        # sockets answered last, so a closed loop of window W sent from about W of
+        # them and registered about W/S of --members.
+        free = deque(range(nsock))
         outstanding = 0
 
         k_sent = [0, 0, 0, 0]
@@ -440,7 +443,7 @@ class Engine:
                     if n == 0:
                         sending = False
                 for _ in range(n):
-                    s = free.pop()
+                    s = free.popleft()
                     kind = kinds[kind_pos]
                     kind_pos += 1
                     if kind_pos == nkinds:
