@@ -13,7 +13,7 @@ from nattool.errors import LimitError
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import reply_budget
 from nattool.protocol.text import MalformedRequest, MemberList, RegisterRequest, parse_request
-from nattool.store.base import Registration, StoreLimits
+from nattool.store.base import Member, Registration, StoreLimits
 from nattool.store.memory import MemberIndex, MemoryStore
 from nattool.tracker.registry import build_member_reply, member_from_request
 
@@ -202,3 +202,36 @@ def test_mass_expiry_is_done_in_bounded_steps(monkeypatch: pytest.MonkeyPatch) -
     assert len(index) == 450
     assert asyncio.run(memory.expire_in_steps(index, 100.0)) == 300  # bounded per call
     assert asyncio.run(memory.expire_in_steps(index, 100.0)) == 150 and len(index) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 5), st.integers(0, 40)),  # group, identity, seconds later
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(0, 3),
+)
+def test_a_view_is_the_live_others_newest_first(steps: list[tuple[int, int, int]], offset: int) -> None:
+    """The small-group view (with its shortcut for an all-live group whose newest
+    member is the requester) against a model: every live member but the requester,
+    newest registration first, then the page."""
+    ttl = 30.0
+    index = MemberIndex(StoreLimits(ttl=ttl))
+    model: dict[tuple[int, int], tuple[int, Member]] = {}  # -> (registration number, member)
+    now = 1000.0
+    for n, (group, ident, later) in enumerate(steps):
+        now += later
+        member = Member(f"g{group}", f"id{ident}", f"203.0.113.{ident + 1}:{1000 + group}", "", f"203.0.113.{ident + 1}", now)
+        index.upsert(member, now)
+        model[(group, ident)] = (n, member)
+        view = index.view(member, offset, 3, now)
+        live = [
+            m
+            for (g, i), (_, m) in sorted(model.items(), key=lambda item: -item[1][0])
+            if g == group and i != ident and m.seen > now - ttl
+        ]
+        assert view.me == member
+        assert list(view.others) == live[offset : offset + 3]
+        assert view.total_others == len(live)

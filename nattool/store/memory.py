@@ -81,9 +81,18 @@ class MemberIndex:
         horizon = now - self.limits.ttl
         identity = me.identity
         if len(group) <= SMALL_GROUP:
-            # Most groups are small: one comprehension over all of it beats the
-            # stepwise walk below, which exists to stop early in big groups.
-            live = [m for m in reversed(group.values()) if m.seen > horizon and m.identity != identity]
+            # Most groups are small: copying all of it beats the stepwise walk
+            # below, which exists to stop early in big groups.
+            live = list(group.values())
+            # A group is in registration order, oldest first (as _by_age is), so
+            # a live first member means all are live; and a member that has just
+            # registered is the last one. That case, nearly every registration,
+            # needs no test per member.
+            if live[0].seen > horizon and live[-1].identity == identity:
+                live.pop()
+                live.reverse()
+            else:
+                live = [m for m in reversed(live) if m.seen > horizon and m.identity != identity]
             return GroupView(me, tuple(live[offset : offset + limit]), len(live))
         others: list[Member] = []
         skip = offset
