@@ -13,7 +13,9 @@ STUN Binding rate measured in the same run. Each maximum-rate run is followed at
 once by an open-loop run at half the rate it reached, for the p99 latency at half
 load (the table gives the median and the range over the rounds). Registrations
 are also measured against a second `nattool serve --store memory`, which shows
-what the embedded store's commits cost.
+what the embedded store's commits cost. The server CPU column is the server
+process's share of one core during the loaded part of each run (median): well
+under 100% with the generator near 100% means the generator set the rate.
 
 Everything stays on 127.0.0.1.
 """
@@ -101,6 +103,14 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process, every thread (Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -161,6 +171,9 @@ class Case:
     def median_p99(self) -> float:
         return statistics.median(r["latency_ms"]["p99"] for r in self.runs)
 
+    def median_server_cpu(self) -> float:
+        return statistics.median(r.get("server_cpu", float("nan")) for r in self.runs)
+
     def max_gen_cpu(self) -> float:
         return max(max(r["generator"]["cpu_per_process"]) for r in self.runs)
 
@@ -174,10 +187,16 @@ WORKLOAD_ARGS = {
 
 def run_bench(cmd: list[str], server: Server, workload: str, duration: float, warmup: float, extra: list[str], work: Path) -> dict[str, Any]:
     args = [*cmd, f"{HOST}:{server.port}", *WORKLOAD_ARGS[workload], "--duration", str(duration), "--warmup", str(warmup), "--json", *extra]
+    cpu0 = server.cpu_seconds()
     out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env(work / "home"), timeout=duration + warmup + 60)
     if out.returncode not in (0, 1):
         raise RuntimeError(f"bench failed ({out.returncode}): {out.stderr[-2000:]}")
-    return json.loads(out.stdout)
+    doc: dict[str, Any] = json.loads(out.stdout)
+    # The server's share of a core while it was loaded (warm-up and run; the
+    # generator's start-up, when the server idles, is left out): below 100%, the
+    # server had room the generator did not use.
+    doc["server_cpu"] = (server.cpu_seconds() - cpu0) / (warmup + duration)
+    return doc
 
 
 def main() -> int:
@@ -216,7 +235,7 @@ def main() -> int:
                     print(
                         f"round {rnd + 1}: {server.name:8} {workload:9} {doc['achieved_rate']:>10,.0f}/s  "
                         f"loss {doc['loss_ratio']:.3%}  invalid {doc['invalid']}  p99 {doc['latency_ms']['p99']:.3f} ms  "
-                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%",
+                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%  server cpu {doc['server_cpu'] * 100:.0f}%",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -243,8 +262,8 @@ def main() -> int:
           f"{opts.processes} generator process(es); {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, kernel {platform.release()}")
     print()
-    print("| server | workload | replies/s | vs coturn STUN | loss | p99 ms | p99 ms at 50% rate, median (range) | generator CPU |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| server | workload | replies/s | vs coturn STUN | loss | p99 ms | p99 ms at 50% rate, median (range) | generator CPU | server CPU |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (name, workload), case in cases.items():
         rate = case.median("achieved_rate")
         ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
@@ -252,7 +271,7 @@ def main() -> int:
         p99_half = f"{statistics.median(h):.3f} ({min(h):.2f}-{max(h):.2f})" if h else "-"
         print(
             f"| {name} | {workload} | {rate:,.0f} | {ratio} | {case.median('loss_ratio'):.3%} | "
-            f"{case.median_p99():.3f} | {p99_half} | {case.max_gen_cpu() * 100:.0f}% |"
+            f"{case.median_p99():.3f} | {p99_half} | {case.max_gen_cpu() * 100:.0f}% | {case.median_server_cpu() * 100:.0f}% |"
         )
     print()
     print("server RSS at the end (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))

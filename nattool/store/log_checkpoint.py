@@ -16,9 +16,15 @@ first commit, which costs a header write and nothing else.
 Each file has a connection of its own in SQLite's exclusive locking mode (the WAL
 index in this process's memory, no -shm file, no other program on the file), and
 this thread checkpoints a file through that file's connection while the store
-leaves it alone: the store writes the other file meanwhile and compacts only the
-file it writes. (The tracker table's rare writes may reach the first file during
-its checkpoint: SQLite serializes calls on one connection, so they only wait.)
+leaves it alone: the store writes the other file meanwhile. (The tracker table's
+rare writes may reach the first file during its checkpoint: SQLite serializes
+calls on one connection, so they only wait.)
+
+Before the checkpoint, the thread also deletes the file's dead log rows (those
+older than the horizon the store gave with the request). Done in the loop, that
+compaction took 1.5 s of a 150 s run in statements of up to 20 ms, and its
+scattered page writes made the active WAL outgrow the store's estimate until
+SQLite checkpointed inside a commit; here it costs the loop nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import sqlite3
 import threading
 import time
+from typing import Callable
 
 BUSY_RETRY = 0.005  # a file whose checkpoint was busy is tried again after this
 
@@ -34,13 +41,22 @@ BUSY_RETRY = 0.005  # a file whose checkpoint was busy is tried again after this
 class LogCheckpointer:
     """A daemon thread that checkpoints the files behind named connections."""
 
-    def __init__(self, connections: dict[str, sqlite3.Connection]) -> None:
+    def __init__(
+        self,
+        connections: dict[str, sqlite3.Connection],
+        compact: Callable[[sqlite3.Connection, float], int] | None = None,
+    ) -> None:
+        """``compact(connection, horizon)`` deletes a file's rows that are dead at
+        ``horizon`` and returns how many; the store knows the schema, not this."""
         self._connections = connections
+        self._compact = compact
+        self._horizon: dict[str, float | None] = {name: None for name in connections}
         # Requests and completions are counted, not flagged: a request made while
         # that file's checkpoint runs must not be marked done by it.
         self._asked = {name: 0 for name in connections}
         self._done = {name: 0 for name in connections}
         self.checkpoints = 0
+        self.compacted = 0  # rows deleted
         self.errors = 0
         self._wake = threading.Event()
         self._stop = False
@@ -54,9 +70,11 @@ class LogCheckpointer:
         self._thread = threading.Thread(target=self._run, name="nattool-log-checkpoint", daemon=True)
         self._thread.start()
 
-    def request(self, name: str) -> None:
-        """Checkpoint file ``name`` soon. Until ``ready(name)``, the caller must not
-        use that file's connection (the thread is using it)."""
+    def request(self, name: str, horizon: float | None = None) -> None:
+        """Checkpoint file ``name`` soon, after deleting its rows dead at ``horizon``
+        (if given). Until ``ready(name)``, the caller must not use that file's
+        connection (the thread is using it)."""
+        self._horizon[name] = horizon
         self._asked[name] += 1
         self._wake.set()
 
@@ -84,10 +102,19 @@ class LogCheckpointer:
             for name, asked in list(self._asked.items()):
                 if asked == self._done[name]:
                     continue
+                connection = self._connections[name]
+                horizon = self._horizon[name]
+                if horizon is not None and self._compact is not None:
+                    try:
+                        self.compacted += self._compact(connection, horizon)
+                    except sqlite3.Error:
+                        # The rows stay until the file's next turn; the checkpoint
+                        # still runs, so the writer can come back to the file.
+                        self.errors += 1
                 try:
                     # fetchall() finishes the statement: no read transaction is left
                     # open on the connection the store writes next.
-                    busy = self._connections[name].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][0]
+                    busy = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][0]
                 except sqlite3.Error:
                     self.errors += 1
                     busy = 1

@@ -12,8 +12,10 @@ measures this). A row holds every member that one batch registered at one instan
 inserts one row, not one per registration. Opening replays the log through the same index, which reproduces
 replacement by identity and group evictions. Compaction is trivial because of
 soft state: a row whose ``seen`` is older than the TTL is dead -- its member
-either expired or registered again since, in a later row -- so ``expire()``
-deletes dead rows from the head of the log in bounded batches. The log holds
+either expired or registered again since, in a later row -- so dead rows are
+deleted from the head of the log: by the checkpointer thread for a lone tracker
+(each file when the writer leaves it), by ``expire()`` in bounded batches for
+workers. The log holds
 about (registration rate x TTL) rows. With
 ``journal_mode=WAL`` and ``synchronous=NORMAL`` a commit is a ``write()`` into the
 WAL file with no fsync, so a committed batch survives ``kill -9`` of the process
@@ -143,6 +145,20 @@ _COMPACT = (
     "DELETE FROM log WHERE seq IN (SELECT seq FROM log ORDER BY seq LIMIT ?) AND seen <= ? "
     "AND seq < (SELECT max(seq) FROM log)"
 )
+# Rows per statement when the checkpointer thread compacts an idle file: it holds
+# no loop, but a statement is one transaction and one WAL's worth of pages.
+IDLE_COMPACT_BATCH = 1024
+
+
+def _compact_file(db: sqlite3.Connection, horizon: float) -> int:
+    """Delete every dead row of one log file (the checkpointer thread, on a file
+    the store is not writing)."""
+    deleted = 0
+    while True:
+        step = db.execute(_COMPACT, (IDLE_COMPACT_BATCH, horizon)).rowcount
+        deleted += step
+        if step < IDLE_COMPACT_BATCH:
+            return deleted
 
 
 def default_sqlite_path() -> Path:
@@ -378,7 +394,7 @@ class SqliteStore(Store):
             self._db2 = db2
             self._load(now)
             if db2 is not None:
-                self._checkpointer = LogCheckpointer({"main": db, "log2": db2})
+                self._checkpointer = LogCheckpointer({"main": db, "log2": db2}, _compact_file)
                 self._checkpointer.start()
         except sqlite3.DatabaseError as exc:
             for conn in (db, db2):
@@ -671,7 +687,8 @@ class SqliteStore(Store):
             return
         other = "log2" if self._active == "main" else "main"
         if checkpointer.ready(other):
-            checkpointer.request(self._active)
+            # The thread deletes the dead rows of the file left, off the loop.
+            checkpointer.request(self._active, rows[-1][0] - self.limits.ttl)
             self._active = other
             self._log_bytes = 0
             self.switches += 1
@@ -700,23 +717,19 @@ class SqliteStore(Store):
     def _compact(self, horizon: float, budget: int) -> int:
         """Delete dead log rows, EXPIRE_BATCH per statement, up to ``budget``.
 
-        While a split log is served only the file being written is compacted: the
-        other one belongs to the checkpointer thread, and a write to it would keep
-        the writer from coming back to it. Its dead rows go in its next turn (or
-        at the next start, which compacts both)."""
-        deleted = 0
+        While a split log is served, nothing here: the checkpointer thread deletes
+        a file's dead rows when the writer leaves it (a write to the file being
+        written would also make its WAL outgrow the estimate that decides the
+        switch). Opening compacts both files, before the thread starts."""
         if self._checkpointer is not None:
-            files = [self._log_connection(self._active)]
-        else:
-            files = [db for db in (self._require(), self._db2) if db is not None]
-        for db in files:
-            while deleted < budget:
+            return 0
+        deleted = 0
+        for db in (self._require(), self._db2):
+            while db is not None and deleted < budget:
                 step = db.execute(_COMPACT, (min(EXPIRE_BATCH, budget - deleted), horizon)).rowcount
                 deleted += step
                 if step == 0:
                     break
-                # Deleting rows rewrites a few pages (leaves, the free list) in the WAL.
-                self._log_bytes += 4 * (self._page_size + 24)
         self.compacted += deleted
         return deleted
 
@@ -776,7 +789,7 @@ class SqliteStore(Store):
                 "write_errors": float(self.write_errors),
                 "loaded": float(self.loaded),
                 "bad_rows": float(self.bad_rows),
-                "compacted_rows": float(self.compacted),
+                "compacted_rows": float(self.compacted + (self._checkpointer.compacted if self._checkpointer else 0)),
             },
         )
 
