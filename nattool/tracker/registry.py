@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from nattool.errors import LimitError
 from nattool.protocol.endpoint import Endpoint, endpoint_source_key
 from nattool.protocol.text import ErrorReply, MalformedRequest, MemberList, RegisterRequest
@@ -9,6 +11,9 @@ from nattool.store.base import GroupView, Member, Registration
 
 # A reply line is at least "1.2.3.4:5\n": never ask a store for more than fits.
 MAX_PAGE = 128
+# Member fields by position (Member is a named tuple): C-level getters for map().
+_ENDPOINT_TEXT = itemgetter(Member._fields.index("endpoint_text"))
+_SOURCE = itemgetter(Member._fields.index("source"))
 
 
 def member_from_request(req: RegisterRequest, observed: Endpoint, now: float) -> Member:
@@ -56,12 +61,17 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     if not paging:
         # Usually everything fits: build it whole, and walk line by line only
         # when it has to be cut (the same cut: the newest members that fit).
-        whole = "\n".join(
-            lines + [
-                f"{o.endpoint_text};{o.lan_text}" if o.lan_text and o.source == source else o.endpoint_text
-                for o in others
-            ]
-        )
+        if source not in list(map(_SOURCE, others)):
+            # Nobody else behind the requester's IP (the usual case): every line
+            # is a bare endpoint, joined without a bytecode per member.
+            whole = "\n".join([lines[0], *map(_ENDPOINT_TEXT, others)])
+        else:
+            whole = "\n".join(
+                lines + [
+                    f"{o.endpoint_text};{o.lan_text}" if o.lan_text and o.source == source else o.endpoint_text
+                    for o in others
+                ]
+            )
         if len(whole) <= budget:
             return whole.encode("ascii")
     # Keep room for the "next=N" paging line when the client speaks paging.
