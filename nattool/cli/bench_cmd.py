@@ -17,7 +17,7 @@ def bench(
     stun: Annotated[bool, typer.Option("--stun", help="Send RFC 8489 Binding requests (same as --mix stun=1); works against any STUN server.")] = False,
     groups: Annotated[int, typer.Option("--groups", metavar="N", help="Groups the registrations are spread over.")] = 1000,
     members: Annotated[int, typer.Option("--members", metavar="M", help="Distinct member identities that register.")] = 10_000,
-    sockets: Annotated[int, typer.Option("--sockets", metavar="S", help="Source sockets per process (each carries one outstanding request).")] = 256,
+    sockets: Annotated[int, typer.Option("--sockets", metavar="S", help="Source sockets per process, used in turn (each carries one outstanding request; a member always registers from the same one).")] = 256,
     window: Annotated[Optional[int], typer.Option("--window", metavar="W", help="Closed loop: requests kept outstanding (all processes) [default: 128].", show_default=False)] = None,
     rate: Annotated[Optional[float], typer.Option("--rate", metavar="R", help="Open loop: requests per second (all processes); on Linux latency is then timed by the kernel's receive timestamp of each reply.", show_default=False)] = None,
     duration: Annotated[float, typer.Option("--duration", metavar="SECONDS", help="Measured seconds.")] = 10.0,
