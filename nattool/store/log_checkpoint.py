@@ -44,13 +44,13 @@ class LogCheckpointer:
     def __init__(
         self,
         connections: dict[str, sqlite3.Connection],
-        compact: Callable[[sqlite3.Connection, float], int] | None = None,
+        compact: Callable[[sqlite3.Connection, float], int],
     ) -> None:
         """``compact(connection, horizon)`` deletes a file's rows that are dead at
         ``horizon`` and returns how many; the store knows the schema, not this."""
         self._connections = connections
         self._compact = compact
-        self._horizon: dict[str, float | None] = {name: None for name in connections}
+        self._horizon = {name: float("-inf") for name in connections}
         # Requests and completions are counted, not flagged: a request made while
         # that file's checkpoint runs must not be marked done by it.
         self._asked = {name: 0 for name in connections}
@@ -70,10 +70,10 @@ class LogCheckpointer:
         self._thread = threading.Thread(target=self._run, name="nattool-log-checkpoint", daemon=True)
         self._thread.start()
 
-    def request(self, name: str, horizon: float | None = None) -> None:
-        """Checkpoint file ``name`` soon, after deleting its rows dead at ``horizon``
-        (if given). Until ``ready(name)``, the caller must not use that file's
-        connection (the thread is using it)."""
+    def request(self, name: str, horizon: float) -> None:
+        """Checkpoint file ``name`` soon, after deleting its rows dead at ``horizon``.
+        Until ``ready(name)``, the caller must not use that file's connection (the
+        thread is using it)."""
         self._horizon[name] = horizon
         self._asked[name] += 1
         self._wake.set()
@@ -103,14 +103,12 @@ class LogCheckpointer:
                 if asked == self._done[name]:
                     continue
                 connection = self._connections[name]
-                horizon = self._horizon[name]
-                if horizon is not None and self._compact is not None:
-                    try:
-                        self.compacted += self._compact(connection, horizon)
-                    except sqlite3.Error:
-                        # The rows stay until the file's next turn; the checkpoint
-                        # still runs, so the writer can come back to the file.
-                        self.errors += 1
+                try:
+                    self.compacted += self._compact(connection, self._horizon[name])
+                except sqlite3.Error:
+                    # The rows stay until the file's next turn; the checkpoint
+                    # still runs, so the writer can come back to the file.
+                    self.errors += 1
                 try:
                     # fetchall() finishes the statement: no read transaction is left
                     # open on the connection the store writes next.

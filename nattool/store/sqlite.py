@@ -150,15 +150,22 @@ _COMPACT = (
 IDLE_COMPACT_BATCH = 1024
 
 
-def _compact_file(db: sqlite3.Connection, horizon: float) -> int:
-    """Delete every dead row of one log file (the checkpointer thread, on a file
-    the store is not writing)."""
+def _delete_dead_rows(db: sqlite3.Connection, horizon: float, batch: int, budget: int) -> int:
+    """Delete dead rows from the head of one log file, ``batch`` per statement (each
+    its own transaction), up to ``budget``; return how many."""
     deleted = 0
-    while True:
-        step = db.execute(_COMPACT, (IDLE_COMPACT_BATCH, horizon)).rowcount
+    while deleted < budget:
+        step = db.execute(_COMPACT, (min(batch, budget - deleted), horizon)).rowcount
         deleted += step
-        if step < IDLE_COMPACT_BATCH:
-            return deleted
+        if step == 0:
+            break
+    return deleted
+
+
+def _compact_file(db: sqlite3.Connection, horizon: float) -> int:
+    """Every dead row of one log file (the checkpointer thread, on a file the store
+    is not writing)."""
+    return _delete_dead_rows(db, horizon, IDLE_COMPACT_BATCH, 1 << 62)
 
 
 def default_sqlite_path() -> Path:
@@ -397,11 +404,7 @@ class SqliteStore(Store):
                 self._checkpointer = LogCheckpointer({"main": db, "log2": db2}, _compact_file)
                 self._checkpointer.start()
         except sqlite3.DatabaseError as exc:
-            for conn in (db, db2):
-                if conn is not None:
-                    conn.close()
-            self._db = self._db2 = None
-            self._lock.release()
+            self._abandon_open(db, db2)
             if "locked" in str(exc):
                 raise StoreError(
                     f"{where} is open in another program (an sqlite3 shell?); close it, "
@@ -409,12 +412,16 @@ class SqliteStore(Store):
                 ) from None
             raise StoreError(f"cannot use {where}: {exc}; {way_out}") from None
         except StoreError:
-            for conn in (db, db2):
-                if conn is not None:
-                    conn.close()
-            self._db = self._db2 = None
-            self._lock.release()
+            self._abandon_open(db, db2)
             raise
+
+    def _abandon_open(self, *connections: sqlite3.Connection | None) -> None:
+        """A failed open leaves nothing behind: connections closed, lock released."""
+        for conn in connections:
+            if conn is not None:
+                conn.close()
+        self._db = self._db2 = None
+        self._lock.release()
 
     def _configure(self, db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
@@ -725,11 +732,8 @@ class SqliteStore(Store):
             return 0
         deleted = 0
         for db in (self._require(), self._db2):
-            while db is not None and deleted < budget:
-                step = db.execute(_COMPACT, (min(EXPIRE_BATCH, budget - deleted), horizon)).rowcount
-                deleted += step
-                if step == 0:
-                    break
+            if db is not None:
+                deleted += _delete_dead_rows(db, horizon, EXPIRE_BATCH, budget - deleted)
         self.compacted += deleted
         return deleted
 

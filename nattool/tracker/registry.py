@@ -44,6 +44,13 @@ def registration_for(req: RegisterRequest, member: Member, budget: int = 1200) -
     return Registration(member=member, offset=req.offset, limit=min(MAX_PAGE, budget // 10))
 
 
+def _line(other: Member, source: str) -> str:
+    """A member's reply line: its LAN list only for a requester behind the same IP."""
+    if other.lan_text and other.source == source:
+        return f"{other.endpoint_text};{other.lan_text}"
+    return other.endpoint_text
+
+
 def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int = 0) -> bytes:
     """The reply to a registration, cut to ``budget`` bytes, newest members kept.
 
@@ -66,22 +73,14 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
             # is a bare endpoint, joined without a bytecode per member.
             whole = "\n".join([lines[0], *map(_ENDPOINT_TEXT, others)])
         else:
-            whole = "\n".join(
-                lines + [
-                    f"{o.endpoint_text};{o.lan_text}" if o.lan_text and o.source == source else o.endpoint_text
-                    for o in others
-                ]
-            )
+            whole = "\n".join(lines + [_line(o, source) for o in others])
         if len(whole) <= budget:
             return whole.encode("ascii")
     # Keep room for the "next=N" paging line when the client speaks paging.
     reserve = 12 if paging else 0
     shown = 0
     for other in others:
-        if other.lan_text and other.source == source:
-            line = f"{other.endpoint_text};{other.lan_text}"
-        else:
-            line = other.endpoint_text
+        line = _line(other, source)
         if used + 1 + len(line) + reserve > budget:
             break
         lines.append(line)
