@@ -14,7 +14,7 @@ from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import reply_budget
 from nattool.protocol.text import MalformedRequest, MemberList, RegisterRequest, parse_request
 from nattool.store.base import Member, Registration, StoreLimits
-from nattool.store.memory import MemberIndex, MemoryStore
+from nattool.store.memory import SMALL_GROUP, MemberIndex, MemoryStore
 from nattool.tracker.registry import build_member_reply, member_from_request
 
 
@@ -235,3 +235,86 @@ def test_a_view_is_the_live_others_newest_first(steps: list[tuple[int, int, int]
         assert view.me == member
         assert list(view.others) == live[offset : offset + 3]
         assert view.total_others == len(live)
+
+
+# --- the keepalive lane does what the general path does ----------------------------------------
+
+_lane_steps = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # group
+        st.integers(0, 6),  # identity (MAC)
+        st.integers(0, 3),  # source IP: a few, so that some members share one
+        st.integers(0, 2),  # port
+        st.integers(0, 2),  # LAN list
+        st.integers(0, 40),  # seconds later
+        st.integers(0, 300),  # padding: the reply budget (cuts included)
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_lane_steps, st.integers(2, 70))
+def test_the_keepalive_lane_replies_and_stores_what_the_general_path_does(
+    steps: list[tuple[int, int, int, int, int, int, int]], per_group: int
+) -> None:
+    """Two trackers take the same registrations, one with its store's keepalive lane
+    and one without: every reply, every counter and the stored groups are equal.
+    Small caps make groups outgrow the lane (over 64 members) and evict."""
+    from nattool.tracker.dispatch import PendingRegistration, TrackerCore
+    from nattool.tracker.federation import Federation, FederationConfig
+
+    limits = StoreLimits(ttl=30.0, max_members_per_group=per_group)
+    stores = [MemoryStore(limits), MemoryStore(limits)]
+    cores = [TrackerCore(Federation(FederationConfig())), TrackerCore(Federation(FederationConfig()))]
+    cores[0].keepalive_lane = stores[0].keepalive_lane()
+    now = 1000.0
+    for group, ident, ip, port, lan, later, pad in steps:
+        now += later
+        lan_text = ["0", "10.0.0.1", "192.168.1.2,10.0.0.9"][lan]
+        mac = f"02:00:00:00:00:{ident:02x}"
+        data = f"//51pwn/P2P&E2E/g{group}/0/{lan_text}/{mac}".encode() + b" " * pad
+        host, sport = f"203.0.113.{ip + 1}", 1000 + port
+        known = stores[1].index._groups.get(f"g{group}", {})
+        # The lane's whole domain: a known member, the same source, a small group.
+        eligible = mac in known and known[mac].source == host and len(known) <= SMALL_GROUP
+        replies = []
+        outcomes = []
+        for store, core in zip(stores, cores):
+            outcome = core.on_register_v4(data, host, sport, now)
+            outcomes.append(outcome)
+            if isinstance(outcome, bytes):
+                replies.append(outcome)
+                continue
+            assert isinstance(outcome, PendingRegistration)
+            [result] = store.register_now([outcome.registration], now)
+            replies.append(core.finish_registration(outcome, result))
+        assert isinstance(outcomes[0], bytes) == eligible
+        assert isinstance(outcomes[1], PendingRegistration)  # no lane: always the batch
+        assert replies[0] == replies[1]
+        assert cores[0].counters == cores[1].counters
+        assert [list(g.items()) for g in stores[0].index._groups.values()] == [
+            list(g.items()) for g in stores[1].index._groups.values()
+        ]
+        assert list(stores[0].index._by_age) == list(stores[1].index._by_age)
+
+
+def test_the_keepalive_lane_takes_only_known_members_from_the_same_source_in_small_groups() -> None:
+    index = MemberIndex(StoreLimits(ttl=30.0))
+    assert index.keepalive("g", "m1", "203.0.113.1:1", "", "203.0.113.1", 1.0) is None  # unknown group
+    index.upsert(Member("g", "m1", "203.0.113.1:1", "", "203.0.113.1", 1.0), 1.0)
+    index.upsert(Member("g", "m2", "203.0.113.2:1", "", "203.0.113.2", 2.0), 2.0)
+    assert index.keepalive("g", "m3", "203.0.113.3:1", "", "203.0.113.3", 3.0) is None  # unknown member
+    assert index.keepalive("g", "m1", "203.0.113.9:1", "", "203.0.113.9", 3.0) is None  # another source
+    assert [m.identity for m in index._groups["g"].values()] == ["m1", "m2"]  # nothing changed
+    others = index.keepalive("g", "m1", "203.0.113.1:7", "10.0.0.1", "203.0.113.1", 3.0)
+    assert others is not None and [m.identity for m in others] == ["m2"]
+    moved = index._groups["g"]["m1"]
+    assert (moved.endpoint_text, moved.lan_text, moved.seen) == ("203.0.113.1:7", "10.0.0.1", 3.0)
+    assert list(index._groups["g"]) == ["m2", "m1"] and next(reversed(index._by_age)) is moved
+    # m2 has expired (not yet swept): not listed
+    assert index.keepalive("g", "m1", "203.0.113.1:7", "", "203.0.113.1", 40.0) == []
+    for i in range(70):
+        index.upsert(Member("big", f"b{i}", f"203.0.113.{i % 50 + 1}:2", "", f"203.0.113.{i % 50 + 1}", 41.0), 41.0)
+    assert index.keepalive("big", "b0", "203.0.113.1:2", "", "203.0.113.1", 42.0) is None  # a big group

@@ -8,7 +8,9 @@ registration names an explicit public endpoint ``<source ip>:<20000 + i>`` (the 
 must be the observed one, the port is free), and the first line of the reply is the
 requester's own endpoint, so the port says which registration ``i`` was answered.
 Loopback sources 127.0.4.x stand for different public IPs (and keep every source
-under the groups-per-source cap).
+under the groups-per-source cap). The keepalive test cannot do that: the server's
+keepalive lane takes only the seed form (public ``0``, the source is the endpoint),
+so there each identity has a socket of its own, bound to the port that names it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from conftest import TrackerFactory, TrackerProcess, ask_on, lines, start_tracker, udp_ask, udp_socket
+from test_metrics import scrape, value
 
 REG = "//51pwn/P2P&E2E/"
 PORT_BASE = 20000
@@ -150,13 +153,123 @@ def run_load(
     return result
 
 
+# -- the keepalive load: one socket per identity, so its source port can change -----------
+
+REBIND_PORT_BASE = 30000
+
+
+def seed_request(ident: Ident) -> bytes:
+    """The seed form with public ``0``: the server takes the source as the endpoint,
+    the only form its keepalive lane answers (the explicit form above never does)."""
+    return f"{REG}{ident.group}/0/0/{ident.mac}".encode()
+
+
+def run_socket_per_identity_load(
+    tp: TrackerProcess,
+    idents: list[Ident],
+    port_base: int,
+    window: int = 48,
+    kill_after_acked: int | None = None,
+    before_kill: Callable[[], None] | None = None,
+    reply_timeout_s: float = 1.0,
+    deadline_s: float = 10.0,
+) -> LoadResult:
+    """Register each identity once (no retries) from its own socket bound to
+    ``<src_ip>:<port_base + i>``, at most ``window`` sockets open at once (far from
+    the fd limit). A reply on that socket can only be identity ``i``'s, and its
+    first line must be that socket's own endpoint. With ``kill_after_acked``: once
+    that many are acknowledged, ``before_kill()`` runs, then the server gets SIGKILL
+    right after a fresh window of requests went out, so some are in flight; what
+    had already arrived is drained for a moment, nothing more is sent."""
+    result = LoadResult()
+    sel = selectors.DefaultSelector()
+    queue = list(reversed(idents))
+    open_socks: dict[int, tuple[socket.socket, float]] = {}
+
+    def close(i: int) -> None:
+        s, _ = open_socks.pop(i)
+        sel.unregister(s)
+        s.close()
+
+    kill_armed = False
+    killed_at: float | None = None
+    end = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < end:
+            fresh = 0
+            while killed_at is None and queue and len(open_socks) < window:
+                ident = queue.pop()
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    s.bind((ident.src_ip, port_base + ident.i))
+                    s.setblocking(False)
+                    s.sendto(seed_request(ident), tp.addr)
+                except OSError:
+                    # A fixed port someone else holds: fail loudly rather than
+                    # silently leave an identity out.
+                    s.close()
+                    raise
+                result.sent.add(ident.i)
+                sel.register(s, selectors.EVENT_READ, ident)
+                open_socks[ident.i] = (s, time.monotonic())
+                fresh += 1
+            # Not while the window is still full of replies that came during
+            # before_kill(): the kill is to find requests in flight.
+            if kill_armed and killed_at is None and (fresh >= window // 2 or not queue):
+                os.kill(tp.proc.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                result.killed_at_acked = len(result.acked)
+            for key, _ in sel.select(timeout=0.05):
+                s, ident = key.fileobj, key.data
+                assert isinstance(s, socket.socket) and isinstance(ident, Ident)
+                try:
+                    data, addr = s.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionRefusedError:  # ICMP from the dead server: no reply will come
+                    close(ident.i)
+                    continue
+                if addr != tp.addr:
+                    continue
+                first = data.split(b"\n", 1)[0].decode("ascii", "replace")
+                if first.startswith("ERR"):
+                    result.errors.append(data)
+                else:
+                    assert first == f"{ident.src_ip}:{port_base + ident.i}", (first, ident)
+                    result.acked.add(ident.i)
+                close(ident.i)
+            now = time.monotonic()
+            for i in [i for i, (_, t) in open_socks.items() if now - t > reply_timeout_s]:
+                close(i)  # lost, or never answered: unacknowledged
+            if kill_after_acked is not None and not kill_armed and len(result.acked) >= kill_after_acked:
+                if before_kill is not None:
+                    before_kill()
+                kill_armed = True
+            if killed_at is not None and now - killed_at > 0.3:
+                break  # replies that were on their way have arrived (loopback)
+            if not queue and not open_socks and killed_at is None and not kill_armed:
+                break
+    finally:
+        for i in list(open_socks):
+            close(i)
+        sel.close()
+    return result
+
+
 # -- reading a group back, through the paging extension ----------------------------------
 
 
-def group_members(tp: TrackerProcess, group: str, probe_ip: str, pages: list[int] | None = None) -> set[str]:
+def group_members(
+    tp: TrackerProcess,
+    group: str,
+    probe_ip: str,
+    pages: list[int] | None = None,
+    rows_out: list[str] | None = None,
+) -> set[str]:
     """Register a probe member in ``group`` (its own identity: the probe endpoint) and
     page through the list with ``offset=`` until no ``next=`` line comes back.
-    Padding the request makes room for a 1200-byte reply (the 3x amplification rule)."""
+    Padding the request makes room for a 1200-byte reply (the 3x amplification rule).
+    ``rows_out`` gets every listed endpoint as listed, duplicates included."""
     found: set[str] = set()
     offset = 0
     with udp_socket(probe_ip) as s:
@@ -174,6 +287,8 @@ def group_members(tp: TrackerProcess, group: str, probe_ip: str, pages: list[int
                     nxt = int(row[5:])
                 elif row:
                     found.add(row.split(";", 1)[0])
+                    if rows_out is not None:
+                        rows_out.append(row.split(";", 1)[0])
             if nxt is None:
                 return found
             assert nxt > offset
@@ -228,6 +343,13 @@ def kill9(tp: TrackerProcess) -> None:
     assert tp.proc.wait(5) == -signal.SIGKILL
 
 
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host`` (for ``--metrics``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 # -- the tests -------------------------------------------------------------------------------
 
 
@@ -262,6 +384,76 @@ def test_kill_9_mid_load_loses_no_acknowledged_registration(
     # although its reply never left: it was committed just before the kill).
     sent_endpoints = {ident.endpoint for ident in idents if ident.i in load.sent}
     assert listed <= sent_endpoints, sorted(listed - sent_endpoints)[:10]
+    assert "Traceback" not in again.stderr()
+
+
+def test_kill_9_mid_keepalives_loses_no_acknowledged_move(
+    sqlite_trackers: list[TrackerProcess], tmp_path: Path, nattool_home: Path
+) -> None:
+    """The keepalive lane applies a re-registration to the index at once and holds its
+    reply until the wake-up's commit_now(): a move to a new port, once acknowledged,
+    must be in the file, whatever the kill interrupts."""
+    db = tmp_path / "state" / "tracker.db"
+    # 30 members a group (under the lane's 64), 5 groups a source (under the cap).
+    idents = identities(1500, groups=50, sources=60, prefix="ka")
+    mport = free_tcp_port()
+    tp = start_sqlite(sqlite_trackers, db, tmp_path, nattool_home, "--ttl", "600", "--metrics", str(mport))
+
+    phase1 = run_socket_per_identity_load(tp, idents, PORT_BASE)
+    assert not phase1.errors, phase1.errors[:3]
+    missing = sorted({ident.i for ident in idents} - phase1.acked)
+    assert not missing, f"{len(missing)} first registrations unacknowledged, e.g. {missing[:10]}"
+    # Newcomers never take the lane: any keepalive counted later is phase 2's.
+    assert value(scrape(mport), "nattool_keepalives_total") == 0
+
+    # Phase 2: the same identities from new ports of the same IPs (a NAT rebinding).
+    kill_after = len(idents) // 3
+    keepalives: list[float] = []
+    phase2 = run_socket_per_identity_load(
+        tp,
+        idents,
+        REBIND_PORT_BASE,
+        kill_after_acked=kill_after,
+        before_kill=lambda: keepalives.append(value(scrape(mport), "nattool_keepalives_total")),
+    )
+    assert phase2.killed_at_acked is not None, f"phase 2 finished before the kill: {len(phase2.acked)} acked"
+    kill9(tp)
+    assert not phase2.errors, phase2.errors[:3]
+    assert keepalives and keepalives[0] > 0, f"no registration took the keepalive lane: {keepalives}"
+    sent, acked = phase2.sent, phase2.acked
+    # The kill really was mid-load: moves were left unsent or unanswered.
+    assert kill_after <= len(acked) < len(idents), (len(sent), len(acked))
+
+    again = start_sqlite(sqlite_trackers, db, tmp_path, nattool_home, "--ttl", "600", port=tp.port)
+    rows: dict[str, list[str]] = {}
+    for n, group in enumerate(sorted({ident.group for ident in idents})):
+        rows[group] = []
+        # 50 groups per probe IP: under the groups-per-source cap (64).
+        group_members(again, group, f"127.0.5.{n // 50 + 1}", rows_out=rows[group])
+        rows[group] = [e for e in rows[group] if not e.startswith("127.0.5.")]
+
+    old_ep = {ident.i: ident.endpoint for ident in idents}
+    new_ep = {ident.i: f"{ident.src_ip}:{REBIND_PORT_BASE + ident.i}" for ident in idents}
+    where: dict[int, list[str]] = {}
+    for ident in idents:
+        listed = rows[ident.group]
+        where[ident.i] = [e for e in listed if e in (old_ep[ident.i], new_ep[ident.i])]
+    not_once = {i: eps for i, eps in where.items() if len(eps) != 1}
+    moved = {i for i, eps in where.items() if eps == [new_ep[i]]}
+    lost = acked - moved
+    print(
+        f"\nkeepalive durability: keepalives just before the kill={keepalives[0]:g} phase-2 sent={len(sent)} "
+        f"acknowledged={len(acked)} moved-found={len(moved & acked)} lost={len(lost)} "
+        f"unacknowledged-but-moved={len(moved - acked)} (of {len(sent) - len(acked)})"
+    )
+    assert not not_once, f"{len(not_once)} identities not listed exactly once, e.g. {sorted(not_once.items())[:5]}"
+    assert not lost, f"{len(lost)} acknowledged moves lost, e.g. {[where[i] for i in sorted(lost)[:5]]}"
+    # Nothing made up: a move that was never sent cannot be in the file.
+    made_up = moved - sent
+    assert not made_up, sorted(made_up)[:10]
+    known = set(old_ep.values()) | set(new_ep.values())
+    strangers = [e for listed in rows.values() for e in listed if e not in known]
+    assert not strangers, strangers[:10]
     assert "Traceback" not in again.stderr()
 
 

@@ -669,3 +669,71 @@ def test_a_worker_stuck_holding_the_writer_lock_costs_an_error_not_a_stall(
     [view] = asyncio.run(store.register([Registration(member("g", "m", 1, time.time()))], time.time()))
     assert isinstance(view, GroupView)  # the lock is free again: writes go on
     close(store)
+
+
+def test_keepalives_in_the_lane_are_durable_once_committed(tmp_path: Path) -> None:
+    """The keepalive lane changes the index at once and writes at commit_now(): what
+    a commit wrote comes back on reopen, moved and in its new order."""
+    path = tmp_path / "k.db"
+    now = time.time()
+    store = reopen(path)
+    try:
+        store.register_now([Registration(member("g", "a", 1001, now - 3)), Registration(member("g", "b", 1002, now - 3))], now - 3)
+        lane = store.keepalive_lane()
+        assert lane is not None
+        others = lane("g", "a", "198.51.100.7:2001", "10.0.0.9", "198.51.100.7", now - 2)
+        assert others is not None and [m.identity for m in others] == ["b"]
+        assert store.commit_now() is None
+        # Not yet committed when the store closes: close() writes it too.
+        assert lane("g", "b", "198.51.100.7:2002", "", "198.51.100.7", now - 1) is not None
+    finally:
+        close(store)
+    store = reopen(path)
+    try:
+        group = store.index._groups["g"]
+        assert [(m.identity, m.endpoint_text, m.lan_text) for m in group.values()] == [
+            ("a", "198.51.100.7:2001", "10.0.0.9"),
+            ("b", "198.51.100.7:2002", ""),
+        ]
+        assert group["a"].seen == now - 2
+    finally:
+        close(store)
+
+
+def test_a_failed_lane_commit_is_an_error_and_the_next_one_writes(tmp_path: Path) -> None:
+    """A commit the disk refuses (here SQLite's own page limit, as a full disk would)
+    comes back as a StoreError, counted, and does not poison the next commit."""
+    path = tmp_path / "f.db"
+    now = time.time()
+    store = reopen(path)
+    try:
+        store.register_now([Registration(member("g", "a", 1001, now - 5))], now - 5)
+        lane = store.keepalive_lane()
+        assert lane is not None
+        db = store._log_connection(store._active)
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count={pages}")
+        big_lan = ",".join(f"10.{i >> 8}.{i & 255}.1" for i in range(16))
+        for i in range(400):  # more than the file's free pages hold
+            assert lane("g", "a", f"198.51.100.7:{3000 + i}", big_lan, "198.51.100.7", now - 4) is not None
+        error = store.commit_now()
+        assert isinstance(error, StoreError) and "cannot write" in str(error)
+        assert store.write_errors == 1
+        db.execute("PRAGMA max_page_count=1073741823")
+        assert lane("g", "a", "198.51.100.7:4000", "", "198.51.100.7", now - 3) is not None
+        assert store.commit_now() is None and store.write_errors == 1
+    finally:
+        close(store)
+    store = reopen(path)
+    try:
+        assert store.index._groups["g"]["a"].endpoint_text == "198.51.100.7:4000"
+    finally:
+        close(store)
+
+
+def test_workers_have_no_keepalive_lane(tmp_path: Path) -> None:
+    store = _shared(tmp_path / "w.db")
+    try:
+        assert store.keepalive_lane() is None  # they must catch up before every write
+    finally:
+        close(store)

@@ -81,6 +81,13 @@ class _Collector:
         members = GaugeMetricFamily("nattool_members", "Live members.")
         members.add_metric([], stats.members if stats else 0)
         yield members
+        keepalives = CounterMetricFamily(
+            "nattool_keepalives",
+            "Registrations of known members from the same source, done in the store's keepalive lane "
+            "(also counted in nattool_requests).",
+        )
+        keepalives.add_metric([], counters.get("register_keepalive", 0))
+        yield keepalives
         batches = CounterMetricFamily("nattool_store_batches", "Registration batches written to the store.")
         batches.add_metric([], counters.get("store_batches", 0))
         yield batches

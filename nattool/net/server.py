@@ -147,6 +147,7 @@ class TrackerServer:
         RFC 5780 alternates), start the timers. Returns the bound endpoints."""
         loop = self._loop = asyncio.get_running_loop()
         await self.store.open()
+        self.core.keepalive_lane = self.store.keepalive_lane()
         try:
             self.federation.restore(await self.store.load_trackers(time.time()))
             await self._bind_all(loop)
@@ -243,6 +244,8 @@ class TrackerServer:
         register_v4 = self.core.on_register_v4 if listener.v4 else None
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
+        kept: list[tuple[bytes, Any]] = []
+        batch = self._batch
         for _ in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -274,18 +277,44 @@ class TrackerServer:
                     self.core.counters["send_error"] += 1
                 continue
             if register_v4 is not None and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD:
-                pending = register_v4(data, host, addr[1], wall)
-                if pending is not None:
-                    self._enqueue(pending, listener, addr)
+                # Once a registration is queued, the keepalives after it queue too:
+                # replies go out in the order the requests came.
+                outcome = register_v4(data, host, addr[1], wall, not batch)
+                if outcome is not None:
+                    if outcome.__class__ is bytes:
+                        # A keepalive the store's lane took: answered once committed.
+                        kept.append((outcome, addr))
+                    else:
+                        self._enqueue(outcome, listener, addr)
                     continue
             self._slow_path(listener, data, addr, now, wall)
         if nat:
             self.core.counters["nat"] += nat
         if stun:
             self.core.counters["stun"] += stun
-        if self._batch and self._sync_store:
+        if kept:
+            # Before the batch: these came first, and the lane changed the store first.
+            self._answer_keepalives(sendto, kept)
+        if batch and self._sync_store:
             # Everything this wake-up read is answered now: one transaction, no task.
             self._flush_now()
+
+    def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
+        started = time.perf_counter()
+        error = self.store.commit_now()
+        counters = self.core.counters
+        counters["store_batches"] += 1
+        counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
+        counters["register_keepalive"] += len(kept)
+        if error is not None:
+            self._store_failed(len(kept), error)
+            refused = self.core.refused_keepalives(len(kept), _STORE_UNAVAILABLE)
+            kept = [(refused, addr) for _, addr in kept]
+        for reply, addr in kept:
+            try:
+                sendto(reply, addr)
+            except OSError:
+                counters["send_error"] += 1
 
     def _slow_path(self, listener: _Listener, data: bytes, addr: Any, now: float, wall: float) -> None:
         if data[:2] != b"//" and is_stun(data):

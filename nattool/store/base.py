@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import sys
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence, Union
+from typing import Callable, NamedTuple, Sequence, Union
 
 from nattool.errors import LimitError, NattoolError, StoreError
 from nattool.protocol.endpoint import Endpoint
@@ -102,6 +102,8 @@ class GroupView(NamedTuple):
 
 
 RegisterResult = Union[GroupView, NattoolError]
+# (group, identity, endpoint_text, lan_text, source, now) -> the others, or None
+KeepaliveLane = Callable[[str, str, str, str, str, float], "list[Member] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,27 @@ class Store(abc.ABC):
         """:meth:`register`, synchronously; only where ``supports_sync``."""
         raise NotImplementedError
 
+    def keepalive_lane(self) -> KeepaliveLane | None:
+        """The store's fast lane for keepalives, or None where it has none.
+
+        A keepalive is a known member registering again from the same source: the
+        bulk of a tracker's traffic. The lane is called as ``lane(group, identity,
+        endpoint_text, lan_text, source, now)``. When the member is known from that
+        source, in a small group, it moves the member to the newest end with its new
+        endpoint, LAN list and time, and returns the group's other live members,
+        newest first: what :meth:`register` would list. In every other case it
+        changes nothing and returns None, and the registration takes
+        :meth:`register`. What the lane changed is durable only after
+        :meth:`commit_now`; no reply may go out before.
+        """
+        return None
+
+    def commit_now(self) -> StoreError | None:
+        """Make what the keepalive lane changed since the last call durable; the
+        error instead of raising it. Its caller refuses those keepalives then (the
+        index keeps them: soft state, re-sent within the TTL)."""
+        return None
+
     @abc.abstractmethod
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
         """Upsert every member of the batch, in order, and return for each one its
@@ -178,6 +201,7 @@ class Store(abc.ABC):
 __all__ = [
     "DEFAULT_TTL",
     "GroupView",
+    "KeepaliveLane",
     "LimitError",
     "Member",
     "Registration",

@@ -9,6 +9,7 @@ from nattool.errors import LimitError, NattoolError
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import (
     GroupView,
+    KeepaliveLane,
     Member,
     Registration,
     RegisterResult,
@@ -18,6 +19,9 @@ from nattool.store.base import (
     TrackerRecord,
 )
 
+# A Member without its Python-level __new__: the keepalive lane's fields are
+# already checked and canonical.
+_new_tuple = tuple.__new__
 # Groups up to this size are listed by walking all of their members at once.
 SMALL_GROUP = 64
 # Members dropped from the index per step (~0.25 ms), and per expire() call: the
@@ -55,6 +59,9 @@ class MemberIndex:
         self._by_age: dict[Member, None] = {}
         # source -> group -> live members of that source in that group
         self._source_groups: dict[str, dict[str, int]] = {}
+        # Members the keepalive lane wrote, for a durable store to append (None:
+        # nobody needs them).
+        self.journal: list[Member] | None = None
 
     # -- queries -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -157,6 +164,37 @@ class MemberIndex:
         counts[member.group] = counts.get(member.group, 0) + 1
         return evicted
 
+    def keepalive(
+        self, group_key: str, identity: str, endpoint_text: str, lan_text: str, source: str, now: float
+    ) -> list[Member] | None:
+        """The keepalive lane (see :meth:`Store.keepalive_lane`): :meth:`upsert` and
+        :meth:`view` in one step for a known member re-registering from the same
+        source in a small group, the case that needs no cap, eviction or count.
+        None, with nothing changed, in every other case."""
+        group = self._groups.get(group_key)
+        if group is None or len(group) > SMALL_GROUP:
+            return None
+        old = group.get(identity)
+        if old is None or old.source != source:
+            return None
+        # The old member's group and source are the interned strings: reuse them.
+        member = _new_tuple(Member, (old.group, identity, endpoint_text, lan_text, old.source, now))
+        del group[identity]
+        group[identity] = member
+        by_age = self._by_age
+        del by_age[old]
+        by_age[member] = None
+        if self.journal is not None:
+            self.journal.append(member)
+        others = list(group.values())
+        others.pop()  # the member itself, now the newest
+        horizon = now - self.limits.ttl
+        if others and others[0].seen <= horizon:
+            # Registration order: a live oldest member means all are live.
+            return [m for m in reversed(others) if m.seen > horizon]
+        others.reverse()
+        return others
+
     def remove(self, group: str, identity: str) -> None:
         members = self._groups.get(group)
         if members is not None and identity in members:
@@ -256,6 +294,9 @@ class MemoryStore(Store):
 
     def register_now(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
         return self.index.register_batch(batch, now)[0]
+
+    def keepalive_lane(self) -> KeepaliveLane:
+        return self.index.keepalive
 
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
         return self.register_now(batch, now)

@@ -57,6 +57,7 @@ from typing import IO, Callable, Iterable, Sequence
 from nattool.errors import LimitError, ProtocolError, StoreError
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import (
+    KeepaliveLane,
     Member,
     Registration,
     RegisterResult,
@@ -243,6 +244,22 @@ def _member(seen: float, rec: str) -> Member:
     )
 
 
+_FULL_DISK_WAY_OUT = "free space on that disk, give nattool another --store sqlite:PATH, or use --store memory"
+# SQLite's primary result codes that say the disk, not the file, is the trouble.
+_DISK_TROUBLE = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM}
+
+
+def _way_out(where: Path, exc: sqlite3.Error) -> str:
+    """What the operator can do: a damaged file is moved aside, a full or unwritable
+    disk is not the file's fault (moving a good file aside would lose its members)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+        return _FULL_DISK_WAY_OUT
+    if code is not None and code & 0xFF in _DISK_TROUBLE:
+        return f"check the disk and the permissions of {where.parent}, or use --store memory"
+    return f"move it aside (mv '{where}' '{where}.corrupt') or use --store memory"
+
+
 class _FileLock:
     """One process per database file: two trackers writing one file would each
     serve only their own memory and overwrite each other's rows. The OS drops the
@@ -280,10 +297,17 @@ class _FileLock:
                 f"(pid {holder}); stop it, or give this one its own --store sqlite:PATH"
             ) from None
         if not self.shared:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
+            try:
+                fh.seek(0)
+                fh.truncate()
+                # Straight to the descriptor: nothing stays buffered for close() to
+                # fail on when the disk is full.
+                os.write(fh.fileno(), f"{os.getpid()}\n".encode("ascii"))
+            except OSError as exc:  # a full disk, most likely
+                fh.close()
+                raise StoreError(
+                    f"cannot write {self.path}: {exc.strerror}; {_FULL_DISK_WAY_OUT}"
+                ) from None
         self._fh = fh
 
     def hold_writer(self) -> None:
@@ -375,7 +399,6 @@ class SqliteStore(Store):
 
     def _open(self, now: float) -> None:
         where = self.path
-        way_out = f"move it aside (mv '{where}' '{where}.corrupt') or use --store memory"
         try:
             where.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -385,7 +408,7 @@ class SqliteStore(Store):
             db = _connect(where, self.shared)
         except sqlite3.Error as exc:
             self._lock.release()
-            raise StoreError(f"cannot open {where}: {exc}; {way_out}") from None
+            raise StoreError(f"cannot open {where}: {exc}; {_way_out(where, exc)}") from None
         second = Path(f"{where}{SECOND_LOG_SUFFIX}")
         db2: sqlite3.Connection | None = None
         try:
@@ -410,7 +433,7 @@ class SqliteStore(Store):
                     f"{where} is open in another program (an sqlite3 shell?); close it, "
                     "or give nattool its own --store sqlite:PATH"
                 ) from None
-            raise StoreError(f"cannot use {where}: {exc}; {way_out}") from None
+            raise StoreError(f"cannot use {where}: {exc}; {_way_out(where, exc)}") from None
         except StoreError:
             self._abandon_open(db, db2)
             raise
@@ -545,6 +568,8 @@ class SqliteStore(Store):
         self.loaded = len(index)
 
     async def close(self) -> None:
+        if self._db is not None:
+            self.commit_now()  # best effort: nothing pending was acknowledged yet
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
@@ -588,6 +613,28 @@ class SqliteStore(Store):
             error = StoreError(f"cannot write {self.path}: {exc}")
             return [error if not isinstance(r, Exception) else r for r in results]
         return results
+
+    def keepalive_lane(self) -> KeepaliveLane | None:
+        if self.shared:
+            # A worker applies nothing before catching up with the others' rows,
+            # inside its write transaction: no lane outside it.
+            return None
+        if self.index.journal is None:
+            self.index.journal = []
+        return self.index.keepalive
+
+    def commit_now(self) -> StoreError | None:
+        journal = self.index.journal
+        if not journal:
+            return None
+        written = journal.copy()
+        journal.clear()
+        try:
+            self._commit(written)
+        except (sqlite3.Error, StoreError) as exc:
+            self.write_errors += 1
+            return StoreError(f"cannot write {self.path}: {exc}")
+        return None
 
     def _register_shared(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
         """Catch up with the other workers, apply the batch, append it: all inside one

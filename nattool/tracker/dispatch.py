@@ -14,7 +14,7 @@ from typing import NamedTuple, Union
 
 from nattool.errors import NattoolError
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
+from nattool.protocol.limits import MIN_REPLY_ROOM, SAFE_DATAGRAM, reply_budget
 from nattool.protocol.text import (
     AnnounceRequest,
     ErrorReply,
@@ -26,9 +26,9 @@ from nattool.protocol.text import (
     parse_request,
     parse_seed_register,
 )
-from nattool.store.base import Member, RegisterResult, Registration
+from nattool.store.base import GroupView, KeepaliveLane, Member, RegisterResult, Registration
 from nattool.tracker.federation import Federation
-from nattool.tracker.registry import MAX_PAGE, build_member_reply, member_from_request, registration_for
+from nattool.tracker.registry import MAX_PAGE, build_member_reply, member_from_request, plain_reply, registration_for
 
 
 class PendingRegistration(NamedTuple):
@@ -60,6 +60,8 @@ class TrackerCore:
         self.federation = federation
         self.safe_datagram = safe_datagram
         self.counters: Counter[str] = Counter()
+        # The store's keepalive lane, set by the I/O shell once the store is open.
+        self.keepalive_lane: KeepaliveLane | None = None
         # reply_budget() by request length, up to where it reaches safe_datagram:
         # an index instead of a call on the registration fast path.
         self._budgets = tuple(reply_budget(n, safe_datagram) for n in range(safe_datagram // 3 + 1))
@@ -100,27 +102,47 @@ class TrackerCore:
             return self._tracker_list(budget, wall_now)
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
-    def on_register_v4(self, data: bytes, host: str, port: int, wall_now: float) -> PendingRegistration | None:
+    def on_register_v4(
+        self, data: bytes, host: str, port: int, wall_now: float, use_lane: bool = True
+    ) -> bytes | PendingRegistration | None:
         """The common registration from an IPv4 source, decided without request or
         Endpoint objects; None when it is not that case (then :meth:`on_datagram`).
 
         ``host`` is the kernel's text of the source address (canonical dotted quad),
-        which is also the source's accounting key.
+        which is also the source's accounting key. A keepalive that the store's lane
+        (:attr:`keepalive_lane`) takes is done here, unless ``use_lane`` is false:
+        its reply comes back as bytes, to be sent once the store's ``commit_now()``
+        has succeeded.
         """
         fields = parse_seed_register(data)
         if fields is None:
             return None
         group, lan_text, identity = fields
         endpoint = f"{host}:{port}"
-        # Member(...) without its checks and conversions: every field is already
-        # wire text; group and source are interned as Member() does.
-        member = _new_tuple(Member, (_intern(group), identity or endpoint, endpoint, lan_text, _intern(host), wall_now))
+        identity = identity or endpoint
         size = len(data)
         budgets = self._budgets
         budget = budgets[size] if size < len(budgets) else self.safe_datagram
         self.counters["register"] += 1
+        lane = self.keepalive_lane
+        if lane is not None and use_lane:
+            others = lane(group, identity, endpoint, lan_text, host, wall_now)
+            if others is not None:
+                reply = plain_reply(f"{endpoint};{lan_text}" if lan_text else endpoint, others, host, budget)
+                if reply is None:
+                    me = Member(group, identity, endpoint, lan_text, host, wall_now)
+                    reply = self._member_reply(GroupView(me, tuple(others), len(others)), budget, False, 0)
+                return reply
+        # Member(...) without its checks and conversions: every field is already
+        # wire text; group and source are interned as Member() does.
+        member = _new_tuple(Member, (_intern(group), identity, endpoint, lan_text, _intern(host), wall_now))
         registration = _new_tuple(Registration, (member, 0, min(MAX_PAGE, budget // 10)))
         return _new_tuple(PendingRegistration, (registration, budget, False))
+
+    def refused_keepalives(self, count: int, error: NattoolError) -> bytes:
+        """The reply to each of ``count`` keepalives whose commit failed."""
+        self.counters["register_refused"] += count
+        return ErrorReply(str(error)).to_wire()[:MIN_REPLY_ROOM]  # the least budget
 
     def _tracker_list(self, budget: int, wall_now: float) -> bytes:
         lines = self.federation.tracker_list(wall_now).trackers
@@ -137,7 +159,10 @@ class TrackerCore:
         if isinstance(result, NattoolError):
             self.counters["register_refused"] += 1
             return ErrorReply(str(result)).to_wire()[: pending.budget]
-        reply = build_member_reply(result, pending.budget, pending.paging, pending.registration.offset)
-        if len(result.others) and reply.count(b"\n") < len(result.others):
+        return self._member_reply(result, pending.budget, pending.paging, pending.registration.offset)
+
+    def _member_reply(self, view: GroupView, budget: int, paging: bool, offset: int) -> bytes:
+        reply = build_member_reply(view, budget, paging, offset)
+        if len(view.others) and reply.count(b"\n") < len(view.others):
             self.counters["cut_amplification"] += 1
         return reply

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from operator import itemgetter
+from typing import Sequence
 
 from nattool.errors import LimitError
 from nattool.protocol.endpoint import Endpoint, endpoint_source_key
@@ -51,6 +52,16 @@ def _line(other: Member, source: str) -> str:
     return other.endpoint_text
 
 
+def plain_reply(first_line: str, others: Sequence[Member], source: str, budget: int) -> bytes | None:
+    """The usual reply, or None when :func:`build_member_reply` must decide: nobody
+    else is behind the requester's IP, so every other line is a bare endpoint
+    (joined without a bytecode per member), and all of it fits ``budget``."""
+    if source in list(map(_SOURCE, others)):
+        return None
+    whole = "\n".join([first_line, *map(_ENDPOINT_TEXT, others)])
+    return whole.encode("ascii") if len(whole) <= budget else None
+
+
 def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int = 0) -> bytes:
     """The reply to a registration, cut to ``budget`` bytes, newest members kept.
 
@@ -68,14 +79,13 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     if not paging:
         # Usually everything fits: build it whole, and walk line by line only
         # when it has to be cut (the same cut: the newest members that fit).
-        if source not in list(map(_SOURCE, others)):
-            # Nobody else behind the requester's IP (the usual case): every line
-            # is a bare endpoint, joined without a bytecode per member.
-            whole = "\n".join([lines[0], *map(_ENDPOINT_TEXT, others)])
-        else:
+        reply = plain_reply(lines[0], others, source, budget)
+        if reply is not None:
+            return reply
+        if source in list(map(_SOURCE, others)):
             whole = "\n".join(lines + [_line(o, source) for o in others])
-        if len(whole) <= budget:
-            return whole.encode("ascii")
+            if len(whole) <= budget:
+                return whole.encode("ascii")
     # Keep room for the "next=N" paging line when the client speaks paging.
     reserve = 12 if paging else 0
     shown = 0
@@ -99,4 +109,4 @@ def error_reply(exc: LimitError | MalformedRequest | Exception, budget: int) -> 
     return ErrorReply(str(exc)).to_wire()[:budget]
 
 
-__all__ = ["MemberList", "build_member_reply", "error_reply", "member_from_request", "registration_for"]
+__all__ = ["MemberList", "build_member_reply", "error_reply", "member_from_request", "plain_reply", "registration_for"]
