@@ -302,9 +302,8 @@ class TrackerServer:
     def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
         started = time.perf_counter()
         error = self.store.commit_now()
+        self._count_store_write(started)
         counters = self.core.counters
-        counters["store_batches"] += 1
-        counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
         counters["register_keepalive"] += len(kept)
         if error is not None:
             self._store_failed(len(kept), error)
@@ -428,13 +427,16 @@ class TrackerServer:
             # both alike, and never send the store's own text (hosts, ports) to clients.
             self._store_failed(len(failed), failed[0])
             results = [_STORE_UNAVAILABLE if isinstance(r, StoreError) else r for r in results]
-        counters = self.core.counters
-        counters["store_batches"] += 1
-        counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
+        self._count_store_write(started)
         finish = self.core.finish_registration
         send = self._send
         for (pending, listener, addr), result in zip(batch, results):
             send(listener, finish(pending, result), addr)
+
+    def _count_store_write(self, started: float) -> None:
+        counters = self.core.counters
+        counters["store_batches"] += 1
+        counters["store_seconds_x1e6"] += int((time.perf_counter() - started) * 1e6)
 
     def _store_failed(self, refused: int, error: StoreError) -> None:
         counters = self.core.counters

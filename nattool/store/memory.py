@@ -42,6 +42,19 @@ async def expire_in_steps(index: "MemberIndex", now: float) -> int:
     return gone
 
 
+def _live_others(group: dict[str, Member], identity: str, horizon: float) -> list[Member]:
+    """Every live member of a (small) group but ``identity``, newest first."""
+    live = list(group.values())
+    # A group is in registration order, oldest first (as _by_age is), so a live
+    # first member means all are live; and a member that has just registered is
+    # the last one. That case, nearly every registration, needs no test per member.
+    if live[0].seen > horizon and live[-1].identity == identity:
+        live.pop()
+        live.reverse()
+        return live
+    return [m for m in reversed(live) if m.seen > horizon and m.identity != identity]
+
+
 class MemberIndex:
     """Groups of members with replacement by identity, TTL expiry and caps.
 
@@ -90,16 +103,7 @@ class MemberIndex:
         if len(group) <= SMALL_GROUP:
             # Most groups are small: copying all of it beats the stepwise walk
             # below, which exists to stop early in big groups.
-            live = list(group.values())
-            # A group is in registration order, oldest first (as _by_age is), so
-            # a live first member means all are live; and a member that has just
-            # registered is the last one. That case, nearly every registration,
-            # needs no test per member.
-            if live[0].seen > horizon and live[-1].identity == identity:
-                live.pop()
-                live.reverse()
-            else:
-                live = [m for m in reversed(live) if m.seen > horizon and m.identity != identity]
+            live = _live_others(group, identity, horizon)
             return GroupView(me, tuple(live[offset : offset + limit]), len(live))
         others: list[Member] = []
         skip = offset
@@ -186,14 +190,7 @@ class MemberIndex:
         by_age[member] = None
         if self.journal is not None:
             self.journal.append(member)
-        others = list(group.values())
-        others.pop()  # the member itself, now the newest
-        horizon = now - self.limits.ttl
-        if others and others[0].seen <= horizon:
-            # Registration order: a live oldest member means all are live.
-            return [m for m in reversed(others) if m.seen > horizon]
-        others.reverse()
-        return others
+        return _live_others(group, identity, now - self.limits.ttl)
 
     def remove(self, group: str, identity: str) -> None:
         members = self._groups.get(group)

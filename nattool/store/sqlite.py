@@ -601,16 +601,11 @@ class SqliteStore(Store):
             return self._register_shared(batch, now)
         # Evictions need no write: replaying the log evicts the same members.
         results, written, _evicted = self.index.register_batch(batch, now)
-        if not written:
-            return results
-        try:
-            self._commit(written)
-        except (sqlite3.Error, StoreError) as exc:
-            self.write_errors += 1
+        error = self._append(written) if written else None
+        if error is not None:
             # Nothing of this batch is durable: refuse every entry rather than
             # acknowledge what a restart would forget. The index keeps them; they
             # are soft state and the nodes re-register.
-            error = StoreError(f"cannot write {self.path}: {exc}")
             return [error if not isinstance(r, Exception) else r for r in results]
         return results
 
@@ -629,6 +624,10 @@ class SqliteStore(Store):
             return None
         written = journal.copy()
         journal.clear()
+        return self._append(written)
+
+    def _append(self, written: Sequence[Member]) -> StoreError | None:
+        """Commit ``written`` to the log; the error, counted, instead of raising it."""
         try:
             self._commit(written)
         except (sqlite3.Error, StoreError) as exc:

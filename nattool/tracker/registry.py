@@ -82,10 +82,9 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
         reply = plain_reply(lines[0], others, source, budget)
         if reply is not None:
             return reply
-        if source in list(map(_SOURCE, others)):
-            whole = "\n".join(lines + [_line(o, source) for o in others])
-            if len(whole) <= budget:
-                return whole.encode("ascii")
+        whole = "\n".join(lines + [_line(o, source) for o in others])
+        if len(whole) <= budget:
+            return whole.encode("ascii")
     # Keep room for the "next=N" paging line when the client speaks paging.
     reserve = 12 if paging else 0
     shown = 0
