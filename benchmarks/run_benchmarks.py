@@ -13,7 +13,11 @@ STUN Binding rate measured in the same run. Each maximum-rate run is followed at
 once by an open-loop run at half the rate it reached, for the p99 latency at half
 load (the table gives the median and the range over the rounds). Registrations
 are also measured against a second `nattool serve --store memory`, which shows
-what the embedded store's commits cost. The server CPU column is the server
+what the embedded store's commits cost. With ``--floor``, a minimal Python
+responder (``minimal_responder.py``: bare ``//nat`` and bare Binding requests,
+nothing else; asyncio on uvloop) is measured in the same rounds: what any Python
+server reaches on this machine, and so how much the tracker's protections cost
+above it. The server CPU column is the server
 process's share of one core during the loaded part of each run (median): well
 under 100% with the generator near 100% means the generator set the rate.
 
@@ -142,6 +146,20 @@ def start_coturn(work: Path) -> Optional[Server]:
     return server
 
 
+def start_minimal(work: Path) -> Server:
+    port = free_port()
+    log = work / "minimal.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=work)
+    server = Server("minimal Python", port, proc, log)
+    try:
+        wait_stun(port)
+    except RuntimeError:
+        server.stop()
+        raise RuntimeError(f"the minimal responder did not start: {log.read_text()[-2000:]}") from None
+    return server
+
+
 def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool") -> Server:
     port = free_port()
     log = work / f"nattool-{port}.log"
@@ -208,6 +226,7 @@ def main() -> int:
     ap.add_argument("--sockets", type=int, default=512)
     ap.add_argument("--processes", type=int, default=1, help="generator processes")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra flag for nattool serve (repeatable)")
+    ap.add_argument("--floor", action="store_true", help="also measure a minimal Python responder (//nat and STUN)")
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     opts = ap.parse_args()
     duration = opts.duration or (3.0 if opts.quick else 10.0)
@@ -218,15 +237,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="nattool-bench-") as tmp:
         work = Path(tmp)
         (work / "home").mkdir()
-        coturn = start_coturn(work)
-        nattool = start_nattool(work, tuple(opts.serve_arg))
-        memory = start_nattool(work, (*opts.serve_arg, "--store", "memory"), name="nattool-memory")
-        servers = [s for s in (coturn, nattool, memory) if s is not None]
-        plan = [(nattool, "nat"), (nattool, "stun"), (nattool, "register"), (memory, "register")]
-        if coturn is not None:
-            plan.insert(0, (coturn, "stun"))
+        servers: list[Server] = []
         half: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
+            # Started one by one into the list: one that fails stops the others.
+            coturn = start_coturn(work)
+            if coturn is not None:
+                servers.append(coturn)
+            nattool = start_nattool(work, tuple(opts.serve_arg))
+            servers.append(nattool)
+            memory = start_nattool(work, (*opts.serve_arg, "--store", "memory"), name="nattool-memory")
+            servers.append(memory)
+            plan = [(nattool, "nat"), (nattool, "stun"), (nattool, "register"), (memory, "register")]
+            if coturn is not None:
+                plan.insert(0, (coturn, "stun"))
+            if opts.floor:
+                minimal = start_minimal(work)
+                servers.append(minimal)
+                plan += [(minimal, "nat"), (minimal, "stun")]
             for rnd in range(opts.rounds):
                 for server, workload in plan:
                     doc = run_bench(cmd, server, workload, duration, warmup, gen, work)

@@ -36,7 +36,8 @@ REPO = HERE.parents[1]
 def fake_server(mode: str) -> None:
     """Answer //nat, Binding requests and seed-form registrations; ``mode`` says how
     to go wrong: ok, drop10 (every 10th request unanswered), wrong-endpoint,
-    wrong-txid, garbage; slow answers right, 20 ms late."""
+    wrong-txid, garbage, bad-list (a registration reply whose own line is right
+    but whose second line is no endpoint); slow answers right, 20 ms late."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)
@@ -72,7 +73,8 @@ def fake_server(mode: str) -> None:
         else:
             req = parse_request(data)
             lan = ",".join(req.lan)  # type: ignore[union-attr]
-            reply = f"{ep.to_text()};{lan}\n198.51.100.7:4000".encode()
+            other = "198.51.100.7:4000;" if mode == "bad-list" else "198.51.100.7:4000"
+            reply = f"{ep.to_text()};{lan}\n{other}".encode()
         sock.sendto(reply, addr)
 
 
@@ -138,6 +140,7 @@ def test_a_server_that_drops_every_tenth_request_shows_ten_percent_loss(fake, mi
         ("garbage", "nat=1", "nat: not our endpoint"),
         ("garbage", "stun=1", "stun: bad reply"),
         ("garbage", "register=1", "register: not our own line first"),
+        ("bad-list", "register=1", "register: not a member list"),
     ],
 )
 def test_wrong_replies_are_invalid_not_answered(fake, mode: str, mix: str, reason: str) -> None:

@@ -30,7 +30,9 @@ _UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]
 _MAC_RE = re.compile(
     r"(?:[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{12})\Z"
 )
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# Atomic: an octet is always followed by a non-digit, and every other way to match
+# it leaves a digit next, so trying them after a failure could never succeed.
+_OCTET = r"(?>25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _CANONICAL_IPV4_RE = re.compile(_CANONICAL_IPV4 + r"\Z")
 _CANONICAL_MAC = r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}"
@@ -229,12 +231,13 @@ def parse_request(data: bytes) -> Request:
 # The registration nearly every client sends, decided by one regex over the bytes:
 # seed form, no public endpoint, canonical IPv4 LAN addresses, a canonical MAC (or
 # none), a single line. Anything else -- and any input this pattern does not accept --
-# goes through parse_request, which stays the definition of the protocol.
+# goes through parse_request, which stays the definition of the protocol. The
+# repeats are possessive: none of them can match the character that ends it.
 _SEED_REGISTER_RE = re.compile(
     (
         re.escape(REGISTER_PREFIX)
-        + rf"({_GROUP})/0/(0|{_CANONICAL_IPV4}(?:,{_CANONICAL_IPV4}){{0,{MAX_LAN - 1}}})"
-        + rf"/(0|{_CANONICAL_MAC})[ \r\t\x00]*"
+        + rf"({_GROUP}+)/0/(0|{_CANONICAL_IPV4}(?:,{_CANONICAL_IPV4}){{0,{MAX_LAN - 1}}}+)"
+        + rf"/(0|{_CANONICAL_MAC})[ \r\t\x00]*+"
     ).encode()
 )
 

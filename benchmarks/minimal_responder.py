@@ -1,0 +1,99 @@
+"""The least a Python UDP responder can do: a floor to measure `nattool serve` against.
+
+    python benchmarks/minimal_responder.py PORT             # asyncio on uvloop
+    python benchmarks/minimal_responder.py PORT --blocking  # a blocking recvfrom/sendto loop
+
+Answers a bare ``//nat`` with the source endpoint and a bare STUN Binding request
+with a Binding success that carries nothing but XOR-MAPPED-ADDRESS, on 127.0.0.1,
+IPv4 only; everything else is ignored. No validation beyond that, no rate limit, no
+amplification bound, no store, no counters: the two "minimal Python" rows of issue
+6's reference table. ``run_benchmarks.py --floor`` runs it beside coturn and
+`nattool serve`, so the table shows how far the tracker's hot paths are from what
+any Python responder reaches on the same machine in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+
+DRAIN_BATCH = 256
+_BARE_BINDING_HEAD = b"\x00\x01\x00\x00\x21\x12\xa4\x42"
+_SUCCESS_HEAD = b"\x01\x01\x00\x0c\x21\x12\xa4\x42"  # Binding success, 12 bytes of attributes
+_XMA_V4 = b"\x00\x20\x00\x08\x00\x01"
+
+
+def reply_to(data: bytes, host: str, port: int) -> bytes | None:
+    if data == b"//nat":
+        return f"{host}:{port}".encode()
+    if len(data) == 20 and data[:8] == _BARE_BINDING_HEAD:
+        x = int.from_bytes(socket.inet_aton(host), "big") ^ 0x2112A442
+        return b"".join((_SUCCESS_HEAD, data[8:20], _XMA_V4, (port ^ 0x2112).to_bytes(2, "big"), x.to_bytes(4, "big")))
+    return None
+
+
+def serve_blocking(sock: socket.socket) -> None:
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    while True:
+        data, addr = recvfrom(65535)
+        reply = reply_to(data, addr[0], addr[1])
+        if reply is not None:
+            try:
+                sendto(reply, addr)
+            except OSError:
+                pass
+
+
+async def serve_asyncio(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+
+    def drain() -> None:
+        # One wake-up reads a burst, as `nattool serve` does.
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, addr = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            reply = reply_to(data, addr[0], addr[1])
+            if reply is not None:
+                try:
+                    sendto(reply, addr)
+                except OSError:
+                    pass
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_reader(sock.fileno(), drain)
+    await stop.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("port", type=int)
+    ap.add_argument("--blocking", action="store_true", help="a blocking recvfrom/sendto loop instead of asyncio on uvloop")
+    opts = ap.parse_args()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+    sock.bind(("127.0.0.1", opts.port))
+    if opts.blocking:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            serve_blocking(sock)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    import uvloop
+
+    uvloop.run(serve_asyncio(sock))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
