@@ -3,11 +3,13 @@
     python benchmarks/minimal_responder.py PORT             # asyncio on uvloop
     python benchmarks/minimal_responder.py PORT --blocking  # a blocking recvfrom/sendto loop
 
-Answers a bare ``//nat`` with the source endpoint and a bare STUN Binding request
-with a Binding success that carries nothing but XOR-MAPPED-ADDRESS, on 127.0.0.1,
-IPv4 only; everything else is ignored. No validation beyond that, no rate limit, no
-amplification bound, no store, no counters: the two "minimal Python" rows of issue
-6's reference table. ``run_benchmarks.py --floor`` runs it beside coturn and
+Answers a bare ``//nat`` with the source endpoint, a bare STUN Binding request
+with a Binding success that carries nothing but XOR-MAPPED-ADDRESS, and a seed-form
+registration (``//51pwn/P2P&E2E/GROUP/0/LAN/MAC``) with the requester's line and the
+group's other endpoints, newest first, from a dict of dicts; on 127.0.0.1, IPv4
+only; everything else is ignored. No validation beyond splitting, no expiry, caps,
+rate limit, amplification bound, store or counters: the "minimal Python" rows of
+issue 6's reference table, and the same idea for registrations. ``run_benchmarks.py --floor`` runs it beside coturn and
 `nattool serve`, so the table shows how far the tracker's hot paths are from what
 any Python responder reaches on the same machine in the same run.
 """
@@ -26,7 +28,29 @@ _SUCCESS_HEAD = b"\x01\x01\x00\x0c\x21\x12\xa4\x42"  # Binding success, 12 bytes
 _XMA_V4 = b"\x00\x20\x00\x08\x00\x01"
 
 
+_REGISTER = b"//51pwn/P2P&E2E/"
+_groups: dict[str, dict[str, str]] = {}
+
+
+def register(data: bytes, host: str, port: int) -> bytes | None:
+    fields = data[len(_REGISTER) :].decode("ascii", "replace").split("/")
+    if len(fields) != 4:
+        return None
+    group_key, _public, lan, mac = fields
+    endpoint = f"{host}:{port}"
+    group = _groups.get(group_key)
+    if group is None:
+        group = _groups[group_key] = {}
+    group.pop(mac, None)
+    others = list(group.values())
+    others.reverse()
+    group[mac] = endpoint
+    return "\n".join([f"{endpoint};{lan}", *others]).encode()
+
+
 def reply_to(data: bytes, host: str, port: int) -> bytes | None:
+    if data[: len(_REGISTER)] == _REGISTER:
+        return register(data, host, port)
     if data == b"//nat":
         return f"{host}:{port}".encode()
     if len(data) == 20 and data[:8] == _BARE_BINDING_HEAD:

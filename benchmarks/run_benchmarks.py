@@ -14,8 +14,9 @@ once by an open-loop run at half the rate it reached, for the p99 latency at hal
 load (the table gives the median and the range over the rounds). Registrations
 are also measured against a second `nattool serve --store memory`, which shows
 what the embedded store's commits cost. With ``--floor``, a minimal Python
-responder (``minimal_responder.py``: bare ``//nat`` and bare Binding requests,
-nothing else; asyncio on uvloop) is measured in the same rounds: what any Python
+responder (``minimal_responder.py``: bare ``//nat``, bare Binding requests and
+seed-form registrations into a dict, nothing else; asyncio on uvloop) is measured in
+the same rounds: what any Python
 server reaches on this machine, and so how much the tracker's protections cost
 above it. The server CPU column is the server
 process's share of one core during the loaded part of each run (median): well
@@ -226,7 +227,7 @@ def main() -> int:
     ap.add_argument("--sockets", type=int, default=512)
     ap.add_argument("--processes", type=int, default=1, help="generator processes")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra flag for nattool serve (repeatable)")
-    ap.add_argument("--floor", action="store_true", help="also measure a minimal Python responder (//nat and STUN)")
+    ap.add_argument("--floor", action="store_true", help="also measure a minimal Python responder (//nat, STUN, registrations)")
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     opts = ap.parse_args()
     duration = opts.duration or (3.0 if opts.quick else 10.0)
@@ -254,7 +255,7 @@ def main() -> int:
             if opts.floor:
                 minimal = start_minimal(work)
                 servers.append(minimal)
-                plan += [(minimal, "nat"), (minimal, "stun")]
+                plan += [(minimal, "nat"), (minimal, "stun"), (minimal, "register")]
             for rnd in range(opts.rounds):
                 for server, workload in plan:
                     doc = run_bench(cmd, server, workload, duration, warmup, gen, work)
