@@ -290,3 +290,17 @@ def test_serving_freezes_the_startup_heap_and_spaces_full_collections() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     before, frozen, full_every = (int(x) for x in out.stdout.split())
     assert before == 0 and frozen > 10_000 and full_every == 1000
+
+
+def test_the_source_address_cache_stays_bounded_and_right() -> None:
+    from nattool.net.server import _v4_address_cache
+
+    cache, learn = _v4_address_cache(limit=3)
+    hosts = [f"198.51.100.{i}" for i in range(10)]
+    for round_ in range(2):
+        for host in hosts:
+            got = cache.get(host)
+            if got is None:
+                got = learn(host)
+            assert got == int.from_bytes(socket.inet_aton(host), "big"), (round_, host)
+            assert len(cache) <= 3

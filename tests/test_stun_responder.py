@@ -298,5 +298,22 @@ def test_bare_binding_fast_paths_equal_the_full_path(txid: bytes, ip: int, port:
     assert full is not None and full.send_from == primary and full.dest == src
     build = responder.bare_binding_builder(primary, 4)
     assert build is not None
-    assert build(request, src.ip.packed, port) == full.data
+    assert build(request, int(src.ip), port) == full.data
+    assert responder.bare_binding_reply(request, src.ip.packed, port, primary) == full.data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=12, max_size=12), st.integers(0, 2**128 - 1), st.integers(1, 65535))
+def test_bare_binding_fast_path_for_ipv6_equals_the_full_path(txid: bytes, ip: int, port: int) -> None:
+    from nattool.tracker.stun_responder import StunResponder
+
+    primary = Endpoint(ipaddress.ip_address("::1"), 3478)
+    responder = StunResponder(primary)
+    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + txid
+    src = Endpoint(ipaddress.IPv6Address(ip), port)
+    full = responder.respond(request, src, primary)
+    assert full is not None
+    build = responder.bare_binding_builder(primary, 6)
+    assert build is not None
+    assert build(request, ip, port) == full.data
     assert responder.bare_binding_reply(request, src.ip.packed, port, primary) == full.data

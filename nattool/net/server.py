@@ -85,6 +85,26 @@ def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+SOURCE_CACHE_MAX = 100_000  # entries in each per-source text cache; emptied when full
+
+
+def _v4_address_cache(limit: int = SOURCE_CACHE_MAX) -> tuple[dict[str, int], Callable[[str], int]]:
+    """The kernel's dotted-quad text of a source -> its address as an integer, for
+    the bare Binding builder: a dict hit costs a fraction of converting again, and
+    STUN keepalives come from the same sources over and over. Returns the dict (the
+    server reads it inline) and the function that fills it."""
+    cache: dict[str, int] = {}
+    inet_aton = socket.inet_aton
+
+    def learn(host: str) -> int:
+        if len(cache) >= limit:
+            cache.clear()
+        value = cache[host] = int.from_bytes(inet_aton(host), "big")
+        return value
+
+    return cache, learn
+
+
 def _v6_source_key_cache() -> Callable[[str], str]:
     cache: dict[str, str] = {}
 
@@ -92,7 +112,7 @@ def _v6_source_key_cache() -> Callable[[str], str]:
         value = cache.get(host)
         if value is None:
             value = source_key(ipaddress.IPv6Address(host.split("%", 1)[0]))
-            if len(cache) > 100_000:
+            if len(cache) >= SOURCE_CACHE_MAX:
                 cache.clear()
             cache[host] = value
         return value
@@ -110,8 +130,8 @@ class _Listener:
         self.sock = sock
         self.closed = False
         self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
-        # (request, packed IPv4 source, port) -> reply, for bare Binding requests
-        self.bare_stun: Callable[[bytes, bytes, int], bytes] | None = None
+        # (request, IPv4 source as an integer, port) -> reply, for bare Binding requests
+        self.bare_stun: Callable[[bytes, int, int], bytes] | None = None
 
 
 class TrackerServer:
@@ -130,6 +150,7 @@ class TrackerServer:
         self._stun_by_local: dict[Endpoint, Any] = {}  # local endpoint -> StunResponder
         self.listeners: list[_Listener] = []
         self._v6key = _v6_source_key_cache()
+        self._v4_addresses, self._learn_v4_address = _v4_address_cache()
         self._batch: list[tuple[PendingRegistration, _Listener, Any]] = []
         self._flush_scheduled = False
         self._flushing = False
@@ -240,7 +261,7 @@ class TrackerServer:
         limited = limiter.rate > 0
         v6key = self._v6key
         bare_stun = listener.bare_stun
-        inet_aton = socket.inet_aton
+        v4_address = self._v4_addresses.get
         register_v4 = self.core.on_register_v4 if listener.v4 else None
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
@@ -271,8 +292,11 @@ class TrackerServer:
                 continue
             if bare_stun is not None and len(data) == 20 and data[:8] == _BARE_BINDING_HEAD and addr[1]:
                 stun += 1
+                address = v4_address(host)
+                if address is None:
+                    address = self._learn_v4_address(host)
                 try:
-                    sendto(bare_stun(data, inet_aton(host), addr[1]), addr)
+                    sendto(bare_stun(data, address, addr[1]), addr)
                 except OSError:
                     self.core.counters["send_error"] += 1
                 continue

@@ -25,6 +25,7 @@ on: that silent fallback is exactly what makes old tools call every NAT "full co
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -168,21 +169,22 @@ class StunResponder:
         if not is_bare_binding(data) or src_port == 0:
             return None
         build = self.bare_binding_builder(local, 4 if len(src_ip_packed) == 4 else 6)
-        return None if build is None else build(data, src_ip_packed, src_port)
+        return None if build is None else build(data, int.from_bytes(src_ip_packed, "big"), src_port)
 
-    def bare_binding_builder(self, local: Endpoint, version: int) -> Optional[Callable[[bytes, bytes, int], bytes]]:
-        """A function (bare request, packed source address, source port) -> reply for
-        requests from ``version`` sources arriving on ``local``, with everything
-        constant bound in advance (cached): the server calls it straight from its
-        receive loop. The caller checks the request is bare (:func:`is_bare_binding`).
-        None when this socket's replies do not follow the template."""
+    def bare_binding_builder(self, local: Endpoint, version: int) -> Optional[Callable[[bytes, int, int], bytes]]:
+        """A function (bare request, source address as an integer, source port) ->
+        reply for requests from ``version`` sources arriving on ``local``, with
+        everything constant bound in advance (cached): the server calls it straight
+        from its receive loop, with the address from its own cache of source texts.
+        The caller checks the request is bare (:func:`is_bare_binding`). None when
+        this socket's replies do not follow the template."""
         key = (local, version)
         build = self._bare_builders.get(key, _MISSING)
         if build is _MISSING:
             build = self._bare_builders[key] = self._make_builder(local, version)
         return build  # type: ignore[return-value]
 
-    def _make_builder(self, local: Endpoint, version: int) -> Optional[Callable[[bytes, bytes, int], bytes]]:
+    def _make_builder(self, local: Endpoint, version: int) -> Optional[Callable[[bytes, int, int], bytes]]:
         template = self._bare_template(local, version)
         if template is None:
             return None
@@ -191,24 +193,23 @@ class StunResponder:
         family_len = b"\x00\x08\x00\x01" if version == 4 else b"\x00\x14\x00\x02"
         xma = b"\x00\x20" + family_len
         ma = b"\x00\x01" + family_len
-        join = b"".join
         if version == 4:
+            # One C call lays out the whole reply: header, transaction id,
+            # XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, then the constant attributes.
+            pack = struct.Struct(f"!8s12s6sHI6sHI{len(tail)}s").pack
 
-            def build(data: bytes, packed: bytes, port: int) -> bytes:
-                x = int.from_bytes(packed, "big") ^ MAGIC_COOKIE
-                return join(
-                    (head, data[8:20], xma, (port ^ 0x2112).to_bytes(2, "big"), x.to_bytes(4, "big"),
-                     ma, port.to_bytes(2, "big"), packed, tail)
-                )
+            def build(data: bytes, address: int, port: int) -> bytes:
+                return pack(head, data[8:20], xma, port ^ 0x2112, address ^ MAGIC_COOKIE, ma, port, address, tail)
 
         else:
+            join = b"".join
 
-            def build(data: bytes, packed: bytes, port: int) -> bytes:
+            def build(data: bytes, address: int, port: int) -> bytes:
                 txid = data[8:20]
-                x = int.from_bytes(packed, "big") ^ int.from_bytes(_COOKIE + txid, "big")
+                x = address ^ int.from_bytes(_COOKIE + txid, "big")
                 return join(
                     (head, txid, xma, (port ^ 0x2112).to_bytes(2, "big"), x.to_bytes(16, "big"),
-                     ma, port.to_bytes(2, "big"), packed, tail)
+                     ma, port.to_bytes(2, "big"), address.to_bytes(16, "big"), tail)
                 )
 
         return build
