@@ -188,7 +188,28 @@ def test_fast_path_outcome_equals_the_general_path(group: str, lan: list[str], m
     assert fast is not None  # every such request takes the fast path
     assert fast == general  # member, offset, page size, budget, paging: all equal
     assert fast.registration.member.group is general.registration.member.group  # interned alike
-    assert core.counters["register"] == 2
+    # The same bytes again (a keepalive), now parsed from memory, from another port.
+    other_port = port % 65535 + 1
+    again = core.on_register_v4(data, host, other_port, 1234.5)
+    assert again == core.on_datagram(data, Endpoint.from_sockaddr((host, other_port)), 0.0, 1234.5)
+    assert core.counters["register"] == 4
+
+
+def test_remembered_registrations_stay_bounded_and_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nattool.tracker import dispatch
+    from nattool.tracker.dispatch import TrackerCore
+    from nattool.tracker.federation import Federation, FederationConfig
+
+    monkeypatch.setattr(dispatch, "SEED_CACHE_MAX", 4)
+    core = TrackerCore(Federation(FederationConfig()))
+    requests = [f"//51pwn/P2P&E2E/g{k}/0/10.0.0.{k}/02:00:00:00:00:{k:02x}".encode() for k in range(10)]
+    for _ in range(3):
+        for k, data in enumerate(requests):
+            pending = core.on_register_v4(data, "198.51.100.1", 4000 + k, 1234.5)
+            assert pending is not None and not isinstance(pending, bytes)
+            member = pending.registration.member
+            assert (member.group, member.lan_text, member.identity) == (f"g{k}", f"10.0.0.{k}", f"02:00:00:00:00:{k:02x}")
+            assert len(core._seed_parsed) <= 4
 
 
 def test_mass_expiry_is_done_in_bounded_steps(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,6 +42,12 @@ class PendingRegistration(NamedTuple):
 _new_tuple = tuple.__new__
 _intern = sys.intern
 
+# Seed-form registrations remembered by their bytes. A node re-sends the very same
+# datagram as its keepalive, so most registrations are parsed once; past this many
+# distinct requests the memory is emptied and filled again (a tracker with more
+# active members than this parses most of its requests, as it did without it).
+SEED_CACHE_MAX = 32_768
+
 
 Outcome = Union[bytes, PendingRegistration, None]
 
@@ -65,6 +71,7 @@ class TrackerCore:
         # reply_budget() by request length, up to where it reaches safe_datagram:
         # an index instead of a call on the registration fast path.
         self._budgets = tuple(reply_budget(n, safe_datagram) for n in range(safe_datagram // 3 + 1))
+        self._seed_parsed: dict[bytes, tuple[str, str, str | None]] = {}
 
     def on_datagram(self, data: bytes, src: Endpoint, now: float, wall_now: float) -> Outcome:
         counters = self.counters
@@ -114,9 +121,15 @@ class TrackerCore:
         its reply comes back as bytes, to be sent once the store's ``commit_now()``
         has succeeded.
         """
-        fields = parse_seed_register(data)
+        fields = self._seed_parsed.get(data)
         if fields is None:
-            return None
+            fields = parse_seed_register(data)
+            if fields is None:
+                return None
+            parsed = self._seed_parsed
+            if len(parsed) >= SEED_CACHE_MAX:
+                parsed.clear()
+            parsed[data] = fields
         group, lan_text, identity = fields
         endpoint = f"{host}:{port}"
         identity = identity or endpoint
