@@ -21,6 +21,8 @@ import asyncio
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 DRAIN_BATCH = 256
 _BARE_BINDING_HEAD = b"\x00\x01\x00\x00\x21\x12\xa4\x42"
@@ -59,16 +61,20 @@ def reply_to(data: bytes, host: str, port: int) -> bytes | None:
     return None
 
 
+def answer(sendto: Callable[[bytes, Any], int], data: bytes, addr: Any) -> None:
+    reply = reply_to(data, addr[0], addr[1])
+    if reply is not None:
+        try:
+            sendto(reply, addr)
+        except OSError:
+            pass
+
+
 def serve_blocking(sock: socket.socket) -> None:
     recvfrom, sendto = sock.recvfrom, sock.sendto
     while True:
         data, addr = recvfrom(65535)
-        reply = reply_to(data, addr[0], addr[1])
-        if reply is not None:
-            try:
-                sendto(reply, addr)
-            except OSError:
-                pass
+        answer(sendto, data, addr)
 
 
 async def serve_asyncio(sock: socket.socket) -> None:
@@ -82,12 +88,7 @@ async def serve_asyncio(sock: socket.socket) -> None:
                 data, addr = recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
-            reply = reply_to(data, addr[0], addr[1])
-            if reply is not None:
-                try:
-                    sendto(reply, addr)
-                except OSError:
-                    pass
+            answer(sendto, data, addr)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -147,35 +147,31 @@ def start_coturn(work: Path) -> Optional[Server]:
     return server
 
 
-def start_minimal(work: Path) -> Server:
-    port = free_port()
-    log = work / "minimal.log"
+def launch(name: str, port: int, args: list[str], log: Path, work: Path, environ: Optional[dict[str, str]] = None) -> Server:
+    """Start a server and wait until it answers STUN on ``port``."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=work)
-    server = Server("minimal Python", port, proc, log)
-    try:
-        wait_stun(port)
-    except RuntimeError:
-        server.stop()
-        raise RuntimeError(f"the minimal responder did not start: {log.read_text()[-2000:]}") from None
-    return server
-
-
-def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool") -> Server:
-    port = free_port()
-    log = work / f"nattool-{port}.log"
-    home = work / f"home-{name}"
-    home.mkdir(exist_ok=True)
-    args = [sys.executable, "-m", "nattool", "serve", "--host", HOST, "--port", str(port), "--rate-limit", "0", "--log-level", "warning", *extra]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env(home))
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=environ)
     server = Server(name, port, proc, log)
     try:
         wait_stun(port)
     except RuntimeError:
         server.stop()
-        raise RuntimeError(f"nattool serve did not start: {log.read_text()[-2000:]}") from None
+        raise RuntimeError(f"{name} did not start: {log.read_text()[-2000:]}") from None
     return server
+
+
+def start_minimal(work: Path) -> Server:
+    port = free_port()
+    args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port)]
+    return launch("minimal Python", port, args, work / "minimal.log", work)
+
+
+def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool") -> Server:
+    port = free_port()
+    home = work / f"home-{name}"
+    home.mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "nattool", "serve", "--host", HOST, "--port", str(port), "--rate-limit", "0", "--log-level", "warning", *extra]
+    return launch(name, port, args, work / f"nattool-{port}.log", work, env(home))
 
 
 @dataclass
