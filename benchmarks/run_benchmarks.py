@@ -2,6 +2,7 @@
 
     python benchmarks/run_benchmarks.py            # 10 s runs, median of 3
     python benchmarks/run_benchmarks.py --quick    # 3 s runs, median of 3
+    python benchmarks/run_benchmarks.py --floor    # also a minimal Python responder
     python benchmarks/run_benchmarks.py --json out.json
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn: STUN only, no
