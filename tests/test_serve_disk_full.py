@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TrackerProcess, ask_on, lines, start_tracker, udp_socket
+from conftest import TrackerProcess, ask_on, free_tcp_port, lines, start_tracker, udp_socket
 from test_metrics import Samples, scrape, value
 from test_serve_durability import group_members
 
@@ -119,12 +119,6 @@ def fill(fs: Path) -> Path:
         os.close(fd)
     assert os.statvfs(fs).f_bavail == 0, "the filler left free blocks"
     return filler
-
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 # -- members: one socket each, so that its endpoint stays put across keepalives -----------

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import TrackerFactory, TrackerProcess, ask_on, lines, start_tracker, udp_ask, udp_socket
+from conftest import TrackerFactory, TrackerProcess, ask_on, free_tcp_port, lines, start_tracker, udp_ask, udp_socket
 from test_metrics import scrape, value
 
 REG = "//51pwn/P2P&E2E/"
@@ -341,13 +341,6 @@ def kill9(tp: TrackerProcess) -> None:
     if tp.alive():
         os.kill(tp.proc.pid, signal.SIGKILL)
     assert tp.proc.wait(5) == -signal.SIGKILL
-
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host`` (for ``--metrics``)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the tests -------------------------------------------------------------------------------

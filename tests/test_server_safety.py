@@ -293,9 +293,10 @@ def test_serving_freezes_the_startup_heap_and_spaces_full_collections() -> None:
 
 
 def test_the_source_address_cache_stays_bounded_and_right() -> None:
-    from nattool.net.server import _v4_address_cache
+    from nattool.memo import bounded_memo
+    from nattool.net.server import v4_address
 
-    cache, learn = _v4_address_cache(limit=3)
+    cache, learn = bounded_memo(v4_address, 3)
     hosts = [f"198.51.100.{i}" for i in range(10)]
     for round_ in range(2):
         for host in hosts:
@@ -304,3 +305,26 @@ def test_the_source_address_cache_stays_bounded_and_right() -> None:
                 got = learn(host)
             assert got == int.from_bytes(socket.inet_aton(host), "big"), (round_, host)
             assert len(cache) <= 3
+
+
+def test_rate_limit_keys_ipv6_sources_too(tracker) -> None:  # type: ignore[no-untyped-def]
+    from test_stun_interop import _free_udp6_port
+
+    tp: TrackerProcess = tracker("--burst", "5", rate_limit="5", host="::1", port=_free_udp6_port())
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind(("::1", 0))
+        started = time.monotonic()
+        for _ in range(50):
+            s.sendto(b"//nat", ("::1", tp.port))
+        got, last = 0, started
+        s.settimeout(0.3)
+        while True:
+            try:
+                reply = s.recv(2048)
+            except socket.timeout:
+                break
+            assert reply == f"[::1]:{s.getsockname()[1]}".encode()
+            got += 1
+            last = time.monotonic()
+    # The burst, plus what the bucket refilled while the server worked through them.
+    assert 5 <= got <= 5 + 5 * (last - started) + 1, (got, last - started)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
+from nattool.memo import bounded_memo
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX
@@ -85,39 +86,18 @@ def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-SOURCE_CACHE_MAX = 100_000  # entries in each per-source text cache; emptied when full
+SOURCE_CACHE_MAX = 100_000  # entries in each memo table keyed by source text
 
 
-def _v4_address_cache(limit: int = SOURCE_CACHE_MAX) -> tuple[dict[str, int], Callable[[str], int]]:
-    """The kernel's dotted-quad text of a source -> its address as an integer, for
-    the bare Binding builder: a dict hit costs a fraction of converting again, and
-    STUN keepalives come from the same sources over and over. Returns the dict (the
-    server reads it inline) and the function that fills it."""
-    cache: dict[str, int] = {}
-    inet_aton = socket.inet_aton
-
-    def learn(host: str) -> int:
-        if len(cache) >= limit:
-            cache.clear()
-        value = cache[host] = int.from_bytes(inet_aton(host), "big")
-        return value
-
-    return cache, learn
+def v4_address(host: str) -> int:
+    """The kernel's dotted-quad text of a source as an integer, for the bare Binding
+    builder (memoized: STUN keepalives come from the same sources over and over)."""
+    return int.from_bytes(socket.inet_aton(host), "big")
 
 
-def _v6_source_key_cache() -> Callable[[str], str]:
-    cache: dict[str, str] = {}
-
-    def key(host: str) -> str:
-        value = cache.get(host)
-        if value is None:
-            value = source_key(ipaddress.IPv6Address(host.split("%", 1)[0]))
-            if len(cache) >= SOURCE_CACHE_MAX:
-                cache.clear()
-            cache[host] = value
-        return value
-
-    return key
+def v6_source_key(host: str) -> str:
+    """An IPv6 source's rate-limit key (its /64), from the kernel's text."""
+    return source_key(ipaddress.IPv6Address(host.split("%", 1)[0]))
 
 
 class _Listener:
@@ -149,8 +129,8 @@ class TrackerServer:
         self._sync_store = store.supports_sync
         self._stun_by_local: dict[Endpoint, Any] = {}  # local endpoint -> StunResponder
         self.listeners: list[_Listener] = []
-        self._v6key = _v6_source_key_cache()
-        self._v4_addresses, self._learn_v4_address = _v4_address_cache()
+        self._v6_keys, self._learn_v6_key = bounded_memo(v6_source_key, SOURCE_CACHE_MAX)
+        self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
         self._batch: list[tuple[PendingRegistration, _Listener, Any]] = []
         self._flush_scheduled = False
         self._flushing = False
@@ -259,9 +239,9 @@ class TrackerServer:
         sendto = sock.sendto
         limiter = self.limiter
         limited = limiter.rate > 0
-        v6key = self._v6key
+        v6_key = self._v6_keys.get
         bare_stun = listener.bare_stun
-        v4_address = self._v4_addresses.get
+        known_address = self._v4_addresses.get
         register_v4 = self.core.on_register_v4 if listener.v4 else None
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
@@ -277,7 +257,7 @@ class TrackerServer:
                 self.core.counters["socket_error"] += 1
                 continue
             host = addr[0]
-            if limited and not limiter.allow(v6key(host) if ":" in host else host, now):
+            if limited and not limiter.allow((v6_key(host) or self._learn_v6_key(host)) if ":" in host else host, now):
                 continue
             if data == b"//nat":
                 nat += 1
@@ -292,7 +272,7 @@ class TrackerServer:
                 continue
             if bare_stun is not None and len(data) == 20 and data[:8] == _BARE_BINDING_HEAD and addr[1]:
                 stun += 1
-                address = v4_address(host)
+                address = known_address(host)
                 if address is None:
                     address = self._learn_v4_address(host)
                 try:

@@ -13,6 +13,7 @@ from collections import Counter
 from typing import NamedTuple, Union
 
 from nattool.errors import NattoolError
+from nattool.memo import bounded_memo
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import MIN_REPLY_ROOM, SAFE_DATAGRAM, reply_budget
 from nattool.protocol.text import (
@@ -71,7 +72,7 @@ class TrackerCore:
         # reply_budget() by request length, up to where it reaches safe_datagram:
         # an index instead of a call on the registration fast path.
         self._budgets = tuple(reply_budget(n, safe_datagram) for n in range(safe_datagram // 3 + 1))
-        self._seed_parsed: dict[bytes, tuple[str, str, str | None]] = {}
+        self._seed_parsed, self._parse_seed = bounded_memo(parse_seed_register, SEED_CACHE_MAX)
 
     def on_datagram(self, data: bytes, src: Endpoint, now: float, wall_now: float) -> Outcome:
         counters = self.counters
@@ -121,15 +122,9 @@ class TrackerCore:
         its reply comes back as bytes, to be sent once the store's ``commit_now()``
         has succeeded.
         """
-        fields = self._seed_parsed.get(data)
+        fields = self._seed_parsed.get(data) or self._parse_seed(data)
         if fields is None:
-            fields = parse_seed_register(data)
-            if fields is None:
-                return None
-            parsed = self._seed_parsed
-            if len(parsed) >= SEED_CACHE_MAX:
-                parsed.clear()
-            parsed[data] = fields
+            return None
         group, lan_text, identity = fields
         endpoint = f"{host}:{port}"
         identity = identity or endpoint
