@@ -6,8 +6,11 @@ Not run in CI. Starts `nattool serve` on loopback (default embedded SQLite store
 temporary directory, `--rate-limit 0`, a long TTL so nobody expires during the load),
 registers N distinct members (seed form, one LAN address each) from 256 sockets on
 distinct 127.64.x.y source addresses with a window of one request per socket, checks
-every reply names the member, then prints the server's resident memory (VmRSS) and
-its members gauge. Loopback only; bounded in count.
+every reply names the member, then prints the server's resident memory (VmRSS).
+With the SQLite store it then stops the server (SIGTERM), starts it again on the
+same file and prints how long the stop and the start took, and the resident memory
+after the start; a member's registration must then list its group's others.
+Loopback only; bounded in count.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,17 +53,8 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="nattool-million-")
     store = f"sqlite:{tmp}/tracker.db" if opts.store == "sqlite" else "memory"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "nattool", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--rate-limit", "0", "--ttl", "3600", "--store", store,
-         "--max-members", str(opts.members + 10), "--max-groups-per-source", "1000000"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
-    )
+    server, banner = start_server(port, store, opts.members, env)
     try:
-        assert server.stdout is not None
-        banner = server.stdout.readline().strip()
-        if not banner:
-            raise SystemExit(f"nattool serve did not start (exit {server.wait()})")
         print(banner, flush=True)
         base = rss_mib(server.pid)
         socks = []
@@ -117,10 +112,60 @@ def main() -> int:
             f"({opts.members / elapsed:,.0f}/s); server RSS {rss:,.0f} MiB (empty: {base:,.0f} MiB), "
             f"{(rss - base) * 1024 * 1024 / opts.members:,.0f} bytes/member; store {opts.store}"
         )
+        if opts.store == "sqlite":
+            restart(server, port, store, opts, env, socks[0])
         return 0 if rss <= 512 else 1
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_server(port: int, store: str, members: int, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """Start `nattool serve`; return it and its banner, printed once it serves."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nattool", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--rate-limit", "0", "--ttl", "3600", "--store", store,
+         "--max-members", str(members + 10), "--max-groups-per-source", "1000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+    )
+    assert server.stdout is not None
+    banner = server.stdout.readline().strip()
+    if not banner:
+        raise SystemExit(f"nattool serve did not start (exit {server.wait()})")
+    return server, banner
+
+
+def restart(server: subprocess.Popen[str], port: int, store: str, opts: argparse.Namespace, env: dict[str, str], sock: socket.socket) -> None:
+    """Stop the server, start it on the same file, and check that it kept the members."""
+    started = time.perf_counter()
+    server.terminate()
+    server.wait(timeout=600)
+    stopped = time.perf_counter() - started
+    started = time.perf_counter()
+    again, _ = start_server(port, store, opts.members, env)
+    try:
+        loaded = time.perf_counter() - started
+        rss = rss_mib(again.pid)
+        # Member 0 again, from its own socket: the reply lists its group's others.
+        g = 0
+        req = f"//51pwn/P2P&E2E/00000001-0000-4000-8000-{g:012x}/0/10.0.0.1/02:00:00:00:00:00".encode()
+        sock.setblocking(True)
+        sock.settimeout(5.0)
+        sock.sendto(req, ("127.0.0.1", port))
+        lines = sock.recv(4096).decode().split("\n")
+        expected = min(opts.members // opts.groups, 1 + (opts.members - 1) // opts.groups)
+        print(
+            f"restart: stopped in {stopped:.1f} s, serving again {loaded:.1f} s after the start "
+            f"(every member loaded), server RSS {rss:,.0f} MiB; member 0's group lists "
+            f"{len(lines) - 1} others (expected {expected - 1})",
+            flush=True,
+        )
+        if len(lines) != expected:
+            raise SystemExit("the restarted server lost members")
+    finally:
+        again.terminate()
+        again.wait(timeout=600)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,51 @@ def test_endpoint_text_round_trip(ep: Endpoint) -> None:
     assert NatReply.from_wire(NatReply(ep).to_wire()) == NatReply(ep)
 
 
+def _canonical_or_error(text: str) -> str:
+    try:
+        return Endpoint.from_text(text).to_text()
+    except ProtocolError as exc:
+        return f"error: {exc}"
+
+
+def _canonical_text_or_error(text: str) -> str:
+    try:
+        return Endpoint.canonical_text(text)
+    except ProtocolError as exc:
+        return f"error: {exc}"
+
+
+# Endpoint-like text near the edges the fast check draws: octets and ports with
+# leading zeros, out of range by one, missing or extra parts, IPv6.
+_EDGES = st.sampled_from(["0", "00", "01", "09", "99", "100", "199", "200", "249", "250", "255", "256", "300",
+                          "0255", "6553", "65529", "65530", "65535", "65536", "65540", "99999", "123456"])
+_OCTETS = st.one_of(st.integers(0, 255).map(str), _EDGES)
+_PORTS = st.one_of(st.integers(0, 70000).map(str), _EDGES)
+_ENDPOINT_LIKE = st.one_of(
+    st.builds(lambda octets, sep, port: ".".join(octets) + sep + port,
+              st.lists(_OCTETS, min_size=3, max_size=5), st.sampled_from([":", ":", "."]), _PORTS),
+    st.text(alphabet="0123456789.:[]abf%", max_size=24),
+    endpoints.map(Endpoint.to_text),
+)
+
+
+@settings(max_examples=600)
+@given(_ENDPOINT_LIKE)
+def test_canonical_text_agrees_with_the_full_parse(text: str) -> None:
+    """The regular expression that takes canonical IPv4 text as it is may only ever
+    say what parsing and writing the endpoint again says."""
+    assert _canonical_text_or_error(text) == _canonical_or_error(text)
+
+
+def test_canonical_text_fast_path_is_taken_and_edges_hold() -> None:
+    text = "203.0.113.7:43283"
+    assert Endpoint.canonical_text(text) is text  # the very object: nothing was built
+    assert Endpoint.canonical_text("203.0.113.7:08080") == "203.0.113.7:8080"
+    for bad in ("203.0.113.7:0", "203.0.113.7:65536", "203.0.113.256:1", "203.0.113.07:1", "203.0.113:1"):
+        with pytest.raises(ProtocolError):
+            Endpoint.canonical_text(bad)
+
+
 @given(st.lists(st.builds(MemberEntry, endpoints, lans), min_size=1, max_size=20), st.none() | st.integers(0, 999999))
 def test_member_list_round_trip(entries: list[MemberEntry], next_offset: int | None) -> None:
     ml = MemberList(tuple(entries), next_offset)

@@ -7,6 +7,7 @@ is written without port or brackets.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -18,6 +19,15 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 DEFAULT_PORT = 43283
 
 _MAX_ENDPOINT_TEXT = 64  # "[" + 45 chars of IPv6 text + "]:" + 5 digits, with slack
+
+# IPv4 text as str(IPv4Address) writes it, for expressions to embed. Atomic: an
+# octet is always followed by a non-digit, and every other way to match it leaves a
+# digit next, so trying them after a failure could never succeed.
+_OCTET = r"(?>25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CANONICAL_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+# A port as str(int) writes it, 1..65535 (atomic for the same reason).
+_CANONICAL_PORT = r"(?>6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+_CANONICAL_V4_ENDPOINT_RE = re.compile(rf"{CANONICAL_IPV4}:{_CANONICAL_PORT}\Z")
 
 
 def parse_ip(text: str) -> IPAddress:
@@ -78,6 +88,15 @@ class Endpoint:
             raise ProtocolError(f"bad endpoint {text!r}: want IP:port or [IPv6]:port")
         ip = parse_ip(host)
         return cls(ip, parse_port(port))
+
+    @staticmethod
+    def canonical_text(text: str) -> str:
+        """``Endpoint.from_text(text).to_text()``, raising as that does; text that is
+        already a canonical IPv4 endpoint (nearly all of it) comes back as it is,
+        checked by one regular expression instead of the ipaddress module."""
+        if _CANONICAL_V4_ENDPOINT_RE.match(text):
+            return text
+        return Endpoint.from_text(text).to_text()
 
     @classmethod
     def from_sockaddr(cls, addr: tuple) -> "Endpoint":  # type: ignore[type-arg]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from nattool.errors import ProtocolError
-from nattool.protocol.endpoint import Endpoint, parse_ip
+from nattool.protocol.endpoint import CANONICAL_IPV4, Endpoint, parse_ip
 
 NAT_PREFIX = b"//nat"
 REGISTER_PREFIX = "//51pwn/P2P&E2E/"
@@ -30,11 +30,7 @@ _UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]
 _MAC_RE = re.compile(
     r"(?:[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{12})\Z"
 )
-# Atomic: an octet is always followed by a non-digit, and every other way to match
-# it leaves a digit next, so trying them after a failure could never succeed.
-_OCTET = r"(?>25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_CANONICAL_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
-_CANONICAL_IPV4_RE = re.compile(_CANONICAL_IPV4 + r"\Z")
+_CANONICAL_IPV4_RE = re.compile(CANONICAL_IPV4 + r"\Z")
 _CANONICAL_MAC = r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}"
 _CANONICAL_MAC_RE = re.compile(_CANONICAL_MAC + r"\Z")
 # One entry of the original client's field: a MAC, a dash, then a comma list of IPs.
@@ -236,7 +232,7 @@ def parse_request(data: bytes) -> Request:
 _SEED_REGISTER_RE = re.compile(
     (
         re.escape(REGISTER_PREFIX)
-        + rf"({_GROUP}+)/0/(0|{_CANONICAL_IPV4}(?:,{_CANONICAL_IPV4}){{0,{MAX_LAN - 1}}}+)"
+        + rf"({_GROUP}+)/0/(0|{CANONICAL_IPV4}(?:,{CANONICAL_IPV4}){{0,{MAX_LAN - 1}}}+)"
         + rf"/(0|{_CANONICAL_MAC})[ \r\t\x00]*+"
     ).encode()
 )

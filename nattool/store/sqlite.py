@@ -237,7 +237,7 @@ def _member(seen: float, rec: str) -> Member:
     return Member(
         group=grp,
         identity=identity,
-        endpoint=Endpoint.from_text(endpoint).to_text(),
+        endpoint=Endpoint.canonical_text(endpoint),
         lan=lan,
         source=source,
         seen=float(seen),
