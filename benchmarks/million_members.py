@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--groups", type=int, default=100_000)
     ap.add_argument("--store", default="sqlite", help="sqlite (temporary file) or memory")
     ap.add_argument("--sockets", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=1, help="registrations per member (the later ones are keepalives)")
     opts = ap.parse_args()
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="nattool-million-")
@@ -65,7 +66,14 @@ def main() -> int:
             socks.append(s)
         by_fd = {s.fileno(): k for k, s in enumerate(socks)}
         pending: dict[int, tuple[int, float]] = {}
-        next_member = 0
+        # Member m always registers from socket m % sockets (one source IP each), so
+        # its later registrations are keepalives; each socket goes through its own
+        # members, round after round.
+        todo = [
+            iter([m for _ in range(opts.rounds) for m in range(k, opts.members, len(socks))])
+            for k in range(len(socks))
+        ]
+        total = opts.members * opts.rounds
         done = 0
         started = time.perf_counter()
         poller = select.epoll()
@@ -81,9 +89,10 @@ def main() -> int:
             pending[k] = (m, time.monotonic())
 
         for k in range(len(socks)):
-            send(k, next_member)
-            next_member += 1
-        while done < opts.members:
+            m = next(todo[k], None)
+            if m is not None:
+                send(k, m)
+        while done < total:
             if server.poll() is not None:
                 raise SystemExit(f"nattool serve died (exit {server.returncode})")
             for fd, _ in poller.poll(0.5):
@@ -95,9 +104,9 @@ def main() -> int:
                 if reply.startswith(b"ERR"):
                     raise SystemExit(f"server refused: {reply!r}")
                 done += 1
-                if next_member < opts.members:
-                    send(k, next_member)
-                    next_member += 1
+                m = next(todo[k], None)
+                if m is not None:
+                    send(k, m)
                 else:
                     pending.pop(k, None)
             now = time.monotonic()
@@ -108,8 +117,8 @@ def main() -> int:
         time.sleep(1.0)
         rss = rss_mib(server.pid)
         print(
-            f"{opts.members:,} members in {opts.groups:,} groups registered in {elapsed:.0f} s "
-            f"({opts.members / elapsed:,.0f}/s); server RSS {rss:,.0f} MiB (empty: {base:,.0f} MiB), "
+            f"{opts.members:,} members in {opts.groups:,} groups registered {opts.rounds} time(s) each in "
+            f"{elapsed:.0f} s ({total / elapsed:,.0f}/s); server RSS {rss:,.0f} MiB (empty: {base:,.0f} MiB), "
             f"{(rss - base) * 1024 * 1024 / opts.members:,.0f} bytes/member; store {opts.store}"
         )
         if opts.store == "sqlite":

@@ -20,7 +20,7 @@ import pytest
 from nattool.errors import StoreError
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import GroupView, Member, Registration, StoreLimits, TrackerRecord
-from nattool.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
+from nattool.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, SNAPSHOT_MARK, SNAPSHOT_SEEN, SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 120.0
@@ -49,6 +49,18 @@ def reopen(path: Path, limits: StoreLimits = StoreLimits(ttl=TTL)) -> SqliteStor
 
 def close(store: SqliteStore) -> None:
     asyncio.run(store.close())
+
+
+def crash(store: SqliteStore) -> None:
+    """Leave the files as a killed tracker does: what was committed, and no snapshot
+    (closing a connection only folds its WAL into its file)."""
+    if store._checkpointer is not None:
+        store._checkpointer.stop()
+    for db in (store._db, store._db2):
+        if db is not None:
+            db.close()
+    store._db = store._db2 = None
+    store._lock.release()
 
 
 _WRITER = r"""
@@ -158,9 +170,12 @@ def test_members_and_trackers_survive_reopen_expired_do_not(tmp_path: Path) -> N
         assert view.others[0].lan == ("10.0.0.2", "fd00::2")
     finally:
         close(store)
-    with closing(sqlite3.connect(path)) as db:  # expired rows were deleted from the file
-        rows = [r for (r,) in db.execute("SELECT rec FROM log")]
-        assert len(rows) == 4 and not any("\\x1fold\\x1f" in r for r in rows)  # a, b, c, z
+    with closing(sqlite3.connect(path)) as db:
+        # Expired rows were deleted from the file. A record per live member (a, b,
+        # c, z) is a compact log: the clean close wrote no snapshot.
+        rows = [r for (r,) in db.execute("SELECT rec FROM log ORDER BY seq")]
+        assert len(rows) == 4 and not any("\x1fold\x1f" in r for r in rows)
+        assert [rec.split("\x1f")[1] for rec in rows] == ["a", "b", "c", "z"]
         assert db.execute("SELECT count(*) FROM trackers").fetchone() == (1,)
 
 
@@ -534,12 +549,10 @@ def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, smal
         now += 1
         biggest = max(biggest, wal.stat().st_size, wal2.stat().st_size if wal2.exists() else 0)
     switches, checkpoints = store.switches, checkpointer.checkpoints
-    close(store)
+    crash(store)  # the files as a killed tracker leaves them: no snapshot
     assert switches >= 10, switches
     assert checkpoints >= switches - 1 and checkpointer.errors == 0
     assert biggest <= 2 * SWITCH, f"a WAL grew to {biggest} bytes: it did not restart"
-    assert not checkpointer.running
-    assert not [t for t in threading.enumerate() if t.name == "nattool-log-checkpoint"]
 
     first, second = _rows_by_file(path)
     assert first and second
@@ -550,9 +563,14 @@ def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, smal
         # and new rows go on from the largest seq of either file
         asyncio.run(store.register([Registration(member("g", "new", 5, now + 1))], now + 1))
     finally:
+        checkpointer = store._checkpointer
         close(store)
+    assert checkpointer is not None and not checkpointer.running
+    assert not [t for t in threading.enumerate() if t.name == "nattool-log-checkpoint"]
     first, second = _rows_by_file(path)
-    assert max(first + second) == 401
+    # The clean close: the marker (402) after the new row, the snapshot after it,
+    # nothing before it, in either file.
+    assert second == [] and first[0] == 402
 
 
 def test_a_lone_tracker_compacts_in_the_checkpointer_thread_not_the_loop(tmp_path: Path, small_switch: None) -> None:
@@ -600,7 +618,7 @@ def test_workers_fold_the_second_log_file_into_the_first(tmp_path: Path, small_s
     store = reopen(path)
     now = time.time()
     last = _write_moving_members(store, now, 200)
-    close(store)
+    crash(store)  # a clean close would leave everything in the first file
     first, second = _rows_by_file(path)
     assert first and second
 
@@ -737,3 +755,87 @@ def test_workers_have_no_keepalive_lane(tmp_path: Path) -> None:
         assert store.keepalive_lane() is None  # they must catch up before every write
     finally:
         close(store)
+
+
+def _index_state(store: SqliteStore) -> tuple[list[Member], list[tuple[str, list[Member]]]]:
+    """Everything replay must reproduce: the members by age, and each group's order."""
+    index = store.index
+    return list(index.oldest_first()), [(key, list(group.values())) for key, group in sorted(index._groups.items())]
+
+
+def test_a_clean_close_leaves_one_record_per_member_and_replays_to_the_same_index(tmp_path: Path) -> None:
+    """Registrations from many instants, keepalives through the lane, a member that
+    moved to another source and one evicted by its group's cap: the log holds a
+    record for each of them. A clean close leaves a marker and one record per live
+    member, and the next open rebuilds the very same index from it."""
+    path = tmp_path / "t.db"
+    limits = StoreLimits(ttl=TTL, max_members_per_group=8)
+    now = time.time()
+    store = reopen(path, limits)
+    try:
+        for n in range(9):  # the ninth evicts m0
+            asyncio.run(store.register([Registration(member("g", f"m{n}", 1000 + n, now + n))], now + n))
+        asyncio.run(store.register([Registration(member("h", f"x{n}", 2000 + n, now + 9)) for n in range(3)], now + 9))
+        lane = store.keepalive_lane()
+        assert lane is not None
+        for rnd in range(5):
+            seen = now + 10 + rnd
+            for n in (3, 1, 8):  # keepalives: each commit is one instant, one row
+                m = member("g", f"m{n}", 1000 + n + rnd, seen)
+                assert lane(m.group, m.identity, m.endpoint_text, m.lan_text, m.source, seen) is not None
+            assert store.commit_now() is None
+        moved = Member("h", "x1", "203.0.113.9:7", "", "203.0.113.9", now + 20)  # another source: the batch path
+        asyncio.run(store.register([Registration(moved)], now + 20))
+        before = _index_state(store)
+        records_before = sum(rec.count("\x1e") + 1 for db in (store._db, store._db2) for (rec,) in db.execute("SELECT rec FROM log"))
+    finally:
+        close(store)
+    live = len(before[0])
+    assert live == 11 and records_before > 2 * live
+    with closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT seen, rec FROM log ORDER BY seq").fetchall()
+    assert rows[0] == (SNAPSHOT_SEEN, SNAPSHOT_MARK)
+    assert sum(rec.count("\x1e") + 1 for _, rec in rows[1:]) == live
+    # One row per instant, as the writer's rows are.
+    assert [seen for seen, _ in rows[1:]] == sorted({m.seen for m in before[0]})
+    with closing(sqlite3.connect(f"{path}-log2")) as db:
+        assert db.execute("SELECT count(*) FROM log").fetchone() == (0,)
+    store = reopen(path, limits)
+    try:
+        assert _index_state(store) == before
+        assert "m0" not in {m.identity for m in store.index.members()}
+    finally:
+        close(store)
+    store = reopen(path, limits)  # and once more: a snapshot of a snapshot is the same
+    try:
+        assert _index_state(store) == before
+    finally:
+        close(store)
+
+
+def test_replay_starts_afresh_at_the_newest_marker(tmp_path: Path) -> None:
+    """A close cut short after its snapshot was committed leaves older rows behind
+    (in one file or both): the open replays from the newest marker only, and
+    deletes what came before it."""
+    path = tmp_path / "t.db"
+    now = time.time()
+    store = reopen(path)
+    asyncio.run(store.register([Registration(member("g", "gone", 1000, now))], now))
+    asyncio.run(store.register([Registration(member("g", "kept", 1001, now + 1))], now + 1))
+    crash(store)
+    kept = member("g", "kept", 1001, now + 1)
+    with closing(sqlite3.connect(path)) as db:
+        (last,) = db.execute("SELECT max(seq) FROM log").fetchone()
+        db.execute("INSERT INTO log (seq, seen, rec) VALUES (?, ?, ?)", (last + 1, SNAPSHOT_SEEN, SNAPSHOT_MARK))
+        rec = "\x1f".join([kept.group, kept.identity, kept.endpoint_text, kept.lan_text, kept.source])
+        db.execute("INSERT INTO log (seq, seen, rec) VALUES (?, ?, ?)", (last + 2, kept.seen, rec))
+        db.commit()
+    store = reopen(path)
+    try:
+        assert [m.identity for m in store.index.members()] == ["kept"]
+        assert store.bad_rows == 0
+    finally:
+        crash(store)
+    first, second = _rows_by_file(path)
+    # Older rows gone, and the marker too: a dead row once replay has used it.
+    assert first + second == [last + 2]

@@ -88,6 +88,16 @@ class MemberIndex:
         for group in self._groups.values():
             yield from group.values()
 
+    def oldest_first(self) -> Iterator[Member]:
+        """Every member, in the order of their last registration (each group's own
+        order is this one's, restricted to the group)."""
+        return iter(self._by_age)
+
+    def clear(self) -> None:
+        self._groups.clear()
+        self._by_age.clear()
+        self._source_groups.clear()
+
     def view(self, me: Member, offset: int, limit: int, now: float) -> GroupView:
         """The requester and a page of the others, newest first.
 

@@ -50,9 +50,10 @@ import os
 import sqlite3
 import sys
 import time
+from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from typing import IO, Callable, Iterable, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 from nattool.errors import LimitError, ProtocolError, StoreError
 from nattool.protocol.endpoint import Endpoint
@@ -92,6 +93,18 @@ WAL_AUTOCHECKPOINT_BYTES = 4 << 20
 # before the writer moves to the other, whose checkpoint must be complete by then.
 LOG_SWITCH_BYTES = 4 << 20
 SECOND_LOG_SUFFIX = "-log2"
+# A lone tracker's clean close writes its live members again as the newest rows,
+# after a marker row, and deletes every older row: the next start replays one record
+# per member instead of one per registration within the TTL. Replay starts afresh at
+# the newest marker, so a close cut short (some older rows left in one file or both)
+# still loads exactly what the marker's rows hold. A marker's seen is no real time,
+# so versions that know no markers take it for a dead row.
+SNAPSHOT_SEEN = -1.0
+SNAPSHOT_MARK = "snapshot"
+SNAPSHOT_CHUNK = 256  # members taken from the index per step, at most one row each
+# ... and only when the log holds more than this many records per live member: a
+# compact log is not worth the time a snapshot adds to the stop (2 s a million).
+SNAPSHOT_WORTH = 2
 # How often a worker looks again for the write lock, and for how long.
 WRITER_POLL = 50e-6
 WRITER_WAIT = 2.0
@@ -389,6 +402,8 @@ class SqliteStore(Store):
         self.bad_rows = 0
         self.appended = 0  # rows appended since the last expire()
         self.compacted = 0
+        self.snapshot_seq = 0  # the newest marker row's seq, once loaded or written
+        self.log_records = 0  # member records replayed and appended (none deleted are subtracted)
 
     def describe(self) -> str:
         return f"sqlite:{self.path}"
@@ -546,15 +561,23 @@ class SqliteStore(Store):
         db = self._require()
         horizon = now - self.limits.ttl
         index = self.index
-        live = "SELECT seq, seen, rec FROM log WHERE seen > ? ORDER BY seq"
+        live = "SELECT seq, seen, rec FROM log WHERE seen > ? OR seen = ? ORDER BY seq"
         if self._db2 is not None:
             db2 = self._db2
             # Each file is in seq order; together they are one log.
-            self._replay(heapq.merge(db.execute(live, (horizon,)), db2.execute(live, (horizon,)), key=itemgetter(0)), now)
+            self._replay(
+                heapq.merge(
+                    db.execute(live, (horizon, SNAPSHOT_SEEN)), db2.execute(live, (horizon, SNAPSHOT_SEEN)), key=itemgetter(0)
+                ),
+                now,
+            )
             last = "SELECT coalesce(max(seq), 0) FROM log"
             self._next_seq = 1 + max(db.execute(last).fetchone()[0], db2.execute(last).fetchone()[0])
         else:
-            self._replay(db.execute(live, (horizon,)), now)
+            self._replay(db.execute(live, (horizon, SNAPSHOT_SEEN)), now)
+        if self.snapshot_seq:
+            # Normally nothing: the close that wrote the marker deleted what came before.
+            self._forget_before(self.snapshot_seq)
         for endpoint_text, expires in db.execute(
             "SELECT endpoint, expires FROM trackers WHERE expires > ? ORDER BY expires DESC",
             (now,),
@@ -573,6 +596,9 @@ class SqliteStore(Store):
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
+        if self._db2 is not None and self.log_records > SNAPSHOT_WORTH * len(self.index):
+            # A lone tracker: nobody else reads the log, and nothing writes it now.
+            self._write_snapshot()
         for db in (self._db, self._db2):
             if db is None:
                 continue
@@ -584,6 +610,35 @@ class SqliteStore(Store):
             db.close()
         self._db = self._db2 = None
         self._lock.release()
+
+    def _write_snapshot(self) -> None:
+        """The marker row and every member in the index, oldest first, in one
+        transaction; then delete the rows before the marker. Best effort: if the
+        first step fails the log stays as it was, if the second does the next open
+        finishes it."""
+        db = self._require()
+        first = self._next_seq
+        members = self.index.oldest_first()
+
+        def rows() -> Iterator[tuple[int, float, str]]:
+            yield first, SNAPSHOT_SEEN, SNAPSHOT_MARK
+            seq = first
+            for chunk in iter(lambda: list(islice(members, SNAPSHOT_CHUNK)), []):
+                for seen, rec in _rows(chunk):
+                    seq += 1
+                    yield seq, seen, rec
+
+        try:
+            self._in_transaction(db, _APPEND_SEQ, rows())
+            self.snapshot_seq = first
+            self._forget_before(first)
+        except sqlite3.Error:
+            self.write_errors += 1
+
+    def _forget_before(self, seq: int) -> None:
+        for db in (self._require(), self._db2):
+            if db is not None:
+                db.execute("DELETE FROM log WHERE seq < ?", (seq,))
 
     def _require(self) -> sqlite3.Connection:
         if self._db is None:
@@ -681,6 +736,12 @@ class SqliteStore(Store):
         index = self.index
         for seq, seen, rec in rows:
             self._tail_seq = seq
+            if seen == SNAPSHOT_SEEN:
+                # Every member live at a clean close follows: what came before is history.
+                index.clear()
+                self.snapshot_seq = seq
+                self.log_records = 0
+                continue
             if seen <= horizon:
                 continue
             try:
@@ -690,6 +751,7 @@ class SqliteStore(Store):
                 # leave the row alone until it is older than the TTL.
                 self.bad_rows += 1
                 continue
+            self.log_records += len(members)
             for member in members:
                 try:
                     index.upsert(member, now)
@@ -715,11 +777,12 @@ class SqliteStore(Store):
         else:
             self._in_transaction(db, _APPEND, rows)
         self.appended += len(rows)
+        self.log_records += len(written)
         self.commits += 1
         self.commit_seconds += time.perf_counter() - started
 
     @staticmethod
-    def _in_transaction(db: sqlite3.Connection, sql: str, rows: list[tuple[object, ...]]) -> None:
+    def _in_transaction(db: sqlite3.Connection, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
         db.execute("BEGIN")
         try:
             db.executemany(sql, rows)
