@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SLOW_REPLY_S = 0.05  # replies slower than this are counted: the server stalled
 
 
 def rss_mib(pid: int) -> float:
@@ -74,7 +75,8 @@ def main() -> int:
             for k in range(len(socks))
         ]
         total = opts.members * opts.rounds
-        done = 0
+        done = slow = resent = 0
+        slowest = 0.0
         started = time.perf_counter()
         poller = select.epoll()
         for s in socks:
@@ -103,6 +105,9 @@ def main() -> int:
                     continue
                 if reply.startswith(b"ERR"):
                     raise SystemExit(f"server refused: {reply!r}")
+                waited = time.monotonic() - pending[k][1]
+                slowest = max(slowest, waited)
+                slow += waited > SLOW_REPLY_S
                 done += 1
                 m = next(todo[k], None)
                 if m is not None:
@@ -113,13 +118,15 @@ def main() -> int:
             for k, (m, sent) in list(pending.items()):
                 if now - sent > 1.0:  # lost: send again
                     send(k, m)
+                    resent += 1
         elapsed = time.perf_counter() - started
         time.sleep(1.0)
         rss = rss_mib(server.pid)
         print(
             f"{opts.members:,} members in {opts.groups:,} groups registered {opts.rounds} time(s) each in "
             f"{elapsed:.0f} s ({total / elapsed:,.0f}/s); server RSS {rss:,.0f} MiB (empty: {base:,.0f} MiB), "
-            f"{(rss - base) * 1024 * 1024 / opts.members:,.0f} bytes/member; store {opts.store}"
+            f"{(rss - base) * 1024 * 1024 / opts.members:,.0f} bytes/member; store {opts.store}; "
+            f"slowest reply {slowest * 1e3:,.0f} ms, {slow:,} over {SLOW_REPLY_S * 1e3:.0f} ms, {resent:,} sent again"
         )
         if opts.store == "sqlite":
             restart(server, port, store, opts, env, socks[0])
