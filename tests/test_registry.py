@@ -14,7 +14,7 @@ from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import reply_budget
 from nattool.protocol.text import MalformedRequest, MemberList, RegisterRequest, parse_request
 from nattool.store.base import Member, Registration, StoreLimits
-from nattool.store.memory import SMALL_GROUP, MemberIndex, MemoryStore
+from nattool.store.memory import AGE_SHARDS, SMALL_GROUP, MemberIndex, MemoryStore
 from nattool.tracker.registry import build_member_reply, member_from_request
 
 
@@ -212,6 +212,26 @@ def test_remembered_registrations_stay_bounded_and_right(monkeypatch: pytest.Mon
             assert len(core._seed_parsed) <= 4
 
 
+def test_expiry_takes_the_oldest_first_across_every_group() -> None:
+    """The age order is split by group over several dicts: expiry still removes the
+    oldest members of the whole tracker first, whichever dict holds them."""
+    import random
+
+    rng = random.Random(7)
+    index = MemberIndex(StoreLimits(ttl=100, max_groups_per_source=10_000))
+    groups = [f"g{rng.randrange(300)}" for _ in range(1000)]
+    assert len(set(groups)) > 2 * AGE_SHARDS
+    for n, group in enumerate(groups):
+        source = f"203.0.113.{n % 250 + 1}"
+        index.upsert(Member(group, f"m{n}", f"{source}:{1000 + n}", "", source, float(n)), float(n))
+    first = index.expire(700.0, budget=250)  # the horizon is 600: m0..m600 are dead
+    assert [m.identity for m in first] == [f"m{n}" for n in range(250)]
+    rest = index.expire(700.0)
+    assert [m.identity for m in rest] == [f"m{n}" for n in range(250, 601)]
+    assert len(index) == 399 and index.expire(700.0) == []
+    assert [m.identity for m in index.oldest_first()] == [f"m{n}" for n in range(601, 1000)]
+
+
 def test_mass_expiry_is_done_in_bounded_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     from nattool.store import memory
 
@@ -318,7 +338,7 @@ def test_the_keepalive_lane_replies_and_stores_what_the_general_path_does(
         assert [list(g.items()) for g in stores[0].index._groups.values()] == [
             list(g.items()) for g in stores[1].index._groups.values()
         ]
-        assert list(stores[0].index._by_age) == list(stores[1].index._by_age)
+        assert list(stores[0].index.oldest_first()) == list(stores[1].index.oldest_first())
 
 
 def test_the_keepalive_lane_takes_only_known_members_from_the_same_source_in_small_groups() -> None:
@@ -333,7 +353,7 @@ def test_the_keepalive_lane_takes_only_known_members_from_the_same_source_in_sma
     assert others is not None and [m.identity for m in others] == ["m2"]
     moved = index._groups["g"]["m1"]
     assert (moved.endpoint_text, moved.lan_text, moved.seen) == ("203.0.113.1:7", "10.0.0.1", 3.0)
-    assert list(index._groups["g"]) == ["m2", "m1"] and next(reversed(index._by_age)) is moved
+    assert list(index._groups["g"]) == ["m2", "m1"] and list(index.oldest_first())[-1] is moved
     # m2 has expired (not yet swept): not listed
     assert index.keepalive("g", "m1", "203.0.113.1:7", "", "203.0.113.1", 40.0) == []
     for i in range(70):

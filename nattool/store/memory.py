@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+from operator import itemgetter
 from typing import Iterator, Sequence
 
 from nattool.errors import LimitError, NattoolError
@@ -22,12 +24,19 @@ from nattool.store.base import (
 # A Member without its Python-level __new__: the keepalive lane's fields are
 # already checked and canonical.
 _new_tuple = tuple.__new__
+_SEEN = itemgetter(Member._fields.index("seen"))
 # Groups up to this size are listed by walking all of their members at once.
 SMALL_GROUP = 64
 # Members dropped from the index per step (~0.25 ms), and per expire() call: the
 # event loop gets a turn between steps, so a mass expiry never stalls it.
 EXPIRE_STEP = 250
 EXPIRE_MAX = 8000
+# The age order is split over this many dicts, by group. Keepalives delete and
+# insert, so a dict of a million members keeps running out of entries, and each
+# resize copies the whole table while the event loop waits: 61 ms, measured with a
+# million members; a 64th of it is about 1 ms.
+AGE_SHARDS = 64
+_AGE_MASK = AGE_SHARDS - 1
 
 
 async def expire_in_steps(index: "MemberIndex", now: float) -> int:
@@ -60,16 +69,18 @@ class MemberIndex:
 
     Synchronous and free of I/O: the clock comes in as ``now``. Plain dicts keep
     insertion order, so "move to the newest end" is delete-and-insert. Every live
-    member is also a key of one global dict ordered by last registration (keyed by
-    the Member object itself: no extra key objects), so expiry pops from the front
-    and costs O(expired), not a scan of everything. About 500 bytes per member.
+    member is also a key of one of AGE_SHARDS dicts (its group's), ordered by last
+    registration (keyed by the Member object itself: no extra key objects), so
+    expiry takes the oldest of their fronts and costs O(expired), not a scan of
+    everything. About 500 bytes per member.
     """
 
     def __init__(self, limits: StoreLimits) -> None:
         self.limits = limits
         # group -> identity -> Member, oldest first
         self._groups: dict[str, dict[str, Member]] = {}
-        self._by_age: dict[Member, None] = {}
+        self._by_age: tuple[dict[Member, None], ...] = tuple({} for _ in range(AGE_SHARDS))
+        self._count = 0
         # source -> group -> live members of that source in that group
         self._source_groups: dict[str, dict[str, int]] = {}
         # Members the keepalive lane wrote, for a durable store to append (None:
@@ -78,7 +89,7 @@ class MemberIndex:
 
     # -- queries -----------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._by_age)
+        return self._count
 
     @property
     def group_count(self) -> int:
@@ -89,13 +100,15 @@ class MemberIndex:
             yield from group.values()
 
     def oldest_first(self) -> Iterator[Member]:
-        """Every member, in the order of their last registration (each group's own
-        order is this one's, restricted to the group)."""
-        return iter(self._by_age)
+        """Every member, by the time of its last registration; each group's members
+        in the group's own order."""
+        return heapq.merge(*self._by_age, key=_SEEN)
 
     def clear(self) -> None:
         self._groups.clear()
-        self._by_age.clear()
+        for by_age in self._by_age:
+            by_age.clear()
+        self._count = 0
         self._source_groups.clear()
 
     def view(self, me: Member, offset: int, limit: int, now: float) -> GroupView:
@@ -145,13 +158,14 @@ class MemberIndex:
             # do not change.
             del group[member.identity]  # type: ignore[union-attr]
             group[member.identity] = member  # type: ignore[index]
-            del self._by_age[old]
-            self._by_age[member] = None
+            by_age = self._by_age[hash(member.group) & _AGE_MASK]
+            del by_age[old]
+            by_age[member] = None
             return None
         if old is None:
-            if len(self._by_age) >= limits.max_members:
+            if self._count >= limits.max_members:
                 self.expire(now)
-                if len(self._by_age) >= limits.max_members:
+                if self._count >= limits.max_members:
                     raise LimitError("tracker full")
             per_source = self._source_groups.get(member.source)
             if (
@@ -166,12 +180,15 @@ class MemberIndex:
         elif old is None and len(group) >= limits.max_members_per_group:
             evicted = next(iter(group.values()))
             self._remove(evicted)
+        by_age = self._by_age[hash(member.group) & _AGE_MASK]
         if old is not None:
             del group[member.identity]
-            del self._by_age[old]
+            del by_age[old]
             self._forget_source(old)
+        else:
+            self._count += 1
         group[member.identity] = member
-        self._by_age[member] = None
+        by_age[member] = None
         counts = self._source_groups.get(member.source)
         if counts is None:
             counts = self._source_groups[member.source] = {}
@@ -195,7 +212,7 @@ class MemberIndex:
         member = _new_tuple(Member, (old.group, identity, endpoint_text, lan_text, old.source, now))
         del group[identity]
         group[identity] = member
-        by_age = self._by_age
+        by_age = self._by_age[hash(old.group) & _AGE_MASK]
         del by_age[old]
         by_age[member] = None
         if self.journal is not None:
@@ -211,13 +228,27 @@ class MemberIndex:
         """Remove up to ``budget`` members not seen for the TTL, oldest first."""
         horizon = now - self.limits.ttl
         gone: list[Member] = []
-        by_age = self._by_age
-        while by_age and len(gone) < budget:
+        shards = self._by_age
+        # The shards whose oldest member is dead, by that member's time.
+        fronts: list[tuple[float, int]] = []
+        for i, by_age in enumerate(shards):
+            if by_age:
+                seen = next(iter(by_age)).seen
+                if seen <= horizon:
+                    fronts.append((seen, i))
+        heapq.heapify(fronts)
+        while fronts and len(gone) < budget:
+            i = fronts[0][1]
+            by_age = shards[i]
             member = next(iter(by_age))
-            if member.seen > horizon:
-                break
             self._remove(member)
             gone.append(member)
+            if by_age:
+                seen = next(iter(by_age)).seen
+                if seen <= horizon:
+                    heapq.heapreplace(fronts, (seen, i))
+                    continue
+            heapq.heappop(fronts)
         return gone
 
     def _remove(self, member: Member) -> None:
@@ -225,7 +256,8 @@ class MemberIndex:
         del group[member.identity]
         if not group:
             del self._groups[member.group]
-        del self._by_age[member]
+        del self._by_age[hash(member.group) & _AGE_MASK][member]
+        self._count -= 1
         self._forget_source(member)
 
     def _forget_source(self, member: Member) -> None:
