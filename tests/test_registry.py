@@ -14,7 +14,7 @@ from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import reply_budget
 from nattool.protocol.text import MalformedRequest, MemberList, RegisterRequest, parse_request
 from nattool.store.base import Member, Registration, StoreLimits
-from nattool.store.memory import AGE_SHARDS, SMALL_GROUP, MemberIndex, MemoryStore
+from nattool.store.memory import SMALL_GROUP, MemberIndex, MemoryStore
 from nattool.tracker.registry import build_member_reply, member_from_request
 
 
@@ -115,6 +115,17 @@ def test_caps() -> None:
     assert len(index) == 6
 
 
+def test_a_full_tracker_replaces_a_dead_member() -> None:
+    index = MemberIndex(StoreLimits(ttl=100, max_members=4, max_groups_per_source=10))
+    for i in range(4):
+        register(index, f"//51pwn/P2P&E2E/g{i}/0/0/0".encode(), f"203.0.113.{i + 1}:1000", float(i))
+    with pytest.raises(LimitError, match="tracker full"):
+        register(index, b"//51pwn/P2P&E2E/new/0/0/0", "198.51.100.1:1", 50.0)
+    # At 100.5 the first one is dead: the newcomer takes its place, nobody else goes.
+    register(index, b"//51pwn/P2P&E2E/new/0/0/0", "198.51.100.1:1", 100.5)
+    assert sorted(m.group for m in index.members()) == ["g1", "g2", "g3", "new"]
+
+
 def test_paging() -> None:
     index = MemberIndex(StoreLimits())
     for i in range(60):
@@ -212,24 +223,43 @@ def test_remembered_registrations_stay_bounded_and_right(monkeypatch: pytest.Mon
             assert len(core._seed_parsed) <= 4
 
 
-def test_expiry_takes_the_oldest_first_across_every_group() -> None:
-    """The age order is split by group over several dicts: expiry still removes the
-    oldest members of the whole tracker first, whichever dict holds them."""
+def test_expiry_sweeps_a_slice_of_the_groups_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each call looks at a SWEEP_PARTS-th of the groups: every dead member is gone
+    after SWEEP_PARTS calls, not before, and no live one ever goes."""
     import random
 
+    from nattool.store import memory
+
+    monkeypatch.setattr(memory, "SWEEP_MIN", 1)
     rng = random.Random(7)
     index = MemberIndex(StoreLimits(ttl=100, max_groups_per_source=10_000))
-    groups = [f"g{rng.randrange(300)}" for _ in range(1000)]
-    assert len(set(groups)) > 2 * AGE_SHARDS
-    for n, group in enumerate(groups):
+    groups = [f"g{n}" for n in range(memory.SWEEP_PARTS * 10)]
+    for n in range(1000):
         source = f"203.0.113.{n % 250 + 1}"
+        group = groups[n] if n < len(groups) else rng.choice(groups)  # every group has members
         index.upsert(Member(group, f"m{n}", f"{source}:{1000 + n}", "", source, float(n)), float(n))
-    first = index.expire(700.0, budget=250)  # the horizon is 600: m0..m600 are dead
-    assert [m.identity for m in first] == [f"m{n}" for n in range(250)]
-    rest = index.expire(700.0)
-    assert [m.identity for m in rest] == [f"m{n}" for n in range(250, 601)]
+    dead = {f"m{n}" for n in range(601)}  # at 700 the horizon is 600
+    gone: list[str] = []
+    for _ in range(memory.SWEEP_PARTS - 1):
+        gone += [m.identity for m in index.expire(700.0)]
+    assert set(gone) < dead and len(gone) == len(set(gone))
+    gone += [m.identity for m in index.expire(700.0)]
+    assert set(gone) == dead and len(gone) == len(dead)
     assert len(index) == 399 and index.expire(700.0) == []
     assert [m.identity for m in index.oldest_first()] == [f"m{n}" for n in range(601, 1000)]
+
+
+def test_expiry_stops_at_its_budget_and_goes_on_where_it_stopped() -> None:
+    index = MemberIndex(StoreLimits(ttl=10, max_groups_per_source=1000))
+    for n in range(30):  # g0: m0..m9, g1: m10..m19, g2: m20..m29, all dead at 100
+        index.upsert(Member(f"g{n // 10}", f"m{n}", f"203.0.113.1:{1000 + n}", "", "203.0.113.1", float(n)), float(n))
+    first = [m.identity for m in index.expire(100.0, budget=15)]
+    assert len(first) == 15 and len(index) == 15
+    cut = first[-1]  # the group the budget cut short is looked at first next time
+    cut_group = int(cut[1:]) // 10
+    rest = [m.identity for m in index.expire(100.0)]
+    assert rest[: 9 - int(cut[1:]) % 10] == [f"m{n}" for n in range(int(cut[1:]) + 1, cut_group * 10 + 10)]
+    assert sorted(first + rest, key=lambda i: int(i[1:])) == [f"m{n}" for n in range(30)] and len(index) == 0
 
 
 def test_mass_expiry_is_done_in_bounded_steps(monkeypatch: pytest.MonkeyPatch) -> None:

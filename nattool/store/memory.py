@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
 from operator import itemgetter
 from typing import Iterator, Sequence
 
@@ -31,12 +30,14 @@ SMALL_GROUP = 64
 # event loop gets a turn between steps, so a mass expiry never stalls it.
 EXPIRE_STEP = 250
 EXPIRE_MAX = 8000
-# The age order is split over this many dicts, by group. Keepalives delete and
-# insert, so a dict of a million members keeps running out of entries, and each
-# resize copies the whole table while the event loop waits: 61 ms, measured with a
-# million members; a 64th of it is about 1 ms.
-AGE_SHARDS = 64
-_AGE_MASK = AGE_SHARDS - 1
+# Expiry sweeps the groups: each expire() call looks at a SWEEP_PARTS-th of them
+# (at least SWEEP_MIN), so a dead member goes within SWEEP_PARTS calls (16 s at the
+# server's pace), and is never listed meanwhile (views skip the dead).
+SWEEP_PARTS = 32
+SWEEP_MIN = 256
+# Groups a registration to a full tracker may look at for a dead member to replace:
+# a full tracker refuses newcomers at a bounded price.
+FULL_LOOKS = 16
 
 
 async def expire_in_steps(index: "MemberIndex", now: float) -> int:
@@ -54,7 +55,7 @@ async def expire_in_steps(index: "MemberIndex", now: float) -> int:
 def _live_others(group: dict[str, Member], identity: str, horizon: float) -> list[Member]:
     """Every live member of a (small) group but ``identity``, newest first."""
     live = list(group.values())
-    # A group is in registration order, oldest first (as _by_age is), so a live
+    # A group is in registration order, oldest first, so a live
     # first member means all are live; and a member that has just registered is
     # the last one. That case, nearly every registration, needs no test per member.
     if live[0].seen > horizon and live[-1].identity == identity:
@@ -68,19 +69,22 @@ class MemberIndex:
     """Groups of members with replacement by identity, TTL expiry and caps.
 
     Synchronous and free of I/O: the clock comes in as ``now``. Plain dicts keep
-    insertion order, so "move to the newest end" is delete-and-insert. Every live
-    member is also a key of one of AGE_SHARDS dicts (its group's), ordered by last
-    registration (keyed by the Member object itself: no extra key objects), so
-    expiry takes the oldest of their fronts and costs O(expired), not a scan of
-    everything. About 500 bytes per member.
+    insertion order, so "move to the newest end" is delete-and-insert, and a
+    group's dead members are at its front: expiry sweeps the groups a slice at a
+    time. There is no tracker-wide age order. One keyed by member cost 40 bytes a
+    member, 80 once keepalives had deleted and inserted in it (a Python dict that
+    has seen deletes resizes to three times its live entries), each resize stalled
+    the event loop (61 ms with a million members), and keepalives paid two dict
+    operations for it. About 450 bytes per member.
     """
 
     def __init__(self, limits: StoreLimits) -> None:
         self.limits = limits
         # group -> identity -> Member, oldest first
         self._groups: dict[str, dict[str, Member]] = {}
-        self._by_age: tuple[dict[Member, None], ...] = tuple({} for _ in range(AGE_SHARDS))
         self._count = 0
+        self._sweep: list[str] = []  # groups the current sweep has still to look at
+        self._sweep_step = SWEEP_MIN  # groups looked at per expire() call in this sweep
         # source -> group -> live members of that source in that group
         self._source_groups: dict[str, dict[str, int]] = {}
         # Members the keepalive lane wrote, for a durable store to append (None:
@@ -99,16 +103,15 @@ class MemberIndex:
         for group in self._groups.values():
             yield from group.values()
 
-    def oldest_first(self) -> Iterator[Member]:
+    def oldest_first(self) -> list[Member]:
         """Every member, by the time of its last registration; each group's members
-        in the group's own order."""
-        return heapq.merge(*self._by_age, key=_SEEN)
+        in the group's own order (the sort is stable)."""
+        return sorted(self.members(), key=_SEEN)
 
     def clear(self) -> None:
         self._groups.clear()
-        for by_age in self._by_age:
-            by_age.clear()
         self._count = 0
+        self._sweep.clear()
         self._source_groups.clear()
 
     def view(self, me: Member, offset: int, limit: int, now: float) -> GroupView:
@@ -158,13 +161,10 @@ class MemberIndex:
             # do not change.
             del group[member.identity]  # type: ignore[union-attr]
             group[member.identity] = member  # type: ignore[index]
-            by_age = self._by_age[hash(member.group) & _AGE_MASK]
-            del by_age[old]
-            by_age[member] = None
             return None
         if old is None:
             if self._count >= limits.max_members:
-                self.expire(now)
+                self.expire(now, 1, FULL_LOOKS)
                 if self._count >= limits.max_members:
                     raise LimitError("tracker full")
             per_source = self._source_groups.get(member.source)
@@ -180,15 +180,12 @@ class MemberIndex:
         elif old is None and len(group) >= limits.max_members_per_group:
             evicted = next(iter(group.values()))
             self._remove(evicted)
-        by_age = self._by_age[hash(member.group) & _AGE_MASK]
         if old is not None:
             del group[member.identity]
-            del by_age[old]
             self._forget_source(old)
         else:
             self._count += 1
         group[member.identity] = member
-        by_age[member] = None
         counts = self._source_groups.get(member.source)
         if counts is None:
             counts = self._source_groups[member.source] = {}
@@ -212,9 +209,6 @@ class MemberIndex:
         member = _new_tuple(Member, (old.group, identity, endpoint_text, lan_text, old.source, now))
         del group[identity]
         group[identity] = member
-        by_age = self._by_age[hash(old.group) & _AGE_MASK]
-        del by_age[old]
-        by_age[member] = None
         if self.journal is not None:
             self.journal.append(member)
         return _live_others(group, identity, now - self.limits.ttl)
@@ -224,39 +218,50 @@ class MemberIndex:
         if members is not None and identity in members:
             self._remove(members[identity])
 
-    def expire(self, now: float, budget: int = 1 << 62) -> list[Member]:
-        """Remove up to ``budget`` members not seen for the TTL, oldest first."""
+    def expire(self, now: float, budget: int = 1 << 62, looks: int | None = None) -> list[Member]:
+        """Remove up to ``budget`` dead members (not seen for the TTL) from the next
+        ``looks`` groups of the sweep (by default its step: a member is then gone
+        within SWEEP_PARTS calls of its death)."""
         horizon = now - self.limits.ttl
         gone: list[Member] = []
-        shards = self._by_age
-        # The shards whose oldest member is dead, by that member's time.
-        fronts: list[tuple[float, int]] = []
-        for i, by_age in enumerate(shards):
-            if by_age:
-                seen = next(iter(by_age)).seen
-                if seen <= horizon:
-                    fronts.append((seen, i))
-        heapq.heapify(fronts)
-        while fronts and len(gone) < budget:
-            i = fronts[0][1]
-            by_age = shards[i]
-            member = next(iter(by_age))
-            self._remove(member)
-            gone.append(member)
-            if by_age:
-                seen = next(iter(by_age)).seen
-                if seen <= horizon:
-                    heapq.heapreplace(fronts, (seen, i))
-                    continue
-            heapq.heappop(fronts)
+        groups, sweep, remove = self._groups, self._sweep, self._remove
+        refilled = False
+        if not sweep:
+            refilled = self._start_sweep()
+        if looks is None:
+            looks = self._sweep_step
+        while looks and len(gone) < budget:
+            if not sweep:
+                if refilled or not self._start_sweep():
+                    break  # every group looked at once in this call
+                refilled = True
+            key = sweep.pop()
+            looks -= 1
+            group = groups.get(key)
+            while group:
+                first = next(iter(group.values()))
+                if first.seen > horizon:
+                    break
+                if len(gone) >= budget:
+                    sweep.append(key)  # dead members left: this group comes first next time
+                    break
+                remove(first)
+                gone.append(first)
         return gone
+
+    def _start_sweep(self) -> bool:
+        """Queue every group for a look; False when there is none. A sweep's step is
+        fixed when it starts, so it ends in SWEEP_PARTS calls however many groups
+        empty meanwhile."""
+        self._sweep.extend(self._groups)
+        self._sweep_step = max(SWEEP_MIN, -(-len(self._sweep) // SWEEP_PARTS))
+        return bool(self._sweep)
 
     def _remove(self, member: Member) -> None:
         group = self._groups[member.group]
         del group[member.identity]
         if not group:
             del self._groups[member.group]
-        del self._by_age[hash(member.group) & _AGE_MASK][member]
         self._count -= 1
         self._forget_source(member)
 

@@ -618,7 +618,7 @@ class SqliteStore(Store):
         finishes it."""
         db = self._require()
         first = self._next_seq
-        members = self.index.oldest_first()
+        members = iter(self.index.oldest_first())
 
         def rows() -> Iterator[tuple[int, float, str]]:
             yield first, SNAPSHOT_SEEN, SNAPSHOT_MARK
