@@ -101,7 +101,7 @@ SECOND_LOG_SUFFIX = "-log2"
 # so versions that know no markers take it for a dead row.
 SNAPSHOT_SEEN = -1.0
 SNAPSHOT_MARK = "snapshot"
-SNAPSHOT_CHUNK = 256  # members taken from the index per step, at most one row each
+SNAPSHOT_CHUNK = 256  # members a snapshot row holds at most (one instant's, as the writer's rows)
 # ... and only when the log holds more than this many records per live member: a
 # compact log is not worth the time a snapshot adds to the stop (2 s a million).
 SNAPSHOT_WORTH = 2
@@ -403,7 +403,7 @@ class SqliteStore(Store):
         self.appended = 0  # rows appended since the last expire()
         self.compacted = 0
         self.snapshot_seq = 0  # the newest marker row's seq, once loaded or written
-        self.log_records = 0  # member records replayed and appended (none deleted are subtracted)
+        self.log_records = 0  # member records replayed and appended (deleted ones not subtracted)
 
     def describe(self) -> str:
         return f"sqlite:{self.path}"
