@@ -75,7 +75,7 @@ class MemberIndex:
     member, 80 once keepalives had deleted and inserted in it (a Python dict that
     has seen deletes resizes to three times its live entries), each resize stalled
     the event loop (61 ms with a million members), and keepalives paid two dict
-    operations for it. About 450 bytes per member.
+    operations for it. About 410 bytes per member.
     """
 
     def __init__(self, limits: StoreLimits) -> None:
