@@ -272,9 +272,7 @@ class TrackerServer:
                 continue
             if bare_stun is not None and len(data) == 20 and data[:8] == _BARE_BINDING_HEAD and addr[1]:
                 stun += 1
-                address = known_address(host)
-                if address is None:
-                    address = self._learn_v4_address(host)
+                address = known_address(host) or self._learn_v4_address(host)
                 try:
                     sendto(bare_stun(data, address, addr[1]), addr)
                 except OSError:

@@ -469,7 +469,7 @@ class TrackerList:
 def validate_tracker_text(text: str) -> str:
     """A ``host:port`` or endpoint as a tracker list carries it, canonicalised."""
     try:
-        return Endpoint.from_text(text).to_text()
+        return Endpoint.canonical_text(text)
     except ProtocolError:
         pass
     host, sep, port = text.rpartition(":")

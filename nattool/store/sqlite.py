@@ -50,7 +50,6 @@ import os
 import sqlite3
 import sys
 import time
-from itertools import islice
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Sequence
@@ -562,19 +561,15 @@ class SqliteStore(Store):
         horizon = now - self.limits.ttl
         index = self.index
         live = "SELECT seq, seen, rec FROM log WHERE seen > ? OR seen = ? ORDER BY seq"
+        wanted = (horizon, SNAPSHOT_SEEN)  # live rows, and snapshot markers
         if self._db2 is not None:
             db2 = self._db2
             # Each file is in seq order; together they are one log.
-            self._replay(
-                heapq.merge(
-                    db.execute(live, (horizon, SNAPSHOT_SEEN)), db2.execute(live, (horizon, SNAPSHOT_SEEN)), key=itemgetter(0)
-                ),
-                now,
-            )
+            self._replay(heapq.merge(db.execute(live, wanted), db2.execute(live, wanted), key=itemgetter(0)), now)
             last = "SELECT coalesce(max(seq), 0) FROM log"
             self._next_seq = 1 + max(db.execute(last).fetchone()[0], db2.execute(last).fetchone()[0])
         else:
-            self._replay(db.execute(live, (horizon, SNAPSHOT_SEEN)), now)
+            self._replay(db.execute(live, wanted), now)
         if self.snapshot_seq:
             # Normally nothing: the close that wrote the marker deleted what came before.
             self._forget_before(self.snapshot_seq)
@@ -618,13 +613,13 @@ class SqliteStore(Store):
         finishes it."""
         db = self._require()
         first = self._next_seq
-        members = iter(self.index.oldest_first())
+        members = self.index.oldest_first()
 
         def rows() -> Iterator[tuple[int, float, str]]:
             yield first, SNAPSHOT_SEEN, SNAPSHOT_MARK
             seq = first
-            for chunk in iter(lambda: list(islice(members, SNAPSHOT_CHUNK)), []):
-                for seen, rec in _rows(chunk):
+            for start in range(0, len(members), SNAPSHOT_CHUNK):
+                for seen, rec in _rows(members[start : start + SNAPSHOT_CHUNK]):
                     seq += 1
                     yield seq, seen, rec
 
