@@ -10,7 +10,6 @@ the batch is durable.
 from __future__ import annotations
 
 import asyncio
-import gc
 import ipaddress
 import logging
 import signal
@@ -23,6 +22,7 @@ from typing import Any, Callable
 from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
 from nattool.memo import bounded_memo
+from nattool.net.collector import ServingCollector
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX
@@ -140,6 +140,7 @@ class TrackerServer:
         self._store_error_logged_at = -1e9
         self._store_errors_unlogged = 0
         self.last_stats: StoreStats | None = None  # refreshed by housekeeping, read by metrics
+        self.collector = ServingCollector()  # started by serve()
         self._metrics_httpd: Any = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -300,6 +301,9 @@ class TrackerServer:
         if batch and self._sync_store:
             # Everything this wake-up read is answered now: one transaction, no task.
             self._flush_now()
+        registered = self.core.counters["register"]
+        if registered >= self.collector.next_at:
+            self.collector.collect_young(registered)
 
     def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
         started = time.perf_counter()
@@ -485,6 +489,7 @@ class TrackerServer:
                 self.last_stats = await self.store.stats()
             except NattoolError:
                 self.core.counters["store_error"] += 1
+            self.collector.tick(self.core.counters["register"], now)
 
     def _federation_tick(self, now: float, wall: float) -> None:
         out = self.federation.outgoing(now, wall)
@@ -534,28 +539,11 @@ def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
     )
 
 
-def _settle_garbage_collector() -> None:
-    """Keep CPython's full collections from stalling the loop.
-
-    Under a registration load a full (generation 2) collection walked every
-    tracked object -- the imported modules' and every stored member -- and held
-    the loop for 12-18 ms a few times a minute, most of the p99.9 at half rate.
-    Freezing what exists once serving starts (modules, the loaded store) takes it
-    out of every later walk; a full collection only every 1000 middle ones (not
-    every 10) leaves young cycles to the frequent cheap collections, and long
-    lived ones at most a minute or so.
-    """
-    gc.collect()
-    gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, 1000)
-
-
 async def serve(config: ServerConfig, store: Store, stun: bool = True, on_ready: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run until SIGINT/SIGTERM; return the counters."""
     server = TrackerServer(config, store, stun)
     bound = await server.start()
-    _settle_garbage_collector()
+    server.collector.start(time.monotonic())
     loop = asyncio.get_running_loop()
     if sys.platform != "win32":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -568,4 +556,5 @@ async def serve(config: ServerConfig, store: Store, stun: bool = True, on_ready:
     finally:
         if not server._stopped.is_set():
             await server.stop()
+        server.collector.stop()
     return dict(server.core.counters)
