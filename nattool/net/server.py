@@ -489,7 +489,7 @@ class TrackerServer:
                 self.last_stats = await self.store.stats()
             except NattoolError:
                 self.core.counters["store_error"] += 1
-            self.collector.tick(self.core.counters["register"], now)
+            self.collector.tick(now)
 
     def _federation_tick(self, now: float, wall: float) -> None:
         out = self.federation.outgoing(now, wall)
