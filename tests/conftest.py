@@ -23,6 +23,15 @@ import pytest
 pytest_plugins = ["tests.natlab.fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests press Ctrl-C in the command-line tools they start (pexpect's sendintr) and
+# expect exit status 130. A test run started in the background by a non-interactive
+# shell (`cmd &`, as some CI runners do) has SIGINT ignored, and an ignored signal
+# stays ignored in every child: the tools would never see the Ctrl-C. A handled
+# signal goes back to its default in a child, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 BANNER_PREFIX = "tracker listening on udp"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
