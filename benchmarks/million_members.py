@@ -85,11 +85,7 @@ def main() -> int:
             poller.register(s.fileno(), select.EPOLLIN)
 
         def send(k: int, m: int) -> None:
-            g = m % opts.groups
-            mac = f"02:{(m >> 32) & 255:02x}:{(m >> 24) & 255:02x}:{(m >> 16) & 255:02x}:{(m >> 8) & 255:02x}:{m & 255:02x}"
-            lan = f"10.{(m >> 16) & 255}.{(m >> 8) & 255}.{m & 255 or 1}"
-            req = f"//51pwn/P2P&E2E/00000001-0000-4000-8000-{g:012x}/0/{lan}/{mac}".encode()
-            socks[k].sendto(req, ("127.0.0.1", port))
+            socks[k].sendto(register_request(m, opts.groups), ("127.0.0.1", port))
             pending[k] = (m, time.monotonic())
 
         for k in range(len(socks)):
@@ -139,6 +135,14 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def register_request(m: int, groups: int) -> bytes:
+    """Member ``m``'s registration (seed form): group m % groups, a LAN address and a
+    MAC of its own."""
+    mac = f"02:{(m >> 32) & 255:02x}:{(m >> 24) & 255:02x}:{(m >> 16) & 255:02x}:{(m >> 8) & 255:02x}:{m & 255:02x}"
+    lan = f"10.{(m >> 16) & 255}.{(m >> 8) & 255}.{m & 255 or 1}"
+    return f"//51pwn/P2P&E2E/00000001-0000-4000-8000-{m % groups:012x}/0/{lan}/{mac}".encode()
+
+
 def start_server(port: int, store: str, members: int, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     """Start `nattool serve`; return it and its banner, printed once it serves."""
     server = subprocess.Popen(
@@ -166,10 +170,9 @@ def restart(server: subprocess.Popen[str], port: int, store: str, opts: argparse
         loaded = time.perf_counter() - started
         rss = rss_mib(again.pid)
         # Member 0 again, from its own socket: the reply lists its group's others.
-        req = b"//51pwn/P2P&E2E/00000001-0000-4000-8000-000000000000/0/10.0.0.1/02:00:00:00:00:00"
         sock.setblocking(True)
         sock.settimeout(5.0)
-        sock.sendto(req, ("127.0.0.1", port))
+        sock.sendto(register_request(0, opts.groups), ("127.0.0.1", port))
         lines = sock.recv(4096).decode().split("\n")
         expected = len(range(0, opts.members, opts.groups))  # members m of group 0: m % groups == 0
         print(

@@ -15,8 +15,9 @@ import json
 import signal
 import subprocess
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from conftest import free_udp_port, nattool_cmd
 
@@ -84,28 +85,38 @@ def test_serving_collects_the_young_generations_every_so_many_registrations(tmp_
     assert report["frozen"] > 10_000 and tuple(report["thresholds"]) == gc.get_threshold()
 
 
-def test_cpython_still_collects_what_grows_its_count() -> None:
-    """A flood from new sources fills the rate limiter's table with new objects: that
-    grows CPython's count, and its own young collections keep coming."""
-    collector = ServingCollector()
-    before = gc.get_threshold()
-    kept: list[list[float]] = []
-    walks: list[int] = []
+@contextmanager
+def serving(collector: ServingCollector, now: float) -> Iterator[list[tuple[int, int]]]:
+    """The collector started in this process, and the collections made meanwhile:
+    (generation, objects walked; -1 for a full one). Everything is given back after."""
+    walks: list[tuple[int, int]] = []
 
     def watch(phase: str, info: dict[str, int]) -> None:
-        if phase == "start" and info["generation"] < 2:
-            walks.append(sum(len(gc.get_objects(g)) for g in range(info["generation"] + 1)))
+        if phase == "start":
+            generation = info["generation"]
+            walked = sum(len(gc.get_objects(g)) for g in range(generation + 1)) if generation < 2 else -1
+            walks.append((generation, walked))
 
+    collector.start(now)
+    gc.callbacks.append(watch)
     try:
-        collector.start(0.0)
-        assert gc.get_threshold()[2] == NEVER
-        gc.callbacks.append(watch)
-        for n in range(50_000):
-            kept.append([float(n), 0.0])
+        yield walks
     finally:
         gc.callbacks.remove(watch)
         collector.stop()
         gc.unfreeze()
+
+
+def test_cpython_still_collects_what_grows_its_count() -> None:
+    """A flood from new sources fills the rate limiter's table with new objects: that
+    grows CPython's count, and its own young collections keep coming."""
+    before = gc.get_threshold()
+    kept: list[list[float]] = []
+    with serving(ServingCollector(), 0.0) as collections:
+        assert gc.get_threshold()[2] == NEVER
+        for n in range(50_000):
+            kept.append([float(n), 0.0])
+    walks = [walked for generation, walked in collections if generation < 2]
     assert gc.get_threshold() == before
     assert len(walks) >= 50_000 // (before[0] + 50)
     assert max(walks) <= 20 * before[0] * before[1], max(walks)
@@ -114,27 +125,19 @@ def test_cpython_still_collects_what_grows_its_count() -> None:
 def test_a_full_collection_comes_once_its_interval_is_over() -> None:
     collector = ServingCollector(every=10, full_interval=5.0)
     before = gc.get_threshold()
-    fulls: list[int] = []
+    with serving(collector, 100.0) as collections:
 
-    def watch(phase: str, info: dict[str, int]) -> None:
-        if phase == "start" and info["generation"] == 2:
-            fulls.append(1)
+        def fulls() -> list[tuple[int, int]]:
+            return [c for c in collections if c[0] == 2]
 
-    try:
-        collector.start(100.0)
-        gc.callbacks.append(watch)
         collector.tick(104.9)
-        assert (collector.full, fulls) == (0, [])
+        assert (collector.full, fulls()) == (0, [])
         collector.collect_young(13)
         assert (collector.young, collector.next_at) == (1, 23)
         collector.tick(105.0)
-        assert (collector.full, len(fulls)) == (1, 1)
+        assert (collector.full, len(fulls())) == (1, 1)
         collector.tick(109.9)
         assert collector.full == 1
         collector.tick(110.0)
-        assert (collector.full, len(fulls)) == (2, 2)
-    finally:
-        gc.callbacks.remove(watch)
-        collector.stop()
-        gc.unfreeze()
+        assert (collector.full, len(fulls())) == (2, 2)
     assert gc.get_threshold() == before

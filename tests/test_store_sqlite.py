@@ -20,7 +20,7 @@ import pytest
 from nattool.errors import StoreError
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import GroupView, Member, Registration, StoreLimits, TrackerRecord
-from nattool.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, SNAPSHOT_MARK, SNAPSHOT_SEEN, SqliteStore
+from nattool.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, SNAPSHOT_MARK, SNAPSHOT_SEEN, SqliteStore, _rows
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 120.0
@@ -871,8 +871,8 @@ def test_replay_starts_afresh_at_the_newest_marker(tmp_path: Path) -> None:
     with closing(sqlite3.connect(path)) as db:
         (last,) = db.execute("SELECT max(seq) FROM log").fetchone()
         db.execute("INSERT INTO log (seq, seen, rec) VALUES (?, ?, ?)", (last + 1, SNAPSHOT_SEEN, SNAPSHOT_MARK))
-        rec = "\x1f".join([kept.group, kept.identity, kept.endpoint_text, kept.lan_text, kept.source])
-        db.execute("INSERT INTO log (seq, seen, rec) VALUES (?, ?, ?)", (last + 2, kept.seen, rec))
+        [(seen, rec)] = _rows([kept])
+        db.execute("INSERT INTO log (seq, seen, rec) VALUES (?, ?, ?)", (last + 2, seen, rec))
         db.commit()
     store = reopen(path)
     try:
