@@ -26,7 +26,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -130,11 +130,15 @@ class Node:
     group: str
     sock: socket.socket
     endpoint: str  # kept: the restart check runs after the sockets are closed
+    lan: str = "0"  # "0": none
 
     def request(self) -> bytes:
         # The seed form with public "0" and no padding: the only form the keepalive
         # lane takes once the member is known from this source.
-        return f"{REG}{self.group}/0/0/02:00:00:00:{self.n >> 8:02x}:{self.n & 0xFF:02x}".encode()
+        return f"{REG}{self.group}/0/{self.lan}/02:00:00:00:{self.n >> 8:02x}:{self.n & 0xFF:02x}".encode()
+
+    def own_line(self) -> str:
+        return self.endpoint if self.lan == "0" else f"{self.endpoint};{self.lan}"
 
 
 def endpoint_of(sock: socket.socket) -> str:
@@ -158,7 +162,7 @@ def ask(tp: TrackerProcess, node: Node) -> bytes:
 
 def is_acknowledgement(reply: bytes, node: Node) -> bool:
     """A member list: its first line is the requester's own endpoint."""
-    return not reply.startswith(b"ERR") and lines(reply)[0] == node.endpoint
+    return not reply.startswith(b"ERR") and lines(reply)[0] == node.own_line()
 
 
 def assert_refused(reply: bytes, node: Node, db: Path) -> None:
@@ -228,6 +232,12 @@ def test_full_disk_refuses_keepalives_and_first_registrations_then_recovers(
         filler = fill(small_fs)
 
         # Keepalives: known member, same source, seed form, small group -> the lane.
+        # Each brings a new LAN list: a keepalive that changes nothing but the time
+        # is written only once in a while (REFRESH_PERIOD_OF_TTL), so it could be
+        # answered with nothing to write. Once a write has failed, every keepalive
+        # is written: the log probe and the retries below change nothing, and must
+        # still be refused while the disk is full and be in the file once answered.
+        originals = [replace(node, lan=f"10.0.{node.n >> 8}.{node.n & 0xFF}") for node in originals]
         # No need to push the WAL into new blocks with extra traffic: each commit
         # appends a frame of a whole page to it (measured: 50 one-row commits made it
         # 32 + 50 x 4120 bytes), and it never restarts into space it already has

@@ -20,7 +20,15 @@ import pytest
 from nattool.errors import StoreError
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import GroupView, Member, Registration, StoreLimits, TrackerRecord
-from nattool.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, SNAPSHOT_MARK, SNAPSHOT_SEEN, SqliteStore, _rows
+from nattool.store.sqlite import (
+    APPLICATION_ID,
+    REFRESH_PERIOD_OF_TTL,
+    SCHEMA_VERSION,
+    SNAPSHOT_MARK,
+    SNAPSHOT_SEEN,
+    SqliteStore,
+    _rows,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 120.0
@@ -789,6 +797,94 @@ def test_a_failed_lane_commit_is_an_error_and_the_next_one_writes(tmp_path: Path
     store = reopen(path)
     try:
         assert store.index._groups["g"]["a"].endpoint_text == "198.51.100.7:4000"
+    finally:
+        close(store)
+
+
+def _log_records(store: SqliteStore) -> int:
+    """Member records in the store's log files (committed; a failed commit left none)."""
+    return sum(
+        rec.count("\x1e") + 1 for db in (store._db, store._db2) if db is not None for (rec,) in db.execute("SELECT rec FROM log")
+    )
+
+
+def _period_start() -> tuple[float, float]:
+    """(the refresh period, the start of the period before the current one): times
+    from there on are live, and their periods are known."""
+    period = TTL * REFRESH_PERIOD_OF_TTL
+    return period, (time.time() // period - 1) * period
+
+
+def test_a_refresh_is_written_once_a_period_and_a_change_at_once(tmp_path: Path) -> None:
+    """A keepalive that changes nothing but the member's time is written only when it
+    is the member's first in a new period; a new endpoint or LAN list always is.
+    After a crash the member is back as last written: its time at most one period
+    older than its last keepalive."""
+    path = tmp_path / "r.db"
+    period, start = _period_start()
+    store = reopen(path)
+    try:
+        store.register_now([Registration(member("g", "a", 1001, start + 1))], start + 1)
+        lane = store.keepalive_lane()
+        assert lane is not None
+        before = _log_records(store)
+
+        def keepalive(seen: float, port: int, lan: str) -> int:
+            assert lane("g", "a", f"198.51.100.7:{port}", lan, "198.51.100.7", seen) == []
+            assert store.commit_now() is None
+            return _log_records(store) - before
+
+        assert keepalive(start + 5, 1001, "10.0.0.2,fd00::2") == 0  # nothing new
+        assert keepalive(start + 6, 1002, "10.0.0.2,fd00::2") == 1  # moved
+        assert keepalive(start + 7, 1002, "10.0.0.3") == 2  # a new LAN list
+        assert keepalive(start + 8, 1002, "10.0.0.3") == 2
+        assert keepalive(start + period + 1, 1002, "10.0.0.3") == 3  # the first of a new period
+        assert keepalive(start + period + 2, 1002, "10.0.0.3") == 3
+    finally:
+        crash(store)
+    store = reopen(path)
+    try:
+        back = store.index._groups["g"]["a"]
+        assert (back.endpoint_text, back.lan_text, back.seen) == ("198.51.100.7:1002", "10.0.0.3", start + period + 1)
+    finally:
+        close(store)
+
+
+def test_after_a_failed_write_every_refresh_is_written_for_a_period(tmp_path: Path) -> None:
+    """The index keeps what a failed commit held, so a refresh of it in the same
+    period would be answered with nothing written: for one period after a failure
+    every refresh is written."""
+    path = tmp_path / "w.db"
+    period, start = _period_start()
+    store = reopen(path)
+    try:
+        store.register_now([Registration(member("g", "a", 1001, start + 1))], start + 1)
+        lane = store.keepalive_lane()
+        assert lane is not None
+        db = store._log_connection(store._active)
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count={pages}")
+        big_lan = ",".join(f"10.{i >> 8}.{i & 255}.1" for i in range(16))
+        for i in range(400):  # more than the file's free pages hold
+            assert lane("g", "a", f"198.51.100.7:{3000 + i}", big_lan, "198.51.100.7", start + 2) is not None
+        assert isinstance(store.commit_now(), StoreError)
+        db.execute("PRAGMA max_page_count=1073741823")
+        before = _log_records(store)
+
+        def refresh(seen: float) -> int:
+            assert lane("g", "a", "198.51.100.7:3399", big_lan, "198.51.100.7", seen) == []
+            assert store.commit_now() is None
+            return _log_records(store) - before
+
+        assert refresh(start + 3) == 1
+        assert refresh(start + 2 + period - 0.5) == 2  # still within a period of the failure
+        assert refresh(start + 2 + period + 0.5) == 2  # past it, in the period just written
+    finally:
+        crash(store)
+    store = reopen(path)
+    try:
+        back = store.index._groups["g"]["a"]
+        assert (back.endpoint_text, back.seen) == ("198.51.100.7:3399", start + 2 + period - 0.5)
     finally:
         close(store)
 

@@ -90,6 +90,12 @@ class MemberIndex:
         # Members the keepalive lane wrote, for a durable store to append (None:
         # nobody needs them).
         self.journal: list[Member] | None = None
+        # Which of them: a pure refresh (the same endpoint and LAN list, only a later
+        # time) goes in only when it is the member's first in a new period of this
+        # many seconds (0: every one), or before journal_all_until (a write failed:
+        # what it held is written again). The durable store sets both.
+        self.refresh_period = 0.0
+        self.journal_all_until = 0.0
 
     # -- queries -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -209,8 +215,17 @@ class MemberIndex:
         member = _new_tuple(Member, (old.group, identity, endpoint_text, lan_text, old.source, now))
         del group[identity]
         group[identity] = member
-        if self.journal is not None:
-            self.journal.append(member)
+        journal = self.journal
+        if journal is not None:
+            period = self.refresh_period
+            if (
+                not period
+                or endpoint_text != old.endpoint_text
+                or lan_text != old.lan_text
+                or now // period != old.seen // period
+                or now < self.journal_all_until
+            ):
+                journal.append(member)
         return _live_others(group, identity, now - self.limits.ttl)
 
     def remove(self, group: str, identity: str) -> None:

@@ -104,6 +104,14 @@ SNAPSHOT_CHUNK = 256  # members a snapshot row holds at most (one instant's, as 
 # ... and only when the log holds more than this many records per live member: a
 # compact log is not worth the time a snapshot adds to the stop (2 s a million).
 SNAPSHOT_WORTH = 2
+# A keepalive that changes nothing but the member's time is written to the log only
+# when it is the member's first in a new period of this fraction of the TTL (30 s of
+# the default 120 s); a move or a new LAN list is always written before its reply.
+# As ISC Kea's lease cache (cache-threshold, 0.25 by default): a refresh carries no
+# new fact, and writing each one made a member that refreshes every few seconds
+# cost a commit per refresh. After kill -9 a member's time is at most one period
+# old, so a member that falls silent right then expires up to that much early.
+REFRESH_PERIOD_OF_TTL = 0.25
 # How often a worker looks again for the write lock, and for how long.
 WRITER_POLL = 50e-6
 WRITER_WAIT = 2.0
@@ -664,9 +672,11 @@ class SqliteStore(Store):
             # A worker applies nothing before catching up with the others' rows,
             # inside its write transaction: no lane outside it.
             return None
-        if self.index.journal is None:
-            self.index.journal = []
-        return self.index.keepalive
+        index = self.index
+        if index.journal is None:
+            index.journal = []
+            index.refresh_period = self.limits.ttl * REFRESH_PERIOD_OF_TTL
+        return index.keepalive
 
     def commit_now(self) -> StoreError | None:
         journal = self.index.journal
@@ -682,6 +692,12 @@ class SqliteStore(Store):
             self._commit(written)
         except (sqlite3.Error, StoreError) as exc:
             self.write_errors += 1
+            # The index keeps these members, and a refresh of one within its period
+            # would be answered without a write: for one period every refresh is
+            # written (and refused while the disk still fails). Later ones fall
+            # in a new period anyway.
+            index = self.index
+            index.journal_all_until = max(m.seen for m in written) + index.refresh_period
             return StoreError(f"cannot write {self.path}: {exc}")
         return None
 
