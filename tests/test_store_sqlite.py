@@ -19,7 +19,7 @@ import pytest
 
 from nattool.errors import StoreError
 from nattool.protocol.endpoint import Endpoint
-from nattool.store.base import GroupView, Member, Registration, StoreLimits, TrackerRecord
+from nattool.store.base import GroupView, KeepaliveLane, Member, Registration, StoreLimits, TrackerRecord
 from nattool.store.sqlite import (
     APPLICATION_ID,
     REFRESH_PERIOD_OF_TTL,
@@ -808,11 +808,38 @@ def _log_records(store: SqliteStore) -> int:
     )
 
 
-def _period_start() -> tuple[float, float]:
-    """(the refresh period, the start of the period before the current one): times
-    from there on are live, and their periods are known."""
+@contextmanager
+def _member_in_the_lane(path: Path) -> Iterator[tuple[SqliteStore, KeepaliveLane, float, float]]:
+    """A store with member a of group g registered just after the start of the
+    period before the current one (times from there on are live, and their periods
+    known); its lane, the refresh period and that start. Crashed afterwards: the
+    files as a killed tracker leaves them."""
     period = TTL * REFRESH_PERIOD_OF_TTL
-    return period, (time.time() // period - 1) * period
+    start = (time.time() // period - 1) * period
+    store = reopen(path)
+    try:
+        store.register_now([Registration(member("g", "a", 1001, start + 1))], start + 1)
+        lane = store.keepalive_lane()
+        assert lane is not None
+        yield store, lane, period, start
+    finally:
+        crash(store)
+
+
+def _records_written(store: SqliteStore, lane: KeepaliveLane, endpoint: str, lan: str, seen: float) -> int:
+    """Log records that a keepalive of member a, committed, wrote."""
+    before = _log_records(store)
+    assert lane("g", "a", endpoint, lan, "198.51.100.7", seen) == []
+    assert store.commit_now() is None
+    return _log_records(store) - before
+
+
+def _member_after_reopen(path: Path) -> Member:
+    store = reopen(path)
+    try:
+        return store.index._groups["g"]["a"]
+    finally:
+        close(store)
 
 
 def test_a_refresh_is_written_once_a_period_and_a_change_at_once(tmp_path: Path) -> None:
@@ -821,33 +848,18 @@ def test_a_refresh_is_written_once_a_period_and_a_change_at_once(tmp_path: Path)
     After a crash the member is back as last written: its time at most one period
     older than its last keepalive."""
     path = tmp_path / "r.db"
-    period, start = _period_start()
-    store = reopen(path)
-    try:
-        store.register_now([Registration(member("g", "a", 1001, start + 1))], start + 1)
-        lane = store.keepalive_lane()
-        assert lane is not None
-        before = _log_records(store)
+    with _member_in_the_lane(path) as (store, lane, period, start):
+        def written(seen: float, port: int, lan: str) -> int:
+            return _records_written(store, lane, f"198.51.100.7:{port}", lan, seen)
 
-        def keepalive(seen: float, port: int, lan: str) -> int:
-            assert lane("g", "a", f"198.51.100.7:{port}", lan, "198.51.100.7", seen) == []
-            assert store.commit_now() is None
-            return _log_records(store) - before
-
-        assert keepalive(start + 5, 1001, "10.0.0.2,fd00::2") == 0  # nothing new
-        assert keepalive(start + 6, 1002, "10.0.0.2,fd00::2") == 1  # moved
-        assert keepalive(start + 7, 1002, "10.0.0.3") == 2  # a new LAN list
-        assert keepalive(start + 8, 1002, "10.0.0.3") == 2
-        assert keepalive(start + period + 1, 1002, "10.0.0.3") == 3  # the first of a new period
-        assert keepalive(start + period + 2, 1002, "10.0.0.3") == 3
-    finally:
-        crash(store)
-    store = reopen(path)
-    try:
-        back = store.index._groups["g"]["a"]
-        assert (back.endpoint_text, back.lan_text, back.seen) == ("198.51.100.7:1002", "10.0.0.3", start + period + 1)
-    finally:
-        close(store)
+        assert written(start + 5, 1001, "10.0.0.2,fd00::2") == 0  # nothing new
+        assert written(start + 6, 1002, "10.0.0.2,fd00::2") == 1  # moved
+        assert written(start + 7, 1002, "10.0.0.3") == 1  # a new LAN list
+        assert written(start + 8, 1002, "10.0.0.3") == 0
+        assert written(start + period + 1, 1002, "10.0.0.3") == 1  # the first of a new period
+        assert written(start + period + 2, 1002, "10.0.0.3") == 0
+    back = _member_after_reopen(path)
+    assert (back.endpoint_text, back.lan_text, back.seen) == ("198.51.100.7:1002", "10.0.0.3", start + period + 1)
 
 
 def test_after_a_failed_write_every_refresh_is_written_for_a_period(tmp_path: Path) -> None:
@@ -855,38 +867,24 @@ def test_after_a_failed_write_every_refresh_is_written_for_a_period(tmp_path: Pa
     period would be answered with nothing written: for one period after a failure
     every refresh is written."""
     path = tmp_path / "w.db"
-    period, start = _period_start()
-    store = reopen(path)
-    try:
-        store.register_now([Registration(member("g", "a", 1001, start + 1))], start + 1)
-        lane = store.keepalive_lane()
-        assert lane is not None
+    big_lan = ",".join(f"10.{i >> 8}.{i & 255}.1" for i in range(16))
+    with _member_in_the_lane(path) as (store, lane, period, start):
         db = store._log_connection(store._active)
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count={pages}")
-        big_lan = ",".join(f"10.{i >> 8}.{i & 255}.1" for i in range(16))
         for i in range(400):  # more than the file's free pages hold
             assert lane("g", "a", f"198.51.100.7:{3000 + i}", big_lan, "198.51.100.7", start + 2) is not None
         assert isinstance(store.commit_now(), StoreError)
         db.execute("PRAGMA max_page_count=1073741823")
-        before = _log_records(store)
 
-        def refresh(seen: float) -> int:
-            assert lane("g", "a", "198.51.100.7:3399", big_lan, "198.51.100.7", seen) == []
-            assert store.commit_now() is None
-            return _log_records(store) - before
+        def written(seen: float) -> int:
+            return _records_written(store, lane, "198.51.100.7:3399", big_lan, seen)
 
-        assert refresh(start + 3) == 1
-        assert refresh(start + 2 + period - 0.5) == 2  # still within a period of the failure
-        assert refresh(start + 2 + period + 0.5) == 2  # past it, in the period just written
-    finally:
-        crash(store)
-    store = reopen(path)
-    try:
-        back = store.index._groups["g"]["a"]
-        assert (back.endpoint_text, back.seen) == ("198.51.100.7:3399", start + 2 + period - 0.5)
-    finally:
-        close(store)
+        assert written(start + 3) == 1
+        assert written(start + 2 + period - 0.5) == 1  # still within a period of the failure
+        assert written(start + 2 + period + 0.5) == 0  # past it, in the period just written
+    back = _member_after_reopen(path)
+    assert (back.endpoint_text, back.seen) == ("198.51.100.7:3399", start + 2 + period - 0.5)
 
 
 def test_workers_have_no_keepalive_lane(tmp_path: Path) -> None:
