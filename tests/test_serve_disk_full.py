@@ -161,7 +161,7 @@ def ask(tp: TrackerProcess, node: Node) -> bytes:
 
 
 def is_acknowledgement(reply: bytes, node: Node) -> bool:
-    """A member list: its first line is the requester's own endpoint."""
+    """A member list: its first line is the requester's own (endpoint and LAN list)."""
     return not reply.startswith(b"ERR") and lines(reply)[0] == node.own_line()
 
 
