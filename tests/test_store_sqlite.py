@@ -925,7 +925,7 @@ def test_a_clean_close_leaves_one_record_per_member_and_replays_to_the_same_inde
         moved = Member("h", "x1", "203.0.113.9:7", "", "203.0.113.9", now + 20)  # another source: the batch path
         asyncio.run(store.register([Registration(moved)], now + 20))
         before = _index_state(store)
-        records_before = sum(rec.count("\x1e") + 1 for db in (store._db, store._db2) for (rec,) in db.execute("SELECT rec FROM log"))
+        records_before = _log_records(store)
     finally:
         close(store)
     live = len(before[0])

@@ -88,14 +88,25 @@ class MemberIndex:
         # source -> group -> live members of that source in that group
         self._source_groups: dict[str, dict[str, int]] = {}
         # Members the keepalive lane wrote, for a durable store to append (None:
-        # nobody needs them).
+        # nobody needs them); see start_journal().
         self.journal: list[Member] | None = None
-        # Which of them: a pure refresh (the same endpoint and LAN list, only a later
-        # time) goes in only when it is the member's first in a new period of this
-        # many seconds (0: every one), or before journal_all_until (a write failed:
-        # what it held is written again). The durable store sets both.
         self.refresh_period = 0.0
         self.journal_all_until = 0.0
+
+    def start_journal(self, refresh_period: float) -> None:
+        """Keep :attr:`journal` for a durable store. A pure refresh (the same
+        endpoint and LAN list, only a later time) goes in only when it is the
+        member's first in a new period of ``refresh_period`` seconds (0: every one)."""
+        if self.journal is None:
+            self.journal = []
+            self.refresh_period = refresh_period
+
+    def journal_lost(self, members: Sequence[Member]) -> None:
+        """The durable store could not write ``members``. The index keeps them, and a
+        refresh of one within its period would go out of the journal with nothing
+        written: for one period every refresh goes in. Later ones fall in a new
+        period anyway."""
+        self.journal_all_until = max(m.seen for m in members) + self.refresh_period
 
     # -- queries -----------------------------------------------------------------
     def __len__(self) -> int:

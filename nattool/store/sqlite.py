@@ -672,11 +672,8 @@ class SqliteStore(Store):
             # A worker applies nothing before catching up with the others' rows,
             # inside its write transaction: no lane outside it.
             return None
-        index = self.index
-        if index.journal is None:
-            index.journal = []
-            index.refresh_period = self.limits.ttl * REFRESH_PERIOD_OF_TTL
-        return index.keepalive
+        self.index.start_journal(self.limits.ttl * REFRESH_PERIOD_OF_TTL)
+        return self.index.keepalive
 
     def commit_now(self) -> StoreError | None:
         journal = self.index.journal
@@ -692,12 +689,7 @@ class SqliteStore(Store):
             self._commit(written)
         except (sqlite3.Error, StoreError) as exc:
             self.write_errors += 1
-            # The index keeps these members, and a refresh of one within its period
-            # would be answered without a write: for one period every refresh is
-            # written (and refused while the disk still fails). Later ones fall
-            # in a new period anyway.
-            index = self.index
-            index.journal_all_until = max(m.seen for m in written) + index.refresh_period
+            self.index.journal_lost(written)  # its keepalives are refused while writes fail
             return StoreError(f"cannot write {self.path}: {exc}")
         return None
 
