@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Container
 
 import pytest
 from hypothesis import given, settings
@@ -325,6 +326,45 @@ _lane_steps = st.lists(
 )
 
 
+@st.composite
+def _keepalive_rounds(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int, int, int, int]], set[int]]:
+    """Keepalives as they usually come: everyone joins, then rounds in which each
+    member re-registers in turn, so the one that comes is the group's oldest, with
+    now and then a member that skips its turn, moves to another port, changes its
+    LAN list, comes after a pause that lets others expire, or a newcomer (a
+    thirteenth member evicts). Members 0 and 1 share a source; the others have
+    their own. Also the steps before which dead members are swept (between sweeps
+    they are there, only not listed)."""
+    size = {0: draw(st.integers(1, 10)), 1: draw(st.integers(1, 10))}
+    port = [0] * 13
+    lan = [draw(st.integers(0, 2)) for _ in range(13)]
+    steps = []
+
+    def step(group: int, ident: int, later: int) -> None:
+        ip = 0 if ident < 2 else ident + 1
+        steps.append((group, ident, ip, port[ident], lan[ident], later, draw(st.integers(0, 60))))
+
+    for group, n in size.items():
+        for ident in range(n):
+            step(group, ident, 1)
+    for _ in range(draw(st.integers(1, 5))):
+        for group in (0, 1):
+            for ident in range(size[group]):
+                what = draw(st.sampled_from(("turn",) * 12 + ("skip", "move", "lan", "pause", "newcomer")))
+                if what == "skip":
+                    continue
+                if what == "move":
+                    port[ident] ^= 1
+                elif what == "lan":
+                    lan[ident] = (lan[ident] + 1) % 3
+                elif what == "newcomer" and size[group] < 13:
+                    step(group, size[group], 1)
+                    size[group] += 1
+                step(group, ident, 25 if what == "pause" else 1)
+    sweeps = {n for n in range(len(steps)) if draw(st.integers(0, 3)) == 0}
+    return steps, sweeps
+
+
 @settings(max_examples=300, deadline=None)
 @given(_lane_steps, st.integers(2, 70))
 def test_the_keepalive_lane_replies_and_stores_what_the_general_path_does(
@@ -333,6 +373,25 @@ def test_the_keepalive_lane_replies_and_stores_what_the_general_path_does(
     """Two trackers take the same registrations, one with its store's keepalive lane
     and one without: every reply, every counter and the stored groups are equal.
     Small caps make groups outgrow the lane (over 64 members) and evict."""
+    _lane_against_general_path(steps, per_group)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_keepalive_rounds())
+def test_the_keepalive_lanes_endpoint_lines_are_what_the_general_path_lists(
+    rounds: tuple[list[tuple[int, int, int, int, int, int, int]], set[int]]
+) -> None:
+    """The same for keepalives in turn, where the lane answers from the endpoint
+    lines it keeps per group, and for what breaks the turn: members out of turn,
+    moves, new LAN lists, newcomers, evictions, members expiring and swept, two
+    members behind one source, cut replies."""
+    steps, sweeps = rounds
+    _lane_against_general_path(steps, 12, sweeps)
+
+
+def _lane_against_general_path(
+    steps: list[tuple[int, int, int, int, int, int, int]], per_group: int, sweeps: Container[int] = ()
+) -> None:
     from nattool.tracker.dispatch import PendingRegistration, TrackerCore
     from nattool.tracker.federation import Federation, FederationConfig
 
@@ -341,8 +400,10 @@ def test_the_keepalive_lane_replies_and_stores_what_the_general_path_does(
     cores = [TrackerCore(Federation(FederationConfig())), TrackerCore(Federation(FederationConfig()))]
     cores[0].keepalive_lane = stores[0].keepalive_lane()
     now = 1000.0
-    for group, ident, ip, port, lan, later, pad in steps:
+    for n, (group, ident, ip, port, lan, later, pad) in enumerate(steps):
         now += later
+        if n in sweeps:
+            assert stores[0].index.expire(now) == stores[1].index.expire(now)
         lan_text = ["0", "10.0.0.1", "192.168.1.2,10.0.0.9"][lan]
         mac = f"02:00:00:00:00:{ident:02x}"
         data = f"//51pwn/P2P&E2E/g{group}/0/{lan_text}/{mac}".encode() + b" " * pad
@@ -369,6 +430,9 @@ def test_the_keepalive_lane_replies_and_stores_what_the_general_path_does(
             list(g.items()) for g in stores[1].index._groups.values()
         ]
         assert list(stores[0].index.oldest_first()) == list(stores[1].index.oldest_first())
+        index = stores[0].index
+        for key, lines in index._endpoint_lines.items():  # the lane's memo is the group's
+            assert lines == "\n".join(m.endpoint_text for m in reversed(index._groups[key].values()))
 
 
 def test_the_keepalive_lane_takes_only_known_members_from_the_same_source_in_small_groups() -> None:
@@ -379,8 +443,8 @@ def test_the_keepalive_lane_takes_only_known_members_from_the_same_source_in_sma
     assert index.keepalive("g", "m3", "203.0.113.3:1", "", "203.0.113.3", 3.0) is None  # unknown member
     assert index.keepalive("g", "m1", "203.0.113.9:1", "", "203.0.113.9", 3.0) is None  # another source
     assert [m.identity for m in index._groups["g"].values()] == ["m1", "m2"]  # nothing changed
-    others = index.keepalive("g", "m1", "203.0.113.1:7", "10.0.0.1", "203.0.113.1", 3.0)
-    assert others is not None and [m.identity for m in others] == ["m2"]
+    # Nobody else behind 203.0.113.1: the others come as their endpoint lines.
+    assert index.keepalive("g", "m1", "203.0.113.1:7", "10.0.0.1", "203.0.113.1", 3.0) == "203.0.113.2:1"
     moved = index._groups["g"]["m1"]
     assert (moved.endpoint_text, moved.lan_text, moved.seen) == ("203.0.113.1:7", "10.0.0.1", 3.0)
     assert list(index._groups["g"]) == ["m2", "m1"] and list(index.oldest_first())[-1] is moved

@@ -102,8 +102,9 @@ class GroupView(NamedTuple):
 
 
 RegisterResult = Union[GroupView, NattoolError]
-# (group, identity, endpoint_text, lan_text, source, now) -> the others, or None
-KeepaliveLane = Callable[[str, str, str, str, str, float], "list[Member] | None"]
+# (group, identity, endpoint_text, lan_text, source, now) -> the others (as members,
+# or as their endpoint lines), or None
+KeepaliveLane = Callable[[str, str, str, str, str, float], "str | list[Member] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +160,12 @@ class Store(abc.ABC):
         endpoint_text, lan_text, source, now)``. When the member is known from that
         source, in a small group, it moves the member to the newest end with its new
         endpoint, LAN list and time, and returns the group's other live members,
-        newest first: what :meth:`register` would list. In every other case it
-        changes nothing and returns None, and the registration takes
-        :meth:`register`. What the lane changed is durable only after
-        :meth:`commit_now`; no reply may go out before.
+        newest first: what :meth:`register` would list. When no other member of the
+        group is behind the same source (so a reply shows none of their LAN lists),
+        it may return them as their endpoint texts joined by newlines instead (a
+        str, "" for none). In every other case it changes nothing and returns None,
+        and the registration takes :meth:`register`. What the lane changed is
+        durable only after :meth:`commit_now`; no reply may go out before.
         """
         return None
 

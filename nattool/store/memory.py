@@ -24,6 +24,7 @@ from nattool.store.base import (
 # already checked and canonical.
 _new_tuple = tuple.__new__
 _SEEN = itemgetter(Member._fields.index("seen"))
+_ENDPOINT_TEXT = itemgetter(Member._fields.index("endpoint_text"))
 # Groups up to this size are listed by walking all of their members at once.
 SMALL_GROUP = 64
 # Members dropped from the index per step (~0.25 ms), and per expire() call: the
@@ -87,6 +88,10 @@ class MemberIndex:
         self._sweep_step = SWEEP_MIN  # groups looked at per expire() call in this sweep
         # source -> group -> live members of that source in that group
         self._source_groups: dict[str, dict[str, int]] = {}
+        # group -> its members' endpoint texts, newest first, one per line: the
+        # keepalive lane's memo (see keepalive()). Anything else that changes a
+        # group drops its entry.
+        self._endpoint_lines: dict[str, str] = {}
         # Members the keepalive lane wrote, for a durable store to append (None:
         # nobody needs them); see start_journal().
         self.journal: list[Member] | None = None
@@ -130,6 +135,7 @@ class MemberIndex:
         self._count = 0
         self._sweep.clear()
         self._source_groups.clear()
+        self._endpoint_lines.clear()
 
     def view(self, me: Member, offset: int, limit: int, now: float) -> GroupView:
         """The requester and a page of the others, newest first.
@@ -170,6 +176,7 @@ class MemberIndex:
         """Insert or replace; return the member evicted to make room, if any.
         Raises LimitError when a cap refuses the member."""
         limits = self.limits
+        self._endpoint_lines.pop(member.group, None)
         group = self._groups.get(member.group)
         old = group.get(member.identity) if group is not None else None
         if old is not None and old.source == member.source:
@@ -211,17 +218,26 @@ class MemberIndex:
 
     def keepalive(
         self, group_key: str, identity: str, endpoint_text: str, lan_text: str, source: str, now: float
-    ) -> list[Member] | None:
+    ) -> str | list[Member] | None:
         """The keepalive lane (see :meth:`Store.keepalive_lane`): :meth:`upsert` and
         :meth:`view` in one step for a known member re-registering from the same
         source in a small group, the case that needs no cap, eviction or count.
-        None, with nothing changed, in every other case."""
+        None, with nothing changed, in every other case.
+
+        The others come back as their endpoint lines (a str) when they are all live
+        and none is behind the member's source. Those lines are kept per group, so
+        that the usual keepalive, from the group's oldest member with the endpoint
+        it had, takes its own line off the end and puts it in front instead of
+        reading every member: periodic keepalives come round in turn, so the one
+        that comes is nearly always the oldest.
+        """
         group = self._groups.get(group_key)
         if group is None or len(group) > SMALL_GROUP:
             return None
         old = group.get(identity)
         if old is None or old.source != source:
             return None
+        was_oldest = next(iter(group)) == identity
         # The old member's group and source are the interned strings: reuse them.
         member = _new_tuple(Member, (old.group, identity, endpoint_text, lan_text, old.source, now))
         del group[identity]
@@ -237,7 +253,32 @@ class MemberIndex:
                 or now < self.journal_all_until
             ):
                 journal.append(member)
-        return _live_others(group, identity, now - self.limits.ttl)
+        horizon = now - self.limits.ttl
+        memo = self._endpoint_lines
+        alone = self._source_groups[old.source][old.group] == 1  # no other member behind this source
+        lines = memo.get(group_key)
+        if (
+            lines is not None
+            and was_oldest
+            and endpoint_text == old.endpoint_text
+            and next(iter(group.values())).seen > horizon  # the oldest now is live: all are
+        ):
+            cut = len(lines) - len(endpoint_text) - 1
+            others = lines[:cut] if cut > 0 else ""  # "": the only member
+            if others:
+                memo[group_key] = f"{endpoint_text}\n{others}"
+            if alone:
+                return others
+            return _live_others(group, identity, horizon)
+        live = _live_others(group, identity, horizon)
+        if len(live) == len(group) - 1:
+            others = "\n".join(map(_ENDPOINT_TEXT, live))
+            memo[group_key] = f"{endpoint_text}\n{others}" if others else endpoint_text
+            if alone:
+                return others
+        else:
+            memo.pop(group_key, None)
+        return live
 
     def remove(self, group: str, identity: str) -> None:
         members = self._groups.get(group)
@@ -284,6 +325,7 @@ class MemberIndex:
         return bool(self._sweep)
 
     def _remove(self, member: Member) -> None:
+        self._endpoint_lines.pop(member.group, None)
         group = self._groups[member.group]
         del group[member.identity]
         if not group:

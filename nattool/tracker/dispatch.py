@@ -29,7 +29,15 @@ from nattool.protocol.text import (
 )
 from nattool.store.base import GroupView, KeepaliveLane, Member, RegisterResult, Registration
 from nattool.tracker.federation import Federation
-from nattool.tracker.registry import MAX_PAGE, build_member_reply, member_from_request, plain_reply, registration_for
+from nattool.tracker.registry import (
+    MAX_PAGE,
+    build_member_reply,
+    cut_lines,
+    member_from_request,
+    own_line,
+    plain_reply,
+    registration_for,
+)
 
 
 class PendingRegistration(NamedTuple):
@@ -135,6 +143,13 @@ class TrackerCore:
         lane = self.keepalive_lane
         if lane is not None and use_lane:
             others = lane(group, identity, endpoint, lan_text, host, wall_now)
+            if others.__class__ is str:
+                # The others' endpoint lines, none of them behind this source.
+                first = f"{endpoint};{lan_text}" if lan_text else endpoint
+                whole = f"{first}\n{others}" if others else first
+                if len(whole) <= budget:
+                    return whole.encode("ascii")
+                return self._cut_reply(endpoint, lan_text, others.split("\n") if others else [], budget)
             if others is not None:
                 reply = plain_reply(f"{endpoint};{lan_text}" if lan_text else endpoint, others, host, budget)
                 if reply is None:
@@ -168,6 +183,14 @@ class TrackerCore:
             self.counters["register_refused"] += 1
             return ErrorReply(str(result)).to_wire()[: pending.budget]
         return self._member_reply(result, pending.budget, pending.paging, pending.registration.offset)
+
+    def _cut_reply(self, endpoint: str, lan_text: str, others: list[str], budget: int) -> bytes:
+        """A keepalive's reply from its others' endpoint lines, cut as
+        :func:`build_member_reply` cuts when they do not all fit ``budget``."""
+        lines = [own_line(endpoint, lan_text, budget)]
+        if cut_lines(lines, others, budget) < len(others):
+            self.counters["cut_amplification"] += 1
+        return "\n".join(lines).encode("ascii")
 
     def _member_reply(self, view: GroupView, budget: int, paging: bool, offset: int) -> bytes:
         reply = build_member_reply(view, budget, paging, offset)

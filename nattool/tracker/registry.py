@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from nattool.errors import LimitError
 from nattool.protocol.endpoint import Endpoint, endpoint_source_key
@@ -52,6 +52,28 @@ def _line(other: Member, source: str) -> str:
     return other.endpoint_text
 
 
+def own_line(endpoint_text: str, lan_text: str, budget: int) -> str:
+    """The requester's own line, first in its reply: with its LAN list, unless that
+    alone would not fit ``budget``."""
+    line = f"{endpoint_text};{lan_text}" if lan_text else endpoint_text
+    return line if len(line) <= budget else endpoint_text
+
+
+def cut_lines(lines: list[str], others: Iterable[str], budget: int, reserve: int = 0) -> int:
+    """Append the lines of ``others`` (newest first) to ``lines`` while the reply,
+    newline-joined, stays ``reserve`` bytes within ``budget``: the newest that fit.
+    Return how many went in."""
+    used = sum(map(len, lines)) + len(lines) - 1
+    shown = 0
+    for line in others:
+        used += 1 + len(line)
+        if used + reserve > budget:
+            break
+        lines.append(line)
+        shown += 1
+    return shown
+
+
 def plain_reply(first_line: str, others: Sequence[Member], source: str, budget: int) -> bytes | None:
     """The usual reply, or None when :func:`build_member_reply` must decide: nobody
     else is behind the requester's IP, so every other line is a bare endpoint
@@ -70,10 +92,7 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     the same /64), since only they can use it.
     """
     me = view.me
-    lines = [f"{me.endpoint_text};{me.lan_text}" if me.lan_text else me.endpoint_text]
-    if len(lines[0]) > budget:
-        lines[0] = me.endpoint_text
-    used = len(lines[0])
+    lines = [own_line(me.endpoint_text, me.lan_text, budget)]
     source = me.source
     others = view.others
     if not paging:
@@ -87,14 +106,7 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
             return whole.encode("ascii")
     # Keep room for the "next=N" paging line when the client speaks paging.
     reserve = 12 if paging else 0
-    shown = 0
-    for other in others:
-        line = _line(other, source)
-        if used + 1 + len(line) + reserve > budget:
-            break
-        lines.append(line)
-        used += 1 + len(line)
-        shown += 1
+    shown = cut_lines(lines, (_line(o, source) for o in others), budget, reserve)
     next_offset: int | None = None
     if paging and offset + shown < view.total_others:
         next_offset = offset + shown
@@ -108,4 +120,13 @@ def error_reply(exc: LimitError | MalformedRequest | Exception, budget: int) -> 
     return ErrorReply(str(exc)).to_wire()[:budget]
 
 
-__all__ = ["MemberList", "build_member_reply", "error_reply", "member_from_request", "plain_reply", "registration_for"]
+__all__ = [
+    "MemberList",
+    "build_member_reply",
+    "cut_lines",
+    "error_reply",
+    "member_from_request",
+    "own_line",
+    "plain_reply",
+    "registration_for",
+]
