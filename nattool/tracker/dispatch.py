@@ -143,15 +143,15 @@ class TrackerCore:
         lane = self.keepalive_lane
         if lane is not None and use_lane:
             others = lane(group, identity, endpoint, lan_text, host, wall_now)
-            if others.__class__ is str:
-                # The others' endpoint lines, none of them behind this source.
-                first = f"{endpoint};{lan_text}" if lan_text else endpoint
-                whole = f"{first}\n{others}" if others else first
-                if len(whole) <= budget:
-                    return whole.encode("ascii")
-                return self._cut_reply(endpoint, lan_text, others.split("\n") if others else [], budget)
             if others is not None:
-                reply = plain_reply(f"{endpoint};{lan_text}" if lan_text else endpoint, others, host, budget)
+                first = f"{endpoint};{lan_text}" if lan_text else endpoint
+                if others.__class__ is str:
+                    # The others' endpoint lines, none of them behind this source.
+                    whole = f"{first}\n{others}" if others else first
+                    if len(whole) <= budget:
+                        return whole.encode("ascii")
+                    return self._cut_reply(endpoint, lan_text, others.split("\n") if others else [], budget)
+                reply = plain_reply(first, others, host, budget)
                 if reply is None:
                     me = Member(group, identity, endpoint, lan_text, host, wall_now)
                     reply = self._member_reply(GroupView(me, tuple(others), len(others)), budget, False, 0)
