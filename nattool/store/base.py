@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import sys
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Callable, NamedTuple, Sequence, Union
 
 from nattool.errors import LimitError, NattoolError, StoreError
@@ -81,6 +82,11 @@ class Member(_MemberFields):
     def endpoint(self) -> Endpoint:
         return Endpoint.from_text(self.endpoint_text)
 
+
+# Member fields by position, as C-level getters for map() on hot paths.
+ENDPOINT_TEXT_OF = itemgetter(Member._fields.index("endpoint_text"))
+SOURCE_OF = itemgetter(Member._fields.index("source"))
+SEEN_OF = itemgetter(Member._fields.index("seen"))
 
 
 class Registration(NamedTuple):
@@ -203,6 +209,9 @@ class Store(abc.ABC):
 
 __all__ = [
     "DEFAULT_TTL",
+    "ENDPOINT_TEXT_OF",
+    "SEEN_OF",
+    "SOURCE_OF",
     "GroupView",
     "KeepaliveLane",
     "LimitError",

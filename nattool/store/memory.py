@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from operator import itemgetter
 from typing import Iterator, Sequence
 
 from nattool.errors import LimitError, NattoolError
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import (
+    ENDPOINT_TEXT_OF,
+    SEEN_OF,
     GroupView,
     KeepaliveLane,
     Member,
@@ -23,8 +24,6 @@ from nattool.store.base import (
 # A Member without its Python-level __new__: the keepalive lane's fields are
 # already checked and canonical.
 _new_tuple = tuple.__new__
-_SEEN = itemgetter(Member._fields.index("seen"))
-_ENDPOINT_TEXT = itemgetter(Member._fields.index("endpoint_text"))
 # Groups up to this size are listed by walking all of their members at once.
 SMALL_GROUP = 64
 # Members dropped from the index per step (~0.25 ms), and per expire() call: the
@@ -128,7 +127,7 @@ class MemberIndex:
     def oldest_first(self) -> list[Member]:
         """Every member, by the time of its last registration; each group's members
         in the group's own order (the sort is stable)."""
-        return sorted(self.members(), key=_SEEN)
+        return sorted(self.members(), key=SEEN_OF)
 
     def clear(self) -> None:
         self._groups.clear()
@@ -272,7 +271,7 @@ class MemberIndex:
             return _live_others(group, identity, horizon)
         live = _live_others(group, identity, horizon)
         if len(live) == len(group) - 1:
-            others = "\n".join(map(_ENDPOINT_TEXT, live))
+            others = "\n".join(map(ENDPOINT_TEXT_OF, live))
             memo[group_key] = f"{endpoint_text}\n{others}" if others else endpoint_text
             if alone:
                 return others

@@ -33,6 +33,7 @@ from nattool.tracker.registry import (
     MAX_PAGE,
     build_member_reply,
     cut_lines,
+    lines_reply,
     member_from_request,
     own_line,
     plain_reply,
@@ -147,10 +148,7 @@ class TrackerCore:
                 first = f"{endpoint};{lan_text}" if lan_text else endpoint
                 if others.__class__ is str:
                     # The others' endpoint lines, none of them behind this source.
-                    whole = f"{first}\n{others}" if others else first
-                    if len(whole) <= budget:
-                        return whole.encode("ascii")
-                    return self._cut_reply(endpoint, lan_text, others.split("\n") if others else [], budget)
+                    return lines_reply(first, others, budget) or self._cut_reply(endpoint, lan_text, others, budget)
                 reply = plain_reply(first, others, host, budget)
                 if reply is None:
                     me = Member(group, identity, endpoint, lan_text, host, wall_now)
@@ -184,10 +182,11 @@ class TrackerCore:
             return ErrorReply(str(result)).to_wire()[: pending.budget]
         return self._member_reply(result, pending.budget, pending.paging, pending.registration.offset)
 
-    def _cut_reply(self, endpoint: str, lan_text: str, others: list[str], budget: int) -> bytes:
+    def _cut_reply(self, endpoint: str, lan_text: str, others_text: str, budget: int) -> bytes:
         """A keepalive's reply from its others' endpoint lines, cut as
         :func:`build_member_reply` cuts when they do not all fit ``budget``."""
         lines = [own_line(endpoint, lan_text, budget)]
+        others = others_text.split("\n") if others_text else []
         if cut_lines(lines, others, budget) < len(others):
             self.counters["cut_amplification"] += 1
         return "\n".join(lines).encode("ascii")

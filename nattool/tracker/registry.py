@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from operator import itemgetter
 from typing import Iterable, Sequence
 
 from nattool.errors import LimitError
 from nattool.protocol.endpoint import Endpoint, endpoint_source_key
 from nattool.protocol.text import ErrorReply, MalformedRequest, MemberList, RegisterRequest
-from nattool.store.base import GroupView, Member, Registration
+from nattool.store.base import ENDPOINT_TEXT_OF, SOURCE_OF, GroupView, Member, Registration
 
 # A reply line is at least "1.2.3.4:5\n": never ask a store for more than fits.
 MAX_PAGE = 128
-# Member fields by position (Member is a named tuple): C-level getters for map().
-_ENDPOINT_TEXT = itemgetter(Member._fields.index("endpoint_text"))
-_SOURCE = itemgetter(Member._fields.index("source"))
 
 
 def member_from_request(req: RegisterRequest, observed: Endpoint, now: float) -> Member:
@@ -78,9 +74,16 @@ def plain_reply(first_line: str, others: Sequence[Member], source: str, budget: 
     """The usual reply, or None when :func:`build_member_reply` must decide: nobody
     else is behind the requester's IP, so every other line is a bare endpoint
     (joined without a bytecode per member), and all of it fits ``budget``."""
-    if source in list(map(_SOURCE, others)):
+    if source in list(map(SOURCE_OF, others)):
         return None
-    whole = "\n".join([first_line, *map(_ENDPOINT_TEXT, others)])
+    whole = "\n".join([first_line, *map(ENDPOINT_TEXT_OF, others)])
+    return whole.encode("ascii") if len(whole) <= budget else None
+
+
+def lines_reply(first_line: str, others: str, budget: int) -> bytes | None:
+    """The usual reply from the others' endpoint lines (a keepalive lane's str, see
+    :meth:`Store.keepalive_lane`), or None when it does not all fit ``budget``."""
+    whole = f"{first_line}\n{others}" if others else first_line
     return whole.encode("ascii") if len(whole) <= budget else None
 
 
@@ -125,6 +128,7 @@ __all__ = [
     "build_member_reply",
     "cut_lines",
     "error_reply",
+    "lines_reply",
     "member_from_request",
     "own_line",
     "plain_reply",
