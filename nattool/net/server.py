@@ -35,6 +35,9 @@ log = logging.getLogger("nattool.serve")
 
 MAX_QUEUED_REGISTRATIONS = 20_000  # beyond this, drop: never an unbounded queue
 DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the store get a turn)
+# Registrations answered after one commit. A wake-up that reads a burst commits and
+# answers every so many, so the first of the burst does not wait for the last.
+ANSWER_EVERY = 16
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
 # A bare STUN Binding request starts with these 8 bytes (type, length 0, magic cookie).
@@ -279,18 +282,29 @@ class TrackerServer:
                 except OSError:
                     self.core.counters["send_error"] += 1
                 continue
-            if register_v4 is not None and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD:
-                # Once a registration is queued, the keepalives after it queue too:
-                # replies go out in the order the requests came.
-                outcome = register_v4(data, host, addr[1], wall, not batch)
-                if outcome is not None:
-                    if outcome.__class__ is bytes:
-                        # A keepalive the store's lane took: answered once committed.
-                        kept.append((outcome, addr))
-                    else:
-                        self._enqueue(outcome, listener, addr)
+            # Once a registration is queued, the keepalives after it queue too:
+            # replies go out in the order the requests came.
+            if (
+                register_v4 is not None
+                and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD
+                and (outcome := register_v4(data, host, addr[1], wall, not batch)) is not None
+            ):
+                if outcome.__class__ is bytes:
+                    # A keepalive the store's lane took: answered once committed.
+                    kept.append((outcome, addr))
+                    if len(kept) >= ANSWER_EVERY:
+                        self._answer_keepalives(sendto, kept)
+                        kept = []
                     continue
-            self._slow_path(listener, data, addr, now, wall)
+                self._enqueue(outcome, listener, addr)
+            else:
+                self._slow_path(listener, data, addr, now, wall)
+            if len(batch) >= ANSWER_EVERY and self._sync_store:
+                if kept:
+                    self._answer_keepalives(sendto, kept)  # they came first
+                    kept = []
+                self._flush_now()
+                batch = self._batch
         if nat:
             self.core.counters["nat"] += nat
         if stun:
