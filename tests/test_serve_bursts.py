@@ -51,7 +51,7 @@ async def _first_registrations_then_keepalives(store_spec: str) -> tuple[list[st
             socks.append(sock)
             sock.bind(("127.0.0.1", 0))
             sock.setblocking(False)
-        endpoints = ["127.0.0.1:%d" % sock.getsockname()[1] for sock in socks]
+        endpoints = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
         return endpoints, [await _burst(server, socks, port), await _burst(server, socks, port)]
     finally:
         for sock in socks:
