@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 from conftest import free_udp_port
@@ -28,6 +30,23 @@ MEMBERS = 4 * ANSWER_EVERY
 GROUPS = 4  # 16 members a group: the keepalive lane's small groups
 
 
+@asynccontextmanager
+async def _serving(store_spec: str) -> AsyncIterator[tuple[TrackerServer, int]]:
+    """A tracker in this event loop on a free loopback port, and that port."""
+    port = free_udp_port()
+    config = ServerConfig(hosts=("127.0.0.1",), port=port, rate_limit=0)
+    server = TrackerServer(config, open_store(store_spec, StoreLimits()))
+    await server.start()
+    try:
+        yield server, port
+    finally:
+        await server.stop()
+
+
+def _moved(counters: dict[str, int], before: dict[str, int], *keys: str) -> dict[str, int]:
+    return {key: counters[key] - before.get(key, 0) for key in keys}
+
+
 async def _burst(server: TrackerServer, socks: list[socket.socket], port: int) -> tuple[list[str], dict[str, int]]:
     """Send one registration from every socket before the tracker reads any; their
     replies, and how the tracker's counters moved."""
@@ -37,26 +56,26 @@ async def _burst(server: TrackerServer, socks: list[socket.socket], port: int) -
         sock.sendto(f"{REGISTER_PREFIX}burst{n % GROUPS}/0/0/0".encode(), ("127.0.0.1", port))
     loop = asyncio.get_running_loop()
     replies = [(await asyncio.wait_for(loop.sock_recv(sock, 65535), 5)).decode() for sock in socks]
-    return replies, {key: counters[key] - before.get(key, 0) for key in ("register", "register_keepalive", "store_batches")}
+    return replies, _moved(counters, before, "register", "register_keepalive", "store_batches")
 
 
-async def _first_registrations_then_keepalives(store_spec: str) -> tuple[list[str], list[tuple[list[str], dict[str, int]]]]:
-    port = free_udp_port()
-    server = TrackerServer(ServerConfig(hosts=("127.0.0.1",), port=port, rate_limit=0), open_store(store_spec, StoreLimits()))
-    await server.start()
+Burst = tuple[list[str], dict[str, int]]  # the replies, and how the counters moved
+
+
+async def _first_registrations_then_keepalives(store_spec: str) -> tuple[list[str], list[Burst]]:
     socks = []
-    try:
-        for _ in range(MEMBERS):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            socks.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            sock.setblocking(False)
-        endpoints = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
-        return endpoints, [await _burst(server, socks, port), await _burst(server, socks, port)]
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.stop()
+    async with _serving(store_spec) as (server, port):
+        try:
+            for _ in range(MEMBERS):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", 0))
+                sock.setblocking(False)
+            endpoints = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
+            return endpoints, [await _burst(server, socks, port), await _burst(server, socks, port)]
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
@@ -87,14 +106,11 @@ def _member(n: int) -> bytes:
 
 
 async def _mixed_burst() -> tuple[list[str], dict[str, int]]:
-    port = free_udp_port()
-    server = TrackerServer(ServerConfig(hosts=("127.0.0.1",), port=port, rate_limit=0), open_store("memory", StoreLimits()))
-    await server.start()
     loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.setblocking(False)
-        try:
+    async with _serving("memory") as (server, port):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
             known = range(1, 9)
             for n in known:
                 sock.sendto(_member(n), ("127.0.0.1", port))
@@ -107,9 +123,7 @@ async def _mixed_burst() -> tuple[list[str], dict[str, int]]:
             for n in burst:
                 sock.sendto(_member(n), ("127.0.0.1", port))
             replies = [(await asyncio.wait_for(loop.sock_recv(sock, 65535), 5)).decode() for _ in burst]
-            moved = {key: counters[key] - before.get(key, 0) for key in ("register_keepalive", "store_batches")}
-        finally:
-            await server.stop()
+            moved = _moved(counters, before, "register_keepalive", "store_batches")
     return [reply.splitlines()[0] for reply in replies], {"burst": len(burst), **moved}
 
 

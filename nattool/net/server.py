@@ -294,46 +294,49 @@ class TrackerServer:
                     kept.append((outcome, addr))
                     if len(kept) >= ANSWER_EVERY:
                         self._answer_keepalives(sendto, kept)
-                        kept = []
                     continue
                 self._enqueue(outcome, listener, addr)
             else:
                 self._slow_path(listener, data, addr, now, wall)
             if len(batch) >= ANSWER_EVERY and self._sync_store:
-                if kept:
-                    self._answer_keepalives(sendto, kept)  # they came first
-                    kept = []
-                self._flush_now()
+                self._answer_held(sendto, kept)
                 batch = self._batch
         if nat:
             self.core.counters["nat"] += nat
         if stun:
             self.core.counters["stun"] += stun
-        if kept:
-            # Before the batch: these came first, and the lane changed the store first.
-            self._answer_keepalives(sendto, kept)
-        if batch and self._sync_store:
-            # Everything this wake-up read is answered now: one transaction, no task.
-            self._flush_now()
+        self._answer_held(sendto, kept)
         registered = self.core.counters["register"]
         if registered >= self.collector.next_at:
             self.collector.collect_young(registered)
 
+    def _answer_held(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
+        """Answer the registrations a wake-up holds: the lane's keepalives first
+        (they came first, and the lane changed the store first), then, with a
+        synchronous store, the queued ones in one transaction, no task."""
+        if kept:
+            self._answer_keepalives(sendto, kept)
+        if self._batch and self._sync_store:
+            self._flush_now()
+
     def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
+        """Commit what the lane changed, then answer ``kept`` and empty it."""
         started = time.perf_counter()
         error = self.store.commit_now()
         self._count_store_write(started)
         counters = self.core.counters
         counters["register_keepalive"] += len(kept)
+        replies = kept
         if error is not None:
             self._store_failed(len(kept), error)
             refused = self.core.refused_keepalives(len(kept), _STORE_UNAVAILABLE)
-            kept = [(refused, addr) for _, addr in kept]
-        for reply, addr in kept:
+            replies = [(refused, addr) for _, addr in kept]
+        for reply, addr in replies:
             try:
                 sendto(reply, addr)
             except OSError:
                 counters["send_error"] += 1
+        kept.clear()
 
     def _slow_path(self, listener: _Listener, data: bytes, addr: Any, now: float, wall: float) -> None:
         if data[:2] != b"//" and is_stun(data):
