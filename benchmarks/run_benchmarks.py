@@ -3,6 +3,7 @@
     python benchmarks/run_benchmarks.py            # 10 s runs, median of 3
     python benchmarks/run_benchmarks.py --quick    # 3 s runs, median of 3
     python benchmarks/run_benchmarks.py --floor    # also a minimal Python responder
+    python benchmarks/run_benchmarks.py --pin      # generator on CPU 0, servers on the others
     python benchmarks/run_benchmarks.py --json out.json
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn: STUN only, no
@@ -23,6 +24,14 @@ above it. The server CPU column is the server
 process's share of one core during the loaded part of each run (median): well
 under 100% with the generator near 100% means the generator set the rate.
 
+With ``--pin`` (Linux) the generator runs on the first CPUs, as many as it has
+processes, and every server, all its threads, on the others. Unpinned, the scheduler
+now and then moves one of the two onto the other's core (when a kernel thread takes
+its own) and leaves them there for milliseconds, taking turns of up to a time slice:
+replies then wait for the generator's turn, which a server on its own machine never
+sees. Pinned, neither moves, for coturn alike; but a pinned process also waits out
+whatever stalls its core.
+
 Everything stays on 127.0.0.1.
 """
 
@@ -42,7 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -127,7 +136,7 @@ class Server:
         return float("nan")
 
 
-def start_coturn(work: Path) -> Optional[Server]:
+def start_coturn(work: Path, cpus: Optional[frozenset[int]] = None) -> Optional[Server]:
     exe = shutil.which("turnserver")
     if exe is None:
         return None
@@ -138,7 +147,7 @@ def start_coturn(work: Path) -> Optional[Server]:
         "--listening-ip", HOST, "--listening-port", str(port), "--simple-log", "--log-file", str(log),
         "--pidfile", str(work / "coturn.pid"),
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=on_cpus(cpus))
     server = Server("coturn", port, proc, log)
     try:
         wait_stun(port)
@@ -148,10 +157,17 @@ def start_coturn(work: Path) -> Optional[Server]:
     return server
 
 
-def launch(name: str, port: int, args: list[str], log: Path, work: Path, environ: Optional[dict[str, str]] = None) -> Server:
-    """Start a server and wait until it answers STUN on ``port``."""
+def on_cpus(cpus: Optional[frozenset[int]]) -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` that runs the child, and every thread it starts, on ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def launch(name: str, port: int, args: list[str], log: Path, work: Path, environ: Optional[dict[str, str]] = None, cpus: Optional[frozenset[int]] = None) -> Server:
+    """Start a server (on ``cpus``, None = anywhere) and wait until it answers STUN on ``port``."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=environ)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=environ, preexec_fn=on_cpus(cpus))
     server = Server(name, port, proc, log)
     try:
         wait_stun(port)
@@ -161,18 +177,18 @@ def launch(name: str, port: int, args: list[str], log: Path, work: Path, environ
     return server
 
 
-def start_minimal(work: Path) -> Server:
+def start_minimal(work: Path, cpus: Optional[frozenset[int]] = None) -> Server:
     port = free_port()
     args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port)]
-    return launch("minimal Python", port, args, work / "minimal.log", work)
+    return launch("minimal Python", port, args, work / "minimal.log", work, cpus=cpus)
 
 
-def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool") -> Server:
+def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool", cpus: Optional[frozenset[int]] = None) -> Server:
     port = free_port()
     home = work / f"home-{name}"
     home.mkdir(exist_ok=True)
     args = [sys.executable, "-m", "nattool", "serve", "--host", HOST, "--port", str(port), "--rate-limit", "0", "--log-level", "warning", *extra]
-    return launch(name, port, args, work / f"nattool-{port}.log", work, env(home))
+    return launch(name, port, args, work / f"nattool-{port}.log", work, env(home), cpus)
 
 
 @dataclass
@@ -201,10 +217,13 @@ WORKLOAD_ARGS = {
 }
 
 
-def run_bench(cmd: list[str], server: Server, workload: str, duration: float, warmup: float, extra: list[str], work: Path) -> dict[str, Any]:
+def run_bench(
+    cmd: list[str], server: Server, workload: str, duration: float, warmup: float, extra: list[str], work: Path, cpus: Optional[frozenset[int]] = None
+) -> dict[str, Any]:
+    """One `nattool bench` run (the generator on ``cpus``, None = anywhere) against ``server``."""
     args = [*cmd, f"{HOST}:{server.port}", *WORKLOAD_ARGS[workload], "--duration", str(duration), "--warmup", str(warmup), "--json", *extra]
     cpu0 = server.cpu_seconds()
-    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env(work / "home"), timeout=duration + warmup + 60)
+    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env(work / "home"), timeout=duration + warmup + 60, preexec_fn=on_cpus(cpus))
     if out.returncode not in (0, 1):
         raise RuntimeError(f"bench failed ({out.returncode}): {out.stderr[-2000:]}")
     doc: dict[str, Any] = json.loads(out.stdout)
@@ -213,6 +232,10 @@ def run_bench(cmd: list[str], server: Server, workload: str, duration: float, wa
     # server had room the generator did not use.
     doc["server_cpu"] = (server.cpu_seconds() - cpu0) / (warmup + duration)
     return doc
+
+
+def cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 def main() -> int:
@@ -225,8 +248,19 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=1, help="generator processes")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra flag for nattool serve (repeatable)")
     ap.add_argument("--floor", action="store_true", help="also measure a minimal Python responder (//nat, STUN, registrations)")
+    ap.add_argument("--pin", action="store_true", help="run the generator on the first CPUs (as many as --processes) and the servers on the others (Linux)")
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     opts = ap.parse_args()
+    gen_cpus: Optional[frozenset[int]] = None
+    server_cpus: Optional[frozenset[int]] = None
+    if opts.pin:
+        if not hasattr(os, "sched_setaffinity"):
+            ap.error("--pin needs Linux (sched_setaffinity)")
+        usable = sorted(os.sched_getaffinity(0))
+        if len(usable) <= opts.processes:
+            ap.error(f"--pin needs more CPUs than --processes: {len(usable)} usable, {opts.processes} for the generator")
+        gen_cpus = frozenset(usable[: opts.processes])
+        server_cpus = frozenset(usable[opts.processes :])
     duration = opts.duration or (3.0 if opts.quick else 10.0)
     warmup = 1.0
     gen = ["--window", str(opts.window), "--sockets", str(opts.sockets), "--processes", str(opts.processes), "--timeout", "1"]
@@ -239,23 +273,23 @@ def main() -> int:
         half: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
             # Started one by one into the list: one that fails stops the others.
-            coturn = start_coturn(work)
+            coturn = start_coturn(work, server_cpus)
             if coturn is not None:
                 servers.append(coturn)
-            nattool = start_nattool(work, tuple(opts.serve_arg))
+            nattool = start_nattool(work, tuple(opts.serve_arg), cpus=server_cpus)
             servers.append(nattool)
-            memory = start_nattool(work, (*opts.serve_arg, "--store", "memory"), name="nattool-memory")
+            memory = start_nattool(work, (*opts.serve_arg, "--store", "memory"), name="nattool-memory", cpus=server_cpus)
             servers.append(memory)
             plan = [(nattool, "nat"), (nattool, "stun"), (nattool, "register"), (memory, "register")]
             if coturn is not None:
                 plan.insert(0, (coturn, "stun"))
             if opts.floor:
-                minimal = start_minimal(work)
+                minimal = start_minimal(work, server_cpus)
                 servers.append(minimal)
                 plan += [(minimal, "nat"), (minimal, "stun"), (minimal, "register")]
             for rnd in range(opts.rounds):
                 for server, workload in plan:
-                    doc = run_bench(cmd, server, workload, duration, warmup, gen, work)
+                    doc = run_bench(cmd, server, workload, duration, warmup, gen, work, gen_cpus)
                     case = cases.setdefault((server.name, workload), Case(server.name, workload))
                     case.runs.append(doc)
                     print(
@@ -269,7 +303,7 @@ def main() -> int:
                     # it: this machine's speed drifts by 20% within an hour, and half
                     # of a maximum measured minutes earlier can be 80% of the one now.
                     rate = doc["achieved_rate"] / 2
-                    hdoc = run_bench(cmd, server, workload, duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work)
+                    hdoc = run_bench(cmd, server, workload, duration, warmup, ["--rate", f"{rate:.0f}", "--sockets", str(opts.sockets), "--timeout", "1"], work, gen_cpus)
                     half.setdefault((server.name, workload), []).append(hdoc)
                     print(
                         f"half-rate round {rnd + 1}: {server.name:8} {workload:9} {hdoc['achieved_rate']:>10,.0f}/s  "
@@ -287,6 +321,8 @@ def main() -> int:
     print(f"nattool bench, {opts.rounds} x {duration:g} s runs (median), closed loop window {opts.window}, "
           f"{opts.processes} generator process(es); {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, kernel {platform.release()}")
+    if gen_cpus is not None and server_cpus is not None:
+        print(f"pinned: generator on CPU {cpu_list(gen_cpus)}, servers on CPU {cpu_list(server_cpus)}")
     print()
     print("| server | workload | replies/s | vs coturn STUN | loss | p99 ms | p99 ms at 50% rate, median (range) | generator CPU | server CPU | server CPU at 50% rate |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
