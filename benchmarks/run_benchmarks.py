@@ -118,13 +118,14 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server process, every thread (Linux /proc)."""
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU seconds of the server process, every thread (Linux /proc)."""
         try:
             fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return float("nan"), float("nan")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def rss_mib(self) -> float:
         try:
@@ -222,15 +223,19 @@ def run_bench(
 ) -> dict[str, Any]:
     """One `nattool bench` run (the generator on ``cpus``, None = anywhere) against ``server``."""
     args = [*cmd, f"{HOST}:{server.port}", *WORKLOAD_ARGS[workload], "--duration", str(duration), "--warmup", str(warmup), "--json", *extra]
-    cpu0 = server.cpu_seconds()
+    user0, system0 = server.cpu_times()
     out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env(work / "home"), timeout=duration + warmup + 60, preexec_fn=on_cpus(cpus))
     if out.returncode not in (0, 1):
         raise RuntimeError(f"bench failed ({out.returncode}): {out.stderr[-2000:]}")
     doc: dict[str, Any] = json.loads(out.stdout)
     # The server's share of a core while it was loaded (warm-up and run; the
     # generator's start-up, when the server idles, is left out): below 100%, the
-    # server had room the generator did not use.
-    doc["server_cpu"] = (server.cpu_seconds() - cpu0) / (warmup + duration)
+    # server had room the generator did not use. The kernel's part (system time:
+    # the socket calls, and on loopback the delivery of each reply to the generator's
+    # socket) is most of it for every server here, coturn included.
+    user1, system1 = server.cpu_times()
+    doc["server_cpu"] = (user1 - user0 + system1 - system0) / (warmup + duration)
+    doc["server_cpu_kernel"] = (system1 - system0) / (warmup + duration)
     return doc
 
 
@@ -295,7 +300,7 @@ def main() -> int:
                     print(
                         f"round {rnd + 1}: {server.name:8} {workload:9} {doc['achieved_rate']:>10,.0f}/s  "
                         f"loss {doc['loss_ratio']:.3%}  invalid {doc['invalid']}  p99 {doc['latency_ms']['p99']:.3f} ms  "
-                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%  server cpu {doc['server_cpu'] * 100:.0f}%",
+                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%  server cpu {doc['server_cpu'] * 100:.0f}% (kernel {doc['server_cpu_kernel'] * 100:.0f}%)",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -307,7 +312,7 @@ def main() -> int:
                     half.setdefault((server.name, workload), []).append(hdoc)
                     print(
                         f"half-rate round {rnd + 1}: {server.name:8} {workload:9} {hdoc['achieved_rate']:>10,.0f}/s  "
-                        f"loss {hdoc['loss_ratio']:.3%}  p99 {hdoc['latency_ms']['p99']:.3f} ms  server cpu {hdoc['server_cpu'] * 100:.0f}%",
+                        f"loss {hdoc['loss_ratio']:.3%}  p99 {hdoc['latency_ms']['p99']:.3f} ms  server cpu {hdoc['server_cpu'] * 100:.0f}% (kernel {hdoc['server_cpu_kernel'] * 100:.0f}%)",
                         file=sys.stderr,
                         flush=True,
                     )
