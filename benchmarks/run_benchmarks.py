@@ -239,10 +239,6 @@ def run_bench(
     return doc
 
 
-def cpu_list(cpus: frozenset[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 s runs (instead of 10 s)")
@@ -327,7 +323,7 @@ def main() -> int:
           f"{opts.processes} generator process(es); {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, kernel {platform.release()}")
     if gen_cpus is not None and server_cpus is not None:
-        print(f"pinned: generator on CPU {cpu_list(gen_cpus)}, servers on CPU {cpu_list(server_cpus)}")
+        print(f"pinned: generator on CPU {','.join(map(str, sorted(gen_cpus)))}, servers on CPU {','.join(map(str, sorted(server_cpus)))}")
     print()
     print("| server | workload | replies/s | vs coturn STUN | loss | p99 ms | p99 ms at 50% rate, median (range) | generator CPU | server CPU | server CPU at 50% rate |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

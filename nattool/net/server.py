@@ -247,6 +247,7 @@ class TrackerServer:
         bare_stun = listener.bare_stun
         known_address = self._v4_addresses.get
         register_v4 = self.core.on_register_v4 if listener.v4 else None
+        sync_store = self._sync_store
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
         kept: list[tuple[bytes, Any]] = []
@@ -298,7 +299,7 @@ class TrackerServer:
                 self._enqueue(outcome, listener, addr)
             else:
                 self._slow_path(listener, data, addr, now, wall)
-            if len(batch) >= ANSWER_EVERY and self._sync_store:
+            if sync_store and len(batch) >= ANSWER_EVERY:
                 self._answer_held(sendto, kept)
                 batch = self._batch
         if nat:
