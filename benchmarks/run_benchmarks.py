@@ -4,6 +4,7 @@
     python benchmarks/run_benchmarks.py --quick    # 3 s runs, median of 3
     python benchmarks/run_benchmarks.py --floor    # also a minimal Python responder
     python benchmarks/run_benchmarks.py --pin      # generator on CPU 0, servers on the others
+    python benchmarks/run_benchmarks.py --cap 0.5  # every server held to half a core (root)
     python benchmarks/run_benchmarks.py --json out.json
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn: STUN only, no
@@ -20,7 +21,8 @@ responder (``minimal_responder.py``: bare ``//nat``, bare Binding requests and
 seed-form registrations into a dict, nothing else; asyncio on uvloop) is measured in
 the same rounds: what any Python
 server reaches on this machine, and so how much the tracker's protections cost
-above it. The server CPU column is the server
+above it; ``--floor`` also measures the same responder as a blocking
+``recvfrom``/``sendto`` loop for ``//nat`` and STUN. The server CPU column is the server
 process's share of one core during the loaded part of each run (median): well
 under 100% with the generator near 100% means the generator set the rate.
 
@@ -31,6 +33,13 @@ its own) and leaves them there for milliseconds, taking turns of up to a time sl
 replies then wait for the generator's turn, which a server on its own machine never
 sees. Pinned, neither moves, for coturn alike; but a pinned process also waits out
 whatever stalls its core.
+
+With ``--cap SHARE`` (Linux, root) every server, coturn included, is held to the
+same share of one core by a cgroup CPU quota (``cpu_cap.py``). Uncapped, at full
+``//nat`` and STUN rates the generator and the server each use a whole core and
+the rate is the machine's; capped, the server is the limit and the generator has
+room, so the ratios compare what each server does with the same CPU. A throttled
+server's latency is the quota's, so ``--cap`` leaves out the half-rate runs.
 
 Everything stays on 127.0.0.1.
 """
@@ -52,6 +61,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from cpu_cap import CpuCap, CpuCapError
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -184,6 +195,12 @@ def start_minimal(work: Path, cpus: Optional[frozenset[int]] = None) -> Server:
     return launch("minimal Python", port, args, work / "minimal.log", work, cpus=cpus)
 
 
+def start_blocking(work: Path, cpus: Optional[frozenset[int]] = None) -> Server:
+    port = free_port()
+    args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port), "--blocking"]
+    return launch("minimal blocking", port, args, work / "blocking.log", work, cpus=cpus)
+
+
 def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool", cpus: Optional[frozenset[int]] = None) -> Server:
     port = free_port()
     home = work / f"home-{name}"
@@ -250,8 +267,18 @@ def main() -> int:
     ap.add_argument("--serve-arg", action="append", default=[], help="extra flag for nattool serve (repeatable)")
     ap.add_argument("--floor", action="store_true", help="also measure a minimal Python responder (//nat, STUN, registrations)")
     ap.add_argument("--pin", action="store_true", help="run the generator on the first CPUs (as many as --processes) and the servers on the others (Linux)")
+    ap.add_argument(
+        "--cap", type=float, metavar="SHARE",
+        help="hold every server to SHARE of one core (cgroup quota; Linux, root), so that the server and not the generator is the limit; no half-rate runs",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     opts = ap.parse_args()
+    cap: Optional[CpuCap] = None
+    if opts.cap is not None:
+        try:
+            cap = CpuCap(opts.cap)
+        except CpuCapError as exc:
+            ap.error(f"--cap: {exc}")
     gen_cpus: Optional[frozenset[int]] = None
     server_cpus: Optional[frozenset[int]] = None
     if opts.pin:
@@ -288,6 +315,11 @@ def main() -> int:
                 minimal = start_minimal(work, server_cpus)
                 servers.append(minimal)
                 plan += [(minimal, "nat"), (minimal, "stun"), (minimal, "register")]
+                blocking = start_blocking(work, server_cpus)
+                servers.append(blocking)
+                plan += [(blocking, "nat"), (blocking, "stun")]
+            if cap is not None:
+                cap.put([s.proc.pid for s in servers])
             for rnd in range(opts.rounds):
                 for server, workload in plan:
                     doc = run_bench(cmd, server, workload, duration, warmup, gen, work, gen_cpus)
@@ -300,6 +332,8 @@ def main() -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+                    if cap is not None:
+                        continue
                     # Latency at half the rate just measured (open loop), right after
                     # it: this machine's speed drifts by 20% within an hour, and half
                     # of a maximum measured minutes earlier can be 80% of the one now.
@@ -313,9 +347,14 @@ def main() -> int:
                         flush=True,
                     )
             rss = {s.name: s.rss_mib() for s in servers}
+        except CpuCapError as exc:
+            print(f"run_benchmarks.py: --cap: {exc}", file=sys.stderr)
+            return 2
         finally:
             for s in servers:
                 s.stop()
+            if cap is not None:
+                cap.remove()
     ref = cases.get(("coturn", "stun"))
     ref_rate = ref.median("achieved_rate") if ref else None
     print()
@@ -324,6 +363,8 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, kernel {platform.release()}")
     if gen_cpus is not None and server_cpus is not None:
         print(f"pinned: generator on CPU {','.join(map(str, sorted(gen_cpus)))}, servers on CPU {','.join(map(str, sorted(server_cpus)))}")
+    if cap is not None:
+        print(f"capped: every server held to {cap.share:g} of one core (cgroup CPU quota); no half-rate runs (a throttled server's latency is the quota's)")
     print()
     print("| server | workload | replies/s | vs coturn STUN | loss | p99 ms | p99 ms at 50% rate, median (range) | generator CPU | server CPU | server CPU at 50% rate |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

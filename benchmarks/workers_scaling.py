@@ -30,48 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_cap import CpuCap, CpuCapError  # noqa: E402
 from run_benchmarks import REPO, Server, bench_cmd, run_bench, start_nattool  # noqa: E402
-
-PERIOD_US = 10_000  # short, so a capped worker is throttled often and briefly
-
-
-class CpuCap:
-    """One cgroup per worker, each with the same CPU quota."""
-
-    def __init__(self, share: float) -> None:
-        self.share = share
-        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-        if v2.exists():
-            self.root, self.v2 = Path("/sys/fs/cgroup"), True
-            (self.root / "cgroup.subtree_control").write_text("+cpu")
-        elif Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists():
-            self.root, self.v2 = Path("/sys/fs/cgroup/cpu"), False
-        else:
-            raise SystemExit("no cgroup CPU controller here; run with --cpu 0")
-        self.groups: list[Path] = []
-
-    def put(self, pids: list[int]) -> None:
-        quota = int(self.share * PERIOD_US)
-        for pid in pids:
-            group = self.root / f"nattool-bench-{os.getpid()}-{len(self.groups)}"
-            group.mkdir()
-            self.groups.append(group)
-            if self.v2:
-                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-            else:
-                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-                (group / "cpu.cfs_quota_us").write_text(str(quota))
-            (group / "cgroup.procs").write_text(str(pid))
-
-    def remove(self) -> None:
-        for group in self.groups:
-            for _ in range(50):
-                try:
-                    group.rmdir()
-                    break
-                except OSError:  # its process is still exiting
-                    time.sleep(0.1)
-        self.groups.clear()
 
 
 def worker_pids(server: Server) -> list[int]:
@@ -140,4 +100,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.chdir(REPO)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except CpuCapError as exc:
+        sys.exit(f"workers_scaling.py: {exc} (or run with --cpu 0)")
