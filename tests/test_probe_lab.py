@@ -7,7 +7,8 @@ creates (documentation addresses 203.0.113.0/24, 198.51.100.0/24, 192.0.2.0/24,
 2001:db8::/32).
 
 ``NATLAB_PROBE_RUNS`` (default 10) sets how many probes each topology must classify
-correctly in a row, all against one lab; ``-s`` shows the wall-time table.
+correctly, all against one lab, all started together (each has its own sockets and so
+its own mappings); ``-s`` shows the wall-time table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -75,17 +78,47 @@ class ProbeRun:
 
 
 def run_probe(lab: Lab, node: object, *servers: str, flags: tuple[str, ...] = ()) -> ProbeRun:
-    t0 = time.monotonic()
-    out = lab.run(node, nattool_cmd("probe", "--json", *flags, *servers), env=nattool_env(),
-                  timeout=PROBE_TIMEOUT, check=False)
-    wall = time.monotonic() - t0
-    assert "Traceback" not in out.stderr, out.stderr
-    try:
-        report = json.loads(out.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"probe printed no JSON (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
-    assert report["schema"] == "nattool.probe/1"
-    return ProbeRun(report, wall, out.returncode, out.stderr)
+    (run,) = run_probes(lab, node, *servers, flags=flags, count=1)
+    return run
+
+
+def run_probes(lab: Lab, node: object, *servers: str, flags: tuple[str, ...] = (), count: int) -> list[ProbeRun]:
+    """``count`` `nattool probe --json` processes in ``node``, started together."""
+    argv = nattool_cmd("probe", "--json", *flags, *servers)
+    with tempfile.TemporaryDirectory(prefix="probe-runs-") as tmp:
+        outs = [(open(os.path.join(tmp, f"{n}.out"), "w+"), open(os.path.join(tmp, f"{n}.err"), "w+"))
+                for n in range(count)]
+        try:
+            t0 = time.monotonic()
+            procs = [lab.popen(node, argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=nattool_env())
+                     for out, err in outs]
+            walls: list[float | None] = [None] * count
+            while None in walls:
+                now = time.monotonic()
+                for n, proc in enumerate(procs):
+                    if walls[n] is None and proc.poll() is not None:
+                        walls[n] = now - t0
+                if now - t0 > PROBE_TIMEOUT:
+                    pytest.fail(f"{walls.count(None)} of {count} probes still running after {PROBE_TIMEOUT:g} s")
+                time.sleep(0.01)
+            runs = []
+            for (out, err), proc, wall in zip(outs, procs, walls):
+                out.seek(0)
+                err.seek(0)
+                stdout, stderr = out.read(), err.read()
+                assert "Traceback" not in stderr, stderr
+                try:
+                    report = json.loads(stdout)
+                except json.JSONDecodeError:
+                    pytest.fail(f"probe printed no JSON (exit {proc.returncode}):\n{stdout}\n{stderr}")
+                assert report["schema"] == "nattool.probe/1"
+                assert wall is not None
+                runs.append(ProbeRun(report, wall, proc.returncode, stderr))
+            return runs
+        finally:
+            for out, err in outs:
+                out.close()
+                err.close()
 
 
 def m_local_port(report: dict[str, Any]) -> int:
@@ -199,8 +232,7 @@ def test_probe_classifies_topology_every_time(natlab: Lab, behaviour: NatBehavio
     want = expected_for(behaviour, topo)
     failures: list[str] = []
     times = TIMES.setdefault(behaviour.value, [])
-    for n in range(RUNS):
-        run = run_probe(natlab, topo.client, server, flags=flags)
+    for n, run in enumerate(run_probes(natlab, topo.client, server, flags=flags, count=RUNS)):
         times.append((run.wall, float(run.report.get("elapsed_s") or 0.0)))
         bad = mismatches(run, want)
         if bad:

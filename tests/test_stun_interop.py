@@ -42,6 +42,7 @@ from tests.test_probe_lab import (
     expected_for,
     mismatches,
     run_probe,
+    run_probes,
     split_endpoint,
     start_serve,
 )
@@ -331,8 +332,7 @@ def test_probe_against_coturn(natlab: Lab, behaviour: NatBehaviour) -> None:
     want = expected_for(behaviour, topo)
     server = f"stun:{endpoint(ips[0], STUN_PORT)}"
     failures = []
-    for n in range(COTURN_RUNS):
-        run = run_probe(natlab, topo.client, server, flags=flags)
+    for n, run in enumerate(run_probes(natlab, topo.client, server, flags=flags, count=COTURN_RUNS)):
         bad = mismatches(run, want)
         s = run.report["servers"][0]
         if s["kind"] != "stun" or s["other_address"] != endpoint(ips[1], ts.alt_port):
