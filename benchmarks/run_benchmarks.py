@@ -189,16 +189,12 @@ def launch(name: str, port: int, args: list[str], log: Path, work: Path, environ
     return server
 
 
-def start_minimal(work: Path, cpus: Optional[frozenset[int]] = None) -> Server:
+def start_minimal(work: Path, cpus: Optional[frozenset[int]] = None, blocking: bool = False) -> Server:
+    """``minimal_responder.py``: on uvloop, or as a blocking ``recvfrom``/``sendto`` loop."""
     port = free_port()
-    args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port)]
-    return launch("minimal Python", port, args, work / "minimal.log", work, cpus=cpus)
-
-
-def start_blocking(work: Path, cpus: Optional[frozenset[int]] = None) -> Server:
-    port = free_port()
-    args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port), "--blocking"]
-    return launch("minimal blocking", port, args, work / "blocking.log", work, cpus=cpus)
+    args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port), *(["--blocking"] if blocking else [])]
+    name, log = ("minimal blocking", "blocking.log") if blocking else ("minimal Python", "minimal.log")
+    return launch(name, port, args, work / log, work, cpus=cpus)
 
 
 def start_nattool(work: Path, extra: tuple[str, ...] = (), name: str = "nattool", cpus: Optional[frozenset[int]] = None) -> Server:
@@ -315,7 +311,7 @@ def main() -> int:
                 minimal = start_minimal(work, server_cpus)
                 servers.append(minimal)
                 plan += [(minimal, "nat"), (minimal, "stun"), (minimal, "register")]
-                blocking = start_blocking(work, server_cpus)
+                blocking = start_minimal(work, server_cpus, blocking=True)
                 servers.append(blocking)
                 plan += [(blocking, "nat"), (blocking, "stun")]
             if cap is not None:
