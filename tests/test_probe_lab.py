@@ -13,6 +13,7 @@ its own mappings); ``-s`` shows the wall-time table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ import pytest
 
 from tests.conftest import BANNER_PREFIX, nattool_cmd, nattool_env
 from tests.natlab import Lab, NatBehaviour, Service
+from tests.natlab.lab import NodeRef
 from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like tests/test_natlab.py
     natlab,
     natlab_available,
@@ -48,7 +50,7 @@ EXIT_OK, EXIT_TIMEOUT = 0, 3  # nattool.exit_codes: OK, TIMEOUT (no server answe
 # --------------------------------------------------------------------------- helpers
 
 
-def start_serve(lab: Lab, node: object, host: str, *, alt_host: str | None = None,
+def start_serve(lab: Lab, node: NodeRef, host: str, *, alt_host: str | None = None,
                 alt_port: int | None = None, port: int = PORT) -> Service:
     """A real `nattool serve` in ``node``; RFC 5780 when ``alt_host``/``alt_port`` are given."""
     argv = ["serve", "--host", host, "--port", str(port), "--store", "memory", "--rate-limit", "0"]
@@ -77,48 +79,43 @@ class ProbeRun:
     stderr: str
 
 
-def run_probe(lab: Lab, node: object, *servers: str, flags: tuple[str, ...] = ()) -> ProbeRun:
+def run_probe(lab: Lab, node: NodeRef, *servers: str, flags: tuple[str, ...] = ()) -> ProbeRun:
     (run,) = run_probes(lab, node, *servers, flags=flags, count=1)
     return run
 
 
-def run_probes(lab: Lab, node: object, *servers: str, flags: tuple[str, ...] = (), count: int) -> list[ProbeRun]:
-    """``count`` `nattool probe --json` processes in ``node``, started together."""
+def run_probes(lab: Lab, node: NodeRef, *servers: str, flags: tuple[str, ...] = (), count: int) -> list[ProbeRun]:
+    """``count`` `nattool probe --json` processes in ``node``, started together. Their
+    output goes to files: no probe can stall on a full pipe while another is read."""
     argv = nattool_cmd("probe", "--json", *flags, *servers)
-    with tempfile.TemporaryDirectory(prefix="probe-runs-") as tmp:
-        outs = [(open(os.path.join(tmp, f"{n}.out"), "w+"), open(os.path.join(tmp, f"{n}.err"), "w+"))
-                for n in range(count)]
-        try:
-            t0 = time.monotonic()
-            procs = [lab.popen(node, argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=nattool_env())
-                     for out, err in outs]
-            walls: list[float | None] = [None] * count
-            while None in walls:
-                now = time.monotonic()
-                for n, proc in enumerate(procs):
-                    if walls[n] is None and proc.poll() is not None:
-                        walls[n] = now - t0
-                if now - t0 > PROBE_TIMEOUT:
-                    pytest.fail(f"{walls.count(None)} of {count} probes still running after {PROBE_TIMEOUT:g} s")
-                time.sleep(0.01)
-            runs = []
-            for (out, err), proc, wall in zip(outs, procs, walls):
-                out.seek(0)
-                err.seek(0)
-                stdout, stderr = out.read(), err.read()
-                assert "Traceback" not in stderr, stderr
-                try:
-                    report = json.loads(stdout)
-                except json.JSONDecodeError:
-                    pytest.fail(f"probe printed no JSON (exit {proc.returncode}):\n{stdout}\n{stderr}")
-                assert report["schema"] == "nattool.probe/1"
-                assert wall is not None
-                runs.append(ProbeRun(report, wall, proc.returncode, stderr))
-            return runs
-        finally:
-            for out, err in outs:
-                out.close()
-                err.close()
+    with contextlib.ExitStack() as files:
+        outs = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+")))
+                for _ in range(count)]
+        t0 = time.monotonic()
+        procs = [lab.popen(node, argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=nattool_env())
+                 for out, err in outs]
+        walls: dict[int, float] = {}
+        while len(walls) < count:
+            now = time.monotonic()
+            for n, proc in enumerate(procs):
+                if n not in walls and proc.poll() is not None:
+                    walls[n] = now - t0
+            if now - t0 > PROBE_TIMEOUT:
+                pytest.fail(f"{count - len(walls)} of {count} probes still running after {PROBE_TIMEOUT:g} s")
+            time.sleep(0.01)
+        runs = []
+        for n, ((out, err), proc) in enumerate(zip(outs, procs)):
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            assert "Traceback" not in stderr, stderr
+            try:
+                report = json.loads(stdout)
+            except json.JSONDecodeError:
+                pytest.fail(f"probe printed no JSON (exit {proc.returncode}):\n{stdout}\n{stderr}")
+            assert report["schema"] == "nattool.probe/1"
+            runs.append(ProbeRun(report, walls[n], proc.returncode, stderr))
+        return runs
 
 
 def m_local_port(report: dict[str, Any]) -> int:
