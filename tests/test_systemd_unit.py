@@ -82,6 +82,20 @@ def test_unit_runs_the_nattool_script_that_printed_it(tmp_path: Path) -> None:
     assert exec_start(result.stdout) == f"{script} serve --store sqlite:%S/nattool/tracker.db --port 4444"
 
 
+def test_a_path_the_unit_hides_from_the_service_gets_a_note(tmp_path: Path) -> None:
+    """ProtectHome=yes: a store (or nattool itself, from pipx) in a home directory is
+    out of the service's reach; the unit is still printed, with a note on stderr."""
+    from nattool.cli.systemd_unit import is_hidden_by_protect_home
+
+    result = run_nattool("serve", "--print-unit", "--store", "sqlite:/home/someone/t.db", home=tmp_path)
+    assert result.returncode == 0 and exec_start(result.stdout).endswith(" --store sqlite:/home/someone/t.db"), result
+    notes = result.stderr.splitlines()
+    assert "note: the service cannot reach /home/someone/t.db (the unit's ProtectHome=yes hides" in notes[-1], notes
+    assert len(notes) == 1 + is_hidden_by_protect_home(sys.executable), notes
+    plain = run_nattool("serve", "--print-unit", home=tmp_path)
+    assert plain.returncode == 0 and len(plain.stderr.splitlines()) == is_hidden_by_protect_home(sys.executable), plain
+
+
 @pytest.mark.parametrize("flags", [("--port", "70000"), ("--host", "nowhere"), ("--ttl", "0"), ("--log-level", "loud")])
 def test_a_bad_flag_is_refused_before_it_reaches_a_unit(flags: tuple[str, ...], tmp_path: Path) -> None:
     result = run_nattool("serve", "--print-unit", *flags, home=tmp_path)

@@ -143,7 +143,10 @@ def _exit_code_after(stop_signal: signal.Signals | None) -> ExitCode:
 
 
 def _print_unit(flags: dict[str, Any], config_path: str | None) -> int:
-    from nattool.cli.systemd_unit import unit_text
+    from rich.markup import escape
+
+    from nattool.cli.output import info
+    from nattool.cli.systemd_unit import HIDDEN_BY_PROTECT_HOME, hidden_paths, unit_text
     from nattool.config import load_settings
 
     # Check the flags (and the named config file) as serve would, so that a bad value
@@ -151,6 +154,9 @@ def _print_unit(flags: dict[str, Any], config_path: str | None) -> int:
     # service's, so it is left out.
     build_server_config(load_settings(flags, config_path=config_path or os.devnull, environ={}).serve())
     print(unit_text(flags, config_path), end="")
+    for path in hidden_paths(flags, config_path):
+        info(escape(f"note: the service cannot reach {path} (the unit's ProtectHome=yes hides "
+                    f"{', '.join(HIDDEN_BY_PROTECT_HOME)}): move it elsewhere, nattool e.g. to /usr/local/bin"))
     return int(ExitCode.OK)
 
 

@@ -9,13 +9,16 @@ import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from nattool.config import KEYS
 
 # Where the unit keeps its state (StateDirectory=nattool, %S = /var/lib): the store
 # used when no --store is given.
 DEFAULT_UNIT_STORE = "sqlite:%S/nattool/tracker.db"
+
+# The unit's ProtectHome=yes makes these invisible to the service.
+HIDDEN_BY_PROTECT_HOME = ("/home", "/root", "/run/user")
 
 # Words systemd takes as they are; anything else is double-quoted.
 _PLAIN_WORD = re.compile(r"[\w@%$+=:,./\[\]-]+")
@@ -46,7 +49,7 @@ def serve_words(flags: dict[str, Any], config_path: str | None) -> list[str]:
     """The given ``serve.*`` flags as command-line words, quoted for systemd. Paths
     become absolute (a service runs in /)."""
     store = flags.get("serve.store")
-    default_store = store is None or store.strip() in ("sqlite", "sqlite:")
+    default_store = store is None or _sqlite_path(store) == ""
     words = ["--store", DEFAULT_UNIT_STORE if default_store else systemd_word(_absolute_store(store))]
     for key, value in flags.items():
         if key == "serve.store" or value is None:
@@ -57,6 +60,25 @@ def serve_words(flags: dict[str, Any], config_path: str | None) -> list[str]:
     if config_path:
         words += ["--config", systemd_word(os.path.abspath(config_path))]
     return words
+
+
+def hidden_paths(flags: dict[str, Any], config_path: str | None) -> list[str]:
+    """The program, config file and SQLite file the unit names that ProtectHome=yes
+    hides from the service (a pipx or venv install in a home directory)."""
+    return [path for path in _unit_paths(flags, config_path) if is_hidden_by_protect_home(path)]
+
+
+def is_hidden_by_protect_home(path: str) -> bool:
+    return any(path == top or path.startswith(top + "/") for top in HIDDEN_BY_PROTECT_HOME)
+
+
+def _unit_paths(flags: dict[str, Any], config_path: str | None) -> Iterator[str]:
+    yield running_program()[0]
+    if config_path:
+        yield os.path.abspath(config_path)
+    sqlite_path = _sqlite_path(flags.get("serve.store") or "")
+    if sqlite_path:
+        yield os.path.abspath(sqlite_path)
 
 
 def systemd_word(text: str) -> str:
@@ -76,10 +98,25 @@ def _flag_value(value: Any) -> str:
 
 
 def _absolute_store(spec: str) -> str:
-    path = spec.strip()[len("sqlite:") :] if spec.strip().startswith("sqlite:") else None
-    if path is None or os.path.isabs(path):
-        return spec
-    return "sqlite:" + os.path.abspath(path)
+    path = _sqlite_path(spec)
+    return "sqlite:" + os.path.abspath(path) if path else spec
 
 
-__all__: Sequence[str] = ("DEFAULT_UNIT_STORE", "running_program", "serve_words", "systemd_word", "unit_text")
+def _sqlite_path(spec: str) -> str | None:
+    """The file of a ``sqlite:PATH`` store spec ("" for the default), None for others."""
+    text = spec.strip()
+    if text != "sqlite" and not text.startswith("sqlite:"):
+        return None
+    path = text[len("sqlite:") :]
+    return path[2:] if path.startswith("//") else path  # the URL-ish sqlite:///abs/path
+
+
+__all__: Sequence[str] = (
+    "DEFAULT_UNIT_STORE",
+    "hidden_paths",
+    "is_hidden_by_protect_home",
+    "running_program",
+    "serve_words",
+    "systemd_word",
+    "unit_text",
+)
