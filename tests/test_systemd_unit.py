@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nattool_env, run_nattool
+from conftest import nattool_cmd, nattool_env, run_nattool
 
 ANALYZE = shutil.which("systemd-analyze")
 needs_systemd = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -59,7 +59,7 @@ def test_unit_quotes_what_systemd_would_split_or_expand(tmp_path: Path) -> None:
     config = tmp_path / "my conf.toml"
     config.write_text("")
     result = subprocess.run(
-        [sys.executable, "-m", "nattool", "serve", "--print-unit", "--store", "sqlite:state dir/t%1$x.db", "--config", config.name],
+        nattool_cmd("serve", "--print-unit", "--store", "sqlite:state dir/t%1$x.db", "--config", config.name),
         capture_output=True, text=True, timeout=30, env=nattool_env(tmp_path), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result
@@ -77,7 +77,9 @@ def test_unit_runs_the_nattool_script_that_printed_it(tmp_path: Path) -> None:
     script.chmod(0o755)
     env = nattool_env(tmp_path)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    result = subprocess.run(["nattool", "serve", "--print-unit", "--port", "4444"], capture_output=True, text=True, timeout=30, env=env, cwd="/")
+    result = subprocess.run(
+        ["nattool", "serve", "--print-unit", "--port", "4444"], capture_output=True, text=True, timeout=30, env=env, cwd="/"
+    )
     assert result.returncode == 0, result
     assert exec_start(result.stdout) == f"{script} serve --store sqlite:%S/nattool/tracker.db --port 4444"
 
@@ -100,11 +102,14 @@ def test_a_path_the_unit_hides_from_the_service_gets_a_note(tmp_path: Path) -> N
 def test_a_bad_flag_is_refused_before_it_reaches_a_unit(flags: tuple[str, ...], tmp_path: Path) -> None:
     result = run_nattool("serve", "--print-unit", *flags, home=tmp_path)
     assert result.returncode == 2, result
-    assert result.stdout == "" and result.stderr.startswith("nattool: error: ") and result.stderr.count("\n") == 1, result
+    assert result.stdout == "" and result.stderr.startswith("nattool: error: "), result
+    assert result.stderr.count("\n") == 1, result
 
 
 @needs_systemd
-@pytest.mark.parametrize("flags", [(), ("--store", "sqlite:/var/lib/my state/t%1$x.db", "--host", "[::1]", "--log-level", "critical")])
+@pytest.mark.parametrize(
+    "flags", [(), ("--store", "sqlite:/var/lib/my state/t%1$x.db", "--host", "[::1]", "--log-level", "critical")]
+)
 def test_systemd_accepts_the_unit_and_rates_it_hardened(flags: tuple[str, ...], tmp_path: Path) -> None:
     unit = tmp_path / "nattool.service"
     # verify checks that ExecStart's program exists: it is this Python.
