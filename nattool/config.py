@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from nattool.errors import ConfigError, UsageError
+from nattool.logs import LOG_LEVELS
 from nattool.protocol.endpoint import DEFAULT_PORT
 from nattool.protocol.tracker_spec import TrackerSpec, parse_tracker_list, parse_tracker_spec
 
 APP_NAME = "nattool"
 CONFIG_FILE_NAME = "config.toml"
 ENV_CONFIG = "NATTOOL_CONFIG"
-
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class _Bad(Exception):

@@ -77,7 +77,7 @@ def served(tmp_path: Path, nattool_home: Path):  # type: ignore[no-untyped-def]
     for child in servers:
         child.kill(2)  # Ctrl-C, as a user stops it
         out, code = finish(child, 10)
-        assert code == 0, out
+        assert code == 130, out
         assert "Traceback" not in out
         assert "event=stopped" in out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import sys
+import signal
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -14,13 +14,12 @@ from nattool.cli.options import ConfigOpt
 from nattool.cli.output import run_edge
 from nattool.errors import ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
+from nattool.logs import LOG_LEVELS, setup_logging
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
 from nattool.store.base import StoreLimits
 
 if TYPE_CHECKING:
     from nattool.net.server import ServerConfig
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def serve(
@@ -41,20 +40,15 @@ def serve(
     max_group_members: Annotated[Optional[int], typer.Option("--max-group-members", metavar="N", help="Members per group; the least recently seen is evicted. [default: 1024]", show_default=False)] = None,
     max_groups_per_source: Annotated[Optional[int], typer.Option("--max-groups-per-source", metavar="N", help="Groups one source may be a member of. [default: 64]", show_default=False)] = None,
     metrics: Annotated[Optional[str], typer.Option("--metrics", metavar="ADDR:PORT", help="Serve Prometheus metrics over HTTP at ADDR:PORT (loopback when only PORT is given). Off by default.", show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Processes sharing the port (SO_REUSEPORT); needs a shared store (redis) when N > 1. [default: 1]", show_default=False)] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error. [default: info]", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Processes sharing the port (SO_REUSEPORT); N > 1 needs a store they share: sqlite (the default) or redis, not memory. [default: 1]", show_default=False)] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", metavar="LEVEL", help=f"{', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}. [default: info]", show_default=False)] = None,
     config: ConfigOpt = None,
-    print_unit: Annotated[bool, typer.Option("--print-unit", help="Print a hardened systemd unit for this tracker and exit.")] = False,
+    print_unit: Annotated[bool, typer.Option("--print-unit", help="Print a hardened systemd unit that runs this nattool with the other flags given, and exit.")] = False,
 ) -> None:
     """Run a tracker: answer //nat, registrations, tracker lists and STUN on one UDP port.
 
     Every option can also be set in the [serve] table of the config file; flags win.
     """
-    if print_unit:
-        from importlib.resources import files
-
-        print(files("nattool").joinpath("data/nattool.service").read_text(), end="")
-        raise typer.Exit(0)
     flags = {
         "serve.host": host, "serve.port": port, "serve.ttl": ttl, "serve.rate_limit": rate_limit,
         "serve.burst": burst, "serve.store": store, "serve.alt_host": alt_host, "serve.alt_port": alt_port,
@@ -63,6 +57,8 @@ def serve(
         "serve.max_group_members": max_group_members, "serve.max_groups_per_source": max_groups_per_source,
         "serve.metrics": metrics, "serve.workers": workers, "serve.log_level": log_level,
     }
+    if print_unit:
+        raise typer.Exit(run_edge(lambda: _print_unit(flags, config)))
     raise typer.Exit(run_edge(lambda: _serve(flags, config)))
 
 
@@ -105,9 +101,7 @@ def _serve(flags: dict[str, Any], config_path: str | None) -> int:
     from nattool.store.factory import open_store
 
     opts = load_settings(flags, config_path=config_path, environ=os.environ).serve()
-    level = str(opts["log_level"]).lower()
-    if level not in LOG_LEVELS:
-        raise UsageError(f"bad --log-level {level!r}: use one of {', '.join(LOG_LEVELS)}")
+    level = str(opts["log_level"])  # one of LOG_LEVELS: the settings checked it
     setup_logging(level)
     config = build_server_config(opts)
     workers = int(opts["workers"] or 1)
@@ -115,6 +109,7 @@ def _serve(flags: dict[str, Any], config_path: str | None) -> int:
     def ready(line: str) -> None:
         print(line, flush=True)
 
+    stopped_by: list[signal.Signals] = []
     if workers > 1:
         from nattool.net.workers import run_workers
 
@@ -127,40 +122,59 @@ def _serve(flags: dict[str, Any], config_path: str | None) -> int:
             await probe_store.close()
 
         run_loop(check())
-        return run_workers(config, not opts["no_stun"], workers, level, ready)
-    state = open_store(config.store, config.limits)
+        died = run_workers(config, not opts["no_stun"], workers, level, ready, on_signal=stopped_by.append)
+        if died:
+            return died
+    else:
+        state = open_store(config.store, config.limits)
+        counters = run_loop(
+            serve_forever(config, state, stun=not opts["no_stun"], on_ready=ready, on_signal=stopped_by.append)
+        )
+        logging.getLogger("nattool.serve").info(
+            "event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
+        )
+    return int(_exit_code_after(stopped_by[0] if stopped_by else None))
 
-    counters = run_loop(serve_forever(config, state, stun=not opts["no_stun"], on_ready=ready))
-    logging.getLogger("nattool.serve").info(
-        "event=stopped %s", " ".join(f"{k}={v}" for k, v in sorted(counters.items()))
-    )
+
+def _exit_code_after(stop_signal: signal.Signals | None) -> ExitCode:
+    """Ctrl-C (SIGINT) is an interruption, 130 as for every command; SIGTERM is how
+    systemd stops a service, a clean 0."""
+    return ExitCode.INTERRUPTED if stop_signal == signal.SIGINT else ExitCode.OK
+
+
+def _print_unit(flags: dict[str, Any], config_path: str | None) -> int:
+    from rich.markup import escape
+
+    from nattool.cli.output import info
+    from nattool.cli.systemd_unit import HIDDEN_BY_PROTECT_HOME, hidden_paths, unit_text
+    from nattool.config import load_settings
+
+    # Check the flags (and the named config file) as serve would, so that a bad value
+    # is refused now, not when systemd starts the unit; the environment is not the
+    # service's, so it is left out.
+    build_server_config(load_settings(flags, config_path=config_path or os.devnull, environ={}).serve())
+    print(unit_text(flags, config_path), end="")
+    for path in hidden_paths(flags, config_path):
+        info(escape(f"note: the service cannot reach {path} (the unit's ProtectHome=yes hides "
+                    f"{', '.join(HIDDEN_BY_PROTECT_HOME)}): move it elsewhere, nattool e.g. to /usr/local/bin"))
     return int(ExitCode.OK)
 
 
-class _KeyValueFormatter(logging.Formatter):
-    def __init__(self, worker: int | None = None) -> None:
-        super().__init__()
-        self.worker = "" if worker is None else f" worker={worker}"
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        return f"ts={stamp} level={record.levelname.lower()}{self.worker} {record.getMessage()}"
-
-
-def setup_logging(level: str, worker: int | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_KeyValueFormatter(worker))
-    root = logging.getLogger("nattool")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-
-
 def _check_host(text: str, flag: str) -> str:
+    """An address to listen on: IPv4, or IPv6 bare or in the brackets clients write."""
+    bracketed = text.startswith("[") and text.endswith("]")
     try:
-        return str(ipaddress.ip_address(text))
+        ip = ipaddress.ip_address(text[1:-1] if bracketed else text)
     except ValueError:
-        raise UsageError(f"bad {flag} {text[:60]!r}: want an IPv4 or IPv6 address") from None
+        ip = None
+    if ip is not None and (ip.version == 6 or not bracketed):
+        return str(ip)
+    try:
+        Endpoint.from_text(text)
+        hint = f" (the port goes in {flag.replace('host', 'port')})"
+    except ProtocolError:
+        hint = ""
+    raise UsageError(f"bad {flag} {text[:60]!r}: want an IPv4 or IPv6 address such as 0.0.0.0, :: or [::1]{hint}")
 
 
 def _check_port(value: int, flag: str) -> int:

@@ -557,15 +557,28 @@ def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
     )
 
 
-async def serve(config: ServerConfig, store: Store, stun: bool = True, on_ready: Callable[[str], None] | None = None) -> dict[str, int]:
-    """Run until SIGINT/SIGTERM; return the counters."""
+async def serve(
+    config: ServerConfig,
+    store: Store,
+    stun: bool = True,
+    on_ready: Callable[[str], None] | None = None,
+    on_signal: Callable[[signal.Signals], None] | None = None,
+) -> dict[str, int]:
+    """Run until SIGINT/SIGTERM; return the counters. ``on_signal`` hears which signal
+    stopped it (the command exits 130 after Ctrl-C, 0 after systemd's SIGTERM)."""
     server = TrackerServer(config, store, stun)
     bound = await server.start()
     server.collector.start(time.monotonic())
     loop = asyncio.get_running_loop()
+
+    def stop_on(sig: signal.Signals) -> None:
+        if on_signal is not None:
+            on_signal(sig)
+        server.request_stop()
+
     if sys.platform != "win32":
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.request_stop)
+            loop.add_signal_handler(sig, stop_on, sig)
     line = banner(server, bound)
     if on_ready is not None:
         on_ready(line)

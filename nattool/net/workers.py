@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 from nattool.errors import ConfigError, NattoolError, NetworkError
+from nattool.logs import setup_logging
 from nattool.net.server import ServerConfig
 
 log = logging.getLogger("nattool.serve")
@@ -25,7 +26,6 @@ START_TIMEOUT = 30.0
 
 
 def _worker_main(config: ServerConfig, stun: bool, index: int, events: Any, log_level: str) -> None:
-    from nattool.cli.serve_cmd import setup_logging
     from nattool.net.eventloop import run as run_loop
     from nattool.net.server import serve
     from nattool.store.factory import open_store
@@ -43,9 +43,15 @@ def _worker_main(config: ServerConfig, stun: bool, index: int, events: Any, log_
 
 
 def run_workers(
-    config: ServerConfig, stun: bool, workers: int, log_level: str, on_ready: Callable[[str], None]
+    config: ServerConfig,
+    stun: bool,
+    workers: int,
+    log_level: str,
+    on_ready: Callable[[str], None],
+    on_signal: Callable[[signal.Signals], None],
 ) -> int:
-    """Run ``workers`` server processes until SIGINT/SIGTERM; return the exit code."""
+    """Run ``workers`` server processes until SIGINT/SIGTERM (told to ``on_signal``);
+    return 0, or 1 when a worker died."""
     if not hasattr(__import__("socket"), "SO_REUSEPORT"):
         raise ConfigError("--workers needs SO_REUSEPORT, which this platform lacks")
     if config.port == 0:
@@ -59,7 +65,7 @@ def run_workers(
     ]
     stopping = {"flag": False}
 
-    def stop(*_: object) -> None:
+    def stop() -> None:
         stopping["flag"] = True
         for p in procs:
             if p.is_alive() and p.pid is not None:
@@ -68,7 +74,12 @@ def run_workers(
                 except OSError:
                     pass
 
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def stop_on(signum: int, _frame: object) -> None:
+        if not stopping["flag"]:
+            on_signal(signal.Signals(signum))
+        stop()
+
+    old = {sig: signal.signal(sig, stop_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for p in procs:
             p.start()
@@ -87,7 +98,7 @@ def run_workers(
                 raise NetworkError(f"worker {index}: {text}")
             ready[index] = text
         if stopping["flag"]:
-            return 130
+            return 0
         on_ready(f"{ready[0]} x {workers} workers")
         while not stopping["flag"]:
             for p in procs:
