@@ -23,11 +23,13 @@ from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
 from nattool.memo import bounded_memo
 from nattool.net.collector import ServingCollector
+from nattool.net.log_gate import LogGate
+from nattool.net.metrics import MetricsSnapshot, start_metrics
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX
 from nattool.store.base import Store, StoreLimits, StoreStats
-from nattool.tracker.dispatch import PendingRegistration, TrackerCore
+from nattool.tracker.dispatch import Junk, KeepaliveReply, PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
 from nattool.tracker.ratelimit import SourceRateLimiter
 
@@ -40,6 +42,12 @@ DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the 
 ANSWER_EVERY = 16
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
+# The most often a repeated log line goes out (with a count of those held back):
+# a store outage fails a batch per write and an expiry per housekeeping tick, and
+# junk can come as fast as the network carries it.
+STORE_ERROR_LOG_INTERVAL = 1.0
+EXPIRE_ERROR_LOG_INTERVAL = 30.0
+JUNK_LOG_INTERVAL = 1.0
 # A bare STUN Binding request starts with these 8 bytes (type, length 0, magic cookie).
 _BARE_BINDING_HEAD = b"\x00\x01\x00\x00" + MAGIC_COOKIE.to_bytes(4, "big")
 _REGISTER_HEAD = REGISTER_PREFIX.encode()
@@ -140,8 +148,9 @@ class TrackerServer:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._store_error_logged_at = -1e9
-        self._store_errors_unlogged = 0
+        self._store_error_log = LogGate(STORE_ERROR_LOG_INTERVAL)
+        self._expire_error_log = LogGate(EXPIRE_ERROR_LOG_INTERVAL)
+        self._junk_log = LogGate(JUNK_LOG_INTERVAL)
         self.last_stats: StoreStats | None = None  # refreshed by housekeeping, read by metrics
         self.collector = ServingCollector()  # started by serve()
         self._metrics_httpd: Any = None
@@ -160,10 +169,8 @@ class TrackerServer:
             await self.stop()
             raise
         if self.config.metrics is not None:
-            from nattool.net.metrics import start_metrics
-
             try:
-                self._metrics_httpd = start_metrics(self, *self.config.metrics)
+                self._metrics_httpd = start_metrics(self.metrics_snapshot, *self.config.metrics)
             except BaseException:
                 await self.stop()
                 raise
@@ -290,13 +297,13 @@ class TrackerServer:
                 and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD
                 and (outcome := register_v4(data, host, addr[1], wall, not batch)) is not None
             ):
-                if outcome.__class__ is bytes:
+                if outcome.__class__ is KeepaliveReply:
                     # A keepalive the store's lane took: answered once committed.
-                    kept.append((outcome, addr))
+                    kept.append((outcome.data, addr))  # type: ignore[union-attr]
                     if len(kept) >= ANSWER_EVERY:
                         self._answer_keepalives(sendto, kept)
                     continue
-                self._enqueue(outcome, listener, addr)
+                self._enqueue(outcome, listener, addr)  # type: ignore[arg-type]
             else:
                 self._slow_path(listener, data, addr, now, wall)
             if sync_store and len(batch) >= ANSWER_EVERY:
@@ -352,11 +359,26 @@ class TrackerServer:
         outcome = self.core.on_datagram(data, src, now, wall)
         if outcome is None:
             return
-        if isinstance(outcome, bytes):
+        cls = outcome.__class__
+        if cls is bytes:
             # An empty reply is meaningful: "I know no trackers" (PROTOCOL.md section 3).
-            self._send(listener, outcome, addr)
+            self._send(listener, outcome, addr)  # type: ignore[arg-type]
+        elif cls is PendingRegistration:
+            self._enqueue(outcome, listener, addr)  # type: ignore[arg-type]
+        elif cls is Junk:
+            self._log_junk(outcome.why, data, addr, now)  # type: ignore[union-attr]
+
+    def _log_junk(self, why: str, data: bytes, addr: Any, now: float) -> None:
+        """A debug line for a dropped datagram, at most one a second: a junk flood
+        must not flood the log."""
+        if not log.isEnabledFor(logging.DEBUG):
             return
-        self._enqueue(outcome, listener, addr)
+        held = self._junk_log.admit(now)
+        if held is not None:
+            log.debug(
+                "event=junk_dropped why=%r src=%s bytes=%d head=%r more=%d",
+                why, Endpoint.from_sockaddr(addr), len(data), data[:16], held,
+            )
 
     def _enqueue(self, pending: PendingRegistration, listener: _Listener, addr: Any) -> None:
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
@@ -395,6 +417,7 @@ class TrackerServer:
         reply = responder.respond(data, src, listener.local)
         if reply is None:
             self.core.counters["stun_drop"] += 1
+            self._log_junk("not a STUN request this server answers", data, addr, time.monotonic())
             return
         self.core.counters["stun"] += 1
         out = listener
@@ -466,16 +489,13 @@ class TrackerServer:
         counters = self.core.counters
         counters["store_error"] += 1
         counters["register_store_error"] += refused
-        self._store_errors_unlogged += 1
-        now = time.monotonic()
-        # At most one line a second: an outage under load fails thousands of batches.
-        if now - self._store_error_logged_at >= 1.0:
+        held = self._store_error_log.admit(time.monotonic())
+        if held is not None:
+            # failed_batches: this one and those held back since the last line.
             log.warning(
                 "event=store_error kind=%s refused=%d failed_batches=%d error=%r",
-                self.store.kind, refused, self._store_errors_unlogged, str(error),
+                self.store.kind, refused, held + 1, str(error),
             )
-            self._store_error_logged_at = now
-            self._store_errors_unlogged = 0
 
     # -- timers ----------------------------------------------------------------------
     async def _housekeeping(self) -> None:
@@ -483,13 +503,7 @@ class TrackerServer:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             now, wall = time.monotonic(), time.time()
-            try:
-                gone = await self.store.expire(wall)
-                if gone:
-                    self.core.counters["expired"] += gone
-            except NattoolError as exc:
-                self.core.counters["store_error"] += 1
-                log.warning("event=expire_failed error=%r", str(exc))
+            self._expire(await self._try_expire(wall), now)
             if now - last_sweep > 30:
                 self.limiter.sweep(now)
                 last_sweep = now
@@ -508,6 +522,29 @@ class TrackerServer:
             except NattoolError:
                 self.core.counters["store_error"] += 1
             self.collector.tick(now)
+
+    async def _try_expire(self, wall: float) -> int | NattoolError:
+        """Members expired, or the error that stopped it."""
+        try:
+            return await self.store.expire(wall)
+        except NattoolError as exc:
+            return exc
+
+    def _expire(self, result: int | NattoolError, now: float) -> None:
+        """Count an expiry; log a failure, the first at once and then a line with
+        the count of failures held back every EXPIRE_ERROR_LOG_INTERVAL (a store
+        that is down fails every housekeeping tick), and the recovery."""
+        gate = self._expire_error_log
+        if isinstance(result, NattoolError):
+            self.core.counters["store_error"] += 1
+            held = gate.admit(now)
+            if held is not None:
+                log.warning("event=expire_failed error=%r more=%d", str(result), held)
+            return
+        if result:
+            self.core.counters["expired"] += result
+        if gate.active:
+            log.info("event=expire_recovered more_failed=%d", gate.settle())
 
     def _federation_tick(self, now: float, wall: float) -> None:
         out = self.federation.outgoing(now, wall)
@@ -543,6 +580,16 @@ class TrackerServer:
         if self._loop is not None and not self._stopped.is_set():
             self._loop.create_task(self.stop())
 
+    def totals(self) -> dict[str, int]:
+        """Every counter, with the datagrams the per-source rate limit dropped."""
+        totals = dict(self.core.counters)
+        totals["drop_rate_limit"] = self.limiter.dropped
+        return totals
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """What a metrics scrape reads (from the scraper's thread: copies only)."""
+        return MetricsSnapshot(self.totals(), self.last_stats, len(self.federation.listed))
+
 
 def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
     cfg = server.config
@@ -575,4 +622,4 @@ async def serve(config: ServerConfig, store: Store, stun: bool = True, on_ready:
         if not server._stopped.is_set():
             await server.stop()
         server.collector.stop()
-    return dict(server.core.counters)
+    return server.totals()

@@ -108,9 +108,26 @@ class GroupView(NamedTuple):
 
 
 RegisterResult = Union[GroupView, NattoolError]
-# (group, identity, endpoint_text, lan_text, source, now) -> the others (as members,
-# or as their endpoint lines), or None
-KeepaliveLane = Callable[[str, str, str, str, str, float], "str | list[Member] | None"]
+
+
+class LaneAnswer(NamedTuple):
+    """What the keepalive lane found: the group's other live members, newest first,
+    as data. The tracker decides what a reply shows of them (see
+    :meth:`Store.keepalive_lane`)."""
+
+    # The others as members; None only when ``lines`` is given and
+    # ``same_source`` is 0 (the lines then say all there is about them but their LAN lists).
+    others: "list[Member] | None"
+    # Their endpoint texts, one a line ("" for none), when the store holds them ready
+    # (every member of the group live); else None.
+    lines: "str | None"
+    # How many of the group's other members (live or not yet swept) registered from
+    # the member's source.
+    same_source: int
+
+
+# (group, identity, endpoint_text, lan_text, source, now) -> LaneAnswer, or None
+KeepaliveLane = Callable[[str, str, str, str, str, float], "LaneAnswer | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +182,11 @@ class Store(abc.ABC):
         bulk of a tracker's traffic. The lane is called as ``lane(group, identity,
         endpoint_text, lan_text, source, now)``. When the member is known from that
         source, in a small group, it moves the member to the newest end with its new
-        endpoint, LAN list and time, and returns the group's other live members,
-        newest first: what :meth:`register` would list. When no other member of the
-        group is behind the same source (so a reply shows none of their LAN lists),
-        it may return them as their endpoint texts joined by newlines instead (a
-        str, "" for none). In every other case it changes nothing and returns None,
-        and the registration takes :meth:`register`. What the lane changed is
-        durable only after :meth:`commit_now`; no reply may go out before.
+        endpoint, LAN list and time, and returns a :class:`LaneAnswer` about the
+        group's other live members, newest first: what :meth:`register` would list.
+        In every other case it changes nothing and returns None, and the
+        registration takes :meth:`register`. What the lane changed is durable only
+        after :meth:`commit_now`; no reply may go out before.
         """
         return None
 
@@ -214,6 +229,7 @@ __all__ = [
     "SOURCE_OF",
     "GroupView",
     "KeepaliveLane",
+    "LaneAnswer",
     "LimitError",
     "Member",
     "Registration",
