@@ -29,7 +29,7 @@ from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX
 from nattool.store.base import Store, StoreLimits, StoreStats
-from nattool.tracker.dispatch import Junk, KeepaliveReply, PendingRegistration, TrackerCore
+from nattool.tracker.dispatch import HELD, HeldReplies, Junk, PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
 from nattool.tracker.ratelimit import SourceRateLimiter
 
@@ -257,7 +257,8 @@ class TrackerServer:
         sync_store = self._sync_store
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
-        kept: list[tuple[bytes, Any]] = []
+        kept: HeldReplies = []
+        held = HELD
         batch = self._batch
         for _ in range(DRAIN_BATCH):
             try:
@@ -295,11 +296,11 @@ class TrackerServer:
             if (
                 register_v4 is not None
                 and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD
-                and (outcome := register_v4(data, host, addr[1], wall, not batch)) is not None
+                and (outcome := register_v4(data, addr, wall, None if batch else kept)) is not None
             ):
-                if outcome.__class__ is KeepaliveReply:
-                    # A keepalive the store's lane took: answered once committed.
-                    kept.append((outcome.data, addr))  # type: ignore[union-attr]
+                if outcome is held:
+                    # A keepalive the store's lane took: its reply is on `kept`,
+                    # sent once committed.
                     if len(kept) >= ANSWER_EVERY:
                         self._answer_keepalives(sendto, kept)
                     continue
@@ -318,7 +319,7 @@ class TrackerServer:
         if registered >= self.collector.next_at:
             self.collector.collect_young(registered)
 
-    def _answer_held(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
+    def _answer_held(self, sendto: Callable[[bytes, Any], int], kept: HeldReplies) -> None:
         """Answer the registrations a wake-up holds: the lane's keepalives first
         (they came first, and the lane changed the store first), then, with a
         synchronous store, the queued ones in one transaction, no task."""
@@ -327,7 +328,7 @@ class TrackerServer:
         if self._batch and self._sync_store:
             self._flush_now()
 
-    def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
+    def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: HeldReplies) -> None:
         """Commit what the lane changed, then answer ``kept`` and empty it."""
         started = time.perf_counter()
         error = self.store.commit_now()

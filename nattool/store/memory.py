@@ -22,8 +22,8 @@ from nattool.store.base import (
     TrackerRecord,
 )
 
-# A Member or LaneAnswer without its Python-level __new__: the keepalive lane's
-# fields are already checked and canonical.
+# A Member without its Python-level __new__: the keepalive lane's fields are
+# already checked and canonical.
 _new_tuple = tuple.__new__
 # Groups up to this size are listed by walking all of their members at once.
 SMALL_GROUP = 64
@@ -268,14 +268,14 @@ class MemberIndex:
             if others:
                 memo[group_key] = f"{endpoint_text}\n{others}"
             live = _live_others(group, identity, horizon) if same_source else None
-            return _new_tuple(LaneAnswer, (live, others, same_source))
+            return live, others, same_source
         live = _live_others(group, identity, horizon)
         if len(live) == len(group) - 1:
             others = "\n".join(map(ENDPOINT_TEXT_OF, live))
             memo[group_key] = f"{endpoint_text}\n{others}" if others else endpoint_text
-            return _new_tuple(LaneAnswer, (live, others, same_source))
+            return live, others, same_source
         memo.pop(group_key, None)
-        return _new_tuple(LaneAnswer, (live, None, same_source))
+        return live, None, same_source
 
     def remove(self, group: str, identity: str) -> None:
         members = self._groups.get(group)

@@ -6,9 +6,9 @@ bytes, the source endpoint and the clocks. Each answer has its own type:
 - ``bytes``: a reply to send now (an empty one too: "I know no trackers");
 - :class:`PendingRegistration`: needs the store; the shell batches it, hands it to
   the store, and :meth:`TrackerCore.finish_registration` then builds the reply;
-- :class:`KeepaliveReply` (from :meth:`TrackerCore.on_register_v4` only): a
-  keepalive the store's lane has done; its reply goes out once the store's
-  ``commit_now()`` has succeeded;
+- :data:`HELD` (from :meth:`TrackerCore.on_register_v4` only): a keepalive the
+  store's lane has done; its reply is in the caller's ``held`` list, to go out
+  once the store's ``commit_now()`` has succeeded;
 - :class:`Junk`: dropped, nothing to send (the shell may log it);
 - None: taken, nothing to send (a federation reply).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import NamedTuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 from nattool.errors import NattoolError
 from nattool.memo import bounded_memo
@@ -54,11 +54,18 @@ class PendingRegistration(NamedTuple):
     paging: bool  # the client speaks the paging extension: add "next=N" when cut
 
 
-class KeepaliveReply(NamedTuple):
-    """The reply to a keepalive that the store's lane has done: to be sent only
-    once the store's ``commit_now()`` has made the change durable."""
+class Held:
+    """The type of :data:`HELD`: a keepalive the store's lane has done, its reply
+    held until the store's ``commit_now()`` has made the change durable. A
+    singleton rather than a reply object: nothing is built per keepalive."""
 
-    data: bytes
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HELD"
+
+
+HELD = Held()
 
 
 class Junk(NamedTuple):
@@ -83,7 +90,9 @@ SEED_CACHE_MAX = 32_768
 
 
 Outcome = Union[bytes, PendingRegistration, Junk, None]
-RegisterV4Outcome = Union[KeepaliveReply, PendingRegistration, None]
+RegisterV4Outcome = Union[Held, PendingRegistration, None]
+# (reply, source) pairs of keepalives that wait for the store's commit
+HeldReplies = List[Tuple[bytes, Tuple[str, int]]]
 
 
 def refusal(error: BaseException, budget: int) -> bytes:
@@ -144,20 +153,21 @@ class TrackerCore:
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def on_register_v4(
-        self, data: bytes, host: str, port: int, wall_now: float, use_lane: bool = True
+        self, data: bytes, source: Tuple[str, int], wall_now: float, held: Optional[HeldReplies] = None
     ) -> RegisterV4Outcome:
         """The common registration from an IPv4 source, decided without request or
         Endpoint objects; None when it is not that case (then :meth:`on_datagram`).
 
-        ``host`` is the kernel's text of the source address (canonical dotted quad),
+        ``source`` is the kernel's (host, port): its host the canonical dotted quad,
         which is also the source's accounting key. A keepalive that the store's lane
-        (:attr:`keepalive_lane`) takes is done here, unless ``use_lane`` is false:
-        its reply comes back as a :class:`KeepaliveReply`.
+        (:attr:`keepalive_lane`) takes is done here, when ``held`` is given: its
+        reply goes on ``held`` with ``source``, and :data:`HELD` comes back.
         """
         fields = self._seed_parsed.get(data) or self._parse_seed(data)
         if fields is None:
             return None
         group, lan_text, identity = fields
+        host, port = source
         endpoint = f"{host}:{port}"
         identity = identity or endpoint
         size = len(data)
@@ -165,7 +175,7 @@ class TrackerCore:
         budget = budgets[size] if size < len(budgets) else self.safe_datagram
         self.counters["register"] += 1
         lane = self.keepalive_lane
-        if lane is not None and use_lane:
+        if lane is not None and held is not None:
             answer = lane(group, identity, endpoint, lan_text, host, wall_now)
             if answer is not None:
                 # What finish_registration() would reply after the lane's work.
@@ -181,7 +191,8 @@ class TrackerCore:
                     if reply is None:
                         me = Member(group, identity, endpoint, lan_text, host, wall_now)
                         reply = self._member_reply(GroupView(me, tuple(others), len(others)), budget, False, 0)
-                return _new_tuple(KeepaliveReply, (reply,))
+                held.append((reply, source))
+                return HELD
         # Member(...) without its checks and conversions: every field is already
         # wire text; group and source are interned as Member() does.
         member = _new_tuple(Member, (_intern(group), identity, endpoint, lan_text, _intern(host), wall_now))
