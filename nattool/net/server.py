@@ -504,7 +504,7 @@ class TrackerServer:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             now, wall = time.monotonic(), time.time()
-            self._expire(await self._try_expire(wall), now)
+            await self._expire(now, wall)
             if now - last_sweep > 30:
                 self.limiter.sweep(now)
                 last_sweep = now
@@ -524,26 +524,21 @@ class TrackerServer:
                 self.core.counters["store_error"] += 1
             self.collector.tick(now)
 
-    async def _try_expire(self, wall: float) -> int | NattoolError:
-        """Members expired, or the error that stopped it."""
-        try:
-            return await self.store.expire(wall)
-        except NattoolError as exc:
-            return exc
-
-    def _expire(self, result: int | NattoolError, now: float) -> None:
-        """Count an expiry; log a failure, the first at once and then a line with
-        the count of failures held back every EXPIRE_ERROR_LOG_INTERVAL (a store
-        that is down fails every housekeeping tick), and the recovery."""
+    async def _expire(self, now: float, wall: float) -> None:
+        """Expire members. A store that is down fails every housekeeping tick: log
+        the first failure at once, then every EXPIRE_ERROR_LOG_INTERVAL a line with
+        the count of those held back, and the recovery."""
         gate = self._expire_error_log
-        if isinstance(result, NattoolError):
+        try:
+            gone = await self.store.expire(wall)
+        except NattoolError as exc:
             self.core.counters["store_error"] += 1
             held = gate.admit(now)
             if held is not None:
-                log.warning("event=expire_failed error=%r more=%d", str(result), held)
+                log.warning("event=expire_failed error=%r more=%d", str(exc), held)
             return
-        if result:
-            self.core.counters["expired"] += result
+        if gone:
+            self.core.counters["expired"] += gone
         if gate.active:
             log.info("event=expire_recovered more_failed=%d", gate.settle())
 
@@ -606,7 +601,7 @@ def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
 
 
 async def serve(config: ServerConfig, store: Store, stun: bool = True, on_ready: Callable[[str], None] | None = None) -> dict[str, int]:
-    """Run until SIGINT/SIGTERM; return the counters."""
+    """Run until SIGINT/SIGTERM; return the counters (:meth:`TrackerServer.totals`)."""
     server = TrackerServer(config, store, stun)
     bound = await server.start()
     server.collector.start(time.monotonic())
