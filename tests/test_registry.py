@@ -195,21 +195,21 @@ def test_fast_path_outcome_equals_the_general_path(group: str, lan: list[str], m
     core = TrackerCore(Federation(FederationConfig()))
     data = f"//51pwn/P2P&E2E/{group}/0/{','.join(lan) or '0'}/{mac or '0'}".encode() + b" " * pad
     host = str(ipaddress.IPv4Address(ip))
-    fast = core.on_register_v4(data, host, port, 1234.5)
+    fast = core.on_register_v4(data, (host, port), 1234.5)
     general = core.on_datagram(data, Endpoint.from_sockaddr((host, port)), 0.0, 1234.5)
     assert fast is not None  # every such request takes the fast path
     assert fast == general  # member, offset, page size, budget, paging: all equal
     assert fast.registration.member.group is general.registration.member.group  # interned alike
     # The same bytes again (a keepalive), now parsed from memory, from another port.
     other_port = port % 65535 + 1
-    again = core.on_register_v4(data, host, other_port, 1234.5)
+    again = core.on_register_v4(data, (host, other_port), 1234.5)
     assert again == core.on_datagram(data, Endpoint.from_sockaddr((host, other_port)), 0.0, 1234.5)
     assert core.counters["register"] == 4
 
 
 def test_remembered_registrations_stay_bounded_and_right(monkeypatch: pytest.MonkeyPatch) -> None:
     from nattool.tracker import dispatch
-    from nattool.tracker.dispatch import TrackerCore
+    from nattool.tracker.dispatch import PendingRegistration, TrackerCore
     from nattool.tracker.federation import Federation, FederationConfig
 
     monkeypatch.setattr(dispatch, "SEED_CACHE_MAX", 4)
@@ -217,8 +217,8 @@ def test_remembered_registrations_stay_bounded_and_right(monkeypatch: pytest.Mon
     requests = [f"//51pwn/P2P&E2E/g{k}/0/10.0.0.{k}/02:00:00:00:00:{k:02x}".encode() for k in range(10)]
     for _ in range(3):
         for k, data in enumerate(requests):
-            pending = core.on_register_v4(data, "198.51.100.1", 4000 + k, 1234.5)
-            assert pending is not None and not isinstance(pending, bytes)
+            pending = core.on_register_v4(data, ("198.51.100.1", 4000 + k), 1234.5)
+            assert isinstance(pending, PendingRegistration)
             member = pending.registration.member
             assert (member.group, member.lan_text, member.identity) == (f"g{k}", f"10.0.0.{k}", f"02:00:00:00:00:{k:02x}")
             assert len(core._seed_parsed) <= 4
@@ -392,7 +392,7 @@ def test_the_keepalive_lanes_endpoint_lines_are_what_the_general_path_lists(
 def _lane_against_general_path(
     steps: list[tuple[int, int, int, int, int, int, int]], per_group: int, sweeps: Container[int] = ()
 ) -> None:
-    from nattool.tracker.dispatch import PendingRegistration, TrackerCore
+    from nattool.tracker.dispatch import HELD, PendingRegistration, TrackerCore
     from nattool.tracker.federation import Federation, FederationConfig
 
     limits = StoreLimits(ttl=30.0, max_members_per_group=per_group)
@@ -414,15 +414,19 @@ def _lane_against_general_path(
         replies = []
         outcomes = []
         for store, core in zip(stores, cores):
-            outcome = core.on_register_v4(data, host, sport, now)
+            held: list[tuple[bytes, tuple[str, int]]] = []
+            outcome = core.on_register_v4(data, (host, sport), now, held)
             outcomes.append(outcome)
-            if isinstance(outcome, bytes):
-                replies.append(outcome)
+            if outcome is HELD:
+                [(reply, to)] = held
+                assert to == (host, sport)
+                replies.append(reply)
                 continue
+            assert not held
             assert isinstance(outcome, PendingRegistration)
             [result] = store.register_now([outcome.registration], now)
             replies.append(core.finish_registration(outcome, result))
-        assert isinstance(outcomes[0], bytes) == eligible
+        assert (outcomes[0] is HELD) == eligible
         assert isinstance(outcomes[1], PendingRegistration)  # no lane: always the batch
         assert replies[0] == replies[1]
         assert cores[0].counters == cores[1].counters
@@ -443,13 +447,24 @@ def test_the_keepalive_lane_takes_only_known_members_from_the_same_source_in_sma
     assert index.keepalive("g", "m3", "203.0.113.3:1", "", "203.0.113.3", 3.0) is None  # unknown member
     assert index.keepalive("g", "m1", "203.0.113.9:1", "", "203.0.113.9", 3.0) is None  # another source
     assert [m.identity for m in index._groups["g"].values()] == ["m1", "m2"]  # nothing changed
-    # Nobody else behind 203.0.113.1: the others come as their endpoint lines.
-    assert index.keepalive("g", "m1", "203.0.113.1:7", "10.0.0.1", "203.0.113.1", 3.0) == "203.0.113.2:1"
+    m2 = index._groups["g"]["m2"]
+    # All live, nobody else behind 203.0.113.1: the others as members and as their endpoint lines.
+    assert index.keepalive("g", "m1", "203.0.113.1:7", "10.0.0.1", "203.0.113.1", 3.0) == ([m2], "203.0.113.2:1", 0)
     moved = index._groups["g"]["m1"]
     assert (moved.endpoint_text, moved.lan_text, moved.seen) == ("203.0.113.1:7", "10.0.0.1", 3.0)
     assert list(index._groups["g"]) == ["m2", "m1"] and list(index.oldest_first())[-1] is moved
-    # m2 has expired (not yet swept): not listed
-    assert index.keepalive("g", "m1", "203.0.113.1:7", "", "203.0.113.1", 40.0) == []
+    # In turn, each the oldest when it comes: the lines kept for the group are enough, no members.
+    assert index.keepalive("g", "m2", "203.0.113.2:1", "", "203.0.113.2", 4.0) == (None, "203.0.113.1:7", 0)
+    assert index.keepalive("g", "m1", "203.0.113.1:7", "10.0.0.1", "203.0.113.1", 5.0) == (None, "203.0.113.2:1", 0)
+    # m3 behind m1's source: the lane lists the others as members too, and says so.
+    index.upsert(Member("g", "m3", "203.0.113.1:8", "", "203.0.113.1", 6.0), 6.0)
+    m3 = index._groups["g"]["m3"]
+    assert index.keepalive("g", "m1", "203.0.113.1:7", "10.0.0.1", "203.0.113.1", 7.0) == (
+        [m3, index._groups["g"]["m2"]], "203.0.113.1:8\n203.0.113.2:1", 1
+    )
+    index.remove("g", "m3")
+    # m2 has expired (not yet swept): not listed, and no lines at hand
+    assert index.keepalive("g", "m1", "203.0.113.1:7", "", "203.0.113.1", 40.0) == ([], None, 0)
     for i in range(70):
         index.upsert(Member("big", f"b{i}", f"203.0.113.{i % 50 + 1}:2", "", f"203.0.113.{i % 50 + 1}", 41.0), 41.0)
     assert index.keepalive("big", "b0", "203.0.113.1:2", "", "203.0.113.1", 42.0) is None  # a big group

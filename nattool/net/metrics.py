@@ -1,20 +1,20 @@
 """The Prometheus endpoint of `nattool serve --metrics`.
 
-A custom collector reads the server's plain counters when scraped, so the hot path
-pays nothing for metrics (no Counter.inc() per datagram).
+A custom collector reads a snapshot of the server's plain counters when scraped,
+so the hot path pays nothing for metrics (no Counter.inc() per datagram).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from nattool.errors import NetworkError, UsageError
-
-if TYPE_CHECKING:
-    from nattool.net.server import TrackerServer
+from nattool.store.base import StoreStats
 
 DROP_REASONS = {
+    "drop_rate_limit": "rate_limit",
     "malformed": "malformed",
     "drop_unknown": "unknown",
     "cut_amplification": "amplification_cut",
@@ -43,9 +43,18 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """What one scrape reports, read from the serving loop's state."""
+
+    counters: dict[str, int]
+    stats: StoreStats | None  # the store's latest figures, None before the first
+    federation_peers: int  # verified trackers listed
+
+
 class _Collector:
-    def __init__(self, server: "TrackerServer") -> None:
-        self.server = server
+    def __init__(self, read: Callable[[], MetricsSnapshot]) -> None:
+        self.read = read
 
     def describe(self) -> list[Any]:
         return []
@@ -53,8 +62,8 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        server = self.server
-        counters = dict(server.core.counters)
+        snapshot = self.read()
+        counters = snapshot.counters
         requests = CounterMetricFamily(
             "nattool_requests", "Requests handled, by kind and result.", labels=["kind", "result"]
         )
@@ -70,11 +79,10 @@ class _Collector:
             requests.add_metric([kind, "ok"], counters.get(kind, 0))
         yield requests
         drops = CounterMetricFamily("nattool_drops", "Datagrams dropped or cut, by reason.", labels=["reason"])
-        drops.add_metric(["rate_limit"], server.limiter.dropped)
         for key, reason in DROP_REASONS.items():
             drops.add_metric([reason], counters.get(key, 0))
         yield drops
-        stats = server.last_stats
+        stats = snapshot.stats
         groups = GaugeMetricFamily("nattool_groups", "Groups with live members.")
         groups.add_metric([], stats.groups if stats else 0)
         yield groups
@@ -101,19 +109,20 @@ class _Collector:
         expired.add_metric([], counters.get("expired", 0))
         yield expired
         peers = GaugeMetricFamily("nattool_federation_peers", "Verified trackers listed.")
-        peers.add_metric([], len(server.federation.listed))
+        peers.add_metric([], snapshot.federation_peers)
         yield peers
 
 
-def start_metrics(server: "TrackerServer", host: str, port: int) -> Any:
-    """Serve /metrics in a background thread; returns the HTTP server (call .shutdown())."""
+def start_metrics(read: Callable[[], MetricsSnapshot], host: str, port: int) -> Any:
+    """Serve /metrics in a background thread, calling ``read`` per scrape; returns
+    the HTTP server (call .shutdown())."""
     try:
         from prometheus_client import start_http_server
         from prometheus_client.core import CollectorRegistry
     except ImportError:
         raise UsageError("--metrics needs the prometheus-client package: pip install 'nattool[metrics]'") from None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(server))  # type: ignore[arg-type]
+    registry.register(_Collector(read))  # type: ignore[arg-type]
     try:
         httpd, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

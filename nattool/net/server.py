@@ -23,11 +23,13 @@ from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
 from nattool.memo import bounded_memo
 from nattool.net.collector import ServingCollector
+from nattool.net.log_gate import LogGate
+from nattool.net.metrics import MetricsSnapshot, start_metrics
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX
 from nattool.store.base import Store, StoreLimits, StoreStats
-from nattool.tracker.dispatch import PendingRegistration, TrackerCore
+from nattool.tracker.dispatch import HELD, HeldReplies, Junk, PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
 from nattool.tracker.ratelimit import SourceRateLimiter
 
@@ -40,6 +42,12 @@ DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the 
 ANSWER_EVERY = 16
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
+# The most often a repeated log line goes out (with a count of those held back):
+# a store outage fails a batch per write and an expiry per housekeeping tick, and
+# junk can come as fast as the network carries it.
+STORE_ERROR_LOG_INTERVAL = 1.0
+EXPIRE_ERROR_LOG_INTERVAL = 30.0
+JUNK_LOG_INTERVAL = 1.0
 # A bare STUN Binding request starts with these 8 bytes (type, length 0, magic cookie).
 _BARE_BINDING_HEAD = b"\x00\x01\x00\x00" + MAGIC_COOKIE.to_bytes(4, "big")
 _REGISTER_HEAD = REGISTER_PREFIX.encode()
@@ -140,8 +148,9 @@ class TrackerServer:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._store_error_logged_at = -1e9
-        self._store_errors_unlogged = 0
+        self._store_error_log = LogGate(STORE_ERROR_LOG_INTERVAL)
+        self._expire_error_log = LogGate(EXPIRE_ERROR_LOG_INTERVAL)
+        self._junk_log = LogGate(JUNK_LOG_INTERVAL)
         self.last_stats: StoreStats | None = None  # refreshed by housekeeping, read by metrics
         self.collector = ServingCollector()  # started by serve()
         self._metrics_httpd: Any = None
@@ -160,10 +169,8 @@ class TrackerServer:
             await self.stop()
             raise
         if self.config.metrics is not None:
-            from nattool.net.metrics import start_metrics
-
             try:
-                self._metrics_httpd = start_metrics(self, *self.config.metrics)
+                self._metrics_httpd = start_metrics(self.metrics_snapshot, *self.config.metrics)
             except BaseException:
                 await self.stop()
                 raise
@@ -250,7 +257,8 @@ class TrackerServer:
         sync_store = self._sync_store
         now, wall = time.monotonic(), time.time()  # one reading serves the whole burst
         nat = stun = 0
-        kept: list[tuple[bytes, Any]] = []
+        kept: HeldReplies = []
+        held = HELD
         batch = self._batch
         for _ in range(DRAIN_BATCH):
             try:
@@ -288,15 +296,15 @@ class TrackerServer:
             if (
                 register_v4 is not None
                 and data[:_REGISTER_HEAD_LEN] == _REGISTER_HEAD
-                and (outcome := register_v4(data, host, addr[1], wall, not batch)) is not None
+                and (outcome := register_v4(data, addr, wall, None if batch else kept)) is not None
             ):
-                if outcome.__class__ is bytes:
-                    # A keepalive the store's lane took: answered once committed.
-                    kept.append((outcome, addr))
+                if outcome is held:
+                    # A keepalive the store's lane took: its reply is on `kept`,
+                    # sent once committed.
                     if len(kept) >= ANSWER_EVERY:
                         self._answer_keepalives(sendto, kept)
                     continue
-                self._enqueue(outcome, listener, addr)
+                self._enqueue(outcome, listener, addr)  # type: ignore[arg-type]
             else:
                 self._slow_path(listener, data, addr, now, wall)
             if sync_store and len(batch) >= ANSWER_EVERY:
@@ -311,7 +319,7 @@ class TrackerServer:
         if registered >= self.collector.next_at:
             self.collector.collect_young(registered)
 
-    def _answer_held(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
+    def _answer_held(self, sendto: Callable[[bytes, Any], int], kept: HeldReplies) -> None:
         """Answer the registrations a wake-up holds: the lane's keepalives first
         (they came first, and the lane changed the store first), then, with a
         synchronous store, the queued ones in one transaction, no task."""
@@ -320,7 +328,7 @@ class TrackerServer:
         if self._batch and self._sync_store:
             self._flush_now()
 
-    def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: list[tuple[bytes, Any]]) -> None:
+    def _answer_keepalives(self, sendto: Callable[[bytes, Any], int], kept: HeldReplies) -> None:
         """Commit what the lane changed, then answer ``kept`` and empty it."""
         started = time.perf_counter()
         error = self.store.commit_now()
@@ -352,11 +360,26 @@ class TrackerServer:
         outcome = self.core.on_datagram(data, src, now, wall)
         if outcome is None:
             return
-        if isinstance(outcome, bytes):
+        cls = outcome.__class__
+        if cls is bytes:
             # An empty reply is meaningful: "I know no trackers" (PROTOCOL.md section 3).
-            self._send(listener, outcome, addr)
+            self._send(listener, outcome, addr)  # type: ignore[arg-type]
+        elif cls is PendingRegistration:
+            self._enqueue(outcome, listener, addr)  # type: ignore[arg-type]
+        elif cls is Junk:
+            self._log_junk(outcome.why, data, addr, now)  # type: ignore[union-attr]
+
+    def _log_junk(self, why: str, data: bytes, addr: Any, now: float) -> None:
+        """A debug line for a dropped datagram, at most one a second: a junk flood
+        must not flood the log."""
+        if not log.isEnabledFor(logging.DEBUG):
             return
-        self._enqueue(outcome, listener, addr)
+        held = self._junk_log.admit(now)
+        if held is not None:
+            log.debug(
+                "event=junk_dropped why=%r src=%s bytes=%d head=%r more=%d",
+                why, Endpoint.from_sockaddr(addr), len(data), data[:16], held,
+            )
 
     def _enqueue(self, pending: PendingRegistration, listener: _Listener, addr: Any) -> None:
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
@@ -395,6 +418,7 @@ class TrackerServer:
         reply = responder.respond(data, src, listener.local)
         if reply is None:
             self.core.counters["stun_drop"] += 1
+            self._log_junk("not a STUN request this server answers", data, addr, time.monotonic())
             return
         self.core.counters["stun"] += 1
         out = listener
@@ -466,16 +490,13 @@ class TrackerServer:
         counters = self.core.counters
         counters["store_error"] += 1
         counters["register_store_error"] += refused
-        self._store_errors_unlogged += 1
-        now = time.monotonic()
-        # At most one line a second: an outage under load fails thousands of batches.
-        if now - self._store_error_logged_at >= 1.0:
+        held = self._store_error_log.admit(time.monotonic())
+        if held is not None:
+            # failed_batches: this one and those held back since the last line.
             log.warning(
                 "event=store_error kind=%s refused=%d failed_batches=%d error=%r",
-                self.store.kind, refused, self._store_errors_unlogged, str(error),
+                self.store.kind, refused, held + 1, str(error),
             )
-            self._store_error_logged_at = now
-            self._store_errors_unlogged = 0
 
     # -- timers ----------------------------------------------------------------------
     async def _housekeeping(self) -> None:
@@ -483,13 +504,7 @@ class TrackerServer:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             now, wall = time.monotonic(), time.time()
-            try:
-                gone = await self.store.expire(wall)
-                if gone:
-                    self.core.counters["expired"] += gone
-            except NattoolError as exc:
-                self.core.counters["store_error"] += 1
-                log.warning("event=expire_failed error=%r", str(exc))
+            await self._expire(now, wall)
             if now - last_sweep > 30:
                 self.limiter.sweep(now)
                 last_sweep = now
@@ -508,6 +523,24 @@ class TrackerServer:
             except NattoolError:
                 self.core.counters["store_error"] += 1
             self.collector.tick(now)
+
+    async def _expire(self, now: float, wall: float) -> None:
+        """Expire members. A store that is down fails every housekeeping tick: log
+        the first failure at once, then every EXPIRE_ERROR_LOG_INTERVAL a line with
+        the count of those held back, and the recovery."""
+        gate = self._expire_error_log
+        try:
+            gone = await self.store.expire(wall)
+        except NattoolError as exc:
+            self.core.counters["store_error"] += 1
+            held = gate.admit(now)
+            if held is not None:
+                log.warning("event=expire_failed error=%r more=%d", str(exc), held)
+            return
+        if gone:
+            self.core.counters["expired"] += gone
+        if gate.active:
+            log.info("event=expire_recovered more_failed=%d", gate.settle())
 
     def _federation_tick(self, now: float, wall: float) -> None:
         out = self.federation.outgoing(now, wall)
@@ -543,6 +576,16 @@ class TrackerServer:
         if self._loop is not None and not self._stopped.is_set():
             self._loop.create_task(self.stop())
 
+    def totals(self) -> dict[str, int]:
+        """Every counter, with the datagrams the per-source rate limit dropped."""
+        totals = dict(self.core.counters)
+        totals["drop_rate_limit"] = self.limiter.dropped
+        return totals
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """What a metrics scrape reads (from the scraper's thread: copies only)."""
+        return MetricsSnapshot(self.totals(), self.last_stats, len(self.federation.listed))
+
 
 def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
     cfg = server.config
@@ -564,8 +607,9 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     on_signal: Callable[[signal.Signals], None] | None = None,
 ) -> dict[str, int]:
-    """Run until SIGINT/SIGTERM; return the counters. ``on_signal`` hears which signal
-    stopped it (the command exits 130 after Ctrl-C, 0 after systemd's SIGTERM)."""
+    """Run until SIGINT/SIGTERM; return the counters (:meth:`TrackerServer.totals`).
+    ``on_signal`` hears which signal stopped it (the command exits 130 after Ctrl-C,
+    0 after systemd's SIGTERM)."""
     server = TrackerServer(config, store, stun)
     bound = await server.start()
     server.collector.start(time.monotonic())
@@ -588,4 +632,4 @@ async def serve(
         if not server._stopped.is_set():
             await server.stop()
         server.collector.stop()
-    return dict(server.core.counters)
+    return server.totals()

@@ -371,10 +371,6 @@ class ErrorReply:
         return cls(text[3:].strip())
 
 
-def is_error_reply(data: bytes) -> bool:
-    return data.startswith(b"ERR")
-
-
 @dataclass(frozen=True, slots=True)
 class MemberEntry:
     endpoint: Endpoint

@@ -13,7 +13,7 @@ import abc
 import sys
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from nattool.errors import LimitError, NattoolError, StoreError
 from nattool.protocol.endpoint import Endpoint
@@ -108,9 +108,20 @@ class GroupView(NamedTuple):
 
 
 RegisterResult = Union[GroupView, NattoolError]
-# (group, identity, endpoint_text, lan_text, source, now) -> the others (as members,
-# or as their endpoint lines), or None
-KeepaliveLane = Callable[[str, str, str, str, str, float], "str | list[Member] | None"]
+
+
+# What the keepalive lane found: the group's other live members, newest first, as
+# data; the tracker decides what a reply shows of them. ``(others, lines, same_source)``:
+# - others: the others as members; None only when ``lines`` is given and
+#   ``same_source`` is 0 (the lines then say all about them but their LAN lists);
+# - lines: their endpoint texts, one a line ("" for none), when the store holds them
+#   ready (every member of the group live); else None;
+# - same_source: how many of the group's other members (live or not yet swept)
+#   registered from the member's source.
+# A plain tuple: a NamedTuple costs three times as much to build, once per keepalive.
+LaneAnswer = Tuple[Optional[List[Member]], Optional[str], int]
+# (group, identity, endpoint_text, lan_text, source, now) -> LaneAnswer, or None
+KeepaliveLane = Callable[[str, str, str, str, str, float], "LaneAnswer | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +176,11 @@ class Store(abc.ABC):
         bulk of a tracker's traffic. The lane is called as ``lane(group, identity,
         endpoint_text, lan_text, source, now)``. When the member is known from that
         source, in a small group, it moves the member to the newest end with its new
-        endpoint, LAN list and time, and returns the group's other live members,
-        newest first: what :meth:`register` would list. When no other member of the
-        group is behind the same source (so a reply shows none of their LAN lists),
-        it may return them as their endpoint texts joined by newlines instead (a
-        str, "" for none). In every other case it changes nothing and returns None,
-        and the registration takes :meth:`register`. What the lane changed is
-        durable only after :meth:`commit_now`; no reply may go out before.
+        endpoint, LAN list and time, and returns a :data:`LaneAnswer` about the
+        group's other live members, newest first: what :meth:`register` would list.
+        In every other case it changes nothing and returns None, and the
+        registration takes :meth:`register`. What the lane changed is durable only
+        after :meth:`commit_now`; no reply may go out before.
         """
         return None
 
@@ -214,6 +223,7 @@ __all__ = [
     "SOURCE_OF",
     "GroupView",
     "KeepaliveLane",
+    "LaneAnswer",
     "LimitError",
     "Member",
     "Registration",

@@ -12,6 +12,7 @@ from nattool.store.base import (
     SEEN_OF,
     GroupView,
     KeepaliveLane,
+    LaneAnswer,
     Member,
     Registration,
     RegisterResult,
@@ -217,18 +218,18 @@ class MemberIndex:
 
     def keepalive(
         self, group_key: str, identity: str, endpoint_text: str, lan_text: str, source: str, now: float
-    ) -> str | list[Member] | None:
+    ) -> LaneAnswer | None:
         """The keepalive lane (see :meth:`Store.keepalive_lane`): :meth:`upsert` and
         :meth:`view` in one step for a known member re-registering from the same
         source in a small group, the case that needs no cap, eviction or count.
         None, with nothing changed, in every other case.
 
-        The others come back as their endpoint lines (a str) when they are all live
-        and none is behind the member's source. Those lines are kept per group, so
-        that the usual keepalive, from the group's oldest member with the endpoint
-        it had, takes its own line off the end and puts it in front instead of
-        reading every member: periodic keepalives come round in turn, so the one
-        that comes is nearly always the oldest.
+        The others' endpoint lines are kept per group, so that the usual keepalive,
+        from the group's oldest member with the endpoint it had, takes its own line
+        off the end and puts it in front instead of reading every member: periodic
+        keepalives come round in turn, so the one that comes is nearly always the
+        oldest. The answer then lists the others as members only when one of them
+        shares the member's source.
         """
         group = self._groups.get(group_key)
         if group is None or len(group) > SMALL_GROUP:
@@ -254,7 +255,7 @@ class MemberIndex:
                 journal.append(member)
         horizon = now - self.limits.ttl
         memo = self._endpoint_lines
-        alone = self._source_groups[old.source][old.group] == 1  # no other member behind this source
+        same_source = self._source_groups[old.source][old.group] - 1
         lines = memo.get(group_key)
         if (
             lines is not None
@@ -266,18 +267,15 @@ class MemberIndex:
             others = lines[:cut] if cut > 0 else ""  # "": the only member
             if others:
                 memo[group_key] = f"{endpoint_text}\n{others}"
-            if alone:
-                return others
-            return _live_others(group, identity, horizon)
+            live = _live_others(group, identity, horizon) if same_source else None
+            return live, others, same_source
         live = _live_others(group, identity, horizon)
         if len(live) == len(group) - 1:
             others = "\n".join(map(ENDPOINT_TEXT_OF, live))
             memo[group_key] = f"{endpoint_text}\n{others}" if others else endpoint_text
-            if alone:
-                return others
-        else:
-            memo.pop(group_key, None)
-        return live
+            return live, others, same_source
+        memo.pop(group_key, None)
+        return live, None, same_source
 
     def remove(self, group: str, identity: str) -> None:
         members = self._groups.get(group)

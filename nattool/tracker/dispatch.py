@@ -1,16 +1,23 @@
 """Dispatch one datagram: decide the reply (or that there is none).
 
 The I/O shell (nattool.net.server) calls :meth:`TrackerCore.on_datagram` with the
-bytes, the source endpoint and the clocks. Everything that needs the store comes
-back as a :class:`PendingRegistration` that the shell batches and hands to the
-store; :meth:`TrackerCore.finish_registration` then builds the reply.
+bytes, the source endpoint and the clocks. Each answer has its own type:
+
+- ``bytes``: a reply to send now (an empty one too: "I know no trackers");
+- :class:`PendingRegistration`: needs the store; the shell batches it, hands it to
+  the store, and :meth:`TrackerCore.finish_registration` then builds the reply;
+- :data:`HELD` (from :meth:`TrackerCore.on_register_v4` only): a keepalive the
+  store's lane has done; its reply is in the caller's ``held`` list, to go out
+  once the store's ``commit_now()`` has succeeded;
+- :class:`Junk`: dropped, nothing to send (the shell may log it);
+- None: taken, nothing to send (a federation reply).
 """
 
 from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import NamedTuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 from nattool.errors import NattoolError
 from nattool.memo import bounded_memo
@@ -47,6 +54,29 @@ class PendingRegistration(NamedTuple):
     paging: bool  # the client speaks the paging extension: add "next=N" when cut
 
 
+class Held:
+    """The type of :data:`HELD`: a keepalive the store's lane has done, its reply
+    held until the store's ``commit_now()`` has made the change durable. A
+    singleton rather than a reply object: nothing is built per keepalive."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HELD"
+
+
+HELD = Held()
+
+
+class Junk(NamedTuple):
+    """A datagram dropped unanswered: neither a request nor an expected reply."""
+
+    why: str
+
+
+JUNK_UNKNOWN = Junk("not a request")
+
+
 # tuple.__new__ straight: a NamedTuple's own __new__ is a Python-level function,
 # and the registration fast path builds three of these per registration.
 _new_tuple = tuple.__new__
@@ -59,13 +89,15 @@ _intern = sys.intern
 SEED_CACHE_MAX = 32_768
 
 
-Outcome = Union[bytes, PendingRegistration, None]
+Outcome = Union[bytes, PendingRegistration, Junk, None]
+RegisterV4Outcome = Union[Held, PendingRegistration, None]
+# (reply, source) pairs of keepalives that wait for the store's commit
+HeldReplies = List[Tuple[bytes, Tuple[str, int]]]
 
 
-def fit(reply: bytes, budget: int) -> bytes | None:
-    """Enforce the amplification bound on a finished reply (a last line of defence:
-    builders already aim below it)."""
-    return reply if len(reply) <= budget else None
+def refusal(error: BaseException, budget: int) -> bytes:
+    """The ERR reply for ``error``, cut to ``budget`` bytes (amplification rule)."""
+    return ErrorReply(str(error)).to_wire()[:budget]
 
 
 class TrackerCore:
@@ -94,10 +126,11 @@ class TrackerCore:
                 self.federation.on_reply(src, data, now, wall_now)
             else:
                 counters["drop_unknown"] += 1
+                return JUNK_UNKNOWN
             return None
         except MalformedRequest as exc:
             counters["malformed"] += 1
-            return ErrorReply(str(exc)).to_wire()[:budget]
+            return refusal(exc, budget)
         if isinstance(request, NatRequest):
             counters["nat"] += 1
             return src.to_text().encode()
@@ -107,7 +140,7 @@ class TrackerCore:
                 registration = registration_for(request, member, budget)
             except MalformedRequest as exc:
                 counters["malformed"] += 1
-                return ErrorReply(str(exc)).to_wire()[:budget]
+                return refusal(exc, budget)
             counters["register"] += 1
             return PendingRegistration(registration, budget, request.wants_paging)
         if isinstance(request, TrackersRequest):
@@ -120,21 +153,21 @@ class TrackerCore:
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def on_register_v4(
-        self, data: bytes, host: str, port: int, wall_now: float, use_lane: bool = True
-    ) -> bytes | PendingRegistration | None:
+        self, data: bytes, source: Tuple[str, int], wall_now: float, held: Optional[HeldReplies] = None
+    ) -> RegisterV4Outcome:
         """The common registration from an IPv4 source, decided without request or
         Endpoint objects; None when it is not that case (then :meth:`on_datagram`).
 
-        ``host`` is the kernel's text of the source address (canonical dotted quad),
+        ``source`` is the kernel's (host, port): its host the canonical dotted quad,
         which is also the source's accounting key. A keepalive that the store's lane
-        (:attr:`keepalive_lane`) takes is done here, unless ``use_lane`` is false:
-        its reply comes back as bytes, to be sent once the store's ``commit_now()``
-        has succeeded.
+        (:attr:`keepalive_lane`) takes is done here, when ``held`` is given: its
+        reply goes on ``held`` with ``source``, and :data:`HELD` comes back.
         """
         fields = self._seed_parsed.get(data) or self._parse_seed(data)
         if fields is None:
             return None
         group, lan_text, identity = fields
+        host, port = source
         endpoint = f"{host}:{port}"
         identity = identity or endpoint
         size = len(data)
@@ -142,18 +175,24 @@ class TrackerCore:
         budget = budgets[size] if size < len(budgets) else self.safe_datagram
         self.counters["register"] += 1
         lane = self.keepalive_lane
-        if lane is not None and use_lane:
-            others = lane(group, identity, endpoint, lan_text, host, wall_now)
-            if others is not None:
+        if lane is not None and held is not None:
+            answer = lane(group, identity, endpoint, lan_text, host, wall_now)
+            if answer is not None:
+                # What finish_registration() would reply after the lane's work.
+                others, lines, same_source = answer
                 first = f"{endpoint};{lan_text}" if lan_text else endpoint
-                if others.__class__ is str:
-                    # The others' endpoint lines, none of them behind this source.
-                    return lines_reply(first, others, budget) or self._cut_reply(endpoint, lan_text, others, budget)
-                reply = plain_reply(first, others, host, budget)
-                if reply is None:
-                    me = Member(group, identity, endpoint, lan_text, host, wall_now)
-                    reply = self._member_reply(GroupView(me, tuple(others), len(others)), budget, False, 0)
-                return reply
+                if lines is not None and not same_source:
+                    # Nobody else behind this source, so none of their LAN lists
+                    # is shown: their endpoint lines are the reply.
+                    reply = lines_reply(first, lines, budget) or self._cut_reply(endpoint, lan_text, lines, budget)
+                else:
+                    assert others is not None  # the lane lists them as members then
+                    reply = plain_reply(first, others, host, budget)
+                    if reply is None:
+                        me = Member(group, identity, endpoint, lan_text, host, wall_now)
+                        reply = self._member_reply(GroupView(me, tuple(others), len(others)), budget, False, 0)
+                held.append((reply, source))
+                return HELD
         # Member(...) without its checks and conversions: every field is already
         # wire text; group and source are interned as Member() does.
         member = _new_tuple(Member, (_intern(group), identity, endpoint, lan_text, _intern(host), wall_now))
@@ -163,7 +202,7 @@ class TrackerCore:
     def refused_keepalives(self, count: int, error: NattoolError) -> bytes:
         """The reply to each of ``count`` keepalives whose commit failed."""
         self.counters["register_refused"] += count
-        return ErrorReply(str(error)).to_wire()[:MIN_REPLY_ROOM]  # the least budget
+        return refusal(error, MIN_REPLY_ROOM)  # the least budget
 
     def _tracker_list(self, budget: int, wall_now: float) -> bytes:
         lines = self.federation.tracker_list(wall_now).trackers
@@ -179,7 +218,7 @@ class TrackerCore:
     def finish_registration(self, pending: PendingRegistration, result: RegisterResult) -> bytes:
         if isinstance(result, NattoolError):
             self.counters["register_refused"] += 1
-            return ErrorReply(str(result)).to_wire()[: pending.budget]
+            return refusal(result, pending.budget)
         return self._member_reply(result, pending.budget, pending.paging, pending.registration.offset)
 
     def _cut_reply(self, endpoint: str, lan_text: str, others_text: str, budget: int) -> bytes:

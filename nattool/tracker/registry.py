@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from nattool.errors import LimitError
 from nattool.protocol.endpoint import Endpoint, endpoint_source_key
-from nattool.protocol.text import ErrorReply, MalformedRequest, MemberList, RegisterRequest
+from nattool.protocol.text import MalformedRequest, MemberList, RegisterRequest
 from nattool.store.base import ENDPOINT_TEXT_OF, SOURCE_OF, GroupView, Member, Registration
 
 # A reply line is at least "1.2.3.4:5\n": never ask a store for more than fits.
@@ -81,8 +80,9 @@ def plain_reply(first_line: str, others: Sequence[Member], source: str, budget: 
 
 
 def lines_reply(first_line: str, others: str, budget: int) -> bytes | None:
-    """The usual reply from the others' endpoint lines (a keepalive lane's str, see
-    :meth:`Store.keepalive_lane`), or None when it does not all fit ``budget``."""
+    """The usual reply from the others' endpoint lines (a keepalive lane's
+    :attr:`LaneAnswer.lines`), when none of them is behind the requester's source;
+    None when it does not all fit ``budget``."""
     whole = f"{first_line}\n{others}" if others else first_line
     return whole.encode("ascii") if len(whole) <= budget else None
 
@@ -119,15 +119,10 @@ def build_member_reply(view: GroupView, budget: int, paging: bool, offset: int =
     return entries_text.encode("ascii")
 
 
-def error_reply(exc: LimitError | MalformedRequest | Exception, budget: int) -> bytes:
-    return ErrorReply(str(exc)).to_wire()[:budget]
-
-
 __all__ = [
     "MemberList",
     "build_member_reply",
     "cut_lines",
-    "error_reply",
     "lines_reply",
     "member_from_request",
     "own_line",
