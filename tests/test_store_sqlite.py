@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from nattool.errors import StoreError
+from nattool.errors import StoreError, StoreLocked
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import GroupView, KeepaliveLane, Member, Registration, StoreLimits, TrackerRecord
 from nattool.store.sqlite import (
@@ -242,7 +242,7 @@ def test_files_are_private_to_their_owner(tmp_path: Path) -> None:
         os.umask(old_umask)
     assert state.stat().st_mode & 0o777 == 0o700
     assert state.parent.stat().st_mode & 0o777 == 0o755  # a parent is not ours to lock down
-    expected = {"tracker.db", "tracker.db-wal", "tracker.db-shm", "tracker.db-log2", "tracker.db-log2-wal", "tracker.db.lock"}
+    expected = {f"tracker.db{end}" for end in ("", "-wal", "-shm", "-log2", "-log2-wal", ".lock")}
     assert set(files) == expected, files
     assert {name: mode for name, mode in files.items() if mode != 0o600} == {}
 
@@ -321,7 +321,7 @@ def test_one_process_per_file(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     first = reopen(path)
     try:
-        with pytest.raises(StoreError, match="in use by another nattool process"):
+        with pytest.raises(StoreLocked, match="in use by another nattool process"):
             reopen(path)
     finally:
         close(first)
@@ -500,7 +500,7 @@ def test_a_file_open_in_another_program_is_refused_clearly(tmp_path: Path) -> No
     with closing(sqlite3.connect(path)) as shell:
         shell.execute("SELECT count(*) FROM log").fetchone()
         before = digest(path)
-        with pytest.raises(StoreError, match="open in another program"):
+        with pytest.raises(StoreLocked, match="open in another program"):
             reopen(path)
         assert digest(path) == before
     close(reopen(path))  # and once it is closed, the tracker opens it
@@ -659,7 +659,9 @@ def test_a_lone_tracker_writes_its_log_to_two_files_in_turn(tmp_path: Path, smal
     assert second == [] and first[0] == 402
 
 
-def test_a_lone_tracker_whose_checkpointer_falls_behind_still_bounds_its_wal(tmp_path: Path, small_switch: None) -> None:
+def test_a_lone_tracker_whose_checkpointer_falls_behind_still_bounds_its_wal(
+    tmp_path: Path, small_switch: None
+) -> None:
     """The thread runs only when a CPU has nothing better to do, so on a busy
     machine it may not get its turn for a long time. The writer then stays on its
     file (it never writes a file whose checkpoint is not complete), and SQLite's

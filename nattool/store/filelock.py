@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from nattool.errors import StoreError
+from nattool.errors import StoreError, StoreLocked
 
 FULL_DISK_WAY_OUT = "free space on that disk, give nattool another --store sqlite:PATH, or use --store memory"
 # Files of the store hold members' addresses: readable by the tracker's user only.
@@ -59,7 +59,7 @@ class FileLock:
             fh.seek(0)
             holder = fh.read(32).strip() or "?"
             fh.close()
-            raise StoreError(
+            raise StoreLocked(
                 f"{self.path.with_suffix('')} is in use by another nattool process "
                 f"(pid {holder}); stop it, or give this one its own --store sqlite:PATH"
             ) from None

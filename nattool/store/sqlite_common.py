@@ -39,7 +39,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, Union
 
 from nattool.errors import LimitError, ProtocolError, StoreError, StoreLocked
 from nattool.protocol.endpoint import Endpoint
@@ -56,6 +56,7 @@ from nattool.store.sqlite_schema import check_and_migrate, delete_dead_rows, is_
 EXPIRE_BATCH = 16
 # The state directory, when the store creates it: its owner's only.
 PRIVATE_DIR_MODE = 0o700
+StorePath = Union[str, "os.PathLike[str]", None]  # None: default_sqlite_path()
 # SQLite's primary result codes that say the disk, not the file, is the trouble.
 _DISK_TROUBLE = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM}
 
@@ -93,7 +94,9 @@ def create_private_file(path: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        raise StoreError(f"cannot create {path}: {exc.strerror}; check the permissions of {path.parent}, or use --store memory") from None
+        raise StoreError(
+            f"cannot create {path}: {exc.strerror}; check the permissions of {path.parent}, or use --store memory"
+        ) from None
     os.close(fd)
     return True
 
@@ -112,7 +115,7 @@ class SqliteStore(Store):
     #: its open created (a server that failed to bind leaves nothing behind)
     removes_unused_files = False
 
-    def __new__(cls, limits: StoreLimits, path: str | os.PathLike[str] | None = None, *, shared: bool = False) -> Any:
+    def __new__(cls, limits: StoreLimits, path: StorePath = None, *, shared: bool = False) -> Any:
         if cls is SqliteStore:
             from nattool.store.sqlite_lone import LoneSqliteStore
             from nattool.store.sqlite_shared import SharedSqliteStore
@@ -120,7 +123,7 @@ class SqliteStore(Store):
             cls = SharedSqliteStore if shared else LoneSqliteStore
         return super().__new__(cls)
 
-    def __init__(self, limits: StoreLimits, path: str | os.PathLike[str] | None = None, *, shared: bool = False) -> None:
+    def __init__(self, limits: StoreLimits, path: StorePath = None, *, shared: bool = False) -> None:
         # ``shared`` picked the class (__new__); the class says what it is.
         super().__init__(limits)
         self.path = Path(path) if path is not None else default_sqlite_path()
@@ -409,7 +412,9 @@ class SqliteStore(Store):
 
 def live_rows(db: sqlite3.Connection, horizon: float) -> sqlite3.Cursor:
     """One file's log rows still live at ``horizon``, and its snapshot markers, in order."""
-    return db.execute("SELECT seq, seen, rec FROM log WHERE seen > ? OR seen = ? ORDER BY seq", (horizon, SNAPSHOT_SEEN))
+    return db.execute(
+        "SELECT seq, seen, rec FROM log WHERE seen > ? OR seen = ? ORDER BY seq", (horizon, SNAPSHOT_SEEN)
+    )
 
 
 def connect(path: Path, exclusive: bool, timeout: float) -> sqlite3.Connection:
@@ -428,4 +433,12 @@ def connect(path: Path, exclusive: bool, timeout: float) -> sqlite3.Connection:
     return db
 
 
-__all__ = ["EXPIRE_BATCH", "SqliteStore", "connect", "create_private_file", "default_sqlite_path", "live_rows"]
+__all__ = [
+    "EXPIRE_BATCH",
+    "SqliteStore",
+    "StorePath",
+    "connect",
+    "create_private_file",
+    "default_sqlite_path",
+    "live_rows",
+]

@@ -21,7 +21,6 @@ leaves it; a clean close leaves a snapshot: one record per live member.
 from __future__ import annotations
 
 import heapq
-import os
 import sqlite3
 import time
 from operator import itemgetter
@@ -32,7 +31,7 @@ from nattool.store.base import KeepaliveLane, Member, Registration, RegisterResu
 from nattool.store.log_checkpoint import LogCheckpointer
 from nattool.store.memory import expire_in_steps
 from nattool.store.sqlite_codec import SNAPSHOT_MARK, SNAPSHOT_SEEN, encode_rows
-from nattool.store.sqlite_common import SqliteStore, connect, live_rows
+from nattool.store.sqlite_common import SqliteStore, StorePath, connect, live_rows
 from nattool.store.sqlite_schema import (
     APPEND_SEQ,
     create_second_log,
@@ -85,7 +84,7 @@ class LoneSqliteStore(SqliteStore):
     # The file is locked only when some other program has it open.
     _open_timeout = 0.2
 
-    def __init__(self, limits: StoreLimits, path: str | os.PathLike[str] | None = None, *, shared: bool = False) -> None:
+    def __init__(self, limits: StoreLimits, path: StorePath = None, *, shared: bool = False) -> None:
         super().__init__(limits, path)
         self._db2: sqlite3.Connection | None = None
         self._active = "main"

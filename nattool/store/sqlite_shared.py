@@ -10,7 +10,6 @@ one file and SQLite's own checkpoints, queue for writing on a lock of their own
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from typing import Sequence
@@ -19,7 +18,7 @@ from nattool.errors import StoreError
 from nattool.store.base import Registration, RegisterResult, StoreLimits, TrackerRecord
 from nattool.store.memory import expire_in_steps
 from nattool.store.sqlite_codec import decode_sibling_row, encode_rows
-from nattool.store.sqlite_common import EXPIRE_BATCH, SqliteStore
+from nattool.store.sqlite_common import EXPIRE_BATCH, SqliteStore, StorePath
 from nattool.store.sqlite_schema import APPEND, fold_second_log, second_log_holds_log, second_log_path
 
 # WAL bytes before SQLite checkpoints inside a commit (SQLite's default, 1000 pages
@@ -37,7 +36,7 @@ class SharedSqliteStore(SqliteStore):
     # Workers wait for the one that migrates the file.
     _open_timeout = 5.0
 
-    def __init__(self, limits: StoreLimits, path: str | os.PathLike[str] | None = None, *, shared: bool = True) -> None:
+    def __init__(self, limits: StoreLimits, path: StorePath = None, *, shared: bool = True) -> None:
         super().__init__(limits, path)
         self.appended = 0  # rows appended since the last expire()
 
