@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from nattool.protocol.endpoint import Endpoint
 from nattool.store.base import Member, Registration, RegisterResult, Store, StoreLimits
 from nattool.store.memory import MemoryStore
-from nattool.store.sqlite import SqliteStore
+from nattool.store.sqlite import LoneSqliteStore, SqliteStore
 
 POPULATION = 50_000
 GROUPS = 12_500
 
 
-class ThreadCommitSqliteStore(SqliteStore):
+class ThreadCommitSqliteStore(LoneSqliteStore):
     """For comparison only: the commit runs in a worker thread."""
 
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:

@@ -59,3 +59,7 @@ class StoreError(NattoolError):
 
     exit_code = ExitCode.STORE
 
+
+class StoreLocked(StoreError):
+    """The store's file is held by another process: another server, an sqlite3 shell."""
+

@@ -44,13 +44,13 @@ def open_store(spec: str, limits: StoreLimits, *, shared: bool = False) -> Store
 
         return MemoryStore(limits)
     if text == "sqlite" or text.startswith("sqlite:"):
-        from nattool.store.sqlite import SqliteStore, default_sqlite_path
+        from nattool.store.sqlite import LoneSqliteStore, SharedSqliteStore, default_sqlite_path
 
         path = text[len("sqlite:") :] if text.startswith("sqlite:") else ""
         # Accept the URL-ish spelling sqlite:///abs/path too.
         if path.startswith("//"):
             path = path[2:]
-        return SqliteStore(limits, path or default_sqlite_path(), shared=shared)
+        return (SharedSqliteStore if shared else LoneSqliteStore)(limits, path or default_sqlite_path())
     scheme, sep, _ = text.partition("://")
     if sep and scheme.lower() in _REDIS_SCHEMES:
         url = _REDIS_SCHEMES[scheme.lower()] + "://" + text[len(scheme) + 3 :]
@@ -64,8 +64,12 @@ def open_store(spec: str, limits: StoreLimits, *, shared: bool = False) -> Store
             raise _bad(spec, "no host")
         if db and not db.isdigit():
             raise _bad(spec, f"database {db!r} is not a number")
-        from nattool.store.redis import RedisStore
-
+        try:
+            from nattool.store.redis import RedisStore
+        except ImportError as exc:
+            if exc.name is None or exc.name.partition(".")[0] != "redis":
+                raise
+            raise UsageError(f"--store {scheme}:// needs the redis package: pip install 'nattool[redis]'") from None
         return RedisStore(limits, url)
     raise _bad(spec, "unknown kind")
 

@@ -146,7 +146,9 @@ def _yield_to_the_event_loop() -> None:
 
     The thread is woken by the loop's thread, and the scheduler likes to run a
     woken thread where its waker runs: at normal priority a 5 ms checkpoint then
-    took the loop's own core for a time slice."""
+    took the loop's own core for a time slice. On a machine with no CPU to spare
+    the thread may then wait long for its turn: the writer stays on its file
+    meanwhile, and SQLite's own checkpoint bounds that file's WAL."""
     policy = getattr(os, "SCHED_IDLE", None)
     if policy is None:
         return
