@@ -268,14 +268,14 @@ class MemberIndex:
             if others:
                 memo[group_key] = f"{endpoint_text}\n{others}"
             live = _live_others(group, identity, horizon) if same_source else None
-            return live, others, same_source
+            return _new_tuple(LaneAnswer, (live, others, same_source))
         live = _live_others(group, identity, horizon)
         if len(live) == len(group) - 1:
             others = "\n".join(map(ENDPOINT_TEXT_OF, live))
             memo[group_key] = f"{endpoint_text}\n{others}" if others else endpoint_text
-            return live, others, same_source
+            return _new_tuple(LaneAnswer, (live, others, same_source))
         memo.pop(group_key, None)
-        return live, None, same_source
+        return _new_tuple(LaneAnswer, (live, None, same_source))
 
     def remove(self, group: str, identity: str) -> None:
         members = self._groups.get(group)
