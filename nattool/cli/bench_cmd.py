@@ -182,8 +182,7 @@ def _render(d: dict[str, Any]) -> None:
         ("latency ms" + (" (kernel rx time)" if lat.get("clock") == "kernel" else ""), f"min {lat['min']:.3f}  p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  p99.9 {lat['p99.9']:.3f}  max {lat['max']:.3f}"),
     ]
     gen = d["generator"]
-    cpu = "+".join(f"{x * 100:.0f}%" for x in gen["cpu_per_process"])
-    rows.append(("generator CPU", f"{cpu} of one core"))
+    rows.append(("generator CPU", _generator_cpu(gen, spin=d["spin"])))
     if d["skipped"] or d["send_errors"]:
         rows.append(("not sent", f"{d['skipped']:,} skipped, {d['send_errors']:,} send errors"))
     for reason, count in sorted(d["invalid_reasons"].items(), key=lambda kv: -kv[1])[:5]:
@@ -195,4 +194,20 @@ def _render(d: dict[str, Any]) -> None:
         stdout.print(f"note: the generator, not the server, was the limit: {gen['limit_reason']}")
     else:
         stdout.print("note: the generator was not the limit")
+    for hint in d["hints"]:
+        stdout.print(f"hint: {hint}", markup=False)
+
+
+def _generator_cpu(gen: dict[str, Any], spin: bool) -> str:
+    """Process CPU time over the measured wall time, per process."""
+
+    def percents(key: str) -> str:
+        return "+".join(f"{x * 100:.0f}%" for x in gen[key])
+
+    text = f"{percents('cpu_per_process')} of one core"
+    if spin:
+        text += f" (busy {percents('busy_per_process')}, the rest --spin polling)"
+    if any(x >= 0.01 for x in gen["runqueue_wait_per_process"]):
+        text += f"; waited for a core {percents('runqueue_wait_per_process')} of the run"
+    return text
 

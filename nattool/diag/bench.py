@@ -29,6 +29,7 @@ from nattool.diag.bench_engine import (
     run_engine,
     rx_timestamps_supported,
 )
+from nattool.config import KEYS
 from nattool.diag.histogram import Histogram
 from nattool.errors import UsageError
 from nattool.protocol.endpoint import Endpoint
@@ -40,6 +41,11 @@ MAX_SOCKETS = 8192  # per process; the file descriptor limit is the other bound
 MAX_PROCESSES = 64
 MAX_REQUESTS_PER_SECOND_BOUND = 2_000_000  # requests per process per second of run, at most
 GENERATOR_CPU_LIMIT = 0.9  # fraction of one core: above this the generator is the bottleneck
+GENERATOR_WAIT_LIMIT = 0.1  # fraction of the run spent runnable without a core: the machine is busy
+HIGH_LOSS = 0.05
+# Answers per source address per second at or below which a per-source rate limit of
+# the server may explain a high loss (20 times the tracker's default limit).
+RATE_LIMITED_PER_SOURCE = 20 * float(KEYS["serve.rate_limit"].default)
 _MIX_KINDS = {"nat": KIND_NAT, "register": KIND_REGISTER, "trackers": KIND_TRACKERS, "stun": KIND_STUN}
 
 
@@ -64,11 +70,27 @@ class BenchConfig:
         return ",".join(f"{name}={weight}" for name, weight in self.mix)
 
 
+@dataclass(frozen=True, slots=True)
+class GeneratorLoad:
+    """One generator process over the measured window, each a fraction of its wall time."""
+
+    cpu: float  # process CPU time (user + system): 1.0 is one whole core
+    busy: float  # the same less busy-polling with nothing to do (--spin)
+    waiting: float  # runnable but without a core (other processes had them)
+
+    @classmethod
+    def of(cls, r: EngineResult) -> "GeneratorLoad":
+        if not r.elapsed:
+            return cls(0.0, 0.0, 0.0)
+        cpu = (r.cpu_user + r.cpu_system) / r.elapsed
+        return cls(cpu, max(0.0, cpu - r.idle / r.elapsed), r.runqueue_wait / r.elapsed)
+
+
 @dataclass(slots=True)
 class BenchReport:
     config: BenchConfig
     result: EngineResult
-    processes_cpu: list[float] = field(default_factory=list)  # fraction of one core, per process
+    loads: list[GeneratorLoad] = field(default_factory=list)  # one per process
 
     # -- derived figures ---------------------------------------------------------
     @property
@@ -87,20 +109,46 @@ class BenchReport:
         return r.sent / r.elapsed if r.elapsed else 0.0
 
     @property
-    def max_process_cpu(self) -> float:
-        return max(self.processes_cpu, default=0.0)
+    def processes_cpu(self) -> list[float]:
+        return [load.cpu for load in self.loads]
 
     @property
     def generator_limited(self) -> Optional[str]:
         """Why the generator, not the server, was the limit (None when it was not)."""
         r = self.result
-        if self.max_process_cpu >= GENERATOR_CPU_LIMIT:
-            return f"generator CPU {self.max_process_cpu * 100:.0f}% of one core (>= {GENERATOR_CPU_LIMIT * 100:.0f}%)"
+        busiest = max(self.loads, key=lambda load: load.busy, default=GeneratorLoad(0.0, 0.0, 0.0))
+        if busiest.busy >= GENERATOR_CPU_LIMIT:
+            spin = f" ({busiest.cpu * 100:.0f}% with --spin's polling)" if self.config.spin else ""
+            return f"generator busy {busiest.busy * 100:.0f}% of one core{spin} (>= {GENERATOR_CPU_LIMIT * 100:.0f}%)"
+        waiting = max((load.waiting for load in self.loads), default=0.0)
+        if waiting >= GENERATOR_WAIT_LIMIT:
+            return f"the generator waited for a CPU core {waiting:.0%} of the run (the machine is busy)"
         if self.config.rate and r.sent and r.skipped > 0.02 * (r.sent + r.skipped):
             return f"generator could not keep the schedule ({r.skipped} sends skipped; more --sockets or --processes)"
         if r.send_errors > 0.01 * max(1, r.sent):
             return f"socket send buffers full ({r.send_errors} sends failed)"
         return None
+
+    @property
+    def source_addresses(self) -> int:
+        """Distinct source addresses the requests came from, as the server sees them."""
+        c = self.config
+        return len({ip for p in range(c.processes) for ip in _source_ips(c, p)}) or 1
+
+    @property
+    def rate_limit_hint(self) -> Optional[str]:
+        """A likely cause of a high loss: the tracker's per-source rate limit."""
+        if self.loss_ratio < HIGH_LOSS or not self.result.answered:
+            return None
+        sources = self.source_addresses
+        if self.achieved_rate / sources > RATE_LIMITED_PER_SOURCE:
+            return None
+        default = float(KEYS["serve.rate_limit"].default)
+        return (
+            f"high loss ({self.loss_ratio:.0%}) from {sources} source address{'es' if sources > 1 else ''}: "
+            f"a tracker limits each source address (serve --rate-limit, default {default:g}/s); "
+            "for a load test run it with --rate-limit 0"
+        )
 
     def to_json(self) -> dict[str, Any]:
         c = self.config
@@ -121,6 +169,7 @@ class BenchReport:
             "timeout": c.timeout,
             "processes": c.processes,
             "sockets": c.sockets * c.processes,
+            "spin": c.spin,
             "sent": r.sent,
             "answered": r.answered,
             "lost": r.lost,
@@ -148,10 +197,13 @@ class BenchReport:
                 "cpu_user": round(r.cpu_user, 3),
                 "cpu_system": round(r.cpu_system, 3),
                 "idle_spin": round(r.idle, 3),
-                "cpu_per_process": [round(x, 3) for x in self.processes_cpu],
+                "cpu_per_process": [round(load.cpu, 3) for load in self.loads],
+                "busy_per_process": [round(load.busy, 3) for load in self.loads],
+                "runqueue_wait_per_process": [round(load.waiting, 3) for load in self.loads],
                 "limited": self.generator_limited is not None,
                 "limit_reason": self.generator_limited,
             },
+            "hints": [hint for hint in (self.rate_limit_hint,) if hint is not None],
         }
 
 
@@ -343,6 +395,7 @@ def merge_results(parts: list[EngineResult]) -> EngineResult:
         out.cpu_user += r.cpu_user
         out.cpu_system += r.cpu_system
         out.idle += r.idle
+        out.runqueue_wait += r.runqueue_wait
         out.latency_clock = r.latency_clock
         for kind, counts in r.by_kind.items():
             mine = out.by_kind.setdefault(kind, {})
@@ -350,11 +403,6 @@ def merge_results(parts: list[EngineResult]) -> EngineResult:
                 mine[key] = mine.get(key, 0) + value
     out.invalid_reasons = reasons
     return out
-
-
-def _cpu_share(r: EngineResult) -> float:
-    """Busy fraction of one core: CPU time minus the time spent spinning idle."""
-    return max(0.0, r.cpu_user + r.cpu_system - r.idle) / r.elapsed if r.elapsed else 0.0
 
 
 def _child(plan: EnginePlan, index: int, out: "multiprocessing.Queue[Any]") -> None:
@@ -373,7 +421,7 @@ def run_bench(config: BenchConfig, progress: Optional[Callable[[Progress], None]
     validate(config)
     if config.processes == 1:
         result = run_engine(engine_plans(config)[0], progress)
-        return BenchReport(config, result, [_cpu_share(result)])
+        return BenchReport(config, result, [GeneratorLoad.of(result)])
     return _run_multi(config, progress)
 
 
@@ -433,7 +481,7 @@ def _run_multi(config: BenchConfig, progress: Optional[Callable[[Progress], None
     if error is not None or len(results) < len(procs):
         raise NattoolError(f"bench generator failed: {error or 'timed out'}")
     parts = [results[i] for i in range(len(procs))]
-    return BenchReport(config, merge_results(parts), [_cpu_share(r) for r in parts])
+    return BenchReport(config, merge_results(parts), [GeneratorLoad.of(r) for r in parts])
 
 
 def run_ramp(
