@@ -37,15 +37,15 @@ def bench(
     """Load a tracker or STUN server with UDP requests; report rate, loss, invalid replies and latency."""
 
     def body() -> int:
-        from nattool.diag.bench import BenchConfig, parse_mix, parse_target, run_bench
+        from nattool.diag.bench import BenchConfig, check_max_loss, parse_mix, parse_target, run_bench
         from nattool.errors import UsageError
 
         if window is not None and rate is not None:
             raise UsageError("--window (closed loop) and --rate (open loop) exclude each other")
         if ramp and (window is not None or rate is not None):
             raise UsageError("--ramp chooses the rates itself: drop --window/--rate")
-        if max_loss is not None and not 0 <= max_loss < 1:
-            raise UsageError(f"bad --max-loss {max_loss:g}: want 0..1 (a ratio)")
+        if max_loss is not None:
+            check_max_loss(max_loss)
         config = BenchConfig(
             target=parse_target(target),
             mix=(("stun", 1),) if stun else parse_mix(mix),

@@ -31,6 +31,7 @@ import typer.main
 from typer import _click
 
 from nattool import __version__
+from nattool.cli.help_format import argument_name, argument_usage
 from nattool.config import ENV_CONFIG, KEYS
 from nattool.exit_codes import ExitCode
 
@@ -65,14 +66,6 @@ class ArgumentDoc:
     @property
     def usage(self) -> str:
         return argument_usage(self.name, self.required, self.variadic)
-
-
-def argument_usage(name: str, required: bool, variadic: bool, wrap: Any = str) -> str:
-    """NAME, [NAME] or [NAME]... ; a metavar that already says so ("[SERVER]...") is kept."""
-    if "[" in name or name.endswith("..."):
-        return wrap(name)
-    text = wrap(name) + ("..." if variadic else "")
-    return text if required else f"[{text}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +142,7 @@ def _describe(cmd: _click.Command, ctx: _click.Context, path: tuple[str, ...]) -
             record = param.get_help_record(ctx)
             arguments.append(
                 ArgumentDoc(
-                    name=str(param.metavar or (param.name or "ARG").upper()),
+                    name=argument_name(param),
                     required=bool(param.required),
                     variadic=param.nargs == -1,
                     help=_clean(record[1] if record else ""),

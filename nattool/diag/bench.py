@@ -297,10 +297,15 @@ def _kinds(mix: tuple[tuple[str, int], ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def check_max_loss(max_loss: float) -> None:
+    if not 0 <= max_loss < 1:
+        raise UsageError(f"bad --max-loss {max_loss:g}: want a ratio from 0 up to, not including, 1")
+
+
 def validate(config: BenchConfig) -> None:
     c = config
     if not 0 < c.duration <= MAX_DURATION:
-        raise UsageError(f"bad --duration {c.duration:g}: want 0..{MAX_DURATION:g} seconds")
+        raise UsageError(f"bad --duration {c.duration:g}: want more than 0 and at most {MAX_DURATION:g} seconds")
     if not 0 <= c.warmup <= 600:
         raise UsageError(f"bad --warmup {c.warmup:g}: want 0..600 seconds")
     if not 0.001 <= c.timeout <= 60:
@@ -310,7 +315,7 @@ def validate(config: BenchConfig) -> None:
     if not 1 <= c.sockets <= MAX_SOCKETS:
         raise UsageError(f"bad --sockets {c.sockets}: want 1..{MAX_SOCKETS} (per process)")
     if c.rate is not None and not 0 < c.rate <= MAX_RATE:
-        raise UsageError(f"bad --rate {c.rate:g}: want 0..{MAX_RATE:g} requests/s")
+        raise UsageError(f"bad --rate {c.rate:g}: want more than 0 and at most {MAX_RATE:g} requests/s")
     if c.window is not None and not 1 <= c.window <= MAX_SOCKETS * MAX_PROCESSES:
         raise UsageError(f"bad --window {c.window}")
     if c.window is not None and c.window > c.sockets * c.processes:
@@ -499,8 +504,7 @@ def run_ramp(
     bisection step between the last good and the first bad rate when time allows."""
     if not 1.05 <= factor <= 10:
         raise UsageError("ramp factor must be 1.05..10")
-    if not 0 <= max_loss < 1:
-        raise UsageError("--max-loss must be in 0..1")
+    check_max_loss(max_loss)
     started = time.monotonic()
     steps: list[BenchReport] = []
     best: Optional[BenchReport] = None
