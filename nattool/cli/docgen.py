@@ -312,10 +312,16 @@ EXAMPLES: list[tuple[str, str]] = [
 ]
 
 SEE_ALSO = [("systemd.service", "5"), ("systemctl", "1"), ("stun", "1")]
+# Files of the source repository the page refers readers to (a test holds them present).
+REPOSITORY_DOCS = {
+    "README.md": "installing, a tour and running a tracker",
+    "docs/PROTOCOL.md": "the wire protocol, every message byte for byte",
+}
 SEE_ALSO_TEXT = (
     "RFC 4787 (NAT behavioural requirements for UDP), RFC 8489 (STUN), RFC 5780 (NAT "
-    "behaviour discovery using STUN), RFC 2782 (DNS SRV). The README and PROTOCOL.md of "
-    "the nattool source distribution."
+    "behaviour discovery using STUN), RFC 2782 (DNS SRV). In the nattool source repository: "
+    + "; ".join(f"{path} ({what})" for path, what in REPOSITORY_DOCS.items())
+    + "."
 )
 
 
