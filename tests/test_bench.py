@@ -251,8 +251,8 @@ def test_a_waiting_generator_reports_its_real_cpu_time(fake) -> None:
     assert gen["busy_per_process"] == gen["cpu_per_process"]
 
 
-def _report(cpu: float, idle: float = 0.0, waiting: float = 0.0, spin: bool = False) -> BenchReport:
-    config = BenchConfig(target=Endpoint.from_text("127.0.0.1:9"), spin=spin)
+def _report(cpu: float, idle: float = 0.0, waiting: float = 0.0, spin: bool = False, rate: float | None = None) -> BenchReport:
+    config = BenchConfig(target=Endpoint.from_text("127.0.0.1:9"), spin=spin, rate=rate, window=None if rate else 128)
     result = EngineResult(sent=1000, answered=1000, elapsed=1.0, cpu_user=cpu, idle=idle, runqueue_wait=waiting)
     return BenchReport(config, result, [GeneratorLoad.of(result)])
 
@@ -265,6 +265,8 @@ def test_the_generator_is_the_limit_only_when_its_load_says_so() -> None:
     assert "busy 92%" in (_report(cpu=1.0, idle=0.08, spin=True).generator_limited or "")
     # Little CPU but long waits for a core: a busy machine held the generator back.
     assert "waited for a CPU core 40%" in (_report(cpu=0.2, waiting=0.4).generator_limited or "")
+    # The open loop keeps its schedule or counts the sends it skipped: waits alone are no limit.
+    assert _report(cpu=0.2, waiting=0.4, rate=1000.0).generator_limited is None
 
 
 # -- a tracker's per-source rate limit -------------------------------------------------------
@@ -301,6 +303,13 @@ def test_cli_gives_no_hint_against_a_tracker_without_a_rate_limit(tracker) -> No
     assert res.exit_code == ExitCode.OK, res.output
     doc = json.loads(res.stdout)
     assert doc["answered"] > 100 and doc["loss_ratio"] < 0.05 and doc["hints"] == []
+
+
+def test_a_ramp_stopped_by_a_rate_limit_gives_the_hint(tracker) -> None:
+    tp = tracker(rate_limit=None)
+    res = run_cli(tp.endpoint, "--ramp", "--ramp-start", "2000", "--ramp-step", "0.5", "--ramp-budget", "3", "--warmup", "0.2", "--timeout", "0.2", "--sockets", "4")
+    assert res.exit_code == ExitCode.FAILURE, res.output  # no rate held: 4 sources at 50/s each
+    assert "hint: high loss" in res.stdout and "--rate-limit 0" in res.stdout, res.stdout
 
 
 def test_no_hint_when_nothing_answers() -> None:

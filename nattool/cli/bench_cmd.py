@@ -108,6 +108,7 @@ def bench(
             else:
                 stdout.print(f"no rate held loss <= {threshold:.2%}")
             stdout.print(f"stopped: {doc['stopped_because']}")
+            _print_hints(doc["hints"])
         return int(ExitCode.OK) if result.best is not None else int(ExitCode.FAILURE)
 
     raise typer.Exit(run_edge(body))
@@ -194,7 +195,11 @@ def _render(d: dict[str, Any]) -> None:
         stdout.print(f"note: the generator, not the server, was the limit: {gen['limit_reason']}")
     else:
         stdout.print("note: the generator was not the limit")
-    for hint in d["hints"]:
+    _print_hints(d["hints"])
+
+
+def _print_hints(hints: list[str]) -> None:
+    for hint in hints:
         stdout.print(f"hint: {hint}", markup=False)
 
 

@@ -121,7 +121,9 @@ class BenchReport:
             spin = f" ({busiest.cpu * 100:.0f}% with --spin's polling)" if self.config.spin else ""
             return f"generator busy {busiest.busy * 100:.0f}% of one core{spin} (>= {GENERATOR_CPU_LIMIT * 100:.0f}%)"
         waiting = max((load.waiting for load in self.loads), default=0.0)
-        if waiting >= GENERATOR_WAIT_LIMIT:
+        # A closed loop answers each reply with the next request: the generator's waits for
+        # a core are requests not made. The open loop's are seen as skipped sends (below).
+        if not self.config.rate and waiting >= GENERATOR_WAIT_LIMIT:
             return f"the generator waited for a CPU core {waiting:.0%} of the run (the machine is busy)"
         if self.config.rate and r.sent and r.skipped > 0.02 * (r.sent + r.skipped):
             return f"generator could not keep the schedule ({r.skipped} sends skipped; more --sockets or --processes)"
@@ -136,16 +138,25 @@ class BenchReport:
         return len({ip for p in range(c.processes) for ip in _source_ips(c, p)}) or 1
 
     @property
+    def unanswered_ratio(self) -> float:
+        """Requests due that got no valid answer: the lost, and in the open loop also the
+        ones skipped because every socket still waited for an answer."""
+        r = self.result
+        due = r.sent + r.skipped
+        return 1.0 - r.answered / due if due else 0.0
+
+    @property
     def rate_limit_hint(self) -> Optional[str]:
         """A likely cause of a high loss: the tracker's per-source rate limit."""
-        if self.loss_ratio < HIGH_LOSS or not self.result.answered:
+        unanswered = self.unanswered_ratio
+        if unanswered < HIGH_LOSS or not self.result.answered:
             return None
         sources = self.source_addresses
         if self.achieved_rate / sources > RATE_LIMITED_PER_SOURCE:
             return None
         default = float(KEYS["serve.rate_limit"].default)
         return (
-            f"high loss ({self.loss_ratio:.0%}) from {sources} source address{'es' if sources > 1 else ''}: "
+            f"high loss ({unanswered:.0%} unanswered) from {sources} source address{'es' if sources > 1 else ''}: "
             f"a tracker limits each source address (serve --rate-limit, default {default:g}/s); "
             "for a load test run it with --rate-limit 0"
         )
@@ -232,7 +243,13 @@ class RampResult:
                 for s in self.steps
             ],
             "best": self.best.to_json() if self.best else None,
+            "hints": [hint for hint in (self.rate_limit_hint,) if hint is not None],
         }
+
+    @property
+    def rate_limit_hint(self) -> Optional[str]:
+        """The last step's: the one whose loss stopped the ramp."""
+        return self.steps[-1].rate_limit_hint if self.steps else None
 
 
 # -- configuration ------------------------------------------------------------------
