@@ -7,6 +7,7 @@ script), each misbehaving in one deterministic way. Everything stays on loopback
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -18,8 +19,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from nattool.diag.bench import BenchConfig, parse_mix, parse_target, run_bench, run_ramp
-from nattool.diag.bench_engine import register_request, stun_request, xor_mapped_value
+from nattool.diag.bench import BenchConfig, BenchReport, GeneratorLoad, parse_mix, parse_target, run_bench, run_ramp
+from nattool.diag.bench_engine import EngineResult, register_request, stun_request, xor_mapped_value
 from nattool.errors import UsageError
 from nattool.exit_codes import ExitCode
 from nattool.protocol import stun as stun_codec
@@ -225,6 +226,101 @@ def test_every_member_is_registered_from_every_socket_in_turn(shared_tracker, wi
     assert len(listed) == members // groups, reply
 
 
+# -- the generator's own load, told honestly ----------------------------------------------
+
+
+def _process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_a_waiting_generator_reports_its_real_cpu_time(fake) -> None:
+    """Blocked in epoll for a slow server, the generator spends little CPU: that
+    waiting is neither CPU time nor "idle spin" to subtract from it (which made every
+    waiting run read "generator CPU 0%")."""
+    target = fake("slow")
+    before = _process_cpu()
+    report = run_bench(quick(target, sockets=4, window=2, duration=0.6, warmup=0.1, timeout=0.5))
+    spent = _process_cpu() - before
+    r, gen = report.result, report.to_json()["generator"]
+    assert r.answered > 10
+    assert r.idle == 0.0  # it never busy-polled: no --spin, and it always had a wait
+    cpu_seconds = r.cpu_user + r.cpu_system
+    assert 0.0 < cpu_seconds <= spent  # the window's CPU is part of what the whole call spent
+    assert gen["cpu_per_process"] == [round(cpu_seconds / r.elapsed, 3)]
+    assert gen["busy_per_process"] == gen["cpu_per_process"]
+
+
+def _report(cpu: float, idle: float = 0.0, waiting: float = 0.0, spin: bool = False, rate: float | None = None) -> BenchReport:
+    config = BenchConfig(target=Endpoint.from_text("127.0.0.1:9"), spin=spin, rate=rate, window=None if rate else 128)
+    result = EngineResult(sent=1000, answered=1000, elapsed=1.0, cpu_user=cpu, idle=idle, runqueue_wait=waiting)
+    return BenchReport(config, result, [GeneratorLoad.of(result)])
+
+
+def test_the_generator_is_the_limit_only_when_its_load_says_so() -> None:
+    assert _report(cpu=0.3).generator_limited is None
+    assert "busy 95%" in (_report(cpu=0.95).generator_limited or "")
+    # --spin polls a whole core: the polling is no work, the rest is.
+    assert _report(cpu=1.0, idle=0.7, spin=True).generator_limited is None
+    assert "busy 92%" in (_report(cpu=1.0, idle=0.08, spin=True).generator_limited or "")
+    # Little CPU but long waits for a core: a busy machine held the generator back.
+    assert "waited for a CPU core 40%" in (_report(cpu=0.2, waiting=0.4).generator_limited or "")
+    # The open loop keeps its schedule or counts the sends it skipped: waits alone are no limit.
+    assert _report(cpu=0.2, waiting=0.4, rate=1000.0).generator_limited is None
+
+
+# -- a tracker's per-source rate limit -------------------------------------------------------
+
+
+def test_high_loss_from_one_source_against_a_rate_limited_tracker_gives_the_hint(tracker) -> None:
+    tp = tracker(rate_limit=None)  # the server's default per-source limit
+    # One source address, as against any tracker not on IPv4 loopback.
+    report = run_bench(quick(Endpoint.from_text(tp.endpoint), sockets=16, window=16, duration=0.8, warmup=0.2, timeout=0.2, spread_sources=False))
+    assert report.loss_ratio > 0.3, report.to_json()
+    assert report.source_addresses == 1
+    hint = report.rate_limit_hint
+    assert hint is not None and "from 1 source address:" in hint and "--rate-limit 0" in hint
+    assert report.to_json()["hints"] == [hint]
+
+
+BENCH_FEW_SOCKETS = ("--duration", "0.8", "--warmup", "0.2", "--timeout", "0.1", "--sockets", "2", "--window", "2")
+
+
+def test_cli_prints_the_rate_limit_hint_against_a_limiting_tracker(tracker) -> None:
+    tp = tracker(rate_limit=None)
+    res = run_cli(tp.endpoint, *BENCH_FEW_SOCKETS)
+    assert res.exit_code == ExitCode.OK, res.output
+    hints = [line for line in res.stdout.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1, res.stdout
+    assert "high loss" in hints[0] and "from 2 source addresses" in hints[0] and "serve --rate-limit" in hints[0]
+    assert "for a load test run it with --rate-limit 0" in hints[0]
+
+
+def test_cli_gives_no_hint_against_a_tracker_without_a_rate_limit(tracker) -> None:
+    # The control: the same load, the limit off, no loss to explain.
+    tp = tracker(rate_limit="0")
+    res = run_cli(tp.endpoint, *BENCH_FEW_SOCKETS, "--json")
+    assert res.exit_code == ExitCode.OK, res.output
+    doc = json.loads(res.stdout)
+    assert doc["answered"] > 100 and doc["loss_ratio"] < 0.05 and doc["hints"] == []
+
+
+def test_a_ramp_stopped_by_a_rate_limit_gives_the_hint(tracker) -> None:
+    tp = tracker(rate_limit=None)
+    res = run_cli(tp.endpoint, "--ramp", "--ramp-start", "2000", "--ramp-step", "0.5", "--ramp-budget", "3", "--warmup", "0.2", "--timeout", "0.2", "--sockets", "4")
+    assert res.exit_code == ExitCode.FAILURE, res.output  # no rate held: 4 sources at 50/s each
+    assert "hint: high loss" in res.stdout and "--rate-limit 0" in res.stdout, res.stdout
+
+
+def test_no_hint_when_nothing_answers() -> None:
+    # Total loss with no answer at all is a missing server, not a rate limit.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        target = Endpoint.from_text(f"127.0.0.1:{s.getsockname()[1]}")
+        report = run_bench(quick(target, sockets=4, window=2, duration=0.3, warmup=0.0, timeout=0.1))
+    assert report.loss_ratio == 1.0 and report.rate_limit_hint is None
+
+
 # -- request builders agree with the protocol package ---------------------------------------
 
 
@@ -300,6 +396,7 @@ JSON_KEYS = {
     "target", "workload", "mode", "window", "rate", "duration", "warmup", "timeout", "processes",
     "sockets", "sent", "answered", "lost", "invalid", "send_errors", "skipped", "loss_ratio",
     "elapsed", "offered_rate", "achieved_rate", "latency_ms", "invalid_reasons", "by_kind", "generator",
+    "spin", "hints",
 }
 
 
@@ -311,7 +408,9 @@ def test_cli_json_schema_and_exit_ok(fake) -> None:
     assert set(doc) == JSON_KEYS
     assert set(doc["latency_ms"]) == {"min", "p50", "p90", "p99", "p99.9", "max", "mean", "relative_error", "clock"}
     assert doc["latency_ms"]["clock"] == "user"  # closed loop: the generator's own clock
-    assert set(doc["generator"]) >= {"cpu_user", "cpu_system", "cpu_per_process", "limited", "limit_reason"}
+    assert set(doc["generator"]) >= {
+        "cpu_user", "cpu_system", "cpu_per_process", "busy_per_process", "runqueue_wait_per_process", "limited", "limit_reason"
+    }
     assert doc["answered"] == doc["sent"] > 0 and doc["mode"] == "closed"
 
 
@@ -320,6 +419,7 @@ def test_cli_human_output_without_a_terminal_has_no_live_display(fake) -> None:
     res = run_cli(target.to_text(), "--stun", "--duration", "0.4", "--warmup", "0", "--sockets", "8", "--window", "4")
     assert res.exit_code == ExitCode.OK, res.output
     assert "achieved rate" in res.stdout and "p99" in res.stdout
+    assert "generator CPU" in res.stdout and "of one core" in res.stdout
     assert "\x1b[" not in res.stdout and "starting" not in res.stdout
 
 

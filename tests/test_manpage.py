@@ -71,6 +71,15 @@ def test_committed_page_is_fresh() -> None:
     assert page_text() == fresh, f"man/nattool.1 is stale; run: {docgen.REGENERATE}"
 
 
+def test_the_repository_documents_the_page_names_exist() -> None:
+    text = page_text()
+    assert docgen.REPOSITORY_DOCS
+    for path in docgen.REPOSITORY_DOCS:
+        assert path in text
+        assert (REPO / path).is_file(), f"the man page refers readers to {path}, which is not in the repository"
+    assert re.search(r"(?<![/\w])PROTOCOL\.md", text) is None  # only ever docs/PROTOCOL.md
+
+
 # -- lint and render ---------------------------------------------------------------------------
 
 

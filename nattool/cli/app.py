@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
+import difflib
 import sys
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,6 +12,7 @@ from nattool import __version__
 from nattool.cli.bench_cmd import bench
 from nattool.cli.config_cmd import app as config_app
 from nattool.cli.connect_cmd import connect
+from nattool.cli.help_format import NattoolCommand
 from nattool.cli.output import set_verbosity
 from nattool.exit_codes import ExitCode
 from nattool.cli.probe_cmd import probe
@@ -48,23 +49,33 @@ def main_options(
     set_verbosity(quiet, verbose)
 
 
-app.command()(serve)
-app.command()(whoami)
-app.command()(register)
-app.command()(trackers)
-app.command()(probe)
-app.command()(connect)
-app.command()(bench)
-app.add_typer(config_app, name="config")
+# One line each in `nattool --help` (80 columns leave 66 for a summary).
+app.command(cls=NattoolCommand, short_help="Run a tracker: //nat, registrations, tracker lists and STUN.")(serve)
+app.command(cls=NattoolCommand, short_help="Show my public endpoint as each tracker sees it.")(whoami)
+app.command(cls=NattoolCommand, short_help="Register in GROUP and list the group's members.")(register)
+app.command(cls=NattoolCommand, short_help="List the trackers given or discovered, and those they know.")(trackers)
+app.command(cls=NattoolCommand, short_help="Classify my NAT (RFC 4787 mapping and filtering).")(probe)
+app.command(cls=NattoolCommand, short_help="Open direct UDP paths to GROUP's members (hole punching).")(connect)
+app.command(cls=NattoolCommand, short_help="Load a tracker or STUN server; report rate, loss and latency.")(bench)
+app.add_typer(config_app, name="config", short_help="Show the effective configuration and where it came from.")
+
+# A suggestion for a mistyped option only when it is a near miss (--verbos, not --bogus).
+SUGGESTION_CUTOFF = 0.8
 
 
 def _click_kind(exc: BaseException) -> str | None:
     """Typer >= 0.26 vendors its own Click: recognise its exceptions by class name."""
     names = {cls.__name__ for cls in type(exc).__mro__}
-    for kind in ("NoArgsIsHelpError", "UsageError", "ClickException", "Abort", "Exit"):
+    for kind in ("NoArgsIsHelpError", "NoSuchOption", "UsageError", "ClickException", "Abort", "Exit"):
         if kind in names:
             return kind
     return None
+
+
+def _no_such_option(exc: BaseException) -> str:
+    option = str(getattr(exc, "option_name", ""))[:60].encode("unicode_escape").decode("ascii")
+    near = difflib.get_close_matches(option, list(getattr(exc, "possibilities", None) or ()), n=1, cutoff=SUGGESTION_CUTOFF)
+    return f"no such option: {option}" + (f" (did you mean {near[0]}?)" if near else "")
 
 
 def main() -> None:
@@ -79,8 +90,8 @@ def main() -> None:
         if kind == "NoArgsIsHelpError":
             exc.show()  # type: ignore[attr-defined]  # the help text, as asked
             sys.exit(int(ExitCode.USAGE))
-        if kind in ("UsageError", "ClickException"):
-            message = exc.format_message()  # type: ignore[attr-defined]
+        if kind in ("NoSuchOption", "UsageError", "ClickException"):
+            message = _no_such_option(exc) if kind == "NoSuchOption" else exc.format_message()  # type: ignore[attr-defined]
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             sys.stderr.write(f"nattool: error: {message}{hint}\n")

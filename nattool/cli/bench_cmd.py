@@ -37,15 +37,15 @@ def bench(
     """Load a tracker or STUN server with UDP requests; report rate, loss, invalid replies and latency."""
 
     def body() -> int:
-        from nattool.diag.bench import BenchConfig, parse_mix, parse_target, run_bench
+        from nattool.diag.bench import BenchConfig, check_max_loss, parse_mix, parse_target, run_bench
         from nattool.errors import UsageError
 
         if window is not None and rate is not None:
             raise UsageError("--window (closed loop) and --rate (open loop) exclude each other")
         if ramp and (window is not None or rate is not None):
             raise UsageError("--ramp chooses the rates itself: drop --window/--rate")
-        if max_loss is not None and not 0 <= max_loss < 1:
-            raise UsageError(f"bad --max-loss {max_loss:g}: want 0..1 (a ratio)")
+        if max_loss is not None:
+            check_max_loss(max_loss)
         config = BenchConfig(
             target=parse_target(target),
             mix=(("stun", 1),) if stun else parse_mix(mix),
@@ -108,6 +108,7 @@ def bench(
             else:
                 stdout.print(f"no rate held loss <= {threshold:.2%}")
             stdout.print(f"stopped: {doc['stopped_because']}")
+            _print_hints(doc["hints"])
         return int(ExitCode.OK) if result.best is not None else int(ExitCode.FAILURE)
 
     raise typer.Exit(run_edge(body))
@@ -182,8 +183,7 @@ def _render(d: dict[str, Any]) -> None:
         ("latency ms" + (" (kernel rx time)" if lat.get("clock") == "kernel" else ""), f"min {lat['min']:.3f}  p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  p99.9 {lat['p99.9']:.3f}  max {lat['max']:.3f}"),
     ]
     gen = d["generator"]
-    cpu = "+".join(f"{x * 100:.0f}%" for x in gen["cpu_per_process"])
-    rows.append(("generator CPU", f"{cpu} of one core"))
+    rows.append(("generator CPU", _generator_cpu(gen, spin=d["spin"])))
     if d["skipped"] or d["send_errors"]:
         rows.append(("not sent", f"{d['skipped']:,} skipped, {d['send_errors']:,} send errors"))
     for reason, count in sorted(d["invalid_reasons"].items(), key=lambda kv: -kv[1])[:5]:
@@ -195,4 +195,24 @@ def _render(d: dict[str, Any]) -> None:
         stdout.print(f"note: the generator, not the server, was the limit: {gen['limit_reason']}")
     else:
         stdout.print("note: the generator was not the limit")
+    _print_hints(d["hints"])
+
+
+def _print_hints(hints: list[str]) -> None:
+    for hint in hints:
+        stdout.print(f"hint: {hint}", markup=False)
+
+
+def _generator_cpu(gen: dict[str, Any], spin: bool) -> str:
+    """Process CPU time over the measured wall time, per process."""
+
+    def percents(key: str) -> str:
+        return "+".join(f"{x * 100:.0f}%" for x in gen[key])
+
+    text = f"{percents('cpu_per_process')} of one core"
+    if spin:
+        text += f" (busy {percents('busy_per_process')}, the rest --spin polling)"
+    if any(x >= 0.01 for x in gen["runqueue_wait_per_process"]):
+        text += f"; waited for a core {percents('runqueue_wait_per_process')} of the run"
+    return text
 

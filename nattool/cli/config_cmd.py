@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from nattool.cli.help_format import NattoolCommand
 from nattool.cli.options import ConfigOpt, JsonOpt
 from nattool.cli.output import emit_json, info, run_edge, stdout
 from nattool.config import config_path_in_use, load_settings
@@ -39,7 +40,7 @@ def _render(value: Any) -> str:
     return str(value)
 
 
-@app.command("show")
+@app.command("show", cls=NattoolCommand)
 def show(ctx: typer.Context, json_out: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Print every setting, its effective value and where it came from."""
 
@@ -67,7 +68,7 @@ def show(ctx: typer.Context, json_out: JsonOpt = False, config: ConfigOpt = None
     raise typer.Exit(run_edge(body))
 
 
-@app.command("path")
+@app.command("path", cls=NattoolCommand)
 def path(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Print the path of the config file in use (it may not exist yet)."""
 

@@ -31,6 +31,7 @@ import typer.main
 from typer import _click
 
 from nattool import __version__
+from nattool.cli.help_format import argument_name, argument_usage
 from nattool.config import ENV_CONFIG, KEYS
 from nattool.exit_codes import ExitCode
 
@@ -65,14 +66,6 @@ class ArgumentDoc:
     @property
     def usage(self) -> str:
         return argument_usage(self.name, self.required, self.variadic)
-
-
-def argument_usage(name: str, required: bool, variadic: bool, wrap: Any = str) -> str:
-    """NAME, [NAME] or [NAME]... ; a metavar that already says so ("[SERVER]...") is kept."""
-    if "[" in name or name.endswith("..."):
-        return wrap(name)
-    text = wrap(name) + ("..." if variadic else "")
-    return text if required else f"[{text}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +142,7 @@ def _describe(cmd: _click.Command, ctx: _click.Context, path: tuple[str, ...]) -
             record = param.get_help_record(ctx)
             arguments.append(
                 ArgumentDoc(
-                    name=str(param.metavar or (param.name or "ARG").upper()),
+                    name=argument_name(param),
                     required=bool(param.required),
                     variadic=param.nargs == -1,
                     help=_clean(record[1] if record else ""),
@@ -319,10 +312,16 @@ EXAMPLES: list[tuple[str, str]] = [
 ]
 
 SEE_ALSO = [("systemd.service", "5"), ("systemctl", "1"), ("stun", "1")]
+# Files of the source repository the page refers readers to (a test holds them present).
+REPOSITORY_DOCS = {
+    "README.md": "installing, a tour and running a tracker",
+    "docs/PROTOCOL.md": "the wire protocol, every message byte for byte",
+}
 SEE_ALSO_TEXT = (
     "RFC 4787 (NAT behavioural requirements for UDP), RFC 8489 (STUN), RFC 5780 (NAT "
-    "behaviour discovery using STUN), RFC 2782 (DNS SRV). The README and PROTOCOL.md of "
-    "the nattool source distribution."
+    "behaviour discovery using STUN), RFC 2782 (DNS SRV). In the nattool source repository: "
+    + "; ".join(f"{path} ({what})" for path, what in REPOSITORY_DOCS.items())
+    + "."
 )
 
 

@@ -9,20 +9,60 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
+from rich.segment import Segment
+from rich.table import Table
 
 from nattool.errors import NattoolError
 from nattool.exit_codes import ExitCode
 
 T = TypeVar("T")
 
+
+
+def _rstrip(line: list[Segment]) -> list[Segment]:
+    """One rendered line without the blanks at its end."""
+    segments = list(line)
+    while segments and not segments[-1].control and not segments[-1].text.strip():
+        segments.pop()
+    if segments and not segments[-1].control:
+        last = segments[-1]
+        segments[-1] = Segment(last.text.rstrip(), last.style)
+    return segments
+
+
+class TrimmedLines:
+    """A renderable drawn as the one it wraps, less the spaces at the end of each line
+    (rich pads every cell of a table to its column's width, the last one too)."""
+
+    def __init__(self, renderable: RenderableType) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Segment]:
+        for line in console.render_lines(self.renderable, options, pad=False):
+            yield from _rstrip(line)
+            yield Segment.line()
+
+
+class _Console(Console):
+    """Tables are printed without trailing blanks."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*_trimmed(objects), **kwargs)
+
+
+def _trimmed(objects: Iterable[Any]) -> Iterator[Any]:
+    for obj in objects:
+        yield TrimmedLines(obj) if isinstance(obj, Table) else obj
+
+
 # NO_COLOR (https://no-color.org): no escape codes at all, bold included.
 _plain = {"color_system": None} if os.environ.get("NO_COLOR") else {}
-stdout = Console(highlight=False, soft_wrap=True, **_plain)  # type: ignore[arg-type]
-stderr = Console(stderr=True, highlight=False, soft_wrap=True, **_plain)  # type: ignore[arg-type]
+stdout = _Console(highlight=False, soft_wrap=True, **_plain)  # type: ignore[arg-type]
+stderr = _Console(stderr=True, highlight=False, soft_wrap=True, **_plain)  # type: ignore[arg-type]
 
 _verbosity = {"level": 0}
 

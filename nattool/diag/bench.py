@@ -29,6 +29,7 @@ from nattool.diag.bench_engine import (
     run_engine,
     rx_timestamps_supported,
 )
+from nattool.config import KEYS
 from nattool.diag.histogram import Histogram
 from nattool.errors import UsageError
 from nattool.protocol.endpoint import Endpoint
@@ -40,6 +41,11 @@ MAX_SOCKETS = 8192  # per process; the file descriptor limit is the other bound
 MAX_PROCESSES = 64
 MAX_REQUESTS_PER_SECOND_BOUND = 2_000_000  # requests per process per second of run, at most
 GENERATOR_CPU_LIMIT = 0.9  # fraction of one core: above this the generator is the bottleneck
+GENERATOR_WAIT_LIMIT = 0.1  # fraction of the run spent runnable without a core: the machine is busy
+HIGH_LOSS = 0.05
+# Answers per source address per second at or below which a per-source rate limit of
+# the server may explain a high loss (20 times the tracker's default limit).
+RATE_LIMITED_PER_SOURCE = 20 * float(KEYS["serve.rate_limit"].default)
 _MIX_KINDS = {"nat": KIND_NAT, "register": KIND_REGISTER, "trackers": KIND_TRACKERS, "stun": KIND_STUN}
 
 
@@ -64,11 +70,27 @@ class BenchConfig:
         return ",".join(f"{name}={weight}" for name, weight in self.mix)
 
 
+@dataclass(frozen=True, slots=True)
+class GeneratorLoad:
+    """One generator process over the measured window, each a fraction of its wall time."""
+
+    cpu: float  # process CPU time (user + system): 1.0 is one whole core
+    busy: float  # the same less busy-polling with nothing to do (--spin)
+    waiting: float  # runnable but without a core (other processes had them)
+
+    @classmethod
+    def of(cls, r: EngineResult) -> "GeneratorLoad":
+        if not r.elapsed:
+            return cls(0.0, 0.0, 0.0)
+        cpu = (r.cpu_user + r.cpu_system) / r.elapsed
+        return cls(cpu, max(0.0, cpu - r.idle / r.elapsed), r.runqueue_wait / r.elapsed)
+
+
 @dataclass(slots=True)
 class BenchReport:
     config: BenchConfig
     result: EngineResult
-    processes_cpu: list[float] = field(default_factory=list)  # fraction of one core, per process
+    loads: list[GeneratorLoad] = field(default_factory=list)  # one per process
 
     # -- derived figures ---------------------------------------------------------
     @property
@@ -87,20 +109,57 @@ class BenchReport:
         return r.sent / r.elapsed if r.elapsed else 0.0
 
     @property
-    def max_process_cpu(self) -> float:
-        return max(self.processes_cpu, default=0.0)
+    def processes_cpu(self) -> list[float]:
+        return [load.cpu for load in self.loads]
 
     @property
     def generator_limited(self) -> Optional[str]:
         """Why the generator, not the server, was the limit (None when it was not)."""
         r = self.result
-        if self.max_process_cpu >= GENERATOR_CPU_LIMIT:
-            return f"generator CPU {self.max_process_cpu * 100:.0f}% of one core (>= {GENERATOR_CPU_LIMIT * 100:.0f}%)"
+        busiest = max(self.loads, key=lambda load: load.busy, default=GeneratorLoad(0.0, 0.0, 0.0))
+        if busiest.busy >= GENERATOR_CPU_LIMIT:
+            spin = f" ({busiest.cpu * 100:.0f}% with --spin's polling)" if self.config.spin else ""
+            return f"generator busy {busiest.busy * 100:.0f}% of one core{spin} (>= {GENERATOR_CPU_LIMIT * 100:.0f}%)"
+        waiting = max((load.waiting for load in self.loads), default=0.0)
+        # A closed loop answers each reply with the next request: the generator's waits for
+        # a core are requests not made. The open loop's are seen as skipped sends (below).
+        if not self.config.rate and waiting >= GENERATOR_WAIT_LIMIT:
+            return f"the generator waited for a CPU core {waiting:.0%} of the run (the machine is busy)"
         if self.config.rate and r.sent and r.skipped > 0.02 * (r.sent + r.skipped):
             return f"generator could not keep the schedule ({r.skipped} sends skipped; more --sockets or --processes)"
         if r.send_errors > 0.01 * max(1, r.sent):
             return f"socket send buffers full ({r.send_errors} sends failed)"
         return None
+
+    @property
+    def source_addresses(self) -> int:
+        """Distinct source addresses the requests came from, as the server sees them."""
+        c = self.config
+        return len({ip for p in range(c.processes) for ip in _source_ips(c, p)}) or 1
+
+    @property
+    def unanswered_ratio(self) -> float:
+        """Requests due that got no valid answer: the lost, and in the open loop also the
+        ones skipped because every socket still waited for an answer."""
+        r = self.result
+        due = r.sent + r.skipped
+        return 1.0 - r.answered / due if due else 0.0
+
+    @property
+    def rate_limit_hint(self) -> Optional[str]:
+        """A likely cause of a high loss: the tracker's per-source rate limit."""
+        unanswered = self.unanswered_ratio
+        if unanswered < HIGH_LOSS or not self.result.answered:
+            return None
+        sources = self.source_addresses
+        if self.achieved_rate / sources > RATE_LIMITED_PER_SOURCE:
+            return None
+        default = float(KEYS["serve.rate_limit"].default)
+        return (
+            f"high loss ({unanswered:.0%} unanswered) from {sources} source address{'es' if sources > 1 else ''}: "
+            f"a tracker limits each source address (serve --rate-limit, default {default:g}/s); "
+            "for a load test run it with --rate-limit 0"
+        )
 
     def to_json(self) -> dict[str, Any]:
         c = self.config
@@ -121,6 +180,7 @@ class BenchReport:
             "timeout": c.timeout,
             "processes": c.processes,
             "sockets": c.sockets * c.processes,
+            "spin": c.spin,
             "sent": r.sent,
             "answered": r.answered,
             "lost": r.lost,
@@ -148,10 +208,13 @@ class BenchReport:
                 "cpu_user": round(r.cpu_user, 3),
                 "cpu_system": round(r.cpu_system, 3),
                 "idle_spin": round(r.idle, 3),
-                "cpu_per_process": [round(x, 3) for x in self.processes_cpu],
+                "cpu_per_process": [round(load.cpu, 3) for load in self.loads],
+                "busy_per_process": [round(load.busy, 3) for load in self.loads],
+                "runqueue_wait_per_process": [round(load.waiting, 3) for load in self.loads],
                 "limited": self.generator_limited is not None,
                 "limit_reason": self.generator_limited,
             },
+            "hints": [hint for hint in (self.rate_limit_hint,) if hint is not None],
         }
 
 
@@ -180,7 +243,13 @@ class RampResult:
                 for s in self.steps
             ],
             "best": self.best.to_json() if self.best else None,
+            "hints": [hint for hint in (self.rate_limit_hint,) if hint is not None],
         }
+
+    @property
+    def rate_limit_hint(self) -> Optional[str]:
+        """The last step's: the one whose loss stopped the ramp."""
+        return self.steps[-1].rate_limit_hint if self.steps else None
 
 
 # -- configuration ------------------------------------------------------------------
@@ -245,10 +314,15 @@ def _kinds(mix: tuple[tuple[str, int], ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def check_max_loss(max_loss: float) -> None:
+    if not 0 <= max_loss < 1:
+        raise UsageError(f"bad --max-loss {max_loss:g}: want a ratio from 0 up to, not including, 1")
+
+
 def validate(config: BenchConfig) -> None:
     c = config
     if not 0 < c.duration <= MAX_DURATION:
-        raise UsageError(f"bad --duration {c.duration:g}: want 0..{MAX_DURATION:g} seconds")
+        raise UsageError(f"bad --duration {c.duration:g}: want more than 0 and at most {MAX_DURATION:g} seconds")
     if not 0 <= c.warmup <= 600:
         raise UsageError(f"bad --warmup {c.warmup:g}: want 0..600 seconds")
     if not 0.001 <= c.timeout <= 60:
@@ -258,7 +332,7 @@ def validate(config: BenchConfig) -> None:
     if not 1 <= c.sockets <= MAX_SOCKETS:
         raise UsageError(f"bad --sockets {c.sockets}: want 1..{MAX_SOCKETS} (per process)")
     if c.rate is not None and not 0 < c.rate <= MAX_RATE:
-        raise UsageError(f"bad --rate {c.rate:g}: want 0..{MAX_RATE:g} requests/s")
+        raise UsageError(f"bad --rate {c.rate:g}: want more than 0 and at most {MAX_RATE:g} requests/s")
     if c.window is not None and not 1 <= c.window <= MAX_SOCKETS * MAX_PROCESSES:
         raise UsageError(f"bad --window {c.window}")
     if c.window is not None and c.window > c.sockets * c.processes:
@@ -343,6 +417,7 @@ def merge_results(parts: list[EngineResult]) -> EngineResult:
         out.cpu_user += r.cpu_user
         out.cpu_system += r.cpu_system
         out.idle += r.idle
+        out.runqueue_wait += r.runqueue_wait
         out.latency_clock = r.latency_clock
         for kind, counts in r.by_kind.items():
             mine = out.by_kind.setdefault(kind, {})
@@ -350,11 +425,6 @@ def merge_results(parts: list[EngineResult]) -> EngineResult:
                 mine[key] = mine.get(key, 0) + value
     out.invalid_reasons = reasons
     return out
-
-
-def _cpu_share(r: EngineResult) -> float:
-    """Busy fraction of one core: CPU time minus the time spent spinning idle."""
-    return max(0.0, r.cpu_user + r.cpu_system - r.idle) / r.elapsed if r.elapsed else 0.0
 
 
 def _child(plan: EnginePlan, index: int, out: "multiprocessing.Queue[Any]") -> None:
@@ -373,7 +443,7 @@ def run_bench(config: BenchConfig, progress: Optional[Callable[[Progress], None]
     validate(config)
     if config.processes == 1:
         result = run_engine(engine_plans(config)[0], progress)
-        return BenchReport(config, result, [_cpu_share(result)])
+        return BenchReport(config, result, [GeneratorLoad.of(result)])
     return _run_multi(config, progress)
 
 
@@ -433,7 +503,7 @@ def _run_multi(config: BenchConfig, progress: Optional[Callable[[Progress], None
     if error is not None or len(results) < len(procs):
         raise NattoolError(f"bench generator failed: {error or 'timed out'}")
     parts = [results[i] for i in range(len(procs))]
-    return BenchReport(config, merge_results(parts), [_cpu_share(r) for r in parts])
+    return BenchReport(config, merge_results(parts), [GeneratorLoad.of(r) for r in parts])
 
 
 def run_ramp(
@@ -451,8 +521,7 @@ def run_ramp(
     bisection step between the last good and the first bad rate when time allows."""
     if not 1.05 <= factor <= 10:
         raise UsageError("ramp factor must be 1.05..10")
-    if not 0 <= max_loss < 1:
-        raise UsageError("--max-loss must be in 0..1")
+    check_max_loss(max_loss)
     started = time.monotonic()
     steps: list[BenchReport] = []
     best: Optional[BenchReport] = None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import resource
 import select
 import socket
 import struct
@@ -118,9 +119,10 @@ class EngineResult:
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     histogram: Histogram = field(default_factory=Histogram)
     elapsed: float = 0.0  # seconds of the measured window
-    cpu_user: float = 0.0
+    cpu_user: float = 0.0  # process CPU seconds over the measured window
     cpu_system: float = 0.0
-    idle: float = 0.0  # seconds of the run spent spinning idle (inside cpu_user/system)
+    idle: float = 0.0  # seconds of busy-polling with nothing to do (inside cpu_user/system)
+    runqueue_wait: float = 0.0  # seconds ready to run but waiting for a core (a busy machine)
     latency_clock: str = "user"  # "kernel": receive timestamps from the kernel (SO_TIMESTAMPNS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +140,7 @@ class EngineResult:
             "cpu_user": self.cpu_user,
             "cpu_system": self.cpu_system,
             "idle": self.idle,
+            "runqueue_wait": self.runqueue_wait,
             "latency_clock": self.latency_clock,
         }
 
@@ -157,6 +160,7 @@ class EngineResult:
             cpu_user=obj["cpu_user"],
             cpu_system=obj["cpu_system"],
             idle=obj["idle"],
+            runqueue_wait=obj.get("runqueue_wait", 0.0),
             latency_clock=obj.get("latency_clock", "user"),
         )
 
@@ -183,6 +187,29 @@ def rx_timestamps_supported() -> bool:
     import sys
 
     return sys.platform.startswith("linux") and platform.machine().lower() in _TIMESTAMPNS_MACHINES
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """This process's CPU time and this thread's run-queue wait, at one moment."""
+
+    user: float
+    system: float
+    runqueue_wait: float
+
+    @classmethod
+    def now(cls) -> "CpuSample":
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(usage.ru_utime, usage.ru_stime, _runqueue_wait())
+
+
+def _runqueue_wait() -> float:
+    """Seconds this thread has been runnable without a core (Linux schedstat; 0 elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def endpoint_text(host: str, port: int) -> bytes:
@@ -400,25 +427,27 @@ class Engine:
         next_scan = t0 + scan_every
         next_progress = t0 + PROGRESS_EVERY_NS
         last_hist = Histogram(hist.bits, hist.max_value)
-        cpu0 = os.times()
         measuring = False
-        measure_cpu0 = cpu0
+        cpu_start = cpu_end = CpuSample.now()
         sending = True
 
-        idle_ns = 0  # time spent spinning with nothing to do (not generator work)
+        # Busy-polling that found nothing to do: CPU time, but not work. Time blocked
+        # in epoll or asleep is no CPU time and is not counted here.
+        idle_ns = 0
         prev = t0
-        worked = True
+        spun = False
         while True:
             now = perf()
-            if not worked and measuring and sending:
+            if spun and measuring and sending:
                 idle_ns += now - prev
             prev = now
-            worked = False
+            spun = worked = False
             if not measuring and now >= warm_end:
                 measuring = True
-                measure_cpu0 = os.times()
+                cpu_start = CpuSample.now()
             if sending and now >= send_end:
                 sending = False
+                cpu_end = CpuSample.now()
             # ---- send
             if sending:
                 if closed:
@@ -445,6 +474,7 @@ class Engine:
                     n = max(0, max_requests - sent)
                     if n == 0:
                         sending = False
+                        cpu_end = CpuSample.now()
                 for _ in range(n):
                     s = free.popleft()
                     kind = kinds[kind_pos]
@@ -510,11 +540,13 @@ class Engine:
             else:
                 wait = 0.002
             events = poll(wait)
-            if nap and not events:
-                sleep(IDLE_SLEEP_S)
+            if not events:
+                if nap:
+                    sleep(IDLE_SLEEP_S)
+                elif wait == 0.0 and not worked:
+                    spun = True
             nap = False
             if events:
-                worked = True
                 now = perf()
                 for fd, _ev in events:
                     s = fd_index.get(fd)
@@ -650,11 +682,12 @@ class Engine:
                     lost += 1
                     k_lost[kind_of[s]] += 1
                 sent_at[s] = 0
-        end_cpu = os.times()
         measured_end = min(perf(), send_end)
         res.elapsed = max(1e-9, (measured_end - warm_end) / 1e9) if measuring else 0.0
-        res.cpu_user = end_cpu.user - measure_cpu0.user
-        res.cpu_system = end_cpu.system - measure_cpu0.system
+        if measuring:
+            res.cpu_user = max(0.0, cpu_end.user - cpu_start.user)
+            res.cpu_system = max(0.0, cpu_end.system - cpu_start.system)
+            res.runqueue_wait = max(0.0, cpu_end.runqueue_wait - cpu_start.runqueue_wait)
         res.idle = idle_ns / 1e9
         res.latency_clock = "kernel" if rx_ts else "user"
         res.sent, res.answered, res.lost, res.invalid = sent, answered, lost, invalid
