@@ -18,7 +18,8 @@ mapping the tracker saw is the one the peers are told about) and the peer messag
   up (a member that registers after us is only learnt from the tracker, and the target
   is a path within 3 s), every ``register_every`` s once one is (which also keeps the
   tracker's mapping open). A tracker silent to the seed form is asked in the original
-  client's form, and the form it answers is remembered;
+  client's form, and the form it answers is remembered (the original form after two
+  rounds: one answer may be a late answer to the seed form);
 * for every member, candidates: its public endpoint, and for a member behind our own
   public IP (its line carries ``;lan``) each LAN address at the ports it may listen on
   (see :func:`lan_candidates`); all probed at once with authenticated pings, quickly
@@ -247,6 +248,7 @@ class Registration:
     next_send: float = 0.0  # in flight: next retransmission (or expiry after the last)
     next_round: float = 0.0  # idle: when to register again
     send_error: Optional[str] = None  # the last send to it failed (no route, ...)
+    original_answers: int = 0  # rounds in a row answered in the original form only
 
 
 @dataclass
@@ -408,7 +410,11 @@ class ConnectSession:
         return self.config.register_every if self.connected_peers() else FAST_REGISTER
 
     def _start_registration(self, reg: Registration, form: str, now: float) -> None:
-        req = RegisterRequest(group=self.config.group, lan=self.config.lan, identity=self.config.identity, form=form)
+        # The original form carries LAN addresses only behind a MAC: without an identity
+        # it would be the all-zero MAC, the same for every such member of the group, and
+        # the tracker would take them all for one member.
+        lan = self.config.lan if form == SEED or self.config.identity else ()
+        req = RegisterRequest(group=self.config.group, lan=lan, identity=self.config.identity, form=form)
         # While the dialect is unknown each form gets half of the time, so that
         # tracker_timeout bounds the whole registration, fallback included.
         timeout = self.config.tracker_timeout / 2 if reg.form is None else self.config.tracker_timeout
@@ -449,7 +455,15 @@ class ConnectSession:
             reg.next_round = now + self._round_wait()
             return
         form = reg.trying or SEED
-        reg.form = form
+        if form == SEED:
+            reg.form = SEED
+            reg.original_answers = 0
+        else:
+            # A late answer to the seed form looks the same: believe the tracker speaks
+            # only the original form once it answered it in two rounds running.
+            reg.original_answers += 1
+            if reg.original_answers >= 2:
+                reg.form = ORIGINAL
         reg.trying = None
         self._on_registered(reg.tracker, members, form, now)
         reg.next_round = now + self._round_wait()
@@ -542,13 +556,7 @@ class ConnectSession:
         if self.ended is not None:
             return
         self._last_tick = now
-        self._tick_registrations(now)
-        for cand in list(self.cands.values()):
-            if now >= cand.next_send and self._wants_probe(cand, now):
-                self._ping(cand.endpoint, now)
-                cand.sent += 1
-                cand.next_send = now + cand.interval
-                cand.interval = min(PROBE_MAX, cand.interval * PROBE_GROWTH)
+        # Paths first: one found dead is probed and registered again in this same tick.
         for peer in self.peers.values():
             if peer.active is None:
                 continue
@@ -558,6 +566,13 @@ class ConnectSession:
             elif now - path.last_ping >= self.config.keepalive:
                 path.last_ping = now
                 self._ping(path.endpoint, now)
+        self._tick_registrations(now)
+        for cand in list(self.cands.values()):
+            if now >= cand.next_send and self._wants_probe(cand, now):
+                self._ping(cand.endpoint, now)
+                cand.sent += 1
+                cand.next_send = now + cand.interval
+                cand.interval = min(PROBE_MAX, cand.interval * PROBE_GROWTH)
         if self.backlog and self.connected_peers():
             waiting, self.backlog = self.backlog, []
             for data in waiting:
