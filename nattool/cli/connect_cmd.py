@@ -130,7 +130,8 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
     if isinstance(e, Registered):
         return {"event": "registered", "tracker": e.tracker.to_text(), "public": e.public.to_text(), "form": e.form}
     if isinstance(e, MemberSeen):
-        return {"event": "member_seen", "member": e.member.to_text(), "lan": list(e.lan), "tracker": e.tracker.to_text()}
+        return {"event": "member_seen", "member": e.member.to_text(), "lan": list(e.lan),
+                "tracker": e.tracker.to_text()}
     if isinstance(e, PathUp):
         return {"event": "path_up", "peer": e.endpoint.to_text(), "peer_id": e.peer_id, "path": e.kind.value,
                 "rtt_ms": round(e.rtt * 1000, 3), "open_s": round(e.open_time, 3),

@@ -128,7 +128,9 @@ class SessionEnded:
     reason: str
 
 
-ConnectEvent = Union[Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded]
+ConnectEvent = Union[
+    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded
+]
 
 __all__ = [
     "CandidateSource",

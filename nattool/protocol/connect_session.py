@@ -708,7 +708,8 @@ class ConnectSession:
                 continue
             if mine.version == ep.ip.version and mine != ep.ip:
                 bits = 24 if mine.version == 4 else 64
-                if ipaddress.ip_network((mine, bits), strict=False) == ipaddress.ip_network((ep.ip, bits), strict=False):
+                same_net = ipaddress.ip_network((mine, bits), strict=False)
+                if ep.ip in same_net:
                     return PathKind.LAN
         return PathKind.INTERNET
 
