@@ -190,7 +190,7 @@ def test_no_tracker_answering_is_said_plainly(nattool_home: Path) -> None:
 
 
 def test_lan_candidates_guess_the_ports_a_member_listens_on() -> None:
-    from nattool.diag.connect import DEFAULT_CONNECT_PORT, lan_candidates
+    from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, lan_candidates
 
     got = [e.to_text() for e in lan_candidates(("192.0.2.11", "bad"), 5000, 6000)]
     assert got == ["192.0.2.11:5000", "192.0.2.11:6000", f"192.0.2.11:{DEFAULT_CONNECT_PORT}"]
@@ -200,7 +200,7 @@ def test_lan_candidates_guess_the_ports_a_member_listens_on() -> None:
 
 
 def test_mapping_and_verdict() -> None:
-    from nattool.diag.connect import ED, EI, mapping_of, verdict
+    from nattool.protocol.connect_rules import ED, EI, mapping_of, verdict
     from nattool.protocol.endpoint import Endpoint
 
     local = Endpoint.from_text("192.0.2.10:43284")
@@ -216,7 +216,7 @@ def test_mapping_and_verdict() -> None:
 
 
 def test_sanitize_keeps_text_and_defuses_escapes() -> None:
-    from nattool.diag.connect import sanitize
+    from nattool.cli.connect_cmd import sanitize
 
     assert sanitize("héllo\tworld\r\n") == "héllo\tworld"
     assert sanitize("\x1b]0;pwned\x07\x9b") == "\ufffd]0;pwned\ufffd\ufffd"

@@ -22,11 +22,9 @@ from nattool.protocol.connect_events import (
     SessionEnded,
     Undelivered,
 )
+from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, ED, EI, lan_candidates, mapping_of, verdict
 from nattool.protocol.connect_session import (
     DATA_RETRIES,
-    DEFAULT_CONNECT_PORT,
-    ED,
-    EI,
     FAST_REGISTER,
     IMPOSSIBLE_GRACE,
     LINGER,
@@ -34,10 +32,7 @@ from nattool.protocol.connect_session import (
     PROBE_MAX,
     ConnectSession,
     SessionConfig,
-    lan_candidates,
-    mapping_of,
     registration_waits,
-    verdict,
 )
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import Kind, PeerMessage, derive_key
@@ -517,3 +512,25 @@ def test_random_bytes_never_raise(data: bytes, src: Endpoint) -> None:
     s.receive_datagram(data, src, 0.5)
     s.receive_datagram(b"NtC1" + data, src, 0.5)
     assert s.connected_peers() == []
+
+
+def test_the_session_modules_are_pure() -> None:
+    """No socket, clock, randomness, OS or event loop in the session: what it needs comes
+    in as arguments (the house rule for nattool/protocol)."""
+    import ast
+    from pathlib import Path
+
+    import nattool.protocol
+
+    forbidden = {"socket", "time", "random", "os", "asyncio", "secrets", "select", "threading"}
+    root = Path(nattool.protocol.__file__).parent
+    for name in ("connect_session.py", "connect_events.py", "connect_rules.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        assert imported, name
+        assert not imported & forbidden, (name, imported & forbidden)

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TrackerOpt
 from nattool.cli.node_args import parse_identity, parse_lan
+from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TrackerOpt
 from nattool.cli.output import run_edge, stderr, verbosity
 from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
 from nattool.diag.connect import connect_session
@@ -26,7 +26,8 @@ from nattool.protocol.connect_events import (
     Registered,
     Undelivered,
 )
-from nattool.protocol.connect_session import DEFAULT_CONNECT_PORT, SessionConfig, sanitize
+from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT
+from nattool.protocol.connect_session import SessionConfig
 from nattool.protocol.endpoint import parse_ip
 from nattool.protocol.text import canonical_group
 
@@ -162,6 +163,12 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
     return None  # SessionEnded: the exit status says it
 
 
+def sanitize(text: str) -> str:
+    """A peer's line as it may reach a terminal: no control characters (no escape
+    sequences that could rewrite the screen), tabs kept."""
+    return "".join(ch if ch == "\t" or ch.isprintable() else "\ufffd" for ch in text.rstrip("\r\n"))
+
+
 def _human(e: dict[str, Any]) -> Optional[str]:
     kind = e["event"]
     if kind == "registered":
@@ -190,4 +197,4 @@ def _human(e: dict[str, Any]) -> Optional[str]:
     return None
 
 
-__all__ = ["connect"]
+__all__ = ["connect", "event_fields", "sanitize"]

@@ -28,17 +28,8 @@ from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
 from nattool.net.resolve import resolve_trackers_async
 from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded
-from nattool.protocol.connect_session import (
-    DEFAULT_CONNECT_PORT,
-    ED,
-    EI,
-    ConnectSession,
-    SessionConfig,
-    lan_candidates,
-    mapping_of,
-    sanitize,
-    verdict,
-)
+from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT
+from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import MAX_BODY
 from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
@@ -409,17 +400,10 @@ async def connect(
 
 __all__ = [
     "DEFAULT_CONNECT_PORT",
-    "ED",
-    "EI",
     "ConnectionClosed",
     "NoPath",
     "PeerConnection",
-    "SessionConfig",
     "SessionShell",
     "connect",
     "connect_session",
-    "lan_candidates",
-    "mapping_of",
-    "sanitize",
-    "verdict",
 ]

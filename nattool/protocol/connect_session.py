@@ -22,7 +22,7 @@ mapping the tracker saw is the one the peers are told about) and the peer messag
   rounds: one answer may be a late answer to the seed form);
 * for every member, candidates: its public endpoint, and for a member behind our own
   public IP (its line carries ``;lan``) each LAN address at the ports it may listen on
-  (see :func:`lan_candidates`); all probed at once with authenticated pings, quickly
+  (see :func:`nattool.protocol.connect_rules.lan_candidates`); all probed at once with authenticated pings, quickly
   at first, then backing off;
 * an authenticated ping from an endpoint we did not know is a *peer-reflexive*
   candidate (the peer's NAT mapping toward us, e.g. a symmetric NAT's fresh port): we
@@ -41,7 +41,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 from nattool.errors import ProtocolError
 from nattool.exit_codes import ExitCode
@@ -60,14 +60,10 @@ from nattool.protocol.connect_events import (
     Undelivered,
     Verdict,
 )
-from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, parse_ip
-from nattool.protocol.nat_behaviour import BindingObservation, infer_mapping
+from nattool.protocol.connect_rules import lan_candidates, mapping_of, mapping_verdict, verdict
+from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import BadMac, Kind, NotPeerMessage, PeerMessage, ReplayGuard, ReplayWindow, derive_key
 from nattool.protocol.text import ErrorReply, MemberList, RegisterRequest
-
-#: `nattool connect`'s default local port: the tracker's port + 1. A fixed default is
-#: what makes LAN paths work without any tracker change (see lan_candidates).
-DEFAULT_CONNECT_PORT = DEFAULT_PORT + 1
 
 FAST_REGISTER = 0.5  # s between registrations while no path is up
 PROBE_FIRST = 0.1  # s between pings to a fresh candidate ...
@@ -78,10 +74,6 @@ LINGER = 1.5  # s `once` keeps answering after its path is up (the peer needs it
 DATA_RETRIES = (0.3, 0.6, 1.2, 2.4)  # s after which an unacknowledged message is sent again
 PENDING_MAX = 4096
 SEED, ORIGINAL = "seed", "original"  # registration forms (RegisterRequest.form)
-
-EI = "endpoint-independent"
-ED = "endpoint-dependent"
-
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
@@ -96,86 +88,6 @@ class SessionConfig:
     tracker_timeout: float = 2.0  # per registration, retransmissions included
     retries: int = 3  # retransmissions of a registration within tracker_timeout
     once: bool = False  # end (exit 0) LINGER s after the first path is up
-
-
-# --------------------------------------------------------------------------- decisions
-
-
-def lan_candidates(lan: Sequence[str], public_port: int, own_port: int) -> list[Endpoint]:
-    """Where a member behind our public IP may listen on its LAN.
-
-    The registration publishes LAN *addresses* only, not the local port, and the tracker
-    protocol has no field for it. Rather than change the tracker, we try the ports it is
-    likely to be: the member's public port (NATs keep the inside port when it is free:
-    Linux masquerade, most home routers), our own local port (members of one group tend
-    to run with the same --port), and the default port of `nattool connect`. Pings are
-    authenticated, so a wrong guess costs a few ignored datagrams on the LAN; and a member
-    that reaches us first from its real port becomes a peer-reflexive candidate anyway.
-    """
-    ports: list[int] = []
-    for p in (public_port, own_port, DEFAULT_CONNECT_PORT):
-        if p and p not in ports:
-            ports.append(p)
-    out: list[Endpoint] = []
-    for addr in lan:
-        try:
-            ip = parse_ip(addr)
-        except ProtocolError:
-            continue
-        for p in ports:
-            out.append(Endpoint(ip, p))
-    return out
-
-
-def mapping_of(observed: dict[Endpoint, Endpoint], local: Endpoint) -> tuple[Optional[str], str]:
-    """Our mapping behaviour from the public endpoints the trackers saw (tracker ->
-    endpoint), with the reasoning. None = unknown."""
-    if len(observed) < 2:
-        return None, "only one tracker answered: mapping behaviour unknown (give two trackers on different IPs)"
-    return _mapping_verdict(local, observed)
-
-
-def _mapping_verdict(local: Endpoint, seen_as: dict[Endpoint, Endpoint]) -> tuple[Optional[str], str]:
-    """EI/ED/None and the reasoning, from where each tracker saw one socket."""
-    obs = [BindingObservation("s", local, tracker, mapped) for tracker, mapped in seen_as.items()]
-    _, eim, reason = infer_mapping(obs)
-    seen = ", ".join(f"{t} saw {m}" for t, m in seen_as.items())
-    if eim:
-        return EI, f"{seen}: {reason}"
-    if eim is False:
-        return ED, f"{seen}: {reason}"
-    return None, f"{seen}: {reason}"
-
-
-def verdict(mine: Optional[str], theirs: Optional[str]) -> tuple[bool, str]:
-    """(impossible?, explanation) for a member no path could be opened to."""
-    if mine == ED and theirs == ED:
-        return True, (
-            "both sides' NATs pick a new public port per destination (symmetric NAT: endpoint-"
-            "dependent mapping): neither side can know which port to send to, so hole punching "
-            "cannot work; these peers need a relay (TURN)"
-        )
-    if mine == ED:
-        return False, (
-            "your NAT picks a new public port per destination (symmetric): punching works only "
-            "with peers whose NAT maps endpoint-independently and does not filter by port "
-            "(full cone, restricted cone, or no NAT); this peer's NAT is apparently not one of them"
-        )
-    if theirs == ED:
-        return False, (
-            "the peer's NAT picks a new public port per destination (symmetric): punching works "
-            "only if your NAT does not filter by port (full cone or restricted cone); "
-            "run 'nattool probe' to see your filtering"
-        )
-    if mine == EI and theirs == EI:
-        return False, (
-            "both NATs map endpoint-independently, which should punch; no authenticated answer "
-            "came back: the peer may be gone, UDP may be filtered, or a firewall drops it"
-        )
-    return False, (
-        "no authenticated answer from any candidate path; mapping behaviour is unknown on "
-        f"{'your side' if mine is None else 'the peer side'} (run 'nattool probe', or give two trackers)"
-    )
 
 
 def registration_waits(timeout: float, retries: int) -> list[float]:
@@ -663,7 +575,7 @@ class ConnectSession:
             return None, "seen by one tracker only: unknown"
         if any(len(v) != 1 for v in per_tracker.values()):
             return None, "several members behind that public IP: cannot tell"
-        return _mapping_verdict(member.endpoint, {t: v[0] for t, v in per_tracker.items()})
+        return mapping_verdict(member.endpoint, {t: v[0] for t, v in per_tracker.items()})
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -806,21 +718,4 @@ class ConnectSession:
         self.outgoing = keep
 
 
-def sanitize(text: str) -> str:
-    """A peer's line as it may reach a terminal: no control characters (no escape
-    sequences that could rewrite the screen), tabs kept."""
-    return "".join(ch if ch == "\t" or (ch.isprintable()) else "\ufffd" for ch in text.rstrip("\r\n"))
-
-
-__all__ = [
-    "DEFAULT_CONNECT_PORT",
-    "ED",
-    "EI",
-    "ConnectSession",
-    "SessionConfig",
-    "lan_candidates",
-    "mapping_of",
-    "registration_waits",
-    "sanitize",
-    "verdict",
-]
+__all__ = ["ConnectSession", "SessionConfig", "registration_waits"]
