@@ -396,6 +396,8 @@ def test_once_ends_linger_seconds_after_the_path_is_up() -> None:
     assert end == pytest.approx(0.02 + LINGER)
     assert seen == [SessionEnded(ExitCode.OK, "a path was up")]
     assert s.get_timer() is None
+    s.receive_datagram(wire(Kind.PING, 50), PEER_PUB, 2.0)
+    assert s.datagrams_to_send(2.0) == []  # an ended session answers nothing
 
 
 # --------------------------------------------------------------------------- giving up

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nattool.cli.node_args import parse_identity, parse_lan
-from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TrackerOpt
+from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
 from nattool.cli.output import run_edge, stderr, verbosity
 from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
 from nattool.diag.connect import connect_session
@@ -32,6 +32,16 @@ from nattool.protocol.endpoint import parse_ip
 from nattool.protocol.text import canonical_group
 
 
+# --timeout is connect's give-up time, so --retries says which timeout it splits: the
+# per-tracker one (the config file's `timeout`), as in every other client command.
+ConnectRetriesOpt = Annotated[
+    Optional[int],
+    typer.Option("--retries", metavar="N", show_default=False,
+                 help="Retransmissions of each registration (doubling backoff) within the tracker timeout "
+                      "(config 'timeout', 2 s) [default: 3]."),
+]
+
+
 def connect(
     group: Annotated[str, typer.Argument(metavar="GROUP", help="Group key shared by the members (usually a UUID). It also keys the peers' message authentication.")],
     tracker: TrackerOpt = None,
@@ -41,7 +51,7 @@ def connect(
     lan: Annotated[str, typer.Option("--lan", metavar="LAN", help="LAN addresses for members behind the same public IP: 'auto', '0' (none) or a comma list.")] = "auto",
     node_id: Annotated[str, typer.Option("--id", metavar="ID", help="Identity inside the group: '0' (the endpoint the tracker sees), 'auto' (a stable MAC of this host) or a MAC.")] = "0",
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Give up (non-zero exit) when no path is up for this many seconds.")] = 30.0,
-    retries: RetriesOpt = None,
+    retries: ConnectRetriesOpt = None,
     keepalive: Annotated[float, typer.Option("--keepalive", metavar="SECONDS", help="Seconds between keepalive pings on an open path.")] = 20.0,
     dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x keepalive].", show_default=False)] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,

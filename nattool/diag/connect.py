@@ -26,7 +26,6 @@ from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, 
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
-from nattool.net.resolve import resolve_trackers_async
 from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded
 from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
@@ -377,6 +376,9 @@ async def connect(
     dead = dead_after if dead_after is not None else 3 * keepalive
     if not (timeout > 0 and 0 < keepalive < dead and tracker_timeout > 0 and 0 <= retries <= 20):
         raise UsageError("want timeout > 0, 0 < keepalive < dead_after, tracker_timeout > 0, retries in 0..20")
+    # Imported here: `import nattool` (a tracker process too) should not load dnspython.
+    from nattool.net.resolve import resolve_trackers_async
+
     targets = await resolve_trackers_async(list(trackers), timeout=tracker_timeout)
     if not targets:
         raise UsageError("no tracker address to talk to")

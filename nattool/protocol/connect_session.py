@@ -215,7 +215,9 @@ class ConnectSession:
 
     def receive_datagram(self, data: bytes, addr: Endpoint, now: float) -> None:
         """Anything that arrived on the session's sockets: peer messages, tracker answers,
-        junk (counted and dropped)."""
+        junk (counted and dropped). An ended session takes nothing more."""
+        if self.ended is not None:
+            return
         try:
             msg = PeerMessage.from_wire(data, self.key)
         except NotPeerMessage:
