@@ -31,7 +31,6 @@ from nattool.protocol.connect_session import SessionConfig
 from nattool.protocol.endpoint import parse_ip
 from nattool.protocol.text import canonical_group
 
-
 # --timeout is connect's give-up time, so --retries says which timeout it splits: the
 # per-tracker one (the config file's `timeout`), as in every other client command.
 ConnectRetriesOpt = Annotated[
