@@ -9,19 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nattool.exit_codes import ExitCode
-from nattool.protocol.connect_events import (
-    CandidateSource,
-    GaveUp,
-    MemberSeen,
-    MessageReceived,
-    PathDown,
-    PathKind,
-    PathUp,
-    Queued,
-    Registered,
-    SessionEnded,
-    Undelivered,
-)
+from nattool.protocol import connect_events as ev
 from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, ED, EI, lan_candidates, mapping_of, verdict
 from nattool.protocol.connect_session import (
     DATA_RETRIES,
@@ -160,7 +148,7 @@ def test_the_original_form_is_remembered_after_two_rounds_and_carries_no_lan_wit
     assert original == RegisterRequest(GROUP, form="original").to_wire()
     s.receive_datagram(members(ME_PUB), T1, now + 0.01)
     assert s.registrations[T1].form is None  # one answer might be a late one to the seed form
-    assert drain(s) == [Registered(T1, ME_PUB, "original")]
+    assert drain(s) == [ev.Registered(T1, ME_PUB, "original")]
     now, _ = expire_seed(s, now)  # the next round asks in the seed form first again
     s.receive_datagram(members(ME_PUB), T1, now + 0.01)
     assert s.registrations[T1].form == "original"
@@ -183,7 +171,7 @@ def test_answer_registers_learns_member_and_pings_it_then_registers_again_fast()
     s = make()
     s.datagrams_to_send(0.0)
     s.receive_datagram(members(ME_PUB, PEER_PUB, lan=("10.0.0.7",)), T1, 0.2)
-    assert drain(s) == [Registered(T1, ME_PUB, "seed"), MemberSeen(PEER_PUB, ("10.0.0.7",), T1)]
+    assert drain(s) == [ev.Registered(T1, ME_PUB, "seed"), ev.MemberSeen(PEER_PUB, ("10.0.0.7",), T1)]
     sent = pings(s, 0.2)
     # Its public endpoint, and its LAN address at its public port (= our port = the default here).
     assert [dest for _, dest in sent] == [PEER_PUB, ep("10.0.0.7:43284")]
@@ -228,8 +216,8 @@ def test_path_is_up_only_for_a_pong_from_the_very_endpoint_pinged() -> None:
     assert dest == PEER_PUB
     # The pong comes back from another port: a candidate, not a path.
     s.receive_datagram(wire(Kind.PONG, 1, seq, b"198.51.100.1:43284"), PEER_NAT, 0.05)
-    assert [e for e in drain(s) if isinstance(e, PathUp)] == []
-    assert s.cands[PEER_NAT].source == CandidateSource.PEER_REFLEXIVE
+    assert [e for e in drain(s) if isinstance(e, ev.PathUp)] == []
+    assert s.cands[PEER_NAT].source == ev.CandidateSource.PEER_REFLEXIVE
     assert s.connected_peers() == []
     # A pong for a ping we never sent is counted and ignored.
     s.receive_datagram(wire(Kind.PONG, 2, 999), PEER_PUB, 0.06)
@@ -237,11 +225,11 @@ def test_path_is_up_only_for_a_pong_from_the_very_endpoint_pinged() -> None:
     s.handle_timer(0.1)
     ((seq2, dest2),) = [p for p in pings(s, 0.1) if p[1] == PEER_PUB]
     s.receive_datagram(wire(Kind.PONG, 3, seq2, b"198.51.100.1:43284"), PEER_PUB, 0.13)
-    ups = [e for e in drain(s) if isinstance(e, PathUp)]
+    ups = [e for e in drain(s) if isinstance(e, ev.PathUp)]
     assert len(ups) == 1
     up = ups[0]
     assert (up.peer_id, up.endpoint, up.kind, up.source, up.observed_as) == (
-        PEER.hex(), PEER_PUB, PathKind.INTERNET, CandidateSource.TRACKER, "198.51.100.1:43284"
+        PEER.hex(), PEER_PUB, ev.PathKind.INTERNET, ev.CandidateSource.TRACKER, "198.51.100.1:43284"
     )
     assert (up.rtt, up.open_time, up.since_start) == pytest.approx((0.03, 0.13, 0.13))
     assert s.connected_peers() == [PEER.hex()]
@@ -266,7 +254,7 @@ def test_peer_reflexive_ping_is_answered_and_pinged_back_at_once() -> None:
     pong = [(m, d) for m, d in sent if m.kind == Kind.PONG]
     assert [(m.echo, m.body, d) for m, d in pong] == [(1, PEER_NAT.to_text().encode(), PEER_NAT)]
     assert PEER_NAT in [d for m, d in sent if m.kind == Kind.PING]
-    assert s.cands[PEER_NAT].source == CandidateSource.PEER_REFLEXIVE
+    assert s.cands[PEER_NAT].source == ev.CandidateSource.PEER_REFLEXIVE
     assert s.cands[PEER_NAT].peer == PEER
 
 
@@ -279,12 +267,12 @@ def test_keepalive_then_dead_after_gives_path_down_and_probing_again() -> None:
     while True:
         now = s.get_timer()  # type: ignore[assignment]
         s.handle_timer(now)
-        downs = [e for e in drain(s) if isinstance(e, PathDown)]
+        downs = [e for e in drain(s) if isinstance(e, ev.PathDown)]
         if downs:
             break
         s.datagrams_to_send(now)
     assert now == pytest.approx(3.02)
-    assert downs == [PathDown(PEER.hex(), PEER_PUB, PathKind.INTERNET, "no answer for 3.0s")]
+    assert downs == [ev.PathDown(PEER.hex(), PEER_PUB, ev.PathKind.INTERNET, "no answer for 3.0s")]
     assert s.connected_peers() == []
     # Probed again at once, and registered again at once (the peer may have moved).
     out = s.datagrams_to_send(now)
@@ -298,14 +286,14 @@ def test_an_answer_keeps_the_path_up() -> None:
         s.handle_timer(t)
         for seq, dest in pings(s, t):
             s.receive_datagram(wire(Kind.PONG, int(t * 100), seq), dest, t + 0.01)
-    assert [e for e in drain(s) if isinstance(e, PathDown)] == []
+    assert [e for e in drain(s) if isinstance(e, ev.PathDown)] == []
     assert s.connected_peers() == [PEER.hex()]
 
 
 def test_bye_takes_the_path_down_at_once() -> None:
     s = connected()
     s.receive_datagram(wire(Kind.BYE, 10), PEER_PUB, 0.5)
-    assert drain(s) == [PathDown(PEER.hex(), PEER_PUB, PathKind.INTERNET, "the peer left")]
+    assert drain(s) == [ev.PathDown(PEER.hex(), PEER_PUB, ev.PathKind.INTERNET, "the peer left")]
 
 
 def test_a_lan_path_is_preferred_over_an_internet_one() -> None:
@@ -316,10 +304,10 @@ def test_a_lan_path_is_preferred_over_an_internet_one() -> None:
     lan_ep = ep("10.0.0.7:43284")
     s.receive_datagram(wire(Kind.PONG, 1, sent[PEER_PUB]), PEER_PUB, 0.01)
     s.receive_datagram(wire(Kind.PONG, 2, sent[lan_ep]), lan_ep, 0.02)
-    ups = [e for e in drain(s) if isinstance(e, PathUp)]
+    ups = [e for e in drain(s) if isinstance(e, ev.PathUp)]
     assert [(u.endpoint, u.kind, u.source) for u in ups] == [
-        (PEER_PUB, PathKind.INTERNET, CandidateSource.TRACKER),
-        (lan_ep, PathKind.LAN, CandidateSource.LAN_GUESS),
+        (PEER_PUB, ev.PathKind.INTERNET, ev.CandidateSource.TRACKER),
+        (lan_ep, ev.PathKind.LAN, ev.CandidateSource.LAN_GUESS),
     ]
     assert s.peers[PEER].active == lan_ep
 
@@ -354,10 +342,10 @@ def test_data_without_ack_is_given_up_after_every_retry() -> None:
         s.handle_timer(now)
         if [m for m, _ in peer_msgs(s, now) if m.kind == Kind.DATA]:
             sends.append(now)
-        undelivered = [e for e in drain(s) if isinstance(e, Undelivered)]
+        undelivered = [e for e in drain(s) if isinstance(e, ev.Undelivered)]
     gaps = [round(b - a, 6) for a, b in zip(sends, sends[1:])]
     assert gaps == pytest.approx(list(DATA_RETRIES))
-    assert undelivered == [Undelivered(PEER.hex(), PEER_PUB, "no ack")]
+    assert undelivered == [ev.Undelivered(PEER.hex(), PEER_PUB, "no ack")]
 
 
 def test_received_data_is_acked_every_time_and_delivered_once() -> None:
@@ -366,7 +354,7 @@ def test_received_data_is_acked_every_time_and_delivered_once() -> None:
         s.receive_datagram(wire(Kind.DATA, seq, 7, b"hi"), PEER_PUB, 0.5)
         acks = [(m.kind, m.echo) for m, _ in peer_msgs(s, 0.5)]
         assert acks == [(Kind.ACK, 7)]
-    assert drain(s) == [MessageReceived(PEER.hex(), PEER_PUB, b"hi")]
+    assert drain(s) == [ev.MessageReceived(PEER.hex(), PEER_PUB, b"hi")]
 
 
 def test_a_message_sent_before_any_path_waits_for_the_first() -> None:
@@ -374,7 +362,7 @@ def test_a_message_sent_before_any_path_waits_for_the_first() -> None:
     pings(s, 0.0)
     drain(s)
     assert s.send(b"early", 0.0) == 0
-    assert drain(s) == [Queued()]
+    assert drain(s) == [ev.Queued()]
     s.receive_datagram(wire(Kind.PONG, 1, 1), PEER_PUB, 0.1)  # our first ping had seq 1
     assert [(m.kind, m.body) for m, _ in peer_msgs(s, 0.1) if m.kind == Kind.DATA] == [(Kind.DATA, b"early")]
 
@@ -387,14 +375,14 @@ def test_input_end_leaves_once_delivered() -> None:
     assert s.ended is None  # not acknowledged yet
     s.receive_datagram(wire(Kind.ACK, 40, msg.echo), PEER_PUB, 1.01)
     assert [m.kind for m, _ in peer_msgs(s, 1.01)] == [Kind.BYE]
-    assert drain(s)[-1] == SessionEnded(ExitCode.OK, "input ended and every line was delivered")
+    assert drain(s)[-1] == ev.SessionEnded(ExitCode.OK, "input ended and every line was delivered")
 
 
 def test_once_ends_linger_seconds_after_the_path_is_up() -> None:
     s = connected(once=True)
     end, seen = run_until_end(s)
     assert end == pytest.approx(0.02 + LINGER)
-    assert seen == [SessionEnded(ExitCode.OK, "a path was up")]
+    assert seen == [ev.SessionEnded(ExitCode.OK, "a path was up")]
     assert s.get_timer() is None
     s.receive_datagram(wire(Kind.PING, 50), PEER_PUB, 2.0)
     assert s.datagrams_to_send(2.0) == []  # an ended session answers nothing
@@ -419,7 +407,7 @@ def run_until_end(s: ConnectSession, limit: float = 100.0) -> tuple[float, list[
 def test_no_tracker_answering_gives_up_after_timeout_with_exit_3() -> None:
     end, seen = run_until_end(make(timeout=4.0))
     assert end == pytest.approx(4.0)
-    assert [type(e) for e in seen] == [GaveUp, SessionEnded]
+    assert [type(e) for e in seen] == [ev.GaveUp, ev.SessionEnded]
     assert "no tracker answered within 4s" in seen[0].reason  # type: ignore[attr-defined]
     assert seen[-1].exit_code == ExitCode.TIMEOUT  # type: ignore[attr-defined]
 
@@ -430,16 +418,16 @@ def test_alone_in_the_group_gives_up_with_exit_3() -> None:
     s.receive_datagram(members(ME_PUB), T1, 0.1)
     end, seen = run_until_end(s)
     assert end == pytest.approx(4.0)
-    gave_up = [e for e in seen if isinstance(e, GaveUp)]
+    gave_up = [e for e in seen if isinstance(e, ev.GaveUp)]
     assert [g.reason for g in gave_up] == ["no other member joined the group within 4s"]
-    assert seen[-1] == SessionEnded(ExitCode.TIMEOUT, "no other member joined the group within 4s")
+    assert seen[-1] == ev.SessionEnded(ExitCode.TIMEOUT, "no other member joined the group within 4s")
 
 
 def test_member_never_answering_is_given_up_at_timeout_with_exit_1() -> None:
     s = joined(timeout=4.0)
     end, seen = run_until_end(s)
     assert end == pytest.approx(4.0)
-    (gave_up,) = [e for e in seen if isinstance(e, GaveUp)]
+    (gave_up,) = [e for e in seen if isinstance(e, ev.GaveUp)]
     assert gave_up.member == PEER_PUB and not gave_up.impossible and gave_up.tried == pytest.approx(4.0)
     assert gave_up.verdict is not None and gave_up.verdict.mine is None  # one tracker: unknown
     assert seen[-1].exit_code == ExitCode.FAILURE  # type: ignore[attr-defined]
@@ -453,7 +441,7 @@ def test_both_symmetric_is_impossible_after_the_grace_not_the_timeout() -> None:
     s.receive_datagram(members(ep("198.51.100.1:1002"), ep("198.51.100.2:2002")), T2, 0.1)
     end, seen = run_until_end(s)
     assert end == pytest.approx(0.1 + IMPOSSIBLE_GRACE)
-    gave_up = [e for e in seen if isinstance(e, GaveUp)]
+    gave_up = [e for e in seen if isinstance(e, ev.GaveUp)]
     assert {g.member for g in gave_up} == {ep("198.51.100.2:2001"), ep("198.51.100.2:2002")}
     assert all(g.impossible and "relay" in g.reason for g in gave_up)
     assert gave_up[0].verdict.mine == gave_up[0].verdict.theirs == ED  # type: ignore[union-attr]
@@ -467,7 +455,7 @@ def test_no_tracker_reachable_ends_as_unreachable_not_timeout() -> None:
     assert s.ended is None  # T2 may still work
     s.send_failed(PEER_PUB, "a candidate", 0.0)
     s.send_failed(T2, "cannot send to T2: Network is unreachable", 0.0)
-    assert drain(s) == [SessionEnded(ExitCode.UNREACHABLE, "cannot send to T2: Network is unreachable")]
+    assert drain(s) == [ev.SessionEnded(ExitCode.UNREACHABLE, "cannot send to T2: Network is unreachable")]
 
 
 def test_the_timer_never_spins() -> None:
