@@ -524,3 +524,22 @@ def test_the_session_modules_are_pure() -> None:
                 imported.add(node.module.split(".")[0])
         assert imported, name
         assert not imported & forbidden, (name, imported & forbidden)
+
+
+def test_a_peer_reflexive_path_counts_for_the_member_the_tracker_listed() -> None:
+    """A symmetric NAT reaches us from a fresh port: the path is up there, and the member
+    the tracker listed at that IP is this peer, not one to give up on."""
+    s = joined(timeout=4.0)
+    pings(s, 0.0)
+    s.receive_datagram(wire(Kind.PING, 1), PEER_NAT, 0.2)
+    (seq,) = [m.seq for m, d in peer_msgs(s, 0.2) if m.kind == Kind.PING and d == PEER_NAT]
+    s.receive_datagram(wire(Kind.PONG, 2, seq, b"198.51.100.1:43284"), PEER_NAT, 0.25)
+    (up,) = [e for e in drain(s) if isinstance(e, ev.PathUp)]
+    assert (up.endpoint, up.kind, up.source) == (PEER_NAT, ev.PathKind.INTERNET, ev.CandidateSource.PEER_REFLEXIVE)
+    assert s.members[PEER_PUB].peer == PEER
+    for t in (1.0, 2.0, 3.0, 4.0, 5.0):  # keep the path alive past the timeout
+        s.handle_timer(t)
+        for seq, dest in pings(s, t):
+            s.receive_datagram(wire(Kind.PONG, int(t * 10), seq), dest, t)
+    assert [e for e in drain(s) if isinstance(e, ev.GaveUp)] == []
+    assert s.ended is None
