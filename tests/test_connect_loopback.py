@@ -190,7 +190,7 @@ def test_no_tracker_answering_is_said_plainly(nattool_home: Path) -> None:
 
 
 def test_lan_candidates_guess_the_ports_a_member_listens_on() -> None:
-    from nattool.diag.connect import DEFAULT_CONNECT_PORT, lan_candidates
+    from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, lan_candidates
 
     got = [e.to_text() for e in lan_candidates(("192.0.2.11", "bad"), 5000, 6000)]
     assert got == ["192.0.2.11:5000", "192.0.2.11:6000", f"192.0.2.11:{DEFAULT_CONNECT_PORT}"]
@@ -200,7 +200,7 @@ def test_lan_candidates_guess_the_ports_a_member_listens_on() -> None:
 
 
 def test_mapping_and_verdict() -> None:
-    from nattool.diag.connect import ED, EI, mapping_of, verdict
+    from nattool.protocol.connect_rules import ED, EI, mapping_of, verdict
     from nattool.protocol.endpoint import Endpoint
 
     local = Endpoint.from_text("192.0.2.10:43284")
@@ -216,7 +216,7 @@ def test_mapping_and_verdict() -> None:
 
 
 def test_sanitize_keeps_text_and_defuses_escapes() -> None:
-    from nattool.diag.connect import sanitize
+    from nattool.cli.connect_cmd import sanitize
 
     assert sanitize("héllo\tworld\r\n") == "héllo\tworld"
     assert sanitize("\x1b]0;pwned\x07\x9b") == "\ufffd]0;pwned\ufffd\ufffd"
@@ -247,3 +247,82 @@ def test_piped_input_waits_for_a_peer_is_delivered_then_exits_0(pair, nattool_ho
         for stream in (sender.stdout, sender.stderr):
             if stream is not None:
                 stream.close()
+
+
+# -- what a newcomer tripped on --------------------------------------------------------
+
+
+@pytest.mark.parametrize("stdin_kind", ["devnull", "file"])
+def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
+    tracker: TrackerFactory, nattool_home: Path, tmp_path: Path, stdin_kind: str
+) -> None:
+    import subprocess
+
+    tp = tracker()
+    source = tmp_path / "lines.txt"
+    source.write_text("a line nobody will read\n")
+    path = "/dev/null" if stdin_kind == "devnull" else str(source)
+    argv = connect_argv(*peer_args(tp.endpoint, A_IP, free_udp_port(A_IP), "alone-" + stdin_kind, "--timeout", "2"))
+    with open(path, "rb") as stdin:
+        out = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=nattool_env(nattool_home),
+                             timeout=30)
+    assert out.returncode == 3, out.stderr
+    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
+    assert "gave up: group: no other member joined the group within 2s" in out.stderr
+    if stdin_kind == "file":
+        assert "no peer connected yet: the line will be sent when a path is up" in out.stderr
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_retries_sets_the_registration_retransmissions(nattool_home: Path, retries: int) -> None:
+    """A silent tracker (our own socket) sees 1 + --retries registrations in the seed form,
+    then as many in the original client's form: whatever the machine's speed."""
+    import subprocess
+
+    from nattool.protocol.text import RegisterRequest
+
+    group = f"retries-{retries}"
+    seed, original = RegisterRequest(group).to_wire(), RegisterRequest(group, form="original").to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.settimeout(5)
+        tracker_ep = f"127.0.0.1:{silent.getsockname()[1]}"
+        argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), group, "--retries", str(retries),
+                                       "--timeout", "4"))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=nattool_env(nattool_home))
+        try:
+            got = [silent.recvfrom(2048)[0] for _ in range(2 * (retries + 1) + 1)]
+        finally:
+            proc.wait(timeout=20)
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+            proc.stderr.close()
+    assert got == [seed] * (retries + 1) + [original] * (retries + 1) + [seed]
+    assert proc.returncode == 3 and "no tracker answered within 4s" in err
+
+
+def test_retries_out_of_range_is_one_usage_line(nattool_home: Path) -> None:
+    import subprocess
+
+    out = subprocess.run(connect_argv("g", "-t", "127.0.0.1", "--retries", "99"), capture_output=True, text=True,
+                         env=nattool_env(nattool_home), stdin=subprocess.DEVNULL, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["nattool: error: --retries must be in 0..20"]
+
+
+def test_no_route_to_the_tracker_is_a_network_error_exit_4(nattool_home: Path) -> None:
+    """In a fresh network namespace loopback is down: sending fails (ENETUNREACH). That is
+    exit 4 and one line at once, not 'no tracker answered' (3) after --timeout."""
+    import subprocess
+
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --net needs root (CAP_SYS_ADMIN)")
+    t0 = time.monotonic()
+    out = subprocess.run(["unshare", "--net", *connect_argv("g", "-t", "127.0.0.1", "--timeout", "20")],
+                         capture_output=True, text=True, env=nattool_env(nattool_home), stdin=subprocess.DEVNULL,
+                         timeout=30)
+    assert out.returncode == 4, out.stderr
+    assert "cannot send to 127.0.0.1:43283" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert time.monotonic() - t0 < 15  # did not wait for --timeout

@@ -9,14 +9,36 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
 from nattool.cli.node_args import parse_identity, parse_lan
+from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
 from nattool.cli.output import run_edge, stderr, verbosity
-from nattool.cli.targets import client_settings, resolve_targets, run
-from nattool.diag.connect import DEFAULT_CONNECT_PORT, ConnectOptions, connect_session
+from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
+from nattool.diag.connect import connect_session
 from nattool.errors import ProtocolError, UsageError
+from nattool.protocol.connect_events import (
+    ConnectEvent,
+    GaveUp,
+    MemberSeen,
+    MessageReceived,
+    PathDown,
+    PathUp,
+    Queued,
+    Registered,
+    Undelivered,
+)
+from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT
+from nattool.protocol.connect_session import SessionConfig
 from nattool.protocol.endpoint import parse_ip
 from nattool.protocol.text import canonical_group
+
+# --timeout is connect's give-up time, so --retries says which timeout it splits: the
+# per-tracker one (the config file's `timeout`), as in every other client command.
+ConnectRetriesOpt = Annotated[
+    Optional[int],
+    typer.Option("--retries", metavar="N", show_default=False,
+                 help="Retransmissions of each registration (doubling backoff) within the tracker timeout "
+                      "(config 'timeout', 2 s) [default: 3]."),
+]
 
 
 def connect(
@@ -28,6 +50,7 @@ def connect(
     lan: Annotated[str, typer.Option("--lan", metavar="LAN", help="LAN addresses for members behind the same public IP: 'auto', '0' (none) or a comma list.")] = "auto",
     node_id: Annotated[str, typer.Option("--id", metavar="ID", help="Identity inside the group: '0' (the endpoint the tracker sees), 'auto' (a stable MAC of this host) or a MAC.")] = "0",
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Give up (non-zero exit) when no path is up for this many seconds.")] = 30.0,
+    retries: ConnectRetriesOpt = None,
     keepalive: Annotated[float, typer.Option("--keepalive", metavar="SECONDS", help="Seconds between keepalive pings on an open path.")] = 20.0,
     dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x keepalive].", show_default=False)] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
@@ -38,11 +61,12 @@ def connect(
     stdin goes to the connected peers, their lines are printed as '<peer> line'.
 
     End of input leaves, once the lines read are delivered. Exit status: 0 ok, 1 no path could be opened (with
-    the reason), 3 no tracker or no other member answered within --timeout.
+    the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker can be sent to.
     """
 
     def body() -> int:
-        settings = client_settings(tracker, domain, None, None, config)
+        settings = client_settings(tracker, domain, None, retries, config)
+        check_timing(settings.timeout, settings.retries)
         try:
             group_key = canonical_group(group)
         except ProtocolError:
@@ -65,11 +89,9 @@ def connect(
 
         async def go() -> int:
             targets = await resolve_targets(settings)
-            opts = ConnectOptions(
+            config = SessionConfig(
                 group=group_key,
                 trackers=tuple(targets),
-                port=port,
-                bind=bind,
                 lan=parse_lan(lan, targets),
                 identity=identity,
                 timeout=timeout,
@@ -79,13 +101,11 @@ def connect(
                 retries=settings.retries,
                 once=once,
             )
-            return await connect_session(opts, _Renderer(json_out), read_stdin=not once)
+            return await connect_session(config, _Renderer(json_out), port=port, bind=bind, read_stdin=not once)
 
         return int(run(go()))
 
     raise typer.Exit(run_edge(body))
-
-
 
 
 class _Renderer:
@@ -96,21 +116,66 @@ class _Renderer:
         self.json_out = json_out
         self.t0 = time.monotonic()
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: ConnectEvent) -> None:
+        fields = event_fields(event)
+        if fields is None:
+            return
         if self.json_out:
-            out = {"event": event["event"], "t": round(time.monotonic() - self.t0, 3)}
-            out.update({k: v for k, v in event.items() if k != "event"})
+            out = {"event": fields.pop("event"), "t": round(time.monotonic() - self.t0, 3)}
+            out.update(fields)
             sys.stdout.write(json.dumps(out, separators=(",", ":")) + "\n")
             sys.stdout.flush()
             return
-        kind = event["event"]
-        if kind == "message":
-            sys.stdout.write(f"<{event['peer']}> {event['text']}\n")
+        if isinstance(event, MessageReceived):
+            sys.stdout.write(f"<{fields['peer']}> {fields['text']}\n")
             sys.stdout.flush()
             return
-        text = _human(event)
-        if text is not None and (verbosity() >= 0 or kind == "gave_up"):
+        text = _human(fields)
+        if text is not None and (verbosity() >= 0 or isinstance(event, GaveUp)):
             stderr.print(text, markup=False)
+
+
+def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
+    """An event as the JSON object --json prints (None: not shown)."""
+    if isinstance(e, Registered):
+        return {"event": "registered", "tracker": e.tracker.to_text(), "public": e.public.to_text(), "form": e.form}
+    if isinstance(e, MemberSeen):
+        return {"event": "member_seen", "member": e.member.to_text(), "lan": list(e.lan),
+                "tracker": e.tracker.to_text()}
+    if isinstance(e, PathUp):
+        return {"event": "path_up", "peer": e.endpoint.to_text(), "peer_id": e.peer_id, "path": e.kind.value,
+                "rtt_ms": round(e.rtt * 1000, 3), "open_s": round(e.open_time, 3),
+                "since_start_s": round(e.since_start, 3), "observed_as": e.observed_as}
+    if isinstance(e, PathDown):
+        return {"event": "path_down", "peer": e.endpoint.to_text() if e.endpoint else None, "peer_id": e.peer_id,
+                "path": e.kind.value, "reason": e.reason}
+    if isinstance(e, MessageReceived):
+        return {"event": "message", "peer": e.endpoint.to_text(), "peer_id": e.peer_id,
+                "text": sanitize(e.data.decode("utf-8", "replace"))}
+    if isinstance(e, GaveUp):
+        out: dict[str, Any] = {"event": "gave_up", "member": e.member.to_text() if e.member else None,
+                               "impossible": e.impossible, "reason": e.reason}
+        if e.verdict is not None:
+            v = e.verdict
+            out["mapping"] = {"self": v.mine, "self_reason": v.mine_reason, "peer": v.theirs,
+                              "peer_reason": v.theirs_reason}
+        if e.tried is not None:
+            out["tried_s"] = round(e.tried, 3)
+        return out
+    if isinstance(e, Queued):
+        return {"event": "queued", "reason": "no path up yet: the line waits for the first peer"}
+    if isinstance(e, Undelivered):
+        out = {"event": "undelivered", "peer_id": e.peer_id, "reason": e.reason}
+        if e.endpoint is not None:
+            out["peer"] = e.endpoint.to_text()
+        return out
+    return None  # SessionEnded: the exit status says it
+
+
+def sanitize(text: str) -> str:
+    """A peer's line as it may reach a terminal: no control characters (no escape
+    sequences that could rewrite the screen), tabs kept."""
+    return "".join(ch if ch == "\t" or ch.isprintable() else "\ufffd" for ch in text.rstrip("\r\n"))
 
 
 def _human(e: dict[str, Any]) -> Optional[str]:
@@ -141,4 +206,4 @@ def _human(e: dict[str, Any]) -> Optional[str]:
     return None
 
 
-__all__ = ["connect"]
+__all__ = ["connect", "event_fields", "sanitize"]

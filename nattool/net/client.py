@@ -94,10 +94,15 @@ class UdpClient:
         self._last_error = exc
 
     def send(self, dest: Endpoint, payload: bytes) -> None:
+        self._last_error = None
         try:
             self.transport.sendto(payload, dest.sockaddr())
         except OSError as exc:
             raise NetworkError(f"cannot send to {dest}: {exc.strerror or exc}") from None
+        # asyncio hands a failed sendto (no route, ...) to error_received, not to us.
+        failed, self._last_error = self._last_error, None
+        if isinstance(failed, OSError):
+            raise NetworkError(f"cannot send to {dest}: {failed.strerror or failed}")
 
     async def request(
         self,

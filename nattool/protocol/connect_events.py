@@ -1,0 +1,149 @@
+"""What a `connect` session tells its owner: typed, frozen events (pure).
+
+:class:`nattool.protocol.connect_session.ConnectSession` queues them and its owner reads
+them with ``next_event()``, as aioquic's ``quic/events.py``. Peers are named by their
+session id as hex (``peer_id``): a member's endpoint can change (a path goes down and
+another comes up), its session id cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional, Union
+
+from nattool.exit_codes import ExitCode
+from nattool.protocol.endpoint import Endpoint
+
+
+class PathKind(str, Enum):
+    """How a path reaches the peer (the JSON ``path`` field). Room for more ways: a
+    relay, a port mapping (PCP/NAT-PMP), another local socket."""
+
+    INTERNET = "internet"  # direct, to a public endpoint
+    LAN = "lan"  # direct, inside the LAN both members sit in
+
+
+class CandidateSource(str, Enum):
+    """Where an endpoint to probe came from."""
+
+    TRACKER = "tracker"  # the member's public endpoint, as a tracker listed it
+    LAN_GUESS = "lan-guess"  # one of the member's LAN addresses at a likely port
+    PEER_REFLEXIVE = "peer-reflexive"  # an authenticated ping came from there (its NAT's mapping toward us)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Why no path could be opened to a member, from what the trackers showed."""
+
+    impossible: bool  # both NATs map per destination: punching cannot work
+    reason: str
+    mine: Optional[str]  # our mapping: EI, ED or None (unknown)
+    mine_reason: str
+    theirs: Optional[str]  # the member's mapping
+    theirs_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A tracker answered a registration and saw us at ``public`` (sent again when it
+    sees us somewhere else)."""
+
+    tracker: Endpoint
+    public: Endpoint
+    form: str  # the registration form it accepted: "seed" or "original"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSeen:
+    """A tracker listed a member we did not know: its candidates are being probed."""
+
+    member: Endpoint
+    lan: tuple[str, ...]
+    tracker: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class PathUp:
+    """A ping came back as an authenticated pong from the very endpoint it went to."""
+
+    peer_id: str
+    endpoint: Endpoint
+    kind: PathKind
+    source: CandidateSource
+    rtt: float  # s
+    open_time: float  # s from the first probe of the candidate
+    since_start: float  # s from the start of the session
+    observed_as: str  # where the peer saw us (its pong says)
+
+
+@dataclass(frozen=True, slots=True)
+class PathDown:
+    peer_id: str
+    endpoint: Optional[Endpoint]
+    kind: PathKind
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A DATA message, delivered once (retransmissions are acknowledged, not repeated)."""
+
+    peer_id: str
+    endpoint: Endpoint  # the peer's path in use, or where the message came from
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A message sent while no path was up: it waits for the first one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    peer_id: str
+    endpoint: Optional[Endpoint]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """No path to ``member`` (or, with ``member`` None, to anyone in the group)."""
+
+    member: Optional[Endpoint]
+    reason: str
+    verdict: Optional[Verdict] = None  # for a member: what its mapping and ours say
+    tried: Optional[float] = None  # s spent probing the member
+
+    @property
+    def impossible(self) -> bool:
+        return self.verdict is not None and self.verdict.impossible
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """The session is over; ``exit_code`` is what `nattool connect` exits with."""
+
+    exit_code: ExitCode
+    reason: str
+
+
+ConnectEvent = Union[
+    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded
+]
+
+__all__ = [
+    "CandidateSource",
+    "ConnectEvent",
+    "GaveUp",
+    "MemberSeen",
+    "MessageReceived",
+    "PathDown",
+    "PathKind",
+    "PathUp",
+    "Queued",
+    "Registered",
+    "SessionEnded",
+    "Undelivered",
+    "Verdict",
+]

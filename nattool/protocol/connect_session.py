@@ -1,0 +1,723 @@
+"""The `connect` procedure as a pure state machine: meet a group's members through the
+trackers and punch a direct UDP path to each of them.
+
+No sockets, no clock, no randomness: bytes and the time come in as arguments, datagrams
+to send and typed events (:mod:`nattool.protocol.connect_events`) go out, the aioquic
+shape::
+
+    session.receive_datagram(data, addr, now)   # anything that arrived
+    session.handle_timer(now)                   # when get_timer() says
+    session.datagrams_to_send(now)              # -> [(bytes, Endpoint)], send them all
+    session.next_event()                        # -> event or None
+
+One local socket per address family carries everything: the registrations (so the NAT
+mapping the tracker saw is the one the peers are told about) and the peer messages
+(:mod:`nattool.protocol.punch`). The procedure, ICE-like but much smaller:
+
+* register at every tracker; again ``FAST_REGISTER`` s after its answer while no path is
+  up (a member that registers after us is only learnt from the tracker, and the target
+  is a path within 3 s), every ``register_every`` s once one is (which also keeps the
+  tracker's mapping open). A tracker silent to the seed form is asked in the original
+  client's form, and the form it answers is remembered (the original form after two
+  rounds: one answer may be a late answer to the seed form);
+* for every member, candidates: its public endpoint, and for a member behind our own
+  public IP (its line carries ``;lan``) each LAN address at the ports it may listen on
+  (see :func:`nattool.protocol.connect_rules.lan_candidates`); all probed at once with authenticated pings, quickly
+  at first, then backing off;
+* an authenticated ping from an endpoint we did not know is a *peer-reflexive*
+  candidate (the peer's NAT mapping toward us, e.g. a symmetric NAT's fresh port): we
+  answer it and ping it back at once;
+* a path is up when one of our pings came back as an authenticated pong from the very
+  endpoint it was sent to; LAN paths are preferred. Up paths get a ping every
+  ``keepalive`` s; a path with no valid message for ``dead_after`` s is down, and the
+  peer's candidates are probed again;
+* when no path is up for ``timeout`` s, give up with a verdict built from what the
+  trackers showed: our own mapping (two trackers saw the same or different public
+  ports) and each member's (the same host at different ports in different trackers).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nattool.errors import ProtocolError
+from nattool.exit_codes import ExitCode
+from nattool.protocol.connect_events import (
+    CandidateSource,
+    ConnectEvent,
+    GaveUp,
+    MemberSeen,
+    MessageReceived,
+    PathDown,
+    PathKind,
+    PathUp,
+    Queued,
+    Registered,
+    SessionEnded,
+    Undelivered,
+    Verdict,
+)
+from nattool.protocol.connect_rules import lan_candidates, mapping_of, mapping_verdict, verdict
+from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.punch import BadMac, Kind, NotPeerMessage, PeerMessage, ReplayGuard, ReplayWindow, derive_key
+from nattool.protocol.text import ErrorReply, MemberList, RegisterRequest
+
+FAST_REGISTER = 0.5  # s between registrations while no path is up
+PROBE_FIRST = 0.1  # s between pings to a fresh candidate ...
+PROBE_MAX = 1.0  # ... growing to this
+PROBE_GROWTH = 1.5
+IMPOSSIBLE_GRACE = 3.0  # s of failed probing before a "cannot work" verdict ends the run
+LINGER = 1.5  # s `once` keeps answering after its path is up (the peer needs its pong)
+DATA_RETRIES = (0.3, 0.6, 1.2, 2.4)  # s after which an unacknowledged message is sent again
+PENDING_MAX = 4096
+SEED, ORIGINAL = "seed", "original"  # registration forms (RegisterRequest.form)
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    group: str  # canonical group key
+    trackers: tuple[Endpoint, ...]
+    lan: tuple[str, ...] = ()  # our LAN addresses, published to the trackers
+    identity: Optional[str] = None
+    timeout: float = 30.0  # give up when no path is up for this long
+    keepalive: float = 20.0
+    dead_after: float = 60.0
+    register_every: float = 20.0
+    tracker_timeout: float = 2.0  # per registration, retransmissions included
+    retries: int = 3  # retransmissions of a registration within tracker_timeout
+    once: bool = False  # end (exit 0) LINGER s after the first path is up
+
+
+def registration_waits(timeout: float, retries: int) -> list[float]:
+    """Waits after each send of a registration: doubling, summing to ``timeout``
+    (1 + retries sends), as every client transaction of nattool."""
+    sends = retries + 1
+    first = timeout / (2**sends - 1)
+    return [first * 2**i for i in range(sends)]
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Candidate:
+    endpoint: Endpoint
+    kind: PathKind
+    source: CandidateSource
+    member: Optional[Endpoint]  # the member (public endpoint) it belongs to, if any
+    peer: Optional[bytes]  # the peer it belongs to (peer-reflexive), if known
+    started: float
+    next_send: float
+    interval: float = PROBE_FIRST
+    sent: int = 0
+
+
+@dataclass
+class Path:
+    endpoint: Endpoint
+    kind: PathKind
+    up: bool = False
+    rtt: Optional[float] = None
+    last_heard: float = 0.0
+    last_ping: float = 0.0
+
+
+@dataclass
+class Peer:
+    sender: bytes
+    first_seen: float
+    paths: dict[Endpoint, Path] = field(default_factory=dict)
+    active: Optional[Endpoint] = None
+    delivered: ReplayWindow = field(default_factory=lambda: ReplayWindow(256))
+
+    @property
+    def peer_id(self) -> str:
+        return self.sender.hex()
+
+
+@dataclass
+class Member:
+    endpoint: Endpoint
+    lan: tuple[str, ...]
+    first_seen: float
+    trackers: set[Endpoint] = field(default_factory=set)
+    peer: Optional[bytes] = None
+    gave_up: bool = False
+
+
+@dataclass
+class Registration:
+    """One tracker: its dialect, and the registration in flight (if any)."""
+
+    tracker: Endpoint
+    form: Optional[str] = None  # the form it answered; None: not known yet
+    trying: Optional[str] = None  # form of the registration in flight
+    payload: bytes = b""
+    waits: list[float] = field(default_factory=list)
+    attempt: int = 0
+    next_send: float = 0.0  # in flight: next retransmission (or expiry after the last)
+    next_round: float = 0.0  # idle: when to register again
+    send_error: Optional[str] = None  # the last send to it failed (no route, ...)
+    original_answers: int = 0  # rounds in a row answered in the original form only
+
+
+@dataclass
+class Outgoing:
+    msg_id: int
+    body: bytes
+    peer: bytes
+    tries: int = 0
+    next_send: float = 0.0
+
+
+# --------------------------------------------------------------------------- the session
+
+
+class ConnectSession:
+    """One run of the procedure. ``session_id`` is 8 random bytes from the caller (our
+    sender id in every peer message); ``local`` is the local endpoint of the socket the
+    session's datagrams go out from (its port is a LAN candidate port, its address is
+    never a candidate)."""
+
+    def __init__(self, config: SessionConfig, session_id: bytes, now: float, local: Optional[Endpoint] = None) -> None:
+        self.config = config
+        self.local = local
+        self.key = derive_key(config.group)
+        self.sender = session_id
+        self.seq = 0
+        self.msg_id = 0
+        self.guard = ReplayGuard()
+        self.members: dict[Endpoint, Member] = {}
+        self.peers: dict[bytes, Peer] = {}
+        self.cands: dict[Endpoint, Candidate] = {}
+        self.pending: dict[int, tuple[Endpoint, float]] = {}  # ping seq -> (destination, sent at)
+        self.outgoing: list[Outgoing] = []
+        self.backlog: list[bytes] = []  # messages sent before any path was up
+        self.observed: dict[Endpoint, Endpoint] = {}  # tracker -> our public endpoint
+        self.member_views: dict[Endpoint, list[Endpoint]] = {}  # tracker -> member endpoints
+        self.registrations = {t: Registration(t, next_round=now) for t in config.trackers}
+        self.counters = {"bad_mac": 0, "junk": 0, "replayed": 0, "stale_pong": 0}
+        self.t0 = now
+        self.no_path_since = now
+        self.any_tracker_answered = False
+        self.first_up: Optional[float] = None
+        self.closing = False  # leave once every message is delivered
+        self.ended: Optional[SessionEnded] = None
+        self._finish_at: Optional[float] = None
+        self._last_tick = now
+        self._out: list[tuple[bytes, Endpoint]] = []
+        self._events: deque[ConnectEvent] = deque()
+        self._tick(now)
+
+    # -- the sans-I/O interface --------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Endpoint, now: float) -> None:
+        """Anything that arrived on the session's sockets: peer messages, tracker answers,
+        junk (counted and dropped). An ended session takes nothing more."""
+        if self.ended is not None:
+            return
+        try:
+            msg = PeerMessage.from_wire(data, self.key)
+        except NotPeerMessage:
+            reg = self.registrations.get(addr)
+            if reg is not None and reg.trying is not None:
+                self._on_tracker_answer(reg, data, now)
+            else:
+                self.counters["junk"] += 1  # late tracker replies, scanners: ignore
+            return
+        except BadMac:
+            self.counters["bad_mac"] += 1
+            return
+        except ProtocolError:
+            self.counters["junk"] += 1
+            return
+        self._on_peer_message(msg, addr, now)
+        self._tick(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> Optional[float]:
+        """When handle_timer() has something to do; None: nothing, ever (ended)."""
+        if self.ended is not None:
+            return None
+        times: list[float] = []
+        for reg in self.registrations.values():
+            times.append(reg.next_send if reg.trying is not None else reg.next_round)
+        for cand in self.cands.values():
+            if self._wants_probe(cand, self._last_tick):
+                times.append(cand.next_send)
+        for peer in self.peers.values():
+            if peer.active is not None:
+                path = peer.paths[peer.active]
+                times.append(min(path.last_heard + self.config.dead_after, path.last_ping + self.config.keepalive))
+        times.extend(out.next_send for out in self.outgoing)
+        if self._finish_at is not None:
+            times.append(self._finish_at)
+        # Give-up deadlines: only those still ahead (one already past was decided on).
+        deadlines = [self.no_path_since + self.config.timeout]
+        for member in self.members.values():
+            if not member.gave_up:
+                deadlines += (member.first_seen + IMPOSSIBLE_GRACE, member.first_seen + self.config.timeout)
+        times.extend(t for t in deadlines if t > self._last_tick)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self._tick(now)
+
+    def next_event(self) -> Optional[ConnectEvent]:
+        return self._events.popleft() if self._events else None
+
+    # -- what the owner asks ------------------------------------------------------------
+
+    def send(self, data: bytes, now: float, to: Optional[str] = None) -> int:
+        """Queue ``data`` (at most punch.MAX_BODY bytes) for the peer ``to`` (a peer id)
+        or every connected peer; returns how many it goes to. Without any path up and
+        ``to`` None it waits for the first path (a :class:`Queued` event), and 0 is
+        returned; to a peer without a path it goes nowhere (0)."""
+        if to is None and not self.connected_peers():
+            self.backlog.append(data)
+            self._events.append(Queued())
+            return 0
+        count = 0
+        for peer in self.peers.values():
+            if peer.active is None or (to is not None and peer.peer_id != to):
+                continue
+            self.msg_id += 1
+            self.outgoing.append(Outgoing(self.msg_id, data, peer.sender, 0, now))
+            count += 1
+        self._resend_data(now)
+        return count
+
+    def connected_peers(self) -> list[str]:
+        """Ids of the peers with a path up."""
+        return [p.peer_id for p in self.peers.values() if p.active is not None]
+
+    def leave(self, now: float) -> None:
+        """Say goodbye to every connected peer (input ended, Ctrl-C, close)."""
+        for peer in self.peers.values():
+            if peer.active is not None:
+                self._send(peer.active, PeerMessage(Kind.BYE, self.sender, self._next_seq()))
+
+    def close_when_delivered(self, now: float) -> None:
+        """The input ended: leave (exit 0) once a path was up and every message is acknowledged."""
+        self.closing = True
+        self._tick(now)
+
+    def send_failed(self, addr: Endpoint, reason: str, now: float) -> None:
+        """The owner could not send to ``addr`` (no route, ...). For a candidate that just
+        means it does not work; when every tracker is unreachable and none ever answered,
+        the session ends: nothing can come of it (exit 4, not a timeout)."""
+        reg = self.registrations.get(addr)
+        if reg is None:
+            return
+        reg.send_error = reason
+        if not self.any_tracker_answered and all(r.send_error for r in self.registrations.values()):
+            self._end(ExitCode.UNREACHABLE, reason)
+
+    # -- registration ------------------------------------------------------------------
+
+    def _round_wait(self) -> float:
+        return self.config.register_every if self.connected_peers() else FAST_REGISTER
+
+    def _start_registration(self, reg: Registration, form: str, now: float) -> None:
+        # The original form carries LAN addresses only behind a MAC: without an identity
+        # it would be the all-zero MAC, the same for every such member of the group, and
+        # the tracker would take them all for one member.
+        lan = self.config.lan if form == SEED or self.config.identity else ()
+        req = RegisterRequest(group=self.config.group, lan=lan, identity=self.config.identity, form=form)
+        # While the dialect is unknown each form gets half of the time, so that
+        # tracker_timeout bounds the whole registration, fallback included.
+        timeout = self.config.tracker_timeout / 2 if reg.form is None else self.config.tracker_timeout
+        reg.trying = form
+        reg.payload = req.to_wire()
+        reg.waits = registration_waits(timeout, self.config.retries)
+        reg.attempt = 0
+        reg.next_send = now
+
+    def _tick_registrations(self, now: float) -> None:
+        for reg in self.registrations.values():
+            if reg.trying is None and now >= reg.next_round:
+                self._start_registration(reg, reg.form or SEED, now)
+            while reg.trying is not None and now >= reg.next_send:
+                if reg.attempt < len(reg.waits):
+                    reg.send_error = None
+                    self._out.append((reg.payload, reg.tracker))
+                    reg.next_send = now + reg.waits[reg.attempt]
+                    reg.attempt += 1
+                elif reg.form is None and reg.trying == SEED:
+                    # The original server never answers the seed form: ask in its own.
+                    self._start_registration(reg, ORIGINAL, now)
+                else:
+                    reg.trying = None
+                    reg.next_round = now + self._round_wait()
+
+    def _on_tracker_answer(self, reg: Registration, data: bytes, now: float) -> None:
+        try:
+            members = MemberList.from_wire(data)
+        except ProtocolError:
+            try:
+                ErrorReply.from_wire(data)
+            except ProtocolError:
+                self.counters["junk"] += 1  # not an answer: keep waiting for one
+                return
+            # Refused (group full, rate limit...): ask again next round.
+            reg.trying = None
+            reg.next_round = now + self._round_wait()
+            return
+        form = reg.trying or SEED
+        if form == SEED:
+            reg.form = SEED
+            reg.original_answers = 0
+        else:
+            # A late answer to the seed form looks the same: believe the tracker speaks
+            # only the original form once it answered it in two rounds running.
+            reg.original_answers += 1
+            if reg.original_answers >= 2:
+                reg.form = ORIGINAL
+        reg.trying = None
+        self._on_registered(reg.tracker, members, form, now)
+        reg.next_round = now + self._round_wait()
+        self._tick(now)
+
+    def _on_registered(self, tracker: Endpoint, answer: MemberList, form: str, now: float) -> None:
+        entries = answer.entries
+        me = entries[0].endpoint
+        self.any_tracker_answered = True
+        if self.observed.get(tracker) != me:
+            self.observed[tracker] = me
+            self._events.append(Registered(tracker, me, form))
+        mine = set(self.observed.values())
+        self.member_views[tracker] = [e.endpoint for e in entries[1:]]
+        for entry in entries[1:]:
+            if entry.endpoint in mine:
+                continue  # ourselves as another tracker saw us
+            self._on_member(entry.endpoint, entry.lan, tracker, now)
+
+    def _on_member(self, ep: Endpoint, lan: tuple[str, ...], tracker: Endpoint, now: float) -> None:
+        member = self.members.get(ep)
+        if member is None:
+            member = self.members[ep] = Member(ep, lan, now)
+            self._events.append(MemberSeen(ep, lan, tracker))
+            self._add_candidate(ep, PathKind.INTERNET, CandidateSource.TRACKER, ep, None, now)
+            own_port = self.local.port if self.local else 0
+            for cand in lan_candidates(lan, ep.port, own_port):
+                self._add_candidate(cand, PathKind.LAN, CandidateSource.LAN_GUESS, ep, None, now)
+        member.trackers.add(tracker)
+
+    def _add_candidate(
+        self, ep: Endpoint, kind: PathKind, source: CandidateSource, member: Optional[Endpoint],
+        peer: Optional[bytes], now: float,
+    ) -> None:
+        if ep in self.cands or ep in set(self.observed.values()):
+            return
+        if self.local is not None and ep.port == self.local.port and self._is_local(ep):
+            return  # our own socket (our LAN address in someone's list, or loopback)
+        self.cands[ep] = Candidate(ep, kind, source, member, peer, now, now)
+
+    def _is_local(self, ep: Endpoint) -> bool:
+        return str(ep.ip) in self.config.lan or (self.local is not None and ep.ip == self.local.ip)
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _send(self, dest: Endpoint, msg: PeerMessage) -> None:
+        self._out.append((msg.to_wire(self.key), dest))
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _ping(self, dest: Endpoint, now: float) -> None:
+        seq = self._next_seq()
+        self.pending[seq] = (dest, now)
+        if len(self.pending) > PENDING_MAX:
+            for old in sorted(self.pending)[: len(self.pending) - PENDING_MAX]:
+                del self.pending[old]
+        self._send(dest, PeerMessage(Kind.PING, self.sender, seq))
+
+    def _end(self, code: ExitCode, reason: str) -> None:
+        if self.ended is None:
+            self.ended = SessionEnded(code, reason)
+            self._events.append(self.ended)
+
+    # -- probing, keepalive, give-up ---------------------------------------------------
+
+    def _owner(self, cand: Candidate) -> Optional[Peer]:
+        sender = cand.peer
+        if sender is None and cand.member is not None:
+            member = self.members.get(cand.member)
+            sender = member.peer if member else None
+        return self.peers.get(sender) if sender is not None else None
+
+    def _wants_probe(self, cand: Candidate, now: float) -> bool:
+        member = self.members.get(cand.member) if cand.member else None
+        if member is not None and member.gave_up:
+            return False
+        owner = self._owner(cand)
+        if owner is None or owner.active is None:
+            return True
+        path = owner.paths.get(cand.endpoint)
+        if path is not None and path.up:
+            return False
+        # Connected over the internet: keep trying its LAN for a while, a better path.
+        active_kind = owner.paths[owner.active].kind
+        return cand.kind == PathKind.LAN and active_kind != PathKind.LAN and now - cand.started < self.config.timeout
+
+    def _tick(self, now: float) -> None:
+        if self.ended is not None:
+            return
+        self._last_tick = now
+        # Paths first: one found dead is probed and registered again in this same tick.
+        for peer in self.peers.values():
+            if peer.active is None:
+                continue
+            path = peer.paths[peer.active]
+            if now - path.last_heard >= self.config.dead_after:
+                self._path_down(peer, path, f"no answer for {now - path.last_heard:.1f}s", now)
+            elif now - path.last_ping >= self.config.keepalive:
+                path.last_ping = now
+                self._ping(path.endpoint, now)
+        self._tick_registrations(now)
+        for cand in list(self.cands.values()):
+            if now >= cand.next_send and self._wants_probe(cand, now):
+                self._ping(cand.endpoint, now)
+                cand.sent += 1
+                cand.next_send = now + cand.interval
+                cand.interval = min(PROBE_MAX, cand.interval * PROBE_GROWTH)
+        if self.backlog and self.connected_peers():
+            waiting, self.backlog = self.backlog, []
+            for data in waiting:
+                self.send(data, now)
+        self._resend_data(now)
+        if self.closing and self.first_up is not None and not self.backlog and not self.outgoing:
+            self.leave(now)
+            self._end(ExitCode.OK, "input ended and every line was delivered")
+        if self._finish_at is not None and now >= self._finish_at:
+            self._end(ExitCode.OK, "a path was up")
+        self._check_give_up(now)
+
+    def _path_down(self, peer: Peer, path: Path, reason: str, now: float) -> None:
+        path.up = False
+        was = peer.active
+        peer.active = None
+        # The best other path that is still up takes over; else probe everything again.
+        for other in sorted(peer.paths.values(), key=lambda p: (p.kind != PathKind.LAN, p.rtt or 0)):
+            if other.up and now - other.last_heard < self.config.dead_after:
+                peer.active = other.endpoint
+                break
+        self._events.append(PathDown(peer.peer_id, was, path.kind, reason))
+        if peer.active is None:
+            if not self.connected_peers():
+                self.no_path_since = now
+            for cand in self.cands.values():
+                if self._owner(cand) is peer:
+                    cand.started = now
+                    cand.next_send = now
+                    cand.interval = PROBE_FIRST
+            for member in self.members.values():
+                if member.peer == peer.sender:
+                    member.gave_up = False
+                    member.first_seen = now
+            for reg in self.registrations.values():
+                if reg.trying is None:
+                    reg.next_round = now  # the peer may be back at a new endpoint
+
+    def _check_give_up(self, now: float) -> None:
+        if self.ended is not None:
+            return
+        connected = bool(self.connected_peers())
+        mine, mine_why = mapping_of(self.observed, self.local) if self.local else (None, "")
+        # Members nobody reached in `timeout` (while others are up) are given up one by one.
+        for member in self.members.values():
+            if member.gave_up or self._member_up(member):
+                continue
+            theirs, theirs_why = self._member_mapping(member)
+            impossible, why = verdict(mine, theirs)
+            tried = now - member.first_seen
+            if tried >= self.config.timeout or (impossible and tried >= IMPOSSIBLE_GRACE):
+                member.gave_up = True
+                found = Verdict(impossible, why, mine, mine_why, theirs, theirs_why)
+                self._events.append(GaveUp(member.endpoint, why, found, tried))
+        if connected:
+            return
+        if self.members and all(m.gave_up for m in self.members.values()):
+            self._end(ExitCode.FAILURE, "no path could be opened to any member")
+            return
+        if now - self.no_path_since < self.config.timeout:
+            return
+        if not self.any_tracker_answered:
+            why = (f"no tracker answered within {self.config.timeout:g}s: UDP may be blocked on this "
+                   "network, or the trackers are down")
+            self._events.append(GaveUp(None, why))
+            self._end(ExitCode.TIMEOUT, why)
+        elif not self.members:
+            why = f"no other member joined the group within {self.config.timeout:g}s"
+            self._events.append(GaveUp(None, why))
+            self._end(ExitCode.TIMEOUT, why)
+        else:
+            self._end(ExitCode.FAILURE, f"no path up for {self.config.timeout:g}s")
+
+    def _member_up(self, member: Member) -> bool:
+        peer = self.peers.get(member.peer) if member.peer else None
+        return peer is not None and peer.active is not None
+
+    def _member_mapping(self, member: Member) -> tuple[Optional[str], str]:
+        """The member's mapping, from how the trackers saw its public IP: the same host
+        at the same port in every tracker (endpoint-independent) or at different ports."""
+        ip = member.endpoint.ip
+        per_tracker: dict[Endpoint, list[Endpoint]] = {}
+        for tracker, eps in self.member_views.items():
+            at_ip = [e for e in eps if e.ip == ip]
+            if at_ip:
+                per_tracker[tracker] = at_ip
+        if len(per_tracker) < 2:
+            return None, "seen by one tracker only: unknown"
+        if any(len(v) != 1 for v in per_tracker.values()):
+            return None, "several members behind that public IP: cannot tell"
+        return mapping_verdict(member.endpoint, {t: v[0] for t, v in per_tracker.items()})
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _on_peer_message(self, msg: PeerMessage, src: Endpoint, now: float) -> None:
+        if msg.sender == self.sender:
+            return  # our own ping, hairpinned or looped back
+        if not self.guard.accept(msg.sender, msg.seq):
+            self.counters["replayed"] += 1
+            return
+        peer = self.peers.get(msg.sender)
+        if peer is None:
+            peer = self.peers[msg.sender] = Peer(msg.sender, now)
+        path = peer.paths.get(src)
+        if path is not None and path.up:
+            path.last_heard = now
+        if msg.kind == Kind.PING:
+            self._on_ping(peer, msg, src, now)
+        elif msg.kind == Kind.PONG:
+            self._on_pong(peer, msg, src, now)
+        elif msg.kind == Kind.DATA:
+            self._on_data(peer, msg, src)
+        elif msg.kind == Kind.ACK:
+            self.outgoing = [o for o in self.outgoing if not (o.peer == peer.sender and o.msg_id == msg.echo)]
+        elif msg.kind == Kind.BYE:
+            self._on_bye(peer, now)
+
+    def _classify(self, ep: Endpoint) -> PathKind:
+        """LAN or Internet, for an endpoint a peer reached us from. A member's LAN list
+        says it best; before the tracker told us about the member, an address in the
+        subnet of one of our own LAN addresses (/24, /64: the prefix length is not
+        known) that is nobody's public address is taken for a LAN neighbour."""
+        for member in self.members.values():
+            if str(ep.ip) in member.lan:
+                return PathKind.LAN
+        public = {m.endpoint.ip for m in self.members.values()} | {e.ip for e in self.observed.values()}
+        if ep.ip in public:
+            return PathKind.INTERNET
+        for own in self.config.lan:
+            try:
+                mine = ipaddress.ip_address(own)
+            except ValueError:
+                continue
+            if mine.version == ep.ip.version and mine != ep.ip:
+                bits = 24 if mine.version == 4 else 64
+                same_net = ipaddress.ip_network((mine, bits), strict=False)
+                if ep.ip in same_net:
+                    return PathKind.LAN
+        return PathKind.INTERNET
+
+    def _on_ping(self, peer: Peer, msg: PeerMessage, src: Endpoint, now: float) -> None:
+        # Answer where it came from: that is the path the peer is testing.
+        body = src.to_text().encode("ascii")
+        self._send(src, PeerMessage(Kind.PONG, self.sender, self._next_seq(), msg.seq, body))
+        if src not in self.cands:
+            # Peer-reflexive: the peer's NAT mapping toward us. Ping it back at once.
+            cand_member = next((m.endpoint for m in self.members.values() if m.peer == peer.sender), None)
+            self._add_candidate(src, self._classify(src), CandidateSource.PEER_REFLEXIVE, cand_member, peer.sender, now)
+        cand = self.cands.get(src)
+        if cand is not None and cand.peer is None:
+            cand.peer = peer.sender
+        if cand is not None and peer.active is None and self._wants_probe(cand, now):
+            cand.next_send = now  # a triggered check (ICE): the hole is open right now
+
+    def _on_pong(self, peer: Peer, msg: PeerMessage, src: Endpoint, now: float) -> None:
+        sent = self.pending.pop(msg.echo, None)
+        if sent is None:
+            self.counters["stale_pong"] += 1
+            return
+        dest, sent_at = sent
+        if dest != src:
+            # Answered, but from elsewhere: a new candidate, not yet a path.
+            self._add_candidate(src, self._classify(src), CandidateSource.PEER_REFLEXIVE, None, peer.sender, now)
+            return
+        cand = self.cands.get(dest)
+        kind = cand.kind if cand else self._classify(dest)
+        if cand is not None and cand.member is not None:
+            member = self.members.get(cand.member)
+            if member is not None and member.peer != peer.sender:
+                member.peer = peer.sender
+        elif cand is not None and kind == PathKind.INTERNET:
+            # A peer-reflexive path (e.g. a symmetric NAT's fresh port): the members the
+            # trackers list at that public IP, not yet reached, are most likely this peer
+            # as each tracker saw it; without this they would be "given up" while connected.
+            for member in self.members.values():
+                if member.peer is None and member.endpoint.ip == dest.ip:
+                    member.peer = peer.sender
+        path = peer.paths.get(dest)
+        if path is None:
+            path = peer.paths[dest] = Path(dest, kind)
+        rtt = now - sent_at
+        path.rtt = rtt if path.rtt is None else 0.8 * path.rtt + 0.2 * rtt
+        path.last_heard = now
+        if path.up:
+            return
+        path.up = True
+        path.last_ping = now
+        current = peer.paths.get(peer.active) if peer.active else None
+        if current is not None and not (kind == PathKind.LAN and current.kind != PathKind.LAN):
+            return  # keep the path in use; this one stays a spare
+        peer.active = dest
+        started = cand.started if cand else peer.first_seen
+        if self.first_up is None:
+            self.first_up = now
+        source = cand.source if cand else CandidateSource.PEER_REFLEXIVE
+        observed_as = msg.body.decode("ascii", "replace")[:64]
+        self._events.append(PathUp(peer.peer_id, dest, kind, source, rtt, now - started, now - self.t0, observed_as))
+        if self.config.once and self._finish_at is None:
+            self._finish_at = now + LINGER
+
+    def _on_data(self, peer: Peer, msg: PeerMessage, src: Endpoint) -> None:
+        self._send(src, PeerMessage(Kind.ACK, self.sender, self._next_seq(), msg.echo))
+        if not peer.delivered.accept(msg.echo):
+            return  # a retransmission of a message we already delivered (our ACK was lost)
+        self._events.append(MessageReceived(peer.peer_id, peer.active or src, msg.body))
+
+    def _on_bye(self, peer: Peer, now: float) -> None:
+        if peer.active is not None:
+            for path in peer.paths.values():
+                if path.endpoint != peer.active:
+                    path.up = False
+            self._path_down(peer, peer.paths[peer.active], "the peer left", now)
+
+    def _resend_data(self, now: float) -> None:
+        keep: list[Outgoing] = []
+        for out in self.outgoing:
+            peer = self.peers.get(out.peer)
+            if peer is None or peer.active is None:
+                self._events.append(Undelivered(out.peer.hex(), None, "no path"))
+                continue
+            if now < out.next_send:
+                keep.append(out)
+                continue
+            if out.tries > len(DATA_RETRIES):
+                self._events.append(Undelivered(out.peer.hex(), peer.active, "no ack"))
+                continue
+            self._send(peer.active, PeerMessage(Kind.DATA, self.sender, self._next_seq(), out.msg_id, out.body))
+            out.next_send = now + DATA_RETRIES[min(out.tries, len(DATA_RETRIES) - 1)]
+            out.tries += 1
+            keep.append(out)
+        self.outgoing = keep
+
+
+__all__ = ["ConnectSession", "SessionConfig", "registration_waits"]
