@@ -42,7 +42,7 @@ NETWORK: dict[str, list[str]] = {
     "whoami": ["whoami", "-t", "{target}", "--timeout", "1"],
     "trackers": ["trackers", "-t", "{target}", "--timeout", "1"],
     "register": ["register", "exit-codes", "-t", "{target}", "--timeout", "1", "--lan", "0", "--id", "0"],
-    "probe": ["probe", "{target}", "--wait", "0.5"],
+    "probe": ["probe", "{target}", "--timeout", "0.5"],
     "connect": ["connect", "exit-codes", "-t", "{target}", "--timeout", "1", "--once", "-p", "0"],
 }
 # Commands whose target must be an address (no name resolution by design).

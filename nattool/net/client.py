@@ -1,6 +1,6 @@
 """Client transactions over UDP: one local socket per address family, several
 requests in flight, retransmission with backoff, replies matched to the address the
-request went to (anything else is an UnexpectedSource and ignored).
+request went to (anything else is counted in ``unexpected`` and ignored).
 
 Shared by whoami/register/trackers and, below them, probe, connect and bench.
 """
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from nattool.errors import NetworkError, NoAnswer, NattoolError, ProtocolError
+from nattool.errors import NetworkError, NoAnswer, NattoolError, ProtocolError, TrackerRefused
 from nattool.protocol.endpoint import Endpoint
 
 T = TypeVar("T")
@@ -94,10 +94,17 @@ class UdpClient:
         self._last_error = exc
 
     def send(self, dest: Endpoint, payload: bytes) -> None:
+        # asyncio's sendto does not raise a failed send (ENETUNREACH, EHOSTUNREACH...):
+        # it reports it to error_received before returning, so look there.
+        self._last_error = None
         try:
             self.transport.sendto(payload, dest.sockaddr())
         except OSError as exc:
-            raise NetworkError(f"cannot send to {dest}: {exc.strerror or exc}") from None
+            self._last_error = exc
+        failed, self._last_error = self._last_error, None
+        if failed is not None:
+            reason = failed.strerror if isinstance(failed, OSError) and failed.strerror else failed
+            raise NetworkError(f"cannot send to {dest}: {reason}")
 
     async def request(
         self,
@@ -110,9 +117,9 @@ class UdpClient:
     ) -> Answer[T]:
         """Send ``payload`` until ``parse`` accepts an answer from ``dest``.
 
-        A reply that ``parse`` rejects with a ProtocolError whose text starts with
-        "tracker refused" ends the transaction at once (the tracker said no);
-        other garbage is ignored and the wait goes on.
+        ``parse`` raising TrackerRefused ends the transaction at once (the tracker
+        said no); any other error of ours marks garbage, ignored while the wait goes on.
+        A send that fails raises NetworkError at once.
         """
         key = (str(dest.ip), dest.port)
         lock = self._locks.setdefault(key, asyncio.Lock())
@@ -152,9 +159,9 @@ class UdpClient:
                     break
                 try:
                     value = parse(data)
+                except TrackerRefused:
+                    raise
                 except NattoolError as exc:
-                    if str(exc).startswith("tracker refused"):
-                        raise
                     last_problem = exc
                     continue
                 return Answer(value, data, dest, time.perf_counter() - sent, attempt)
