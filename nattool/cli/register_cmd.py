@@ -112,7 +112,7 @@ def _render_once(reg: Registration, json_out: bool) -> int:
         return _exit_code(reg)
     for r in reg.replies:
         if r.error is not None:
-            stdout.print(f"[red]{r.tracker}: {escape(str(r.error))}[/red]")
+            stdout.print(f"[red]{escape(str(r.error))}[/red]")
     if me is None:
         stdout.print("No tracker accepted the registration.")
         return _exit_code(reg)

@@ -208,13 +208,17 @@ class ClientPool:
         self.local_port = local_port
         self.local_host = local_host
         self._clients: dict[int, UdpClient] = {}
+        # Requests to several trackers start together: the first opens the socket, the
+        # others wait for it (two sockets would be two NAT mappings).
+        self._opening = asyncio.Lock()
 
     async def for_endpoint(self, dest: Endpoint) -> UdpClient:
         family = socket.AF_INET6 if dest.ip.version == 6 else socket.AF_INET
-        client = self._clients.get(family)
-        if client is None:
-            host = self.local_host if self.local_host and _family_of(self.local_host) == family else None
-            client = self._clients[family] = await UdpClient.open(family, host, self.local_port)
+        async with self._opening:
+            client = self._clients.get(family)
+            if client is None:
+                host = self.local_host if self.local_host and _family_of(self.local_host) == family else None
+                client = self._clients[family] = await UdpClient.open(family, host, self.local_port)
         return client
 
     def close(self) -> None:
