@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
 
-from nattool.errors import NattoolError, NoAnswer, ProtocolError, UsageError
+from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, UsageError
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.text import MemberEntry, MemberList, RegisterRequest, TrackerList, canonical_group
 from nattool.protocol.tracker_spec import TrackerSpec, parse_tracker_spec
@@ -506,8 +506,16 @@ async def probe(
         retries=retries,
     )
     if check and not result.ok:
-        raise NoAnswer(f"no server answered the probe within {timeout:g}s ({len(targets)} address(es) tried)")
+        raise probe_error(result, timeout)
     return result
+
+
+def probe_error(result: ProbeResult, timeout: float) -> NattoolError:
+    """Why a probe learnt nothing: nothing could be sent (exit 4), or no answer (3)."""
+    unsent = result.send_failure()
+    if unsent is not None:
+        return NetworkError(unsent)
+    return NoAnswer(f"no server answered the probe within {timeout:g}s")
 
 
 __all__ = [

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from nattool import api
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
-from nattool.cli.output import emit_json, info, run_edge, stdout, verbosity
+from nattool.cli.output import emit_json, info, run_edge, stderr, stdout, verbosity
 from nattool.cli.targets import client_settings, run
 from nattool.diag.probe import FamilyResult, ProbeResult
 from nattool.errors import NattoolError, UsageError
@@ -63,11 +63,12 @@ def probe(
 
         # The probe's own defaults, not the configured ones: it waits a timeout in each
         # of its rounds, so the trackers' 2 s would double its run time.
+        probe_timeout = next((t for t in (timeout, wait) if t is not None), api.PROBE_TIMEOUT)
         result = run(
             api.probe(
                 settings.trackers,
                 domain=settings.domain,
-                timeout=next((t for t in (timeout, wait) if t is not None), api.PROBE_TIMEOUT),
+                timeout=probe_timeout,
                 retries=retries if retries is not None else api.PROBE_RETRIES,
                 family=4 if ipv4 else 6 if ipv6 else None,
                 hairpin=hairpin,
@@ -78,7 +79,12 @@ def probe(
                 check=False,
             )
         )
-        return render(result, json_out)
+        render(result, json_out)
+        if result.ok:
+            return int(ExitCode.OK)
+        error = api.probe_error(result, probe_timeout)
+        stderr.print(f"nattool: error: {error}", markup=False)
+        return int(error.exit_code)
 
     raise typer.Exit(run_edge(body))
 
@@ -87,11 +93,10 @@ def _yn(value: Optional[bool]) -> str:
     return "unknown" if value is None else "yes" if value else "no"
 
 
-def render(result: ProbeResult, json_out: bool) -> int:
-    code = int(ExitCode.OK) if result.ok else int(ExitCode.TIMEOUT)
+def render(result: ProbeResult, json_out: bool) -> None:
     if json_out:
         emit_json(result.to_json())
-        return code
+        return
     for fam in result.families:
         _render_family(fam)
     if len(result.runs) > 1:
@@ -100,7 +105,6 @@ def render(result: ProbeResult, json_out: bool) -> int:
         stdout.print(f"Repeat: {len(result.runs)} runs, {'consistent' if consistent else '[red]inconsistent[/red]'} ({types})")
     if verbosity() >= 0:
         info(f"probe took {result.elapsed:.2f} s")
-    return code
 
 
 def _render_family(fam: FamilyResult) -> None:

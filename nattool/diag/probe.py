@@ -129,7 +129,7 @@ class Txn:
     reply: Optional[bytes] = None
     reply_from: Optional[Endpoint] = None
     rtt: Optional[float] = None
-    error: Optional[str] = None
+    error: Optional[str] = None  # why it could not be sent
     _last_send: float = 0.0
     # Socket names, kept for the evidence after the sockets are closed.
     local: str = ""
@@ -224,7 +224,7 @@ def run_transactions(
                 try:
                     t.sock.sendto(t.payload, t.dest.sockaddr())
                 except OSError as exc:
-                    t.error = f"send failed: {exc.strerror or exc}"
+                    t.error = f"cannot send to {t.dest}: {exc.strerror or exc}"
                     break
                 t.sent += 1
                 t._last_send = now
@@ -332,6 +332,14 @@ class ProbeResult:
     def ok(self) -> bool:
         """Did any server answer, in any family?"""
         return any(f.behaviour.udp == "ok" for f in self.families)
+
+    def send_failure(self) -> Optional[str]:
+        """Why nothing could be sent (no route, ...), when not a single request left;
+        None when something was sent (its silence is then the network's answer)."""
+        txns = [t for f in self.families for s in f.servers for t in s.txns]
+        if not txns or any(t.error is None for t in txns):
+            return None
+        return txns[0].error
 
     @property
     def primary(self) -> Optional[FamilyResult]:
