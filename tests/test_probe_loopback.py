@@ -328,4 +328,5 @@ def test_cli_probe_blocked_exit_code(tmp_path, monkeypatch) -> None:  # type: ig
         dead = Endpoint.from_sockaddr(s.getsockname())
         res = CliRunner().invoke(_cli_app(), ["probe", f"stun:{dead}", "--json", "--timeout", "0.3"])
     assert res.exit_code == 3, res.output
-    assert json.loads(res.output)["udp"] == "blocked"
+    assert json.loads(res.stdout)["udp"] == "blocked"
+    assert res.stderr.startswith("nattool: error: no server answered the probe")

@@ -9,12 +9,24 @@ from rich.markup import escape
 from rich.table import Table
 
 from nattool import api
-from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
+from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
 from nattool.cli.output import emit_json, info, run_edge, stderr, stdout, verbosity
 from nattool.cli.targets import client_settings, run
 from nattool.diag.probe import FamilyResult, ProbeResult
 from nattool.errors import NattoolError, UsageError
 from nattool.exit_codes import ExitCode
+
+# --timeout and --retries as on every client command, with the probe's own defaults and
+# range: it waits a timeout in each of up to three rounds, so the configured 2 s (for
+# trackers) would double its run time.
+ProbeTimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option("--timeout", metavar="SECONDS", help=f"Seconds each request waits, retries included (0.2..10) [default: {api.PROBE_TIMEOUT:g}].", show_default=False),
+]
+ProbeRetriesOpt = Annotated[
+    Optional[int],
+    typer.Option("--retries", metavar="N", help=f"Retransmissions (with doubling backoff) within the timeout [default: {api.PROBE_RETRIES}].", show_default=False),
+]
 
 
 def probe(
@@ -35,8 +47,8 @@ def probe(
     lifetime: Annotated[bool, typer.Option("--lifetime", help="Also measure the mapping lifetime (needs a server with RESPONSE-PORT; takes up to --lifetime-max).")] = False,
     lifetime_max: Annotated[float, typer.Option("--lifetime-max", metavar="SECONDS", help="Longest idle time tried by --lifetime, seconds (1..600).")] = 120.0,
     repeat: Annotated[int, typer.Option("--repeat", metavar="N", help="Run the whole probe N times and report whether the verdicts agree.")] = 1,
-    timeout: TimeoutOpt = None,
-    retries: RetriesOpt = None,
+    timeout: ProbeTimeoutOpt = None,
+    retries: ProbeRetriesOpt = None,
     wait: Annotated[Optional[float], typer.Option("--wait", metavar="SECONDS", hidden=True, help="Old name of --timeout.")] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -45,8 +57,6 @@ def probe(
 
     Filtering is measured only with a server that proves RFC 5780 support (an alternate
     address that really answers); otherwise it is reported unknown, with the reason.
-    --timeout (0.2..10 seconds, default 1) is each request's wait; the probe runs up to
-    three rounds of requests per address family.
     """
 
     def body() -> int:
@@ -61,8 +71,6 @@ def probe(
         def warn(err: NattoolError) -> None:
             info(f"[yellow]warning:[/yellow] {escape(str(err))}")
 
-        # The probe's own defaults, not the configured ones: it waits a timeout in each
-        # of its rounds, so the trackers' 2 s would double its run time.
         probe_timeout = next((t for t in (timeout, wait) if t is not None), api.PROBE_TIMEOUT)
         result = run(
             api.probe(
