@@ -53,14 +53,11 @@ def register(
             node = await api.Registrant.open(
                 group_key,
                 settings.trackers,
-                domain=settings.domain,
                 public=explicit_public,
                 lan=lan_list,
                 identity=identity,
-                timeout=settings.timeout,
-                retries=settings.retries,
                 port=port,
-                dns_server=settings.dns_server,
+                **settings.api_options(),
             )
             async with node:
                 if keepalive is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from nattool.api import parse_trackers, resolve_targets as resolve_api_targets
 from nattool.config import load_settings
@@ -23,6 +23,10 @@ class ClientSettings:
     timeout: float
     retries: int
     dns_server: tuple[str, int] | None
+
+    def api_options(self) -> dict[str, Any]:
+        """The keyword options every function of :mod:`nattool.api` takes."""
+        return {"domain": self.domain, "timeout": self.timeout, "retries": self.retries, "dns_server": self.dns_server}
 
 
 def client_settings(

@@ -26,16 +26,7 @@ def trackers(
 
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
-        result = run(
-            api.trackers(
-                settings.trackers,
-                domain=settings.domain,
-                timeout=settings.timeout,
-                retries=settings.retries,
-                dns_server=settings.dns_server,
-                check=False,
-            )
-        )
+        result = run(api.trackers(settings.trackers, check=False, **settings.api_options()))
         return render(result, json_out)
 
     raise typer.Exit(run_edge(body))

@@ -36,17 +36,7 @@ def whoami(
 
     def body() -> int:
         settings = client_settings((trackers_arg or []) + (tracker or []) or None, domain, timeout, retries, config)
-        result = run(
-            api.whoami(
-                settings.trackers,
-                domain=settings.domain,
-                timeout=settings.timeout,
-                retries=settings.retries,
-                port=port,
-                dns_server=settings.dns_server,
-                check=False,
-            )
-        )
+        result = run(api.whoami(settings.trackers, port=port, check=False, **settings.api_options()))
         return render(result, json_out)
 
     raise typer.Exit(run_edge(body))
