@@ -38,12 +38,15 @@ from nattool.protocol.tracker_spec import TrackerSpec, parse_tracker_spec
 if TYPE_CHECKING:
     from nattool.diag.probe import ProbeResult
     from nattool.net.client import ClientPool
+    from nattool.net.resolve import ResolveOptions
     from nattool.net.tracker_client import Registrar, TrackerAnswer
 
 # The DNS and socket layers are imported when a function runs: `import nattool` and the
 # tracker process (`serve`) never pay for dnspython.
 
 TrackerLike = Union[str, Endpoint, TrackerSpec]
+# A DNS server instead of the system's: "ip[:port]" or (ip, port).
+DnsServer = Union[str, tuple[str, int], None]
 
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_RETRIES = 3
@@ -56,8 +59,30 @@ REGISTER_PAD_TO = 400
 # ----------------------------------------------------------------------------- results
 
 
+class _Answer:
+    """One tracker's answer: ``error`` is None when it answered."""
+
+    __slots__ = ()
+    error: Optional[NattoolError]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _Outcome:
+    """A whole call's result: ``error`` (why no tracker answered) or None."""
+
+    __slots__ = ()
+    error: Optional[NattoolError]
+
+    def raise_for_failure(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 @dataclass(frozen=True, slots=True)
-class Sighting:
+class Sighting(_Answer):
     """One tracker's answer to whoami: the public endpoint it sees, or why not."""
 
     tracker: Endpoint
@@ -66,13 +91,9 @@ class Sighting:
     attempts: int = 0
     error: Optional[NattoolError] = None
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
 
 @dataclass(frozen=True, slots=True)
-class WhoamiResult:
+class WhoamiResult(_Outcome):
     sightings: tuple[Sighting, ...]
     error: Optional[NattoolError] = None  # set when no tracker answered
 
@@ -96,13 +117,9 @@ class WhoamiResult:
                 seen.setdefault(s.endpoint.ip.version, set()).add(s.endpoint)
         return all(len(v) == 1 for v in seen.values()) if seen else None
 
-    def raise_for_failure(self) -> None:
-        if self.error is not None:
-            raise self.error
-
 
 @dataclass(frozen=True, slots=True)
-class TrackerRegistration:
+class TrackerRegistration(_Answer):
     """One tracker's answer to a registration: the group as it knows it, or why not."""
 
     tracker: Endpoint
@@ -112,38 +129,26 @@ class TrackerRegistration:
     form: Optional[str] = None  # "seed" (nattool's) or "original" (the Go server's)
     error: Optional[NattoolError] = None
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
 
 @dataclass(frozen=True, slots=True)
-class Registration:
+class Registration(_Outcome):
     group: str
     me: Optional[MemberEntry]  # this node as the first answering tracker sees it
     members: tuple[MemberEntry, ...]  # the other members, merged over every tracker
     replies: tuple[TrackerRegistration, ...]
     error: Optional[NattoolError] = None  # set when no tracker accepted
 
-    def raise_for_failure(self) -> None:
-        if self.error is not None:
-            raise self.error
-
 
 @dataclass(frozen=True, slots=True)
-class TrackerListing:
+class TrackerListing(_Answer):
     tracker: Endpoint
     knows: tuple[str, ...] = ()
     rtt: Optional[float] = None
     error: Optional[NattoolError] = None
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
 
 @dataclass(frozen=True, slots=True)
-class TrackersResult:
+class TrackersResult(_Outcome):
     asked: tuple[Endpoint, ...]
     listings: tuple[TrackerListing, ...]
     error: Optional[NattoolError] = None
@@ -155,10 +160,6 @@ class TrackersResult:
         for listing in self.listings:
             out += [text for text in listing.knows if text not in out]
         return tuple(out)
-
-    def raise_for_failure(self) -> None:
-        if self.error is not None:
-            raise self.error
 
 
 # ----------------------------------------------------------------------------- checks
@@ -210,7 +211,7 @@ def parse_trackers(trackers: Sequence[TrackerLike] | TrackerLike) -> list[Tracke
     return [_as_spec(t) for t in trackers]
 
 
-_Checkable = TypeVar("_Checkable", WhoamiResult, Registration, TrackersResult)
+_Checkable = TypeVar("_Checkable", bound=_Outcome)
 
 
 def _checked(result: _Checkable, check: bool) -> _Checkable:
@@ -219,8 +220,14 @@ def _checked(result: _Checkable, check: bool) -> _Checkable:
     return result
 
 
-
 # ----------------------------------------------------------------------------- targets
+
+
+def _resolve_options(timeout: float, family: Optional[int], dns_server: DnsServer) -> ResolveOptions:
+    from nattool.net.resolve import ResolveOptions, parse_dns_server
+
+    server = parse_dns_server(dns_server) if isinstance(dns_server, str) else dns_server
+    return ResolveOptions(timeout=timeout, family=_address_family(family), resolver_address=server)
 
 
 async def resolve_targets(
@@ -229,14 +236,13 @@ async def resolve_targets(
     domain: Optional[str] = None,
     timeout: float = DEFAULT_TIMEOUT,
     family: Optional[int] = None,
-    dns_server: Optional[tuple[str, int]] = None,
+    dns_server: DnsServer = None,
 ) -> list[Endpoint]:
     """Every address of every tracker (and of the domain's, by SRV), without duplicates."""
-    from nattool.net.resolve import ResolveOptions, flatten, gather_trackers
+    from nattool.net.resolve import flatten, gather_trackers
 
     specs = parse_trackers(trackers)
-    options = ResolveOptions(timeout=timeout, family=_address_family(family), resolver_address=dns_server)
-    out = flatten(await gather_trackers(specs, domain, options))
+    out = flatten(await gather_trackers(specs, domain, _resolve_options(timeout, family, dns_server)))
     if not out:
         if domain and not specs:
             raise UsageError(f"domain {domain} publishes no tracker (SRV target '.')")
@@ -255,7 +261,7 @@ async def whoami(
     retries: int = DEFAULT_RETRIES,
     family: Optional[int] = None,
     port: int = 0,
-    dns_server: Optional[tuple[str, int]] = None,
+    dns_server: DnsServer = None,
     check: bool = True,
 ) -> WhoamiResult:
     """Ask every tracker, from one local socket per family, which endpoint it sees.
@@ -312,7 +318,7 @@ class Registrant:
         retries: int = DEFAULT_RETRIES,
         family: Optional[int] = None,
         port: int = 0,
-        dns_server: Optional[tuple[str, int]] = None,
+        dns_server: DnsServer = None,
     ) -> "Registrant":
         from nattool.net.client import ClientPool
         from nattool.net.localinfo import lan_addresses
@@ -372,7 +378,7 @@ async def register(
     retries: int = DEFAULT_RETRIES,
     family: Optional[int] = None,
     port: int = 0,
-    dns_server: Optional[tuple[str, int]] = None,
+    dns_server: DnsServer = None,
     check: bool = True,
 ) -> Registration:
     """Register in ``group`` at every tracker and return the group's members.
@@ -434,7 +440,7 @@ async def trackers(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     family: Optional[int] = None,
-    dns_server: Optional[tuple[str, int]] = None,
+    dns_server: DnsServer = None,
     check: bool = True,
 ) -> TrackersResult:
     """The trackers given (or discovered) and those they know of."""
@@ -465,7 +471,7 @@ async def probe(
     hairpin: bool = False,
     lifetime_max: Optional[float] = None,
     repeat: int = 1,
-    dns_server: Optional[tuple[str, int]] = None,
+    dns_server: DnsServer = None,
     on_resolve_error: Optional[Callable[[NattoolError], None]] = None,
     check: bool = True,
 ) -> ProbeResult:
@@ -479,13 +485,13 @@ async def probe(
     any such server fails the call).
     """
     from nattool.diag.probe import ProbeTarget, probe as run_probe
-    from nattool.net.resolve import ResolveOptions, gather_trackers
+    from nattool.net.resolve import gather_trackers
 
     if not 0.2 <= timeout <= 10:
         raise UsageError(f"probe timeout must be in 0.2..10 seconds, got {timeout:g}")
     if not 0 <= retries <= 20:
         raise UsageError(f"retries must be in 0..20, got {retries}")
-    options = ResolveOptions(timeout=DEFAULT_TIMEOUT, family=_address_family(family), resolver_address=dns_server)
+    options = _resolve_options(DEFAULT_TIMEOUT, family, dns_server)
     resolved = await gather_trackers(parse_trackers(servers), domain, options, on_error=on_resolve_error)
     targets: list[ProbeTarget] = []
     for item in resolved:

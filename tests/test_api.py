@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import nattool
+from loopback_dns import LoopbackDNS
 from conftest import REPO, TrackerFactory, TrackerProcess, free_udp_port, run_nattool
 from nattool import api
 from nattool.errors import NetworkError, NoAnswer, TrackerRefused, UsageError
@@ -94,6 +95,16 @@ def test_whoami_takes_strings_endpoints_and_a_single_tracker(tracker: TrackerFac
     assert all(s.ok for s in both.sightings)
     assert both.agree is True and len(both.endpoints) == 1  # one socket: one mapping
     assert [s.tracker for s in one.sightings] == [ep(a.endpoint)] and one.endpoint is not None
+
+
+def test_whoami_resolves_names_on_the_given_dns_server(tracker: TrackerFactory) -> None:
+    tp = tracker()
+    zone = "@ 60 IN SOA ns.test. admin.test. 1 60 60 60 60\n@ 60 IN NS ns.test.\ntrk 60 IN A 127.0.0.1\n"
+    with LoopbackDNS(zone, origin="test.") as dns_server:
+        before = dns_server.query_count()
+        result = asyncio.run(nattool.whoami(f"trk.test:{tp.port}", dns_server=dns_server.env_value))
+        assert dns_server.query_count() > before
+    assert [s.tracker for s in result.sightings] == [ep(tp.endpoint)] and result.endpoint is not None
 
 
 def test_whoami_without_an_answer_raises_no_answer() -> None:
