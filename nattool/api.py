@@ -298,7 +298,9 @@ class Registrant:
                 await asyncio.sleep(20)
     """
 
-    def __init__(self, pool: ClientPool, registrar: Registrar, targets: list[Endpoint], request: RegisterRequest) -> None:
+    def __init__(
+        self, pool: ClientPool, registrar: Registrar, targets: list[Endpoint], request: RegisterRequest
+    ) -> None:
         self.pool = pool
         self.registrar = registrar
         self.targets = targets
