@@ -109,10 +109,10 @@ class Registrar:
             return first
         # The original server never answers the seed form: ask in its own form.
         second = await self._try(tracker, request, "original")
-        if second.ok:
-            return second
+        if second.ok or not _is_silence(second):
+            return second  # accepted, or refused: the original form was understood
         error = f"{first.error} (also tried the original client's form)"
-        return TrackerAnswer(tracker, False, error=error, exc=type(first.exc or NoAnswer(""))(error))
+        return TrackerAnswer(tracker, False, error=error, exc=NoAnswer(error))
 
     async def _try(self, tracker: Endpoint, request: RegisterRequest, form: str) -> TrackerAnswer:
         req = RegisterRequest(
