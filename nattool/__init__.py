@@ -34,6 +34,14 @@ _LAZY: dict[str, str] = {
     "PeerConnection": "nattool.diag.connect",
     "Endpoint": "nattool.protocol.endpoint",
     "MemberEntry": "nattool.protocol.text",
+    # the errors the functions raise, to catch by class
+    "NattoolError": "nattool.errors",
+    "UsageError": "nattool.errors",
+    "NetworkError": "nattool.errors",
+    "ResolveError": "nattool.errors",
+    "NoAnswer": "nattool.errors",
+    "TrackerRefused": "nattool.errors",
+    "ProtocolError": "nattool.errors",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -51,6 +59,15 @@ if TYPE_CHECKING:
     )
     from nattool.diag.connect import PeerConnection, connect
     from nattool.diag.probe import FamilyResult, ProbeResult
+    from nattool.errors import (
+        NattoolError,
+        NetworkError,
+        NoAnswer,
+        ProtocolError,
+        ResolveError,
+        TrackerRefused,
+        UsageError,
+    )
     from nattool.protocol.endpoint import Endpoint
     from nattool.protocol.text import MemberEntry
 

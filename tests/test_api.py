@@ -55,6 +55,7 @@ def test_every_public_name_resolves() -> None:
         nattool.__all__
     )
     assert nattool.register is api.register and nattool.ProbeResult.__module__ == "nattool.diag.probe"
+    assert nattool.NoAnswer is NoAnswer and nattool.TrackerRefused is TrackerRefused
     with pytest.raises(AttributeError):
         nattool.no_such_name  # noqa: B018
 
