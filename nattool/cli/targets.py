@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from nattool.api import parse_trackers, resolve_targets as resolve_api_targets
+from nattool.api import check_timing, parse_trackers, resolve_targets as resolve_api_targets
 from nattool.config import load_settings
 
 # nattool.net.resolve (and dnspython under it) is imported where it is used: a
@@ -69,3 +69,6 @@ async def resolve_targets(settings: ClientSettings) -> list[Endpoint]:
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
+
+
+__all__ = ["ClientSettings", "check_timing", "client_settings", "resolve_targets", "run"]

@@ -94,17 +94,15 @@ class UdpClient:
         self._last_error = exc
 
     def send(self, dest: Endpoint, payload: bytes) -> None:
-        # asyncio's sendto does not raise a failed send (ENETUNREACH, EHOSTUNREACH...):
-        # it reports it to error_received before returning, so look there.
         self._last_error = None
         try:
             self.transport.sendto(payload, dest.sockaddr())
         except OSError as exc:
-            self._last_error = exc
+            raise NetworkError(f"cannot send to {dest}: {exc.strerror or exc}") from None
+        # asyncio hands a failed sendto (no route, ...) to error_received, not to us.
         failed, self._last_error = self._last_error, None
-        if failed is not None:
-            reason = failed.strerror if isinstance(failed, OSError) and failed.strerror else failed
-            raise NetworkError(f"cannot send to {dest}: {reason}")
+        if isinstance(failed, OSError):
+            raise NetworkError(f"cannot send to {dest}: {failed.strerror or failed}")
 
     async def request(
         self,
