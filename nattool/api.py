@@ -165,11 +165,13 @@ class TrackersResult(_Outcome):
 # ----------------------------------------------------------------------------- checks
 
 
-def check_timing(timeout: float, retries: int) -> None:
+def check_timing(timeout: float, retries: int, *, flags: bool = False) -> None:
+    """``flags``: name the values as the command line does (``--timeout``)."""
+    dash = "--" if flags else ""
     if not 0 < timeout <= 600:
-        raise UsageError(f"timeout must be in (0, 600] seconds, got {timeout:g}")
+        raise UsageError(f"{dash}timeout must be in (0, 600] seconds")
     if not 0 <= retries <= 20:
-        raise UsageError(f"retries must be in 0..20, got {retries}")
+        raise UsageError(f"{dash}retries must be in 0..20")
 
 
 def _check_port(port: int) -> None:
@@ -491,8 +493,7 @@ async def probe(
 
     if not 0.2 <= timeout <= 10:
         raise UsageError(f"probe timeout must be in 0.2..10 seconds, got {timeout:g}")
-    if not 0 <= retries <= 20:
-        raise UsageError(f"retries must be in 0..20, got {retries}")
+    check_timing(timeout, retries)
     options = _resolve_options(DEFAULT_TIMEOUT, family, dns_server)
     resolved = await gather_trackers(parse_trackers(servers), domain, options, on_error=on_resolve_error)
     targets: list[ProbeTarget] = []

@@ -15,7 +15,7 @@ from nattool.api import Registration
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
 from nattool.cli.node_args import parse_identity, parse_lan
 from nattool.cli.output import emit_json, info, run_edge, stdout
-from nattool.cli.targets import client_settings, run
+from nattool.cli.targets import check_timing, client_settings, run
 from nattool.errors import ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.protocol.endpoint import Endpoint
@@ -40,6 +40,7 @@ def register(
 
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
+        check_timing(settings.timeout, settings.retries)
         if keepalive is not None and not 1 <= keepalive <= 3600:
             raise UsageError("--keepalive must be in 1..3600 seconds")
         group_key = api.group_key(group)

@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from nattool.api import check_timing, parse_trackers, resolve_targets as resolve_api_targets
+from nattool import api
+from nattool.api import parse_trackers, resolve_targets as resolve_api_targets
 from nattool.config import load_settings
 
 # nattool.net.resolve (and dnspython under it) is imported where it is used: a
@@ -59,6 +60,10 @@ def client_settings(
         retries=int(get("retries")),
         dns_server=parse_dns_server(dns) if dns else None,
     )
+
+
+def check_timing(timeout: float, retries: int) -> None:
+    api.check_timing(timeout, retries, flags=True)
 
 
 async def resolve_targets(settings: ClientSettings) -> list[Endpoint]:

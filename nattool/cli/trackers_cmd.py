@@ -10,7 +10,7 @@ from nattool import api
 from nattool.api import TrackersResult
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
 from nattool.cli.output import emit_json, ms, run_edge, stdout
-from nattool.cli.targets import client_settings, run
+from nattool.cli.targets import check_timing, client_settings, run
 from nattool.exit_codes import ExitCode
 
 
@@ -26,6 +26,7 @@ def trackers(
 
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
+        check_timing(settings.timeout, settings.retries)
         result = run(api.trackers(settings.trackers, check=False, **settings.api_options()))
         return render(result, json_out)
 

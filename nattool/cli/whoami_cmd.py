@@ -13,7 +13,7 @@ from nattool import api
 from nattool.api import WhoamiResult
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
 from nattool.cli.output import emit_json, ms, run_edge, stdout, verbosity
-from nattool.cli.targets import client_settings, run
+from nattool.cli.targets import check_timing, client_settings, run
 from nattool.exit_codes import ExitCode
 
 
@@ -36,6 +36,7 @@ def whoami(
 
     def body() -> int:
         settings = client_settings((trackers_arg or []) + (tracker or []) or None, domain, timeout, retries, config)
+        check_timing(settings.timeout, settings.retries)
         result = run(api.whoami(settings.trackers, port=port, check=False, **settings.api_options()))
         return render(result, json_out)
 
