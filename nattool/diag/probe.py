@@ -528,15 +528,16 @@ def _probe_family(
             r.origin_ok = t.reply_from == r.target.endpoint and (origin is None or origin == t.reply_from)
         elif i in m_text and m_text[i].reply is not None:
             tt = m_text[i]
-            try:
-                from nattool.protocol.text import NatReply
+            from nattool.protocol.text import NatReply
 
-                ep = NatReply.from_wire(tt.reply or b"").endpoint
+            seen: Optional[Endpoint]
+            try:
+                seen = NatReply.from_wire(tt.reply or b"").endpoint
             except ProtocolError:
-                ep = None
-            if ep is not None:
-                r.protocol, r.mapped = "//nat", ep
-                observe("M", m, tt, ep)
+                seen = None
+            if seen is not None:
+                r.protocol, r.mapped = "//nat", seen
+                observe("M", m, tt, seen)
         else:
             observe("M", m, t, None)
         if i in m_text:
@@ -646,14 +647,14 @@ def _probe_family(
         f = r.filtering
         r.filtering = FilteringEvidence(f.server, f.rfc5780, f.reason, f.can_change_ip, f.can_change_port, f.change_ip_port, f.change_port, honoured)
     for r in runs:
-        f = r.filtering
-        if r.rfc5780 and f is not None:
-            outcomes = (f.change_ip_port, f.change_port)
-            if Outcome.WRONG_SOURCE in outcomes:
+        evidence = r.filtering
+        if r.rfc5780 and evidence is not None:
+            change = (evidence.change_ip_port, evidence.change_port)
+            if Outcome.WRONG_SOURCE in change:
                 r.rfc5780, r.rfc5780_reason = False, "ignores CHANGE-REQUEST (answers from the wrong address)"
-            elif Outcome.REJECTED in outcomes:
+            elif Outcome.REJECTED in change:
                 r.rfc5780, r.rfc5780_reason = False, "rejects CHANGE-REQUEST"
-            elif f.control_honoured is False:
+            elif evidence.control_honoured is False:
                 r.rfc5780, r.rfc5780_reason = False, "does not honour CHANGE-REQUEST (control test)"
 
     hairpinning: Optional[bool] = None
