@@ -50,8 +50,8 @@ class NoAnswer(NetworkError):
     exit_code = ExitCode.TIMEOUT
 
 
-class UnexpectedSource(NetworkError):
-    """A reply that came from somewhere other than where the request went."""
+class TrackerRefused(NattoolError):
+    """A tracker answered, and the answer is no (an ``ERR`` reply)."""
 
 
 class StoreError(NattoolError):

@@ -1,7 +1,7 @@
 """A small authoritative DNS server for tests, built with dnspython, on loopback only.
 
     with LoopbackDNS(ZONE_TEXT, origin="test.") as dns_server:
-        resolve_trackers(["a.test"], timeout=1, resolver_address=dns_server.address)
+        await resolve_trackers(["a.test"], ResolveOptions(timeout=1, resolver_address=dns_server.address))
 
 It answers from one zone over UDP (AA set): records, NODATA with the SOA, NXDOMAIN,
 REFUSED outside the zone. ``rcodes`` forces an rcode for a name (SERVFAIL tests);

@@ -175,6 +175,10 @@ BAD_INPUT = [
     ["whoami", "-t", "127.0.0.1:99999"],
     ["trackers", "-t", "127.0.0.1:"],
     ["whoami", "127.0.0.1:9", "--timeout", "0"],
+    ["whoami", "-t", "::1:4328"],
+    ["probe", "127.0.0.1:9", "--lifetime-max", "0"],
+    ["probe", "127.0.0.1:9", "--timeout", "0.1"],
+    ["probe", "127.0.0.1:9", "--retries", "21"],
     ["serve", "--port", "70000"],
     ["serve", "--host", "not-an-ip", "--port", "0"],
     ["serve", "--store", "bogus", "--host", "127.0.0.1", "--port", "0"],
@@ -203,6 +207,40 @@ def test_bad_input_is_a_one_line_usage_error(args: list[str], bad_input_runs) ->
     result = bad_input_runs[" ".join(args)]
     assert_one_line_error(result, 2)
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["whoami", "-t", "127.0.0.1:99999"], "bad tracker '127.0.0.1:99999': port 99999 out of range 1..65535"),
+        (["register", "g", "-t", "127.0.0.1:0"], "bad tracker '127.0.0.1:0': port 0 out of range 1..65535"),
+        (
+            ["whoami", "-t", "::1:4328"],
+            "bad tracker '::1:4328': ambiguous; write [::1]:4328 for port 4328, or [::1:4328] for the address",
+        ),
+        (["probe", "stun:::1:3478"], "bad tracker 'stun:::1:3478': ambiguous; write [::1]:3478 for port 3478"),
+        (["probe", "127.0.0.1:9", "--lifetime-max", "0"], "--lifetime-max must be in 1..600 seconds, got 0"),
+    ],
+)
+def test_bad_tracker_and_probe_arguments_say_what_is_wrong(
+    args: list[str], message: str, bad_input_runs, nattool_home: Path  # type: ignore[no-untyped-def]
+) -> None:
+    key = " ".join(args)
+    result = bad_input_runs[key] if key in bad_input_runs else run_nattool(*args, home=nattool_home)
+    err = assert_one_line_error(result, 2)
+    assert message in err, err
+    assert "expected a list" not in err
+
+
+def test_probe_takes_timeout_and_retries(nattool_home: Path) -> None:
+    dead = f"127.0.0.1:{free_udp_port()}"
+    started = time.monotonic()
+    result = run_nattool("probe", "-4", dead, "--timeout", "0.4", "--retries", "1", "--json", home=nattool_home)
+    assert result.returncode == 3, result
+    doc = json.loads(result.stdout)
+    sent = [t["attempts"] for t in doc["servers"][0]["transactions"]]
+    assert sent and set(sent) == {2}, sent  # one send and one retransmission each
+    assert time.monotonic() - started < 20
 
 
 def test_no_tracker_says_how_to_give_one(nattool_home: Path) -> None:

@@ -23,14 +23,13 @@ import pytest
 from loopback_dns import LoopbackDNS, SilentUDP
 from nattool.errors import ResolveError, UsageError
 from nattool.net.resolve import (
-    discover_each_async,
+    ResolveOptions,
+    discover_each,
     discover_trackers,
-    discover_trackers_async,
     gather_trackers,
     parse_dns_server,
     resolve_each,
     resolve_trackers,
-    resolve_trackers_async,
 )
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
 from nattool.protocol.srv import SrvRecord, order_srv
@@ -104,6 +103,18 @@ def ep(text: str) -> Endpoint:
     return Endpoint.from_text(text)
 
 
+def on(
+    resolver_address: tuple[str, int],
+    timeout: float = 2,
+    *,
+    family: int | None = None,
+    hosts_path: Path | None = None,
+    rng: random.Random | None = None,
+) -> ResolveOptions:
+    """Options that resolve on the given DNS server."""
+    return ResolveOptions(timeout, family, resolver_address, hosts_path, rng)
+
+
 def same(got: list[Endpoint], expected: list[Endpoint]) -> bool:
     """Equal up to the order inside one name and family: DNS servers may rotate an
     RRset, and the resolver keeps the server's order (A records before AAAA)."""
@@ -116,25 +127,25 @@ def same(got: list[Endpoint], expected: list[Endpoint]) -> bool:
 
 
 def test_name_resolves_to_every_address_of_both_families(dns_server: LoopbackDNS) -> None:
-    got = resolve_trackers(["dual.trk.test:4000"], timeout=2, resolver_address=dns_server.address)
+    got = asyncio.run(resolve_trackers(["dual.trk.test:4000"], on(dns_server.address)))
     assert same(got, [ep("192.0.2.1:4000"), ep("192.0.2.2:4000"), ep("[2001:db8::1]:4000")])
 
 
 def test_default_port_and_family_filters(dns_server: LoopbackDNS) -> None:
     addr = dns_server.address
-    v4 = resolve_trackers(["dual.trk.test"], timeout=2, family=socket.AF_INET, resolver_address=addr)
-    v6 = resolve_trackers(["dual.trk.test"], timeout=2, family=socket.AF_INET6, resolver_address=addr)
+    v4 = asyncio.run(resolve_trackers(["dual.trk.test"], on(addr, family=socket.AF_INET)))
+    v6 = asyncio.run(resolve_trackers(["dual.trk.test"], on(addr, family=socket.AF_INET6)))
     assert same(v4, [ep(f"192.0.2.1:{DEFAULT_PORT}"), ep(f"192.0.2.2:{DEFAULT_PORT}")])
     assert v6 == [ep(f"[2001:db8::1]:{DEFAULT_PORT}")]
-    assert resolve_trackers(["v6.trk.test:1"], timeout=2, resolver_address=addr) == [ep("[2001:db8::6]:1")]
-    assert resolve_trackers(["v4.trk.test:1"], timeout=2, resolver_address=addr) == [ep("192.0.2.4:1")]
+    assert asyncio.run(resolve_trackers(["v6.trk.test:1"], on(addr))) == [ep("[2001:db8::6]:1")]
+    assert asyncio.run(resolve_trackers(["v4.trk.test:1"], on(addr))) == [ep("192.0.2.4:1")]
     with pytest.raises(ResolveError, match=r"cannot resolve tracker 'v4.trk.test': no AAAA record"):
-        resolve_trackers(["v4.trk.test"], timeout=2, family=socket.AF_INET6, resolver_address=addr)
+        asyncio.run(resolve_trackers(["v4.trk.test"], on(addr, family=socket.AF_INET6)))
 
 
 def test_the_server_really_was_asked(dns_server: LoopbackDNS) -> None:
     before = dns_server.query_count()
-    resolve_trackers(["second.trk.test"], timeout=2, resolver_address=dns_server.address)
+    asyncio.run(resolve_trackers(["second.trk.test"], on(dns_server.address)))
     asked = dns_server.queries[before:]
     assert sorted(asked) == [("second.trk.test.", "A"), ("second.trk.test.", "AAAA")]
 
@@ -142,11 +153,8 @@ def test_the_server_really_was_asked(dns_server: LoopbackDNS) -> None:
 def test_literals_and_localhost_need_no_dns(dns_server: LoopbackDNS) -> None:
     with SilentUDP() as silent:
         start = time.monotonic()
-        got = resolve_trackers(
-            ["localhost:5", "192.0.2.9", "[2001:db8::9]:7", "2001:db8::a", "x.localhost:6"],
-            timeout=2,
-            resolver_address=silent.address,
-        )
+        specs = ["localhost:5", "192.0.2.9", "[2001:db8::9]:7", "2001:db8::a", "x.localhost:6"]
+        got = asyncio.run(resolve_trackers(specs, on(silent.address)))
         assert time.monotonic() - start < 0.5  # nothing waited on the silent server
     assert got == [
         ep("127.0.0.1:5"),
@@ -157,24 +165,21 @@ def test_literals_and_localhost_need_no_dns(dns_server: LoopbackDNS) -> None:
         ep("127.0.0.1:6"),
         ep("[::1]:6"),
     ]
-    v4 = resolve_trackers(["localhost"], timeout=1, family=socket.AF_INET, resolver_address=silent.address)
+    v4 = asyncio.run(resolve_trackers(["localhost"], on(silent.address, timeout=1, family=socket.AF_INET)))
     assert v4 == [ep(f"127.0.0.1:{DEFAULT_PORT}")]
     with pytest.raises(ResolveError, match="not an IPv4 address"):
-        resolve_trackers(["[::1]"], timeout=1, family=socket.AF_INET, resolver_address=silent.address)
+        asyncio.run(resolve_trackers(["[::1]"], on(silent.address, timeout=1, family=socket.AF_INET)))
 
 
 def test_duplicates_are_dropped_in_order(dns_server: LoopbackDNS) -> None:
-    got = resolve_trackers(
-        ["192.0.2.4:1", "v4.trk.test:1", "dual.trk.test:1", "192.0.2.1:1"],
-        timeout=2,
-        resolver_address=dns_server.address,
-    )
+    specs = ["192.0.2.4:1", "v4.trk.test:1", "dual.trk.test:1", "192.0.2.1:1"]
+    got = asyncio.run(resolve_trackers(specs, on(dns_server.address)))
     assert got[0] == ep("192.0.2.4:1")
     assert same(got[1:], [ep("192.0.2.1:1"), ep("192.0.2.2:1"), ep("[2001:db8::1]:1")])
 
 
 def test_resolve_each_keeps_spec_and_scheme(dns_server: LoopbackDNS) -> None:
-    items = resolve_each(["stun:v4.trk.test", "dual.trk.test:9"], timeout=2, resolver_address=dns_server.address)
+    items = asyncio.run(resolve_each(["stun:v4.trk.test", "dual.trk.test:9"], on(dns_server.address)))
     assert items[0].spec.scheme == "stun" and items[0].endpoints == (ep("192.0.2.4:3478"),)
     assert items[1].spec.host == "dual.trk.test" and len(items[1].endpoints) == 3
 
@@ -191,31 +196,30 @@ def test_resolve_each_keeps_spec_and_scheme(dns_server: LoopbackDNS) -> None:
 )
 def test_errors_are_one_line(dns_server: LoopbackDNS, name: str, message: str) -> None:
     with pytest.raises(ResolveError, match=message) as info:
-        resolve_trackers([name], timeout=2, resolver_address=dns_server.address)
+        asyncio.run(resolve_trackers([name], on(dns_server.address)))
     assert "\n" not in str(info.value)
 
 
 def test_bad_spec_is_a_usage_error_before_any_dns(dns_server: LoopbackDNS) -> None:
     before = dns_server.query_count()
     with pytest.raises(UsageError, match="port 70000 out of range"):
-        resolve_trackers(["v4.trk.test:70000"], timeout=2, resolver_address=dns_server.address)
+        asyncio.run(resolve_trackers(["v4.trk.test:70000"], on(dns_server.address)))
     assert dns_server.query_count() == before
 
 
 def test_on_error_skips_failures_but_not_all(dns_server: LoopbackDNS) -> None:
     errors: list[ResolveError] = []
-    got = resolve_trackers(
-        ["missing.test", "v4.trk.test:2"], timeout=2, resolver_address=dns_server.address, on_error=errors.append
-    )
+    specs = ["missing.test", "v4.trk.test:2"]
+    got = asyncio.run(resolve_trackers(specs, on(dns_server.address), on_error=errors.append))
     assert got == [ep("192.0.2.4:2")]
     assert len(errors) == 1 and "missing.test" in str(errors[0])
     with pytest.raises(ResolveError, match="no tracker could be resolved"):
-        resolve_trackers(["missing.test"], timeout=2, resolver_address=dns_server.address, on_error=errors.append)
+        asyncio.run(resolve_trackers(["missing.test"], on(dns_server.address), on_error=errors.append))
 
 
 def test_one_family_timing_out_still_returns_the_other(dns_server: LoopbackDNS) -> None:
     start = time.monotonic()
-    got = resolve_trackers(["slowv6.trk.test:3"], timeout=0.6, resolver_address=dns_server.address)
+    got = asyncio.run(resolve_trackers(["slowv6.trk.test:3"], on(dns_server.address, timeout=0.6)))
     elapsed = time.monotonic() - start
     assert got == [ep("192.0.2.66:3")]
     assert elapsed < 1.5
@@ -225,9 +229,7 @@ def test_hosts_file_is_used_before_dns(dns_server: LoopbackDNS, tmp_path: Path) 
     hosts = tmp_path / "hosts"
     hosts.write_text("# comment\n192.0.2.77 tracker.lab tracker\n2001:db8::77 tracker.lab\nbad line\n")
     before = dns_server.query_count()
-    got = resolve_trackers(
-        ["tracker.lab:5", "tracker"], timeout=2, resolver_address=dns_server.address, hosts_path=hosts
-    )
+    got = asyncio.run(resolve_trackers(["tracker.lab:5", "tracker"], on(dns_server.address, hosts_path=hosts)))
     assert got == [ep("192.0.2.77:5"), ep("[2001:db8::77]:5"), ep(f"192.0.2.77:{DEFAULT_PORT}")]
     assert dns_server.query_count() == before
 
@@ -239,8 +241,8 @@ def test_hosts_file_is_used_before_dns(dns_server: LoopbackDNS, tmp_path: Path) 
 def test_silent_dns_server_times_out_in_bounded_time(family_host: str) -> None:
     with SilentUDP(family_host) as silent:
         for call in (
-            lambda: resolve_trackers(["a.example", "b.example"], timeout=0.5, resolver_address=silent.address),
-            lambda: discover_trackers("example.org", timeout=0.5, resolver_address=silent.address),
+            lambda: asyncio.run(resolve_trackers(["a.example", "b.example"], on(silent.address, timeout=0.5))),
+            lambda: asyncio.run(discover_trackers("example.org", on(silent.address, timeout=0.5))),
         ):
             start = time.monotonic()
             with pytest.raises(ResolveError, match=r"timed out after 0.5s") as info:
@@ -252,7 +254,7 @@ def test_silent_dns_server_times_out_in_bounded_time(family_host: str) -> None:
 
 def test_dns_server_over_ipv6_loopback() -> None:
     with LoopbackDNS(ZONE, origin="test.", host="::1") as server6:
-        got = resolve_trackers(["v6.trk.test:8"], timeout=2, resolver_address=server6.address)
+        got = asyncio.run(resolve_trackers(["v6.trk.test:8"], on(server6.address)))
     assert got == [ep("[2001:db8::6]:8")]
 
 
@@ -269,7 +271,7 @@ SRV_RECORDS = [
 
 def test_srv_priority_order_and_every_address(dns_server: LoopbackDNS) -> None:
     seed = 11
-    got = discover_trackers("srv.test", timeout=2, resolver_address=dns_server.address, rng=random.Random(seed))
+    got = asyncio.run(discover_trackers("srv.test", on(dns_server.address, rng=random.Random(seed))))
     # The weighted middle is what the pure RFC 2782 ordering says for this seed.
     middle = [r.target for r in order_srv(SRV_RECORDS, random.Random(seed)) if r.priority == 10]
     addresses = {
@@ -287,7 +289,7 @@ def test_srv_priority_order_and_every_address(dns_server: LoopbackDNS) -> None:
 def test_srv_priority_holds_for_any_seed(dns_server: LoopbackDNS) -> None:
     for seed in range(8):
         items = asyncio.run(
-            discover_each_async("srv.test", timeout=2, resolver_address=dns_server.address, rng=random.Random(seed))
+            discover_each("srv.test", on(dns_server.address, rng=random.Random(seed)))
         )
         hosts = [i.spec.host for i in items]
         assert hosts[0] == "first.srv.test" and hosts[-1] == "backup.srv.test"
@@ -302,7 +304,7 @@ def test_srv_weights_through_real_dns(dns_server: LoopbackDNS) -> None:
     async def many() -> Counter[str]:
         counts: Counter[str] = Counter()
         for _ in range(trials):
-            items = await discover_each_async("srv.test", timeout=2, resolver_address=dns_server.address, rng=rng)
+            items = await discover_each("srv.test", on(dns_server.address, rng=rng))
             counts[items[1].spec.host] += 1  # first pick inside priority 10
         return counts
 
@@ -314,30 +316,30 @@ def test_srv_weights_through_real_dns(dns_server: LoopbackDNS) -> None:
 
 def test_srv_both_families_filtered(dns_server: LoopbackDNS) -> None:
     addr = dns_server.address
-    v6 = discover_trackers("srv.test", timeout=2, family=socket.AF_INET6, resolver_address=addr, rng=random.Random(1))
+    v6 = asyncio.run(discover_trackers("srv.test", on(addr, family=socket.AF_INET6, rng=random.Random(1))))
     assert all(e.ip.version == 6 for e in v6)
     # w30 and backup have no AAAA: skipped, the rest still served.
     assert {e.port for e in v6} == {40005, 40001, 40003}
-    v4 = discover_trackers("srv.test", timeout=2, family=socket.AF_INET, resolver_address=addr, rng=random.Random(1))
+    v4 = asyncio.run(discover_trackers("srv.test", on(addr, family=socket.AF_INET, rng=random.Random(1))))
     assert {e.port for e in v4} == {40005, 40001, 40002, 40004}
 
 
 def test_fallback_to_domain_addresses_on_default_port(dns_server: LoopbackDNS) -> None:
-    got = discover_trackers("plain.test", timeout=2, resolver_address=dns_server.address)
+    got = asyncio.run(discover_trackers("plain.test", on(dns_server.address)))
     assert got == [ep(f"198.51.100.7:{DEFAULT_PORT}"), ep(f"[2001:db8::7]:{DEFAULT_PORT}")]
     assert ("_nattracker._udp.plain.test.", "SRV") in dns_server.queries
 
 
 def test_dot_target_means_no_tracker(dns_server: LoopbackDNS) -> None:
     # The domain has an A record too, but "." is an explicit "not here": no fallback.
-    assert discover_trackers("none.test", timeout=2, resolver_address=dns_server.address) == []
+    assert asyncio.run(discover_trackers("none.test", on(dns_server.address))) == []
 
 
 def test_unresolvable_targets(dns_server: LoopbackDNS) -> None:
-    got = discover_trackers("partial.test", timeout=2, resolver_address=dns_server.address)
+    got = asyncio.run(discover_trackers("partial.test", on(dns_server.address)))
     assert got == [ep("192.0.2.11:40011")]
     with pytest.raises(ResolveError, match=r"cannot discover trackers for 'broken.test': no SRV target resolves"):
-        discover_trackers("broken.test", timeout=2, resolver_address=dns_server.address)
+        asyncio.run(discover_trackers("broken.test", on(dns_server.address)))
 
 
 @pytest.mark.parametrize(
@@ -349,27 +351,27 @@ def test_unresolvable_targets(dns_server: LoopbackDNS) -> None:
 )
 def test_discovery_errors(dns_server: LoopbackDNS, domain: str, message: str) -> None:
     with pytest.raises(ResolveError, match=message):
-        discover_trackers(domain, timeout=2, resolver_address=dns_server.address)
+        asyncio.run(discover_trackers(domain, on(dns_server.address)))
 
 
 @pytest.mark.parametrize("bad", ["", "192.0.2.1", "example.org:53", "exa mple.org", "[::1]"])
 def test_bad_domain_is_usage_error(bad: str) -> None:
     with pytest.raises(UsageError):
-        discover_trackers(bad, timeout=1, resolver_address=("127.0.0.1", 9))
+        asyncio.run(discover_trackers(bad, ResolveOptions(timeout=1, resolver_address=("127.0.0.1", 9))))
 
 
 # ------------------------------------------------------------- async, gather, settings
 
 
-def test_async_variants_and_sync_inside_a_running_loop(dns_server: LoopbackDNS) -> None:
-    addr = dns_server.address
+def test_one_options_object_serves_calls_running_together(dns_server: LoopbackDNS) -> None:
+    options = on(dns_server.address)
 
     async def main() -> tuple[list[Endpoint], list[Endpoint], list[Endpoint]]:
-        a = await resolve_trackers_async(["v4.trk.test:1"], timeout=2, resolver_address=addr)
-        b = await discover_trackers_async("plain.test", timeout=2, resolver_address=addr)
-        # A blocking call from inside a loop must not fail with "loop already running".
-        c = resolve_trackers(["v6.trk.test:1"], timeout=2, resolver_address=addr)
-        return a, b, c
+        return await asyncio.gather(
+            resolve_trackers(["v4.trk.test:1"], options),
+            discover_trackers("plain.test", options),
+            resolve_trackers(["v6.trk.test:1"], options),
+        )
 
     a, b, c = asyncio.run(main())
     assert a == [ep("192.0.2.4:1")]
@@ -378,12 +380,10 @@ def test_async_variants_and_sync_inside_a_running_loop(dns_server: LoopbackDNS) 
 
 
 def test_gather_trackers_and_domain_together(dns_server: LoopbackDNS) -> None:
-    items = gather_trackers(
-        ["v4.trk.test:1"], "plain.test", timeout=2, resolver_address=dns_server.address
-    )
+    items = asyncio.run(gather_trackers(["v4.trk.test:1"], "plain.test", on(dns_server.address)))
     assert [i.spec.host for i in items] == ["v4.trk.test", "plain.test"]
     with pytest.raises(UsageError, match="no tracker given"):
-        gather_trackers([], None, timeout=2, resolver_address=dns_server.address)
+        asyncio.run(gather_trackers([], None, on(dns_server.address)))
 
 
 def test_parse_dns_server() -> None:
@@ -407,7 +407,7 @@ def test_settings_env_points_resolution_at_the_server(dns_server: LoopbackDNS) -
             "NATTOOL_TRACKERS": "dual.trk.test:5,192.0.2.200:6",
         },
     )
-    got = resolve_trackers(settings.tracker_specs(), timeout=2, resolver_address=settings.resolver_address())
+    got = asyncio.run(resolve_trackers(settings.tracker_specs(), on(settings.resolver_address())))
     assert same(got[:3], [ep("192.0.2.1:5"), ep("192.0.2.2:5"), ep("[2001:db8::1]:5")])
     assert got[3] == ep("192.0.2.200:6")
     assert ipaddress.ip_address(settings.resolver_address()[0]).is_loopback  # type: ignore[index]

@@ -11,7 +11,10 @@ Only loopback is ever contacted; names resolve on a loopback DNS server.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,7 @@ from loopback_dns import LoopbackDNS
 from nattool import __version__
 from nattool.cli import docgen
 from nattool.exit_codes import ExitCode
+from tests.natlab.lab import PREFIX as NATLAB_PREFIX
 
 ANSI_RE = re.compile(r"\x1b[\[\]()]")
 COLOUR_SGR_RE = re.compile(r"\x1b\[(?:[0-9;]*;)?(?:3[0-9]|4[0-9]|9[0-7]|10[0-7])(?:;[0-9;]*)?m")
@@ -42,7 +46,7 @@ NETWORK: dict[str, list[str]] = {
     "whoami": ["whoami", "-t", "{target}", "--timeout", "1"],
     "trackers": ["trackers", "-t", "{target}", "--timeout", "1"],
     "register": ["register", "exit-codes", "-t", "{target}", "--timeout", "1", "--lan", "0", "--id", "0"],
-    "probe": ["probe", "{target}", "--wait", "0.5"],
+    "probe": ["probe", "{target}", "--timeout", "0.5"],
     "connect": ["connect", "exit-codes", "-t", "{target}", "--timeout", "1", "--once", "-p", "0"],
 }
 # Commands whose target must be an address (no name resolution by design).
@@ -182,6 +186,65 @@ def test_no_answer_is_3(nattool_home: Path) -> None:
         argvs["bench"] = [a.replace("{target}", dead) for a in BENCH]
     for key, result in run_all(argvs, nattool_home).items():
         assert_clean_failure(result, 3)
+
+
+# Commands whose failures to send, bind or be accepted are ours to classify (connect has
+# its own give-up rules).
+CLIENTS = ("whoami", "trackers", "register", "probe")
+
+
+@pytest.fixture
+def loopback_only_netns(natlab_available: None) -> Iterator[str]:
+    """A fresh network namespace with only loopback up: no route anywhere else, so a
+    send fails in the kernel (ENETUNREACH) and nothing leaves the machine."""
+    name = f"{NATLAB_PREFIX}-{os.getpid()}-noroute"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=30)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("target", ["192.0.2.1:9", "[2001:db8::1]:9"])
+def test_no_route_is_4_not_a_timeout(nattool_home: Path, loopback_only_netns: str, target: str) -> None:
+    argvs = {key: argv for key, argv in network_argvs(target).items() if key in CLIENTS}
+    procs = {
+        key: subprocess.Popen(
+            ["ip", "netns", "exec", loopback_only_netns, *nattool_cmd(*argv)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=nattool_env(nattool_home),
+        )
+        for key, argv in argvs.items()
+    }
+    for key, proc in procs.items():
+        out, err = proc.communicate(timeout=30)
+        result = subprocess.CompletedProcess(argvs[key], proc.returncode, out, err)
+        assert_clean_failure(result, 4)
+        assert "unreachable" in out + err, (key, out, err)
+        assert "no answer" not in out + err, (key, out, err)
+
+
+def test_bind_failure_is_4(nattool_home: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("0.0.0.0", 0))
+        port = str(taken.getsockname()[1])
+        argvs = {
+            "whoami": ["whoami", "-t", "127.0.0.1:9", "-p", port, "--timeout", "1"],
+            "register": ["register", "g", "-t", "127.0.0.1:9", "-p", port, "--timeout", "1", "--lan", "0"],
+        }
+        for key, result in run_all(argvs, nattool_home).items():
+            assert_clean_failure(result, 4)
+            assert f"cannot open a UDP socket on port {port}" in result.stdout + result.stderr, (key, result)
+
+
+def test_a_refusal_is_1(shared_tracker: TrackerProcess, nattool_home: Path) -> None:
+    # A public endpoint with another IP than the request's source: the tracker says no.
+    argv = ["register", "refused", "-t", shared_tracker.endpoint, "--public", "198.51.100.1:5", "--lan", "0"]
+    result = run_nattool(*argv, home=nattool_home)
+    assert_clean_failure(result, 1)
+    assert f"tracker {shared_tracker.endpoint} refused: public ip differs" in result.stdout, result
+    doc = json.loads(run_nattool(*argv, "--json", home=nattool_home).stdout)
+    assert doc["self"] is None and "refused" in doc["trackers"][0]["error"]
 
 
 ZONE = """

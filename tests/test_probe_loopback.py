@@ -210,7 +210,7 @@ def test_udp_blocked_when_nothing_answers() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         dead = Endpoint.from_sockaddr(s.getsockname())  # bound, never read: silence
-        result = probe([ProbeTarget("dead", dead, "stun")], families=(4,), give_up=0.5)
+        result = probe([ProbeTarget("dead", dead, "stun")], families=(4,), timeout=0.5)
     beh = result.primary.behaviour  # type: ignore[union-attr]
     assert beh.udp == "blocked" and beh.nat_type == NatType.UDP_BLOCKED
     assert beh.mapping is None and beh.filtering is None and beh.no_nat is None
@@ -326,6 +326,7 @@ def test_cli_probe_blocked_exit_code(tmp_path, monkeypatch) -> None:  # type: ig
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         dead = Endpoint.from_sockaddr(s.getsockname())
-        res = CliRunner().invoke(_cli_app(), ["probe", f"stun:{dead}", "--json", "--wait", "0.3"])
+        res = CliRunner().invoke(_cli_app(), ["probe", f"stun:{dead}", "--json", "--timeout", "0.3"])
     assert res.exit_code == 3, res.output
-    assert json.loads(res.output)["udp"] == "blocked"
+    assert json.loads(res.stdout)["udp"] == "blocked"
+    assert res.stderr.startswith("nattool: error: no server answered the probe")

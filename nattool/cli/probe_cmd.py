@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from nattool import api
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
-from nattool.cli.output import emit_json, info, run_edge, stdout, verbosity
-from nattool.cli.targets import client_settings
-from nattool.diag.probe import GIVE_UP, FamilyResult, ProbeResult, ProbeTarget, probe as run_probe
-from nattool.errors import ResolveError, UsageError
+from nattool.cli.output import emit_json, info, run_edge, stderr, stdout, verbosity
+from nattool.cli.targets import client_settings, run
+from nattool.diag.probe import FamilyResult, ProbeResult
+from nattool.errors import NattoolError, UsageError
 from nattool.exit_codes import ExitCode
+
+# --timeout and --retries as on every client command, with the probe's own defaults and
+# range: it waits a timeout in each of up to three rounds, so the configured 2 s (for
+# trackers) would double its run time.
+ProbeTimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option("--timeout", metavar="SECONDS", help=f"Seconds each request waits, retries included (0.2..10) [default: {api.PROBE_TIMEOUT:g}].", show_default=False),
+]
+ProbeRetriesOpt = Annotated[
+    Optional[int],
+    typer.Option("--retries", metavar="N", help=f"Retransmissions (with doubling backoff) within the timeout [default: {api.PROBE_RETRIES}].", show_default=False),
+]
 
 
 def probe(
@@ -35,7 +47,9 @@ def probe(
     lifetime: Annotated[bool, typer.Option("--lifetime", help="Also measure the mapping lifetime (needs a server with RESPONSE-PORT; takes up to --lifetime-max).")] = False,
     lifetime_max: Annotated[float, typer.Option("--lifetime-max", metavar="SECONDS", help="Longest idle time tried by --lifetime, seconds (1..600).")] = 120.0,
     repeat: Annotated[int, typer.Option("--repeat", metavar="N", help="Run the whole probe N times and report whether the verdicts agree.")] = 1,
-    wait: Annotated[float, typer.Option("--wait", metavar="SECONDS", help="Seconds to wait for each answer, retransmissions included (0.2..10).")] = GIVE_UP,
+    timeout: ProbeTimeoutOpt = None,
+    retries: ProbeRetriesOpt = None,
+    wait: Annotated[Optional[float], typer.Option("--wait", metavar="SECONDS", hidden=True, help="Old name of --timeout.")] = None,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -48,57 +62,49 @@ def probe(
     def body() -> int:
         if ipv4 and ipv6:
             raise UsageError("-4 and -6 exclude each other")
-        if not 0.2 <= wait <= 10:
-            raise UsageError("--wait must be in 0.2..10 seconds")
-        family = 4 if ipv4 else 6 if ipv6 else None
+        if not 1 <= lifetime_max <= 600:
+            raise UsageError(f"--lifetime-max must be in 1..600 seconds, got {lifetime_max:g}")
+        if timeout is not None and wait is not None:
+            raise UsageError("--wait is the old name of --timeout: give one of them")
         settings = client_settings((servers or []) + (tracker or []) or None, domain, None, None, config)
-        targets = _resolve(list(settings.trackers), settings.domain, family, settings.timeout, settings.dns_server)
-        result = run_probe(
-            targets,
-            families=(family,) if family else (4, 6),
-            hairpin=hairpin,
-            lifetime_max=lifetime_max if lifetime else None,
-            repeat=repeat,
-            give_up=wait,
+
+        def warn(err: NattoolError) -> None:
+            info(f"[yellow]warning:[/yellow] {escape(str(err))}")
+
+        probe_timeout = next((t for t in (timeout, wait) if t is not None), api.PROBE_TIMEOUT)
+        result = run(
+            api.probe(
+                settings.trackers,
+                domain=settings.domain,
+                timeout=probe_timeout,
+                retries=retries if retries is not None else api.PROBE_RETRIES,
+                family=4 if ipv4 else 6 if ipv6 else None,
+                hairpin=hairpin,
+                lifetime_max=lifetime_max if lifetime else None,
+                repeat=repeat,
+                dns_server=settings.dns_server,
+                on_resolve_error=warn,
+                check=False,
+            )
         )
-        return render(result, json_out)
+        render(result, json_out)
+        if result.ok:
+            return int(ExitCode.OK)
+        error = api.probe_error(result, probe_timeout)
+        stderr.print(f"nattool: error: {error}", markup=False)
+        return int(error.exit_code)
 
     raise typer.Exit(run_edge(body))
-
-
-def _resolve(
-    specs: list[str], domain: Optional[str], family: Optional[int], timeout: float, dns_server: Optional[tuple[str, int]]
-) -> list[ProbeTarget]:
-    from nattool.net.resolve import gather_trackers_async
-
-    def warn(err: ResolveError) -> None:
-        info(f"[yellow]warning:[/yellow] {err}")
-
-    af = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family or 0)
-    resolved = asyncio.run(
-        gather_trackers_async(specs, domain, timeout=timeout, family=af, resolver_address=dns_server, on_error=warn)
-    )
-    targets: list[ProbeTarget] = []
-    for item in resolved:
-        kind = "stun" if item.spec.scheme == "stun" else "tracker"
-        for ep in item.endpoints:
-            if all(t.endpoint != ep for t in targets):
-                targets.append(ProbeTarget(item.spec.to_text(), ep, kind))
-    if not targets:
-        raise UsageError("no server address to probe")
-    return targets
 
 
 def _yn(value: Optional[bool]) -> str:
     return "unknown" if value is None else "yes" if value else "no"
 
 
-def render(result: ProbeResult, json_out: bool) -> int:
-    ok = any(f.behaviour.udp == "ok" for f in result.families)
-    code = int(ExitCode.OK) if ok else int(ExitCode.TIMEOUT)
+def render(result: ProbeResult, json_out: bool) -> None:
     if json_out:
         emit_json(result.to_json())
-        return code
+        return
     for fam in result.families:
         _render_family(fam)
     if len(result.runs) > 1:
@@ -107,7 +113,6 @@ def render(result: ProbeResult, json_out: bool) -> int:
         stdout.print(f"Repeat: {len(result.runs)} runs, {'consistent' if consistent else '[red]inconsistent[/red]'} ({types})")
     if verbosity() >= 0:
         info(f"probe took {result.elapsed:.2f} s")
-    return code
 
 
 def _render_family(fam: FamilyResult) -> None:

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from nattool import api
+from nattool.api import Registration
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
 from nattool.cli.node_args import parse_identity, parse_lan
 from nattool.cli.output import emit_json, info, run_edge, stdout
-from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
+from nattool.cli.targets import check_timing, client_settings, run
 from nattool.errors import ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
-from nattool.net.client import ClientPool
-from nattool.net.tracker_client import Registrar, TrackerAnswer
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.text import MemberEntry, MemberList, RegisterRequest, canonical_group
-
-# Padding lets the tracker send a longer list (its reply may be 3x the request).
-PAD_TO = 400
+from nattool.protocol.text import MemberEntry
 
 
 def register(
@@ -44,27 +41,33 @@ def register(
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
         check_timing(settings.timeout, settings.retries)
-        group_key = _group(group)
         if keepalive is not None and not 1 <= keepalive <= 3600:
             raise UsageError("--keepalive must be in 1..3600 seconds")
-        if not 0 <= port <= 65535:
-            raise UsageError("--port must be in 0..65535")
+        group_key = api.group_key(group)
+        if group == "new":
+            info(f"new group: {group_key}")
         explicit_public = _public(public)
         identity = parse_identity(node_id)
-        return run(_main(settings, group_key, explicit_public, lan, identity, keepalive, port, json_out))
+        lan_list = None if lan == "auto" else parse_lan(lan, ())
+
+        async def go() -> int:
+            node = await api.Registrant.open(
+                group_key,
+                settings.trackers,
+                public=explicit_public,
+                lan=lan_list,
+                identity=identity,
+                port=port,
+                **settings.api_options(),
+            )
+            async with node:
+                if keepalive is None:
+                    return _render_once(await node.register(check=False), json_out)
+                return await _keepalive_loop(node, keepalive, json_out)
+
+        return run(go())
 
     raise typer.Exit(run_edge(body))
-
-
-def _group(text: str) -> str:
-    if text == "new":
-        value = str(uuid.uuid4())
-        info(f"new group: {value}")
-        return value
-    try:
-        return canonical_group(text)
-    except ProtocolError:
-        raise UsageError(f"bad group {text[:70]!r}: 1..64 characters of A-Z a-z 0-9 . _ -") from None
 
 
 def _public(text: str) -> Endpoint | None:
@@ -76,70 +79,42 @@ def _public(text: str) -> Endpoint | None:
         raise UsageError(f"bad --public {text[:70]!r}: want 0, IP:PORT or [IPv6]:PORT") from None
 
 
-
-
-async def _main(settings, group: str, public, lan_text: str, identity, keepalive, port: int, json_out: bool) -> int:  # type: ignore[no-untyped-def]
-    targets = await resolve_targets(settings)
-    lan = parse_lan(lan_text, targets)
-    request = RegisterRequest(group=group, public=public, lan=lan, identity=identity, padding=0)
-    wire_len = len(request.to_wire())
-    request = RegisterRequest(group=group, public=public, lan=lan, identity=identity, padding=max(0, PAD_TO - wire_len - 1))
-    async with ClientPool(port) as pool:
-        registrar = Registrar(pool, settings.timeout, settings.retries)
-        answers = await registrar.register_all(targets, request)
-        if keepalive is None:
-            return _render_once(group, answers, json_out)
-        return await _keepalive_loop(registrar, targets, request, group, answers, keepalive, json_out)
-
-
-def _merge(answers: list[TrackerAnswer]) -> tuple[MemberEntry | None, list[MemberEntry]]:
-    me: MemberEntry | None = None
-    members: list[MemberEntry] = []
-    for answer in answers:
-        if not answer.ok:
-            continue
-        entries = answer.value.entries  # type: ignore[union-attr]
-        if me is None:
-            me = entries[0]
-        for entry in entries[1:]:
-            if entry.endpoint not in [m.endpoint for m in members] and entry.endpoint != me.endpoint:
-                members.append(entry)
-    return me, members
-
-
 def _entry_json(entry: MemberEntry) -> dict[str, object]:
     return {"endpoint": entry.endpoint.to_text(), "lan": list(entry.lan)}
 
 
-def _render_once(group: str, answers: list[TrackerAnswer], json_out: bool) -> int:
-    me, members = _merge(answers)
-    code = int(ExitCode.OK) if me is not None else int(ExitCode.TIMEOUT)
+def _exit_code(reg: Registration) -> int:
+    return int(reg.error.exit_code) if reg.error is not None else int(ExitCode.OK)
+
+
+def _render_once(reg: Registration, json_out: bool) -> int:
+    me, members = reg.me, reg.members
     if json_out:
         emit_json(
             {
-                "group": group,
+                "group": reg.group,
                 "self": _entry_json(me) if me else None,
                 "members": [_entry_json(m) for m in members],
                 "trackers": [
                     {
-                        "tracker": a.tracker.to_text(),
-                        "ok": a.ok,
-                        "form": a.form,
-                        "rtt_ms": round(a.rtt * 1000, 3) if a.rtt is not None else None,
-                        "error": a.error,
+                        "tracker": r.tracker.to_text(),
+                        "ok": r.ok,
+                        "form": r.form,
+                        "rtt_ms": round(r.rtt * 1000, 3) if r.rtt is not None else None,
+                        "error": str(r.error) if r.error is not None else None,
                     }
-                    for a in answers
+                    for r in reg.replies
                 ],
             }
         )
-        return code
-    for a in answers:
-        if not a.ok:
-            stdout.print(f"[red]{a.tracker}: {a.error}[/red]")
+        return _exit_code(reg)
+    for r in reg.replies:
+        if r.error is not None:
+            stdout.print(f"[red]{escape(str(r.error))}[/red]")
     if me is None:
         stdout.print("No tracker accepted the registration.")
-        return code
-    stdout.print(f"group [bold]{group}[/bold]: registered as {me.to_text()}")
+        return _exit_code(reg)
+    stdout.print(f"group [bold]{reg.group}[/bold]: registered as {me.to_text()}")
     table = Table(box=None, pad_edge=False)
     table.add_column("member")
     table.add_column("LAN addresses (same public IP as you)")
@@ -149,24 +124,25 @@ def _render_once(group: str, answers: list[TrackerAnswer], json_out: bool) -> in
         stdout.print(table)
     else:
         stdout.print("no other members yet")
-    return code
+    return _exit_code(reg)
 
 
-async def _keepalive_loop(registrar: Registrar, targets, request, group, answers, interval: float, json_out: bool) -> int:  # type: ignore[no-untyped-def]
+async def _keepalive_loop(node: api.Registrant, interval: float, json_out: bool) -> int:
     known: dict[str, MemberEntry] = {}
     first = True
     while True:
-        me, members = _merge(answers)
-        current = {m.endpoint.to_text(): m for m in members}
+        reg = await node.register(check=False)
+        me = reg.me
+        current = {m.endpoint.to_text(): m for m in reg.members}
         stamp = time.strftime("%H:%M:%S")
         if first and me is not None:
             if json_out:
-                emit_json({"event": "registered", "group": group, "self": _entry_json(me)})
+                emit_json({"event": "registered", "group": reg.group, "self": _entry_json(me)})
             else:
-                stdout.print(f"{stamp} registered in {group} as {me.to_text()}")
+                stdout.print(f"{stamp} registered in {reg.group} as {me.to_text()}")
         elif me is None:
             if json_out:
-                emit_json({"event": "unreachable", "errors": [a.error for a in answers]})
+                emit_json({"event": "unreachable", "errors": [str(r.error) for r in reg.replies]})
             else:
                 stdout.print(f"{stamp} [red]no tracker answered[/red]")
         first = first and me is None
@@ -185,7 +161,6 @@ async def _keepalive_loop(registrar: Registrar, targets, request, group, answers
         if me is not None:
             known = current
         await asyncio.sleep(interval)
-        answers = await registrar.register_all(targets, request)
 
 
-__all__ = ["register", "MemberList"]
+__all__ = ["register"]

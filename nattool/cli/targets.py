@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
+from nattool import api
+from nattool.api import parse_trackers, resolve_targets as resolve_api_targets
 from nattool.config import load_settings
-from nattool.errors import UsageError
 
 # nattool.net.resolve (and dnspython under it) is imported where it is used: a
 # tracker process (`serve`) never needs DNS, and the import costs ~6 MiB.
@@ -24,6 +25,10 @@ class ClientSettings:
     retries: int
     dns_server: tuple[str, int] | None
 
+    def api_options(self) -> dict[str, Any]:
+        """The keyword options every function of :mod:`nattool.api` takes."""
+        return {"domain": self.domain, "timeout": self.timeout, "retries": self.retries, "dns_server": self.dns_server}
+
 
 def client_settings(
     trackers: Sequence[str] | None,
@@ -35,7 +40,8 @@ def client_settings(
     """Effective client settings, flags > env > file > defaults."""
     overrides: dict[str, object] = {}
     if trackers:
-        overrides["trackers"] = list(trackers)
+        # Checked one by one here, so that a bad one is named in one plain line.
+        overrides["trackers"] = [spec.to_text() for spec in parse_trackers(list(trackers))]
     if domain:
         overrides["domain"] = domain
     if timeout is not None:
@@ -57,32 +63,17 @@ def client_settings(
 
 
 def check_timing(timeout: float, retries: int) -> None:
-    if not 0 < timeout <= 600:
-        raise UsageError("--timeout must be in (0, 600] seconds")
-    if not 0 <= retries <= 20:
-        raise UsageError("--retries must be in 0..20")
+    api.check_timing(timeout, retries, flags=True)
 
 
 async def resolve_targets(settings: ClientSettings) -> list[Endpoint]:
-    from nattool.net.resolve import gather_trackers_async
-
-    resolved = await gather_trackers_async(
-        list(settings.trackers),
-        settings.domain,
-        timeout=settings.timeout,
-        resolver_address=settings.dns_server,
+    return await resolve_api_targets(
+        settings.trackers, domain=settings.domain, timeout=settings.timeout, dns_server=settings.dns_server
     )
-    out: list[Endpoint] = []
-    for item in resolved:
-        for ep in item.endpoints:
-            if ep not in out:
-                out.append(ep)
-    if not out:
-        if settings.domain and not settings.trackers:
-            raise UsageError(f"domain {settings.domain} publishes no tracker (SRV target '.')")
-        raise UsageError("no tracker address to talk to")
-    return out
 
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
+
+
+__all__ = ["ClientSettings", "check_timing", "client_settings", "resolve_targets", "run"]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from nattool import api
+from nattool.api import TrackersResult
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
 from nattool.cli.output import emit_json, ms, run_edge, stdout
-from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
+from nattool.cli.targets import check_timing, client_settings, run
 from nattool.exit_codes import ExitCode
-from nattool.net.client import ClientPool
-from nattool.net.tracker_client import TrackerAnswer, list_trackers
-from nattool.protocol.endpoint import Endpoint
 
 
 def trackers(
@@ -27,39 +27,28 @@ def trackers(
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
         check_timing(settings.timeout, settings.retries)
-
-        async def go() -> tuple[list[Endpoint], list[TrackerAnswer]]:
-            targets = await resolve_targets(settings)
-            async with ClientPool() as pool:
-                return targets, await list_trackers(pool, targets, settings.timeout, settings.retries)
-
-        targets, answers = run(go())
-        return render(targets, answers, json_out)
+        result = run(api.trackers(settings.trackers, check=False, **settings.api_options()))
+        return render(result, json_out)
 
     raise typer.Exit(run_edge(body))
 
 
-def render(targets: list[Endpoint], answers: list[TrackerAnswer], json_out: bool) -> int:
-    known: list[str] = [t.to_text() for t in targets]
-    for a in answers:
-        if a.ok:
-            for text in a.value.trackers:  # type: ignore[union-attr]
-                if text not in known:
-                    known.append(text)
-    code = int(ExitCode.OK) if any(a.ok for a in answers) else int(ExitCode.TIMEOUT)
+def render(result: TrackersResult, json_out: bool) -> int:
+    known = list(result.known)
+    code = int(result.error.exit_code) if result.error is not None else int(ExitCode.OK)
     if json_out:
         emit_json(
             {
                 "trackers": known,
                 "answers": [
                     {
-                        "tracker": a.tracker.to_text(),
-                        "ok": a.ok,
-                        "knows": list(a.value.trackers) if a.ok else None,  # type: ignore[union-attr]
-                        "rtt_ms": round(a.rtt * 1000, 3) if a.rtt is not None else None,
-                        "error": a.error,
+                        "tracker": t.tracker.to_text(),
+                        "ok": t.ok,
+                        "knows": list(t.knows) if t.ok else None,
+                        "rtt_ms": round(t.rtt * 1000, 3) if t.rtt is not None else None,
+                        "error": str(t.error) if t.error is not None else None,
                     }
-                    for a in answers
+                    for t in result.listings
                 ],
             }
         )
@@ -68,11 +57,11 @@ def render(targets: list[Endpoint], answers: list[TrackerAnswer], json_out: bool
     table.add_column("asked")
     table.add_column("rtt", justify="right")
     table.add_column("knows")
-    for a in answers:
-        if a.ok:
-            table.add_row(a.tracker.to_text(), ms(a.rtt), ", ".join(a.value.trackers) or "(none)")  # type: ignore[union-attr]
+    for t in result.listings:
+        if t.ok:
+            table.add_row(t.tracker.to_text(), ms(t.rtt), ", ".join(t.knows) or "(none)")
         else:
-            table.add_row(a.tracker.to_text(), "-", f"[red]{a.error}[/red]")
+            table.add_row(t.tracker.to_text(), "-", f"[red]{escape(str(t.error))}[/red]")
     stdout.print(table)
     stdout.print(f"{len(known)} tracker(s): " + ", ".join(known))
     return code

@@ -7,12 +7,14 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from rich.markup import escape
+
+from nattool import api
+from nattool.api import WhoamiResult
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
-from nattool.cli.output import emit_json, fail, ms, run_edge, stdout, verbosity
-from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
+from nattool.cli.output import emit_json, ms, run_edge, stdout, verbosity
+from nattool.cli.targets import check_timing, client_settings, run
 from nattool.exit_codes import ExitCode
-from nattool.net.client import ClientPool
-from nattool.net.tracker_client import TrackerAnswer, whoami as ask_whoami
 
 
 def whoami(
@@ -35,29 +37,17 @@ def whoami(
     def body() -> int:
         settings = client_settings((trackers_arg or []) + (tracker or []) or None, domain, timeout, retries, config)
         check_timing(settings.timeout, settings.retries)
-        if not 0 <= port <= 65535:
-            fail("--port must be in 0..65535", ExitCode.USAGE)
-
-        async def go() -> list[TrackerAnswer]:
-            targets = await resolve_targets(settings)
-            async with ClientPool(port) as pool:
-                return await ask_whoami(pool, targets, settings.timeout, settings.retries)
-
-        answers = run(go())
-        return render(answers, json_out)
+        result = run(api.whoami(settings.trackers, port=port, check=False, **settings.api_options()))
+        return render(result, json_out)
 
     raise typer.Exit(run_edge(body))
 
 
-def render(answers: list[TrackerAnswer], json_out: bool) -> int:
-    seen = sorted({a.value.to_text() for a in answers if a.ok})  # type: ignore[union-attr]
-    by_family: dict[str, set[str]] = {}
-    for a in answers:
-        if a.ok:
-            by_family.setdefault(a.value.family_name, set()).add(a.value.to_text())  # type: ignore[union-attr]
-    agree = all(len(v) == 1 for v in by_family.values()) if by_family else None
-    first = next((a.value.to_text() for a in answers if a.ok), None)  # type: ignore[union-attr]
-    code = int(ExitCode.OK) if first else int(ExitCode.TIMEOUT)
+def render(result: WhoamiResult, json_out: bool) -> int:
+    seen = [e.to_text() for e in result.endpoints]
+    agree = result.agree
+    first = result.endpoint.to_text() if result.endpoint is not None else None
+    code = int(result.error.exit_code) if result.error is not None else int(ExitCode.OK)
     if json_out:
         emit_json(
             {
@@ -66,20 +56,20 @@ def render(answers: list[TrackerAnswer], json_out: bool) -> int:
                 "endpoints": seen,
                 "answers": [
                     {
-                        "tracker": a.tracker.to_text(),
-                        "ok": a.ok,
-                        "endpoint": a.value.to_text() if a.ok else None,  # type: ignore[union-attr]
-                        "rtt_ms": round(a.rtt * 1000, 3) if a.rtt is not None else None,
-                        "attempts": a.attempts,
-                        "error": a.error,
+                        "tracker": s.tracker.to_text(),
+                        "ok": s.ok,
+                        "endpoint": s.endpoint.to_text() if s.endpoint is not None else None,
+                        "rtt_ms": round(s.rtt * 1000, 3) if s.rtt is not None else None,
+                        "attempts": s.attempts,
+                        "error": str(s.error) if s.error is not None else None,
                     }
-                    for a in answers
+                    for s in result.sightings
                 ],
             }
         )
         return code
     if verbosity() < 0:
-        # --quiet: the answer alone (the endpoint, or nothing and exit 3).
+        # --quiet: the answer alone (the endpoint, or nothing and the failure's exit code).
         if first is not None:
             stdout.print(first if agree is not False else "\n".join(seen), markup=False)
         return code
@@ -87,15 +77,15 @@ def render(answers: list[TrackerAnswer], json_out: bool) -> int:
     table.add_column("tracker")
     table.add_column("sees me as")
     table.add_column("rtt", justify="right")
-    for a in answers:
-        if a.ok:
-            table.add_row(a.tracker.to_text(), a.value.to_text(), ms(a.rtt))  # type: ignore[union-attr]
+    for s in result.sightings:
+        if s.endpoint is not None:
+            table.add_row(s.tracker.to_text(), s.endpoint.to_text(), ms(s.rtt))
         else:
-            table.add_row(a.tracker.to_text(), f"[red]{a.error}[/red]", "-")
+            table.add_row(s.tracker.to_text(), f"[red]{escape(str(s.error))}[/red]", "-")
     stdout.print(table)
     if first is None:
         stdout.print("No tracker answered.")
-    elif sum(a.ok for a in answers) == 1:
+    elif sum(s.ok for s in result.sightings) == 1:
         stdout.print(f"Public endpoint: [bold]{first}[/bold] (one tracker answered; ask two or more to compare)")
     elif agree:
         stdout.print(f"Public endpoint: [bold]{', '.join(seen)}[/bold] (all trackers agree)")

@@ -6,7 +6,8 @@ Why not net/client.py: its transactions accept a reply only from the address the
 went to, while CHANGE-REQUEST answers come *by design* from another address, and the
 hairpin/lifetime tests receive on a socket other than the one that sent. So the probe
 runs its own small engine: blocking sockets, one ``select`` loop, every transaction in
-flight at once, each with retransmissions (backoff 0, 100, 300 ms, give up at 1 s).
+flight at once, each with retransmissions (the clients' doubling backoff: by default
+sends at 0, 143, 429 ms, give up at 1 s).
 
 Procedure per address family (each test on its own fresh local socket, so a test never
 opens the NAT for another):
@@ -28,6 +29,7 @@ nattool never contacts a host the user did not name: there is no default server 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import select
@@ -39,6 +41,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from nattool import __version__
 from nattool.errors import NetworkError, ProtocolError, UsageError
+from nattool.net.client import backoff_schedule
 from nattool.net.localinfo import local_address_towards
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
 from nattool.protocol.nat_behaviour import (
@@ -65,8 +68,8 @@ from nattool.protocol.stun import (
 
 SCHEMA = "nattool.probe/1"
 SOFTWARE = f"nattool/{__version__}"
-SCHEDULE = (0.0, 0.1, 0.3)  # send times of each transaction, seconds after its start
-GIVE_UP = 1.0  # seconds after its start a transaction counts as unanswered
+GIVE_UP = 1.0  # default seconds after its start a transaction counts as unanswered
+RETRIES = 2  # default retransmissions within GIVE_UP
 LIFETIME_LADDER = (2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300)
 MAX_REPEAT = 20
 
@@ -126,7 +129,7 @@ class Txn:
     reply: Optional[bytes] = None
     reply_from: Optional[Endpoint] = None
     rtt: Optional[float] = None
-    error: Optional[str] = None
+    error: Optional[str] = None  # why it could not be sent
     _last_send: float = 0.0
     # Socket names, kept for the evidence after the sockets are closed.
     local: str = ""
@@ -185,6 +188,16 @@ def _describe_reply(t: Txn) -> Optional[str]:
     return " ".join(parts)
 
 
+def send_times(give_up: float, retries: int) -> tuple[float, ...]:
+    """When each transaction sends, seconds after its start: the clients' doubling
+    backoff, the waits summing to ``give_up``."""
+    waits = backoff_schedule(give_up, retries)
+    return tuple(sum(waits[:i]) for i in range(len(waits)))
+
+
+SCHEDULE = send_times(GIVE_UP, RETRIES)
+
+
 def run_transactions(
     txns: Sequence[Txn],
     *,
@@ -211,7 +224,7 @@ def run_transactions(
                 try:
                     t.sock.sendto(t.payload, t.dest.sockaddr())
                 except OSError as exc:
-                    t.error = f"send failed: {exc.strerror or exc}"
+                    t.error = f"cannot send to {t.dest}: {exc.strerror or exc}"
                     break
                 t.sent += 1
                 t._last_send = now
@@ -292,11 +305,11 @@ class ServerRun:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class FamilyResult:
     family: str  # "IPv4" | "IPv6"
     behaviour: NatBehaviour
-    servers: list[ServerRun]
+    servers: tuple[ServerRun, ...]
     lifetime: Optional[dict[str, object]] = None
     elapsed: float = 0.0
 
@@ -309,11 +322,24 @@ class FamilyResult:
         return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeResult:
-    families: list[FamilyResult]
-    runs: list[list[FamilyResult]] = field(default_factory=list)  # all runs (--repeat)
+    families: tuple[FamilyResult, ...]
+    runs: tuple[tuple[FamilyResult, ...], ...] = ()  # all runs (--repeat)
     elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Did any server answer, in any family?"""
+        return any(f.behaviour.udp == "ok" for f in self.families)
+
+    def send_failure(self) -> Optional[str]:
+        """Why nothing could be sent (no route, ...), when not a single request left;
+        None when something was sent (its silence is then the network's answer)."""
+        txns = [t for f in self.families for s in f.servers for t in s.txns]
+        if not txns or any(t.error is None for t in txns):
+            return None
+        return txns[0].error
 
     @property
     def primary(self) -> Optional[FamilyResult]:
@@ -433,11 +459,13 @@ def probe_family(
     hairpin: bool = False,
     lifetime_max: Optional[float] = None,
     give_up: float = GIVE_UP,
+    retries: int = RETRIES,
 ) -> FamilyResult:
     t_start = time.monotonic()
     socks = _Sockets(version)
     try:
-        return _probe_family(targets, version, socks, hairpin, lifetime_max, give_up, t_start)
+        run = functools.partial(run_transactions, schedule=send_times(give_up, retries), give_up=give_up)
+        return _probe_family(targets, version, socks, hairpin, lifetime_max, run, t_start)
     finally:
         socks.close()
 
@@ -448,10 +476,9 @@ def _probe_family(
     socks: _Sockets,
     hairpin: bool,
     lifetime_max: Optional[float],
-    give_up: float,
+    run: Callable[[Sequence[Txn]], None],
     t_start: float,
 ) -> FamilyResult:
-    run = lambda txns: run_transactions(txns, give_up=give_up)  # noqa: E731
     m = socks.new()
     runs = [ServerRun(t) for t in targets]
     phase1: list[Txn] = []
@@ -501,15 +528,16 @@ def _probe_family(
             r.origin_ok = t.reply_from == r.target.endpoint and (origin is None or origin == t.reply_from)
         elif i in m_text and m_text[i].reply is not None:
             tt = m_text[i]
-            try:
-                from nattool.protocol.text import NatReply
+            from nattool.protocol.text import NatReply
 
-                ep = NatReply.from_wire(tt.reply or b"").endpoint
+            seen: Optional[Endpoint]
+            try:
+                seen = NatReply.from_wire(tt.reply or b"").endpoint
             except ProtocolError:
-                ep = None
-            if ep is not None:
-                r.protocol, r.mapped = "//nat", ep
-                observe("M", m, tt, ep)
+                seen = None
+            if seen is not None:
+                r.protocol, r.mapped = "//nat", seen
+                observe("M", m, tt, seen)
         else:
             observe("M", m, t, None)
         if i in m_text:
@@ -619,14 +647,14 @@ def _probe_family(
         f = r.filtering
         r.filtering = FilteringEvidence(f.server, f.rfc5780, f.reason, f.can_change_ip, f.can_change_port, f.change_ip_port, f.change_port, honoured)
     for r in runs:
-        f = r.filtering
-        if r.rfc5780 and f is not None:
-            outcomes = (f.change_ip_port, f.change_port)
-            if Outcome.WRONG_SOURCE in outcomes:
+        evidence = r.filtering
+        if r.rfc5780 and evidence is not None:
+            change = (evidence.change_ip_port, evidence.change_port)
+            if Outcome.WRONG_SOURCE in change:
                 r.rfc5780, r.rfc5780_reason = False, "ignores CHANGE-REQUEST (answers from the wrong address)"
-            elif Outcome.REJECTED in outcomes:
+            elif Outcome.REJECTED in change:
                 r.rfc5780, r.rfc5780_reason = False, "rejects CHANGE-REQUEST"
-            elif f.control_honoured is False:
+            elif evidence.control_honoured is False:
                 r.rfc5780, r.rfc5780_reason = False, "does not honour CHANGE-REQUEST (control test)"
 
     hairpinning: Optional[bool] = None
@@ -635,13 +663,15 @@ def _probe_family(
 
     lifetime = None
     if lifetime_max is not None:
-        lifetime = _lifetime(runs, socks, lifetime_max, give_up)
+        lifetime = _lifetime(runs, socks, lifetime_max, run)
 
     behaviour = infer(bindings, [r.filtering for r in runs if r.filtering is not None], local_ips=frozenset(local_ips), hairpinning=hairpinning)
-    return FamilyResult(f"IPv{version}", behaviour, runs, lifetime, time.monotonic() - t_start)
+    return FamilyResult(f"IPv{version}", behaviour, tuple(runs), lifetime, time.monotonic() - t_start)
 
 
-def _lifetime(runs: Sequence[ServerRun], socks: _Sockets, lifetime_max: float, give_up: float) -> dict[str, object]:
+def _lifetime(
+    runs: Sequence[ServerRun], socks: _Sockets, lifetime_max: float, run: Callable[[Sequence[Txn]], None]
+) -> dict[str, object]:
     """Mapping lifetime bracket: sockets X_k idle w_k seconds each, probed once, in parallel."""
     server = next((r for r in runs if r.protocol == "stun" and r.mapped is not None), None)
     if server is None:
@@ -650,19 +680,19 @@ def _lifetime(runs: Sequence[ServerRun], socks: _Sockets, lifetime_max: float, g
     y = socks.new()
     # Does the server honour RESPONSE-PORT? Ask it to answer to Y's own public port.
     check = _stun_txn("Y", y, p, "binding (learn Y's mapping)")
-    run_transactions([check], give_up=give_up)
+    run([check])
     y_pub, _, _ = _mapped(check.message)
     if y_pub is None:
         return {"tested": False, "reason": f"{server.target.label} did not answer"}
     check2 = _stun_txn("Y", y, p, f"binding response-port={y_pub.port}", response_port=y_pub.port)
-    run_transactions([check2], give_up=give_up)
+    run([check2])
     msg2 = check2.message
     if msg2 is None or msg2.msg_class != MsgClass.SUCCESS:
         return {"tested": False, "reason": f"{server.target.label} does not support RESPONSE-PORT"}
     waits = [w for w in LIFETIME_LADDER if w <= lifetime_max] or [int(lifetime_max)]
     xs: list[tuple[float, socket.socket]] = [(w, socks.new()) for w in waits]
     opens = [_stun_txn(f"X[{w}]", s, p, "binding (open mapping)") for w, s in xs]
-    run_transactions(opens, give_up=give_up)
+    run(opens)
     probes: list[tuple[float, Txn]] = []
     for (w, s), o in zip(xs, opens):
         pub, _, _ = _mapped(o.message)
@@ -671,7 +701,7 @@ def _lifetime(runs: Sequence[ServerRun], socks: _Sockets, lifetime_max: float, g
         probes.append((w, _stun_txn("Y", y, p, f"binding response-port={pub.port} after {w}s idle", response_port=pub.port, recv_sock=s, start=float(w))))
     if not probes:
         return {"tested": False, "reason": "no mapping could be opened"}
-    run_transactions([t for _, t in probes], give_up=give_up)
+    run([t for _, t in probes])
     alive = [w for w, t in probes if t.reply is not None]
     dead = [w for w, t in probes if t.reply is None]
     first_dead = min(dead) if dead else None
@@ -696,12 +726,14 @@ def probe(
     hairpin: bool = False,
     lifetime_max: Optional[float] = None,
     repeat: int = 1,
-    give_up: float = GIVE_UP,
+    timeout: float = GIVE_UP,
+    retries: int = RETRIES,
 ) -> ProbeResult:
     """Probe every family that has a target; families run in parallel threads.
 
-    ``targets`` must already be resolved (see :func:`parse_target`). Raises UsageError
-    when no target matches the families asked for."""
+    ``timeout``: seconds each request waits for its answer, ``retries`` retransmissions
+    included. ``targets`` must already be resolved (see :func:`parse_target`). Raises
+    UsageError when no target matches the families asked for."""
     if not 1 <= repeat <= MAX_REPEAT:
         raise UsageError(f"--repeat must be 1..{MAX_REPEAT}")
     if lifetime_max is not None and not 1 <= lifetime_max <= 600:
@@ -713,15 +745,23 @@ def probe(
         fams = "/".join(f"IPv{v}" for v in wanted)
         raise UsageError(f"no {fams} server to probe")
     t0 = time.monotonic()
-    all_runs: list[list[FamilyResult]] = []
+    all_runs: list[tuple[FamilyResult, ...]] = []
     for n in range(repeat):
         with ThreadPoolExecutor(max_workers=len(by_family)) as pool:
             futs = [
-                pool.submit(probe_family, ts, v, hairpin=hairpin, lifetime_max=lifetime_max if n == 0 else None, give_up=give_up)
+                pool.submit(
+                    probe_family,
+                    ts,
+                    v,
+                    hairpin=hairpin,
+                    lifetime_max=lifetime_max if n == 0 else None,
+                    give_up=timeout,
+                    retries=retries,
+                )
                 for v, ts in by_family.items()
             ]
-            all_runs.append([f.result() for f in futs])
-    return ProbeResult(all_runs[0], all_runs, time.monotonic() - t0)
+            all_runs.append(tuple(f.result() for f in futs))
+    return ProbeResult(all_runs[0], tuple(all_runs), time.monotonic() - t0)
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Client transactions over UDP: one local socket per address family, several
 requests in flight, retransmission with backoff, replies matched to the address the
-request went to (anything else is an UnexpectedSource and ignored).
+request went to (anything else is counted in ``unexpected`` and ignored).
 
 Shared by whoami/register/trackers and, below them, probe, connect and bench.
 """
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from nattool.errors import NetworkError, NoAnswer, NattoolError, ProtocolError
+from nattool.errors import NetworkError, NoAnswer, NattoolError, ProtocolError, TrackerRefused
 from nattool.protocol.endpoint import Endpoint
 
 T = TypeVar("T")
@@ -115,9 +115,9 @@ class UdpClient:
     ) -> Answer[T]:
         """Send ``payload`` until ``parse`` accepts an answer from ``dest``.
 
-        A reply that ``parse`` rejects with a ProtocolError whose text starts with
-        "tracker refused" ends the transaction at once (the tracker said no);
-        other garbage is ignored and the wait goes on.
+        ``parse`` raising TrackerRefused ends the transaction at once (the tracker
+        said no); any other error of ours marks garbage, ignored while the wait goes on.
+        A send that fails raises NetworkError at once.
         """
         key = (str(dest.ip), dest.port)
         lock = self._locks.setdefault(key, asyncio.Lock())
@@ -157,9 +157,9 @@ class UdpClient:
                     break
                 try:
                     value = parse(data)
+                except TrackerRefused:
+                    raise
                 except NattoolError as exc:
-                    if str(exc).startswith("tracker refused"):
-                        raise
                     last_problem = exc
                     continue
                 return Answer(value, data, dest, time.perf_counter() - sent, attempt)
@@ -206,13 +206,17 @@ class ClientPool:
         self.local_port = local_port
         self.local_host = local_host
         self._clients: dict[int, UdpClient] = {}
+        # Requests to several trackers start together: the first opens the socket, the
+        # others wait for it (two sockets would be two NAT mappings).
+        self._opening = asyncio.Lock()
 
     async def for_endpoint(self, dest: Endpoint) -> UdpClient:
         family = socket.AF_INET6 if dest.ip.version == 6 else socket.AF_INET
-        client = self._clients.get(family)
-        if client is None:
-            host = self.local_host if self.local_host and _family_of(self.local_host) == family else None
-            client = self._clients[family] = await UdpClient.open(family, host, self.local_port)
+        async with self._opening:
+            client = self._clients.get(family)
+            if client is None:
+                host = self.local_host if self.local_host and _family_of(self.local_host) == family else None
+                client = self._clients[family] = await UdpClient.open(family, host, self.local_port)
         return client
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ explicit DNS server only ``localhost`` is special (RFC 6761), so tests see pure 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
 import os
 import random
@@ -25,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable, Optional, Sequence, TypeVar, Union
+from typing import Awaitable, Callable, Iterable, Optional, Sequence, Union
 
 import dns.asyncresolver
 import dns.exception
@@ -42,7 +41,6 @@ SRV_SERVICE = "_nattracker._udp"
 DNS_PORT = 53
 
 SpecLike = Union[TrackerSpec, str]
-T = TypeVar("T")
 
 _LOOPBACK: tuple[IPAddress, ...] = (
     ipaddress.IPv4Address("127.0.0.1"),
@@ -276,17 +274,37 @@ def _nonameservers_reason(exc: dns.resolver.NoNameservers) -> str:
     return "no usable answer"
 
 
-# ----------------------------------------------------------------------- public async
+# ----------------------------------------------------------------------- public
 
 
-async def resolve_each_async(
+@dataclass(frozen=True, slots=True)
+class ResolveOptions:
+    """How names are resolved, the same for every function below.
+
+    ``timeout`` bounds a whole call; ``family`` (AF_INET, AF_INET6, None for both)
+    limits the addresses; ``resolver_address`` is a DNS server (ip, port) instead of
+    the system's; ``hosts_path`` a hosts file instead of the system's; ``rng`` orders
+    SRV records of equal priority (a seeded one in tests).
+    """
+
+    timeout: float = 2.0
+    family: Optional[int] = None
+    resolver_address: Optional[tuple[str, int]] = None
+    hosts_path: Union[str, os.PathLike[str], None] = None
+    rng: Optional[RandInt] = None
+
+    def lookup(self) -> _Lookup:
+        return _Lookup(timeout=self.timeout, resolver_address=self.resolver_address, hosts_path=self.hosts_path)
+
+
+DEFAULT_OPTIONS = ResolveOptions()
+
+
+async def resolve_each(
     specs: Iterable[SpecLike],
+    options: ResolveOptions = DEFAULT_OPTIONS,
     *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
     on_error: Optional[Callable[[ResolveError], None]] = None,
-    hosts_path: Union[str, os.PathLike[str], None] = None,
 ) -> list[ResolvedTracker]:
     """Resolve each spec to all its endpoints, keeping the spec (and its scheme).
 
@@ -294,8 +312,8 @@ async def resolve_each_async(
     reported to it and left out; a ResolveError is raised only if none resolved.
     """
     spec_list = _as_specs(specs)
-    versions = _family_versions(family)
-    lookup = _Lookup(timeout=timeout, resolver_address=resolver_address, hosts_path=hosts_path)
+    versions = _family_versions(options.family)
+    lookup = options.lookup()
 
     async def one(spec: TrackerSpec) -> ResolvedTracker:
         if spec.ip is not None:
@@ -326,36 +344,17 @@ async def resolve_each_async(
     return out
 
 
-async def resolve_trackers_async(
+async def resolve_trackers(
     specs: Iterable[SpecLike],
+    options: ResolveOptions = DEFAULT_OPTIONS,
     *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
     on_error: Optional[Callable[[ResolveError], None]] = None,
-    hosts_path: Union[str, os.PathLike[str], None] = None,
 ) -> list[Endpoint]:
     """Every endpoint of every spec, in spec order, without duplicates."""
-    resolved = await resolve_each_async(
-        specs,
-        timeout=timeout,
-        family=family,
-        resolver_address=resolver_address,
-        on_error=on_error,
-        hosts_path=hosts_path,
-    )
-    return _flatten(resolved)
+    return flatten(await resolve_each(specs, options, on_error=on_error))
 
 
-async def discover_each_async(
-    domain: str,
-    *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
-    rng: Optional[RandInt] = None,
-    hosts_path: Union[str, os.PathLike[str], None] = None,
-) -> list[ResolvedTracker]:
+async def discover_each(domain: str, options: ResolveOptions = DEFAULT_OPTIONS) -> list[ResolvedTracker]:
     """Trackers of ``domain`` from SRV ``_nattracker._udp.<domain>``, RFC 2782 order.
 
     No SRV record -> the domain's own A/AAAA on the default port. A lone SRV target
@@ -363,8 +362,8 @@ async def discover_each_async(
     resolve is skipped (the others still serve); if none resolves, ResolveError.
     """
     name = _check_domain(domain)
-    versions = _family_versions(family)
-    lookup = _Lookup(timeout=timeout, resolver_address=resolver_address, hosts_path=hosts_path)
+    versions = _family_versions(options.family)
+    lookup = options.lookup()
     srv_name = f"{SRV_SERVICE}.{name}."
     try:
         answer = await lookup.query(srv_name, "SRV")
@@ -396,7 +395,7 @@ async def discover_each_async(
     usable = [r for r in records if not r.is_decline and r.port != 0]
     if not usable:
         return []
-    ordered = order_srv(usable, rng if rng is not None else random.Random())
+    ordered = order_srv(usable, options.rng if options.rng is not None else random.Random())
 
     async def one(record: SrvRecord) -> ResolvedTracker | _Cause:
         try:
@@ -416,38 +415,19 @@ async def discover_each_async(
     return found
 
 
-async def discover_trackers_async(
-    domain: str,
-    *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
-    rng: Optional[RandInt] = None,
-    hosts_path: Union[str, os.PathLike[str], None] = None,
-) -> list[Endpoint]:
-    resolved = await discover_each_async(
-        domain,
-        timeout=timeout,
-        family=family,
-        resolver_address=resolver_address,
-        rng=rng,
-        hosts_path=hosts_path,
-    )
-    return _flatten(resolved)
+async def discover_trackers(domain: str, options: ResolveOptions = DEFAULT_OPTIONS) -> list[Endpoint]:
+    return flatten(await discover_each(domain, options))
 
 
-async def gather_trackers_async(
+async def gather_trackers(
     specs: Sequence[SpecLike],
     domain: Optional[str],
+    options: ResolveOptions = DEFAULT_OPTIONS,
     *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
-    rng: Optional[RandInt] = None,
     on_error: Optional[Callable[[ResolveError], None]] = None,
 ) -> list[ResolvedTracker]:
     """What every client command needs: explicit trackers, then the domain's, resolved
-    concurrently under one ``timeout``. Raises UsageError when neither is given."""
+    concurrently under one ``options.timeout``. Raises UsageError when neither is given."""
     if not specs and not domain:
         raise UsageError(
             "no tracker given: use --tracker HOST[:PORT], --domain DOMAIN, "
@@ -456,21 +436,9 @@ async def gather_trackers_async(
         )
     jobs: list[Awaitable[list[ResolvedTracker]]] = []
     if specs:
-        jobs.append(
-            resolve_each_async(
-                specs,
-                timeout=timeout,
-                family=family,
-                resolver_address=resolver_address,
-                on_error=on_error,
-            )
-        )
+        jobs.append(resolve_each(specs, options, on_error=on_error))
     if domain:
-        jobs.append(
-            discover_each_async(
-                domain, timeout=timeout, family=family, resolver_address=resolver_address, rng=rng
-            )
-        )
+        jobs.append(discover_each(domain, options))
     parts = await asyncio.gather(*jobs)
     return [item for part in parts for item in part]
 
@@ -488,7 +456,8 @@ def _ordered(ips: list[IPAddress]) -> list[IPAddress]:
     return sorted(ips, key=lambda ip: ip.version)
 
 
-def _flatten(resolved: Iterable[ResolvedTracker]) -> list[Endpoint]:
+def flatten(resolved: Iterable[ResolvedTracker]) -> list[Endpoint]:
+    """Every endpoint, in order, without duplicates."""
     seen: set[Endpoint] = set()
     out: list[Endpoint] = []
     for item in resolved:
@@ -497,113 +466,3 @@ def _flatten(resolved: Iterable[ResolvedTracker]) -> list[Endpoint]:
                 seen.add(endpoint)
                 out.append(endpoint)
     return out
-
-
-# ------------------------------------------------------------------------ public sync
-
-
-def _run(factory: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await factory()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main())
-    # Called from inside an event loop (a sync helper used by async code): run in a
-    # private loop on a worker thread instead of failing.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, main()).result()
-
-
-def resolve_trackers(
-    specs: Iterable[SpecLike],
-    *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
-    on_error: Optional[Callable[[ResolveError], None]] = None,
-    hosts_path: Union[str, os.PathLike[str], None] = None,
-) -> list[Endpoint]:
-    """Blocking form of :func:`resolve_trackers_async`."""
-    spec_list = _as_specs(specs)  # parse errors surface before any loop is started
-    return _run(
-        lambda: resolve_trackers_async(
-            spec_list,
-            timeout=timeout,
-            family=family,
-            resolver_address=resolver_address,
-            on_error=on_error,
-            hosts_path=hosts_path,
-        )
-    )
-
-
-def resolve_each(
-    specs: Iterable[SpecLike],
-    *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
-    on_error: Optional[Callable[[ResolveError], None]] = None,
-    hosts_path: Union[str, os.PathLike[str], None] = None,
-) -> list[ResolvedTracker]:
-    """Blocking form of :func:`resolve_each_async`."""
-    spec_list = _as_specs(specs)
-    return _run(
-        lambda: resolve_each_async(
-            spec_list,
-            timeout=timeout,
-            family=family,
-            resolver_address=resolver_address,
-            on_error=on_error,
-            hosts_path=hosts_path,
-        )
-    )
-
-
-def discover_trackers(
-    domain: str,
-    *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
-    rng: Optional[RandInt] = None,
-    hosts_path: Union[str, os.PathLike[str], None] = None,
-) -> list[Endpoint]:
-    """Blocking form of :func:`discover_trackers_async`."""
-    return _run(
-        lambda: discover_trackers_async(
-            domain,
-            timeout=timeout,
-            family=family,
-            resolver_address=resolver_address,
-            rng=rng,
-            hosts_path=hosts_path,
-        )
-    )
-
-
-def gather_trackers(
-    specs: Sequence[SpecLike],
-    domain: Optional[str],
-    *,
-    timeout: float,
-    family: Optional[int] = None,
-    resolver_address: Optional[tuple[str, int]] = None,
-    rng: Optional[RandInt] = None,
-    on_error: Optional[Callable[[ResolveError], None]] = None,
-) -> list[ResolvedTracker]:
-    """Blocking form of :func:`gather_trackers_async`."""
-    spec_list = _as_specs(specs)
-    return _run(
-        lambda: gather_trackers_async(
-            spec_list,
-            domain,
-            timeout=timeout,
-            family=family,
-            resolver_address=resolver_address,
-            rng=rng,
-            on_error=on_error,
-        )
-    )

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
-from nattool.errors import NattoolError, NoAnswer
+from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, TrackerRefused
 from nattool.net.client import Answer, ClientPool
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.text import MemberList, NatReply, RegisterRequest, TrackerList, TrackersRequest
+from nattool.protocol.text import ErrorReply, MemberList, NatReply, RegisterRequest, TrackerList, TrackersRequest
+
+T = TypeVar("T")
 
 NAT_REQUEST = b"//nat"
 
@@ -28,14 +30,50 @@ class TrackerAnswer:
     attempts: int = 0
     error: str | None = None
     form: str | None = None  # registration form the tracker accepted
+    exc: NattoolError | None = None  # the error behind ``error``, for its class
 
 
-async def _ask(pool: ClientPool, tracker: Endpoint, payload: bytes, parse, timeout: float, retries: int) -> TrackerAnswer:  # type: ignore[no-untyped-def]
+def deciding_error(answers: Sequence[TrackerAnswer]) -> NattoolError | None:
+    """Why no tracker answered (None if one did): the most telling of their errors.
+
+    A refusal says most (exit 1), then a garbled answer, then silence (exit 3); only
+    when every tracker was unreachable (no route, no socket) is the verdict exit 4.
+    """
+    if not answers or any(a.ok for a in answers):
+        return None
+    errors = [a.exc for a in answers if a.exc is not None]
+    for kind in (TrackerRefused, ProtocolError, NoAnswer, NetworkError, NattoolError):
+        found = [e for e in errors if isinstance(e, kind)]
+        if found:
+            if len(answers) == 1:
+                return found[0]
+            return type(found[0])("no tracker answered: " + "; ".join(str(a.error) for a in answers))
+    return NoAnswer("no tracker answered")
+
+
+def _refusal_or(parse: Callable[[bytes], T], tracker: Endpoint) -> Callable[[bytes], T]:
+    """``parse``, except that an ERR reply raises TrackerRefused (the tracker said no)."""
+
+    def parse_reply(data: bytes) -> T:
+        try:
+            refusal = ErrorReply.from_wire(data)
+        except ProtocolError:
+            return parse(data)
+        raise TrackerRefused(f"tracker {tracker} refused: {refusal.reason}")
+
+    return parse_reply
+
+
+async def _ask(
+    pool: ClientPool, tracker: Endpoint, payload: bytes, parse: Callable[[bytes], object], timeout: float, retries: int
+) -> TrackerAnswer:
     try:
         client = await pool.for_endpoint(tracker)
-        answer: Answer[object] = await client.request(tracker, payload, parse, timeout=timeout, retries=retries)
+        answer: Answer[object] = await client.request(
+            tracker, payload, _refusal_or(parse, tracker), timeout=timeout, retries=retries
+        )
     except NattoolError as exc:
-        return TrackerAnswer(tracker, False, error=str(exc))
+        return TrackerAnswer(tracker, False, error=str(exc), exc=exc)
     return TrackerAnswer(tracker, True, answer.value, answer.rtt, answer.attempts)
 
 
@@ -71,9 +109,10 @@ class Registrar:
             return first
         # The original server never answers the seed form: ask in its own form.
         second = await self._try(tracker, request, "original")
-        if second.ok:
-            return second
-        return TrackerAnswer(tracker, False, error=f"{first.error} (also tried the original client's form)")
+        if second.ok or not _is_silence(second):
+            return second  # accepted, or refused: the original form was understood
+        error = f"{first.error} (also tried the original client's form)"
+        return TrackerAnswer(tracker, False, error=error, exc=NoAnswer(error))
 
     async def _try(self, tracker: Endpoint, request: RegisterRequest, form: str) -> TrackerAnswer:
         req = RegisterRequest(
@@ -101,7 +140,7 @@ class Registrar:
 
 
 def _is_silence(answer: TrackerAnswer) -> bool:
-    return answer.error is not None and answer.error.startswith("no answer")
+    return isinstance(answer.exc, NoAnswer)
 
 
-__all__ = ["NoAnswer", "Registrar", "TrackerAnswer", "list_trackers", "whoami"]
+__all__ = ["NoAnswer", "Registrar", "TrackerAnswer", "deciding_error", "list_trackers", "whoami"]

@@ -111,6 +111,7 @@ def parse_tracker_spec(
 
     if ":" in host:  # bare IPv6, no port possible
         ip = _parse_literal(host, shown, bare_v6=True)
+        _refuse_ambiguous_v6(host, shown)
         return TrackerSpec(host=str(ip), port=port, ip=ip, scheme=scheme)
 
     try:
@@ -169,6 +170,21 @@ def _parse_literal(text: str, shown: str, *, bare_v6: bool = False) -> IPAddress
     except ValueError:
         hint = "; an IPv6 address with a port is written [addr]:port" if bare_v6 else ""
         raise UsageError(f"bad tracker {shown!r}: {text[:48]!r} is not an IP address{hint}") from None
+
+
+def _refuse_ambiguous_v6(host: str, shown: str) -> None:
+    """``::1:4328`` is an address, but also reads as ``::1`` port 4328: when the last
+    group is decimal and what precedes it is an address too, make the user say which."""
+    head, _, last = host.rpartition(":")
+    if not last.isdigit():
+        return
+    try:
+        ipaddress.IPv6Address(head)
+    except ValueError:
+        return
+    raise UsageError(
+        f"bad tracker {shown!r}: ambiguous; write [{head}]:{last} for port {last}, or [{host}] for the address"
+    )
 
 
 def _check_host_name(host: str, shown: str) -> str:
