@@ -377,9 +377,9 @@ async def connect(
     if not (timeout > 0 and 0 < keepalive < dead and tracker_timeout > 0 and 0 <= retries <= 20):
         raise UsageError("want timeout > 0, 0 < keepalive < dead_after, tracker_timeout > 0, retries in 0..20")
     # Imported here: `import nattool` (a tracker process too) should not load dnspython.
-    from nattool.net.resolve import resolve_trackers_async
+    from nattool.net.resolve import ResolveOptions, resolve_trackers
 
-    targets = await resolve_trackers_async(list(trackers), timeout=tracker_timeout)
+    targets = await resolve_trackers(list(trackers), ResolveOptions(timeout=tracker_timeout))
     if not targets:
         raise UsageError("no tracker address to talk to")
     config = SessionConfig(
