@@ -46,6 +46,10 @@ class _Bad(Exception):
     """Internal: a value of the wrong type or range; the caller adds where it came from."""
 
 
+class _BadItem(_Bad):
+    """Internal: one item of a list is wrong; the message names it, whole."""
+
+
 # --------------------------------------------------------------------------- validators
 
 
@@ -89,8 +93,10 @@ def _v_bool(value: Any) -> bool:
 def _v_str_or_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise _Bad("a string or a list of strings")
+    if not all(v.strip() for v in value):
+        raise _BadItem("an empty value")
     return tuple(v.strip() for v in value)
 
 
@@ -102,7 +108,7 @@ def _v_trackers(value: Any) -> tuple[str, ...]:
         try:
             out.append(parse_tracker_spec(item).to_text())
         except UsageError as exc:
-            raise _Bad(f"a list of trackers ({exc})") from None
+            raise _BadItem(str(exc)) from None
     return tuple(out)
 
 
@@ -365,6 +371,8 @@ def _from_flags(overrides: Mapping[str, object]) -> dict[str, Setting]:
         definition = KEYS[key]
         try:
             out[key] = Setting(key, definition.validate(value), "flag")
+        except _BadItem as bad:
+            raise UsageError(f"{definition.flag}: {bad}") from None
         except _Bad as bad:
             raise UsageError(f"{definition.flag}: expected {bad}, got {_show(value)}") from None
     return out
@@ -380,6 +388,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Setting]:
             continue  # an empty variable counts as unset, as most tools treat it
         try:
             value = definition.validate(definition.env_parse(text.strip()))
+        except _BadItem as bad:
+            raise ConfigError(f"environment {definition.env}: {bad}") from None
         except _Bad as bad:
             raise ConfigError(f"environment {definition.env}: expected {bad}, got {_show(text)}") from None
         except UsageError as exc:
@@ -428,6 +438,8 @@ def _file_value(out: dict[str, Setting], path: Path, source: str, key: str, valu
         raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
     try:
         out[key] = Setting(key, definition.validate(value), source)
+    except _BadItem as bad:
+        raise ConfigError(f"config file {path}: key {key!r}: {bad}") from None
     except _Bad as bad:
         raise ConfigError(f"config file {path}: key {key!r} must be {bad}, got {_show(value)}") from None
 

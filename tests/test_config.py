@@ -173,7 +173,7 @@ def test_platform_paths() -> None:
         ("timeout = true\n", ["key 'timeout' must be a number > 0", "a boolean"]),
         ("retries = 1.5\n", ["key 'retries' must be an integer 0..100", "a float"]),
         ('trackers = "a.example"\n', ["key 'trackers' must be a list of strings"]),
-        ('trackers = ["a.example:99999"]\n', ["key 'trackers'", "out of range"]),
+        ('trackers = ["a.example:99999"]\n', ["key 'trackers': bad tracker 'a.example:99999': port 99999 out of range"]),
         ('dns_server = "dns.example"\n', ["key 'dns_server' must be an IP address"]),
         ('domain = "192.0.2.1"\n', ["key 'domain' must be a DNS domain name"]),
         ("serve = 1\n", ["key 'serve' must be a table"]),
@@ -239,8 +239,10 @@ def test_empty_env_counts_as_unset(tmp_path: Path) -> None:
 def test_bad_flag_values_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--timeout: expected a number > 0, got a float -1.0"):
         load_settings({"timeout": -1.0}, config_path=None, environ=env(tmp_path))
-    with pytest.raises(UsageError, match="--tracker: expected a list of trackers"):
+    with pytest.raises(UsageError, match="^--tracker: bad tracker 'bad host'"):
         load_settings({"trackers": ["bad host"]}, config_path=None, environ=env(tmp_path))
+    with pytest.raises(UsageError, match="^--host: an empty value$"):
+        load_settings({"serve.host": [""]}, config_path=None, environ=env(tmp_path))
     with pytest.raises(UsageError, match="--rate-limit"):
         load_settings({"serve.rate_limit": -5}, config_path=None, environ=env(tmp_path))
     with pytest.raises(KeyError):  # a command passing a key that does not exist is a bug
@@ -334,3 +336,12 @@ def test_every_serve_flag_has_a_config_key() -> None:
     assert flags <= keys, f"serve flags without a [serve] config key: {sorted(flags - keys)}"
     for key in flags:
         assert KEYS[f"serve.{key}"].flag in command.params[[p.name for p in command.params].index(key)].opts
+
+
+def test_a_bad_list_item_is_named_alone(tmp_path: Path) -> None:
+    """One wrong tracker in a list is one plain sentence, not wrapped in the list's type."""
+    path = write(tmp_path, 'trackers = ["a.example", "[::1]:0"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, config_path=str(path), environ=env(tmp_path))
+    assert str(info.value).endswith("key 'trackers': bad tracker '[::1]:0': port 0 out of range 1..65535")
+    assert "array" not in str(info.value) and "expected" not in str(info.value)
