@@ -170,6 +170,44 @@ def test_classic_rfc3489_client() -> None:
     assert msg.get(XorMappedAddress) is None
 
 
+def walk_without_padding(data: bytes) -> list[tuple[int, bytes]]:
+    """The attributes as an RFC 3489 client reads them: each is 4 + its stated length
+    long (no padding), and the walk must land exactly on the message's end."""
+    length = struct.unpack_from("!H", data, 2)[0]
+    assert len(data) == 20 + length
+    out, at = [], 20
+    while at < len(data):
+        kind, size = struct.unpack_from("!HH", data, at)
+        out.append((kind, data[at + 4 : at + 4 + size]))
+        at += 4 + size
+    assert at == len(data), "a classic client would read past the message"
+    return out
+
+
+@pytest.mark.parametrize("responder", [full(), StunResponder(P)], ids=["rfc5780", "one-address"])
+@pytest.mark.parametrize("change", [None, (False, True), (True, True)], ids=["plain", "change-port", "change-both"])
+def test_classic_replies_need_no_padding(responder: StunResponder, change: tuple[bool, bool] | None) -> None:
+    """Clients written before padding existed (pystun3, Debian's stun-client) read the
+    next attribute from 4 + length: a classic reply carries nothing that needs padding
+    (no SOFTWARE; a 420's reason phrase and its list of types a multiple of 4 long)."""
+    txid16 = bytes(range(100, 116))
+    attrs = () if change is None else (RawAttribute(0x0003, struct.pack("!I", change[0] << 2 | change[1] << 1)),)
+    req = StunMessage(MsgClass.REQUEST, Method.BINDING, txid16, attrs).to_wire()
+    assert responder.software  # the default; the same responder answers RFC 8489 with it
+    reply = responder.respond(req, CLIENT, PP)
+    assert reply is not None
+    walked = walk_without_padding(reply.data)
+    assert all(len(value) % 4 == 0 for _, value in walked)
+    assert 0x8022 not in [kind for kind, _ in walked]  # SOFTWARE
+    msg = parse(reply.data)
+    if msg.msg_class == MsgClass.ERROR:
+        assert msg.get(ErrorCode).code == 420 and set(msg.get(UnknownAttributes).types) == {0x0003}
+    else:
+        assert msg.endpoint_of(MappedAddress) == CLIENT
+    modern = responder.respond(StunMessage(MsgClass.REQUEST, Method.BINDING, TXID).to_wire(), CLIENT, PP)
+    assert modern is not None and parse(modern.data).get(Software) is not None
+
+
 def test_unknown_comprehension_required_gets_420() -> None:
     req = StunMessage(
         MsgClass.REQUEST,

@@ -300,7 +300,9 @@ class StunResponder:
                 optional["origin"] = ResponseOrigin(send_from)
                 if other is not None:
                     optional["other"] = OtherAddress(other)
-        if self.software:
+        if self.software and not req.classic:
+            # RFC 3489 clients know no padding: a SOFTWARE value whose length is not a
+            # multiple of 4 makes them read the next attribute from the wrong offset.
             optional["software"] = Software(self.software)
         drop_order = ["software", "fingerprint", "mapped", "source", "origin", "other"]
         data_out = self._fit(req, MsgClass.SUCCESS, must, optional, fingerprint, drop_order, budget)
@@ -321,10 +323,20 @@ class StunResponder:
         # Header 20 + ERROR-CODE 4+4+16 ("Unknown Attribute") + UNKNOWN-ATTRIBUTES header 4:
         # cut the list so even the minimal reply fits the budget.
         room = max(0, (budget - 20 - 24 - 4) // 2)
+        if req.classic:
+            room -= room % 2  # room for the repeated type below
         types = types[: max(1, room)]
-        must: list[Attribute] = [ErrorCode(420, "Unknown Attribute"), UnknownAttributes(types)]
+        if req.classic and len(types) % 2:
+            # RFC 3489 section 11.2.10: an odd list repeats one type, so that the
+            # attribute needs no padding, which classic clients cannot skip.
+            types = (*types, types[-1])
+        reason = "Unknown Attribute"
+        if req.classic:
+            # RFC 3489 section 11.2.9: the reason phrase's length is a multiple of 4.
+            reason = reason.ljust(-(-len(reason) // 4) * 4)
+        must: list[Attribute] = [ErrorCode(420, reason), UnknownAttributes(types)]
         optional: dict[str, Attribute] = {}
-        if self.software:
+        if self.software and not req.classic:
             optional["software"] = Software(self.software)
         data_out = self._fit(req, MsgClass.ERROR, must, optional, fingerprint, ["software", "fingerprint"], budget)
         if data_out is None:
