@@ -20,10 +20,10 @@ from nattool.protocol.connect_session import (
     PROBE_MAX,
     ConnectSession,
     SessionConfig,
-    registration_waits,
 )
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import Kind, PeerMessage, derive_key
+from nattool.protocol.retransmit import backoff_schedule
 from nattool.protocol.text import ErrorReply, MemberEntry, MemberList, RegisterRequest
 
 GROUP = "session-test"
@@ -106,7 +106,7 @@ def test_registers_at_once_and_retransmits_with_doubling_backoff_then_tries_the_
     original = RegisterRequest(GROUP, form="original").to_wire()
     assert s.datagrams_to_send(0.0) == [(seed, T1)]
     # An unknown dialect gets half the tracker timeout per form: 1/15, 2/15, 4/15, 8/15 s.
-    assert registration_waits(1.0, 3) == pytest.approx([1 / 15, 2 / 15, 4 / 15, 8 / 15])
+    assert backoff_schedule(1.0, 3) == pytest.approx([1 / 15, 2 / 15, 4 / 15, 8 / 15])
     sends = []
     now = 0.0
     while len(sends) < 8:

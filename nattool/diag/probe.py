@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from nattool import __version__
 from nattool.errors import NetworkError, ProtocolError, UsageError
-from nattool.net.client import backoff_schedule
+from nattool.protocol.retransmit import backoff_schedule
 from nattool.net.localinfo import local_address_towards
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
 from nattool.protocol.nat_behaviour import (

@@ -16,15 +16,9 @@ from typing import Any, Callable, Generic, TypeVar
 
 from nattool.errors import NetworkError, NoAnswer, NattoolError, ProtocolError, TrackerRefused
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.retransmit import backoff_schedule
 
 T = TypeVar("T")
-
-
-def backoff_schedule(timeout: float, retries: int) -> list[float]:
-    """Waits after each send: doubling, summing to ``timeout`` (1 + retries sends)."""
-    sends = retries + 1
-    first = timeout / (2**sends - 1)
-    return [first * 2**i for i in range(sends)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ from nattool.protocol.connect_events import (
 from nattool.protocol.connect_rules import lan_candidates, mapping_of, mapping_verdict, verdict
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import BadMac, Kind, NotPeerMessage, PeerMessage, ReplayGuard, ReplayWindow, derive_key
+from nattool.protocol.retransmit import backoff_schedule
 from nattool.protocol.text import ErrorReply, MemberList, RegisterRequest
 
 FAST_REGISTER = 0.5  # s between registrations while no path is up
@@ -88,14 +89,6 @@ class SessionConfig:
     tracker_timeout: float = 2.0  # per registration, retransmissions included
     retries: int = 3  # retransmissions of a registration within tracker_timeout
     once: bool = False  # end (exit 0) LINGER s after the first path is up
-
-
-def registration_waits(timeout: float, retries: int) -> list[float]:
-    """Waits after each send of a registration: doubling, summing to ``timeout``
-    (1 + retries sends), as every client transaction of nattool."""
-    sends = retries + 1
-    first = timeout / (2**sends - 1)
-    return [first * 2**i for i in range(sends)]
 
 
 # --------------------------------------------------------------------------- state
@@ -334,7 +327,7 @@ class ConnectSession:
         timeout = self.config.tracker_timeout / 2 if reg.form is None else self.config.tracker_timeout
         reg.trying = form
         reg.payload = req.to_wire()
-        reg.waits = registration_waits(timeout, self.config.retries)
+        reg.waits = backoff_schedule(timeout, self.config.retries)
         reg.attempt = 0
         reg.next_send = now
 
@@ -720,4 +713,4 @@ class ConnectSession:
         self.outgoing = keep
 
 
-__all__ = ["ConnectSession", "SessionConfig", "registration_waits"]
+__all__ = ["ConnectSession", "SessionConfig"]
