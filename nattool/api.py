@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
 from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, UsageError
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.text import MemberEntry, MemberList, RegisterRequest, TrackerList, canonical_group
-from nattool.protocol.tracker_spec import TrackerSpec, parse_tracker_spec
+from nattool.protocol.tracker_spec import TrackerLike, as_tracker_specs
 
 if TYPE_CHECKING:
     from nattool.diag.probe import ProbeResult
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 # The DNS and socket layers are imported when a function runs: `import nattool` and the
 # tracker process (`serve`) never pay for dnspython.
 
-TrackerLike = Union[str, Endpoint, TrackerSpec]
 # A DNS server instead of the system's: "ip[:port]" or (ip, port).
 DnsServer = Union[str, tuple[str, int], None]
 
@@ -198,21 +197,6 @@ def group_key(text: str) -> str:
         raise UsageError(f"bad group {text[:70]!r}: 1..64 characters of A-Z a-z 0-9 . _ -") from None
 
 
-def _as_spec(tracker: TrackerLike) -> TrackerSpec:
-    if isinstance(tracker, TrackerSpec):
-        return tracker
-    if isinstance(tracker, Endpoint):
-        return TrackerSpec(host=str(tracker.ip), port=tracker.port, ip=tracker.ip)
-    return parse_tracker_spec(tracker)
-
-
-def parse_trackers(trackers: Sequence[TrackerLike] | TrackerLike) -> list[TrackerSpec]:
-    """Every tracker given, checked: a bad one is a UsageError naming it."""
-    if isinstance(trackers, (str, Endpoint, TrackerSpec)):
-        trackers = [trackers]
-    return [_as_spec(t) for t in trackers]
-
-
 _Checkable = TypeVar("_Checkable", bound=_Outcome)
 
 
@@ -243,7 +227,7 @@ async def resolve_targets(
     """Every address of every tracker (and of the domain's, by SRV), without duplicates."""
     from nattool.net.resolve import flatten, gather_trackers
 
-    specs = parse_trackers(trackers)
+    specs = as_tracker_specs(trackers)
     out = flatten(await gather_trackers(specs, domain, _resolve_options(timeout, family, dns_server)))
     if not out:
         if domain and not specs:
@@ -495,7 +479,7 @@ async def probe(
         raise UsageError(f"probe timeout must be in 0.2..10 seconds, got {timeout:g}")
     check_timing(timeout, retries)
     options = _resolve_options(DEFAULT_TIMEOUT, family, dns_server)
-    resolved = await gather_trackers(parse_trackers(servers), domain, options, on_error=on_resolve_error)
+    resolved = await gather_trackers(as_tracker_specs(servers), domain, options, on_error=on_resolve_error)
     targets: list[ProbeTarget] = []
     for item in resolved:
         kind = "stun" if item.spec.scheme == "stun" else "tracker"

@@ -137,3 +137,18 @@ def test_no_route_to_any_tracker_is_a_network_error() -> None:
     assert out.returncode == 0, out.stderr
     assert "network error: cannot send to 127.0.0.1:43283" in out.stdout
     assert issubclass(NetworkError, NattoolError)
+
+
+def test_trackers_are_taken_in_every_form_the_other_functions_take(tracker: TrackerFactory) -> None:
+    """One tracker as text, as an Endpoint, alone or in a list, as whoami/register take it."""
+    from nattool.protocol.endpoint import Endpoint
+
+    tp = tracker()
+
+    async def main() -> None:
+        a = await connect("api-forms", Endpoint.from_text(tp.endpoint), port=0, bind=A_IP, lan=())
+        b = await connect("api-forms", tp.endpoint, port=0, bind=B_IP, lan=())
+        async with a, b:
+            assert await a.wait_for_peer(timeout=10) and await b.wait_for_peer(timeout=10)
+
+    asyncio.run(main())

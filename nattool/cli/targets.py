@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from nattool import api
-from nattool.api import parse_trackers, resolve_targets as resolve_api_targets
+from nattool.api import resolve_targets as resolve_api_targets
 from nattool.config import load_settings
 
 # nattool.net.resolve (and dnspython under it) is imported where it is used: a
 # tracker process (`serve`) never needs DNS, and the import costs ~6 MiB.
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.tracker_spec import as_tracker_specs
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,7 @@ def client_settings(
     overrides: dict[str, object] = {}
     if trackers:
         # Checked one by one here, so that a bad one is named in one plain line.
-        overrides["trackers"] = [spec.to_text() for spec in parse_trackers(list(trackers))]
+        overrides["trackers"] = [spec.to_text() for spec in as_tracker_specs(list(trackers))]
     if domain:
         overrides["domain"] = domain
     if timeout is not None:

@@ -32,6 +32,7 @@ from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import MAX_BODY
 from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
+from nattool.protocol.tracker_spec import TrackerLike, as_tracker_specs
 
 OnEvent = Callable[[ConnectEvent], None]
 
@@ -342,7 +343,7 @@ class PeerConnection:
 
 async def connect(
     group: str,
-    trackers: Sequence[str],
+    trackers: Sequence[TrackerLike] | TrackerLike,
     *,
     port: int = DEFAULT_CONNECT_PORT,
     identity: Optional[str] = None,
@@ -379,7 +380,7 @@ async def connect(
     # Imported here: `import nattool` (a tracker process too) should not load dnspython.
     from nattool.net.resolve import ResolveOptions, resolve_trackers
 
-    targets = await resolve_trackers(list(trackers), ResolveOptions(timeout=tracker_timeout))
+    targets = await resolve_trackers(as_tracker_specs(trackers), ResolveOptions(timeout=tracker_timeout))
     if not targets:
         raise UsageError("no tracker address to talk to")
     config = SessionConfig(

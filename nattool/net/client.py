@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from nattool.errors import NetworkError, NoAnswer, NattoolError, ProtocolError, TrackerRefused
+from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, TrackerRefused
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.retransmit import backoff_schedule
 

@@ -35,12 +35,12 @@ import dns.resolver
 from nattool.errors import ResolveError, UsageError
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress
 from nattool.protocol.srv import RandInt, SrvRecord, order_srv
-from nattool.protocol.tracker_spec import TrackerSpec, parse_tracker_spec
+from nattool.protocol.tracker_spec import TrackerLike, TrackerSpec, as_tracker_spec, parse_tracker_spec
 
 SRV_SERVICE = "_nattracker._udp"
 DNS_PORT = 53
 
-SpecLike = Union[TrackerSpec, str]
+SpecLike = TrackerLike
 
 _LOOPBACK: tuple[IPAddress, ...] = (
     ipaddress.IPv4Address("127.0.0.1"),
@@ -73,10 +73,7 @@ def parse_dns_server(text: str) -> tuple[str, int]:
 
 
 def _as_specs(specs: Iterable[SpecLike]) -> list[TrackerSpec]:
-    out: list[TrackerSpec] = []
-    for spec in specs:
-        out.append(spec if isinstance(spec, TrackerSpec) else parse_tracker_spec(spec))
-    return out
+    return [as_tracker_spec(spec) for spec in specs]
 
 
 # ------------------------------------------------------------------------ resolver core

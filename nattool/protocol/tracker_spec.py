@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 from nattool.errors import UsageError
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress
@@ -122,6 +122,26 @@ def parse_tracker_spec(
         return TrackerSpec(host=str(ip4), port=port, ip=ip4, scheme=scheme)
 
     return TrackerSpec(host=_check_host_name(host, shown), port=port, scheme=scheme)
+
+
+#: A tracker as callers give it: text as the command line takes it, an endpoint, or a spec.
+TrackerLike = Union[str, Endpoint, "TrackerSpec"]
+
+
+def as_tracker_spec(tracker: TrackerLike) -> TrackerSpec:
+    """Any accepted form of a tracker as a spec (text is checked: UsageError)."""
+    if isinstance(tracker, TrackerSpec):
+        return tracker
+    if isinstance(tracker, Endpoint):
+        return TrackerSpec(host=str(tracker.ip), port=tracker.port, ip=tracker.ip)
+    return parse_tracker_spec(tracker)
+
+
+def as_tracker_specs(trackers: Iterable[TrackerLike] | TrackerLike) -> list[TrackerSpec]:
+    """One tracker or several, each as a spec (a bad one is a UsageError naming it)."""
+    if isinstance(trackers, (str, Endpoint, TrackerSpec)):
+        trackers = [trackers]
+    return [as_tracker_spec(t) for t in trackers]
 
 
 def parse_tracker_list(text: str, **kwargs: object) -> list[TrackerSpec]:

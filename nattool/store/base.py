@@ -13,7 +13,7 @@ import abc
 import sys
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 from nattool.errors import LimitError, NattoolError, StoreError
 from nattool.protocol.endpoint import Endpoint
