@@ -57,6 +57,8 @@ from nattool.protocol.stun import (
     parse,
 )
 from nattool.protocol.turn import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
     PROTO_UDP,
     REASONS,
     AdditionalAddressFamily,
@@ -366,7 +368,7 @@ class TurnCore:
 
     def on_client_message(self, data: bytes, client: ClientRef, now: float, wall: float) -> ClientOutcome:
         """A datagram (UDP) or a frame (TCP: a STUN or ChannelData frame) from a client."""
-        if data and 0x40 <= data[0] <= 0x4F:
+        if data and 0x40 <= data[0] <= 0x7F:
             return self.channel_data_from_client(data, client, now)
         try:
             msg = parse(data)
@@ -720,7 +722,7 @@ class TurnCore:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         number = number_attr.number
         peer = peer_attr.endpoint
-        if not 0x4000 <= number <= 0x4FFF:
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         if peer.ip.version != alloc.family:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 443, alloc.key, fp)
