@@ -722,3 +722,10 @@ def test_config_defaults_follow_the_design() -> None:
     assert (cfg.max_allocations, cfg.user_quota, cfg.source_quota, cfg.bandwidth) == (1000, 10, 10, 1_000_000)
     assert cfg.realm == "nattool" and not cfg.enabled
     assert replace(cfg, users={"a": "b"}).enabled and replace(cfg, relay_groups=True).enabled
+
+
+def test_client_refs_built_apart_are_the_same_key() -> None:
+    a = ClientRef("udp", Endpoint.from_sockaddr(("198.51.100.7", 5000)), SERVER)
+    b = ClientRef("udp", Endpoint.from_text("198.51.100.7:5000"), SERVER)
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != ClientRef("tcp", a.client, SERVER) and a != ClientRef("udp", a.client, SERVER, 1)

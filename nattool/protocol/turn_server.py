@@ -158,6 +158,15 @@ class ClientRef:
     client: Endpoint
     server: Endpoint
     connection: int = 0
+    # Looked up for every relayed packet: hashing two Endpoints each time costs more
+    # than the rest of the relay's decision.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.transport, self.client, self.server, self.connection)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def stream(self) -> bool:
