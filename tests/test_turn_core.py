@@ -729,3 +729,13 @@ def test_client_refs_built_apart_are_the_same_key() -> None:
     b = ClientRef("udp", Endpoint.from_text("198.51.100.7:5000"), SERVER)
     assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
     assert a != ClientRef("tcp", a.client, SERVER) and a != ClientRef("udp", a.client, SERVER, 1)
+
+
+def test_reserved_ports_count_against_the_total() -> None:
+    core = core_with(max_allocations=2)
+    a = Client(core, ref("198.51.100.7:1"))
+    a.allocate([EvenPort(True)])  # one allocation + one reserved port
+    b = Client(core, ref("198.51.100.8:1"), "bob", "pw2")
+    assert error_of(b.request(TurnMethod.ALLOCATE, [RequestedTransport(17)])) == 486
+    core.expire(30.0)  # the reservation lapses
+    assert b.allocate(now=31.0) is not None

@@ -655,7 +655,8 @@ class TurnCore:
         assert isinstance(username, Username)
         source = endpoint_source_key(client.client)
         if (
-            len(self._by_id) + len(self._pending) >= cfg.max_allocations
+            # Reserved ports hold sockets too: they count against the total.
+            len(self._by_id) + len(self._pending) + len(self._reservations) >= cfg.max_allocations
             or self._by_user.get(username.name, 0) >= cfg.user_quota
             or self._by_source.get(source, 0) >= cfg.source_quota
         ):
