@@ -500,6 +500,7 @@ def test_channels() -> None:
     assert error_of(c.bind(0x3FFF, PEER2).to_wire()) == 400
     assert error_of(c.bind(0x8000, PEER2).to_wire()) == 400
     assert c.bind(0x7FFF, PEER2).msg_class == MsgClass.SUCCESS  # RFC 5766 clients use 0x5000-0x7FFF
+    c.request(TurnMethod.REFRESH, [], now=300.0)  # the allocation lives on to 900
     # A live channel keeps its peer reachable though the permission (300 s) ran out.
     assert c.send(encode_channel_data(0x4000, b"abc"), now=400.0) == ToPeer(aid, PEER, b"abc")  # type: ignore[arg-type]
     assert c.send(encode_channel_data(0x4000, b"abc"), now=603.0) is None  # channel: 600 s from 2
@@ -739,3 +740,14 @@ def test_reserved_ports_count_against_the_total() -> None:
     assert error_of(b.request(TurnMethod.ALLOCATE, [RequestedTransport(17)])) == 486
     core.expire(30.0)  # the reservation lapses
     assert b.allocate(now=31.0) is not None
+
+
+def test_an_expired_allocation_is_dead_before_expire_sweeps_it() -> None:
+    core = core_with()
+    c = Client(core, ref())
+    c.allocate(now=0.0)
+    c.bind(0x4000, PEER)
+    assert error_of(c.request(TurnMethod.REFRESH, [], now=600.0)) == 437  # no revival
+    assert c.send(encode_channel_data(0x4000, b"x"), now=600.0) is None
+    assert core.on_peer_datagram(c.allocation_id, b"x", PEER, 600.0) is None  # type: ignore[arg-type]
+    assert core.expire(600.0) == [c.allocation_id]

@@ -397,7 +397,7 @@ class TurnCore:
         """The per-packet path of ChannelData from a client (also reached through
         :meth:`on_client_message`)."""
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         parsed = channel_data_payload(data)
         if parsed is None:
@@ -469,7 +469,7 @@ class TurnCore:
         """A datagram from ``peer`` on the relayed socket of ``allocation_id``: the
         ChannelData or Data indication to send to :meth:`client_of` it, or None."""
         alloc = self._by_id.get(allocation_id)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         number = alloc.channel_of_peer.get(peer)
         if number is not None and alloc.channels[number][1] >= now:
@@ -563,7 +563,7 @@ class TurnCore:
         if method == TurnMethod.ALLOCATE:
             return self._allocate(msg, client, auth, now)
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:  # expired, not yet swept by expire(): gone
             self.counters.bad_requests += 1
             return self._error(method, msg.transaction_id, 437, key, fp)
         if method == TurnMethod.REFRESH:
@@ -764,7 +764,7 @@ class TurnCore:
 
     def _send_indication(self, msg: StunMessage, client: ClientRef, now: float) -> Optional[ToPeer]:
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         peer_attr = msg.get(XorPeerAddress)
         data_attr = msg.get(Data)
