@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nattool.errors import ConfigError
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
@@ -171,7 +172,11 @@ def test_allocate_without_credentials_gets_401_with_realm_and_nonce() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(padding=st.integers(0, 400), realm=st.text(min_size=1, max_size=120), fingerprint=st.booleans())
+@given(
+    padding=st.integers(0, 400),
+    realm=st.text(min_size=1, max_size=120).filter(lambda r: not any(c.isspace() for c in r)),
+    fingerprint=st.booleans(),
+)
 def test_unauthenticated_replies_stay_within_the_amplification_bound(padding: int, realm: str, fingerprint: bool) -> None:
     core = core_with(realm=realm)
     attrs: list[Attribute] = [RequestedTransport(17)]
@@ -751,3 +756,27 @@ def test_an_expired_allocation_is_dead_before_expire_sweeps_it() -> None:
     assert c.send(encode_channel_data(0x4000, b"x"), now=600.0) is None
     assert core.on_peer_datagram(c.allocation_id, b"x", PEER, 600.0) is None  # type: ignore[arg-type]
     assert core.expire(600.0) == [c.allocation_id]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"realm": ""},
+        {"realm": "two words"},
+        {"realm": "r" * 128},
+        {"users": {"1800000000:g:0123456789abcdef": "pw"}},
+        {"users": {"": "pw"}},
+        {"default_lifetime": 0},
+        {"default_lifetime": 4000, "max_lifetime": 3600},
+        {"permission_lifetime": 0},
+        {"user_quota": -1},
+    ],
+)
+def test_bad_configuration_is_a_config_error(kw: dict) -> None:
+    with pytest.raises(ConfigError):
+        TurnConfig(**kw)
+
+
+def test_short_secret_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        TurnCore(TurnConfig(), b"short")

@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
-from nattool.errors import ProtocolError
+from nattool.errors import ConfigError, ProtocolError
 from nattool.protocol.endpoint import Endpoint, IPAddress, endpoint_source_key, unmap
 from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
@@ -77,7 +77,13 @@ from nattool.protocol.turn import (
     channel_data_payload,
     encode_channel_data,
 )
-from nattool.protocol.turn_auth import CredentialStore, NonceMint, UserKey, grant_group_credentials
+from nattool.protocol.turn_auth import (
+    CredentialStore,
+    NonceMint,
+    UserKey,
+    grant_group_credentials,
+    is_group_username,
+)
 
 _COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 s
@@ -139,6 +145,21 @@ class TurnConfig:
     bandwidth: int = 1_000_000
     peer_policy: PeerPolicy = field(default_factory=PeerPolicy)
     safe_datagram: int = SAFE_DATAGRAM
+
+    def __post_init__(self) -> None:
+        # The realm travels in REALM (RFC 8489: under 128 characters) and as one word of
+        # the //relay reply.
+        if not 1 <= len(self.realm) <= 127 or any(c.isspace() for c in self.realm):
+            raise ConfigError(f"realm {self.realm[:40]!r}: 1..127 characters, no spaces")
+        for name in self.users:
+            if not name or is_group_username(name):
+                raise ConfigError(f"TURN user name {name[:40]!r} is empty or shaped like a group credential")
+        if not 0 < self.default_lifetime <= self.max_lifetime:
+            raise ConfigError("TURN lifetimes: 0 < default <= max")
+        if min(self.permission_lifetime, self.channel_lifetime, self.group_credential_lifetime) <= 0:
+            raise ConfigError("TURN permission, channel and credential lifetimes must be positive")
+        if min(self.max_allocations, self.user_quota, self.source_quota, self.bandwidth) < 0:
+            raise ConfigError("TURN quotas and bandwidth cannot be negative")
 
     @property
     def enabled(self) -> bool:
@@ -329,7 +350,7 @@ class TurnCore:
 
     def __init__(self, config: TurnConfig, secret: bytes) -> None:
         if len(secret) < 16:
-            raise ProtocolError("the TURN server secret needs at least 16 bytes")
+            raise ConfigError("the TURN server secret needs at least 16 bytes")
         self.config = config
         self._secret = secret
         self.credentials = CredentialStore(
