@@ -780,3 +780,20 @@ def test_bad_configuration_is_a_config_error(kw: dict) -> None:
 def test_short_secret_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         TurnCore(TurnConfig(), b"short")
+
+
+def test_refreshes_do_not_pile_up_timers() -> None:
+    core = core_with()
+    c = Client(core, ref())
+    c.allocate([Lifetime(3600)], now=0.0)
+    for i in range(1, 200):
+        c.request(TurnMethod.REFRESH, [Lifetime(3600)], now=float(i))
+    assert len(core._timers) == 1
+    c.request(TurnMethod.REFRESH, [Lifetime(600)], now=200.0)  # shorter: expires at 800
+    assert core.get_timer() == 800.0
+    assert core.expire(799.0) == [] and core.expire(800.0) == [c.allocation_id]
+    d = Client(core, ref("198.51.100.8:1"))
+    d.allocate(now=0.0)
+    d.request(TurnMethod.REFRESH, [], now=500.0)  # 1100
+    assert core.expire(600.0) == [] and core.get_timer() == 1100.0
+    assert core.expire(1100.0) == [d.allocation_id]

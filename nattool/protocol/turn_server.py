@@ -287,6 +287,7 @@ class _Allocation:
         "family",
         "relayed",
         "expiry",
+        "timer_at",
         "allocate_txid",
         "allocate_reply",
         "permissions",
@@ -308,6 +309,7 @@ class _Allocation:
         self.family = pending.family
         self.relayed = relayed
         self.expiry = now + pending.lifetime
+        self.timer_at = self.expiry  # its one live entry in TurnCore._timers
         self.allocate_txid = pending.txid
         self.allocate_reply = b""
         # peer IP -> [expiry, mode]
@@ -521,11 +523,13 @@ class TurnCore:
         closed: list[int] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, aid = heapq.heappop(timers)
+            at, aid = heapq.heappop(timers)
             alloc = self._by_id.get(aid)
             if alloc is not None:
                 if alloc.expiry > now:
-                    heapq.heappush(timers, (alloc.expiry, aid))
+                    if at == alloc.timer_at:  # refreshed meanwhile: one entry for the new time
+                        alloc.timer_at = alloc.expiry
+                        heapq.heappush(timers, (alloc.expiry, aid))
                     continue
                 self._remove(alloc)
                 self.counters.allocations_expired += 1
@@ -722,7 +726,11 @@ class TurnCore:
             return Deallocated(alloc.id, reply)
         lifetime = self._lifetime(lifetime_attr.seconds if isinstance(lifetime_attr, Lifetime) else None)
         alloc.expiry = now + lifetime
-        heapq.heappush(self._timers, (alloc.expiry, alloc.id))
+        # A later expiry waits for the entry already queued (expire() moves it); only an
+        # earlier one needs an entry of its own. Refreshes cannot pile up entries.
+        if alloc.expiry < alloc.timer_at:
+            alloc.timer_at = alloc.expiry
+            heapq.heappush(self._timers, (alloc.expiry, alloc.id))
         return self._build(MsgClass.SUCCESS, TurnMethod.REFRESH, txid, [Lifetime(lifetime)], alloc.key, fp)
 
     def _create_permission(self, msg: StunMessage, alloc: _Allocation, now: float) -> ClientOutcome:
