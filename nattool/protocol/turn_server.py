@@ -918,10 +918,12 @@ class TurnCore:
     # ------------------------------------------------------------------ bookkeeping
 
     def _lifetime(self, requested: Optional[int]) -> int:
+        """RFC 8656 section 7.2: what the client asks, cut to the maximum, never below
+        the default (a Refresh's 0 is decided before this)."""
         cfg = self.config
         if requested is None:
             return cfg.default_lifetime
-        return max(cfg.default_lifetime, min(requested, cfg.max_lifetime)) if requested else 0
+        return max(cfg.default_lifetime, min(requested, cfg.max_lifetime))
 
     def _new_id(self) -> int:
         aid = self._next_id
