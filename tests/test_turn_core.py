@@ -799,3 +799,17 @@ def test_refreshes_do_not_pile_up_timers() -> None:
     d.request(TurnMethod.REFRESH, [], now=500.0)  # 1100
     assert core.expire(600.0) == [] and core.get_timer() == 1100.0
     assert core.expire(1100.0) == [d.allocation_id]
+
+
+def test_channels_per_allocation_are_capped() -> None:
+    from nattool.protocol.turn_server import MAX_CHANNELS
+
+    core = core_with()
+    c = Client(core, ref())
+    c.allocate()
+    for i in range(MAX_CHANNELS):
+        assert error_of(c.bind(0x4000 + i, Endpoint(PEER.ip, 1000 + i)).to_wire()) is None
+    assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2).to_wire()) == 508
+    assert error_of(c.bind(0x4000, PEER).to_wire()) is None  # refreshing one is fine
+    c.request(TurnMethod.REFRESH, [], now=500.0)
+    assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2, now=601.0).to_wire()) is None  # the old ones expired

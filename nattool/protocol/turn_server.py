@@ -88,6 +88,7 @@ from nattool.protocol.turn_auth import (
 _COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 s
 MAX_PERMISSIONS = 256  # per allocation; beyond: 508
+MAX_CHANNELS = 1024  # per allocation (the number space is 16K; memory is the limit); beyond: 508
 DEFAULT_REALM = "nattool"
 
 # Comprehension-required attributes understood in requests (the rest get 420).
@@ -778,7 +779,7 @@ class TurnCore:
         if mode is None:
             self.counters.peer_denials += 1
             return self._error(TurnMethod.CHANNEL_BIND, txid, 403, alloc.key, fp)
-        if not self._room_for_permissions(alloc, [peer.ip], now):
+        if not self._room_for_permissions(alloc, [peer.ip], now) or not self._room_for_channel(alloc, number, now):
             self.counters.capacity_failures += 1
             return self._error(TurnMethod.CHANNEL_BIND, txid, 508, alloc.key, fp)
         # A rebinding of an expired number or peer replaces the old binding.
@@ -855,6 +856,13 @@ class TurnCore:
         for ip in [ip for ip, p in alloc.permissions.items() if p[0] < now and ip not in live_channel_ips]:
             del alloc.permissions[ip]
         return len(alloc.permissions) + len(new) <= MAX_PERMISSIONS
+
+    def _room_for_channel(self, alloc: _Allocation, number: int, now: float) -> bool:
+        if number in alloc.channels or len(alloc.channels) < MAX_CHANNELS:
+            return True
+        for old in [n for n, c in alloc.channels.items() if c[1] < now]:
+            alloc.channel_of_peer.pop(alloc.channels.pop(old)[0], None)
+        return len(alloc.channels) < MAX_CHANNELS
 
     def _install_permission(self, alloc: _Allocation, ip: IPAddress, mode: int, now: float) -> None:
         perm = alloc.permissions.get(ip)
