@@ -810,6 +810,6 @@ def test_channels_per_allocation_are_capped() -> None:
     for i in range(MAX_CHANNELS):
         assert error_of(c.bind(0x4000 + i, Endpoint(PEER.ip, 1000 + i)).to_wire()) is None
     assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2).to_wire()) == 508
-    assert error_of(c.bind(0x4000, PEER).to_wire()) is None  # refreshing one is fine
+    assert error_of(c.bind(0x4000, Endpoint(PEER.ip, 1000)).to_wire()) is None  # refreshing one is fine
     c.request(TurnMethod.REFRESH, [], now=500.0)
     assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2, now=601.0).to_wire()) is None  # the old ones expired
