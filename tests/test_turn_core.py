@@ -813,3 +813,23 @@ def test_channels_per_allocation_are_capped() -> None:
     assert error_of(c.bind(0x4000, Endpoint(PEER.ip, 1000)).to_wire()) is None  # refreshing one is fine
     c.request(TurnMethod.REFRESH, [], now=500.0)
     assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2, now=601.0).to_wire()) is None  # the old ones expired
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_the_largest_peer_datagrams(v6: bool) -> None:
+    from nattool.protocol.turn_server import MAX_DATA_PAYLOAD
+
+    core = core_with(bandwidth=0)
+    c = Client(core, ref())
+    peer = Endpoint.from_text("[2001:db8::9]:7000") if v6 else PEER
+    c.allocate([RequestedAddressFamily(6)] if v6 else [])
+    c.permit(peer)
+    MAX_PEER_PAYLOAD = MAX_DATA_PAYLOAD[6 if v6 else 4]
+    assert MAX_DATA_PAYLOAD[4] >= 65507  # the largest IPv4 UDP payload fits
+    for size in (65000, MAX_PEER_PAYLOAD):
+        out = core.on_peer_datagram(c.allocation_id, bytes(size), peer, 1.0)  # type: ignore[arg-type]
+        assert out is not None and parse(out).get(Data) == Data(bytes(size))
+    assert core.on_peer_datagram(c.allocation_id, bytes(MAX_PEER_PAYLOAD + 1), peer, 1.0) is None  # type: ignore[arg-type]
+    c.bind(0x4000, peer)
+    out = core.on_peer_datagram(c.allocation_id, bytes(MAX_PEER_PAYLOAD), peer, 1.0)  # type: ignore[arg-type]
+    assert out is not None and parse_channel_data(out).payload == bytes(MAX_PEER_PAYLOAD)
