@@ -32,7 +32,6 @@ import heapq
 import hmac
 import ipaddress
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
@@ -41,7 +40,6 @@ from nattool.protocol.endpoint import Endpoint, IPAddress, endpoint_source_key, 
 from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
 from nattool.protocol.stun import (
-    FINGERPRINT_XOR,
     MAGIC_COOKIE,
     AttrType,
     Attribute,
@@ -55,6 +53,7 @@ from nattool.protocol.stun import (
     XorMappedAddress,
     attr_type,
     encode_xor_address,
+    fingerprint_matches,
     integrity_matches,
     is_comprehension_required,
     parse,
@@ -829,9 +828,7 @@ class TurnCore:
             elif t == 0x0013 and payload is None:
                 payload = data[pos + 4 : end]
             elif t == 0x8028 and length == 4 and end == n:
-                crc = int.from_bytes(data[pos + 4 : end], "big")
-                covered = data[:2] + (pos + 8 - 20).to_bytes(2, "big") + data[4:pos]
-                if (zlib.crc32(covered) ^ FINGERPRINT_XOR) & 0xFFFFFFFF != crc:
+                if not fingerprint_matches(data, pos, int.from_bytes(data[pos + 4 : end], "big")):
                     return None  # not STUN after all: what parse() would refuse
             else:
                 return _NOT_PLAIN
