@@ -956,3 +956,16 @@ def test_plain_send_indications_take_the_fast_path() -> None:
         for fp in (False, True):
             wire = StunMessage(MsgClass.INDICATION, TurnMethod.SEND, txid(), tuple(attrs)).to_wire(fingerprint=fp)
             assert core._plain_send_indication(wire, c.ref, 1.0) == ToPeer(c.allocation_id, PEER, b"abc")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("module", ["turn", "turn_server", "turn_auth", "peer_policy", "stream_frames", "stun"])
+def test_turn_modules_are_sans_io(module: str) -> None:
+    import ast
+    import importlib
+
+    path = importlib.import_module(f"nattool.protocol.{module}").__file__
+    assert path is not None
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"socket", "time", "random", "os", "asyncio", "secrets", "select", "selectors"}
