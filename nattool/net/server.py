@@ -25,6 +25,7 @@ from nattool.memo import bounded_memo
 from nattool.net.collector import ServingCollector
 from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
+from nattool.net.turn_relay import TurnSettings
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX
@@ -72,6 +73,8 @@ class ServerConfig:
     limits: StoreLimits = field(default_factory=StoreLimits)
     reuse_port: bool = False  # set by --workers: several processes share the port
     metrics: tuple[str, int] | None = None  # --metrics address
+    turn: TurnSettings | None = None  # the TURN relay, None: off
+    tcp: bool = False  # listen on TCP on the tracker port too
 
 
 def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
