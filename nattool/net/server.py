@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
@@ -25,6 +25,7 @@ from nattool.memo import bounded_memo
 from nattool.net.collector import ServingCollector
 from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
+from nattool.net.tcp_listener import StreamConnection, TcpListener
 from nattool.net.turn_relay import TurnSettings
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
@@ -117,15 +118,21 @@ def v6_source_key(host: str) -> str:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed", "bare_stun", "v4")
+    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary")
 
-    def __init__(self, local: Endpoint, sock: socket.socket) -> None:
+    def __init__(self, local: Endpoint, sock: socket.socket, primary: bool = False) -> None:
         self.local = local
         self.sock = sock
         self.closed = False
+        self.primary = primary  # the tracker port (not an RFC 5780 alternate)
         self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
         # (request, IPv4 source as an integer, port) -> reply, for bare Binding requests
         self.bare_stun: Callable[[bytes, int, int], bytes] | None = None
+
+
+# Where a registration's reply goes: a UDP socket, or a TCP connection (whose
+# ``sock.sendto`` frames the reply), both with ``closed`` and ``sock``.
+_ReplyTo = Union[_Listener, StreamConnection]
 
 
 class TrackerServer:
@@ -143,9 +150,10 @@ class TrackerServer:
         self._sync_store = store.supports_sync
         self._stun_by_local: dict[Endpoint, Any] = {}  # local endpoint -> StunResponder
         self.listeners: list[_Listener] = []
+        self.tcp_listeners: list[TcpListener] = []
         self._v6_keys, self._learn_v6_key = bounded_memo(v6_source_key, SOURCE_CACHE_MAX)
         self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
-        self._batch: list[tuple[PendingRegistration, _Listener, Any]] = []
+        self._batch: list[tuple[PendingRegistration, _ReplyTo, Any]] = []
         self._flush_scheduled = False
         self._flushing = False
         self._stopped = asyncio.Event()
@@ -168,6 +176,8 @@ class TrackerServer:
         try:
             self.federation.restore(await self.store.load_trackers(time.time()))
             await self._bind_all(loop)
+            if self.config.tcp:
+                await self._listen_tcp(loop)
         except BaseException:
             await self.stop()
             raise
@@ -210,13 +220,21 @@ class TrackerServer:
                 for ep in responder.local_endpoints()[1:]:
                     socks.append((ep, _bind_udp(str(ep.ip), ep.port, cfg.reuse_port)))
             for local, sock in socks:
-                listener = _Listener(local, sock)
+                listener = _Listener(local, sock, primary=local == primary)
                 self.listeners.append(listener)
                 if responder is not None:
                     self._stun_by_local[local] = responder
                     if local.ip.version == 4:
                         listener.bare_stun = responder.bare_binding_builder(local, 4)
                 loop.add_reader(sock.fileno(), self._drain, listener)
+
+    async def _listen_tcp(self, loop: asyncio.AbstractEventLoop) -> None:
+        """TCP on the tracker port number of each address (DESIGN24 W2)."""
+        for lst in self.listeners:
+            if lst.primary:
+                tcp = TcpListener(self, lst.local, self.core.counters)
+                await tcp.start(loop, self.config.reuse_port)
+                self.tcp_listeners.append(tcp)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -232,6 +250,8 @@ class TrackerServer:
             if not self._flushing:
                 self._start_flush()
             await asyncio.sleep(0.01)
+        for tcp in self.tcp_listeners:
+            await tcp.close()
         for lst in self.listeners:
             if not lst.closed:
                 lst.closed = True
@@ -384,7 +404,7 @@ class TrackerServer:
                 why, Endpoint.from_sockaddr(addr), len(data), data[:16], held,
             )
 
-    def _enqueue(self, pending: PendingRegistration, listener: _Listener, addr: Any) -> None:
+    def _enqueue(self, pending: PendingRegistration, listener: _ReplyTo, addr: Any) -> None:
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
             self.core.counters["drop_overload"] += 1
             return
@@ -394,7 +414,7 @@ class TrackerServer:
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
 
-    def _send(self, listener: _Listener, data: bytes, addr: Any) -> None:
+    def _send(self, listener: _ReplyTo, data: bytes, addr: Any) -> None:
         if listener.closed:
             return
         try:
@@ -435,6 +455,49 @@ class TrackerServer:
                 return
         self._send(out, reply.data, addr if reply.dest == src else reply.dest.sockaddr())
 
+    # -- TCP on the tracker port -----------------------------------------------------
+    def on_stream_text(self, conn: StreamConnection, payload: bytes) -> None:
+        """A text request over TCP: as the same datagram over UDP, answered in a frame."""
+        peer = conn.peer
+        assert peer is not None
+        now, wall = time.monotonic(), time.time()
+        host = conn.addr[0]
+        if self.limiter.rate > 0 and not self.limiter.allow(source_key(peer.ip) if ":" in host else host, now):
+            return
+        outcome = self.core.on_datagram(payload, peer, now, wall)
+        if outcome is None:
+            return
+        cls = outcome.__class__
+        if cls is bytes:
+            if outcome:
+                conn.send_text(outcome)  # type: ignore[arg-type]
+            else:
+                self.core.counters["tcp_empty_reply"] += 1
+        elif cls is PendingRegistration:
+            self._enqueue(outcome, conn, conn.addr)  # type: ignore[arg-type]
+        elif cls is Junk:
+            conn.close()  # not our protocol: a stream has no use for what follows
+
+    def on_stream_stun(self, conn: StreamConnection, message: bytes) -> None:
+        """A STUN message over TCP: Binding to the STUN responder (replies that would
+        come from another address or port are not possible on a stream)."""
+        peer = conn.peer
+        responder = self._stun_by_local.get(conn.local)
+        if responder is None or peer is None:
+            return
+        reply = responder.respond(message, peer, conn.local)
+        if reply is None or reply.send_from != conn.local or reply.dest != peer:
+            self.core.counters["stun_drop"] += 1
+            return
+        self.core.counters["stun"] += 1
+        conn.send_frame(reply.data)
+
+    def on_stream_channel_data(self, conn: StreamConnection, frame: bytes) -> None:
+        conn.close()  # no TURN relay here
+
+    def on_stream_closed(self, conn: StreamConnection) -> None:
+        pass
+
     # -- registrations, batched per loop turn -----------------------------------------
     def _start_flush(self) -> None:
         self._flush_scheduled = False
@@ -454,7 +517,7 @@ class TrackerServer:
             results = [StoreError(str(exc))] * len(batch)
         self._deliver(batch, results, started)
 
-    async def _flush(self, batch: list[tuple[PendingRegistration, _Listener, Any]]) -> None:
+    async def _flush(self, batch: list[tuple[PendingRegistration, _ReplyTo, Any]]) -> None:
         try:
             started = time.perf_counter()
             try:
@@ -470,7 +533,7 @@ class TrackerServer:
                 self._loop.call_soon(self._start_flush)
 
     def _deliver(
-        self, batch: list[tuple[PendingRegistration, _Listener, Any]], results: list[Any], started: float
+        self, batch: list[tuple[PendingRegistration, _ReplyTo, Any]], results: list[Any], started: float
     ) -> None:
         failed = [r for r in results if isinstance(r, StoreError)]
         if failed:
@@ -511,6 +574,8 @@ class TrackerServer:
             if now - last_sweep > 30:
                 self.limiter.sweep(now)
                 last_sweep = now
+            for tcp in self.tcp_listeners:
+                tcp.sweep(now)
             self._federation_tick(now, wall)
             await self._persist_federation()
             if self.store.shared and now - last_shared_read > 2.0:
@@ -593,6 +658,8 @@ class TrackerServer:
 def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
     cfg = server.config
     addrs = ", ".join(str(e) for e in bound)
+    if server.tcp_listeners:
+        addrs += " and tcp " + ", ".join(str(t.local) for t in server.tcp_listeners)
     rate = f"{cfg.rate_limit:g}/s per source" if cfg.rate_limit else "off"
     stun = "stun off"
     if server.stun_enabled:
