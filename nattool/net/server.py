@@ -475,6 +475,11 @@ class TrackerServer:
                 self.core.counters["tcp_empty_reply"] += 1
         elif cls is PendingRegistration:
             self._enqueue(outcome, conn, conn.addr)  # type: ignore[arg-type]
+            if self._sync_store and not self._flush_scheduled:
+                # No datagram wake-up answers it: flush once this read is handled.
+                self._flush_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._start_flush)
         elif cls is Junk:
             conn.close()  # not our protocol: a stream has no use for what follows
 
