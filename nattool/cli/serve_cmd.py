@@ -20,7 +20,8 @@ from nattool.store.base import StoreLimits
 
 if TYPE_CHECKING:
     from nattool.net.server import ServerConfig
-    from nattool.net.turn_relay import TurnSettings
+    from nattool.protocol.peer_policy import Network
+    from nattool.protocol.turn_server import TurnConfig
 
 
 def serve(
@@ -110,19 +111,24 @@ def build_server_config(opts: dict[str, Any]) -> "ServerConfig":
     )
     if config.alt_port is not None and config.alt_port == config.port:
         raise UsageError("--alt-port must differ from --port")
-    turn = build_turn_settings(opts)
+    turn = build_turn_config(opts)
     if turn.enabled:
         if int(opts["workers"] or 1) > 1:
             raise ConfigError("the TURN relay (--relay, --turn-user, --turn-secret) needs --workers 1: allocations live in one process")
         config.turn = turn
+        config.relay_ips = tuple(_relay_ip(text) for text in opts["relay_ip"] or ())
+        if len({ip.version for ip in config.relay_ips}) < len(config.relay_ips):
+            raise UsageError("--relay-ip: at most one address per family (IPv4, IPv6)")
+        config.relay_ports = _port_range(str(opts["relay_ports"]))
     config.tcp = bool(opts["tcp"]) if opts["tcp"] is not None else turn.enabled
     return config
 
 
-def build_turn_settings(opts: dict[str, Any]) -> "TurnSettings":
+def build_turn_config(opts: dict[str, Any]) -> "TurnConfig":
     """The TURN relay's settings, checked (the relay is on when ``.enabled``)."""
-    from nattool.net.turn_relay import TurnSettings
+    from nattool.protocol.peer_policy import PeerPolicy
     from nattool.protocol.text import valid_realm
+    from nattool.protocol.turn_server import TurnConfig
 
     realm = str(opts["realm"])
     if not valid_realm(realm):
@@ -135,22 +141,19 @@ def build_turn_settings(opts: dict[str, Any]) -> "TurnSettings":
         if name in users:
             raise UsageError(f"bad --turn-user: {name[:40]!r} is given twice")
         users[name] = password
-    relay_ips = tuple(_relay_ip(text) for text in opts["relay_ip"] or ())
-    if len({ip.version for ip in relay_ips}) < len(relay_ips):
-        raise UsageError("--relay-ip: at most one address per family (IPv4, IPv6)")
-    return TurnSettings(
+    return TurnConfig(
         realm=realm,
-        users=tuple(users.items()),
+        users=users,
         rest_secret=opts["turn_secret"],
-        group_relay=bool(opts["relay"]),
-        relay_ips=relay_ips,
-        ports=_port_range(str(opts["relay_ports"])),
-        allow_peers=tuple(_cidr(text, "--allow-peer") for text in opts["allow_peer"] or ()),
-        deny_peers=tuple(_cidr(text, "--deny-peer") for text in opts["deny_peer"] or ()),
+        relay_groups=bool(opts["relay"]),
         max_allocations=int(_check_range(int(opts["max_allocations"]), 1, 1_000_000, "--max-allocations")),
         user_quota=int(_check_range(int(opts["user_quota"]), 1, 1_000_000, "--user-quota")),
         source_quota=int(_check_range(int(opts["source_quota"]), 1, 1_000_000, "--source-quota")),
-        bandwidth=_check_range(float(opts["relay_bandwidth"]), 0, 1e12, "--relay-bandwidth"),
+        bandwidth=int(_check_range(float(opts["relay_bandwidth"]), 0, 1e12, "--relay-bandwidth")),
+        peer_policy=PeerPolicy(
+            allow=tuple(_cidr(text, "--allow-peer") for text in opts["allow_peer"] or ()),
+            deny=tuple(_cidr(text, "--deny-peer") for text in opts["deny_peer"] or ()),
+        ),
     )
 
 
@@ -173,11 +176,13 @@ def _port_range(text: str) -> tuple[int, int]:
     raise UsageError(f"bad --relay-ports {text[:60]!r}: want LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
 
 
-def _cidr(text: str, flag: str) -> "ipaddress.IPv4Network | ipaddress.IPv6Network":
+def _cidr(text: str, flag: str) -> "Network":
+    from nattool.protocol.peer_policy import parse_cidr
+
     try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise UsageError(f"bad {flag} {text[:60]!r}: want an address or CIDR such as 10.0.0.0/8 or fd00::/8") from None
+        return parse_cidr(text)
+    except UsageError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _serve(flags: dict[str, Any], config_path: str | None) -> int:

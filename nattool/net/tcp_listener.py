@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import socket
 import time
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 from nattool.errors import NetworkError, ProtocolError
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.turn_server import ClientRef
 from nattool.protocol.stream_frames import ChannelDataFrame, StreamDeframer, StunFrame, text_frame
 
 log = logging.getLogger("nattool.serve")
@@ -39,6 +41,7 @@ WRITE_BUFFER_HARD = 1024 * 1024
 PARTIAL_FRAME_TIMEOUT = 10.0
 IDLE_TIMEOUT = 900.0
 LISTEN_BACKLOG = 512
+_connection_ids = itertools.count(1)
 
 
 class StreamHandler(Protocol):
@@ -72,6 +75,8 @@ class StreamConnection(asyncio.Protocol):
 
     def __init__(self, listener: "TcpListener") -> None:
         self.listener = listener
+        self.id = next(_connection_ids)
+        self.turn_client: ClientRef | None = None  # set once it speaks TURN
         self.local = listener.local  # the tracker endpoint of this family (STUN replies name it)
         self.peer: Endpoint | None = None
         self.addr: tuple[str, int] = ("", 0)
