@@ -414,6 +414,7 @@ class TurnCore:
         self._pending_by_client.pop(pending.client, None)
         aid = wanted.allocation_id
         alloc = _Allocation(aid, pending, relayed, now)
+        alloc.tokens = self._burst
         self._by_client[pending.client] = alloc
         self._by_id[aid] = alloc
         self._relayed[relayed] = alloc
@@ -824,10 +825,12 @@ class TurnCore:
         """The allocation's token bucket (both directions share it)."""
         if not self._rate:
             return True
-        tokens = alloc.tokens + (now - alloc.bucket_time) * self._rate
-        alloc.bucket_time = now
-        if tokens > self._burst:
-            tokens = self._burst
+        tokens = alloc.tokens
+        if now > alloc.bucket_time:
+            tokens += (now - alloc.bucket_time) * self._rate
+            alloc.bucket_time = now
+            if tokens > self._burst:
+                tokens = self._burst
         if tokens < n:
             alloc.tokens = tokens
             self.counters.bandwidth_drops += 1
