@@ -190,23 +190,9 @@ def test_bad_turn_flags_are_one_line_exit_2(args: list[str], fragment: str, natt
 from nattool.protocol.endpoint import Endpoint  # noqa: E402
 from nattool.protocol.stun import MsgClass  # noqa: E402
 from nattool.protocol.turn import RequestedTransport, TurnMethod  # noqa: E402
-from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, udp_peer  # noqa: E402
+from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, turn_client, udp_peer  # noqa: E402, F401 - fixture
 
 TURN_FLAGS = ("--turn-user", "alice:wonderland", "--allow-peer", "127.0.0.0/8")
-
-
-@pytest.fixture
-def turn_client(tracker):  # type: ignore[no-untyped-def]
-    made: list[TurnTestClient] = []
-
-    def make(tp: TrackerProcess, user: str | None = "alice", password: str | None = "wonderland", **kw: object) -> TurnTestClient:
-        client = TurnTestClient(tp.addr, user, password, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
