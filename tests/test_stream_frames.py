@@ -69,12 +69,17 @@ def test_any_cut_gives_the_same_frames(cuts: list[int]) -> None:
     assert frames == EXPECTED
 
 
-@pytest.mark.parametrize("first", [0x50, 0x5F, 0x7F, 0x60])
-def test_reserved_first_bytes_are_garbage(first: int) -> None:
+@pytest.mark.parametrize("first", [0x40, 0x4F, 0x50, 0x7F])
+def test_channel_data_first_bytes_cover_rfc_5766_channels(first: int) -> None:
+    frame = bytes([first, 0, 0, 1]) + b"x\0\0\0"
+    assert StreamDeframer().feed(frame + STUN) == [ChannelDataFrame(frame[:5]), StunFrame(STUN)]
+
+
+def test_after_garbage_the_stream_stays_broken() -> None:
     d = StreamDeframer()
     with pytest.raises(StreamFramingError):
-        d.feed(STUN + bytes([first, 0, 0, 0]))
-    with pytest.raises(StreamFramingError):  # and the stream stays broken
+        d.feed(STUN + b"\x80\x00")
+    with pytest.raises(StreamFramingError):
         d.feed(STUN)
 
 

@@ -498,7 +498,8 @@ def test_channels() -> None:
     assert error_of(c.bind(0x4000, PEER2).to_wire()) == 400  # number taken by another peer
     assert error_of(c.bind(0x4001, PEER).to_wire()) == 400  # peer has another number
     assert error_of(c.bind(0x3FFF, PEER2).to_wire()) == 400
-    assert error_of(c.bind(0x5000, PEER2).to_wire()) == 400
+    assert error_of(c.bind(0x8000, PEER2).to_wire()) == 400
+    assert c.bind(0x7FFF, PEER2).msg_class == MsgClass.SUCCESS  # RFC 5766 clients use 0x5000-0x7FFF
     # A live channel keeps its peer reachable though the permission (300 s) ran out.
     assert c.send(encode_channel_data(0x4000, b"abc"), now=400.0) == ToPeer(aid, PEER, b"abc")  # type: ignore[arg-type]
     assert c.send(encode_channel_data(0x4000, b"abc"), now=603.0) is None  # channel: 600 s from 2
@@ -646,14 +647,14 @@ def test_data_indication_fast_path_equals_the_encoder(peer: Endpoint, payload: b
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=40), st.integers(0x3FF0, 0x4010))
+@given(st.binary(max_size=40), st.integers(0x3FF0, 0x8010))
 def test_channel_data_fast_entry_equals_the_general_one(payload: bytes, channel: int) -> None:
     core = core_with()
     c = Client(core, ref())
     c.allocate()
     c.bind(0x4000, PEER)
     for data in (payload, b"\x40\x00" + len(payload).to_bytes(2, "big") + payload, channel.to_bytes(2, "big") + payload):
-        if not data or not 0x40 <= data[0] <= 0x4F:
+        if not data or not 0x40 <= data[0] <= 0x7F:
             continue
         assert core.channel_data_from_client(data, c.ref, 1.0) == core.on_client_message(data, c.ref, 1.0, WALL)
 

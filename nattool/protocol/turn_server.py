@@ -57,6 +57,8 @@ from nattool.protocol.stun import (
     parse,
 )
 from nattool.protocol.turn import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
     PROTO_UDP,
     REASONS,
     AdditionalAddressFamily,
@@ -366,7 +368,7 @@ class TurnCore:
 
     def on_client_message(self, data: bytes, client: ClientRef, now: float, wall: float) -> ClientOutcome:
         """A datagram (UDP) or a frame (TCP: a STUN or ChannelData frame) from a client."""
-        if data and 0x40 <= data[0] <= 0x4F:
+        if data and 0x40 <= data[0] <= 0x7F:
             return self.channel_data_from_client(data, client, now)
         try:
             msg = parse(data)
@@ -407,7 +409,8 @@ class TurnCore:
 
     def allocation_made(self, wanted: AllocationWanted, relayed: Endpoint, now: float, wall: float) -> Optional[bytes]:
         """The shell bound ``relayed`` for ``wanted``: the success reply for the client.
-        None: the client went away meanwhile; close the socket."""
+        None: the client went away meanwhile; close the sockets registered under
+        ``wanted.allocation_id`` and ``wanted.reserve_id``."""
         pending = self._pending.pop(wanted.allocation_id, None)
         if pending is None:
             return None
@@ -442,7 +445,9 @@ class TurnCore:
         return reply
 
     def allocation_failed(self, wanted: AllocationWanted) -> Optional[bytes]:
-        """The shell could not bind: 508 for the client (None: the client went away)."""
+        """The shell could not bind: 508 for the client (None: the client went away).
+        Either way, close any socket registered under ``wanted.allocation_id`` (a
+        reserved one, when ``wanted.reserved`` was set)."""
         pending = self._pending.pop(wanted.allocation_id, None)
         if pending is None:
             return None
@@ -720,7 +725,7 @@ class TurnCore:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         number = number_attr.number
         peer = peer_attr.endpoint
-        if not 0x4000 <= number <= 0x4FFF:
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         if peer.ip.version != alloc.family:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 443, alloc.key, fp)
@@ -782,7 +787,7 @@ class TurnCore:
             if policy.ip_denied(ip) or ip in self._own_ips:
                 return _RELAYED_ONLY
             return _NOT_SERVICE
-        if policy.is_service(peer, frozenset(self._own_ips)):
+        if policy.is_service(peer, self._own_ips):
             return None
         if ip in self._own_ips or ip.is_loopback:
             # The server's own addresses: only where --allow-peer says, never its services.
@@ -799,7 +804,7 @@ class TurnCore:
         if mode == _OPEN:
             return True
         if mode == _NOT_SERVICE:
-            return not self.config.peer_policy.is_service(peer, frozenset(self._own_ips))
+            return not self.config.peer_policy.is_service(peer, self._own_ips)
         target = self._relayed.get(peer)
         return target is not None and (alloc.group is None or target.group == alloc.group)
 
