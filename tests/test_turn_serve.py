@@ -136,6 +136,20 @@ def test_a_stalled_client_does_not_block_others(tracker, stream_of) -> None:  # 
     others = [stream_of(tp, "127.0.0.4") for _ in range(5)]
     for other in others:
         assert other.text(b"//nat") == other.local.encode()
+    # Half a frame is not a way to hold a connection: closed after PARTIAL_FRAME_TIMEOUT.
+    assert stalled.closed_by_server(timeout=20)
+
+
+def test_connections_per_source_are_capped(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
+    from nattool.net.tcp_listener import MAX_CONNECTIONS_PER_SOURCE
+
+    tp = tracker("--tcp")
+    held = [stream_of(tp, "127.0.0.5") for _ in range(MAX_CONNECTIONS_PER_SOURCE)]
+    assert held[-1].text(b"//nat") == held[-1].local.encode()
+    extra = stream_of(tp, "127.0.0.5")
+    assert extra.closed_by_server()
+    other_source = stream_of(tp, "127.0.0.6")
+    assert other_source.text(b"//nat") == other_source.local.encode()
 
 
 def test_udp_clients_unaffected_and_tcp_off_by_default(tracker) -> None:  # type: ignore[no-untyped-def]
