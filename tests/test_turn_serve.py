@@ -420,3 +420,12 @@ def test_turn_settings_from_the_config_file_and_environment(tmp_path: Path, natt
         [sys.executable, "-m", "nattool", "config", "show", "--json"], capture_output=True, text=True, env=env, timeout=30
     )
     assert '"from-the-environment"' in result.stdout and "env NATTOOL_TURN_SECRET" in result.stdout
+
+
+def test_print_unit_warns_about_secrets_on_the_command_line(nattool_home: Path) -> None:
+    result = run_nattool("serve", "--turn-user", "alice:wonderland", "--print-unit", home=nattool_home)
+    assert result.returncode == 0, result.stderr
+    assert "--turn-user alice:wonderland" in result.stdout
+    assert "can be read by every local user" in result.stderr and "[serve] turn_user" in result.stderr
+    quiet = run_nattool("serve", "--relay", "--print-unit", home=nattool_home)
+    assert quiet.returncode == 0 and "--relay" in quiet.stdout and "local user" not in quiet.stderr
