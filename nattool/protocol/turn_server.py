@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
-from nattool.errors import ProtocolError
+from nattool.errors import ConfigError, ProtocolError
 from nattool.protocol.endpoint import Endpoint, IPAddress, endpoint_source_key, unmap
 from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
@@ -77,11 +77,18 @@ from nattool.protocol.turn import (
     channel_data_payload,
     encode_channel_data,
 )
-from nattool.protocol.turn_auth import CredentialStore, NonceMint, UserKey, grant_group_credentials
+from nattool.protocol.turn_auth import (
+    CredentialStore,
+    NonceMint,
+    UserKey,
+    grant_group_credentials,
+    is_group_username,
+)
 
 _COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 s
 MAX_PERMISSIONS = 256  # per allocation; beyond: 508
+MAX_CHANNELS = 1024  # per allocation (the number space is 16K; memory is the limit); beyond: 508
 DEFAULT_REALM = "nattool"
 
 # Comprehension-required attributes understood in requests (the rest get 420).
@@ -140,6 +147,21 @@ class TurnConfig:
     peer_policy: PeerPolicy = field(default_factory=PeerPolicy)
     safe_datagram: int = SAFE_DATAGRAM
 
+    def __post_init__(self) -> None:
+        # The realm travels in REALM (RFC 8489: under 128 characters) and as one word of
+        # the //relay reply.
+        if not 1 <= len(self.realm) <= 127 or any(c.isspace() for c in self.realm):
+            raise ConfigError(f"realm {self.realm[:40]!r}: 1..127 characters, no spaces")
+        for name in self.users:
+            if not name or is_group_username(name):
+                raise ConfigError(f"TURN user name {name[:40]!r} is empty or shaped like a group credential")
+        if not 0 < self.default_lifetime <= self.max_lifetime:
+            raise ConfigError("TURN lifetimes: 0 < default <= max")
+        if min(self.permission_lifetime, self.channel_lifetime, self.group_credential_lifetime) <= 0:
+            raise ConfigError("TURN permission, channel and credential lifetimes must be positive")
+        if min(self.max_allocations, self.user_quota, self.source_quota, self.bandwidth) < 0:
+            raise ConfigError("TURN quotas and bandwidth cannot be negative")
+
     @property
     def enabled(self) -> bool:
         """TURN is on: some credentials exist."""
@@ -158,6 +180,15 @@ class ClientRef:
     client: Endpoint
     server: Endpoint
     connection: int = 0
+    # Looked up for every relayed packet: hashing two Endpoints each time costs more
+    # than the rest of the relay's decision.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.transport, self.client, self.server, self.connection)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def stream(self) -> bool:
@@ -257,6 +288,7 @@ class _Allocation:
         "family",
         "relayed",
         "expiry",
+        "timer_at",
         "allocate_txid",
         "allocate_reply",
         "permissions",
@@ -278,6 +310,7 @@ class _Allocation:
         self.family = pending.family
         self.relayed = relayed
         self.expiry = now + pending.lifetime
+        self.timer_at = self.expiry  # its one live entry in TurnCore._timers
         self.allocate_txid = pending.txid
         self.allocate_reply = b""
         # peer IP -> [expiry, mode]
@@ -320,7 +353,7 @@ class TurnCore:
 
     def __init__(self, config: TurnConfig, secret: bytes) -> None:
         if len(secret) < 16:
-            raise ProtocolError("the TURN server secret needs at least 16 bytes")
+            raise ConfigError("the TURN server secret needs at least 16 bytes")
         self.config = config
         self._secret = secret
         self.credentials = CredentialStore(
@@ -388,7 +421,7 @@ class TurnCore:
         """The per-packet path of ChannelData from a client (also reached through
         :meth:`on_client_message`)."""
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         parsed = channel_data_payload(data)
         if parsed is None:
@@ -460,7 +493,7 @@ class TurnCore:
         """A datagram from ``peer`` on the relayed socket of ``allocation_id``: the
         ChannelData or Data indication to send to :meth:`client_of` it, or None."""
         alloc = self._by_id.get(allocation_id)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         number = alloc.channel_of_peer.get(peer)
         if number is not None and alloc.channels[number][1] >= now:
@@ -491,11 +524,13 @@ class TurnCore:
         closed: list[int] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, aid = heapq.heappop(timers)
+            at, aid = heapq.heappop(timers)
             alloc = self._by_id.get(aid)
             if alloc is not None:
                 if alloc.expiry > now:
-                    heapq.heappush(timers, (alloc.expiry, aid))
+                    if at == alloc.timer_at:  # refreshed meanwhile: one entry for the new time
+                        alloc.timer_at = alloc.expiry
+                        heapq.heappush(timers, (alloc.expiry, aid))
                     continue
                 self._remove(alloc)
                 self.counters.allocations_expired += 1
@@ -554,7 +589,7 @@ class TurnCore:
         if method == TurnMethod.ALLOCATE:
             return self._allocate(msg, client, auth, now)
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:  # expired, not yet swept by expire(): gone
             self.counters.bad_requests += 1
             return self._error(method, msg.transaction_id, 437, key, fp)
         if method == TurnMethod.REFRESH:
@@ -646,7 +681,8 @@ class TurnCore:
         assert isinstance(username, Username)
         source = endpoint_source_key(client.client)
         if (
-            len(self._by_id) + len(self._pending) >= cfg.max_allocations
+            # Reserved ports hold sockets too: they count against the total.
+            len(self._by_id) + len(self._pending) + len(self._reservations) >= cfg.max_allocations
             or self._by_user.get(username.name, 0) >= cfg.user_quota
             or self._by_source.get(source, 0) >= cfg.source_quota
         ):
@@ -691,7 +727,11 @@ class TurnCore:
             return Deallocated(alloc.id, reply)
         lifetime = self._lifetime(lifetime_attr.seconds if isinstance(lifetime_attr, Lifetime) else None)
         alloc.expiry = now + lifetime
-        heapq.heappush(self._timers, (alloc.expiry, alloc.id))
+        # A later expiry waits for the entry already queued (expire() moves it); only an
+        # earlier one needs an entry of its own. Refreshes cannot pile up entries.
+        if alloc.expiry < alloc.timer_at:
+            alloc.timer_at = alloc.expiry
+            heapq.heappush(self._timers, (alloc.expiry, alloc.id))
         return self._build(MsgClass.SUCCESS, TurnMethod.REFRESH, txid, [Lifetime(lifetime)], alloc.key, fp)
 
     def _create_permission(self, msg: StunMessage, alloc: _Allocation, now: float) -> ClientOutcome:
@@ -739,7 +779,7 @@ class TurnCore:
         if mode is None:
             self.counters.peer_denials += 1
             return self._error(TurnMethod.CHANNEL_BIND, txid, 403, alloc.key, fp)
-        if not self._room_for_permissions(alloc, [peer.ip], now):
+        if not self._room_for_permissions(alloc, [peer.ip], now) or not self._room_for_channel(alloc, number, now):
             self.counters.capacity_failures += 1
             return self._error(TurnMethod.CHANNEL_BIND, txid, 508, alloc.key, fp)
         # A rebinding of an expired number or peer replaces the old binding.
@@ -754,7 +794,7 @@ class TurnCore:
 
     def _send_indication(self, msg: StunMessage, client: ClientRef, now: float) -> Optional[ToPeer]:
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         peer_attr = msg.get(XorPeerAddress)
         data_attr = msg.get(Data)
@@ -816,6 +856,13 @@ class TurnCore:
         for ip in [ip for ip, p in alloc.permissions.items() if p[0] < now and ip not in live_channel_ips]:
             del alloc.permissions[ip]
         return len(alloc.permissions) + len(new) <= MAX_PERMISSIONS
+
+    def _room_for_channel(self, alloc: _Allocation, number: int, now: float) -> bool:
+        if number in alloc.channels or len(alloc.channels) < MAX_CHANNELS:
+            return True
+        for old in [n for n, c in alloc.channels.items() if c[1] < now]:
+            alloc.channel_of_peer.pop(alloc.channels.pop(old)[0], None)
+        return len(alloc.channels) < MAX_CHANNELS
 
     def _install_permission(self, alloc: _Allocation, ip: IPAddress, mode: int, now: float) -> None:
         perm = alloc.permissions.get(ip)
@@ -879,10 +926,12 @@ class TurnCore:
     # ------------------------------------------------------------------ bookkeeping
 
     def _lifetime(self, requested: Optional[int]) -> int:
+        """RFC 8656 section 7.2: what the client asks, cut to the maximum, never below
+        the default (a Refresh's 0 is decided before this)."""
         cfg = self.config
         if requested is None:
             return cfg.default_lifetime
-        return max(cfg.default_lifetime, min(requested, cfg.max_lifetime)) if requested else 0
+        return max(cfg.default_lifetime, min(requested, cfg.max_lifetime))
 
     def _new_id(self) -> int:
         aid = self._next_id
