@@ -99,6 +99,8 @@ def test_text_requests_in_frames_answer_as_over_udp(tracker, stream_of) -> None:
     assert via_udp is not None and left.local in via_udp.decode().split("\n")
     again = left.text(f"{REG}tcpgroup/0/0/0".encode()).decode().split("\n")
     assert again[0] == left.local and len(again) == 2 and again[1].startswith("127.0.0.3:")
+    # The empty reply ("I know no trackers") is an empty frame.
+    assert left.text(b"//tcksvr") == b""
     # Several frames in one segment, each answered in order of the frames.
     left.send(text_frame(b"//nat") + text_frame(b"//nat"))
     assert [left.frame(), left.frame()] == [TextFrame(left.local.encode())] * 2
@@ -122,9 +124,11 @@ def test_frames_split_across_segments(tracker, stream_of) -> None:  # type: igno
 
 def test_garbage_closes_only_that_connection(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
     tp = tracker("--tcp")
-    good, bad = stream_of(tp, "127.0.0.2"), stream_of(tp, "127.0.0.3")
-    bad.send(b"hello\r\n")  # 0x68: no frame starts so
+    good, bad, junk = stream_of(tp, "127.0.0.2"), stream_of(tp, "127.0.0.3"), stream_of(tp, "127.0.0.4")
+    bad.send(b"\xff\xff" + b"x" * 100)  # a text frame of 32767 bytes: there is none
     assert bad.closed_by_server()
+    junk.send(text_frame(b"hello"))  # a text frame that is no request
+    assert junk.closed_by_server()
     assert good.text(b"//nat") == good.local.encode()
     assert tp.ask(b"//nat") is not None  # UDP unaffected
 

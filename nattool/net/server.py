@@ -29,7 +29,9 @@ from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
 from nattool.net.tcp_listener import StreamConnection, TcpListener
 from nattool.net.turn_relay import DEFAULT_RELAY_PORTS, RelayPortRange, TurnRelay, relay_addresses
-from nattool.protocol.text import RelayGrant
+from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress, source_key
+from nattool.protocol.stun import MAGIC_COOKIE, is_stun
+from nattool.protocol.text import REGISTER_PREFIX, RelayGrant
 from nattool.protocol.turn import is_turn_message
 from nattool.protocol.turn_server import (
     AllocationWanted,
@@ -40,9 +42,6 @@ from nattool.protocol.turn_server import (
     TurnConfig,
     TurnCore,
 )
-from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress, source_key
-from nattool.protocol.stun import MAGIC_COOKIE, is_stun
-from nattool.protocol.text import REGISTER_PREFIX
 from nattool.store.base import Store, StoreLimits, StoreStats
 from nattool.tracker.dispatch import HELD, HeldReplies, Junk, PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
@@ -634,10 +633,8 @@ class TrackerServer:
             return
         cls = outcome.__class__
         if cls is bytes:
-            if outcome:
-                conn.send_text(outcome)  # type: ignore[arg-type]
-            else:
-                self.core.counters["tcp_empty_reply"] += 1
+            # An empty reply too (an empty frame): "I know no trackers".
+            conn.send_text(outcome)  # type: ignore[arg-type]
         elif cls is PendingRegistration:
             self._enqueue(outcome, conn, conn.addr)  # type: ignore[arg-type]
             if self._sync_store and not self._flush_scheduled:

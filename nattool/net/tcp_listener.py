@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from nattool.errors import NetworkError, ProtocolError
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.turn_server import ClientRef
 from nattool.protocol.stream_frames import ChannelDataFrame, StreamDeframer, StunFrame, text_frame
+from nattool.protocol.turn_server import ClientRef
 
 log = logging.getLogger("nattool.serve")
 
