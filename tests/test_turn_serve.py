@@ -382,7 +382,12 @@ def test_ipv6_relayed_address_on_request(tracker, turn_client) -> None:  # type:
     relayed6 = client.allocate(RequestedAddressFamily(6))
     assert str(relayed6.ip) == "::1"
     other = turn_client(tp, src_ip="127.0.0.3")
-    assert other.allocate().ip.version == 4
+    assert other.allocate().ip.version == 4  # IPv4 unless asked (RFC 8656 section 7.2)
+    over_tcp6 = TurnTestClient(("::1", tp.port), "alice", "wonderland", transport="tcp", src_ip="::1")
+    try:
+        assert str(over_tcp6.allocate(RequestedAddressFamily(6)).ip) == "::1"
+    finally:
+        over_tcp6.close()
 
 
 def test_bandwidth_cap_drops_the_excess(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
