@@ -813,3 +813,91 @@ def test_channels_per_allocation_are_capped() -> None:
     assert error_of(c.bind(0x4000, Endpoint(PEER.ip, 1000)).to_wire()) is None  # refreshing one is fine
     c.request(TurnMethod.REFRESH, [], now=500.0)
     assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2, now=601.0).to_wire()) is None  # the old ones expired
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_the_largest_peer_datagrams(v6: bool) -> None:
+    from nattool.protocol.turn_server import MAX_DATA_PAYLOAD
+
+    core = core_with(bandwidth=0)
+    c = Client(core, ref())
+    peer = Endpoint.from_text("[2001:db8::9]:7000") if v6 else PEER
+    c.allocate([RequestedAddressFamily(6)] if v6 else [])
+    c.permit(peer)
+    MAX_PEER_PAYLOAD = MAX_DATA_PAYLOAD[6 if v6 else 4]
+    assert MAX_DATA_PAYLOAD[4] >= 65507  # the largest IPv4 UDP payload fits
+    for size in (65000, MAX_PEER_PAYLOAD):
+        out = core.on_peer_datagram(c.allocation_id, bytes(size), peer, 1.0)  # type: ignore[arg-type]
+        assert out is not None and parse(out).get(Data) == Data(bytes(size))
+    assert core.on_peer_datagram(c.allocation_id, bytes(MAX_PEER_PAYLOAD + 1), peer, 1.0) is None  # type: ignore[arg-type]
+    c.bind(0x4000, peer)
+    out = core.on_peer_datagram(c.allocation_id, bytes(MAX_PEER_PAYLOAD), peer, 1.0)  # type: ignore[arg-type]
+    assert out is not None and parse_channel_data(out).payload == bytes(MAX_PEER_PAYLOAD)
+
+
+_PEERS = [PEER, PEER2, Endpoint.from_text("10.0.0.1:5"), Endpoint.from_text("[2001:db8::9]:7000")]
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["allocate", "allocate6", "even", "permit", "bind", "send", "chan", "peer", "refresh", "free", "gone", "tick"]
+        ),
+        st.integers(0, 2),  # which client
+        st.integers(0, len(_PEERS) - 1),  # which peer
+        st.integers(0, 700),  # how far the clock moves
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_random_sequences_keep_the_books_straight(ops: list) -> None:
+    core = core_with(user_quota=2, source_quota=3, max_allocations=4, bandwidth=5000)
+    clients = [Client(core, ref(f"198.51.100.{i + 1}:1", "tcp" if i == 2 else "udp", i)) for i in range(3)]
+    now = 0.0
+    open_ids: set[int] = set()
+    for op, who, which, dt in ops:
+        c, peer = clients[who], _PEERS[which]
+        if op in ("allocate", "allocate6", "even"):
+            attrs = [RequestedTransport(17)] + ([RequestedAddressFamily(6)] if op == "allocate6" else [])
+            attrs += [EvenPort(True)] if op == "even" else []
+            out = c.request(TurnMethod.ALLOCATE, attrs, now)
+            if isinstance(out, AllocationWanted):
+                ip = RELAY_IP if out.family == 4 else "2001:db8::1"
+                relayed = Endpoint(ipaddress.ip_address(ip), next(_ports))
+                if core.allocation_made(out, relayed, now, WALL) is not None:
+                    open_ids.add(out.allocation_id)
+                    c.allocation_id = out.allocation_id
+                    if out.reserve_id is not None:
+                        open_ids.add(out.reserve_id)
+        elif op == "permit":
+            c.request(TurnMethod.CREATE_PERMISSION, [XorPeerAddress(peer)], now)
+        elif op == "bind":
+            c.request(TurnMethod.CHANNEL_BIND, [ChannelNumber(0x4000 + which), XorPeerAddress(peer)], now)
+        elif op == "send":
+            c.send_indication(peer, b"x" * dt, now)
+        elif op == "chan":
+            c.send(encode_channel_data(0x4000 + which, b"y" * dt), now)
+        elif op == "peer" and c.allocation_id is not None:
+            core.on_peer_datagram(c.allocation_id, b"z" * dt, peer, now)
+        elif op == "refresh":
+            c.request(TurnMethod.REFRESH, [Lifetime(dt)], now)
+        elif op == "free":
+            out = c.request(TurnMethod.REFRESH, [Lifetime(0)], now)
+            if isinstance(out, Deallocated):
+                open_ids.discard(out.allocation_id)
+        elif op == "gone":
+            for aid in core.client_gone(c.ref):
+                open_ids.discard(aid)
+        else:
+            now += dt
+            for aid in core.expire(now):
+                open_ids.discard(aid)
+        # The books: quotas count exactly what lives (or waits for a socket).
+        assert sum(core._by_user.values()) == core.live + len(core._pending)
+        assert sum(core._by_source.values()) == core.live + len(core._pending)
+        assert core.live <= 4 and max(core._by_user.values(), default=0) <= 2
+        assert set(core._by_id) <= open_ids
+    for aid in core.expire(now + 10_000):
+        open_ids.discard(aid)
+    assert core.live == 0 and not core._by_user and not core._by_source and not open_ids

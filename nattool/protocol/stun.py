@@ -600,3 +600,9 @@ def binding_request(
 def encode_attrs_len(attrs: Iterable[Attribute], txid: bytes) -> int:
     """Bytes these attributes take on the wire (for fitting a size budget)."""
     return sum(len(_encode_attr(a, txid, 0)) for a in attrs)
+
+
+# TURN's attributes register themselves with this codec; importing them here makes
+# parse() decode them whatever the caller imported first (at the end: turn imports
+# names from this module).
+from nattool.protocol import turn as _turn  # noqa: E402,F401

@@ -88,6 +88,9 @@ from nattool.protocol.turn_auth import (
 _COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 s
 MAX_PERMISSIONS = 256  # per allocation; beyond: 508
+# The largest peer datagram a Data indication carries within STUN's 16-bit length
+# (XOR-PEER-ADDRESS 12 or 24 bytes, DATA header 4, padding up to 3), by IP version.
+MAX_DATA_PAYLOAD = {4: 0xFFFF - 12 - 4 - 3, 6: 0xFFFF - 24 - 4 - 3}
 MAX_CHANNELS = 1024  # per allocation (the number space is 16K; memory is the limit); beyond: 508
 DEFAULT_REALM = "nattool"
 
@@ -507,7 +510,7 @@ class TurnCore:
             if not self._may_reach(alloc, peer, now, channel_ok=False):
                 self.counters.permission_drops += 1
                 return None
-            if not self._spend(alloc, len(data), now):
+            if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or not self._spend(alloc, len(data), now):
                 return None
             out = self.data_indication(alloc, peer, data)
         self.counters.packets_to_client += 1
