@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TrackerProcess, run_nattool, udp_ask
+from conftest import TrackerProcess, ask_on, run_nattool, udp_ask
 from nattool.protocol.stream_frames import StreamDeframer, StunFrame, TextFrame, text_frame
 from nattool.protocol.stun import binding_request, parse
 from nattool.protocol.text import RelayGrant, RelayRequest
@@ -438,3 +438,39 @@ def test_print_unit_warns_about_secrets_on_the_command_line(nattool_home: Path) 
     assert "can be read by every local user" in result.stderr and "[serve] turn_user" in result.stderr
     quiet = run_nattool("serve", "--relay", "--print-unit", home=nattool_home)
     assert quiet.returncode == 0 and "--relay" in quiet.stdout and "local user" not in quiet.stderr
+
+
+def test_tracker_answers_are_the_same_with_turn_on_and_off(tracker) -> None:  # type: ignore[no-untyped-def]
+    """With TURN on, tracker datagrams take the general path instead of the plain
+    reader's shortcuts (bare //nat, bare Binding, the keepalive lane): the answers
+    are byte for byte the same."""
+    plain, with_turn = tracker(), tracker(*TURN_FLAGS)
+    requests = [
+        b"//nat",
+        f"{REG}same/0/0/0".encode(),
+        f"{REG}same/0/10.0.0.5/aa:bb:cc:dd:ee:ff".encode(),
+        f"{REG}same/0/0/0".encode(),  # a keepalive
+        f"{REG}same/0/aa:bb:cc:dd:ee:ff-10.0.0.6".encode(),  # the original client's form
+        f"{REG}same/0/0/0\noffset=1".encode(),
+        b"//tcksvr",
+        b"//bogus",
+        binding_request(b"S" * 12),
+        binding_request(b"P" * 12, padding=64, software="x"),
+        b"\x00\x01\x00\x00" + b"C" * 16,  # classic RFC 3489 Binding
+        RelayRequest("same").to_wire(),
+        b"not ours",
+    ]
+    socks = {name: socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for name in ("a", "b")}
+    try:
+        for sock, ip in zip(socks.values(), ("127.0.0.2", "127.0.0.3")):
+            sock.bind((ip, 0))
+        answered = 0
+        for request in requests:
+            for sock in socks.values():
+                replies = [ask_on(sock, request, tp.addr, timeout=1.0 if request != b"not ours" else 0.3) for tp in (plain, with_turn)]
+                assert replies[0] == replies[1], request
+                answered += replies[0] is not None
+        assert answered == 2 * (len(requests) - 1)  # all but the one that is not ours
+    finally:
+        for sock in socks.values():
+            sock.close()
