@@ -474,3 +474,19 @@ def test_tracker_answers_are_the_same_with_turn_on_and_off(tracker) -> None:  # 
     finally:
         for sock in socks.values():
             sock.close()
+
+
+def test_a_half_closed_connection_still_gets_its_replies(tracker) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--tcp")
+    sock = socket.create_connection(tp.addr, timeout=5, source_address=("127.0.0.2", 0))
+    try:
+        sock.sendall(text_frame(f"{REG}halfclosed/0/0/0".encode()) + text_frame(b"//nat"))
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        frames = StreamDeframer().feed(received)
+        local = "%s:%d" % sock.getsockname()[:2]
+        assert sorted(frames) == sorted([TextFrame(local.encode()), TextFrame(local.encode())])
+    finally:
+        sock.close()
