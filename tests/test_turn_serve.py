@@ -490,3 +490,13 @@ def test_a_half_closed_connection_still_gets_its_replies(tracker) -> None:  # ty
         assert sorted(frames) == sorted([TextFrame(local.encode()), TextFrame(local.encode())])
     finally:
         sock.close()
+
+
+def test_a_relay_ip_that_is_not_ours_fails_at_start(nattool_home: Path) -> None:
+    result = run_nattool(
+        "serve", "--host", "127.0.0.1", "--port", "0", "--store", "memory", "--relay", "--relay-ip", "192.0.2.99",
+        home=nattool_home,
+    )  # fmt: skip
+    assert result.returncode == 4, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot bind relayed sockets on 192.0.2.99" in lines[0], result.stderr

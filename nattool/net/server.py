@@ -281,6 +281,8 @@ class TrackerServer:
         self.turn = TurnCore(turn_config, os.urandom(32))
         low, high = cfg.relay_ports
         ranges = {version: RelayPortRange(ip, low, high) for version, ip in relay_ips.items()}
+        for port_range in ranges.values():
+            port_range.check()
         self.relay = TurnRelay(
             self.turn, loop, ranges, lambda ref: self._client_sender(ref, droppable=True), self.core.counters
         )
