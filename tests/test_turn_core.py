@@ -901,3 +901,71 @@ def test_random_sequences_keep_the_books_straight(ops: list) -> None:
     for aid in core.expire(now + 10_000):
         open_ids.discard(aid)
     assert core.live == 0 and not core._by_user and not core._by_source and not open_ids
+
+
+_SEND_ATTRS = st.sampled_from(
+    [
+        XorPeerAddress(PEER),
+        XorPeerAddress(PEER2),
+        XorPeerAddress(Endpoint.from_text("10.0.0.1:5")),
+        XorPeerAddress(Endpoint.from_text("[2001:db8::9]:7000")),
+        Data(b"payload"),
+        Data(b""),
+        Data(b"odd"),
+        DontFragment(),
+        Lifetime(5),
+        Username("x"),
+    ]
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    attrs=st.lists(_SEND_ATTRS, max_size=4),
+    fingerprint=st.booleans(),
+    flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=2),
+)
+def test_plain_send_indication_path_agrees_with_the_parser(attrs: list, fingerprint: bool, flips: list) -> None:
+    from nattool.errors import ProtocolError
+
+    core = core_with(bandwidth=0)
+    c = Client(core, ref())
+    c.allocate()
+    c.permit(PEER)
+    data = bytearray(StunMessage(MsgClass.INDICATION, TurnMethod.SEND, txid(), tuple(attrs)).to_wire(fingerprint=fingerprint))
+    for pos, value in flips:
+        if pos >= 2:  # keep it a Send indication, or the fast path is not asked
+            data[pos % len(data)] = value
+    data = bytes(data)
+    fast = core.on_client_message(data, c.ref, 1.0, WALL)
+    try:
+        msg = parse(data)
+    except ProtocolError:
+        slow = None
+    else:
+        slow = core._send_indication(msg, c.ref, 1.0) if (msg.msg_class, msg.method) == (MsgClass.INDICATION, 6) else None
+    assert fast == slow
+
+
+def test_plain_send_indications_take_the_fast_path() -> None:
+    core = core_with(bandwidth=0)
+    c = Client(core, ref())
+    c.allocate()
+    c.permit(PEER)
+    for attrs in ([XorPeerAddress(PEER), Data(b"abc")], [Data(b"abc"), XorPeerAddress(PEER)]):
+        for fp in (False, True):
+            wire = StunMessage(MsgClass.INDICATION, TurnMethod.SEND, txid(), tuple(attrs)).to_wire(fingerprint=fp)
+            assert core._plain_send_indication(wire, c.ref, 1.0) == ToPeer(c.allocation_id, PEER, b"abc")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("module", ["turn", "turn_server", "turn_auth", "peer_policy", "stream_frames", "stun"])
+def test_turn_modules_are_sans_io(module: str) -> None:
+    import ast
+    import importlib
+
+    path = importlib.import_module(f"nattool.protocol.{module}").__file__
+    assert path is not None
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"socket", "time", "random", "os", "asyncio", "secrets", "select", "selectors"}
