@@ -205,7 +205,6 @@ def test_bad_turn_flags_are_one_line_exit_2(args: list[str], fragment: str, natt
 
 # -- the TURN relay ------------------------------------------------------------------------
 
-from nattool.protocol.endpoint import Endpoint  # noqa: E402
 from nattool.protocol.stun import MsgClass  # noqa: E402
 from nattool.protocol.turn import RequestedTransport, TurnMethod, encode_channel_data  # noqa: E402
 from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, turn_client, udp_peer  # noqa: E402, F401 - fixture
