@@ -1,0 +1,353 @@
+"""`nattool serve` with TCP on the tracker port and the TURN relay, on loopback: real
+`nattool serve` processes, real sockets, requests built with nattool's own codecs."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TrackerProcess, run_nattool, udp_ask
+from nattool.protocol.stream_frames import StreamDeframer, StunFrame, TextFrame, text_frame
+from nattool.protocol.stun import binding_request, parse
+from nattool.protocol.text import RelayGrant, RelayRequest
+
+REG = "//51pwn/P2P&E2E/"
+
+
+class Stream:
+    """A TCP connection to a tracker port that speaks frames."""
+
+    def __init__(self, addr: tuple[str, int], src_ip: str = "127.0.0.2") -> None:
+        self.sock = socket.create_connection(addr, timeout=5, source_address=(src_ip, 0))
+        self.deframer = StreamDeframer()
+        self.frames: list[object] = []
+
+    @property
+    def local(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def frame(self, timeout: float = 5.0) -> object:
+        """The next frame, or AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.frames:
+            left = deadline - time.monotonic()
+            assert left > 0, "no frame in time"
+            self.sock.settimeout(left)
+            data = self.sock.recv(65536)
+            assert data, "connection closed"
+            self.frames += self.deframer.feed(data)
+        return self.frames.pop(0)
+
+    def text(self, payload: bytes, timeout: float = 5.0) -> bytes:
+        self.send(text_frame(payload))
+        frame = self.frame(timeout)
+        assert isinstance(frame, TextFrame), frame
+        return frame.payload
+
+    def closed_by_server(self, timeout: float = 5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def stream_of(tracker):  # type: ignore[no-untyped-def]
+    opened: list[Stream] = []
+
+    def connect(tp: TrackerProcess, src_ip: str = "127.0.0.2") -> Stream:
+        stream = Stream(tp.addr, src_ip)
+        opened.append(stream)
+        return stream
+
+    yield connect
+    for stream in opened:
+        stream.close()
+
+
+# -- TCP on the tracker port -------------------------------------------------------------
+
+
+def test_text_requests_in_frames_answer_as_over_udp(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--tcp")
+    assert "and tcp 127.0.0.1:%d" % tp.port in tp.banner
+    left = stream_of(tp, "127.0.0.2")
+    # //nat over TCP names the TCP source endpoint (the TCP mapping).
+    assert left.text(b"//nat") == left.local.encode()
+    first = left.text(f"{REG}tcpgroup/0/0/0".encode())
+    assert first.decode() == left.local
+    # A UDP member and the TCP member see each other.
+    via_udp = udp_ask(f"{REG}tcpgroup/0/0/0".encode(), tp.addr, src_ip="127.0.0.3", timeout=3)
+    assert via_udp is not None and left.local in via_udp.decode().split("\n")
+    again = left.text(f"{REG}tcpgroup/0/0/0".encode()).decode().split("\n")
+    assert again[0] == left.local and len(again) == 2 and again[1].startswith("127.0.0.3:")
+    # Several frames in one segment, each answered in order of the frames.
+    left.send(text_frame(b"//nat") + text_frame(b"//nat"))
+    assert [left.frame(), left.frame()] == [TextFrame(left.local.encode())] * 2
+
+
+def test_frames_split_across_segments(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--tcp")
+    stream = stream_of(tp)
+    stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    whole = text_frame(b"//nat") + binding_request(b"T" * 12)
+    for i in range(len(whole)):
+        stream.send(whole[i : i + 1])
+        time.sleep(0.002)
+    assert stream.frame() == TextFrame(stream.local.encode())
+    reply = stream.frame()
+    assert isinstance(reply, StunFrame)
+    message = parse(reply.data)
+    assert message.transaction_id == b"T" * 12
+    assert str(message.attributes[0].endpoint) == stream.local  # type: ignore[attr-defined]
+
+
+def test_garbage_closes_only_that_connection(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--tcp")
+    good, bad = stream_of(tp, "127.0.0.2"), stream_of(tp, "127.0.0.3")
+    bad.send(b"hello\r\n")  # 0x68: no frame starts so
+    assert bad.closed_by_server()
+    assert good.text(b"//nat") == good.local.encode()
+    assert tp.ask(b"//nat") is not None  # UDP unaffected
+
+
+def test_a_stalled_client_does_not_block_others(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--tcp")
+    stalled = stream_of(tp, "127.0.0.2")
+    stalled.send(text_frame(b"//nat" + b" " * 50)[:10])  # half a frame, never finished
+    others = [stream_of(tp, "127.0.0.4") for _ in range(5)]
+    for other in others:
+        assert other.text(b"//nat") == other.local.encode()
+
+
+def test_udp_clients_unaffected_and_tcp_off_by_default(tracker) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker()
+    assert "tcp" not in tp.banner
+    assert tp.ask(b"//nat") is not None
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(tp.addr, timeout=2).close()
+
+
+# -- //relay without --relay -------------------------------------------------------------
+
+
+def test_relay_request_refused_without_relay(tracker) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker()
+    assert tp.ask(RelayRequest("grp").to_wire()) == b"ERR relay off"
+    with pytest.raises(Exception):
+        RelayGrant.from_wire(b"ERR relay off")
+
+
+# -- flags ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--relay", "--workers", "2"], "needs --workers 1"),
+        (["--turn-user", "alice:pw", "--workers", "3"], "needs --workers 1"),
+        (["--turn-user", "alice"], "bad --turn-user"),
+        (["--turn-user", "alice:pw", "--turn-user", "alice:other"], "given twice"),
+        (["--relay", "--relay-ports", "60000-50000"], "bad --relay-ports"),
+        (["--relay", "--relay-ports", "abc"], "bad --relay-ports"),
+        (["--relay", "--allow-peer", "10.0.0.0/33"], "--allow-peer: bad CIDR"),
+        (["--relay", "--deny-peer", "nope"], "--deny-peer: bad CIDR"),
+        (["--relay", "--relay-ip", "0.0.0.0"], "bad --relay-ip"),
+        (["--relay", "--relay-ip", "192.0.2.1", "--relay-ip", "192.0.2.2"], "one address per family"),
+        (["--relay", "--realm", "two words"], "bad --realm"),
+        (["--relay", "--max-allocations", "0"], "--max-allocations"),
+        (["--relay", "--relay-bandwidth", "-1"], "--relay-bandwidth"),
+    ],
+)
+def test_bad_turn_flags_are_one_line_exit_2(args: list[str], fragment: str, nattool_home: Path) -> None:
+    result = run_nattool("serve", "--store", "memory", "--port", "0", *args, home=nattool_home)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "pw" not in result.stderr.replace("--workers", "")  # no password echoed
+
+
+# -- the TURN relay ------------------------------------------------------------------------
+
+from nattool.protocol.endpoint import Endpoint  # noqa: E402
+from nattool.protocol.stun import MsgClass  # noqa: E402
+from nattool.protocol.turn import RequestedTransport, TurnMethod  # noqa: E402
+from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, udp_peer  # noqa: E402
+
+TURN_FLAGS = ("--turn-user", "alice:wonderland", "--allow-peer", "127.0.0.0/8")
+
+
+@pytest.fixture
+def turn_client(tracker):  # type: ignore[no-untyped-def]
+    made: list[TurnTestClient] = []
+
+    def make(tp: TrackerProcess, user: str | None = "alice", password: str | None = "wonderland", **kw: object) -> TurnTestClient:
+        client = TurnTestClient(tp.addr, user, password, **kw)  # type: ignore[arg-type]
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_allocate_permission_send_data_channel_refresh(transport: str, tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS)
+    assert "turn on" in tp.banner
+    client = turn_client(tp, transport=transport)
+    relayed = client.allocate()
+    assert str(relayed.ip) == "127.0.0.1" and 49152 <= relayed.port <= 65535
+    peer = udp_peer("127.0.0.3")
+    try:
+        target = peer_endpoint(peer)
+        # Nothing passes before a permission, either way.
+        client.send_to(target, b"too early")
+        assert recv_or_none(peer, 0.5) is None
+        assert client.permit(target).msg_class == MsgClass.SUCCESS
+        client.send_to(target, b"hello peer")
+        got = recv_or_none(peer, 3)
+        assert got is not None and got[0] == b"hello peer" and got[1] == relayed.sockaddr()
+        peer.sendto(b"hello client", relayed.sockaddr())
+        assert client.receive() == ("data", target, b"hello client")
+        # A channel: ChannelData both ways (padded over TCP, not over UDP).
+        assert client.bind(0x4001, target).msg_class == MsgClass.SUCCESS
+        client.send_channel(0x4001, b"odd")
+        got = recv_or_none(peer, 3)
+        assert got is not None and got[0] == b"odd"
+        peer.sendto(b"12345", relayed.sockaddr())
+        assert client.receive() == ("channel", 0x4001, b"12345")
+        assert client.refresh(300).msg_class == MsgClass.SUCCESS
+        # Lifetime 0 deletes the allocation: its relayed port is closed.
+        assert client.refresh(0).msg_class == MsgClass.SUCCESS
+        peer.sendto(b"after", relayed.sockaddr())
+        assert client.receive(0.5) is None
+        assert client.refresh(300).msg_class == MsgClass.ERROR  # 437: no allocation
+    finally:
+        peer.close()
+
+
+def test_a_tcp_allocation_goes_with_its_connection(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS, "--user-quota", "1")
+    first = turn_client(tp, transport="tcp")
+    first.allocate()
+    first.close()
+    # The quota of 1 is free again once the server saw the connection close.
+    deadline = time.monotonic() + 5
+    while True:
+        second = turn_client(tp, transport="tcp")
+        reply = second.request(TurnMethod.ALLOCATE, (RequestedTransport(17),))
+        if reply.msg_class == MsgClass.SUCCESS or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert reply.msg_class == MsgClass.SUCCESS, error_of(reply)
+
+
+def test_two_allocations_reach_each_other(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    """Relayed addresses of one server reach each other (the common case: two peers
+    relayed by one server), through the kernel, with the default peer policy."""
+    tp = tracker("--turn-user", "alice:wonderland")
+    left, right = turn_client(tp, src_ip="127.0.0.2"), turn_client(tp, src_ip="127.0.0.3", transport="tcp")
+    a, b = left.allocate(), right.allocate()
+    assert left.permit(b).msg_class == MsgClass.SUCCESS
+    assert right.permit(a).msg_class == MsgClass.SUCCESS
+    left.send_to(b, b"left to right")
+    assert right.receive() == ("data", a, b"left to right")
+    right.send_to(a, b"right to left")
+    assert left.receive() == ("data", b, b"right to left")
+
+
+def test_udp_tracker_traffic_unaffected_with_turn_on(tracker) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS)
+    assert tp.ask(b"//nat", src_ip="127.0.0.2") is not None
+    reply = tp.ask(f"{REG}turnon/0/0/0".encode(), src_ip="127.0.0.2")
+    assert reply is not None and reply.startswith(b"127.0.0.2:")
+    binding = tp.ask(binding_request(b"B" * 12), src_ip="127.0.0.2")
+    assert binding is not None and parse(binding).transaction_id == b"B" * 12
+    assert tp.ask(RelayRequest("grp").to_wire()) == b"ERR relay off"  # TURN users, but no --relay
+
+
+def test_relay_grants_list_the_groups_relayed_addresses(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--relay")
+    assert "tcp" in tp.banner  # --relay listens on TCP too
+    grant = RelayGrant.from_wire(tp.ask(RelayRequest("team").to_wire(), timeout=3) or b"")
+    assert grant.realm == "nattool" and grant.relayed == () and 0 < grant.lifetime <= 3600
+    assert grant.username.split(":")[1] == "g"
+    member = turn_client(tp, grant.username, grant.password)
+    relayed = member.allocate()
+    again = RelayGrant.from_wire(tp.ask(RelayRequest("team").to_wire()) or b"")
+    assert again.relayed == (relayed,)
+    other_group = RelayGrant.from_wire(tp.ask(RelayRequest("other").to_wire()) or b"")
+    assert other_group.relayed == () and other_group.username != grant.username
+    # Over TCP, in a text frame, the same answer.
+    stream = turn_client(tp, transport="tcp")
+    assert RelayGrant.from_wire(stream.text(RelayRequest("team").to_wire())).relayed == (relayed,)
+    # An unpadded request gets a reply within the size bound (here: without the list).
+    short = tp.ask(b"//relay/team")
+    assert short is not None and len(short) <= 128
+
+
+def test_relay_group_members_exchange_data(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--relay")
+    grant = RelayGrant.from_wire(tp.ask(RelayRequest("pair").to_wire()) or b"")
+    left = turn_client(tp, grant.username, grant.password, src_ip="127.0.0.2")
+    right = turn_client(tp, grant.username, grant.password, src_ip="127.0.0.3", transport="tcp")
+    a, b = left.allocate(), right.allocate()
+    assert left.bind(0x4000, b).msg_class == MsgClass.SUCCESS
+    assert right.permit(a).msg_class == MsgClass.SUCCESS
+    left.send_channel(0x4000, b"through the relay")
+    assert right.receive() == ("data", a, b"through the relay")
+    right.send_to(a, b"and back")
+    assert left.receive() == ("channel", 0x4000, b"and back")
+
+
+def test_metrics_count_allocations_and_relayed_packets(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    from conftest import free_tcp_port
+
+    port = free_tcp_port()
+    tp = tracker(*TURN_FLAGS, "--metrics", str(port))
+    client = turn_client(tp)
+    relayed = client.allocate()
+    peer = udp_peer()
+    try:
+        permitted = client.permit(peer_endpoint(peer))
+        assert permitted.msg_class == MsgClass.SUCCESS, error_of(permitted)
+        client.send_to(peer_endpoint(peer), b"x" * 10)
+        assert recv_or_none(peer, 3) is not None
+        peer.sendto(b"y" * 7, relayed.sockaddr())
+        assert client.receive() is not None
+    finally:
+        peer.close()
+    bad = turn_client(tp, "alice", "wrong", src_ip="127.0.0.4")
+    assert error_of(bad.request(TurnMethod.ALLOCATE, (RequestedTransport(17),))) == 401
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    want = [
+        "nattool_turn_allocations 1.0",
+        "nattool_turn_allocations_created_total 1.0",
+        'nattool_turn_relayed_packets_total{direction="to_peer"} 1.0',
+        'nattool_turn_relayed_packets_total{direction="to_client"} 1.0',
+        'nattool_turn_relayed_bytes_total{direction="to_peer"} 10.0',
+        'nattool_turn_relayed_bytes_total{direction="to_client"} 7.0',
+        'nattool_turn_auth_failures_total{reason="bad_credentials"} 1.0',
+        "nattool_tcp_connections 0.0",
+    ]
+    for line in want:
+        assert line in text, line
