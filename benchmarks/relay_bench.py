@@ -4,6 +4,7 @@ loaded by the same `turnutils_uclient` command in the same run.
     python benchmarks/relay_bench.py                       # 3 rounds, the defaults below
     python benchmarks/relay_bench.py --rounds 5 --clients 100 --messages 2000 --interval 2
     python benchmarks/relay_bench.py --tcp                 # TURN over TCP to the server
+    python benchmarks/relay_bench.py --indications         # Send/Data indications, no channels
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn) as a TURN server
 (long-term credentials, relay on 127.0.0.1, `allow-loopback-peers`, since its relayed
@@ -13,13 +14,14 @@ client is 127.0.0.1 with one username). Then, round by round and alternating whi
 server goes first, runs coturn's client against each::
 
     turnutils_uclient -y -c -m CLIENTS -n MESSAGES -l LENGTH -z INTERVAL -u USER -w PASSWORD
-                      -p PORT [-t] 127.0.0.1
+                      -p PORT [-t] [-s] 127.0.0.1
 
 ``-y``: client-to-client (each client's peer is another client's relayed address on the
 same server: every message is relayed twice by the server's sockets, in at the relayed
 address of one allocation and out to the other's client); ``-c``: no RTCP sessions;
 ``-z``: milliseconds between messages of one session (an offered load, the same for
-both servers). The relayed packets are the messages the clients got back (uclient's
+both servers); ``-s`` (``--indications``): Send and Data indications instead of channels
+(ChannelBind, then ChannelData). The relayed packets are the messages the clients got back (uclient's
 ``tot_recv_msgs``); the server's CPU is its user + system time (every thread, /proc)
 over the uclient run, allocations included. The figure is relayed packets per CPU
 second; the ratio is nattool's to coturn's in the same round, and the table gives the
@@ -72,7 +74,7 @@ def start_nattool_turn(work: Path, clients: int) -> Server:
     port = free_port()
     home = work / "home-nattool-turn"
     home.mkdir(exist_ok=True)
-    quota = str(max(clients, 10))
+    quota = str(4 * clients + 10)  # uclient -y makes more than one allocation per client
     args = [
         sys.executable, "-m", "nattool", "serve", "--host", HOST, "--port", str(port),
         "--store", "memory", "--rate-limit", "0", "--log-level", "warning",
@@ -99,7 +101,7 @@ def uclient_argv(port: int, opts: argparse.Namespace) -> list[str]:
     return [
         "turnutils_uclient", "-y", "-c", "-m", str(opts.clients), "-n", str(opts.messages),
         "-l", str(opts.length), "-z", str(opts.interval), "-u", USER, "-w", PASSWORD,
-        "-p", str(port), *(["-t"] if opts.tcp else []), HOST,
+        "-p", str(port), *(["-t"] if opts.tcp else []), *(["-s"] if opts.indications else []), HOST,
     ]
 
 
@@ -126,6 +128,7 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=100, help="uclient -l: message length, bytes")
     ap.add_argument("--interval", type=int, default=2, help="uclient -z: ms between a session's messages")
     ap.add_argument("--tcp", action="store_true", help="uclient -t: TURN over TCP to the server")
+    ap.add_argument("--indications", action="store_true", help="uclient -s: Send/Data indications, no channels")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for one uclient run")
     opts = ap.parse_args()
     if shutil.which("turnutils_uclient") is None:
