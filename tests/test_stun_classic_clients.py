@@ -74,7 +74,7 @@ def py3stun() -> str:
 
 
 def run_clients(lab: Lab, topo: ProbeTopology, *argvs: list[str]) -> list[str]:
-    """Run the clients at once in the client host; their outputs, each checked to have ended."""
+    """Run the clients (at once) in the client host; their outputs, each checked to have ended."""
     procs = [lab.popen(topo.client, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, errors="replace") for argv in argvs]
     outputs = []
@@ -95,25 +95,36 @@ def assert_parsed_cleanly(out: str) -> None:
     assert "Bad length" not in out and "Traceback" not in out, out
 
 
-@pytest.mark.parametrize("behaviour", list(STUN_CLIENT_VERDICT), ids=lambda b: b.value)
-def test_classic_clients_classify_the_nat(natlab: Lab, behaviour: NatBehaviour) -> None:
-    """Both clients run their RFC 3489 discovery against an RFC 3489 `nattool serve`."""
-    stun, pystun = stun_client(), py3stun()
-    topo = probe_topology(natlab, behaviour)
-    start_serve(natlab, topo.server, topo.primary, alt_host=topo.alternate, alt_port=STUN_ALT_PORT,
+def start_rfc3489_serve(lab: Lab, behaviour: NatBehaviour) -> ProbeTopology:
+    """The probe topology with an RFC 3489 `nattool serve` (two addresses, two ports)."""
+    topo = probe_topology(lab, behaviour)
+    start_serve(lab, topo.server, topo.primary, alt_host=topo.alternate, alt_port=STUN_ALT_PORT,
                 port=STUN_PORT)
-    stun_out, py_out = run_clients(
-        natlab, topo,
-        [stun, topo.primary, "-v"],
-        # -i: py3stun tells "no NAT" by comparing the mapped address with its bound one.
-        [pystun, "-H", topo.primary, "-P", str(STUN_PORT), "-i", topo.client.ip, "-p", str(PY3STUN_PORT)],
-    )
-    assert_parsed_cleanly(stun_out)
-    assert_parsed_cleanly(py_out)
+    return topo
+
+
+@pytest.mark.parametrize("behaviour", list(STUN_CLIENT_VERDICT), ids=lambda b: b.value)
+def test_stun_client_classifies_the_nat(natlab: Lab, behaviour: NatBehaviour) -> None:
+    """Debian's stun-client runs its RFC 3489 discovery against an RFC 3489 `nattool serve`."""
+    stun = stun_client()
+    topo = start_rfc3489_serve(natlab, behaviour)
+    (out,) = run_clients(natlab, topo, [stun, topo.primary, "-v"])
+    assert_parsed_cleanly(out)
     public_ip = topo.client.ip if behaviour is NatBehaviour.NO_NAT else topo.nat.wan_ip
-    assert (stun_client_mapped(stun_out) or "").startswith(f"{public_ip}:"), stun_out
-    assert f"Primary: {STUN_CLIENT_VERDICT[behaviour]}" in stun_out, stun_out
-    assert f"NAT Type: {PY3STUN_VERDICT[behaviour]}\n" in py_out, py_out
+    assert (stun_client_mapped(out) or "").startswith(f"{public_ip}:"), out
+    assert f"Primary: {STUN_CLIENT_VERDICT[behaviour]}" in out, out
+
+
+@pytest.mark.parametrize("behaviour", list(PY3STUN_VERDICT), ids=lambda b: b.value)
+def test_py3stun_classifies_the_nat(natlab: Lab, behaviour: NatBehaviour) -> None:
+    """PyPI's py3stun runs its RFC 3489 discovery against an RFC 3489 `nattool serve`."""
+    pystun = py3stun()
+    topo = start_rfc3489_serve(natlab, behaviour)
+    # -i: py3stun tells "no NAT" by comparing the mapped address with its bound one.
+    (out,) = run_clients(natlab, topo, [pystun, "-H", topo.primary, "-P", str(STUN_PORT),
+                                        "-i", topo.client.ip, "-p", str(PY3STUN_PORT)])
+    assert_parsed_cleanly(out)
+    assert f"NAT Type: {PY3STUN_VERDICT[behaviour]}\n" in out, out
 
 
 def test_one_address_server_is_silent_to_a_classic_change_request(natlab: Lab) -> None:
