@@ -26,11 +26,14 @@ SEND = StunMessage(MsgClass.INDICATION, TurnMethod.SEND, TXID, (Data(b"abc"),)).
 ODD_CHANNEL_DATA = encode_channel_data(0x4001, b"hello", stream=True)  # 5 bytes + 3 of padding
 TEXT = b"//nat" + bytes(10)
 
-STREAM = STUN + text_frame(TEXT) + ODD_CHANNEL_DATA + binding_request(TXID) + SEND + text_frame(b"//tcksvr")
+STREAM = (
+    STUN + text_frame(TEXT) + ODD_CHANNEL_DATA + text_frame(b"") + binding_request(TXID) + SEND + text_frame(b"//tcksvr")
+)
 EXPECTED = [
     StunFrame(STUN),
     TextFrame(TEXT),
     ChannelDataFrame(ODD_CHANNEL_DATA[:9]),
+    TextFrame(b""),
     StunFrame(binding_request(TXID)),
     StunFrame(SEND),
     TextFrame(b"//tcksvr"),
@@ -40,9 +43,9 @@ EXPECTED = [
 def test_text_frame_header() -> None:
     assert text_frame(b"//nat") == b"\x80\x05//nat"
     assert text_frame(b"x" * 1200)[:2] == b"\x84\xb0"
-    for bad in (b"", b"x" * (MAX_TEXT_FRAME + 1)):
-        with pytest.raises(StreamFramingError):
-            text_frame(bad)
+    assert text_frame(b"") == b"\x80\x00"  # the empty reply to //tcksvr
+    with pytest.raises(StreamFramingError):
+        text_frame(b"x" * (MAX_TEXT_FRAME + 1))
 
 
 def test_whole_stream_at_once() -> None:
@@ -69,17 +72,22 @@ def test_any_cut_gives_the_same_frames(cuts: list[int]) -> None:
     assert frames == EXPECTED
 
 
-@pytest.mark.parametrize("first", [0x50, 0x5F, 0x7F, 0x60])
-def test_reserved_first_bytes_are_garbage(first: int) -> None:
+@pytest.mark.parametrize("first", [0x40, 0x4F, 0x50, 0x7F])
+def test_channel_data_first_bytes_cover_rfc_5766_channels(first: int) -> None:
+    frame = bytes([first, 0, 0, 1]) + b"x\0\0\0"
+    assert StreamDeframer().feed(frame + STUN) == [ChannelDataFrame(frame[:5]), StunFrame(STUN)]
+
+
+def test_after_garbage_the_stream_stays_broken() -> None:
     d = StreamDeframer()
     with pytest.raises(StreamFramingError):
-        d.feed(STUN + bytes([first, 0, 0, 0]))
-    with pytest.raises(StreamFramingError):  # and the stream stays broken
+        d.feed(STUN + b"\x84\xb1")
+    with pytest.raises(StreamFramingError):
         d.feed(STUN)
 
 
 def test_text_frame_lengths_out_of_range() -> None:
-    for header in (b"\x80\x00", (0x8000 | (MAX_TEXT_FRAME + 1)).to_bytes(2, "big")):
+    for header in (b"\xff\xff", (0x8000 | (MAX_TEXT_FRAME + 1)).to_bytes(2, "big")):
         with pytest.raises(StreamFramingError):
             StreamDeframer().feed(header + b"x" * 10)
 

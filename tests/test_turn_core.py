@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nattool.errors import ConfigError
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
@@ -171,7 +172,11 @@ def test_allocate_without_credentials_gets_401_with_realm_and_nonce() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(padding=st.integers(0, 400), realm=st.text(min_size=1, max_size=120), fingerprint=st.booleans())
+@given(
+    padding=st.integers(0, 400),
+    realm=st.text(min_size=1, max_size=120).filter(lambda r: not any(c.isspace() for c in r)),
+    fingerprint=st.booleans(),
+)
 def test_unauthenticated_replies_stay_within_the_amplification_bound(padding: int, realm: str, fingerprint: bool) -> None:
     core = core_with(realm=realm)
     attrs: list[Attribute] = [RequestedTransport(17)]
@@ -498,7 +503,9 @@ def test_channels() -> None:
     assert error_of(c.bind(0x4000, PEER2).to_wire()) == 400  # number taken by another peer
     assert error_of(c.bind(0x4001, PEER).to_wire()) == 400  # peer has another number
     assert error_of(c.bind(0x3FFF, PEER2).to_wire()) == 400
-    assert error_of(c.bind(0x5000, PEER2).to_wire()) == 400
+    assert error_of(c.bind(0x8000, PEER2).to_wire()) == 400
+    assert c.bind(0x7FFF, PEER2).msg_class == MsgClass.SUCCESS  # RFC 5766 clients use 0x5000-0x7FFF
+    c.request(TurnMethod.REFRESH, [], now=300.0)  # the allocation lives on to 900
     # A live channel keeps its peer reachable though the permission (300 s) ran out.
     assert c.send(encode_channel_data(0x4000, b"abc"), now=400.0) == ToPeer(aid, PEER, b"abc")  # type: ignore[arg-type]
     assert c.send(encode_channel_data(0x4000, b"abc"), now=603.0) is None  # channel: 600 s from 2
@@ -646,14 +653,14 @@ def test_data_indication_fast_path_equals_the_encoder(peer: Endpoint, payload: b
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=40), st.integers(0x3FF0, 0x4010))
+@given(st.binary(max_size=40), st.integers(0x3FF0, 0x8010))
 def test_channel_data_fast_entry_equals_the_general_one(payload: bytes, channel: int) -> None:
     core = core_with()
     c = Client(core, ref())
     c.allocate()
     c.bind(0x4000, PEER)
     for data in (payload, b"\x40\x00" + len(payload).to_bytes(2, "big") + payload, channel.to_bytes(2, "big") + payload):
-        if not data or not 0x40 <= data[0] <= 0x4F:
+        if not data or not 0x40 <= data[0] <= 0x7F:
             continue
         assert core.channel_data_from_client(data, c.ref, 1.0) == core.on_client_message(data, c.ref, 1.0, WALL)
 
@@ -721,3 +728,72 @@ def test_config_defaults_follow_the_design() -> None:
     assert (cfg.max_allocations, cfg.user_quota, cfg.source_quota, cfg.bandwidth) == (1000, 10, 10, 1_000_000)
     assert cfg.realm == "nattool" and not cfg.enabled
     assert replace(cfg, users={"a": "b"}).enabled and replace(cfg, relay_groups=True).enabled
+
+
+def test_client_refs_built_apart_are_the_same_key() -> None:
+    a = ClientRef("udp", Endpoint.from_sockaddr(("198.51.100.7", 5000)), SERVER)
+    b = ClientRef("udp", Endpoint.from_text("198.51.100.7:5000"), SERVER)
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != ClientRef("tcp", a.client, SERVER) and a != ClientRef("udp", a.client, SERVER, 1)
+
+
+def test_reserved_ports_count_against_the_total() -> None:
+    core = core_with(max_allocations=2)
+    a = Client(core, ref("198.51.100.7:1"))
+    a.allocate([EvenPort(True)])  # one allocation + one reserved port
+    b = Client(core, ref("198.51.100.8:1"), "bob", "pw2")
+    assert error_of(b.request(TurnMethod.ALLOCATE, [RequestedTransport(17)])) == 486
+    core.expire(30.0)  # the reservation lapses
+    assert b.allocate(now=31.0) is not None
+
+
+def test_an_expired_allocation_is_dead_before_expire_sweeps_it() -> None:
+    core = core_with()
+    c = Client(core, ref())
+    c.allocate(now=0.0)
+    c.bind(0x4000, PEER)
+    assert error_of(c.request(TurnMethod.REFRESH, [], now=600.0)) == 437  # no revival
+    assert c.send(encode_channel_data(0x4000, b"x"), now=600.0) is None
+    assert core.on_peer_datagram(c.allocation_id, b"x", PEER, 600.0) is None  # type: ignore[arg-type]
+    assert core.expire(600.0) == [c.allocation_id]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"realm": ""},
+        {"realm": "two words"},
+        {"realm": "r" * 128},
+        {"users": {"1800000000:g:0123456789abcdef": "pw"}},
+        {"users": {"": "pw"}},
+        {"default_lifetime": 0},
+        {"default_lifetime": 4000, "max_lifetime": 3600},
+        {"permission_lifetime": 0},
+        {"user_quota": -1},
+    ],
+)
+def test_bad_configuration_is_a_config_error(kw: dict) -> None:
+    with pytest.raises(ConfigError):
+        TurnConfig(**kw)
+
+
+def test_short_secret_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        TurnCore(TurnConfig(), b"short")
+
+
+def test_refreshes_do_not_pile_up_timers() -> None:
+    core = core_with()
+    c = Client(core, ref())
+    c.allocate([Lifetime(3600)], now=0.0)
+    for i in range(1, 200):
+        c.request(TurnMethod.REFRESH, [Lifetime(3600)], now=float(i))
+    assert len(core._timers) == 1
+    c.request(TurnMethod.REFRESH, [Lifetime(600)], now=200.0)  # shorter: expires at 800
+    assert core.get_timer() == 800.0
+    assert core.expire(799.0) == [] and core.expire(800.0) == [c.allocation_id]
+    d = Client(core, ref("198.51.100.8:1"))
+    d.allocate(now=0.0)
+    d.request(TurnMethod.REFRESH, [], now=500.0)  # 1100
+    assert core.expire(600.0) == [] and core.get_timer() == 1100.0
+    assert core.expire(1100.0) == [d.allocation_id]
