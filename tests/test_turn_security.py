@@ -7,30 +7,15 @@ import time
 
 import pytest
 
-from conftest import TrackerProcess
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.limits import reply_budget
 from nattool.protocol.stun import MsgClass, Nonce, Realm
 from nattool.protocol.text import RelayGrant, RelayRequest
 from nattool.protocol.turn import Lifetime, RequestedTransport, TurnMethod, XorPeerAddress
 from nattool.protocol.turn_auth import rest_password
-from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, udp_peer
+from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, turn_client, udp_peer  # noqa: F401 - fixture
 
 USER = ("--turn-user", "alice:wonderland")
-
-
-@pytest.fixture
-def turn_client(tracker):  # type: ignore[no-untyped-def]
-    made: list[TurnTestClient] = []
-
-    def make(tp: TrackerProcess, user: str | None = "alice", password: str | None = "wonderland", **kw: object) -> TurnTestClient:
-        client = TurnTestClient(tp.addr, user, password, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
 
 
 def _allocate(client: TurnTestClient) -> int | None:

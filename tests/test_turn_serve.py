@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,23 +190,9 @@ def test_bad_turn_flags_are_one_line_exit_2(args: list[str], fragment: str, natt
 from nattool.protocol.endpoint import Endpoint  # noqa: E402
 from nattool.protocol.stun import MsgClass  # noqa: E402
 from nattool.protocol.turn import RequestedTransport, TurnMethod  # noqa: E402
-from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, udp_peer  # noqa: E402
+from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, turn_client, udp_peer  # noqa: E402, F401 - fixture
 
 TURN_FLAGS = ("--turn-user", "alice:wonderland", "--allow-peer", "127.0.0.0/8")
-
-
-@pytest.fixture
-def turn_client(tracker):  # type: ignore[no-untyped-def]
-    made: list[TurnTestClient] = []
-
-    def make(tp: TrackerProcess, user: str | None = "alice", password: str | None = "wonderland", **kw: object) -> TurnTestClient:
-        client = TurnTestClient(tp.addr, user, password, **kw)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -351,3 +339,70 @@ def test_metrics_count_allocations_and_relayed_packets(tracker, turn_client) -> 
     ]
     for line in want:
         assert line in text, line
+
+
+def test_relayed_ports_come_from_the_range_and_run_out_with_508(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    from conftest import free_udp_port
+
+    port = free_udp_port()
+    tp = tracker(*TURN_FLAGS, "--relay-ports", f"{port}-{port}")
+    assert f"ports {port}-{port}" in tp.banner
+    first = turn_client(tp, src_ip="127.0.0.2")
+    assert first.allocate().port == port
+    second = turn_client(tp, src_ip="127.0.0.3")
+    assert error_of(second.request(TurnMethod.ALLOCATE, (RequestedTransport(17),))) == 508
+    assert first.refresh(0).msg_class == MsgClass.SUCCESS  # the port is free again
+    assert second.allocate().port == port
+
+
+def test_ipv6_relayed_address_on_request(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    from nattool.protocol.turn import RequestedAddressFamily
+
+    tp = tracker(*TURN_FLAGS, "--host", "::1")
+    assert "relayed 127.0.0.1 ::1 " in tp.banner
+    client = turn_client(tp)
+    relayed6 = client.allocate(RequestedAddressFamily(6))
+    assert str(relayed6.ip) == "::1"
+    other = turn_client(tp, src_ip="127.0.0.3")
+    assert other.allocate().ip.version == 4
+
+
+def test_bandwidth_cap_drops_the_excess(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS, "--relay-bandwidth", "2000")
+    client = turn_client(tp)
+    client.allocate()
+    peer = udp_peer()
+    try:
+        target = peer_endpoint(peer)
+        assert client.permit(target).msg_class == MsgClass.SUCCESS
+        for _ in range(400):  # 400 kB at once: far beyond any burst the cap allows
+            client.send_to(target, b"z" * 1000)
+        received = 0
+        while recv_or_none(peer, 0.5) is not None:
+            received += 1
+        assert 0 < received < 400
+    finally:
+        peer.close()
+
+
+def test_turn_settings_from_the_config_file_and_environment(tmp_path: Path, nattool_home: Path) -> None:
+    from conftest import nattool_env, start_tracker
+
+    config = tmp_path / "serve.toml"
+    config.write_text('[serve]\nturn_user = ["carol:from-file"]\nrealm = "example.org"\nrelay_ports = "50000-50100"\n')
+    tp = start_tracker("--config", str(config), workdir=tmp_path / "t", home=nattool_home)
+    try:
+        assert "realm example.org" in tp.banner and "ports 50000-50100" in tp.banner and "users" in tp.banner
+        client = TurnTestClient(tp.addr, "carol", "from-file")
+        try:
+            assert 50000 <= client.allocate().port <= 50100
+        finally:
+            client.close()
+    finally:
+        tp.stop()
+    tp.assert_clean()
+    env = nattool_env(nattool_home, NATTOOL_TURN_SECRET="from-the-environment")
+    result = subprocess.run(
+        [sys.executable, "-m", "nattool", "config", "show", "--json"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert '"from-the-environment"' in result.stdout and "env NATTOOL_TURN_SECRET" in result.stdout

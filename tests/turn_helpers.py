@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import pytest
 
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.stream_frames import ChannelDataFrame, StreamDeframer, StunFrame, TextFrame, text_frame
@@ -219,3 +221,19 @@ def recv_or_none(sock: socket.socket, timeout: float = 1.0) -> tuple[bytes, tupl
     except (socket.timeout, ConnectionRefusedError):
         return None
     return data, (addr[0], addr[1])
+
+
+@pytest.fixture
+def turn_client(tracker: Callable[..., Any]) -> Iterator[Callable[..., TurnTestClient]]:
+    """A factory of TurnTestClients to a tracker process (default user alice /
+    wonderland), closed at teardown."""
+    made: list[TurnTestClient] = []
+
+    def make(tp: Any, user: str | None = "alice", password: str | None = "wonderland", **kw: Any) -> TurnTestClient:
+        client = TurnTestClient(tp.addr, user, password, **kw)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()

@@ -426,7 +426,7 @@ class TrackerServer:
                 self.core.counters["socket_error"] += 1
                 continue
             first = data[0] if data else 0xFF
-            if 0x40 <= first <= 0x4F:
+            if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
                 ref = refs.get((listener.local, addr)) or self._udp_client(listener, addr)
                 if ref is not None:
                     out = turn.channel_data_from_client(data, ref, now)
