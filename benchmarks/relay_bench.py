@@ -5,6 +5,7 @@ loaded by the same `turnutils_uclient` command in the same run.
     python benchmarks/relay_bench.py --rounds 5 --clients 100 --messages 2000 --interval 2
     python benchmarks/relay_bench.py --tcp                 # TURN over TCP to the server
     python benchmarks/relay_bench.py --indications         # Send/Data indications, no channels
+    python benchmarks/relay_bench.py --cap 0.25            # each server held to a quarter core (root)
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn) as a TURN server
 (long-term credentials, relay on 127.0.0.1, `allow-loopback-peers`, since its relayed
@@ -28,6 +29,11 @@ second; the ratio is nattool's to coturn's in the same round, and the table give
 medians. Both servers must lose nothing: a server that cannot keep up would look
 cheap per packet while dropping them, so a loss is reported next to its figure.
 
+With ``--cap SHARE`` (Linux, root) each server is held to the same share of one core
+(``cpu_cap.py``): with an offered load above what that share relays, the relayed
+packets per second of wall time compare what each server does with the same CPU (and
+the losses show which one could not keep up).
+
 Everything stays on 127.0.0.1.
 """
 
@@ -46,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cpu_cap import CpuCap, CpuCapError
 from run_benchmarks import HOST, Server, env, free_port, launch
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench"
@@ -93,6 +100,10 @@ class RelayRun:
     wall: float
 
     @property
+    def per_second(self) -> float:
+        return self.relayed / self.wall
+
+    @property
     def per_cpu_second(self) -> float:
         return self.relayed / self.cpu if self.cpu > 0 else float("nan")
 
@@ -129,10 +140,17 @@ def main() -> int:
     ap.add_argument("--interval", type=int, default=2, help="uclient -z: ms between a session's messages")
     ap.add_argument("--tcp", action="store_true", help="uclient -t: TURN over TCP to the server")
     ap.add_argument("--indications", action="store_true", help="uclient -s: Send/Data indications, no channels")
+    ap.add_argument("--cap", type=float, metavar="SHARE", help="hold each server to SHARE of one core (cgroup quota; Linux, root)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for one uclient run")
     opts = ap.parse_args()
     if shutil.which("turnutils_uclient") is None:
         ap.error("turnutils_uclient is not installed (Debian package coturn)")
+    cap: Optional[CpuCap] = None
+    if opts.cap is not None:
+        try:
+            cap = CpuCap(opts.cap)
+        except CpuCapError as exc:
+            ap.error(f"--cap: {exc}")
     runs: dict[str, list[RelayRun]] = {"coturn": [], "nattool": []}
     ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="nattool-relay-bench-") as tmp:
@@ -141,6 +159,8 @@ def main() -> int:
         try:
             servers.append(start_coturn_turn(work))
             servers.append(start_nattool_turn(work, opts.clients))
+            if cap is not None:
+                cap.put([s.proc.pid for s in servers])
             for rnd in range(opts.rounds):
                 order = servers if rnd % 2 == 0 else servers[::-1]
                 this: dict[str, RelayRun] = {}
@@ -151,21 +171,29 @@ def main() -> int:
                           f"in {run.wall:.1f} s; server CPU {run.cpu:.2f} s -> {run.per_cpu_second:,.0f} packets per CPU second",
                           file=sys.stderr, flush=True)
                 ratios.append(this["nattool"].per_cpu_second / this["coturn"].per_cpu_second)
+        except CpuCapError as exc:
+            print(f"relay_bench.py: --cap: {exc}", file=sys.stderr)
+            return 2
         finally:
             for s in servers:
                 s.stop()
+            if cap is not None:
+                cap.remove()
     print()
     print(f"turnutils_uclient {' '.join(uclient_argv(0, opts)[1:]).replace('-p 0', '-p PORT')}; "
           f"{opts.rounds} rounds (median); {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"Python {platform.python_version()}, kernel {platform.release()}")
+    if cap is not None:
+        print(f"capped: each server held to {cap.share:g} of one core (cgroup CPU quota)")
     print()
-    print("| server | relayed packets | lost | server CPU s | relayed packets per CPU second | vs coturn |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| server | relayed packets | lost | relayed packets/s | server CPU s | relayed packets per CPU second | vs coturn |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ref = statistics.median(r.per_cpu_second for r in runs["coturn"])
     for name, rs in runs.items():
         rate = statistics.median(r.per_cpu_second for r in rs)
         print(f"| {name} | {statistics.median(r.relayed for r in rs):,.0f} | {max(r.lost for r in rs)} | "
-              f"{statistics.median(r.cpu for r in rs):.2f} | {rate:,.0f} | {rate / ref:.2f}x |")
+              f"{statistics.median(r.per_second for r in rs):,.0f} | {statistics.median(r.cpu for r in rs):.2f} | "
+              f"{rate:,.0f} | {rate / ref:.2f}x |")
     print()
     print("nattool / coturn by round: " + ", ".join(f"{r:.2f}x" for r in ratios))
     return 0
