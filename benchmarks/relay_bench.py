@@ -50,10 +50,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from cpu_cap import CpuCap, CpuCapError
-from run_benchmarks import HOST, Server, env, free_port, launch
+from cpu_cap import CpuCapError, cap_option
+from run_benchmarks import HOST, Server, env, free_port, launch, stop_all
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench"
 # Relayed ports of the two servers apart, so that neither takes the other's.
@@ -145,12 +144,7 @@ def main() -> int:
     opts = ap.parse_args()
     if shutil.which("turnutils_uclient") is None:
         ap.error("turnutils_uclient is not installed (Debian package coturn)")
-    cap: Optional[CpuCap] = None
-    if opts.cap is not None:
-        try:
-            cap = CpuCap(opts.cap)
-        except CpuCapError as exc:
-            ap.error(f"--cap: {exc}")
+    cap = cap_option(ap, opts.cap)
     runs: dict[str, list[RelayRun]] = {"coturn": [], "nattool": []}
     ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="nattool-relay-bench-") as tmp:
@@ -175,10 +169,7 @@ def main() -> int:
             print(f"relay_bench.py: --cap: {exc}", file=sys.stderr)
             return 2
         finally:
-            for s in servers:
-                s.stop()
-            if cap is not None:
-                cap.remove()
+            stop_all(servers, cap)
     print()
     print(f"turnutils_uclient {' '.join(uclient_argv(0, opts)[1:]).replace('-p 0', '-p PORT')}; "
           f"{opts.rounds} rounds (median); {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
