@@ -20,12 +20,18 @@ import pytest
 
 from conftest import BANNER_PREFIX, nattool_cmd, nattool_env
 from tests.natlab import Lab, NatBehaviour
-from tests.natlab.fixtures import natlab, natlab_available  # noqa: F401 - fixtures
+from tests.natlab.fixtures import _skip_or_fail, natlab, natlab_available  # noqa: F401 - fixtures
 from tests.natlab.lab import read_line
 from tests.natlab.topologies import SERVER_V4, probe_topology
 
 UCLIENT = shutil.which("turnutils_uclient")
-pytestmark = pytest.mark.skipif(UCLIENT is None, reason="coturn's turnutils_uclient is not installed (apt install coturn)")
+
+
+@pytest.fixture(autouse=True)
+def _uclient_installed() -> None:
+    if UCLIENT is None:
+        _skip_or_fail("coturn's turnutils_uclient is not installed (apt install coturn)")
+
 
 SECRET = "interop-rest-secret"
 LOST = re.compile(r"Total lost packets (\d+)")
