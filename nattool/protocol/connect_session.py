@@ -424,8 +424,9 @@ class ConnectSession:
         if was_open and self.turn is not None and self.turn.server == tracker:
             self.turn.close(now)
             self._events.append(RelayLost(tracker, f"the TCP connection to {tracker} broke: {reason}"))
-        if reg.trying is None and not reg.asking:
-            reg.next_round = min(reg.next_round, now)
+        reg.trying = None
+        reg.asking = False
+        reg.next_round = now
         self._tick(now)
 
     # -- registration ------------------------------------------------------------------
@@ -960,11 +961,13 @@ class ConnectSession:
                 if member.peer is None and member.endpoint.ip == dest.ip:
                     member.peer = peer.sender
         elif kind == PathKind.RELAY and not any(m.peer == peer.sender for m in self.members.values()):
-            # A relayed endpoint says nothing of the member behind it; when only one
-            # member is still unreached, it is this peer.
+            # A relayed endpoint says nothing of the member behind it; when the members
+            # still unreached are all at one public IP (one host, as each tracker saw
+            # it), they are this peer.
             unreached = [m for m in self.members.values() if m.peer is None]
-            if len(unreached) == 1:
-                unreached[0].peer = peer.sender
+            if len({m.endpoint.ip for m in unreached}) == 1:
+                for member in unreached:
+                    member.peer = peer.sender
         path = peer.paths.get(dest)
         if path is None:
             path = peer.paths[dest] = Path(dest, kind)
