@@ -103,7 +103,7 @@ RELAY_OFF = "relay off"
 class RelayGrants(Protocol):
     """What answers ``//relay/<group>`` (the TURN relay of ``serve --relay``)."""
 
-    def grant(self, group: str, wall_now: float) -> RelayGrant:
+    def grant(self, group: str, now: float, wall_now: float) -> RelayGrant:
         """Credentials for ``group`` and the relayed endpoints of its live allocations."""
         ...
 
@@ -170,7 +170,7 @@ class TrackerCore:
                 counters["relay_off"] += 1
                 return ErrorReply(RELAY_OFF).to_wire()[:budget]
             counters["relay"] += 1
-            return self._relay_reply(self.relay.grant(request.group, wall_now), budget)
+            return self._relay_reply(self.relay.grant(request.group, now, wall_now), budget)
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def on_register_v4(
