@@ -200,6 +200,7 @@ class Registration:
     ask_attempt: int = 0
     ask_next: float = 0.0
     stream: Optional[str] = None  # WANTED, OPEN or FAILED: reached over TCP
+    silent: bool = False  # a whole registration went unanswered (on this transport)
 
 
 @dataclass
@@ -406,6 +407,7 @@ class ConnectSession:
             return
         self._now = now
         reg.stream = OPEN
+        reg.silent = False
         reg.send_error = None
         reg.trying = None
         reg.asking = False
@@ -469,6 +471,9 @@ class ConnectSession:
                 else:
                     reg.trying = None
                     reg.next_round = now + self._round_wait()
+                    if not reg.silent and reg.relay is None:
+                        reg.silent = True  # no longer waited for by the relay choice
+                        self._pick_relay(now)
 
     def _on_tracker_answer(self, reg: Registration, data: bytes, now: float) -> None:
         try:
@@ -482,6 +487,9 @@ class ConnectSession:
             # Refused (group full, rate limit...): ask again next round.
             reg.trying = None
             reg.next_round = now + self._round_wait()
+            if not reg.silent and reg.relay is None:
+                reg.silent = True
+                self._pick_relay(now)
             return
         form = reg.trying or SEED
         if form == SEED:
@@ -494,6 +502,7 @@ class ConnectSession:
             if reg.original_answers >= 2:
                 reg.form = ORIGINAL
         reg.trying = None
+        reg.silent = False
         self._on_registered(reg.tracker, members, form, now)
         reg.next_round = now + self._round_wait()
         if self.config.relay != RelayMode.NEVER and reg.relay != REFUSED:
@@ -550,9 +559,10 @@ class ConnectSession:
             self._events.append(RelayLost(None, "no tracker offers a relay"))
 
     def _pick_relay(self, now: float) -> None:
-        """The first tracker, in the configured order, that grants a relay; one asked
-        but not yet answered is waited for, so that members with the same tracker list
-        pick the same relay (two allocations reach each other only on one server)."""
+        """The first tracker, in the configured order, that grants a relay. One that
+        has not said yet is waited for, unless it left a whole registration unanswered:
+        members with the same tracker list must pick the same relay (two allocations
+        reach each other only on one server), whichever tracker answers them first."""
         if self.turn is not None:
             return
         for reg in self.registrations.values():
@@ -562,7 +572,7 @@ class ConnectSession:
                 self.turn = TurnClient(reg.tracker, creds, self.seed, now, reliable=reg.stream == OPEN,
                                        family=reg.tracker.ip.version)
                 return
-            if reg.relay is None and reg.asking:
+            if reg.relay is None and not reg.silent:
                 return
 
     def _on_relayed_endpoint(self, ep: Endpoint, now: float) -> None:

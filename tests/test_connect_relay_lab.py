@@ -1,0 +1,77 @@
+"""Issue 24's acceptance matrix in the NAT lab: `nattool connect` between every pair of
+{open, full, restricted, port, symmetric, UDP blocked}, with `nattool serve --relay`
+trackers. Direct for the pairs that punch, relayed for symmetric<->symmetric, port-
+restricted<->symmetric and anything with UDP blocked (over TCP to the tracker); the first
+path within 5 s; a typed line crosses. Each case runs once here, several labs at a time;
+scripts/connect_matrix_runs.py runs the matrix ten times for the closing-note table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import nattool_cmd, nattool_env
+from tests.natlab.connect_matrix import CASES, NAMES, Case, run_matrix, table
+from tests.natlab.fixtures import natlab_available  # noqa: F401 - fixture
+from tests.natlab.nft import NatBehaviour
+from tests.test_connect_loopback import connect_argv
+
+pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available")]
+
+N = NatBehaviour
+WORKERS = 4  # labs at a time: the cases are independent, and mostly waiting
+
+
+def test_the_matrix_covers_every_pair_once() -> None:
+    assert len(CASES) == 21 and len({frozenset((c.left, c.right)) for c in CASES}) == 21
+    relayed = {c.name for c in CASES if c.via == "relay"}
+    assert relayed == {
+        "symmetric x symmetric", "port x symmetric",
+        *(f"{NAMES[b]} x udp-blocked" for b in NAMES),
+    }
+
+
+@pytest.mark.parametrize("kind", ["direct", "relay"])
+def test_every_pair_connects(kind: str, tmp_path: Path) -> None:
+    cases = [c for c in CASES if c.via == kind]
+    results = run_matrix(cases, tmp_path, nattool_env(tmp_path), nattool_cmd, connect_argv, workers=WORKERS)
+    print("\n" + table(results))
+    failed = [r for r in results if not r.ok]
+    report = "\n\n".join(r.describe() + "".join(f"\n--- {side}:\n{text}" for side, text in r.transcript.items())
+                         for r in failed)
+    assert not failed, report
+
+
+def test_relay_never_between_two_symmetric_nats_is_still_impossible(tmp_path: Path) -> None:
+    """`--relay never` is today's behaviour even with a relaying tracker (exit 1, "impossible")."""
+    import json
+
+    import pexpect
+
+    from tests.natlab import Lab
+    from tests.natlab.connect_matrix import BANNER, TRACKERS
+    from tests.natlab.topologies import pair_topology
+
+    env = nattool_env(tmp_path)
+    with Lab() as lab:
+        topo = pair_topology(lab, N.APDM, N.APDM)
+        for ep in TRACKERS:
+            host, port = ep.rsplit(":", 1)
+            lab.start_service("tracker", nattool_cmd("serve", "--host", host, "--port", port, "--store", "memory",
+                                                     "--rate-limit", "0", "--relay"), ready=BANNER, env=env)
+        args = ["never-sym", *sum((["-t", t] for t in TRACKERS), []), "--json", "--timeout", "12", "--relay", "never"]
+        children = [lab.spawn(h, connect_argv(*args), env=env, timeout=20) for h in (topo.left, topo.right)]
+        for child in children:
+            child.expect(pexpect.EOF)
+            child.close()
+            assert child.exitstatus == 1, child.before
+            evs = [json.loads(line) for line in child.before.splitlines() if line.startswith("{")]
+            assert not [e for e in evs if e["event"] in ("path_up", "relay", "tcp")]
+            gave_up = [e for e in evs if e["event"] == "gave_up"]
+            assert gave_up and all(e["impossible"] for e in gave_up)
+
+
+def test_case_names_are_stable() -> None:
+    assert Case(N.EIM_APDF, N.APDM).name == "port x symmetric"
