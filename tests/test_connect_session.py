@@ -761,3 +761,38 @@ def test_tcp_flag_asks_for_streams_at_once_and_never_does_not_fall_back() -> Non
 def test_via_is_direct_lan_or_relay() -> None:
     assert [k.via for k in ev.PathKind] == ["direct", "lan", "relay"]
     assert sorted(ev.PathKind, key=lambda k: k.rank) == [ev.PathKind.LAN, ev.PathKind.INTERNET, ev.PathKind.RELAY]
+
+
+GRANT = RelayGrant("1800003600:g:0123456789abcdef", "cGFzc3dvcmQ=", 3600, "nattool").to_wire()
+
+
+def turn_to(s: ConnectSession, now: float) -> list[Endpoint]:
+    return [dest for data, dest in s.datagrams_to_send(now) if is_turn_message(data)]
+
+
+def test_the_relay_is_the_first_tracker_in_order_that_grants_one() -> None:
+    s = make(trackers=(T1, T2), relay=RelayMode.AUTO)
+    s.datagrams_to_send(0.0)
+    s.receive_datagram(members(ME_PUB, PEER_PUB), T2, 0.1)
+    assert [d[:8] for d, dest in s.datagrams_to_send(0.1) if dest == T2] == [b"//relay/"]
+    s.receive_datagram(GRANT, T2, 0.15)
+    assert turn_to(s, 0.15) == []  # T1 comes first and has not said yet: the other member may pick it
+    s.receive_datagram(members(ME_PUB, PEER_PUB), T1, 0.2)
+    s.datagrams_to_send(0.2)
+    s.receive_datagram(GRANT, T1, 0.25)
+    assert turn_to(s, 0.25) == [T1]  # the Allocate
+
+
+def test_a_silent_earlier_tracker_is_not_waited_for_beyond_one_registration() -> None:
+    s = make(trackers=(T1, T2), relay=RelayMode.AUTO)
+    s.datagrams_to_send(0.0)
+    s.receive_datagram(members(ME_PUB, PEER_PUB), T2, 0.1)
+    s.datagrams_to_send(0.1)
+    s.receive_datagram(GRANT, T2, 0.15)
+    now, allocate_at = 0.15, None
+    while allocate_at is None and now < 5.0:
+        now = s.get_timer()  # type: ignore[assignment]
+        s.handle_timer(now)
+        if T2 in turn_to(s, now):
+            allocate_at = now
+    assert allocate_at == pytest.approx(s.config.tracker_timeout, abs=0.1)  # T1's seed and original forms, unanswered
