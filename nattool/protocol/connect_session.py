@@ -479,11 +479,8 @@ class ConnectSession:
         try:
             members = MemberList.from_wire(data)
         except ProtocolError:
-            try:
-                ErrorReply.from_wire(data)
-            except ProtocolError:
-                self.counters["junk"] += 1  # not an answer: keep waiting for one
-                return
+            if not self._is_refusal(data):
+                return  # not an answer: keep waiting for one
             # Refused (group full, rate limit...): ask again next round.
             reg.trying = None
             reg.next_round = now + self._round_wait()
@@ -511,6 +508,15 @@ class ConnectSession:
 
     # -- the relay ---------------------------------------------------------------------
 
+    def _is_refusal(self, data: bytes) -> bool:
+        """An ``ERR`` reply from a tracker; anything else is counted as junk."""
+        try:
+            ErrorReply.from_wire(data)
+        except ProtocolError:
+            self.counters["junk"] += 1
+            return False
+        return True
+
     def _start_relay_ask(self, reg: Registration, now: float) -> None:
         # An old tracker stays silent: half the time budget for the first ask, as for
         # the registration form, so that it delays the next round by little.
@@ -535,11 +541,8 @@ class ConnectSession:
         try:
             grant = RelayGrant.from_wire(data)
         except ProtocolError:
-            try:
-                ErrorReply.from_wire(data)
-            except ProtocolError:
-                self.counters["junk"] += 1  # e.g. a late registration answer: keep waiting
-                return
+            if not self._is_refusal(data):
+                return  # e.g. a late registration answer: keep waiting
             reg.asking = False
             if reg.relay is None:
                 self._relay_refused(reg, now)
