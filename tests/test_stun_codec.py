@@ -21,9 +21,11 @@ from nattool.protocol.stun import (
     MessageIntegrity,
     Method,
     MsgClass,
+    Nonce,
     OtherAddress,
     Padding,
     RawAttribute,
+    Realm,
     ResponseOrigin,
     ResponsePort,
     Software,
@@ -141,8 +143,8 @@ def test_xor_mapped_address_built_from_scratch() -> None:
 def test_long_term_vector() -> None:
     msg = parse(SAMPLE_LONG_TERM)
     assert msg.get(Username) == Username("\u30de\u30c8\u30ea\u30c3\u30af\u30b9")
-    assert RawAttribute(0x0015, b"f//499k954d6OL34oL9FSTvy64sA") in msg.attributes  # NONCE
-    assert RawAttribute(0x0014, b"example.org") in msg.attributes  # REALM
+    assert msg.get(Nonce) == Nonce("f//499k954d6OL34oL9FSTvy64sA")
+    assert msg.get(Realm) == Realm("example.org")
     assert not msg.has_fingerprint
     key = long_term_key("\u30de\u30c8\u30ea\u30c3\u30af\u30b9", "example.org", "TheMatrIX")
     assert check_integrity(SAMPLE_LONG_TERM, key) is True

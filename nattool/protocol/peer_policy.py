@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import AbstractSet, Iterable, Union
 
 from nattool.errors import UsageError
 from nattool.protocol.endpoint import Endpoint, IPAddress, unmap
@@ -99,7 +99,7 @@ class PeerPolicy:
             return False
         return _in_any(ip, self._denied)
 
-    def is_service(self, peer: Endpoint, own_ips: frozenset[IPAddress] = frozenset()) -> bool:
+    def is_service(self, peer: Endpoint, own_ips: AbstractSet[IPAddress] = frozenset()) -> bool:
         """One of the server's own listening endpoints (a relay must not loop into them)."""
         ip = unmap(peer.ip)
         if Endpoint(ip, peer.port) in self.service_endpoints:

@@ -4,11 +4,13 @@ A byte stream carries back-to-back frames, told apart by their first byte
 (RFC 7983 style):
 
 - 0x00-0x3F: a STUN message, 20 + the header's length field bytes;
-- 0x40-0x4F: TURN ChannelData, 4 + length field, padded to a multiple of 4
-  (RFC 8656 section 12.5);
+- 0x40-0x7F: TURN ChannelData, 4 + length field, padded to a multiple of 4
+  (RFC 8656 section 12.5; channels up to 0x7FFF as RFC 5766 clients use them);
 - 0x80-0xFF: a text frame (nattool extension): a 2-byte header ``0x8000 | N``
-  (N = 1..1200) and N bytes, exactly what a UDP datagram would carry;
-- anything else: garbage; the connection is to be closed.
+  (N = 0..1200) and N bytes, exactly what a UDP datagram would carry (N = 0: the empty
+  reply to ``//tcksvr`` from a tracker that knows no other trackers);
+- a text frame header with a length over 1200: garbage; the connection is to be
+  closed.
 
 Pure: :class:`StreamDeframer` takes the bytes as they come and returns whole frames.
 One implementation for the server and the client.
@@ -50,8 +52,8 @@ Frame = Union[StunFrame, ChannelDataFrame, TextFrame]
 def text_frame(payload: bytes) -> bytes:
     """Frame a text-protocol payload for a stream."""
     n = len(payload)
-    if not 1 <= n <= MAX_TEXT_FRAME:
-        raise StreamFramingError(f"a text frame carries 1..{MAX_TEXT_FRAME} bytes, not {n}")
+    if n > MAX_TEXT_FRAME:
+        raise StreamFramingError(f"a text frame carries at most {MAX_TEXT_FRAME} bytes, not {n}")
     return (TEXT_FRAME_FLAG | n).to_bytes(2, "big") + payload
 
 
@@ -88,7 +90,7 @@ class StreamDeframer:
                         break
                     frames.append(StunFrame(bytes(buf[pos : pos + size])))
                     pos += size
-                elif first <= 0x4F:
+                elif first <= 0x7F:
                     if n - pos < 4:
                         break
                     length = (buf[pos + 2] << 8) | buf[pos + 3]
@@ -98,16 +100,14 @@ class StreamDeframer:
                         break
                     frames.append(ChannelDataFrame(bytes(buf[pos : pos + size])))
                     pos += padded
-                elif first >= 0x80:
+                else:
                     length = ((first << 8) | buf[pos + 1]) & ~TEXT_FRAME_FLAG
-                    if not 1 <= length <= MAX_TEXT_FRAME:
-                        raise StreamFramingError(f"text frame of {length} bytes (1..{MAX_TEXT_FRAME})")
+                    if length > MAX_TEXT_FRAME:
+                        raise StreamFramingError(f"text frame of {length} bytes (at most {MAX_TEXT_FRAME})")
                     if n - pos < 2 + length:
                         break
                     frames.append(TextFrame(bytes(buf[pos + 2 : pos + 2 + length])))
                     pos += 2 + length
-                else:
-                    raise StreamFramingError(f"no frame starts with byte {first:#04x}")
         except StreamFramingError:
             self._broken = True
             self._buf = bytearray()

@@ -91,9 +91,11 @@ REASONS: dict[int, str] = {
 PROTO_UDP = 17
 FAMILY_IPV4 = 0x01
 FAMILY_IPV6 = 0x02
-# RFC 8656 section 12: channel numbers 0x4000 through 0x4FFF (0x5000-0x7FFF reserved).
+# RFC 8656 section 12 narrowed channel numbers to 0x4000-0x4FFF; RFC 5766 allowed up to
+# 0x7FFF and clients still use that range (coturn's turnutils_uclient picks channels at
+# random in it), so the server accepts 0x4000-0x7FFF: first bytes 0x40-0x7F.
 CHANNEL_MIN = 0x4000
-CHANNEL_MAX = 0x4FFF
+CHANNEL_MAX = 0x7FFF
 CHANNEL_HEADER = 4
 
 
@@ -310,8 +312,9 @@ _register()
 
 
 def is_channel_data(data: bytes) -> bool:
-    """First byte 0x40-0x4F: a ChannelData message (RFC 7983 / RFC 8656 section 12)."""
-    return len(data) >= CHANNEL_HEADER and 0x40 <= data[0] <= 0x4F
+    """First byte 0x40-0x7F: a ChannelData message (RFC 8656 section 12, with RFC
+    5766's wider channel range)."""
+    return len(data) >= CHANNEL_HEADER and 0x40 <= data[0] <= 0x7F
 
 
 def is_turn_message(data: bytes) -> bool:
@@ -340,7 +343,7 @@ def encode_channel_data(channel: int, payload: bytes, *, stream: bool = False) -
     """A ChannelData message; over a stream (TCP) padded to a multiple of 4 bytes
     (RFC 8656 section 12.5), over UDP not padded."""
     if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
-        raise ProtocolError(f"channel number {channel:#x} out of range 0x4000..0x4FFF")
+        raise ProtocolError(f"channel number {channel:#x} out of range 0x4000..0x7FFF")
     if len(payload) > 0xFFFF:
         raise ProtocolError("ChannelData payload longer than 65535 bytes")
     head = struct.pack("!HH", channel, len(payload))

@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
-from nattool.errors import ProtocolError
+from nattool.errors import ConfigError, ProtocolError
 from nattool.protocol.endpoint import Endpoint, IPAddress, endpoint_source_key, unmap
 from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
@@ -57,6 +57,8 @@ from nattool.protocol.stun import (
     parse,
 )
 from nattool.protocol.turn import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
     PROTO_UDP,
     REASONS,
     AdditionalAddressFamily,
@@ -75,7 +77,13 @@ from nattool.protocol.turn import (
     channel_data_payload,
     encode_channel_data,
 )
-from nattool.protocol.turn_auth import CredentialStore, NonceMint, UserKey, grant_group_credentials
+from nattool.protocol.turn_auth import (
+    CredentialStore,
+    NonceMint,
+    UserKey,
+    grant_group_credentials,
+    is_group_username,
+)
 
 _COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
 RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 s
@@ -138,6 +146,21 @@ class TurnConfig:
     peer_policy: PeerPolicy = field(default_factory=PeerPolicy)
     safe_datagram: int = SAFE_DATAGRAM
 
+    def __post_init__(self) -> None:
+        # The realm travels in REALM (RFC 8489: under 128 characters) and as one word of
+        # the //relay reply.
+        if not 1 <= len(self.realm) <= 127 or any(c.isspace() for c in self.realm):
+            raise ConfigError(f"realm {self.realm[:40]!r}: 1..127 characters, no spaces")
+        for name in self.users:
+            if not name or is_group_username(name):
+                raise ConfigError(f"TURN user name {name[:40]!r} is empty or shaped like a group credential")
+        if not 0 < self.default_lifetime <= self.max_lifetime:
+            raise ConfigError("TURN lifetimes: 0 < default <= max")
+        if min(self.permission_lifetime, self.channel_lifetime, self.group_credential_lifetime) <= 0:
+            raise ConfigError("TURN permission, channel and credential lifetimes must be positive")
+        if min(self.max_allocations, self.user_quota, self.source_quota, self.bandwidth) < 0:
+            raise ConfigError("TURN quotas and bandwidth cannot be negative")
+
     @property
     def enabled(self) -> bool:
         """TURN is on: some credentials exist."""
@@ -156,6 +179,15 @@ class ClientRef:
     client: Endpoint
     server: Endpoint
     connection: int = 0
+    # Looked up for every relayed packet: hashing two Endpoints each time costs more
+    # than the rest of the relay's decision.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.transport, self.client, self.server, self.connection)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def stream(self) -> bool:
@@ -255,6 +287,7 @@ class _Allocation:
         "family",
         "relayed",
         "expiry",
+        "timer_at",
         "allocate_txid",
         "allocate_reply",
         "permissions",
@@ -276,6 +309,7 @@ class _Allocation:
         self.family = pending.family
         self.relayed = relayed
         self.expiry = now + pending.lifetime
+        self.timer_at = self.expiry  # its one live entry in TurnCore._timers
         self.allocate_txid = pending.txid
         self.allocate_reply = b""
         # peer IP -> [expiry, mode]
@@ -318,7 +352,7 @@ class TurnCore:
 
     def __init__(self, config: TurnConfig, secret: bytes) -> None:
         if len(secret) < 16:
-            raise ProtocolError("the TURN server secret needs at least 16 bytes")
+            raise ConfigError("the TURN server secret needs at least 16 bytes")
         self.config = config
         self._secret = secret
         self.credentials = CredentialStore(
@@ -366,7 +400,7 @@ class TurnCore:
 
     def on_client_message(self, data: bytes, client: ClientRef, now: float, wall: float) -> ClientOutcome:
         """A datagram (UDP) or a frame (TCP: a STUN or ChannelData frame) from a client."""
-        if data and 0x40 <= data[0] <= 0x4F:
+        if data and 0x40 <= data[0] <= 0x7F:
             return self.channel_data_from_client(data, client, now)
         try:
             msg = parse(data)
@@ -386,7 +420,7 @@ class TurnCore:
         """The per-packet path of ChannelData from a client (also reached through
         :meth:`on_client_message`)."""
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         parsed = channel_data_payload(data)
         if parsed is None:
@@ -407,13 +441,15 @@ class TurnCore:
 
     def allocation_made(self, wanted: AllocationWanted, relayed: Endpoint, now: float, wall: float) -> Optional[bytes]:
         """The shell bound ``relayed`` for ``wanted``: the success reply for the client.
-        None: the client went away meanwhile; close the socket."""
+        None: the client went away meanwhile; close the sockets registered under
+        ``wanted.allocation_id`` and ``wanted.reserve_id``."""
         pending = self._pending.pop(wanted.allocation_id, None)
         if pending is None:
             return None
         self._pending_by_client.pop(pending.client, None)
         aid = wanted.allocation_id
         alloc = _Allocation(aid, pending, relayed, now)
+        alloc.tokens = self._burst
         self._by_client[pending.client] = alloc
         self._by_id[aid] = alloc
         self._relayed[relayed] = alloc
@@ -441,7 +477,9 @@ class TurnCore:
         return reply
 
     def allocation_failed(self, wanted: AllocationWanted) -> Optional[bytes]:
-        """The shell could not bind: 508 for the client (None: the client went away)."""
+        """The shell could not bind: 508 for the client (None: the client went away).
+        Either way, close any socket registered under ``wanted.allocation_id`` (a
+        reserved one, when ``wanted.reserved`` was set)."""
         pending = self._pending.pop(wanted.allocation_id, None)
         if pending is None:
             return None
@@ -454,7 +492,7 @@ class TurnCore:
         """A datagram from ``peer`` on the relayed socket of ``allocation_id``: the
         ChannelData or Data indication to send to :meth:`client_of` it, or None."""
         alloc = self._by_id.get(allocation_id)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         number = alloc.channel_of_peer.get(peer)
         if number is not None and alloc.channels[number][1] >= now:
@@ -485,11 +523,13 @@ class TurnCore:
         closed: list[int] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, aid = heapq.heappop(timers)
+            at, aid = heapq.heappop(timers)
             alloc = self._by_id.get(aid)
             if alloc is not None:
                 if alloc.expiry > now:
-                    heapq.heappush(timers, (alloc.expiry, aid))
+                    if at == alloc.timer_at:  # refreshed meanwhile: one entry for the new time
+                        alloc.timer_at = alloc.expiry
+                        heapq.heappush(timers, (alloc.expiry, aid))
                     continue
                 self._remove(alloc)
                 self.counters.allocations_expired += 1
@@ -548,7 +588,7 @@ class TurnCore:
         if method == TurnMethod.ALLOCATE:
             return self._allocate(msg, client, auth, now)
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:  # expired, not yet swept by expire(): gone
             self.counters.bad_requests += 1
             return self._error(method, msg.transaction_id, 437, key, fp)
         if method == TurnMethod.REFRESH:
@@ -640,7 +680,8 @@ class TurnCore:
         assert isinstance(username, Username)
         source = endpoint_source_key(client.client)
         if (
-            len(self._by_id) + len(self._pending) >= cfg.max_allocations
+            # Reserved ports hold sockets too: they count against the total.
+            len(self._by_id) + len(self._pending) + len(self._reservations) >= cfg.max_allocations
             or self._by_user.get(username.name, 0) >= cfg.user_quota
             or self._by_source.get(source, 0) >= cfg.source_quota
         ):
@@ -685,7 +726,11 @@ class TurnCore:
             return Deallocated(alloc.id, reply)
         lifetime = self._lifetime(lifetime_attr.seconds if isinstance(lifetime_attr, Lifetime) else None)
         alloc.expiry = now + lifetime
-        heapq.heappush(self._timers, (alloc.expiry, alloc.id))
+        # A later expiry waits for the entry already queued (expire() moves it); only an
+        # earlier one needs an entry of its own. Refreshes cannot pile up entries.
+        if alloc.expiry < alloc.timer_at:
+            alloc.timer_at = alloc.expiry
+            heapq.heappush(self._timers, (alloc.expiry, alloc.id))
         return self._build(MsgClass.SUCCESS, TurnMethod.REFRESH, txid, [Lifetime(lifetime)], alloc.key, fp)
 
     def _create_permission(self, msg: StunMessage, alloc: _Allocation, now: float) -> ClientOutcome:
@@ -719,7 +764,7 @@ class TurnCore:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         number = number_attr.number
         peer = peer_attr.endpoint
-        if not 0x4000 <= number <= 0x4FFF:
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         if peer.ip.version != alloc.family:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 443, alloc.key, fp)
@@ -748,7 +793,7 @@ class TurnCore:
 
     def _send_indication(self, msg: StunMessage, client: ClientRef, now: float) -> Optional[ToPeer]:
         alloc = self._by_client.get(client)
-        if alloc is None:
+        if alloc is None or alloc.expiry <= now:
             return None
         peer_attr = msg.get(XorPeerAddress)
         data_attr = msg.get(Data)
@@ -781,7 +826,7 @@ class TurnCore:
             if policy.ip_denied(ip) or ip in self._own_ips:
                 return _RELAYED_ONLY
             return _NOT_SERVICE
-        if policy.is_service(peer, frozenset(self._own_ips)):
+        if policy.is_service(peer, self._own_ips):
             return None
         if ip in self._own_ips or ip.is_loopback:
             # The server's own addresses: only where --allow-peer says, never its services.
@@ -798,7 +843,7 @@ class TurnCore:
         if mode == _OPEN:
             return True
         if mode == _NOT_SERVICE:
-            return not self.config.peer_policy.is_service(peer, frozenset(self._own_ips))
+            return not self.config.peer_policy.is_service(peer, self._own_ips)
         target = self._relayed.get(peer)
         return target is not None and (alloc.group is None or target.group == alloc.group)
 
@@ -824,10 +869,12 @@ class TurnCore:
         """The allocation's token bucket (both directions share it)."""
         if not self._rate:
             return True
-        tokens = alloc.tokens + (now - alloc.bucket_time) * self._rate
-        alloc.bucket_time = now
-        if tokens > self._burst:
-            tokens = self._burst
+        tokens = alloc.tokens
+        if now > alloc.bucket_time:
+            tokens += (now - alloc.bucket_time) * self._rate
+            alloc.bucket_time = now
+            if tokens > self._burst:
+                tokens = self._burst
         if tokens < n:
             alloc.tokens = tokens
             self.counters.bandwidth_drops += 1
