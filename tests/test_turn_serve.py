@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -181,3 +183,226 @@ def test_bad_turn_flags_are_one_line_exit_2(args: list[str], fragment: str, natt
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert "pw" not in result.stderr.replace("--workers", "")  # no password echoed
+
+
+# -- the TURN relay ------------------------------------------------------------------------
+
+from nattool.protocol.endpoint import Endpoint  # noqa: E402
+from nattool.protocol.stun import MsgClass  # noqa: E402
+from nattool.protocol.turn import RequestedTransport, TurnMethod  # noqa: E402
+from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, turn_client, udp_peer  # noqa: E402, F401 - fixture
+
+TURN_FLAGS = ("--turn-user", "alice:wonderland", "--allow-peer", "127.0.0.0/8")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_allocate_permission_send_data_channel_refresh(transport: str, tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS)
+    assert "turn on" in tp.banner
+    client = turn_client(tp, transport=transport)
+    relayed = client.allocate()
+    assert str(relayed.ip) == "127.0.0.1" and 49152 <= relayed.port <= 65535
+    peer = udp_peer("127.0.0.3")
+    try:
+        target = peer_endpoint(peer)
+        # Nothing passes before a permission, either way.
+        client.send_to(target, b"too early")
+        assert recv_or_none(peer, 0.5) is None
+        assert client.permit(target).msg_class == MsgClass.SUCCESS
+        client.send_to(target, b"hello peer")
+        got = recv_or_none(peer, 3)
+        assert got is not None and got[0] == b"hello peer" and got[1] == relayed.sockaddr()
+        peer.sendto(b"hello client", relayed.sockaddr())
+        assert client.receive() == ("data", target, b"hello client")
+        # A channel: ChannelData both ways (padded over TCP, not over UDP).
+        assert client.bind(0x4001, target).msg_class == MsgClass.SUCCESS
+        client.send_channel(0x4001, b"odd")
+        got = recv_or_none(peer, 3)
+        assert got is not None and got[0] == b"odd"
+        peer.sendto(b"12345", relayed.sockaddr())
+        assert client.receive() == ("channel", 0x4001, b"12345")
+        assert client.refresh(300).msg_class == MsgClass.SUCCESS
+        # Lifetime 0 deletes the allocation: its relayed port is closed.
+        assert client.refresh(0).msg_class == MsgClass.SUCCESS
+        peer.sendto(b"after", relayed.sockaddr())
+        assert client.receive(0.5) is None
+        assert client.refresh(300).msg_class == MsgClass.ERROR  # 437: no allocation
+    finally:
+        peer.close()
+
+
+def test_a_tcp_allocation_goes_with_its_connection(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS, "--user-quota", "1")
+    first = turn_client(tp, transport="tcp")
+    first.allocate()
+    first.close()
+    # The quota of 1 is free again once the server saw the connection close.
+    deadline = time.monotonic() + 5
+    while True:
+        second = turn_client(tp, transport="tcp")
+        reply = second.request(TurnMethod.ALLOCATE, (RequestedTransport(17),))
+        if reply.msg_class == MsgClass.SUCCESS or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert reply.msg_class == MsgClass.SUCCESS, error_of(reply)
+
+
+def test_two_allocations_reach_each_other(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    """Relayed addresses of one server reach each other (the common case: two peers
+    relayed by one server), through the kernel, with the default peer policy."""
+    tp = tracker("--turn-user", "alice:wonderland")
+    left, right = turn_client(tp, src_ip="127.0.0.2"), turn_client(tp, src_ip="127.0.0.3", transport="tcp")
+    a, b = left.allocate(), right.allocate()
+    assert left.permit(b).msg_class == MsgClass.SUCCESS
+    assert right.permit(a).msg_class == MsgClass.SUCCESS
+    left.send_to(b, b"left to right")
+    assert right.receive() == ("data", a, b"left to right")
+    right.send_to(a, b"right to left")
+    assert left.receive() == ("data", b, b"right to left")
+
+
+def test_udp_tracker_traffic_unaffected_with_turn_on(tracker) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS)
+    assert tp.ask(b"//nat", src_ip="127.0.0.2") is not None
+    reply = tp.ask(f"{REG}turnon/0/0/0".encode(), src_ip="127.0.0.2")
+    assert reply is not None and reply.startswith(b"127.0.0.2:")
+    binding = tp.ask(binding_request(b"B" * 12), src_ip="127.0.0.2")
+    assert binding is not None and parse(binding).transaction_id == b"B" * 12
+    assert tp.ask(RelayRequest("grp").to_wire()) == b"ERR relay off"  # TURN users, but no --relay
+
+
+def test_relay_grants_list_the_groups_relayed_addresses(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--relay")
+    assert "tcp" in tp.banner  # --relay listens on TCP too
+    grant = RelayGrant.from_wire(tp.ask(RelayRequest("team").to_wire(), timeout=3) or b"")
+    assert grant.realm == "nattool" and grant.relayed == () and 0 < grant.lifetime <= 3600
+    assert grant.username.split(":")[1] == "g"
+    member = turn_client(tp, grant.username, grant.password)
+    relayed = member.allocate()
+    again = RelayGrant.from_wire(tp.ask(RelayRequest("team").to_wire()) or b"")
+    assert again.relayed == (relayed,)
+    other_group = RelayGrant.from_wire(tp.ask(RelayRequest("other").to_wire()) or b"")
+    assert other_group.relayed == () and other_group.username != grant.username
+    # Over TCP, in a text frame, the same answer.
+    stream = turn_client(tp, transport="tcp")
+    assert RelayGrant.from_wire(stream.text(RelayRequest("team").to_wire())).relayed == (relayed,)
+    # An unpadded request gets a reply within the size bound (here: without the list).
+    short = tp.ask(b"//relay/team")
+    assert short is not None and len(short) <= 128
+
+
+def test_relay_group_members_exchange_data(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--relay")
+    grant = RelayGrant.from_wire(tp.ask(RelayRequest("pair").to_wire()) or b"")
+    left = turn_client(tp, grant.username, grant.password, src_ip="127.0.0.2")
+    right = turn_client(tp, grant.username, grant.password, src_ip="127.0.0.3", transport="tcp")
+    a, b = left.allocate(), right.allocate()
+    assert left.bind(0x4000, b).msg_class == MsgClass.SUCCESS
+    assert right.permit(a).msg_class == MsgClass.SUCCESS
+    left.send_channel(0x4000, b"through the relay")
+    assert right.receive() == ("data", a, b"through the relay")
+    right.send_to(a, b"and back")
+    assert left.receive() == ("channel", 0x4000, b"and back")
+
+
+def test_metrics_count_allocations_and_relayed_packets(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    from conftest import free_tcp_port
+
+    port = free_tcp_port()
+    tp = tracker(*TURN_FLAGS, "--metrics", str(port))
+    client = turn_client(tp)
+    relayed = client.allocate()
+    peer = udp_peer()
+    try:
+        permitted = client.permit(peer_endpoint(peer))
+        assert permitted.msg_class == MsgClass.SUCCESS, error_of(permitted)
+        client.send_to(peer_endpoint(peer), b"x" * 10)
+        assert recv_or_none(peer, 3) is not None
+        peer.sendto(b"y" * 7, relayed.sockaddr())
+        assert client.receive() is not None
+    finally:
+        peer.close()
+    bad = turn_client(tp, "alice", "wrong", src_ip="127.0.0.4")
+    assert error_of(bad.request(TurnMethod.ALLOCATE, (RequestedTransport(17),))) == 401
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    want = [
+        "nattool_turn_allocations 1.0",
+        "nattool_turn_allocations_created_total 1.0",
+        'nattool_turn_relayed_packets_total{direction="to_peer"} 1.0',
+        'nattool_turn_relayed_packets_total{direction="to_client"} 1.0',
+        'nattool_turn_relayed_bytes_total{direction="to_peer"} 10.0',
+        'nattool_turn_relayed_bytes_total{direction="to_client"} 7.0',
+        'nattool_turn_auth_failures_total{reason="bad_credentials"} 1.0',
+        "nattool_tcp_connections 0.0",
+    ]
+    for line in want:
+        assert line in text, line
+
+
+def test_relayed_ports_come_from_the_range_and_run_out_with_508(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    from conftest import free_udp_port
+
+    port = free_udp_port()
+    tp = tracker(*TURN_FLAGS, "--relay-ports", f"{port}-{port}")
+    assert f"ports {port}-{port}" in tp.banner
+    first = turn_client(tp, src_ip="127.0.0.2")
+    assert first.allocate().port == port
+    second = turn_client(tp, src_ip="127.0.0.3")
+    assert error_of(second.request(TurnMethod.ALLOCATE, (RequestedTransport(17),))) == 508
+    assert first.refresh(0).msg_class == MsgClass.SUCCESS  # the port is free again
+    assert second.allocate().port == port
+
+
+def test_ipv6_relayed_address_on_request(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    from nattool.protocol.turn import RequestedAddressFamily
+
+    tp = tracker(*TURN_FLAGS, "--host", "::1")
+    assert "relayed 127.0.0.1 ::1 " in tp.banner
+    client = turn_client(tp)
+    relayed6 = client.allocate(RequestedAddressFamily(6))
+    assert str(relayed6.ip) == "::1"
+    other = turn_client(tp, src_ip="127.0.0.3")
+    assert other.allocate().ip.version == 4
+
+
+def test_bandwidth_cap_drops_the_excess(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker(*TURN_FLAGS, "--relay-bandwidth", "2000")
+    client = turn_client(tp)
+    client.allocate()
+    peer = udp_peer()
+    try:
+        target = peer_endpoint(peer)
+        assert client.permit(target).msg_class == MsgClass.SUCCESS
+        for _ in range(400):  # 400 kB at once: far beyond any burst the cap allows
+            client.send_to(target, b"z" * 1000)
+        received = 0
+        while recv_or_none(peer, 0.5) is not None:
+            received += 1
+        assert 0 < received < 400
+    finally:
+        peer.close()
+
+
+def test_turn_settings_from_the_config_file_and_environment(tmp_path: Path, nattool_home: Path) -> None:
+    from conftest import nattool_env, start_tracker
+
+    config = tmp_path / "serve.toml"
+    config.write_text('[serve]\nturn_user = ["carol:from-file"]\nrealm = "example.org"\nrelay_ports = "50000-50100"\n')
+    tp = start_tracker("--config", str(config), workdir=tmp_path / "t", home=nattool_home)
+    try:
+        assert "realm example.org" in tp.banner and "ports 50000-50100" in tp.banner and "users" in tp.banner
+        client = TurnTestClient(tp.addr, "carol", "from-file")
+        try:
+            assert 50000 <= client.allocate().port <= 50100
+        finally:
+            client.close()
+    finally:
+        tp.stop()
+    tp.assert_clean()
+    env = nattool_env(nattool_home, NATTOOL_TURN_SECRET="from-the-environment")
+    result = subprocess.run(
+        [sys.executable, "-m", "nattool", "config", "show", "--json"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert '"from-the-environment"' in result.stdout and "env NATTOOL_TURN_SECRET" in result.stdout

@@ -426,7 +426,7 @@ class TrackerServer:
                 self.core.counters["socket_error"] += 1
                 continue
             first = data[0] if data else 0xFF
-            if 0x40 <= first <= 0x4F:
+            if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
                 ref = refs.get((listener.local, addr)) or self._udp_client(listener, addr)
                 if ref is not None:
                     out = turn.channel_data_from_client(data, ref, now)
@@ -847,11 +847,19 @@ class TrackerServer:
         """Every counter, with the datagrams the per-source rate limit dropped."""
         totals = dict(self.core.counters)
         totals["drop_rate_limit"] = self.limiter.dropped
+        if self.turn is not None:
+            for key, value in dataclasses.asdict(self.turn.counters).items():
+                totals[f"turn_{key}"] = value
         return totals
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """What a metrics scrape reads (from the scraper's thread: copies only)."""
-        return MetricsSnapshot(self.totals(), self.last_stats, len(self.federation.listed))
+        turn = None
+        if self.turn is not None:
+            turn = dataclasses.asdict(self.turn.counters)
+            turn["live"] = self.turn.live
+        tcp = sum(len(t.connections) for t in self.tcp_listeners) if self.tcp_listeners else None
+        return MetricsSnapshot(self.totals(), self.last_stats, len(self.federation.listed), turn, tcp)
 
 
 def banner(server: TrackerServer, bound: list[Endpoint]) -> str:

@@ -153,14 +153,14 @@ class TurnRelay:
         if wanted.reserved is not None:
             sock = self._sockets.get(wanted.allocation_id)
             if sock is None:
-                return core.allocation_failed(wanted)
+                return self._failed(wanted)
             relayed = wanted.reserved
         else:
             port_range = self.ranges.get(wanted.family)
             bound = port_range.bind(wanted.even_port, wanted.reserve_id is not None) if port_range else []
             if not bound:
                 self.counters["turn_ports_exhausted"] += 1
-                return core.allocation_failed(wanted)
+                return self._failed(wanted)
             sock, relayed = bound[0]
             self._sockets[wanted.allocation_id] = sock
             if len(bound) > 1 and wanted.reserve_id is not None:
@@ -175,6 +175,10 @@ class TurnRelay:
         self._senders[wanted.allocation_id] = sender
         self.loop.add_reader(sock.fileno(), self._drain_peer, wanted.allocation_id, sock)
         return reply
+
+    def _failed(self, wanted: AllocationWanted) -> Optional[bytes]:
+        self.close(wanted.allocation_id)
+        return self.core.allocation_failed(wanted)
 
     def close(self, allocation_id: int) -> None:
         sock = self._sockets.pop(allocation_id, None)
