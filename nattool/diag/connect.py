@@ -200,6 +200,10 @@ class SessionShell:
             assert self._loop is not None
             self._timer = self._loop.call_at(when, self._on_timer)
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The shell's own tasks (opening and reading TCP streams)."""
+        return [*self._tasks, *(s.task for s in self.streams.values() if s.task is not None)]
+
     def _start(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -322,7 +326,8 @@ async def _line_reader() -> Callable[[], Awaitable[bytes]]:
 
 
 class PeerConnection:
-    """A group's members, reached over direct UDP paths (see :func:`connect`).
+    """A group's members, reached over direct UDP paths, or through a tracker's relay
+    where no direct path opens (see :func:`connect`).
 
     Datagrams are delivered at most once, in any order, retransmitted until acknowledged
     (a few times within about 5 s). Payloads are authenticated with the group key but
@@ -389,6 +394,8 @@ class PeerConnection:
 
     async def aclose(self) -> None:
         self.close()
+        if self._shell is not None:
+            await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled
         await asyncio.sleep(0)  # let the transports finish closing
 
     async def __aenter__(self) -> "PeerConnection":
@@ -449,7 +456,7 @@ async def connect(
     tcp: bool = False,
 ) -> PeerConnection:
     """Join ``group`` at ``trackers`` (``HOST[:PORT]`` or ``[IPv6]:PORT`` strings) and open
-    direct UDP paths to its members, as `nattool connect` does.
+    paths to its members, direct or relayed, as `nattool connect` does.
 
     ``port``: the local UDP port (0: any); ``identity``: a MAC-shaped id inside the group
     (None: the endpoint the tracker sees); ``lan``: LAN addresses to publish for members
