@@ -75,3 +75,42 @@ def test_relay_never_between_two_symmetric_nats_is_still_impossible(tmp_path: Pa
 
 def test_case_names_are_stable() -> None:
     assert Case(N.EIM_APDF, N.APDM).name == "port x symmetric"
+
+
+def test_a_relayed_pair_moves_to_a_direct_path_when_udp_opens(tmp_path: Path) -> None:
+    """Relayed because UDP is blocked on one side; the network then lets UDP through
+    (the blocking rule goes: a port-restricted NAT remains). Direct probing went on all
+    along, so each side reports a second path_up, via direct, for the same peer, and the
+    next line takes it."""
+    import json
+    import re
+
+    from tests.natlab import Lab
+    from tests.natlab.connect_matrix import BANNER, TRACKERS
+    from tests.natlab.topologies import pair_topology
+
+    env = nattool_env(tmp_path)
+    with Lab() as lab:
+        topo = pair_topology(lab, N.NO_NAT, N.UDP_BLOCKED)
+        for ep in TRACKERS:
+            host, port = ep.rsplit(":", 1)
+            lab.start_service("tracker", nattool_cmd("serve", "--host", host, "--port", port, "--store", "memory",
+                                                     "--rate-limit", "0", "--relay"), ready=BANNER, env=env)
+        args = ["upgrade", *sum((["-t", t] for t in TRACKERS), []), "--json", "--timeout", "30"]
+        a, b = (lab.spawn(h, connect_argv(*args), env=env, timeout=20) for h in (topo.left, topo.right))
+        first = {}
+        for name, child in (("a", a), ("b", b)):
+            child.expect(r'\{"event":"path_up"[^\n]*\n')
+            first[name] = json.loads(child.after)
+            assert first[name]["via"] == "relay"
+        rules = lab.run(topo.right_nat, ["nft", "-a", "list", "chain", "inet", "natlab", "fwd4"]).stdout
+        [handle] = re.findall(r"meta l4proto udp drop # handle (\d+)", rules)
+        lab.run(topo.right_nat, ["nft", "delete", "rule", "inet", "natlab", "fwd4", "handle", handle])
+        for name, child in (("a", a), ("b", b)):
+            child.expect(r'\{"event":"path_up"[^\n]*\n')
+            up = json.loads(child.after)
+            assert up["via"] == "direct" and up["peer_id"] == first[name]["peer_id"], up
+            assert '"event":"path_down"' not in child.before
+        b.sendline("now direct")
+        a.expect(r'\{"event":"message"[^\n]*"text":"now direct"[^\n]*\n')
+        assert json.loads(a.after)["peer"].startswith(topo.right_nat.wan_ip + ":")  # not the relay's address
