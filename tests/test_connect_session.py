@@ -28,6 +28,7 @@ from nattool.protocol.connect_session import (
     PROBE_FIRST,
     PROBE_MAX,
     UDP_GIVE_UP,
+    UPGRADE_PROBE_MAX,
     ConnectSession,
     SessionConfig,
 )
@@ -655,6 +656,11 @@ def test_a_pair_punching_cannot_join_is_relayed_after_relay_after() -> None:
     # The member the tracker listed is this peer: not given up while relayed.
     net.step(40.0)
     assert not [e for e in net.events["a"] + net.events["b"] if isinstance(e, (ev.GaveUp, ev.PathDown))]
+    # Direct probing goes on (for an upgrade), after `timeout` s slowly.
+    mark = len(net.sent["a"])
+    net.step(70.0)
+    direct = [d for d, dest in net.sent["a"][mark:] if dest == net.pub["b"]]
+    assert 2 <= len(direct) <= 30 / UPGRADE_PROBE_MAX + 1
 
 
 def test_a_direct_path_takes_over_from_the_relay() -> None:

@@ -104,6 +104,7 @@ FAST_REGISTER = 0.5  # s between registrations while no path is up
 PROBE_FIRST = 0.1  # s between pings to a fresh candidate ...
 PROBE_MAX = 1.0  # ... growing to this
 PROBE_GROWTH = 1.5
+UPGRADE_PROBE_MAX = 10.0  # s between pings to a relayed peer's direct candidates after `timeout` s
 IMPOSSIBLE_GRACE = 3.0  # s of failed probing before a "cannot work" verdict ends the run
 LINGER = 1.5  # s `once` keeps answering after its path is up (the peer needs its pong)
 DATA_RETRIES = (0.3, 0.6, 1.2, 2.4)  # s after which an unacknowledged message is sent again
@@ -789,7 +790,10 @@ class ConnectSession:
                 self._ping(cand.endpoint, now)
                 cand.sent += 1
                 cand.next_send = now + cand.interval
-                cand.interval = min(PROBE_MAX, cand.interval * PROBE_GROWTH)
+                # Past `timeout` only a relayed peer's direct candidates are still probed
+                # (for an upgrade): slowly, a network rarely changes its mind.
+                cap = PROBE_MAX if now - cand.started < self.config.timeout else UPGRADE_PROBE_MAX
+                cand.interval = min(cap, cand.interval * PROBE_GROWTH)
         if self.backlog and self.connected_peers():
             waiting, self.backlog = self.backlog, []
             for data in waiting:
