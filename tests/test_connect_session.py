@@ -4,6 +4,8 @@ events out."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -802,3 +804,19 @@ def test_a_silent_earlier_tracker_is_not_waited_for_beyond_one_registration() ->
         if T2 in turn_to(s, now):
             allocate_at = now
     assert allocate_at == pytest.approx(s.config.tracker_timeout, abs=0.1)  # T1's seed and original forms, unanswered
+
+
+def test_relay_only_without_a_relay_ends_at_once_saying_so() -> None:
+    net = MiniNet(RelayMode.ONLY, relay_on=False)
+    net.step(1.0)
+    for s in net.sessions.values():
+        assert s.ended == ev.SessionEnded(ExitCode.FAILURE, "--relay only, and no tracker offers a relay")
+
+
+def test_relay_only_ends_when_the_allocation_is_refused() -> None:
+    net = MiniNet(RelayMode.ONLY)
+    net.world.core.config = dataclasses.replace(net.world.core.config, max_allocations=0)  # the server is full
+    net.step(1.0)
+    for name, s in net.sessions.items():
+        assert s.ended is not None and s.ended.exit_code == ExitCode.FAILURE
+        assert [e.server for e in net.events[name] if isinstance(e, ev.RelayLost)] == [T1]

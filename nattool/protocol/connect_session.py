@@ -426,7 +426,7 @@ class ConnectSession:
         reg.stream = FAILED
         if was_open and self.turn is not None and self.turn.server == tracker:
             self.turn.close(now)
-            self._events.append(RelayLost(tracker, f"the TCP connection to {tracker} broke: {reason}"))
+            self._relay_lost(RelayLost(tracker, f"the TCP connection to {tracker} broke: {reason}"))
         reg.trying = None
         reg.asking = False
         reg.next_round = now
@@ -560,7 +560,12 @@ class ConnectSession:
         reg.relay = REFUSED
         self._pick_relay(now)
         if self.turn is None and all(r.relay == REFUSED for r in self.registrations.values()):
-            self._events.append(RelayLost(None, "no tracker offers a relay"))
+            self._relay_lost(RelayLost(None, "no tracker offers a relay"))
+
+    def _relay_lost(self, lost: RelayLost) -> None:
+        self._events.append(lost)
+        if self.config.relay == RelayMode.ONLY:
+            self._end(ExitCode.FAILURE, f"--relay only, and {lost.reason}")
 
     def _pick_relay(self, now: float) -> None:
         """The first tracker, in the configured order, that grants a relay. One that
@@ -605,7 +610,7 @@ class ConnectSession:
                 for ep in self.relayed_peers:
                     turn.permit(ep, now)
             elif isinstance(event, AllocationFailed):
-                self._events.append(RelayLost(turn.server, event.reason))
+                self._relay_lost(RelayLost(turn.server, event.reason))
             elif isinstance(event, PeerData):
                 msg = self._peer_message(event.data)
                 if msg is None:
