@@ -591,7 +591,7 @@ class ConnectSession:
             return  # our own
         if ep not in self.relayed_peers:
             self.relayed_peers.add(ep)
-            if self.turn is not None:
+            if self.turn is not None and self.turn.allocated:
                 self.turn.permit(ep, now)  # so that its pings get in before ours go out
         if ep not in self.cands:
             self._add_candidate(ep, PathKind.RELAY, CandidateSource.RELAY, None, None, now)
@@ -604,8 +604,9 @@ class ConnectSession:
                 self._events.append(RelayAllocated(turn.server, event.relayed))
                 self.relayed_peers.discard(event.relayed)
                 self.cands.pop(event.relayed, None)
-                # Our own relayed address: a permission for its IP lets in every member
-                # relayed by the same server, before we know their endpoints.
+                # Our own relayed address first: a permission for its IP lets in every
+                # member relayed by the same server, before we know their endpoints, and
+                # it stays valid (a permission is per IP; ours lives as long as we do).
                 turn.permit(event.relayed, now)
                 for ep in self.relayed_peers:
                     turn.permit(ep, now)
