@@ -172,9 +172,14 @@ def run_matrix(cases: Sequence[Case], home: Path, env: dict[str, str], serve: Ca
     return results
 
 
+def _spread(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f} / {max(values):.2f}" if values else "-"
+
+
 def table(results: Sequence[Outcome]) -> str:
-    """pair | via | time to first path: median / worst | runs ok."""
-    lines = ["pair | via | first path (s): median / worst | ok"]
+    """pair | via | time to the first path, median / worst (session clock, then wall
+    clock from the later spawn) | runs ok."""
+    lines = ["pair | via | first path (s): median / worst | with process start-up (s): median / worst | ok"]
     by_case: dict[Case, list[Outcome]] = {}
     for r in results:
         by_case.setdefault(r.case, []).append(r)
@@ -184,6 +189,7 @@ def table(results: Sequence[Outcome]) -> str:
             continue
         times = [r.time_to_path for r in runs if r.time_to_path is not None]
         vias = sorted({v for r in runs for v in r.via if v})
-        timing = f"{statistics.median(times):.2f} / {max(times):.2f}" if times else "-"
-        lines.append(f"{case.name} | {'/'.join(vias) or '-'} | {timing} | {sum(r.ok for r in runs)}/{len(runs)}")
+        walls = [r.wall for r in runs if r.wall is not None]
+        lines.append(f"{case.name} | {'/'.join(vias) or '-'} | {_spread(times)} | {_spread(walls)} | "
+                     f"{sum(r.ok for r in runs)}/{len(runs)}")
     return "\n".join(lines)
