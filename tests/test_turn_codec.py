@@ -258,3 +258,16 @@ def test_is_turn_message_agrees_with_the_parser(sample: bytes, pos: int, value: 
     except ProtocolError:
         return  # a broken body is the parser's to find; the demux only looks at the header
     assert fast == (not msg.classic and msg.method in {int(m) for m in TurnMethod})
+
+
+def test_the_stun_codec_knows_turn_attributes_whoever_imports_it_first() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from nattool.protocol.stun import parse, StunMessage, MsgClass, RawAttribute\n"
+        "wire = StunMessage(MsgClass.REQUEST, 3, bytes(12), (RawAttribute(0x000D, bytes(4)),)).to_wire()\n"
+        "print(type(parse(wire).attributes[0]).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "Lifetime"

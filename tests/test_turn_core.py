@@ -323,14 +323,16 @@ def test_ipv6_allocation() -> None:
     assert error_of(c.bind(0x4000, PEER).to_wire()) == 443  # an IPv4 peer on an IPv6 allocation
 
 
-@pytest.mark.parametrize("asked, got", [(None, 600), (10, 600), (1200, 1200), (99999, 3600)])
+@pytest.mark.parametrize("asked, got", [(None, 600), (0, 600), (10, 600), (1200, 1200), (99999, 3600)])
 def test_lifetimes(asked: Optional[int], got: int) -> None:
     core = core_with()
     c = Client(core, ref())
     reply = c.allocate([Lifetime(asked)] if asked is not None else [])
     assert reply.get(Lifetime) == Lifetime(got)
-    refreshed = c.request(TurnMethod.REFRESH, [Lifetime(asked)] if asked is not None else [], now=10.0)
-    assert c.verified(refreshed).get(Lifetime) == Lifetime(got)  # type: ignore[arg-type]
+    if asked != 0:  # a Refresh with 0 deallocates
+        refreshed = c.request(TurnMethod.REFRESH, [Lifetime(asked)] if asked is not None else [], now=10.0)
+        assert c.verified(refreshed).get(Lifetime) == Lifetime(got)  # type: ignore[arg-type]
+    assert core.live == 1
 
 
 def test_refresh_extends_and_expiry_closes() -> None:
@@ -797,3 +799,173 @@ def test_refreshes_do_not_pile_up_timers() -> None:
     d.request(TurnMethod.REFRESH, [], now=500.0)  # 1100
     assert core.expire(600.0) == [] and core.get_timer() == 1100.0
     assert core.expire(1100.0) == [d.allocation_id]
+
+
+def test_channels_per_allocation_are_capped() -> None:
+    from nattool.protocol.turn_server import MAX_CHANNELS
+
+    core = core_with()
+    c = Client(core, ref())
+    c.allocate()
+    for i in range(MAX_CHANNELS):
+        assert error_of(c.bind(0x4000 + i, Endpoint(PEER.ip, 1000 + i)).to_wire()) is None
+    assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2).to_wire()) == 508
+    assert error_of(c.bind(0x4000, Endpoint(PEER.ip, 1000)).to_wire()) is None  # refreshing one is fine
+    c.request(TurnMethod.REFRESH, [], now=500.0)
+    assert error_of(c.bind(0x4000 + MAX_CHANNELS, PEER2, now=601.0).to_wire()) is None  # the old ones expired
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_the_largest_peer_datagrams(v6: bool) -> None:
+    from nattool.protocol.turn_server import MAX_DATA_PAYLOAD
+
+    core = core_with(bandwidth=0)
+    c = Client(core, ref())
+    peer = Endpoint.from_text("[2001:db8::9]:7000") if v6 else PEER
+    c.allocate([RequestedAddressFamily(6)] if v6 else [])
+    c.permit(peer)
+    MAX_PEER_PAYLOAD = MAX_DATA_PAYLOAD[6 if v6 else 4]
+    assert MAX_DATA_PAYLOAD[4] >= 65507  # the largest IPv4 UDP payload fits
+    for size in (65000, MAX_PEER_PAYLOAD):
+        out = core.on_peer_datagram(c.allocation_id, bytes(size), peer, 1.0)  # type: ignore[arg-type]
+        assert out is not None and parse(out).get(Data) == Data(bytes(size))
+    assert core.on_peer_datagram(c.allocation_id, bytes(MAX_PEER_PAYLOAD + 1), peer, 1.0) is None  # type: ignore[arg-type]
+    c.bind(0x4000, peer)
+    out = core.on_peer_datagram(c.allocation_id, bytes(MAX_PEER_PAYLOAD), peer, 1.0)  # type: ignore[arg-type]
+    assert out is not None and parse_channel_data(out).payload == bytes(MAX_PEER_PAYLOAD)
+
+
+_PEERS = [PEER, PEER2, Endpoint.from_text("10.0.0.1:5"), Endpoint.from_text("[2001:db8::9]:7000")]
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["allocate", "allocate6", "even", "permit", "bind", "send", "chan", "peer", "refresh", "free", "gone", "tick"]
+        ),
+        st.integers(0, 2),  # which client
+        st.integers(0, len(_PEERS) - 1),  # which peer
+        st.integers(0, 700),  # how far the clock moves
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_random_sequences_keep_the_books_straight(ops: list) -> None:
+    core = core_with(user_quota=2, source_quota=3, max_allocations=4, bandwidth=5000)
+    clients = [Client(core, ref(f"198.51.100.{i + 1}:1", "tcp" if i == 2 else "udp", i)) for i in range(3)]
+    now = 0.0
+    open_ids: set[int] = set()
+    for op, who, which, dt in ops:
+        c, peer = clients[who], _PEERS[which]
+        if op in ("allocate", "allocate6", "even"):
+            attrs = [RequestedTransport(17)] + ([RequestedAddressFamily(6)] if op == "allocate6" else [])
+            attrs += [EvenPort(True)] if op == "even" else []
+            out = c.request(TurnMethod.ALLOCATE, attrs, now)
+            if isinstance(out, AllocationWanted):
+                ip = RELAY_IP if out.family == 4 else "2001:db8::1"
+                relayed = Endpoint(ipaddress.ip_address(ip), next(_ports))
+                if core.allocation_made(out, relayed, now, WALL) is not None:
+                    open_ids.add(out.allocation_id)
+                    c.allocation_id = out.allocation_id
+                    if out.reserve_id is not None:
+                        open_ids.add(out.reserve_id)
+        elif op == "permit":
+            c.request(TurnMethod.CREATE_PERMISSION, [XorPeerAddress(peer)], now)
+        elif op == "bind":
+            c.request(TurnMethod.CHANNEL_BIND, [ChannelNumber(0x4000 + which), XorPeerAddress(peer)], now)
+        elif op == "send":
+            c.send_indication(peer, b"x" * dt, now)
+        elif op == "chan":
+            c.send(encode_channel_data(0x4000 + which, b"y" * dt), now)
+        elif op == "peer" and c.allocation_id is not None:
+            core.on_peer_datagram(c.allocation_id, b"z" * dt, peer, now)
+        elif op == "refresh":
+            c.request(TurnMethod.REFRESH, [Lifetime(dt)], now)
+        elif op == "free":
+            out = c.request(TurnMethod.REFRESH, [Lifetime(0)], now)
+            if isinstance(out, Deallocated):
+                open_ids.discard(out.allocation_id)
+        elif op == "gone":
+            for aid in core.client_gone(c.ref):
+                open_ids.discard(aid)
+        else:
+            now += dt
+            for aid in core.expire(now):
+                open_ids.discard(aid)
+        # The books: quotas count exactly what lives (or waits for a socket).
+        assert sum(core._by_user.values()) == core.live + len(core._pending)
+        assert sum(core._by_source.values()) == core.live + len(core._pending)
+        assert core.live <= 4 and max(core._by_user.values(), default=0) <= 2
+        assert set(core._by_id) <= open_ids
+    for aid in core.expire(now + 10_000):
+        open_ids.discard(aid)
+    assert core.live == 0 and not core._by_user and not core._by_source and not open_ids
+
+
+_SEND_ATTRS = st.sampled_from(
+    [
+        XorPeerAddress(PEER),
+        XorPeerAddress(PEER2),
+        XorPeerAddress(Endpoint.from_text("10.0.0.1:5")),
+        XorPeerAddress(Endpoint.from_text("[2001:db8::9]:7000")),
+        Data(b"payload"),
+        Data(b""),
+        Data(b"odd"),
+        DontFragment(),
+        Lifetime(5),
+        Username("x"),
+    ]
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    attrs=st.lists(_SEND_ATTRS, max_size=4),
+    fingerprint=st.booleans(),
+    flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=2),
+)
+def test_plain_send_indication_path_agrees_with_the_parser(attrs: list, fingerprint: bool, flips: list) -> None:
+    from nattool.errors import ProtocolError
+
+    core = core_with(bandwidth=0)
+    c = Client(core, ref())
+    c.allocate()
+    c.permit(PEER)
+    data = bytearray(StunMessage(MsgClass.INDICATION, TurnMethod.SEND, txid(), tuple(attrs)).to_wire(fingerprint=fingerprint))
+    for pos, value in flips:
+        if pos >= 2:  # keep it a Send indication, or the fast path is not asked
+            data[pos % len(data)] = value
+    data = bytes(data)
+    fast = core.on_client_message(data, c.ref, 1.0, WALL)
+    try:
+        msg = parse(data)
+    except ProtocolError:
+        slow = None
+    else:
+        slow = core._send_indication(msg, c.ref, 1.0) if (msg.msg_class, msg.method) == (MsgClass.INDICATION, 6) else None
+    assert fast == slow
+
+
+def test_plain_send_indications_take_the_fast_path() -> None:
+    core = core_with(bandwidth=0)
+    c = Client(core, ref())
+    c.allocate()
+    c.permit(PEER)
+    for attrs in ([XorPeerAddress(PEER), Data(b"abc")], [Data(b"abc"), XorPeerAddress(PEER)]):
+        for fp in (False, True):
+            wire = StunMessage(MsgClass.INDICATION, TurnMethod.SEND, txid(), tuple(attrs)).to_wire(fingerprint=fp)
+            assert core._plain_send_indication(wire, c.ref, 1.0) == ToPeer(c.allocation_id, PEER, b"abc")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("module", ["turn", "turn_server", "turn_auth", "peer_policy", "stream_frames", "stun"])
+def test_turn_modules_are_sans_io(module: str) -> None:
+    import ast
+    import importlib
+
+    path = importlib.import_module(f"nattool.protocol.{module}").__file__
+    assert path is not None
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"socket", "time", "random", "os", "asyncio", "secrets", "select", "selectors"}

@@ -531,8 +531,7 @@ def parse(data: bytes) -> StunMessage:
         if t == AttrType.FINGERPRINT:
             fp = _decode_attr(t, value, txid)
             assert isinstance(fp, Fingerprint)
-            covered = struct.pack("!HH", msg_type, pos + 8 - HEADER_LEN) + data[4:pos]
-            if (zlib.crc32(covered) ^ FINGERPRINT_XOR) & 0xFFFFFFFF != fp.crc:
+            if not fingerprint_matches(data, pos, fp.crc):
                 raise ProtocolError("STUN FINGERPRINT mismatch")
             attrs.append(fp)
             break  # nothing may follow FINGERPRINT
@@ -543,6 +542,13 @@ def parse(data: bytes) -> StunMessage:
                 after_integrity = True
         pos = next_pos
     return StunMessage(cls, method, txid, tuple(attrs), integrity_offset)
+
+
+def fingerprint_matches(data: bytes, pos: int, crc: int) -> bool:
+    """Does ``crc`` (the value of a FINGERPRINT attribute at offset ``pos``) match the
+    message before it, with the length field as the attribute's end makes it?"""
+    covered = data[:2] + (pos + 8 - HEADER_LEN).to_bytes(2, "big") + data[4:pos]
+    return (zlib.crc32(covered) ^ FINGERPRINT_XOR) & 0xFFFFFFFF == crc
 
 
 def check_integrity(data: bytes, key: bytes) -> Optional[bool]:
@@ -600,3 +606,9 @@ def binding_request(
 def encode_attrs_len(attrs: Iterable[Attribute], txid: bytes) -> int:
     """Bytes these attributes take on the wire (for fitting a size budget)."""
     return sum(len(_encode_attr(a, txid, 0)) for a in attrs)
+
+
+# TURN's attributes register themselves with this codec; importing them here makes
+# parse() decode them whatever the caller imported first (at the end: turn imports
+# names from this module).
+from nattool.protocol import turn as _turn  # noqa: E402,F401

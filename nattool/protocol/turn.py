@@ -1,8 +1,8 @@
 """TURN codec (RFC 8656) on top of the STUN codec: methods, attributes, ChannelData.
 
 Pure. The TURN attributes are taught to :mod:`nattool.protocol.stun` (its
-``register_attribute``), so ``stun.parse`` decodes them once this module is imported;
-there is one STUN codec. ChannelData messages are not STUN and have their own
+``register_attribute``; stun imports this module, so ``stun.parse`` always decodes
+them); there is one STUN codec. ChannelData messages are not STUN and have their own
 functions here. On any input bytes the decoders raise nothing but ProtocolError.
 """
 
