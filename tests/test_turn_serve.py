@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TrackerProcess, run_nattool, udp_ask
+from conftest import TrackerProcess, ask_on, run_nattool, udp_ask
 from nattool.protocol.stream_frames import StreamDeframer, StunFrame, TextFrame, text_frame
 from nattool.protocol.stun import binding_request, parse
 from nattool.protocol.text import RelayGrant, RelayRequest
@@ -99,6 +99,8 @@ def test_text_requests_in_frames_answer_as_over_udp(tracker, stream_of) -> None:
     assert via_udp is not None and left.local in via_udp.decode().split("\n")
     again = left.text(f"{REG}tcpgroup/0/0/0".encode()).decode().split("\n")
     assert again[0] == left.local and len(again) == 2 and again[1].startswith("127.0.0.3:")
+    # The empty reply ("I know no trackers") is an empty frame.
+    assert left.text(b"//tcksvr") == b""
     # Several frames in one segment, each answered in order of the frames.
     left.send(text_frame(b"//nat") + text_frame(b"//nat"))
     assert [left.frame(), left.frame()] == [TextFrame(left.local.encode())] * 2
@@ -122,9 +124,11 @@ def test_frames_split_across_segments(tracker, stream_of) -> None:  # type: igno
 
 def test_garbage_closes_only_that_connection(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
     tp = tracker("--tcp")
-    good, bad = stream_of(tp, "127.0.0.2"), stream_of(tp, "127.0.0.3")
-    bad.send(b"hello\r\n")  # 0x68: no frame starts so
+    good, bad, junk = stream_of(tp, "127.0.0.2"), stream_of(tp, "127.0.0.3"), stream_of(tp, "127.0.0.4")
+    bad.send(b"\xff\xff" + b"x" * 100)  # a text frame of 32767 bytes: there is none
     assert bad.closed_by_server()
+    junk.send(text_frame(b"hello"))  # a text frame that is no request
+    assert junk.closed_by_server()
     assert good.text(b"//nat") == good.local.encode()
     assert tp.ask(b"//nat") is not None  # UDP unaffected
 
@@ -136,6 +140,20 @@ def test_a_stalled_client_does_not_block_others(tracker, stream_of) -> None:  # 
     others = [stream_of(tp, "127.0.0.4") for _ in range(5)]
     for other in others:
         assert other.text(b"//nat") == other.local.encode()
+    # Half a frame is not a way to hold a connection: closed after PARTIAL_FRAME_TIMEOUT.
+    assert stalled.closed_by_server(timeout=20)
+
+
+def test_connections_per_source_are_capped(tracker, stream_of) -> None:  # type: ignore[no-untyped-def]
+    from nattool.net.tcp_listener import MAX_CONNECTIONS_PER_SOURCE
+
+    tp = tracker("--tcp")
+    held = [stream_of(tp, "127.0.0.5") for _ in range(MAX_CONNECTIONS_PER_SOURCE)]
+    assert held[-1].text(b"//nat") == held[-1].local.encode()
+    extra = stream_of(tp, "127.0.0.5")
+    assert extra.closed_by_server()
+    other_source = stream_of(tp, "127.0.0.6")
+    assert other_source.text(b"//nat") == other_source.local.encode()
 
 
 def test_udp_clients_unaffected_and_tcp_off_by_default(tracker) -> None:  # type: ignore[no-untyped-def]
@@ -364,7 +382,12 @@ def test_ipv6_relayed_address_on_request(tracker, turn_client) -> None:  # type:
     relayed6 = client.allocate(RequestedAddressFamily(6))
     assert str(relayed6.ip) == "::1"
     other = turn_client(tp, src_ip="127.0.0.3")
-    assert other.allocate().ip.version == 4
+    assert other.allocate().ip.version == 4  # IPv4 unless asked (RFC 8656 section 7.2)
+    over_tcp6 = TurnTestClient(("::1", tp.port), "alice", "wonderland", transport="tcp", src_ip="::1")
+    try:
+        assert str(over_tcp6.allocate(RequestedAddressFamily(6)).ip) == "::1"
+    finally:
+        over_tcp6.close()
 
 
 def test_bandwidth_cap_drops_the_excess(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
@@ -406,3 +429,74 @@ def test_turn_settings_from_the_config_file_and_environment(tmp_path: Path, natt
         [sys.executable, "-m", "nattool", "config", "show", "--json"], capture_output=True, text=True, env=env, timeout=30
     )
     assert '"from-the-environment"' in result.stdout and "env NATTOOL_TURN_SECRET" in result.stdout
+
+
+def test_print_unit_warns_about_secrets_on_the_command_line(nattool_home: Path) -> None:
+    result = run_nattool("serve", "--turn-user", "alice:wonderland", "--print-unit", home=nattool_home)
+    assert result.returncode == 0, result.stderr
+    assert "--turn-user alice:wonderland" in result.stdout
+    assert "can be read by every local user" in result.stderr and "[serve] turn_user" in result.stderr
+    quiet = run_nattool("serve", "--relay", "--print-unit", home=nattool_home)
+    assert quiet.returncode == 0 and "--relay" in quiet.stdout and "local user" not in quiet.stderr
+
+
+def test_tracker_answers_are_the_same_with_turn_on_and_off(tracker) -> None:  # type: ignore[no-untyped-def]
+    """With TURN on, tracker datagrams take the general path instead of the plain
+    reader's shortcuts (bare //nat, bare Binding, the keepalive lane): the answers
+    are byte for byte the same."""
+    plain, with_turn = tracker(), tracker(*TURN_FLAGS)
+    requests = [
+        b"//nat",
+        f"{REG}same/0/0/0".encode(),
+        f"{REG}same/0/10.0.0.5/aa:bb:cc:dd:ee:ff".encode(),
+        f"{REG}same/0/0/0".encode(),  # a keepalive
+        f"{REG}same/0/aa:bb:cc:dd:ee:ff-10.0.0.6".encode(),  # the original client's form
+        f"{REG}same/0/0/0\noffset=1".encode(),
+        b"//tcksvr",
+        b"//bogus",
+        binding_request(b"S" * 12),
+        binding_request(b"P" * 12, padding=64, software="x"),
+        b"\x00\x01\x00\x00" + b"C" * 16,  # classic RFC 3489 Binding
+        RelayRequest("same").to_wire(),
+        b"not ours",
+    ]
+    socks = {name: socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for name in ("a", "b")}
+    try:
+        for sock, ip in zip(socks.values(), ("127.0.0.2", "127.0.0.3")):
+            sock.bind((ip, 0))
+        answered = 0
+        for request in requests:
+            for sock in socks.values():
+                replies = [ask_on(sock, request, tp.addr, timeout=1.0 if request != b"not ours" else 0.3) for tp in (plain, with_turn)]
+                assert replies[0] == replies[1], request
+                answered += replies[0] is not None
+        assert answered == 2 * (len(requests) - 1)  # all but the one that is not ours
+    finally:
+        for sock in socks.values():
+            sock.close()
+
+
+def test_a_half_closed_connection_still_gets_its_replies(tracker) -> None:  # type: ignore[no-untyped-def]
+    tp = tracker("--tcp")
+    sock = socket.create_connection(tp.addr, timeout=5, source_address=("127.0.0.2", 0))
+    try:
+        sock.sendall(text_frame(f"{REG}halfclosed/0/0/0".encode()) + text_frame(b"//nat"))
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        frames = StreamDeframer().feed(received)
+        local = "%s:%d" % sock.getsockname()[:2]
+        assert sorted(frames) == sorted([TextFrame(local.encode()), TextFrame(local.encode())])
+    finally:
+        sock.close()
+
+
+def test_a_relay_ip_that_is_not_ours_fails_at_start(nattool_home: Path) -> None:
+    result = run_nattool(
+        "serve", "--host", "127.0.0.1", "--port", "0", "--store", "memory", "--relay", "--relay-ip", "192.0.2.99",
+        home=nattool_home,
+    )  # fmt: skip
+    assert result.returncode == 4, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot bind relayed sockets on 192.0.2.99" in lines[0], result.stderr

@@ -248,6 +248,10 @@ def _print_unit(flags: dict[str, Any], config_path: str | None) -> int:
     for path in hidden_paths(flags, config_path):
         info(escape(f"note: the service cannot reach {path} (the unit's ProtectHome=yes hides "
                     f"{', '.join(HIDDEN_BY_PROTECT_HOME)}): move it elsewhere, nattool e.g. to /usr/local/bin"))
+    secrets = [flag for flag, key in (("--turn-user", "serve.turn_user"), ("--turn-secret", "serve.turn_secret")) if flags.get(key)]
+    if secrets:
+        info(escape(f"note: {' and '.join(secrets)} in ExecStart can be read by every local user (ps, systemctl cat): "
+                    "put them in a config file of mode 0600 ([serve] turn_user, turn_secret) or NATTOOL_TURN_SECRET instead"))
     return int(ExitCode.OK)
 
 

@@ -29,7 +29,9 @@ from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
 from nattool.net.tcp_listener import StreamConnection, TcpListener
 from nattool.net.turn_relay import DEFAULT_RELAY_PORTS, RelayPortRange, TurnRelay, relay_addresses
-from nattool.protocol.text import RelayGrant
+from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress, source_key
+from nattool.protocol.stun import MAGIC_COOKIE, is_stun
+from nattool.protocol.text import REGISTER_PREFIX, RelayGrant
 from nattool.protocol.turn import is_turn_message
 from nattool.protocol.turn_server import (
     AllocationWanted,
@@ -40,9 +42,6 @@ from nattool.protocol.turn_server import (
     TurnConfig,
     TurnCore,
 )
-from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress, source_key
-from nattool.protocol.stun import MAGIC_COOKIE, is_stun
-from nattool.protocol.text import REGISTER_PREFIX
 from nattool.store.base import Store, StoreLimits, StoreStats
 from nattool.tracker.dispatch import HELD, HeldReplies, Junk, PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
@@ -133,13 +132,15 @@ def v6_source_key(host: str) -> str:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary")
+    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients")
 
     def __init__(self, local: Endpoint, sock: socket.socket, primary: bool = False) -> None:
         self.local = local
         self.sock = sock
         self.closed = False
         self.primary = primary  # the tracker port (not an RFC 5780 alternate)
+        # source (host, port) -> its TURN ClientRef, when TURN is on
+        self.turn_clients: dict[Any, Any] = {}
         self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
         # (request, IPv4 source as an integer, port) -> reply, for bare Binding requests
         self.bare_stun: Callable[[bytes, int, int], bytes] | None = None
@@ -181,7 +182,6 @@ class TrackerServer:
         self.turn: TurnCore | None = None  # the TURN relay's decisions (with cfg.turn)
         self.relay: TurnRelay | None = None  # its relayed sockets
         self.relay_ips: dict[int, IPAddress] = {}
-        self._turn_clients: dict[tuple[Endpoint, Any], ClientRef] = {}  # (local, addr) -> ClientRef
         self._streams: dict[int, StreamConnection] = {}  # TCP connections that spoke TURN, by id
         self._v6_keys, self._learn_v6_key = bounded_memo(v6_source_key, SOURCE_CACHE_MAX)
         self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
@@ -281,6 +281,8 @@ class TrackerServer:
         self.turn = TurnCore(turn_config, os.urandom(32))
         low, high = cfg.relay_ports
         ranges = {version: RelayPortRange(ip, low, high) for version, ip in relay_ips.items()}
+        for port_range in ranges.values():
+            port_range.check()
         self.relay = TurnRelay(
             self.turn, loop, ranges, lambda ref: self._client_sender(ref, droppable=True), self.core.counters
         )
@@ -415,7 +417,7 @@ class TrackerServer:
         assert turn is not None and relay is not None
         limiter = self.limiter
         limited = limiter.rate > 0
-        refs = self._turn_clients
+        refs = listener.turn_clients
         now, wall = time.monotonic(), time.time()
         for _ in range(DRAIN_BATCH):
             try:
@@ -427,7 +429,7 @@ class TrackerServer:
                 continue
             first = data[0] if data else 0xFF
             if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
-                ref = refs.get((listener.local, addr)) or self._udp_client(listener, addr)
+                ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
                     out = turn.channel_data_from_client(data, ref, now)
                     if out is not None:
@@ -437,7 +439,7 @@ class TrackerServer:
                 request = not (first & 0x01 or data[1] & 0x10)
                 if request and limited and not limiter.allow(self._limit_key(addr[0]), now):
                     continue
-                ref = refs.get((listener.local, addr)) or self._udp_client(listener, addr)
+                ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
                     self._turn_outcome(turn.on_client_message(data, ref, now, wall), ref, now, wall)
                 continue
@@ -454,9 +456,9 @@ class TrackerServer:
             ref = ClientRef("udp", Endpoint.from_sockaddr(addr), listener.local)
         except ValueError:
             return None
-        if len(self._turn_clients) >= SOURCE_CACHE_MAX:
-            self._turn_clients.clear()
-        self._turn_clients[(listener.local, addr)] = ref
+        if len(listener.turn_clients) >= SOURCE_CACHE_MAX:
+            listener.turn_clients.clear()
+        listener.turn_clients[addr] = ref
         return ref
 
     def _turn_outcome(self, outcome: ClientOutcome, ref: ClientRef, now: float, wall: float) -> None:
@@ -633,10 +635,8 @@ class TrackerServer:
             return
         cls = outcome.__class__
         if cls is bytes:
-            if outcome:
-                conn.send_text(outcome)  # type: ignore[arg-type]
-            else:
-                self.core.counters["tcp_empty_reply"] += 1
+            # An empty reply too (an empty frame): "I know no trackers".
+            conn.send_text(outcome)  # type: ignore[arg-type]
         elif cls is PendingRegistration:
             self._enqueue(outcome, conn, conn.addr)  # type: ignore[arg-type]
             if self._sync_store and not self._flush_scheduled:

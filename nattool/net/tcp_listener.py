@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from nattool.errors import NetworkError, ProtocolError
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.turn_server import ClientRef
 from nattool.protocol.stream_frames import ChannelDataFrame, StreamDeframer, StunFrame, text_frame
+from nattool.protocol.turn_server import ClientRef
 
 log = logging.getLogger("nattool.serve")
 
@@ -40,6 +40,7 @@ WRITE_BUFFER_HARD = 1024 * 1024
 # seconds; a TURN client refreshes its allocation well within the lifetime).
 PARTIAL_FRAME_TIMEOUT = 10.0
 IDLE_TIMEOUT = 900.0
+EOF_GRACE = 2.0  # seconds a half-closed connection stays open for the replies owed
 LISTEN_BACKLOG = 512
 _connection_ids = itertools.count(1)
 
@@ -136,7 +137,10 @@ class StreamConnection(asyncio.Protocol):
                 handler.on_stream_text(self, frame.payload)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool | None:
-        return False  # close our side too
+        # The client is done sending; replies still on their way (registrations wait
+        # for the store) get a moment before our side closes too.
+        asyncio.get_running_loop().call_later(EOF_GRACE, self.close)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -148,7 +152,7 @@ class StreamConnection(asyncio.Protocol):
         """Queue ``frame``; False when it was not sent (closed, or a slow reader).
         ``droppable``: relayed data, lost when the client does not keep up."""
         transport = self.transport
-        if self.closed or transport is None:
+        if self.closed or transport is None or transport.is_closing():
             return False
         queued = transport.get_write_buffer_size()
         if queued > WRITE_BUFFER_HARD:

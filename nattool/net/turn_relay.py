@@ -76,28 +76,44 @@ class RelayPortRange:
         self._rng = rng or random.SystemRandom()
         self.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
 
+    def check(self) -> None:
+        """Raise NetworkError now when the relay address cannot be bound at all (not
+        an address of this host, say), rather than at every Allocate."""
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((str(self.ip), 0))
+        except OSError as exc:
+            raise NetworkError(f"cannot bind relayed sockets on {self.ip}: {exc.strerror or exc}") from None
+        finally:
+            sock.close()
+
     def bind(self, even: bool = False, with_next: bool = False) -> list[tuple[socket.socket, Endpoint]]:
         """A non-blocking socket on a free port of the range, tried from a random start
         (relayed ports are not predictable); ``even``: an even port; ``with_next``: the
-        port after it too (RFC 8656 EVEN-PORT with R). Empty when no port is free."""
+        port after it too (RFC 8656 EVEN-PORT with R). Empty when no port is free (or
+        the address cannot be bound any more)."""
         size = self.high - self.low + 1
         start = self._rng.randrange(size)
-        for step in range(size):
-            port = self.low + (start + step) % size
-            if even and port % 2:
-                continue
-            first = self._bind_port(port)
-            if first is None:
-                continue
-            if not with_next:
-                return [first]
-            second = self._bind_port(port + 1) if port + 1 <= self.high else None
-            if second is not None:
-                return [first, second]
-            first[0].close()
+        try:
+            for step in range(size):
+                port = self.low + (start + step) % size
+                if even and port % 2:
+                    continue
+                first = self._bind_port(port)
+                if first is None:
+                    continue
+                if not with_next:
+                    return [first]
+                second = self._bind_port(port + 1) if port + 1 <= self.high else None
+                if second is not None:
+                    return [first, second]
+                first[0].close()
+        except OSError:
+            pass  # the address went away: no port at all
         return []
 
     def _bind_port(self, port: int) -> tuple[socket.socket, Endpoint] | None:
+        """The socket on ``port``; None when the port is taken (OSError for worse)."""
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
         try:
             if self.family == socket.AF_INET6:
@@ -107,7 +123,7 @@ class RelayPortRange:
             sock.close()
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 return None
-            raise NetworkError(f"cannot bind a relayed socket on {Endpoint(self.ip, port)}: {exc.strerror or exc}") from None
+            raise
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, RELAY_SOCKET_BUFFER)
