@@ -29,6 +29,7 @@ from nattool.protocol.connect_session import (
     LINGER,
     PROBE_FIRST,
     PROBE_MAX,
+    RELAY_LEAVE_GRACE,
     UDP_GIVE_UP,
     UPGRADE_PROBE_MAX,
     ConnectSession,
@@ -46,7 +47,8 @@ from nattool.protocol.text import (
     RelayRequest,
     parse_request,
 )
-from nattool.protocol.turn import is_turn_message
+from nattool.protocol.stun import parse as parse_turn
+from nattool.protocol.turn import TurnMethod, is_turn_message
 from tests.relay_world import RelayWorld
 
 GROUP = "session-test"
@@ -820,3 +822,24 @@ def test_relay_only_ends_when_the_allocation_is_refused() -> None:
     for name, s in net.sessions.items():
         assert s.ended is not None and s.ended.exit_code == ExitCode.FAILURE
         assert [e.server for e in net.events[name] if isinstance(e, ev.RelayLost)] == [T1]
+
+
+def test_leaving_through_the_relay_gives_the_allocation_back_a_moment_after_the_bye() -> None:
+    net = MiniNet()
+    net.step(RELAY_AFTER + 1.0)
+    a = net.sessions["a"]
+    mark, left_at = len(net.sent["a"]), net.now
+
+    def turn_methods() -> list[int]:
+        return [parse_turn(d).method for d, _ in net.sent["a"][mark:] if is_turn_message(d)]
+
+    a.close_when_delivered(net.now)
+    net.step(left_at + RELAY_LEAVE_GRACE / 2)
+    assert set(turn_methods()) == {TurnMethod.SEND}  # the BYE (and what else was due), through the relay
+    assert a.ended is None and net.world.core.live == 2
+    assert [e.reason for e in net.events["b"] if isinstance(e, ev.PathDown)] == ["the peer left"]
+    net.step(left_at + RELAY_LEAVE_GRACE + 0.05)
+    methods = turn_methods()
+    assert methods[-1] == TurnMethod.REFRESH and methods.count(TurnMethod.REFRESH) == 1  # then the allocation goes back
+    assert a.ended == ev.SessionEnded(ExitCode.OK, "input ended and every line was delivered")
+    assert net.world.core.live == 1

@@ -151,7 +151,17 @@ class SessionShell:
             self.session.leave(self._now())
             self._pump()
 
+    async def linger(self) -> None:
+        """After leave(): the moment the goodbyes through a relay need before the
+        allocation goes back (see ConnectSession.leave)."""
+        until = self.session.linger_until if self.session is not None and not self.closed else None
+        if until is not None:
+            await asyncio.sleep(max(0.0, until - self._now()))
+
     def close(self) -> None:
+        if self.session is not None and not self.closed:
+            self.session.release_relay(self._now())  # if leave() left it lingering
+            self._pump()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -282,6 +292,10 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
             await asyncio.gather(reader, return_exceptions=True)
         if shell.ended is None:
             shell.leave()  # Ctrl-C: the peers hear it now, not after --dead-after
+            try:
+                await shell.linger()
+            except asyncio.CancelledError:
+                pass  # a second Ctrl-C: close now
         shell.close()
 
 
@@ -388,11 +402,15 @@ class PeerConnection:
             return
         self._closed = True
         if self._shell is not None:
-            self._shell.leave()
+            if self._shell.session is not None and not self._shell.session.left:
+                self._shell.leave()
             self._shell.close()
         self._notify()
 
     async def aclose(self) -> None:
+        if self._shell is not None and not self._closed:
+            self._shell.leave()
+            await self._shell.linger()
         self.close()
         if self._shell is not None:
             await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled

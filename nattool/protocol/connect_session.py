@@ -104,6 +104,9 @@ FAST_REGISTER = 0.5  # s between registrations while no path is up
 PROBE_FIRST = 0.1  # s between pings to a fresh candidate ...
 PROBE_MAX = 1.0  # ... growing to this
 PROBE_GROWTH = 1.5
+# s between leaving (a BYE through the relay) and giving the allocation back: a server
+# may drop what a released allocation still has in flight to its peers.
+RELAY_LEAVE_GRACE = 0.2
 UPGRADE_PROBE_MAX = 10.0  # s between pings to a relayed peer's direct candidates after `timeout` s
 IMPOSSIBLE_GRACE = 3.0  # s of failed probing before a "cannot work" verdict ends the run
 LINGER = 1.5  # s `once` keeps answering after its path is up (the peer needs its pong)
@@ -252,6 +255,8 @@ class ConnectSession:
         self.any_tracker_answered = False
         self.first_up: Optional[float] = None
         self.closing = False  # leave once every message is delivered
+        self.left = False
+        self.linger_until: Optional[float] = None  # leaving: the relay allocation goes back then
         self.ended: Optional[SessionEnded] = None
         self._finish_at: Optional[float] = None
         self._last_tick = now
@@ -327,6 +332,8 @@ class ConnectSession:
         times.extend(out.next_send for out in self.outgoing)
         if self._finish_at is not None:
             times.append(self._finish_at)
+        if self.linger_until is not None:
+            times.append(self.linger_until)
         # Give-up deadlines: only those still ahead (one already past was decided on).
         deadlines = [self.no_path_since + self.config.timeout]
         if self._udp_give_up_pending():
@@ -376,11 +383,23 @@ class ConnectSession:
 
     def leave(self, now: float) -> None:
         """Say goodbye to every connected peer (input ended, Ctrl-C, close), and give
-        the relay allocation back."""
+        the relay allocation back: at once, or ``linger_until`` when a goodbye went
+        through it (the owner may call release_relay() earlier, when it must go)."""
         self._now = now
+        self.left = True
+        relayed = False
         for peer in self.peers.values():
             if peer.active is not None:
                 self._send(peer.active, PeerMessage(Kind.BYE, self.sender, self._next_seq()))
+                relayed = relayed or peer.active in self.relayed_peers
+        if self.turn is not None and self.turn.allocated and relayed:
+            self.linger_until = now + RELAY_LEAVE_GRACE
+        else:
+            self.release_relay(now)
+
+    def release_relay(self, now: float) -> None:
+        """Give the relay allocation back now (a Refresh with lifetime 0)."""
+        self.linger_until = None
         if self.turn is not None:
             self.turn.close(now)
 
@@ -805,9 +824,13 @@ class ConnectSession:
             for data in waiting:
                 self.send(data, now)
         self._resend_data(now)
+        if self.linger_until is not None and now >= self.linger_until:
+            self.release_relay(now)
         if self.closing and self.first_up is not None and not self.backlog and not self.outgoing:
-            self.leave(now)
-            self._end(ExitCode.OK, "input ended and every line was delivered")
+            if not self.left:
+                self.leave(now)
+            if self.linger_until is None:
+                self._end(ExitCode.OK, "input ended and every line was delivered")
         if self._finish_at is not None and now >= self._finish_at:
             self._end(ExitCode.OK, "a path was up")
         self._check_give_up(now)
