@@ -8,14 +8,19 @@ scripts/connect_matrix_runs.py runs the matrix ten times for the closing-note ta
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from tests.conftest import nattool_cmd, nattool_env
-from tests.natlab.connect_matrix import CASES, NAMES, Case, run_matrix, table
+from tests.natlab import Lab
+from tests.natlab.connect_matrix import CASES, NAMES, TRACKERS, run_matrix, start_relay_trackers, table
 from tests.natlab.fixtures import natlab_available  # noqa: F401 - fixture
 from tests.natlab.nft import NatBehaviour
+from tests.natlab.topologies import pair_topology
 from tests.test_connect_loopback import connect_argv
 
 pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available")]
@@ -46,21 +51,10 @@ def test_every_pair_connects(kind: str, tmp_path: Path) -> None:
 
 def test_relay_never_between_two_symmetric_nats_is_still_impossible(tmp_path: Path) -> None:
     """`--relay never` is today's behaviour even with a relaying tracker (exit 1, "impossible")."""
-    import json
-
-    import pexpect
-
-    from tests.natlab import Lab
-    from tests.natlab.connect_matrix import BANNER, TRACKERS
-    from tests.natlab.topologies import pair_topology
-
     env = nattool_env(tmp_path)
     with Lab() as lab:
         topo = pair_topology(lab, N.APDM, N.APDM)
-        for ep in TRACKERS:
-            host, port = ep.rsplit(":", 1)
-            lab.start_service("tracker", nattool_cmd("serve", "--host", host, "--port", port, "--store", "memory",
-                                                     "--rate-limit", "0", "--relay"), ready=BANNER, env=env)
+        start_relay_trackers(lab, env, nattool_cmd)
         args = ["never-sym", *sum((["-t", t] for t in TRACKERS), []), "--json", "--timeout", "12", "--relay", "never"]
         children = [lab.spawn(h, connect_argv(*args), env=env, timeout=20) for h in (topo.left, topo.right)]
         for child in children:
@@ -73,29 +67,15 @@ def test_relay_never_between_two_symmetric_nats_is_still_impossible(tmp_path: Pa
             assert gave_up and all(e["impossible"] for e in gave_up)
 
 
-def test_case_names_are_stable() -> None:
-    assert Case(N.EIM_APDF, N.APDM).name == "port x symmetric"
-
-
 def test_a_relayed_pair_moves_to_a_direct_path_when_udp_opens(tmp_path: Path) -> None:
     """Relayed because UDP is blocked on one side; the network then lets UDP through
     (the blocking rule goes: a port-restricted NAT remains). Direct probing went on all
     along, so each side reports a second path_up, via direct, for the same peer, and the
     next line takes it."""
-    import json
-    import re
-
-    from tests.natlab import Lab
-    from tests.natlab.connect_matrix import BANNER, TRACKERS
-    from tests.natlab.topologies import pair_topology
-
     env = nattool_env(tmp_path)
     with Lab() as lab:
         topo = pair_topology(lab, N.NO_NAT, N.UDP_BLOCKED)
-        for ep in TRACKERS:
-            host, port = ep.rsplit(":", 1)
-            lab.start_service("tracker", nattool_cmd("serve", "--host", host, "--port", port, "--store", "memory",
-                                                     "--rate-limit", "0", "--relay"), ready=BANNER, env=env)
+        start_relay_trackers(lab, env, nattool_cmd)
         args = ["upgrade", *sum((["-t", t] for t in TRACKERS), []), "--json", "--timeout", "30"]
         a, b = (lab.spawn(h, connect_argv(*args), env=env, timeout=20) for h in (topo.left, topo.right))
         first = {}

@@ -95,6 +95,15 @@ class Outcome:
         return head
 
 
+def start_relay_trackers(lab: Lab, env: dict[str, str], serve: Callable[..., list[str]]) -> None:
+    """`nattool serve --relay` at each of TRACKERS, on the lab's "tracker" host."""
+    for ep in TRACKERS:
+        host, port = ep.rsplit(":", 1)
+        lab.start_service("tracker", serve("serve", "--host", host, "--port", port, "--store", "memory",
+                                           "--rate-limit", "0", "--relay"),
+                          ready=BANNER, env=env, timeout=30)
+
+
 _PATH_UP = re.compile(r'\{"event":"path_up"[^\n]*\n')
 
 
@@ -109,11 +118,7 @@ def run_case(case: Case, home: Path, env: dict[str, str], serve: Callable[..., l
     try:
         with _build_lock:  # nft and ip are quick; one build at a time keeps them simple
             topo = pair_topology(lab, case.left, case.right)
-        for ep in TRACKERS:
-            host, port = ep.rsplit(":", 1)
-            lab.start_service("tracker", serve("serve", "--host", host, "--port", port, "--store", "memory",
-                                               "--rate-limit", "0", "--relay"),
-                              ready=BANNER, env=env, timeout=30)
+        start_relay_trackers(lab, env, serve)
         group = f"matrix-{NAMES[case.left]}-{NAMES[case.right]}{tag}"
         args = [group, *sum((["-t", t] for t in TRACKERS), []), "--json", "--timeout", "30", "--port", "43284"]
         spawned = []
