@@ -205,9 +205,8 @@ def test_bad_turn_flags_are_one_line_exit_2(args: list[str], fragment: str, natt
 
 # -- the TURN relay ------------------------------------------------------------------------
 
-from nattool.protocol.endpoint import Endpoint  # noqa: E402
 from nattool.protocol.stun import MsgClass  # noqa: E402
-from nattool.protocol.turn import RequestedTransport, TurnMethod  # noqa: E402
+from nattool.protocol.turn import RequestedTransport, TurnMethod, encode_channel_data  # noqa: E402
 from turn_helpers import TurnTestClient, error_of, peer_endpoint, recv_or_none, turn_client, udp_peer  # noqa: E402, F401 - fixture
 
 TURN_FLAGS = ("--turn-user", "alice:wonderland", "--allow-peer", "127.0.0.0/8")
@@ -500,3 +499,34 @@ def test_a_relay_ip_that_is_not_ours_fails_at_start(nattool_home: Path) -> None:
     assert result.returncode == 4, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot bind relayed sockets on 192.0.2.99" in lines[0], result.stderr
+
+
+def test_random_bytes_never_break_the_server(tracker, turn_client) -> None:  # type: ignore[no-untyped-def]
+    """Mutated TURN messages, ChannelData and frames over UDP and TCP: the server keeps
+    answering and logs no traceback (the fixture checks the log and the exit)."""
+    import random
+
+    rng = random.Random(24)
+    tp = tracker(*TURN_FLAGS)
+    client = turn_client(tp)
+    client.allocate()
+    seeds = [client.last_request, encode_channel_data(0x4000, b"data"), text_frame(b"//nat")[2:]]
+    udp = udp_peer("127.0.0.7")
+    try:
+        for _ in range(1500):
+            data = bytearray(rng.choice(seeds))
+            for _ in range(rng.randint(1, 6)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            if rng.random() < 0.2:
+                data = data[: rng.randrange(len(data) + 1)]
+            udp.sendto(bytes(data), tp.addr)
+            client.send_raw(bytes(data))
+        for _ in range(20):
+            stream = socket.create_connection(tp.addr, timeout=5, source_address=("127.0.0.8", 0))
+            stream.sendall(bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))))
+            stream.close()
+    finally:
+        udp.close()
+    time.sleep(0.5)
+    assert tp.ask(b"//nat", src_ip="127.0.0.9", timeout=3) is not None
+    assert client.refresh(600).msg_class == MsgClass.SUCCESS

@@ -447,6 +447,8 @@ class TrackerServer:
                 continue
             self._slow_path(listener, data, addr, now, wall)
         self._answer_held(sock.sendto, [])
+        if self.core.counters["register"] >= self.collector.next_at:
+            self.collector.collect_young(self.core.counters["register"])
 
     def _limit_key(self, host: str) -> str:
         return (self._v6_keys.get(host) or self._learn_v6_key(host) or host) if ":" in host else host
