@@ -58,7 +58,7 @@ def connect(
     keepalive: Annotated[float, typer.Option("--keepalive", metavar="SECONDS", help="Seconds between keepalive pings on an open path.")] = 20.0,
     dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x keepalive].", show_default=False)] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
-    relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 3 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
+    relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 2 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
     tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,

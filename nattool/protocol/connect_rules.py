@@ -18,7 +18,7 @@ EI = "endpoint-independent"
 ED = "endpoint-dependent"
 
 #: s a member may go without a direct path before the relay is tried for it (``auto``).
-RELAY_AFTER = 3.0
+RELAY_AFTER = 2.0
 
 
 class RelayMode(str, Enum):
