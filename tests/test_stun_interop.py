@@ -21,8 +21,9 @@ import re
 import shutil
 import socket
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -34,7 +35,7 @@ from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like test
     turnserver_available,
 )
 from tests.natlab.stun import communicate_bounded, run_stunclient, start_turnserver
-from tests.natlab.topologies import probe_topology
+from tests.natlab.topologies import SERVER_V4, SERVER_V6, ProbeTopology, probe_topology
 from tests.test_probe_lab import (
     APD,
     EI,
@@ -271,35 +272,78 @@ CLIENT_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, 
                NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
 
 
-@pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
-def test_coturn_clients_behind_nat(natlab: Lab, behaviour: NatBehaviour) -> None:
-    nd = _need("turnutils_natdiscovery")
-    _need("turnutils_stunclient")
-    topo = probe_topology(natlab, behaviour)
+@dataclass(frozen=True)
+class ClientsRun:
+    """What coturn's clients saw from behind one NAT of the shared lab."""
+
+    primary: str
+    alternate: str
+    public_ip: str
+    seen: tuple[str, int]  # `nattool whoami` from the port natdiscovery then used
+    natdiscovery: str  # its output
+    stunclient_status: int | None
+    stunclient: str  # its output
+
+
+def run_coturn_clients(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour) -> ClientsRun:
+    """whoami, then turnutils_natdiscovery from the same port, then turnutils_stunclient,
+    from the client behind ``topo``'s NAT."""
+    nd = shutil.which("turnutils_natdiscovery")
+    assert nd is not None
     if behaviour is NatBehaviour.IPV6_FIREWALL:  # IPv6 through a stateful firewall, no NAT
         assert topo.client.ip6 is not None
         primary, alternate, local_ip, public_ip = topo.primary6, topo.alternate6, topo.client.ip6, topo.client.ip6
     else:
         primary, alternate, local_ip = topo.primary, topo.alternate, topo.client.ip
         public_ip = topo.client.ip if behaviour is NatBehaviour.NO_NAT else topo.nat.wan_ip
-    start_serve(natlab, topo.server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
-
     # natdiscovery from the port whoami used: the same 5-tuple, so the same mapping on any NAT.
     local_port = 40000
-    seen = whoami(local_port, endpoint(primary, STUN_PORT), lab=natlab, node=topo.client)
+    seen = whoami(local_port, endpoint(primary, STUN_PORT), lab=lab, node=topo.client)
+    proc = lab.popen(topo.client, [nd, "-m", "-f", "-p", str(STUN_PORT), "-L", local_ip,
+                                   "-l", str(local_port), primary],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     text=True, errors="replace")
+    status, natdiscovery = communicate_bounded(proc, CLIENT_TIMEOUT)
+    if status is None:
+        pytest.fail(f"turnutils_natdiscovery did not finish within {CLIENT_TIMEOUT}s:\n{natdiscovery}")
+    # turnutils_stunclient: behind a NAT its RFC 5780 run never ends; its first answer counts,
+    # so it is stopped once that answer is complete. Without a NAT it must finish by itself.
+    until = None if behaviour is NatBehaviour.NO_NAT else first_answer_complete
+    status, out = run_stunclient(lab, topo.client, primary, STUN_PORT, timeout=3.0, until=until)
+    return ClientsRun(primary, alternate, public_ip, seen, natdiscovery, status, out)
+
+
+@pytest.fixture(scope="module")
+def coturn_clients_runs(natlab_available: None) -> Iterator[dict[NatBehaviour, Future[ClientsRun]]]:
+    """Every CLIENT_NATS case in one lab, all at once: one server host (two `nattool serve`,
+    IPv4 and IPv6, RFC 5780), one NAT and client per case. The cases share nothing but the
+    server (each NAT has its own WAN address), and natdiscovery's silent waits (3 s for each
+    answer a filter drops) overlap instead of adding up."""
+    _need("turnutils_natdiscovery")
+    _need("turnutils_stunclient")
+    with Lab() as lab:
+        server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
+        topos = {}
+        for n, behaviour in enumerate(CLIENT_NATS):
+            nat = lab.add_nat(f"nat{n}", behaviour)
+            topos[behaviour] = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
+        for primary, alternate in ((SERVER_V4[0], SERVER_V4[1]), (SERVER_V6[0], SERVER_V6[1])):
+            start_serve(lab, server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
+        with ThreadPoolExecutor(len(topos)) as pool:
+            runs = {b: pool.submit(run_coturn_clients, lab, topo, b) for b, topo in topos.items()}
+        yield runs
+
+
+@pytest.mark.natlab
+@pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
+def test_coturn_clients_behind_nat(coturn_clients_runs: dict[NatBehaviour, Future[ClientsRun]],
+                                   behaviour: NatBehaviour) -> None:
+    run = coturn_clients_runs[behaviour].result()
+    primary, alternate, public_ip, seen = run.primary, run.alternate, run.public_ip, run.seen
     assert seen[0] == public_ip
     if behaviour is not NatBehaviour.APDM:
-        assert seen[1] == local_port  # masquerade keeps a free port
-    proc = natlab.popen(topo.client, [nd, "-m", "-f", "-p", str(STUN_PORT), "-L", local_ip,
-                                      "-l", str(local_port), primary],
-                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True, errors="replace")
-    try:
-        out, _ = proc.communicate(timeout=CLIENT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"turnutils_natdiscovery did not finish within {CLIENT_TIMEOUT}s:\n{out}")
+        assert seen[1] == 40000  # masquerade keeps a free port
+    out = run.natdiscovery
     answers = parse_coturn(out)
     assert answers, out
     first = answers[0]
@@ -310,10 +354,7 @@ def test_coturn_clients_behind_nat(natlab: Lab, behaviour: NatBehaviour) -> None
     assert "ALG detected" not in out and "No ALG" in out, out
     assert natdiscovery_verdicts(out) == (behaviour.mapping, behaviour.filtering), out
 
-    # turnutils_stunclient: behind a NAT its RFC 5780 run never ends; its first answer counts,
-    # so it is stopped once that answer is complete. Without a NAT it must finish by itself.
-    until = None if behaviour is NatBehaviour.NO_NAT else first_answer_complete
-    status, out = run_stunclient(natlab, topo.client, primary, STUN_PORT, timeout=3.0, until=until)
+    status, out = run.stunclient_status, run.stunclient
     answers = parse_coturn(out)
     assert answers, f"no answer (status {status}):\n{out}"
     assert answers[0].origin == (primary, STUN_PORT), out
