@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -273,24 +274,22 @@ def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
         assert "no peer connected yet: the line will be sent when a path is up" in out.stderr
 
 
-@pytest.mark.parametrize("retries", [0, 2])
-def test_retries_sets_the_registration_retransmissions(nattool_home: Path, retries: int) -> None:
-    """A silent tracker (our own socket) sees 1 + --retries registrations in the seed form,
-    then as many in the original client's form: whatever the machine's speed."""
+RETRIES = [0, 2]
+
+
+def against_a_silent_tracker(home: Path, retries: int) -> tuple[list[bytes], int, str]:
+    """`connect --retries N --timeout 4` against a silent tracker (our own socket): the first
+    2 (N + 1) + 1 datagrams it got, then connect's exit status and stderr."""
     import subprocess
 
-    from nattool.protocol.text import RegisterRequest
-
-    group = f"retries-{retries}"
-    seed, original = RegisterRequest(group).to_wire(), RegisterRequest(group, form="original").to_wire()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         silent.settimeout(5)
         tracker_ep = f"127.0.0.1:{silent.getsockname()[1]}"
-        argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), group, "--retries", str(retries),
-                                       "--timeout", "4"))
+        argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), f"retries-{retries}",
+                                       "--retries", str(retries), "--timeout", "4"))
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=nattool_env(nattool_home))
+                                env=nattool_env(home))
         try:
             got = [silent.recvfrom(2048)[0] for _ in range(2 * (retries + 1) + 1)]
         finally:
@@ -298,8 +297,30 @@ def test_retries_sets_the_registration_retransmissions(nattool_home: Path, retri
             assert proc.stderr is not None
             err = proc.stderr.read().decode()
             proc.stderr.close()
+    return got, proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def silent_tracker_runs(nattool_home: Path) -> dict[int, Future[tuple[list[bytes], int, str]]]:
+    """Every RETRIES case at once: each waits out connect's --timeout, so together they
+    take one wait instead of one each."""
+    with ThreadPoolExecutor(len(RETRIES)) as pool:
+        return {retries: pool.submit(against_a_silent_tracker, nattool_home, retries) for retries in RETRIES}
+
+
+@pytest.mark.parametrize("retries", RETRIES)
+def test_retries_sets_the_registration_retransmissions(
+    silent_tracker_runs: dict[int, Future[tuple[list[bytes], int, str]]], retries: int
+) -> None:
+    """A silent tracker (our own socket) sees 1 + --retries registrations in the seed form,
+    then as many in the original client's form: whatever the machine's speed."""
+    from nattool.protocol.text import RegisterRequest
+
+    group = f"retries-{retries}"
+    seed, original = RegisterRequest(group).to_wire(), RegisterRequest(group, form="original").to_wire()
+    got, returncode, err = silent_tracker_runs[retries].result()
     assert got == [seed] * (retries + 1) + [original] * (retries + 1) + [seed]
-    assert proc.returncode == 3 and "no tracker answered within 4s" in err
+    assert returncode == 3 and "no tracker answered within 4s" in err
 
 
 def test_retries_out_of_range_is_one_usage_line(nattool_home: Path) -> None:
