@@ -34,11 +34,12 @@ from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like test
     natlab_available,
     turnserver_available,
 )
-from tests.natlab.stun import communicate_bounded, run_stunclient, start_turnserver
+from tests.natlab.stun import TurnServer, communicate_bounded, run_stunclient, start_turnserver
 from tests.natlab.topologies import SERVER_V4, SERVER_V6, ProbeTopology, probe_topology
 from tests.test_probe_lab import (
     APD,
     EI,
+    ProbeRun,
     endpoint,
     expected_for,
     mismatches,
@@ -369,29 +370,63 @@ def test_coturn_clients_behind_nat(coturn_clients_runs: dict[NatBehaviour, Futur
 PROBE_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, NatBehaviour.EIM_APDF,
               NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
 COTURN_RUNS = 3
+# Cases probed at once: 9 probes together, fewer than the probe lab's hand-run repetition
+# starts together (NATLAB_PROBE_RUNS=10).
+PROBE_WORKERS = 3
 
 
-@pytest.mark.usefixtures("turnserver_available")
+@dataclass(frozen=True)
+class ProbesRun:
+    """COTURN_RUNS probes against coturn from behind one NAT of the shared lab."""
+
+    topo: ProbeTopology
+    turnserver: TurnServer
+    other: str  # the OTHER-ADDRESS the probe must report
+    runs: list[ProbeRun]
+
+
+@pytest.fixture(scope="module")
+def coturn_probe_runs(turnserver_available: None) -> Iterator[dict[NatBehaviour, Future[ProbesRun]]]:
+    """Every PROBE_NATS case in one lab, PROBE_WORKERS at a time: one server host with two
+    coturns (IPv4 and IPv6, two listening IPs each: RFC 5780), one NAT and client per case.
+    The cases share nothing but the servers (each NAT has its own WAN address)."""
+    with Lab() as lab:
+        server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
+        turnservers = {family: start_turnserver(lab, server, ips, port=STUN_PORT)
+                       for family, ips in ((4, SERVER_V4[:2]), (6, SERVER_V6[:2]))}
+
+        def probe(behaviour: NatBehaviour, topo: ProbeTopology) -> ProbesRun:
+            family = 6 if behaviour is NatBehaviour.IPV6_FIREWALL else 4
+            ts = turnservers[family]
+            runs = run_probes(lab, topo.client, f"stun:{endpoint(*ts.endpoint)}", flags=(f"-{family}",),
+                              count=COTURN_RUNS)
+            return ProbesRun(topo, ts, endpoint(ts.ips[1], ts.alt_port), runs)
+
+        with ThreadPoolExecutor(PROBE_WORKERS) as pool:
+            results = {}
+            for n, behaviour in enumerate(PROBE_NATS):
+                nat = lab.add_nat(f"nat{n}", behaviour)
+                topo = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
+                results[behaviour] = pool.submit(probe, behaviour, topo)
+        yield results
+
+
+@pytest.mark.natlab
 @pytest.mark.parametrize("behaviour", PROBE_NATS, ids=[b.value for b in PROBE_NATS])
-def test_probe_against_coturn(natlab: Lab, behaviour: NatBehaviour) -> None:
-    topo = probe_topology(natlab, behaviour)
-    if behaviour is NatBehaviour.IPV6_FIREWALL:
-        ips, flags = [topo.primary6, topo.alternate6], ("-6",)
-    else:
-        ips, flags = [topo.primary, topo.alternate], ("-4",)
-    ts = start_turnserver(natlab, topo.server, ips, port=STUN_PORT)
-    want = expected_for(behaviour, topo)
-    server = f"stun:{endpoint(ips[0], STUN_PORT)}"
+def test_probe_against_coturn(coturn_probe_runs: dict[NatBehaviour, Future[ProbesRun]],
+                              behaviour: NatBehaviour) -> None:
+    result = coturn_probe_runs[behaviour].result()
+    want = expected_for(behaviour, result.topo)
     failures = []
-    for n, run in enumerate(run_probes(natlab, topo.client, server, flags=flags, count=COTURN_RUNS)):
+    for n, run in enumerate(result.runs):
         bad = mismatches(run, want)
         s = run.report["servers"][0]
-        if s["kind"] != "stun" or s["other_address"] != endpoint(ips[1], ts.alt_port):
+        if s["kind"] != "stun" or s["other_address"] != result.other:
             bad.append(f"server entry {s['kind']} other={s['other_address']}")
         if bad:
             failures.append(f"run {n + 1}: {', '.join(bad)}; filtering_reason="
                             f"{run.report.get('filtering_reason')!r}\n  {json.dumps(s)[:3000]}")
-    assert not failures, "\n".join(failures) + "\ncoturn log:\n" + "\n".join(ts.log[-20:])
+    assert not failures, "\n".join(failures) + "\ncoturn log:\n" + "\n".join(result.turnserver.log[-20:])
 
 
 @pytest.mark.usefixtures("turnserver_available")
