@@ -10,9 +10,11 @@ compare what each server does with the same CPU. Used by ``run_benchmarks.py
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 PERIOD_US = 10_000  # short, so a capped process is throttled often and briefly
 
@@ -68,3 +70,14 @@ class CpuCap:
                 except OSError:  # its process is still exiting
                     time.sleep(0.1)
         self.groups.clear()
+
+
+def cap_option(parser: argparse.ArgumentParser, share: Optional[float]) -> Optional[CpuCap]:
+    """The cap a ``--cap SHARE`` option asks for, None without one; a cap that cannot be
+    set here is the parser's error (it exits)."""
+    if share is None:
+        return None
+    try:
+        return CpuCap(share)
+    except CpuCapError as exc:
+        parser.error(f"--cap: {exc}")

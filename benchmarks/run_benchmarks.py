@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from cpu_cap import CpuCap, CpuCapError
+from cpu_cap import CpuCap, CpuCapError, cap_option
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -146,6 +146,14 @@ class Server:
         except OSError:
             pass
         return float("nan")
+
+
+def stop_all(servers: list[Server], cap: Optional[CpuCap]) -> None:
+    """Stop the servers, then remove their CPU cap (if any)."""
+    for s in servers:
+        s.stop()
+    if cap is not None:
+        cap.remove()
 
 
 def start_coturn(work: Path, cpus: Optional[frozenset[int]] = None) -> Optional[Server]:
@@ -269,12 +277,7 @@ def main() -> int:
     )
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     opts = ap.parse_args()
-    cap: Optional[CpuCap] = None
-    if opts.cap is not None:
-        try:
-            cap = CpuCap(opts.cap)
-        except CpuCapError as exc:
-            ap.error(f"--cap: {exc}")
+    cap = cap_option(ap, opts.cap)
     gen_cpus: Optional[frozenset[int]] = None
     server_cpus: Optional[frozenset[int]] = None
     if opts.pin:
@@ -347,10 +350,7 @@ def main() -> int:
             print(f"run_benchmarks.py: --cap: {exc}", file=sys.stderr)
             return 2
         finally:
-            for s in servers:
-                s.stop()
-            if cap is not None:
-                cap.remove()
+            stop_all(servers, cap)
     ref = cases.get(("coturn", "stun"))
     ref_rate = ref.median("achieved_rate") if ref else None
     print()

@@ -209,6 +209,19 @@ KEYS: dict[str, KeyDef] = {
         KeyDef("serve.log_level", _v_log_level, "info", "log level"),
         KeyDef("serve.metrics", _v_metrics, None, "Prometheus endpoint [ADDR:]PORT"),
         KeyDef("serve.workers", _v_int(1, 1024), 1, "processes sharing the port"),
+        KeyDef("serve.tcp", _v_bool, None, "listen on TCP on the tracker port too (default: with TURN or --relay)"),
+        KeyDef("serve.relay", _v_bool, False, "relay for the members of a group (TURN credentials via //relay/GROUP)"),
+        KeyDef("serve.turn_user", _v_str_or_list, (), "TURN long-term credentials NAME:PASSWORD"),
+        KeyDef("serve.turn_secret", _v_str, None, "TURN REST API shared secret", "NATTOOL_TURN_SECRET"),
+        KeyDef("serve.realm", _v_str, "nattool", "TURN realm"),
+        KeyDef("serve.relay_ip", _v_str_or_list, (), "address of relayed sockets, one per family (default: --host, else the route's source)"),
+        KeyDef("serve.relay_ports", _v_str, "49152-65535", "port range LOW-HIGH of relayed sockets"),
+        KeyDef("serve.allow_peer", _v_str_or_list, (), "CIDR a relay may reach despite the default deny list"),
+        KeyDef("serve.deny_peer", _v_str_or_list, (), "CIDR a relay may not reach"),
+        KeyDef("serve.max_allocations", _v_int(1), 1000, "TURN allocations in the whole server"),
+        KeyDef("serve.user_quota", _v_int(1), 10, "TURN allocations per username"),
+        KeyDef("serve.source_quota", _v_int(1), 10, "TURN allocations per client IP address"),
+        KeyDef("serve.relay_bandwidth", _v_number(positive=False), 1_000_000.0, "bytes/s relayed per allocation (0: unlimited)"),
     )
 }
 

@@ -41,6 +41,19 @@ tracker_ttl = 30
 announce_interval = 5
 max_members = 100
 max_groups_per_source = 4
+tcp = true
+relay = true
+turn_user = ["alice:wonderland"]
+turn_secret = "rest-secret"
+realm = "example.org"
+relay_ip = ["192.0.2.9"]
+relay_ports = "50000-50010"
+allow_peer = ["10.0.0.0/8"]
+deny_peer = ["198.51.100.0/24"]
+max_allocations = 5
+user_quota = 2
+source_quota = 3
+relay_bandwidth = 0
 """
 
 

@@ -4,13 +4,15 @@ real CLI driven by pexpect, two real `nattool serve` trackers on the lab's inter
 Scenarios of issue 5: endpoint-independent mapping on both sides (every filtering),
 two hosts behind one NAT (LAN path), symmetric against full cone (works), symmetric
 against symmetric (reported impossible, non-zero exit), a stranger who knows an endpoint
-but not the group. The success cases are repeated (``RUNS``) and must all open a path
-within 3 s of both peers starting.
+but not the group. The success cases must open a path within 3 s of both peers starting;
+the issue's two cases and the LAN case run ``RUNS`` times: once in CI, ten times with
+``CONNECT_LAB_RUNS=10`` (what scripts/connect_matrix_runs.py --lab-tests does).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from tests.test_connect_loopback import connect_argv
 
 pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available")]
 
-RUNS = 10  # acceptance: 10 of 10 runs, each within TARGET seconds
+RUNS = int(os.environ.get("CONNECT_LAB_RUNS", "1"))  # the acceptance: 10 of 10, by hand
 TARGET = 3.0
 TRACKERS = (f"{SERVER_V4[0]}:43283", f"{SERVER_V4[1]}:43283")
 N = NatBehaviour
@@ -163,7 +165,7 @@ def test_same_nat_uses_the_lan_path(natlab: Lab, lab_home: Path) -> None:  # noq
         assert run.b_up["peer"] == f"{topo.a.ip}:{43300 + i}"
         assert run.elapsed < TARGET, f"run {i}: path after {run.elapsed:.2f}s"
         times.append(run.elapsed)
-    RESULTS.append((f"same NAT ({topo.nat.behaviour.value})", "path up (LAN)", "path up (LAN) 10/10", times))
+    RESULTS.append((f"same NAT ({topo.nat.behaviour.value})", "path up (LAN)", f"path up (LAN) {RUNS}/{RUNS}", times))
 
 
 def test_both_symmetric_is_reported_impossible(natlab: Lab, lab_home: Path) -> None:  # noqa: F811

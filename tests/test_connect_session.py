@@ -4,13 +4,24 @@ events out."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nattool.exit_codes import ExitCode
 from nattool.protocol import connect_events as ev
-from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, ED, EI, lan_candidates, mapping_of, verdict
+from nattool.protocol.connect_rules import (
+    DEFAULT_CONNECT_PORT,
+    ED,
+    EI,
+    RELAY_AFTER,
+    RelayMode,
+    lan_candidates,
+    mapping_of,
+    verdict,
+)
 from nattool.protocol.connect_session import (
     DATA_RETRIES,
     FAST_REGISTER,
@@ -18,13 +29,27 @@ from nattool.protocol.connect_session import (
     LINGER,
     PROBE_FIRST,
     PROBE_MAX,
+    RELAY_LEAVE_GRACE,
+    UDP_GIVE_UP,
+    UPGRADE_PROBE_MAX,
     ConnectSession,
     SessionConfig,
 )
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import Kind, PeerMessage, derive_key
 from nattool.protocol.retransmit import backoff_schedule
-from nattool.protocol.text import ErrorReply, MemberEntry, MemberList, RegisterRequest
+from nattool.protocol.text import (
+    ErrorReply,
+    MemberEntry,
+    MemberList,
+    RegisterRequest,
+    RelayGrant,
+    RelayRequest,
+    parse_request,
+)
+from nattool.protocol.stun import parse as parse_turn
+from nattool.protocol.turn import TurnMethod, is_turn_message
+from tests.relay_world import RelayWorld
 
 GROUP = "session-test"
 KEY = derive_key(GROUP)
@@ -514,7 +539,7 @@ def test_the_session_modules_are_pure() -> None:
 
     forbidden = {"socket", "time", "random", "os", "asyncio", "secrets", "select", "threading"}
     root = Path(nattool.protocol.__file__).parent
-    for name in ("connect_session.py", "connect_events.py", "connect_rules.py"):
+    for name in ("connect_session.py", "connect_events.py", "connect_rules.py", "turn_client.py"):
         tree = ast.parse((root / name).read_text())
         imported = set()
         for node in ast.walk(tree):
@@ -543,3 +568,278 @@ def test_a_peer_reflexive_path_counts_for_the_member_the_tracker_listed() -> Non
             s.receive_datagram(wire(Kind.PONG, int(t * 10), seq), dest, t)
     assert [e for e in drain(s) if isinstance(e, ev.GaveUp)] == []
     assert s.ended is None
+
+
+# --------------------------------------------------------------------------- the relay
+
+
+class MiniNet:
+    """Two sessions, one tracker T1 that relays (RelayWorld: the project's TurnCore),
+    and a switch for the direct path between the two public endpoints (off: two
+    symmetric NATs; on: punching works). Public endpoints are the sessions' own."""
+
+    def __init__(self, relay: RelayMode = RelayMode.AUTO, *, relay_on: bool = True, relay_answers: bool = True,
+                 direct: bool = False, **cfg: object) -> None:
+        self.world = RelayWorld(T1, relay_groups=True)
+        self.relay_on = relay_on
+        self.relay_answers = relay_answers
+        self.direct = direct
+        self.now = 0.0
+        opts: dict[str, object] = {"timeout": 30.0, "keepalive": 1.0, "dead_after": 3.0, "relay": relay}
+        opts.update(cfg)
+        self.pub = {"a": ep("198.51.100.1:43284"), "b": ep("198.51.100.2:43284")}
+        self.sessions = {
+            name: ConnectSession(SessionConfig(GROUP, (T1,), **opts), sender, 0.0, ep(f"192.0.2.{i}:43284"))  # type: ignore[arg-type]
+            for i, (name, sender) in enumerate((("a", b"sessionA"), ("b", b"sessionB")), start=10)
+        }
+        self.registered: list[str] = []
+        self.events: dict[str, list[object]] = {"a": [], "b": []}
+        self.sent: dict[str, list[tuple[bytes, Endpoint]]] = {"a": [], "b": []}
+
+    def by_pub(self, endpoint: Endpoint) -> str:
+        return next(n for n, p in self.pub.items() if p == endpoint)
+
+    def to_tracker(self, name: str, data: bytes) -> None:
+        s, me = self.sessions[name], self.pub[name]
+        if is_turn_message(data):
+            for client, reply in self.world.deliver(data, me, self.now):
+                self.sessions[self.by_pub(client)].receive_datagram(reply, T1, self.now)
+            return
+        request = parse_request(data)
+        if isinstance(request, RegisterRequest):
+            if name not in self.registered:
+                self.registered.append(name)
+            others = [self.pub[n] for n in self.registered if n != name]
+            s.receive_datagram(members(me, *others), T1, self.now)
+        elif isinstance(request, RelayRequest) and self.relay_answers:
+            if not self.relay_on:
+                s.receive_datagram(ErrorReply("relay off").to_wire(), T1, self.now)
+                return
+            g = self.world.grant(GROUP, self.now)
+            grant = RelayGrant(g.username, g.password, g.lifetime, g.realm, g.relayed)
+            s.receive_datagram(grant.to_wire(), T1, self.now)
+
+    def step(self, until: float) -> None:
+        while self.now < until:
+            for name, s in self.sessions.items():
+                timer = s.get_timer()
+                if timer is not None and timer <= self.now:
+                    s.handle_timer(self.now)
+                for data, dest in s.datagrams_to_send(self.now):
+                    self.sent[name].append((data, dest))
+                    if dest == T1:
+                        self.to_tracker(name, data)
+                    elif self.direct and dest in self.pub.values():
+                        self.sessions[self.by_pub(dest)].receive_datagram(data, self.pub[name], self.now)
+                self.events[name] += drain(s)
+            self.now = round(self.now + 0.01, 6)
+
+    def ups(self, name: str) -> list[ev.PathUp]:
+        return [e for e in self.events[name] if isinstance(e, ev.PathUp)]
+
+
+def test_a_pair_punching_cannot_join_is_relayed_after_relay_after() -> None:
+    net = MiniNet()
+    net.step(RELAY_AFTER + 1.0)
+    for name in "ab":
+        [up] = net.ups(name)
+        assert up.kind == ev.PathKind.RELAY and up.via == "relay"
+        assert up.endpoint in net.world.sockets  # the other's relayed endpoint
+        assert up.since_start == pytest.approx(RELAY_AFTER, abs=0.3)
+        assert [e for e in net.events[name] if isinstance(e, ev.RelayAllocated)]
+        assert not [e for e in net.events[name] if isinstance(e, ev.GaveUp)]
+    a, b = net.sessions["a"], net.sessions["b"]
+    a.send(b"across the relay", net.now)
+    net.step(net.now + 0.5)
+    got = [e for e in net.events["b"] if isinstance(e, ev.MessageReceived)]
+    assert [m.data for m in got] == [b"across the relay"]
+    # The relay saw the peer message inside a Send indication, byte for byte as a direct
+    # path would carry it: authenticated end to end with the group key.
+    assert got[0].peer_id == b"sessionA".hex()
+    assert not net.world.outside
+    # The member the tracker listed is this peer: not given up while relayed.
+    net.step(40.0)
+    assert not [e for e in net.events["a"] + net.events["b"] if isinstance(e, (ev.GaveUp, ev.PathDown))]
+    # Direct probing goes on (for an upgrade), after `timeout` s slowly.
+    mark = len(net.sent["a"])
+    net.step(70.0)
+    direct = [d for d, dest in net.sent["a"][mark:] if dest == net.pub["b"]]
+    assert 2 <= len(direct) <= 30 / UPGRADE_PROBE_MAX + 1
+
+
+def test_a_direct_path_takes_over_from_the_relay() -> None:
+    net = MiniNet()
+    net.step(RELAY_AFTER + 1.0)
+    assert [u.via for u in net.ups("a")] == ["relay"]
+    net.direct = True  # e.g. a NAT's filtering let go: direct probing is still on
+    net.step(net.now + 2.0)
+    for name, other in (("a", "b"), ("b", "a")):
+        relayed, direct = net.ups(name)
+        assert (relayed.via, direct.via) == ("relay", "direct")
+        assert relayed.peer_id == direct.peer_id and direct.endpoint == net.pub[other]
+        assert not [e for e in net.events[name] if isinstance(e, ev.PathDown)]
+    mark = len(net.sent["a"])
+    net.sessions["a"].send(b"now direct", net.now)
+    net.step(net.now + 0.2)
+    data = [(PeerMessage.from_wire(d, KEY), dest) for d, dest in net.sent["a"][mark:] if d.startswith(b"NtC1")]
+    assert [dest for m, dest in data if m.kind == Kind.DATA] == [net.pub["b"]]
+
+
+def test_a_direct_path_first_means_no_relay_pings() -> None:
+    net = MiniNet(direct=True)
+    net.step(RELAY_AFTER + 2.0)
+    assert [u.via for u in net.ups("a")] == ["direct"]
+    relayed_sends = [d for d, dest in net.sent["a"] if dest == T1 and is_turn_message(d) and d[1] == 0x16]
+    assert not relayed_sends  # no Send indication: the relay was allocated, never used
+
+
+def test_relay_never_is_todays_behaviour_no_relay_request_at_all() -> None:
+    net = MiniNet(RelayMode.NEVER, timeout=6.0)
+    net.step(8.0)
+    for name in "ab":
+        assert not [d for d, _ in net.sent[name] if d.startswith(b"//relay/") or is_turn_message(d)]
+        assert not net.ups(name)
+        assert net.sessions[name].ended is not None and net.sessions[name].ended.exit_code == ExitCode.FAILURE
+        assert not [e for e in net.events[name] if isinstance(e, (ev.RelayLost, ev.StreamWanted))]
+
+
+@pytest.mark.parametrize("relay_on,answers", [(False, True), (True, False)], ids=["relay-off", "old-tracker"])
+def test_without_a_relay_auto_ends_as_never_does(relay_on: bool, answers: bool) -> None:
+    ends = {}
+    for mode in (RelayMode.AUTO, RelayMode.NEVER):
+        net = MiniNet(mode, relay_on=relay_on, relay_answers=answers, timeout=6.0)
+        net.step(8.0)
+        ends[mode] = [(s.ended.exit_code, round(net.now, 0)) for s in net.sessions.values() if s.ended]
+        assert not net.ups("a") and not net.ups("b")
+        if mode == RelayMode.AUTO:
+            assert [e.server for e in net.events["a"] if isinstance(e, ev.RelayLost)] == [None]
+    assert ends[RelayMode.AUTO] == ends[RelayMode.NEVER]
+
+
+def test_impossible_with_a_silent_old_tracker_still_gives_up_after_the_grace() -> None:
+    s = make(trackers=(T1, T2), timeout=30.0, relay=RelayMode.AUTO)
+    s.datagrams_to_send(0.0)
+    s.receive_datagram(members(ep("198.51.100.1:1001"), ep("198.51.100.2:2001")), T1, 0.1)
+    s.receive_datagram(members(ep("198.51.100.1:1002"), ep("198.51.100.2:2002")), T2, 0.1)
+    end, seen = run_until_end(s)
+    assert end == pytest.approx(0.1 + IMPOSSIBLE_GRACE)
+    assert seen[-1].exit_code == ExitCode.FAILURE  # type: ignore[attr-defined]
+    assert all(g.impossible for g in seen if isinstance(g, ev.GaveUp))
+
+
+def test_relay_only_probes_no_direct_candidate_and_ignores_direct_messages() -> None:
+    net = MiniNet(RelayMode.ONLY, direct=True)
+    net.step(1.5)
+    for name in "ab":
+        [up] = net.ups(name)
+        assert up.via == "relay" and up.since_start < 1.0  # no wait for RELAY_AFTER
+        assert not [dest for d, dest in net.sent[name] if d.startswith(b"NtC1")]  # nothing direct
+    s = net.sessions["a"]
+    s.receive_datagram(wire(Kind.PING, 77, sender=b"sessionB"), net.pub["b"], net.now)
+    assert s.counters["not_relayed"] == 1 and not peer_msgs(s, net.now)
+
+
+def test_no_udp_answer_asks_for_tcp_streams_then_registers_over_them_at_once() -> None:
+    s = make(trackers=(T1, T2), relay=RelayMode.AUTO)
+    now = 0.0
+    while now < UDP_GIVE_UP:
+        now = s.get_timer()  # type: ignore[assignment]
+        s.handle_timer(now)
+        s.datagrams_to_send(now)
+    assert now == pytest.approx(UDP_GIVE_UP)
+    wanted = [e for e in drain(s) if isinstance(e, ev.StreamWanted)]
+    assert [w.tracker for w in wanted] == [T1, T2]
+    # Nothing more over UDP while the streams open.
+    s.handle_timer(now + 0.5)
+    assert s.datagrams_to_send(now + 0.5) == []
+    s.stream_opened(T1, now + 0.6)
+    sent = s.datagrams_to_send(now + 0.6)
+    assert [dest for _, dest in sent] == [T1] and sent[0][0].startswith(b"//51pwn")
+    s.stream_failed(T2, "connection refused", now + 0.7)
+    assert T2 in [dest for _, dest in s.datagrams_to_send(now + 0.7)]  # back to UDP
+
+
+def test_tcp_flag_asks_for_streams_at_once_and_never_does_not_fall_back() -> None:
+    s = make(trackers=(T1,), relay=RelayMode.AUTO, tcp=True)
+    assert [type(e) for e in drain(s)] == [ev.StreamWanted]
+    assert s.datagrams_to_send(0.0) == []
+    quiet = make(trackers=(T1,), relay=RelayMode.NEVER, timeout=5.0)
+    _, seen = run_until_end(quiet)
+    assert not [e for e in seen if isinstance(e, ev.StreamWanted)]
+
+
+def test_via_is_direct_lan_or_relay() -> None:
+    assert [k.via for k in ev.PathKind] == ["direct", "lan", "relay"]
+    assert sorted(ev.PathKind, key=lambda k: k.rank) == [ev.PathKind.LAN, ev.PathKind.INTERNET, ev.PathKind.RELAY]
+
+
+GRANT = RelayGrant("1800003600:g:0123456789abcdef", "cGFzc3dvcmQ=", 3600, "nattool").to_wire()
+
+
+def turn_to(s: ConnectSession, now: float) -> list[Endpoint]:
+    return [dest for data, dest in s.datagrams_to_send(now) if is_turn_message(data)]
+
+
+def test_the_relay_is_the_first_tracker_in_order_that_grants_one() -> None:
+    s = make(trackers=(T1, T2), relay=RelayMode.AUTO)
+    s.datagrams_to_send(0.0)
+    s.receive_datagram(members(ME_PUB, PEER_PUB), T2, 0.1)
+    assert [d[:8] for d, dest in s.datagrams_to_send(0.1) if dest == T2] == [b"//relay/"]
+    s.receive_datagram(GRANT, T2, 0.15)
+    assert turn_to(s, 0.15) == []  # T1 comes first and has not said yet: the other member may pick it
+    s.receive_datagram(members(ME_PUB, PEER_PUB), T1, 0.2)
+    s.datagrams_to_send(0.2)
+    s.receive_datagram(GRANT, T1, 0.25)
+    assert turn_to(s, 0.25) == [T1]  # the Allocate
+
+
+def test_a_silent_earlier_tracker_is_not_waited_for_beyond_one_registration() -> None:
+    s = make(trackers=(T1, T2), relay=RelayMode.AUTO)
+    s.datagrams_to_send(0.0)
+    s.receive_datagram(members(ME_PUB, PEER_PUB), T2, 0.1)
+    s.datagrams_to_send(0.1)
+    s.receive_datagram(GRANT, T2, 0.15)
+    now, allocate_at = 0.15, None
+    while allocate_at is None and now < 5.0:
+        now = s.get_timer()  # type: ignore[assignment]
+        s.handle_timer(now)
+        if T2 in turn_to(s, now):
+            allocate_at = now
+    assert allocate_at == pytest.approx(s.config.tracker_timeout, abs=0.1)  # T1's seed and original forms, unanswered
+
+
+def test_relay_only_without_a_relay_ends_at_once_saying_so() -> None:
+    net = MiniNet(RelayMode.ONLY, relay_on=False)
+    net.step(1.0)
+    for s in net.sessions.values():
+        assert s.ended == ev.SessionEnded(ExitCode.FAILURE, "--relay only, and no tracker offers a relay")
+
+
+def test_relay_only_ends_when_the_allocation_is_refused() -> None:
+    net = MiniNet(RelayMode.ONLY)
+    net.world.core.config = dataclasses.replace(net.world.core.config, max_allocations=0)  # the server is full
+    net.step(1.0)
+    for name, s in net.sessions.items():
+        assert s.ended is not None and s.ended.exit_code == ExitCode.FAILURE
+        assert [e.server for e in net.events[name] if isinstance(e, ev.RelayLost)] == [T1]
+
+
+def test_leaving_through_the_relay_gives_the_allocation_back_a_moment_after_the_bye() -> None:
+    net = MiniNet()
+    net.step(RELAY_AFTER + 1.0)
+    a = net.sessions["a"]
+    mark, left_at = len(net.sent["a"]), net.now
+
+    def turn_methods() -> list[int]:
+        return [parse_turn(d).method for d, _ in net.sent["a"][mark:] if is_turn_message(d)]
+
+    a.close_when_delivered(net.now)
+    net.step(left_at + RELAY_LEAVE_GRACE / 2)
+    assert set(turn_methods()) == {TurnMethod.SEND}  # the BYE (and what else was due), through the relay
+    assert a.ended is None and net.world.core.live == 2
+    assert [e.reason for e in net.events["b"] if isinstance(e, ev.PathDown)] == ["the peer left"]
+    net.step(left_at + RELAY_LEAVE_GRACE + 0.05)
+    methods = turn_methods()
+    assert methods[-1] == TurnMethod.REFRESH and methods.count(TurnMethod.REFRESH) == 1  # then the allocation goes back
+    assert a.ended == ev.SessionEnded(ExitCode.OK, "input ended and every line was delivered")
+    assert net.world.core.live == 1

@@ -184,15 +184,31 @@ def walk_without_padding(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-@pytest.mark.parametrize("responder", [full(), StunResponder(P)], ids=["rfc5780", "one-address"])
-@pytest.mark.parametrize("change", [None, (False, True), (True, True)], ids=["plain", "change-port", "change-both"])
-def test_classic_replies_need_no_padding(responder: StunResponder, change: tuple[bool, bool] | None) -> None:
+def classic_request(*attrs: RawAttribute) -> bytes:
+    return StunMessage(MsgClass.REQUEST, Method.BINDING, bytes(range(100, 116)), attrs).to_wire()
+
+
+def change_request(change_ip: bool, change_port: bool) -> RawAttribute:
+    return RawAttribute(0x0003, struct.pack("!I", change_ip << 2 | change_port << 1))
+
+
+@pytest.mark.parametrize(
+    ("responder", "attrs"),
+    [
+        (full(), ()),
+        (full(), (change_request(False, True),)),
+        (full(), (change_request(True, True),)),
+        (full(), (RawAttribute(0x0024, bytes(4)),)),  # unknown: a 420 with one type listed
+        (StunResponder(P), ()),
+        (StunResponder(P), (RawAttribute(0x0024, bytes(4)), RawAttribute(0x7F00, b""))),
+    ],
+    ids=["rfc5780", "rfc5780-change-port", "rfc5780-change-both", "rfc5780-420", "one-address", "one-address-420"],
+)
+def test_classic_replies_need_no_padding(responder: StunResponder, attrs: tuple[RawAttribute, ...]) -> None:
     """Clients written before padding existed (pystun3, Debian's stun-client) read the
     next attribute from 4 + length: a classic reply carries nothing that needs padding
     (no SOFTWARE; a 420's reason phrase and its list of types a multiple of 4 long)."""
-    txid16 = bytes(range(100, 116))
-    attrs = () if change is None else (RawAttribute(0x0003, struct.pack("!I", change[0] << 2 | change[1] << 1)),)
-    req = StunMessage(MsgClass.REQUEST, Method.BINDING, txid16, attrs).to_wire()
+    req = classic_request(*attrs)
     assert responder.software  # the default; the same responder answers RFC 8489 with it
     reply = responder.respond(req, CLIENT, PP)
     assert reply is not None
@@ -200,12 +216,28 @@ def test_classic_replies_need_no_padding(responder: StunResponder, change: tuple
     assert all(len(value) % 4 == 0 for _, value in walked)
     assert 0x8022 not in [kind for kind, _ in walked]  # SOFTWARE
     msg = parse(reply.data)
-    if msg.msg_class == MsgClass.ERROR:
-        assert msg.get(ErrorCode).code == 420 and set(msg.get(UnknownAttributes).types) == {0x0003}
+    unknown = {a.type for a in attrs if a.type != 0x0003}
+    if unknown:
+        assert msg.get(ErrorCode).code == 420 and set(msg.get(UnknownAttributes).types) == unknown
     else:
-        assert msg.endpoint_of(MappedAddress) == CLIENT
+        assert msg.msg_class == MsgClass.SUCCESS and msg.endpoint_of(MappedAddress) == CLIENT
     modern = responder.respond(StunMessage(MsgClass.REQUEST, Method.BINDING, TXID).to_wire(), CLIENT, PP)
     assert modern is not None and parse(modern.data).get(Software) is not None
+
+
+@pytest.mark.parametrize("responder", [StunResponder(P), StunResponder(P, alt_port=ALT_PORT)],
+                         ids=["one-address", "alt-port-only"])
+def test_classic_change_request_it_cannot_honour_gets_silence(responder: StunResponder) -> None:
+    """RFC 3489 clients take any answer to a CHANGE-REQUEST as the NAT letting it in (a 420
+    made stun-client report an independent filter, and pystun3 resend forever): for a
+    classic request the server stays silent. RFC 5780 clients (magic cookie) get the 420."""
+    for flags in ((True, False), (True, True)) + (((False, True),) if responder.alt_port is None else ()):
+        assert responder.respond(classic_request(change_request(*flags)), CLIENT, P) is None
+        modern = responder.respond(binding_request(TXID, change_ip=flags[0], change_port=flags[1]), CLIENT, P)
+        assert modern is not None and parse(modern.data).get(ErrorCode).code == 420
+    # A classic CHANGE-REQUEST that asks nothing impossible is answered.
+    reply = responder.respond(classic_request(change_request(False, False)), CLIENT, P)
+    assert reply is not None and parse(reply.data).msg_class == MsgClass.SUCCESS
 
 
 def test_unknown_comprehension_required_gets_420() -> None:

@@ -1,4 +1,5 @@
-"""`nattool connect GROUP`: a direct UDP path to the group's members, and a tiny chat."""
+"""`nattool connect GROUP`: a path to the group's members (direct UDP where possible,
+through a tracker's TURN relay otherwise), and a tiny chat."""
 
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ from nattool.protocol.connect_events import (
     PathUp,
     Queued,
     Registered,
+    RelayAllocated,
+    RelayLost,
+    StreamWanted,
     Undelivered,
 )
-from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT
+from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import SessionConfig
 from nattool.protocol.endpoint import parse_ip
 from nattool.protocol.text import canonical_group
@@ -54,11 +58,14 @@ def connect(
     keepalive: Annotated[float, typer.Option("--keepalive", metavar="SECONDS", help="Seconds between keepalive pings on an open path.")] = 20.0,
     dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x keepalive].", show_default=False)] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
+    relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 2 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
+    tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Open a direct UDP path to every member of GROUP (hole punching), then relay lines:
-    stdin goes to the connected peers, their lines are printed as '<peer> line'.
+    """Open a path to every member of GROUP: direct UDP (hole punching) where possible,
+    else through a tracker's TURN relay; then carry lines: stdin goes to the connected
+    peers, their lines are printed as '<peer> line'.
 
     End of input leaves, once the lines read are delivered. Exit status: 0 ok, 1 no path could be opened (with
     the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker can be sent to.
@@ -100,6 +107,8 @@ def connect(
                 tracker_timeout=settings.timeout,
                 retries=settings.retries,
                 once=once,
+                relay=relay,
+                tcp=tcp,
             )
             return await connect_session(config, _Renderer(json_out), port=port, bind=bind, read_stdin=not once)
 
@@ -144,11 +153,11 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
                 "tracker": e.tracker.to_text()}
     if isinstance(e, PathUp):
         return {"event": "path_up", "peer": e.endpoint.to_text(), "peer_id": e.peer_id, "path": e.kind.value,
-                "rtt_ms": round(e.rtt * 1000, 3), "open_s": round(e.open_time, 3),
+                "via": e.via, "rtt_ms": round(e.rtt * 1000, 3), "open_s": round(e.open_time, 3),
                 "since_start_s": round(e.since_start, 3), "observed_as": e.observed_as}
     if isinstance(e, PathDown):
         return {"event": "path_down", "peer": e.endpoint.to_text() if e.endpoint else None, "peer_id": e.peer_id,
-                "path": e.kind.value, "reason": e.reason}
+                "path": e.kind.value, "via": e.via, "reason": e.reason}
     if isinstance(e, MessageReceived):
         return {"event": "message", "peer": e.endpoint.to_text(), "peer_id": e.peer_id,
                 "text": sanitize(e.data.decode("utf-8", "replace"))}
@@ -162,6 +171,12 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
         if e.tried is not None:
             out["tried_s"] = round(e.tried, 3)
         return out
+    if isinstance(e, StreamWanted):
+        return {"event": "tcp", "tracker": e.tracker.to_text(), "reason": e.reason}
+    if isinstance(e, RelayAllocated):
+        return {"event": "relay", "server": e.server.to_text(), "relayed": e.relayed.to_text()}
+    if isinstance(e, RelayLost):
+        return {"event": "relay_lost", "server": e.server.to_text() if e.server else None, "reason": e.reason}
     if isinstance(e, Queued):
         return {"event": "queued", "reason": "no path up yet: the line waits for the first peer"}
     if isinstance(e, Undelivered):
@@ -186,10 +201,17 @@ def _human(e: dict[str, Any]) -> Optional[str]:
         lan = f" (LAN {', '.join(e['lan'])})" if e["lan"] else ""
         return f"member {e['member']}{lan}: punching"
     if kind == "path_up":
-        return (f"path up to {e['peer']} via {'LAN' if e['path'] == 'lan' else 'Internet'}: "
+        via = {"lan": "LAN", "relay": "relay"}.get(e["via"], "Internet")
+        return (f"path up to {e['peer']} via {via}: "
                 f"rtt {e['rtt_ms']:.1f} ms, opened in {e['open_s']:.2f} s")
     if kind == "path_down":
-        return f"path down to {e['peer']} ({e['reason']}): trying again"
+        return f"path down to {e['peer']} via {e['via']} ({e['reason']}): trying again"
+    if kind == "tcp":
+        return f"{e['reason']}: trying TCP to {e['tracker']}"
+    if kind == "relay":
+        return f"relay at {e['server']}: relayed endpoint {e['relayed']}"
+    if kind == "relay_lost" and e["server"] is not None:
+        return f"relay lost: {e['reason']}"
     if kind == "gave_up":
         who = e.get("member") or "group"
         head = "impossible" if e.get("impossible") else "gave up"

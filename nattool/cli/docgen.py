@@ -266,6 +266,8 @@ ENVIRONMENT: dict[str, str] = {
     "NATTOOL_DNS_SERVER": "DNS server IP[:PORT] for tracker names and discovery, instead of "
     "the system's resolvers.",
     "NATTOOL_STORE": "State store of nattool serve, as --store.",
+    "NATTOOL_TURN_SECRET": "TURN REST API secret of nattool serve, as --turn-secret "
+    "(keeps the secret off the command line).",
     "NATTOOL_CONFIG": "Path of the config file, instead of the default one.",
     "NO_COLOR": "When set to a non-empty value, output has no colours (https://no-color.org). "
     "Output that is not a terminal never has colours or progress displays.",

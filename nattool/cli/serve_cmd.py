@@ -12,7 +12,7 @@ import typer
 
 from nattool.cli.options import ConfigOpt
 from nattool.cli.output import run_edge
-from nattool.errors import ProtocolError, UsageError
+from nattool.errors import ConfigError, ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.logs import LOG_LEVELS, setup_logging
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
@@ -20,6 +20,8 @@ from nattool.store.base import StoreLimits
 
 if TYPE_CHECKING:
     from nattool.net.server import ServerConfig
+    from nattool.protocol.peer_policy import Network
+    from nattool.protocol.turn_server import TurnConfig
 
 
 def serve(
@@ -41,11 +43,25 @@ def serve(
     max_groups_per_source: Annotated[Optional[int], typer.Option("--max-groups-per-source", metavar="N", help="Groups one source may be a member of. [default: 64]", show_default=False)] = None,
     metrics: Annotated[Optional[str], typer.Option("--metrics", metavar="ADDR:PORT", help="Serve Prometheus metrics over HTTP at ADDR:PORT (loopback when only PORT is given). Off by default.", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Processes sharing the port (SO_REUSEPORT); N > 1 needs a store they share: sqlite (the default) or redis, not memory. [default: 1]", show_default=False)] = None,
+    tcp: Annotated[Optional[bool], typer.Option("--tcp/--no-tcp", help="Listen on TCP on the tracker port too (text requests, STUN and TURN in frames). [default: on with TURN or --relay]", show_default=False)] = None,
+    relay: Annotated[Optional[bool], typer.Option("--relay", help="Relay (TURN) for the members of a group: //relay/GROUP hands out short-lived credentials that reach only that group's relayed addresses. Needs --workers 1.", show_default=False)] = None,
+    turn_user: Annotated[Optional[list[str]], typer.Option("--turn-user", metavar="NAME:PASSWORD", help="TURN long-term credentials (repeatable); turns the TURN relay on.", show_default=False)] = None,
+    turn_secret: Annotated[Optional[str], typer.Option("--turn-secret", metavar="SECRET", help="TURN REST API secret: username EXPIRY:NAME, password base64(HMAC-SHA1(SECRET, username)); turns the TURN relay on. Env: NATTOOL_TURN_SECRET.", show_default=False)] = None,
+    realm: Annotated[Optional[str], typer.Option("--realm", metavar="REALM", help="TURN realm. [default: nattool]", show_default=False)] = None,
+    relay_ip: Annotated[Optional[list[str]], typer.Option("--relay-ip", metavar="ADDR", help="Address of the relayed sockets, one per family (repeatable). [default: the --host of that family, else the source address of the default route]", show_default=False)] = None,
+    relay_ports: Annotated[Optional[str], typer.Option("--relay-ports", metavar="LOW-HIGH", help="UDP ports of relayed addresses. [default: 49152-65535]", show_default=False)] = None,
+    allow_peer: Annotated[Optional[list[str]], typer.Option("--allow-peer", metavar="CIDR", help="Peers the relay may reach although the default policy denies them (loopback, private, link-local ...) (repeatable).", show_default=False)] = None,
+    deny_peer: Annotated[Optional[list[str]], typer.Option("--deny-peer", metavar="CIDR", help="Peers the relay may not reach, in addition to the default policy (repeatable).", show_default=False)] = None,
+    max_allocations: Annotated[Optional[int], typer.Option("--max-allocations", metavar="N", help="TURN allocations in the whole server. [default: 1000]", show_default=False)] = None,
+    user_quota: Annotated[Optional[int], typer.Option("--user-quota", metavar="N", help="TURN allocations per username. [default: 10]", show_default=False)] = None,
+    source_quota: Annotated[Optional[int], typer.Option("--source-quota", metavar="N", help="TURN allocations per client IP address. [default: 10]", show_default=False)] = None,
+    relay_bandwidth: Annotated[Optional[float], typer.Option("--relay-bandwidth", metavar="BYTES", help="Bytes per second relayed per allocation, each way; 0 = unlimited. [default: 1000000]", show_default=False)] = None,
     log_level: Annotated[Optional[str], typer.Option("--log-level", metavar="LEVEL", help=f"{', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}. [default: info]", show_default=False)] = None,
     config: ConfigOpt = None,
     print_unit: Annotated[bool, typer.Option("--print-unit", help="Print a hardened systemd unit that runs this nattool with the other flags given, and exit.")] = False,
 ) -> None:
-    """Run a tracker: answer //nat, registrations, tracker lists and STUN on one UDP port.
+    """Run a tracker: answer //nat, registrations, tracker lists and STUN on one UDP port
+    (and TCP on the same port number); optionally a TURN relay.
 
     Every option can also be set in the [serve] table of the config file; flags win.
     """
@@ -56,6 +72,10 @@ def serve(
         "serve.announce_interval": announce_interval, "serve.max_members": max_members,
         "serve.max_group_members": max_group_members, "serve.max_groups_per_source": max_groups_per_source,
         "serve.metrics": metrics, "serve.workers": workers, "serve.log_level": log_level,
+        "serve.tcp": tcp, "serve.relay": relay, "serve.turn_user": turn_user, "serve.turn_secret": turn_secret,
+        "serve.realm": realm, "serve.relay_ip": relay_ip, "serve.relay_ports": relay_ports,
+        "serve.allow_peer": allow_peer, "serve.deny_peer": deny_peer, "serve.max_allocations": max_allocations,
+        "serve.user_quota": user_quota, "serve.source_quota": source_quota, "serve.relay_bandwidth": relay_bandwidth,
     }
     if print_unit:
         raise typer.Exit(run_edge(lambda: _print_unit(flags, config)))
@@ -91,7 +111,78 @@ def build_server_config(opts: dict[str, Any]) -> "ServerConfig":
     )
     if config.alt_port is not None and config.alt_port == config.port:
         raise UsageError("--alt-port must differ from --port")
+    turn = build_turn_config(opts)
+    if turn.enabled:
+        if int(opts["workers"] or 1) > 1:
+            raise ConfigError("the TURN relay (--relay, --turn-user, --turn-secret) needs --workers 1: allocations live in one process")
+        config.turn = turn
+        config.relay_ips = tuple(_relay_ip(text) for text in opts["relay_ip"] or ())
+        if len({ip.version for ip in config.relay_ips}) < len(config.relay_ips):
+            raise UsageError("--relay-ip: at most one address per family (IPv4, IPv6)")
+        config.relay_ports = _port_range(str(opts["relay_ports"]))
+    config.tcp = bool(opts["tcp"]) if opts["tcp"] is not None else turn.enabled
     return config
+
+
+def build_turn_config(opts: dict[str, Any]) -> "TurnConfig":
+    """The TURN relay's settings, checked (the relay is on when ``.enabled``)."""
+    from nattool.protocol.peer_policy import PeerPolicy
+    from nattool.protocol.text import valid_realm
+    from nattool.protocol.turn_server import TurnConfig
+
+    realm = str(opts["realm"])
+    if not valid_realm(realm):
+        raise UsageError(f"bad --realm {realm[:60]!r}: want 1..127 printable ASCII characters, no spaces")
+    users: dict[str, str] = {}
+    for text in opts["turn_user"] or ():
+        name, sep, password = text.partition(":")
+        if not sep or not name or not password:
+            raise UsageError("bad --turn-user: want NAME:PASSWORD, both non-empty")
+        if name in users:
+            raise UsageError(f"bad --turn-user: {name[:40]!r} is given twice")
+        users[name] = password
+    return TurnConfig(
+        realm=realm,
+        users=users,
+        rest_secret=opts["turn_secret"],
+        relay_groups=bool(opts["relay"]),
+        max_allocations=int(_check_range(int(opts["max_allocations"]), 1, 1_000_000, "--max-allocations")),
+        user_quota=int(_check_range(int(opts["user_quota"]), 1, 1_000_000, "--user-quota")),
+        source_quota=int(_check_range(int(opts["source_quota"]), 1, 1_000_000, "--source-quota")),
+        bandwidth=int(_check_range(float(opts["relay_bandwidth"]), 0, 1e12, "--relay-bandwidth")),
+        peer_policy=PeerPolicy(
+            allow=tuple(_cidr(text, "--allow-peer") for text in opts["allow_peer"] or ()),
+            deny=tuple(_cidr(text, "--deny-peer") for text in opts["deny_peer"] or ()),
+        ),
+    )
+
+
+def _relay_ip(text: str) -> "ipaddress.IPv4Address | ipaddress.IPv6Address":
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise UsageError(f"bad --relay-ip {text[:60]!r}: want an IPv4 or IPv6 address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise UsageError(f"bad --relay-ip {text[:60]!r}: want a concrete unicast address")
+    return ip
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low_text, sep, high_text = text.strip().partition("-")
+    if sep and low_text.isdigit() and high_text.isdigit() and len(low_text) <= 5 and len(high_text) <= 5:
+        low, high = int(low_text), int(high_text)
+        if 1 <= low <= high <= 65535:
+            return low, high
+    raise UsageError(f"bad --relay-ports {text[:60]!r}: want LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+
+
+def _cidr(text: str, flag: str) -> "Network":
+    from nattool.protocol.peer_policy import parse_cidr
+
+    try:
+        return parse_cidr(text)
+    except UsageError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _serve(flags: dict[str, Any], config_path: str | None) -> int:
@@ -157,6 +248,10 @@ def _print_unit(flags: dict[str, Any], config_path: str | None) -> int:
     for path in hidden_paths(flags, config_path):
         info(escape(f"note: the service cannot reach {path} (the unit's ProtectHome=yes hides "
                     f"{', '.join(HIDDEN_BY_PROTECT_HOME)}): move it elsewhere, nattool e.g. to /usr/local/bin"))
+    secrets = [flag for flag, key in (("--turn-user", "serve.turn_user"), ("--turn-secret", "serve.turn_secret")) if flags.get(key)]
+    if secrets:
+        info(escape(f"note: {' and '.join(secrets)} in ExecStart can be read by every local user (ps, systemctl cat): "
+                    "put them in a config file of mode 0600 ([serve] turn_user, turn_secret) or NATTOOL_TURN_SECRET instead"))
     return int(ExitCode.OK)
 
 

@@ -56,7 +56,10 @@ def serve_words(flags: dict[str, Any], config_path: str | None) -> list[str]:
             continue
         flag = KEYS[key].flag
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            words += [flag] if item is True else [flag, systemd_word(_flag_value(item))]
+            if item is False:  # an --x/--no-x flag turned off
+                words += ["--no-" + flag[2:]]
+            else:
+                words += [flag] if item is True else [flag, systemd_word(_flag_value(item))]
     if config_path:
         words += ["--config", systemd_word(os.path.abspath(config_path))]
     return words

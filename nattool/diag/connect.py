@@ -26,11 +26,12 @@ from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, 
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
-from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded
-from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT
+from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
+from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import MAX_BODY
+from nattool.protocol.stream_frames import StreamDeframer, TextFrame, text_frame
 from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
 from nattool.protocol.tracker_spec import TrackerLike, as_tracker_specs
 
@@ -48,16 +49,66 @@ class ConnectionClosed(NattoolError):
 # --------------------------------------------------------------------------- the shell
 
 
+STREAM_CONNECT_TIMEOUT = 5.0  # s for a TCP connection to a tracker to open
+STREAM_READ = 65536
+
+
+class TrackerStream:
+    """A TCP connection to a tracker's port carrying what would be datagrams to it:
+    text in text frames, STUN/TURN as they are (self-delimiting), framed as
+    :mod:`nattool.protocol.stream_frames` says; frames in are handed on as datagrams."""
+
+    def __init__(self, tracker: Endpoint, on_frame: Callable[[bytes], None], on_gone: Callable[[str], None]) -> None:
+        self.tracker = tracker
+        self.on_frame = on_frame
+        self.on_gone = on_gone
+        self.writer: Optional[asyncio.StreamWriter] = None
+        self.task: Optional[asyncio.Task[None]] = None
+
+    async def open(self, bind: Optional[str]) -> None:
+        local = (bind, 0) if bind is not None else None
+        reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(str(self.tracker.ip), self.tracker.port, local_addr=local),
+            STREAM_CONNECT_TIMEOUT)
+        self.task = asyncio.create_task(self._read(reader))
+
+    def send(self, data: bytes) -> None:
+        assert self.writer is not None
+        # Text starts with "//", which the framing would take for STUN: it gets a header.
+        self.writer.write(text_frame(data) if data.startswith(b"//") else data)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        deframer = StreamDeframer()
+        try:
+            while chunk := await reader.read(STREAM_READ):
+                for frame in deframer.feed(chunk):
+                    self.on_frame(frame.payload if isinstance(frame, TextFrame) else frame.data)
+            why = "closed by the tracker"
+        except (OSError, ProtocolError) as exc:
+            why = str(exc) or type(exc).__name__
+        self.on_gone(why)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.writer is not None:
+            self.writer.close()
+
+
 class SessionShell:
     """Runs a :class:`ConnectSession` on real sockets: one per address family of the
-    trackers, bound to ``port`` (and ``bind``), shared by registrations and peers."""
+    trackers, bound to ``port`` (and ``bind``), shared by registrations and peers; and
+    a TCP connection to each tracker when the session asks for one (StreamWanted)."""
 
     def __init__(self, config: SessionConfig, on_event: OnEvent, *, port: int = DEFAULT_CONNECT_PORT,
                  bind: Optional[str] = None) -> None:
         self.config = config
         self.on_event = on_event
+        self.bind = bind
         self.pool = ClientPool(port, bind)
         self.clients: dict[int, UdpClient] = {}
+        self.streams: dict[Endpoint, TrackerStream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.session: Optional[ConnectSession] = None
         self.ended: Optional[SessionEnded] = None
         self.closed = False
@@ -78,7 +129,7 @@ class SessionShell:
         except BaseException:
             self.pool.close()
             raise
-        self.session = ConnectSession(self.config, os.urandom(8), self._loop.time(), local)
+        self.session = ConnectSession(self.config, os.urandom(8), self._loop.time(), local, seed=os.urandom(16))
         self._pump()
 
     @property
@@ -100,11 +151,25 @@ class SessionShell:
             self.session.leave(self._now())
             self._pump()
 
+    async def linger(self) -> None:
+        """After leave(): the moment the goodbyes through a relay need before the
+        allocation goes back (see ConnectSession.leave)."""
+        until = self.session.linger_until if self.session is not None and not self.closed else None
+        if until is not None:
+            await asyncio.sleep(max(0.0, until - self._now()))
+
     def close(self) -> None:
+        if self.session is not None and not self.closed:
+            self.session.release_relay(self._now())  # if leave() left it lingering
+            self._pump()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self.closed = True
+        for stream in self.streams.values():
+            stream.close()
+        for task in self._tasks:
+            task.cancel()
         self.pool.close()
 
     def _now(self) -> float:
@@ -134,6 +199,8 @@ class SessionShell:
                 break
             if isinstance(event, SessionEnded):
                 self.ended = event
+            elif isinstance(event, StreamWanted):
+                self._start(self._open_stream(event.tracker))
             self.on_event(event)
         if self._timer is not None:
             self._timer.cancel()
@@ -143,7 +210,45 @@ class SessionShell:
             assert self._loop is not None
             self._timer = self._loop.call_at(when, self._on_timer)
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The shell's own tasks (opening and reading TCP streams)."""
+        return [*self._tasks, *(s.task for s in self.streams.values() if s.task is not None)]
+
+    def _start(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_stream(self, tracker: Endpoint) -> None:
+        stream = TrackerStream(tracker, lambda data: self._on_datagram(data, tracker),
+                               lambda why: self._on_stream_gone(tracker, why))
+        try:
+            await stream.open(self.bind)
+        except (OSError, asyncio.TimeoutError) as exc:
+            if not self.closed:
+                self.live.stream_failed(tracker, f"TCP to {tracker}: {exc or 'timed out'}", self._now())
+                self._pump()
+            return
+        if self.closed:
+            stream.close()
+            return
+        self.streams[tracker] = stream
+        self.live.stream_opened(tracker, self._now())
+        self._pump()
+
+    def _on_stream_gone(self, tracker: Endpoint, why: str) -> None:
+        stream = self.streams.pop(tracker, None)
+        if stream is not None:
+            stream.close()
+        if not self.closed:
+            self.live.stream_failed(tracker, why, self._now())
+            self._pump()
+
     def _transmit(self, data: bytes, dest: Endpoint, now: float) -> None:
+        stream = self.streams.get(dest)
+        if stream is not None:
+            stream.send(data)
+            return
         client = self.clients.get(_family(dest))
         if client is None:
             self.live.send_failed(dest, f"cannot send to {dest}: no socket of its address family", now)
@@ -187,6 +292,10 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
             await asyncio.gather(reader, return_exceptions=True)
         if shell.ended is None:
             shell.leave()  # Ctrl-C: the peers hear it now, not after --dead-after
+            try:
+                await shell.linger()
+            except asyncio.CancelledError:
+                pass  # a second Ctrl-C: close now
         shell.close()
 
 
@@ -231,7 +340,8 @@ async def _line_reader() -> Callable[[], Awaitable[bytes]]:
 
 
 class PeerConnection:
-    """A group's members, reached over direct UDP paths (see :func:`connect`).
+    """A group's members, reached over direct UDP paths, or through a tracker's relay
+    where no direct path opens (see :func:`connect`).
 
     Datagrams are delivered at most once, in any order, retransmitted until acknowledged
     (a few times within about 5 s). Payloads are authenticated with the group key but
@@ -292,12 +402,18 @@ class PeerConnection:
             return
         self._closed = True
         if self._shell is not None:
-            self._shell.leave()
+            if self._shell.session is not None and not self._shell.session.left:
+                self._shell.leave()
             self._shell.close()
         self._notify()
 
     async def aclose(self) -> None:
+        if self._shell is not None and not self._closed:
+            self._shell.leave()
+            await self._shell.linger()
         self.close()
+        if self._shell is not None:
+            await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled
         await asyncio.sleep(0)  # let the transports finish closing
 
     async def __aenter__(self) -> "PeerConnection":
@@ -354,17 +470,23 @@ async def connect(
     dead_after: Optional[float] = None,
     tracker_timeout: float = 2.0,
     retries: int = 3,
+    relay: RelayMode | str = RelayMode.AUTO,
+    tcp: bool = False,
 ) -> PeerConnection:
     """Join ``group`` at ``trackers`` (``HOST[:PORT]`` or ``[IPv6]:PORT`` strings) and open
-    direct UDP paths to its members, as `nattool connect` does.
+    paths to its members, direct or relayed, as `nattool connect` does.
 
     ``port``: the local UDP port (0: any); ``identity``: a MAC-shaped id inside the group
     (None: the endpoint the tracker sees); ``lan``: LAN addresses to publish for members
     behind the same public IP (None: the addresses toward the trackers; ``()``: none);
     ``timeout``: when no path is up for that long the session gives up and ``recv()`` /
     ``wait_for_peer()`` raise (NoAnswer: nobody answered or joined; NoPath: no path
-    could be opened, the reason says why). Returns once the sockets are open and the
-    registrations are on their way; use ``wait_for_peer()`` to wait for a path.
+    could be opened, the reason says why); ``relay``: "auto" (a tracker's relay for
+    members no direct path reaches within a few seconds; direct paths take over when
+    they open), "never", or "only"; ``tcp``: reach the trackers over TCP at once (else
+    only when none answers over UDP, and only with a relay). Returns once the sockets
+    are open and the registrations are on their way; use ``wait_for_peer()`` to wait
+    for a path.
     """
     try:
         group_key = canonical_group(group)
@@ -372,6 +494,10 @@ async def connect(
         lan_given = parse_lan_list(",".join(lan) or "0") if lan is not None else None
     except ProtocolError as exc:
         raise UsageError(str(exc)) from None
+    try:
+        relay_mode = RelayMode(relay)
+    except ValueError:
+        raise UsageError(f"relay must be one of auto, never, only, not {str(relay)[:20]!r}") from None
     if not 0 <= port <= 65535:
         raise UsageError("port must be in 0..65535")
     dead = dead_after if dead_after is not None else 3 * keepalive
@@ -393,6 +519,8 @@ async def connect(
         dead_after=dead,
         tracker_timeout=tracker_timeout,
         retries=retries,
+        relay=relay_mode,
+        tcp=tcp,
     )
     conn = PeerConnection()
     shell = SessionShell(config, conn._on_event, port=port, bind=bind)

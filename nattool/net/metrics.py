@@ -50,6 +50,45 @@ class MetricsSnapshot:
     counters: dict[str, int]
     stats: StoreStats | None  # the store's latest figures, None before the first
     federation_peers: int  # verified trackers listed
+    turn: dict[str, int] | None = None  # the TURN core's counters and "live"; None: TURN off
+    tcp_connections: int | None = None  # open TCP connections; None: no TCP listener
+
+
+# The TURN core's counters (TurnCounters fields) by metric and label.
+TURN_LABELLED: dict[str, tuple[str, str, dict[str, str]]] = {
+    "nattool_turn_relayed_packets": (
+        "Datagrams relayed, by direction.", "direction", {"packets_to_peer": "to_peer", "packets_to_client": "to_client"},
+    ),
+    "nattool_turn_relayed_bytes": (
+        "Payload bytes relayed, by direction.", "direction", {"bytes_to_peer": "to_peer", "bytes_to_client": "to_client"},
+    ),
+    "nattool_turn_auth_failures": (
+        "TURN requests refused for their credentials: wrong or unknown (401), stale nonce (438).",
+        "reason", {"auth_failures": "bad_credentials", "stale_nonces": "stale_nonce"},
+    ),
+    "nattool_turn_denials": (
+        "Peers refused by the peer policy: CreatePermission/ChannelBind answered 403, packets dropped without a permission.",
+        "reason", {"peer_denials": "forbidden_peer", "permission_drops": "no_permission"},
+    ),
+    "nattool_turn_refusals": (
+        "TURN requests refused for limits: quota (486), capacity or ports (508), bad request (400, 420, 437, 440-443).",
+        "reason", {"quota_refusals": "quota", "capacity_failures": "capacity", "bad_requests": "bad_request"},
+    ),
+}
+TURN_PLAIN: dict[str, tuple[str, str]] = {
+    "nattool_turn_allocations_created": ("TURN allocations made.", "allocations_total"),
+    "nattool_turn_allocations_expired": ("TURN allocations that expired (not refreshed).", "allocations_expired"),
+    "nattool_turn_challenges": ("TURN requests without credentials answered 401 with a nonce (the normal first step).", "challenges"),
+    "nattool_turn_bandwidth_drops": ("Datagrams dropped by the per-allocation bandwidth cap.", "bandwidth_drops"),
+}
+TCP_EVENTS = {
+    "tcp_accepted": "accepted",
+    "tcp_refused": "refused_limit",
+    "tcp_timeout": "timeout",
+    "tcp_protocol_error": "protocol_error",
+    "tcp_slow_reader": "slow_reader",
+    "tcp_dropped_frames": "dropped_frame",
+}
 
 
 class _Collector:
@@ -111,6 +150,33 @@ class _Collector:
         peers = GaugeMetricFamily("nattool_federation_peers", "Verified trackers listed.")
         peers.add_metric([], snapshot.federation_peers)
         yield peers
+        if snapshot.turn is not None:
+            yield from _turn_metrics(snapshot.turn)
+        if snapshot.tcp_connections is not None:
+            connections = GaugeMetricFamily("nattool_tcp_connections", "Open TCP connections on the tracker port.")
+            connections.add_metric([], snapshot.tcp_connections)
+            yield connections
+            events = CounterMetricFamily("nattool_tcp_connection_events", "TCP connections by what happened to them.", labels=["event"])
+            for key, event in TCP_EVENTS.items():
+                events.add_metric([event], counters.get(key, 0))
+            yield events
+
+
+def _turn_metrics(turn: dict[str, int]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    live = GaugeMetricFamily("nattool_turn_allocations", "TURN allocations alive.")
+    live.add_metric([], turn.get("live", 0))
+    yield live
+    for name, (text, key) in TURN_PLAIN.items():
+        family = CounterMetricFamily(name, text)
+        family.add_metric([], turn.get(key, 0))
+        yield family
+    for name, (text, label, keys) in TURN_LABELLED.items():
+        family = CounterMetricFamily(name, text, labels=[label])
+        for key, value in keys.items():
+            family.add_metric([value], turn.get(key, 0))
+        yield family
 
 
 def start_metrics(read: Callable[[], MetricsSnapshot], host: str, port: int) -> Any:

@@ -10,14 +10,16 @@ the batch is durable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
@@ -25,9 +27,21 @@ from nattool.memo import bounded_memo
 from nattool.net.collector import ServingCollector
 from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
-from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, source_key
+from nattool.net.tcp_listener import StreamConnection, TcpListener
+from nattool.net.turn_relay import DEFAULT_RELAY_PORTS, RelayPortRange, TurnRelay, relay_addresses
+from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
-from nattool.protocol.text import REGISTER_PREFIX
+from nattool.protocol.text import REGISTER_PREFIX, RelayGrant
+from nattool.protocol.turn import is_turn_message
+from nattool.protocol.turn_server import (
+    AllocationWanted,
+    ClientOutcome,
+    ClientRef,
+    Deallocated,
+    ToPeer,
+    TurnConfig,
+    TurnCore,
+)
 from nattool.store.base import Store, StoreLimits, StoreStats
 from nattool.tracker.dispatch import HELD, HeldReplies, Junk, PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
@@ -72,6 +86,10 @@ class ServerConfig:
     limits: StoreLimits = field(default_factory=StoreLimits)
     reuse_port: bool = False  # set by --workers: several processes share the port
     metrics: tuple[str, int] | None = None  # --metrics address
+    turn: TurnConfig | None = None  # the TURN relay, None: off
+    relay_ips: tuple[IPAddress, ...] = ()  # --relay-ip, at most one per family
+    relay_ports: tuple[int, int] = DEFAULT_RELAY_PORTS
+    tcp: bool = False  # listen on TCP on the tracker port too
 
 
 def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -114,15 +132,35 @@ def v6_source_key(host: str) -> str:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed", "bare_stun", "v4")
+    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients")
 
-    def __init__(self, local: Endpoint, sock: socket.socket) -> None:
+    def __init__(self, local: Endpoint, sock: socket.socket, primary: bool = False) -> None:
         self.local = local
         self.sock = sock
         self.closed = False
+        self.primary = primary  # the tracker port (not an RFC 5780 alternate)
+        # source (host, port) -> its TURN ClientRef, when TURN is on
+        self.turn_clients: dict[Any, Any] = {}
         self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
         # (request, IPv4 source as an integer, port) -> reply, for bare Binding requests
         self.bare_stun: Callable[[bytes, int, int], bytes] | None = None
+
+
+class _GroupRelay:
+    """Answers ``//relay/<group>`` from the TURN core (``serve --relay``)."""
+
+    def __init__(self, turn: TurnCore) -> None:
+        self.turn = turn
+
+    def grant(self, group: str, now: float, wall_now: float) -> RelayGrant:
+        grant = self.turn.group_grant(group, now, wall_now)
+        assert grant is not None  # the core relays for groups: that is why this exists
+        return RelayGrant(grant.username, grant.password, grant.lifetime, grant.realm, grant.relayed)
+
+
+# Where a registration's reply goes: a UDP socket, or a TCP connection (whose
+# ``sock.sendto`` frames the reply), both with ``closed`` and ``sock``.
+_ReplyTo = Union[_Listener, StreamConnection]
 
 
 class TrackerServer:
@@ -140,9 +178,14 @@ class TrackerServer:
         self._sync_store = store.supports_sync
         self._stun_by_local: dict[Endpoint, Any] = {}  # local endpoint -> StunResponder
         self.listeners: list[_Listener] = []
+        self.tcp_listeners: list[TcpListener] = []
+        self.turn: TurnCore | None = None  # the TURN relay's decisions (with cfg.turn)
+        self.relay: TurnRelay | None = None  # its relayed sockets
+        self.relay_ips: dict[int, IPAddress] = {}
+        self._streams: dict[int, StreamConnection] = {}  # TCP connections that spoke TURN, by id
         self._v6_keys, self._learn_v6_key = bounded_memo(v6_source_key, SOURCE_CACHE_MAX)
         self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
-        self._batch: list[tuple[PendingRegistration, _Listener, Any]] = []
+        self._batch: list[tuple[PendingRegistration, _ReplyTo, Any]] = []
         self._flush_scheduled = False
         self._flushing = False
         self._stopped = asyncio.Event()
@@ -165,6 +208,10 @@ class TrackerServer:
         try:
             self.federation.restore(await self.store.load_trackers(time.time()))
             await self._bind_all(loop)
+            if self.config.turn is not None:
+                self._start_turn(loop)
+            if self.config.tcp:
+                await self._listen_tcp(loop)
         except BaseException:
             await self.stop()
             raise
@@ -207,13 +254,48 @@ class TrackerServer:
                 for ep in responder.local_endpoints()[1:]:
                     socks.append((ep, _bind_udp(str(ep.ip), ep.port, cfg.reuse_port)))
             for local, sock in socks:
-                listener = _Listener(local, sock)
+                listener = _Listener(local, sock, primary=local == primary)
                 self.listeners.append(listener)
                 if responder is not None:
                     self._stun_by_local[local] = responder
                     if local.ip.version == 4:
                         listener.bare_stun = responder.bare_binding_builder(local, 4)
-                loop.add_reader(sock.fileno(), self._drain, listener)
+                loop.add_reader(sock.fileno(), self._drain if cfg.turn is None else self._drain_turn, listener)
+
+    def _start_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The TURN core and its relayed sockets: relay addresses per family, the
+        server's own endpoints for the peer policy, a secret of this process."""
+        cfg = self.config
+        assert cfg.turn is not None
+        hosts = [ipaddress.ip_address(h) for h in cfg.hosts] or [ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")]
+        bound_versions = {lst.local.ip.version for lst in self.listeners}
+        relay_ips = relay_addresses(cfg.relay_ips, [ip for ip in hosts if ip.version in bound_versions])
+        self.relay_ips = relay_ips
+        services = frozenset(lst.local for lst in self.listeners)
+        policy = dataclasses.replace(
+            cfg.turn.peer_policy,
+            service_endpoints=services,
+            server_ips=frozenset(relay_ips.values()) | frozenset(ep.ip for ep in services if not ep.ip.is_unspecified),
+        )
+        turn_config = dataclasses.replace(cfg.turn, families=frozenset(relay_ips), peer_policy=policy)
+        self.turn = TurnCore(turn_config, os.urandom(32))
+        low, high = cfg.relay_ports
+        ranges = {version: RelayPortRange(ip, low, high) for version, ip in relay_ips.items()}
+        for port_range in ranges.values():
+            port_range.check()
+        self.relay = TurnRelay(
+            self.turn, loop, ranges, lambda ref: self._client_sender(ref, droppable=True), self.core.counters
+        )
+        if cfg.turn.relay_groups:
+            self.core.relay = _GroupRelay(self.turn)
+
+    async def _listen_tcp(self, loop: asyncio.AbstractEventLoop) -> None:
+        """TCP on the tracker port number of each address (DESIGN24 W2)."""
+        for lst in self.listeners:
+            if lst.primary:
+                tcp = TcpListener(self, lst.local, self.core.counters)
+                await tcp.start(loop, self.config.reuse_port)
+                self.tcp_listeners.append(tcp)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -229,6 +311,10 @@ class TrackerServer:
             if not self._flushing:
                 self._start_flush()
             await asyncio.sleep(0.01)
+        for tcp in self.tcp_listeners:
+            await tcp.close()
+        if self.relay is not None:
+            self.relay.close_all()
         for lst in self.listeners:
             if not lst.closed:
                 lst.closed = True
@@ -319,6 +405,111 @@ class TrackerServer:
         if registered >= self.collector.next_at:
             self.collector.collect_young(registered)
 
+    def _drain_turn(self, listener: _Listener) -> None:
+        """The reader of a tracker socket with TURN on (DESIGN24 W1): ChannelData and
+        TURN methods to the TURN core, everything else as :meth:`_drain` would answer
+        it, through the general path. TURN requests count against the per-source rate
+        limit; Send indications and ChannelData do not (the core caps their bandwidth)."""
+        sock = listener.sock
+        recvfrom = sock.recvfrom
+        turn = self.turn
+        relay = self.relay
+        assert turn is not None and relay is not None
+        limiter = self.limiter
+        limited = limiter.rate > 0
+        refs = listener.turn_clients
+        now, wall = time.monotonic(), time.time()
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.core.counters["socket_error"] += 1
+                continue
+            first = data[0] if data else 0xFF
+            if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
+                ref = refs.get(addr) or self._udp_client(listener, addr)
+                if ref is not None:
+                    out = turn.channel_data_from_client(data, ref, now)
+                    if out is not None:
+                        relay.to_peer(out)
+                continue
+            if first < 0x40 and is_turn_message(data):
+                request = not (first & 0x01 or data[1] & 0x10)
+                if request and limited and not limiter.allow(self._limit_key(addr[0]), now):
+                    continue
+                ref = refs.get(addr) or self._udp_client(listener, addr)
+                if ref is not None:
+                    self._turn_outcome(turn.on_client_message(data, ref, now, wall), ref, now, wall)
+                continue
+            if limited and not limiter.allow(self._limit_key(addr[0]), now):
+                continue
+            self._slow_path(listener, data, addr, now, wall)
+        self._answer_held(sock.sendto, [])
+        if self.core.counters["register"] >= self.collector.next_at:
+            self.collector.collect_young(self.core.counters["register"])
+
+    def _limit_key(self, host: str) -> str:
+        return (self._v6_keys.get(host) or self._learn_v6_key(host) or host) if ":" in host else host
+
+    def _udp_client(self, listener: _Listener, addr: Any) -> ClientRef | None:
+        try:
+            ref = ClientRef("udp", Endpoint.from_sockaddr(addr), listener.local)
+        except ValueError:
+            return None
+        if len(listener.turn_clients) >= SOURCE_CACHE_MAX:
+            listener.turn_clients.clear()
+        listener.turn_clients[addr] = ref
+        return ref
+
+    def _turn_outcome(self, outcome: ClientOutcome, ref: ClientRef, now: float, wall: float) -> None:
+        """Carry out what the TURN core decided for a client's message."""
+        if outcome is None:
+            return
+        assert self.relay is not None
+        cls = outcome.__class__
+        if cls is ToPeer:
+            self.relay.to_peer(outcome)  # type: ignore[arg-type]
+            return
+        if cls is bytes:
+            reply: bytes | None = outcome  # type: ignore[assignment]
+        elif cls is AllocationWanted:
+            reply = self.relay.open(outcome, now, wall)  # type: ignore[arg-type]
+        elif cls is Deallocated:
+            reply = outcome.reply  # type: ignore[union-attr]
+            self.relay.close(outcome.allocation_id)  # type: ignore[union-attr]
+        else:  # pragma: no cover
+            raise AssertionError(f"unhandled TURN outcome {outcome!r}")
+        if reply is not None:
+            send = self._client_sender(ref)
+            if send is not None:
+                send(reply)
+
+    def _client_sender(self, ref: ClientRef, droppable: bool = False) -> Callable[[bytes], None] | None:
+        """How to send to a TURN client: from the tracker socket it wrote to, or on its
+        TCP connection (``droppable``: relayed data, dropped when a TCP client does not
+        keep up)."""
+        if ref.stream:
+            conn = self._streams.get(ref.connection)
+            if conn is None or conn.closed:
+                return None
+            return lambda data: conn.send_frame(data, droppable=droppable)
+        for lst in self.listeners:
+            if lst.local == ref.server:
+                sendto = lst.sock.sendto
+                addr = ref.client.sockaddr()
+                counters = self.core.counters
+
+                def send(data: bytes) -> None:
+                    try:
+                        sendto(data, addr)
+                    except OSError:
+                        counters["send_error"] += 1
+
+                return send
+        return None
+
     def _answer_held(self, sendto: Callable[[bytes, Any], int], kept: HeldReplies) -> None:
         """Answer the registrations a wake-up holds: the lane's keepalives first
         (they came first, and the lane changed the store first), then, with a
@@ -381,7 +572,7 @@ class TrackerServer:
                 why, Endpoint.from_sockaddr(addr), len(data), data[:16], held,
             )
 
-    def _enqueue(self, pending: PendingRegistration, listener: _Listener, addr: Any) -> None:
+    def _enqueue(self, pending: PendingRegistration, listener: _ReplyTo, addr: Any) -> None:
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
             self.core.counters["drop_overload"] += 1
             return
@@ -391,7 +582,7 @@ class TrackerServer:
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
 
-    def _send(self, listener: _Listener, data: bytes, addr: Any) -> None:
+    def _send(self, listener: _ReplyTo, data: bytes, addr: Any) -> None:
         if listener.closed:
             return
         try:
@@ -432,6 +623,79 @@ class TrackerServer:
                 return
         self._send(out, reply.data, addr if reply.dest == src else reply.dest.sockaddr())
 
+    # -- TCP on the tracker port -----------------------------------------------------
+    def on_stream_text(self, conn: StreamConnection, payload: bytes) -> None:
+        """A text request over TCP: as the same datagram over UDP, answered in a frame."""
+        peer = conn.peer
+        assert peer is not None
+        now, wall = time.monotonic(), time.time()
+        host = conn.addr[0]
+        if self.limiter.rate > 0 and not self.limiter.allow(source_key(peer.ip) if ":" in host else host, now):
+            return
+        outcome = self.core.on_datagram(payload, peer, now, wall)
+        if outcome is None:
+            return
+        cls = outcome.__class__
+        if cls is bytes:
+            # An empty reply too (an empty frame): "I know no trackers".
+            conn.send_text(outcome)  # type: ignore[arg-type]
+        elif cls is PendingRegistration:
+            self._enqueue(outcome, conn, conn.addr)  # type: ignore[arg-type]
+            if self._sync_store and not self._flush_scheduled:
+                # No datagram wake-up answers it: flush once this read is handled.
+                self._flush_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._start_flush)
+        elif cls is Junk:
+            conn.close()  # not our protocol: a stream has no use for what follows
+
+    def on_stream_stun(self, conn: StreamConnection, message: bytes) -> None:
+        """A STUN message over TCP: TURN methods to the TURN core (RFC 8656 TCP to the
+        server), Binding to the STUN responder (replies that would come from another
+        address or port are not possible on a stream)."""
+        if self.turn is not None and is_turn_message(message):
+            now = time.monotonic()
+            request = not (message[0] & 0x01 or message[1] & 0x10)
+            if request and self.limiter.rate > 0 and not self.limiter.allow(self._limit_key(conn.addr[0]), now):
+                return
+            ref = self._stream_client(conn)
+            self._turn_outcome(self.turn.on_client_message(message, ref, now, time.time()), ref, now, time.time())
+            return
+        peer = conn.peer
+        responder = self._stun_by_local.get(conn.local)
+        if responder is None or peer is None:
+            return
+        reply = responder.respond(message, peer, conn.local)
+        if reply is None or reply.send_from != conn.local or reply.dest != peer:
+            self.core.counters["stun_drop"] += 1
+            return
+        self.core.counters["stun"] += 1
+        conn.send_frame(reply.data)
+
+    def on_stream_channel_data(self, conn: StreamConnection, frame: bytes) -> None:
+        if self.turn is None or self.relay is None:
+            conn.close()  # no TURN relay here
+            return
+        out = self.turn.channel_data_from_client(frame, self._stream_client(conn), time.monotonic())
+        if out is not None:
+            self.relay.to_peer(out)
+
+    def _stream_client(self, conn: StreamConnection) -> ClientRef:
+        ref = conn.turn_client
+        if ref is None:
+            assert conn.peer is not None
+            ref = conn.turn_client = ClientRef("tcp", conn.peer, conn.local, conn.id)
+            self._streams[conn.id] = conn
+        return ref
+
+    def on_stream_closed(self, conn: StreamConnection) -> None:
+        """A TCP client gone: its allocation goes with it (RFC 8656 section 3.1)."""
+        if conn.turn_client is None or self.turn is None or self.relay is None:
+            return
+        self._streams.pop(conn.id, None)
+        for allocation_id in self.turn.client_gone(conn.turn_client):
+            self.relay.close(allocation_id)
+
     # -- registrations, batched per loop turn -----------------------------------------
     def _start_flush(self) -> None:
         self._flush_scheduled = False
@@ -451,7 +715,7 @@ class TrackerServer:
             results = [StoreError(str(exc))] * len(batch)
         self._deliver(batch, results, started)
 
-    async def _flush(self, batch: list[tuple[PendingRegistration, _Listener, Any]]) -> None:
+    async def _flush(self, batch: list[tuple[PendingRegistration, _ReplyTo, Any]]) -> None:
         try:
             started = time.perf_counter()
             try:
@@ -467,7 +731,7 @@ class TrackerServer:
                 self._loop.call_soon(self._start_flush)
 
     def _deliver(
-        self, batch: list[tuple[PendingRegistration, _Listener, Any]], results: list[Any], started: float
+        self, batch: list[tuple[PendingRegistration, _ReplyTo, Any]], results: list[Any], started: float
     ) -> None:
         failed = [r for r in results if isinstance(r, StoreError)]
         if failed:
@@ -508,6 +772,11 @@ class TrackerServer:
             if now - last_sweep > 30:
                 self.limiter.sweep(now)
                 last_sweep = now
+            for tcp in self.tcp_listeners:
+                tcp.sweep(now)
+            if self.turn is not None and self.relay is not None:
+                for allocation_id in self.turn.expire(now):
+                    self.relay.close(allocation_id)
             self._federation_tick(now, wall)
             await self._persist_federation()
             if self.store.shared and now - last_shared_read > 2.0:
@@ -580,23 +849,39 @@ class TrackerServer:
         """Every counter, with the datagrams the per-source rate limit dropped."""
         totals = dict(self.core.counters)
         totals["drop_rate_limit"] = self.limiter.dropped
+        if self.turn is not None:
+            for key, value in dataclasses.asdict(self.turn.counters).items():
+                totals[f"turn_{key}"] = value
         return totals
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """What a metrics scrape reads (from the scraper's thread: copies only)."""
-        return MetricsSnapshot(self.totals(), self.last_stats, len(self.federation.listed))
+        turn = None
+        if self.turn is not None:
+            turn = dataclasses.asdict(self.turn.counters)
+            turn["live"] = self.turn.live
+        tcp = sum(len(t.connections) for t in self.tcp_listeners) if self.tcp_listeners else None
+        return MetricsSnapshot(self.totals(), self.last_stats, len(self.federation.listed), turn, tcp)
 
 
 def banner(server: TrackerServer, bound: list[Endpoint]) -> str:
     cfg = server.config
     addrs = ", ".join(str(e) for e in bound)
+    if server.tcp_listeners:
+        addrs += " and tcp " + ", ".join(str(t.local) for t in server.tcp_listeners)
     rate = f"{cfg.rate_limit:g}/s per source" if cfg.rate_limit else "off"
     stun = "stun off"
     if server.stun_enabled:
         stun = "stun + RFC 5780" if cfg.alt_host or cfg.alt_port else "stun on"
+    turn = ""
+    if server.turn is not None and cfg.turn is not None:
+        low, high = cfg.relay_ports
+        relayed = " ".join(str(ip) for _, ip in sorted(server.relay_ips.items())) or "none"
+        modes = [m for m, on in (("users", cfg.turn.users), ("rest", cfg.turn.rest_secret), ("groups", cfg.turn.relay_groups)) if on]
+        turn = f", turn on: realm {cfg.turn.realm}, relayed {relayed} ports {low}-{high}, {'+'.join(modes)}"
     return (
         f"nattool {__version__} tracker listening on udp {addrs} "
-        f"(store {server.store.describe()}, ttl {cfg.ttl:g}s, rate limit {rate}, {stun})"
+        f"(store {server.store.describe()}, ttl {cfg.ttl:g}s, rate limit {rate}, {stun}{turn})"
     )
 
 

@@ -18,10 +18,21 @@ from nattool.protocol.endpoint import Endpoint
 
 class PathKind(str, Enum):
     """How a path reaches the peer (the JSON ``path`` field). Room for more ways: a
-    relay, a port mapping (PCP/NAT-PMP), another local socket."""
+    port mapping (PCP/NAT-PMP), another local socket."""
 
     INTERNET = "internet"  # direct, to a public endpoint
     LAN = "lan"  # direct, inside the LAN both members sit in
+    RELAY = "relay"  # through a TURN allocation, to the peer's relayed endpoint
+
+    @property
+    def via(self) -> str:
+        """The JSON ``via`` field: "direct", "lan" or "relay"."""
+        return "direct" if self is PathKind.INTERNET else self.value
+
+    @property
+    def rank(self) -> int:
+        """Preference: lower is better (LAN, then the Internet, then a relay)."""
+        return (PathKind.LAN, PathKind.INTERNET, PathKind.RELAY).index(self)
 
 
 class CandidateSource(str, Enum):
@@ -30,6 +41,7 @@ class CandidateSource(str, Enum):
     TRACKER = "tracker"  # the member's public endpoint, as a tracker listed it
     LAN_GUESS = "lan-guess"  # one of the member's LAN addresses at a likely port
     PEER_REFLEXIVE = "peer-reflexive"  # an authenticated ping came from there (its NAT's mapping toward us)
+    RELAY = "relay"  # a relayed endpoint of the group, as the relaying tracker listed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +88,47 @@ class PathUp:
     since_start: float  # s from the start of the session
     observed_as: str  # where the peer saw us (its pong says)
 
+    @property
+    def via(self) -> str:
+        return self.kind.via
+
 
 @dataclass(frozen=True, slots=True)
 class PathDown:
     peer_id: str
     endpoint: Optional[Endpoint]
     kind: PathKind
+    reason: str
+
+    @property
+    def via(self) -> str:
+        return self.kind.via
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWanted:
+    """The owner should reach ``tracker`` over TCP (same port, framed: see
+    :mod:`nattool.protocol.stream_frames`) and then call ``stream_opened`` or
+    ``stream_failed``: no tracker answered over UDP, or TCP was asked for."""
+
+    tracker: Endpoint
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAllocated:
+    """A TURN allocation at ``server`` is ours: peers that cannot be reached directly
+    are pinged through it at their relayed endpoints."""
+
+    server: Endpoint
+    relayed: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLost:
+    """No relay (any more): the allocation failed or expired, or no tracker offers one."""
+
+    server: Optional[Endpoint]
     reason: str
 
 
@@ -129,7 +176,8 @@ class SessionEnded:
 
 
 ConnectEvent = Union[
-    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded
+    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
+    StreamWanted, RelayAllocated, RelayLost,
 ]
 
 __all__ = [
@@ -143,7 +191,10 @@ __all__ = [
     "PathUp",
     "Queued",
     "Registered",
+    "RelayAllocated",
+    "RelayLost",
     "SessionEnded",
+    "StreamWanted",
     "Undelivered",
     "Verdict",
 ]

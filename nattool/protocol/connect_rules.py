@@ -3,6 +3,7 @@ what the trackers' views say about a NAT's mapping, and whether punching can wor
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Optional, Sequence
 
 from nattool.errors import ProtocolError
@@ -15,6 +16,26 @@ DEFAULT_CONNECT_PORT = DEFAULT_PORT + 1
 
 EI = "endpoint-independent"
 ED = "endpoint-dependent"
+
+#: s a member may go without a direct path before the relay is tried for it (``auto``).
+RELAY_AFTER = 2.0
+
+
+class RelayMode(str, Enum):
+    """``connect --relay``: when a TURN relay that a tracker offers is used."""
+
+    AUTO = "auto"  # when punching cannot work or found nothing within RELAY_AFTER s
+    NEVER = "never"  # never: direct paths only, not even asked for
+    ONLY = "only"  # always, and no direct candidates
+
+
+def relay_due(mode: RelayMode, impossible: bool, waited: float, udp_blocked: bool) -> bool:
+    """Whether a member without a path is to be reached through the relay now:
+    ``waited`` s since it was seen, punching ``impossible`` by the verdict, or our own
+    UDP blocked (the trackers answer only over TCP), when no direct path can open."""
+    if mode == RelayMode.NEVER:
+        return False
+    return mode == RelayMode.ONLY or impossible or udp_blocked or waited >= RELAY_AFTER
 
 
 def lan_candidates(lan: Sequence[str], public_port: int, own_port: int) -> list[Endpoint]:
@@ -94,4 +115,15 @@ def verdict(mine: Optional[str], theirs: Optional[str]) -> tuple[bool, str]:
     )
 
 
-__all__ = ["DEFAULT_CONNECT_PORT", "ED", "EI", "lan_candidates", "mapping_of", "mapping_verdict", "verdict"]
+__all__ = [
+    "DEFAULT_CONNECT_PORT",
+    "ED",
+    "EI",
+    "RELAY_AFTER",
+    "RelayMode",
+    "lan_candidates",
+    "mapping_of",
+    "mapping_verdict",
+    "relay_due",
+    "verdict",
+]

@@ -34,6 +34,20 @@ mapping the tracker saw is the one the peers are told about) and the peer messag
 * when no path is up for ``timeout`` s, give up with a verdict built from what the
   trackers showed: our own mapping (two trackers saw the same or different public
   ports) and each member's (the same host at different ports in different trackers).
+
+A relay (``relay`` auto or only): once registered, each tracker is asked
+``//relay/<group>`` (after every registration round, which also polls its list); the
+first tracker in the configured order that answers ``turn ...`` is the relay, and a
+:class:`~nattool.protocol.turn_client.TurnClient` allocates there. The relayed endpoints
+the tracker lists are candidates of kind RELAY, pinged through the allocation (Send
+indications out, Data indications in; the peer messages inside are unchanged, MAC and
+all) when :func:`~nattool.protocol.connect_rules.relay_due` says so for some member. A
+relayed path is the last choice: probing of the direct candidates goes on, and a direct
+path that answers takes over (a second PathUp for the same peer).
+
+No tracker answering over UDP for ``UDP_GIVE_UP`` s (or ``tcp`` set) makes the session
+ask its owner for a TCP stream to each tracker (a :class:`StreamWanted` event); the
+owner frames what goes to that tracker and says ``stream_opened`` / ``stream_failed``.
 """
 
 from __future__ import annotations
@@ -47,6 +61,9 @@ from nattool.errors import ProtocolError
 from nattool.exit_codes import ExitCode
 from nattool.protocol.connect_events import (
     CandidateSource,
+    RelayAllocated,
+    RelayLost,
+    StreamWanted,
     ConnectEvent,
     GaveUp,
     MemberSeen,
@@ -60,21 +77,45 @@ from nattool.protocol.connect_events import (
     Undelivered,
     Verdict,
 )
-from nattool.protocol.connect_rules import lan_candidates, mapping_of, mapping_verdict, verdict
+from nattool.protocol.connect_rules import (
+    RELAY_AFTER,
+    RelayMode,
+    lan_candidates,
+    mapping_of,
+    mapping_verdict,
+    relay_due,
+    verdict,
+)
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import BadMac, Kind, NotPeerMessage, PeerMessage, ReplayGuard, ReplayWindow, derive_key
 from nattool.protocol.retransmit import backoff_schedule
-from nattool.protocol.text import ErrorReply, MemberList, RegisterRequest
+from nattool.protocol.text import ErrorReply, MemberList, RegisterRequest, RelayGrant, RelayRequest
+from nattool.protocol.turn import is_turn_message
+from nattool.protocol.turn_client import (
+    Allocated,
+    AllocationFailed,
+    PeerData,
+    TurnClient,
+    TurnCredentials,
+    TurnState,
+)
 
 FAST_REGISTER = 0.5  # s between registrations while no path is up
 PROBE_FIRST = 0.1  # s between pings to a fresh candidate ...
 PROBE_MAX = 1.0  # ... growing to this
 PROBE_GROWTH = 1.5
+# s between leaving (a BYE through the relay) and giving the allocation back: a server
+# may drop what a released allocation still has in flight to its peers.
+RELAY_LEAVE_GRACE = 0.2
+UPGRADE_PROBE_MAX = 10.0  # s between pings to a relayed peer's direct candidates after `timeout` s
 IMPOSSIBLE_GRACE = 3.0  # s of failed probing before a "cannot work" verdict ends the run
 LINGER = 1.5  # s `once` keeps answering after its path is up (the peer needs its pong)
 DATA_RETRIES = (0.3, 0.6, 1.2, 2.4)  # s after which an unacknowledged message is sent again
 PENDING_MAX = 4096
 SEED, ORIGINAL = "seed", "original"  # registration forms (RegisterRequest.form)
+UDP_GIVE_UP = 2.0  # s without any tracker answer over UDP before trying TCP (with a relay)
+GRANTED, REFUSED = "granted", "refused"  # a tracker's answer to //relay/<group>
+WANTED, OPEN, FAILED = "wanted", "open", "failed"  # a stream to a tracker
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
@@ -89,6 +130,8 @@ class SessionConfig:
     tracker_timeout: float = 2.0  # per registration, retransmissions included
     retries: int = 3  # retransmissions of a registration within tracker_timeout
     once: bool = False  # end (exit 0) LINGER s after the first path is up
+    relay: RelayMode = RelayMode.NEVER  # `connect --relay` (the CLI and the library default to auto)
+    tcp: bool = False  # reach the trackers over TCP at once
 
 
 # --------------------------------------------------------------------------- state
@@ -154,6 +197,14 @@ class Registration:
     next_round: float = 0.0  # idle: when to register again
     send_error: Optional[str] = None  # the last send to it failed (no route, ...)
     original_answers: int = 0  # rounds in a row answered in the original form only
+    relay: Optional[str] = None  # its answer to //relay: GRANTED, REFUSED or None (not yet)
+    grant: Optional[RelayGrant] = None
+    asking: bool = False  # a //relay request in flight (the next round waits for it)
+    ask_waits: list[float] = field(default_factory=list)
+    ask_attempt: int = 0
+    ask_next: float = 0.0
+    stream: Optional[str] = None  # WANTED, OPEN or FAILED: reached over TCP
+    silent: bool = False  # a whole registration went unanswered (on this transport)
 
 
 @dataclass
@@ -174,8 +225,12 @@ class ConnectSession:
     session's datagrams go out from (its port is a LAN candidate port, its address is
     never a candidate)."""
 
-    def __init__(self, config: SessionConfig, session_id: bytes, now: float, local: Optional[Endpoint] = None) -> None:
+    def __init__(self, config: SessionConfig, session_id: bytes, now: float, local: Optional[Endpoint] = None,
+                 seed: Optional[bytes] = None) -> None:
+        # ``seed``: secret random bytes for the TURN client's transaction ids (the
+        # session id is public: every message carries it).
         self.config = config
+        self.seed = seed if seed is not None else session_id
         self.local = local
         self.key = derive_key(config.group)
         self.sender = session_id
@@ -191,12 +246,17 @@ class ConnectSession:
         self.observed: dict[Endpoint, Endpoint] = {}  # tracker -> our public endpoint
         self.member_views: dict[Endpoint, list[Endpoint]] = {}  # tracker -> member endpoints
         self.registrations = {t: Registration(t, next_round=now) for t in config.trackers}
-        self.counters = {"bad_mac": 0, "junk": 0, "replayed": 0, "stale_pong": 0}
+        self.counters = {"bad_mac": 0, "junk": 0, "replayed": 0, "stale_pong": 0, "not_relayed": 0}
+        self.turn: Optional[TurnClient] = None
+        self.relayed_peers: set[Endpoint] = set()  # relayed endpoints of other members
         self.t0 = now
+        self._now = now
         self.no_path_since = now
         self.any_tracker_answered = False
         self.first_up: Optional[float] = None
         self.closing = False  # leave once every message is delivered
+        self.left = False
+        self.linger_until: Optional[float] = None  # leaving: the relay allocation goes back then
         self.ended: Optional[SessionEnded] = None
         self._finish_at: Optional[float] = None
         self._last_tick = now
@@ -211,26 +271,44 @@ class ConnectSession:
         junk (counted and dropped). An ended session takes nothing more."""
         if self.ended is not None:
             return
-        try:
-            msg = PeerMessage.from_wire(data, self.key)
-        except NotPeerMessage:
+        self._now = now
+        if self.turn is not None and addr == self.turn.server and is_turn_message(data):
+            self.turn.receive_datagram(data, now)
+            self._on_turn_events(now)
+            self._tick(now)
+            return
+        msg = self._peer_message(data)
+        if msg is None:
             reg = self.registrations.get(addr)
             if reg is not None and reg.trying is not None:
                 self._on_tracker_answer(reg, data, now)
+            elif reg is not None and reg.asking:
+                self._on_relay_answer(reg, data, now)
             else:
                 self.counters["junk"] += 1  # late tracker replies, scanners: ignore
             return
-        except BadMac:
-            self.counters["bad_mac"] += 1
-            return
-        except ProtocolError:
-            self.counters["junk"] += 1
+        if self.config.relay == RelayMode.ONLY:
+            self.counters["not_relayed"] += 1  # --relay only: nothing direct
             return
         self._on_peer_message(msg, addr, now)
         self._tick(now)
 
+    def _peer_message(self, data: bytes) -> Optional[PeerMessage]:
+        """An authentic peer message, or None (not one: counted if it is junk)."""
+        try:
+            return PeerMessage.from_wire(data, self.key)
+        except NotPeerMessage:
+            return None
+        except BadMac:
+            self.counters["bad_mac"] += 1
+        except ProtocolError:
+            self.counters["junk"] += 1
+        return None
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
         out, self._out = self._out, []
+        if self.turn is not None:
+            out.extend((data, self.turn.server) for data in self.turn.datagrams_to_send(now))
         return out
 
     def get_timer(self) -> Optional[float]:
@@ -239,7 +317,11 @@ class ConnectSession:
             return None
         times: list[float] = []
         for reg in self.registrations.values():
-            times.append(reg.next_send if reg.trying is not None else reg.next_round)
+            if reg.stream == WANTED:
+                continue  # waits for the owner's stream_opened / stream_failed
+            times.append(reg.next_send if reg.trying is not None else reg.ask_next if reg.asking else reg.next_round)
+        if self.turn is not None and (turn_at := self.turn.get_timer()) is not None:
+            times.append(turn_at)
         for cand in self.cands.values():
             if self._wants_probe(cand, self._last_tick):
                 times.append(cand.next_send)
@@ -250,15 +332,24 @@ class ConnectSession:
         times.extend(out.next_send for out in self.outgoing)
         if self._finish_at is not None:
             times.append(self._finish_at)
+        if self.linger_until is not None:
+            times.append(self.linger_until)
         # Give-up deadlines: only those still ahead (one already past was decided on).
         deadlines = [self.no_path_since + self.config.timeout]
+        if self._udp_give_up_pending():
+            deadlines.append(self.t0 + UDP_GIVE_UP)
         for member in self.members.values():
             if not member.gave_up:
-                deadlines += (member.first_seen + IMPOSSIBLE_GRACE, member.first_seen + self.config.timeout)
+                deadlines += (member.first_seen + IMPOSSIBLE_GRACE, member.first_seen + self.config.timeout,
+                              member.first_seen + RELAY_AFTER)
         times.extend(t for t in deadlines if t > self._last_tick)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
+        if self.turn is not None:
+            self.turn.handle_timer(now)
+            self._on_turn_events(now)
         self._tick(now)
 
     def next_event(self) -> Optional[ConnectEvent]:
@@ -271,6 +362,7 @@ class ConnectSession:
         or every connected peer; returns how many it goes to. Without any path up and
         ``to`` None it waits for the first path (a :class:`Queued` event), and 0 is
         returned; to a peer without a path it goes nowhere (0)."""
+        self._now = now
         if to is None and not self.connected_peers():
             self.backlog.append(data)
             self._events.append(Queued())
@@ -290,10 +382,26 @@ class ConnectSession:
         return [p.peer_id for p in self.peers.values() if p.active is not None]
 
     def leave(self, now: float) -> None:
-        """Say goodbye to every connected peer (input ended, Ctrl-C, close)."""
+        """Say goodbye to every connected peer (input ended, Ctrl-C, close), and give
+        the relay allocation back: at once, or ``linger_until`` when a goodbye went
+        through it (the owner may call release_relay() earlier, when it must go)."""
+        self._now = now
+        self.left = True
+        relayed = False
         for peer in self.peers.values():
             if peer.active is not None:
                 self._send(peer.active, PeerMessage(Kind.BYE, self.sender, self._next_seq()))
+                relayed = relayed or peer.active in self.relayed_peers
+        if self.turn is not None and self.turn.allocated and relayed:
+            self.linger_until = now + RELAY_LEAVE_GRACE
+        else:
+            self.release_relay(now)
+
+    def release_relay(self, now: float) -> None:
+        """Give the relay allocation back now (a Refresh with lifetime 0)."""
+        self.linger_until = None
+        if self.turn is not None:
+            self.turn.close(now)
 
     def close_when_delivered(self, now: float) -> None:
         """The input ended: leave (exit 0) once a path was up and every message is acknowledged."""
@@ -310,6 +418,38 @@ class ConnectSession:
         reg.send_error = reason
         if not self.any_tracker_answered and all(r.send_error for r in self.registrations.values()):
             self._end(ExitCode.UNREACHABLE, reason)
+
+    def stream_opened(self, tracker: Endpoint, now: float) -> None:
+        """The owner has a TCP stream to ``tracker`` (after a StreamWanted): everything
+        for that tracker goes over it from now on; registering starts again at once."""
+        reg = self.registrations.get(tracker)
+        if reg is None:
+            return
+        self._now = now
+        reg.stream = OPEN
+        reg.silent = False
+        reg.send_error = None
+        reg.trying = None
+        reg.asking = False
+        reg.next_round = now
+        self._tick(now)
+
+    def stream_failed(self, tracker: Endpoint, reason: str, now: float) -> None:
+        """The stream to ``tracker`` could not be opened, or broke: back to UDP (a relay
+        allocation made over it is gone with it)."""
+        reg = self.registrations.get(tracker)
+        if reg is None:
+            return
+        self._now = now
+        was_open = reg.stream == OPEN
+        reg.stream = FAILED
+        if was_open and self.turn is not None and self.turn.server == tracker:
+            self.turn.close(now)
+            self._relay_lost(RelayLost(tracker, f"the TCP connection to {tracker} broke: {reason}"))
+        reg.trying = None
+        reg.asking = False
+        reg.next_round = now
+        self._tick(now)
 
     # -- registration ------------------------------------------------------------------
 
@@ -332,8 +472,12 @@ class ConnectSession:
         reg.next_send = now
 
     def _tick_registrations(self, now: float) -> None:
+        self._want_streams(now)
         for reg in self.registrations.values():
-            if reg.trying is None and now >= reg.next_round:
+            if reg.stream == WANTED:
+                continue  # nothing over UDP while the owner opens the stream
+            self._tick_relay_ask(reg, now)
+            if reg.trying is None and not reg.asking and now >= reg.next_round:
                 self._start_registration(reg, reg.form or SEED, now)
             while reg.trying is not None and now >= reg.next_send:
                 if reg.attempt < len(reg.waits):
@@ -347,19 +491,22 @@ class ConnectSession:
                 else:
                     reg.trying = None
                     reg.next_round = now + self._round_wait()
+                    if not reg.silent and reg.relay is None:
+                        reg.silent = True  # no longer waited for by the relay choice
+                        self._pick_relay(now)
 
     def _on_tracker_answer(self, reg: Registration, data: bytes, now: float) -> None:
         try:
             members = MemberList.from_wire(data)
         except ProtocolError:
-            try:
-                ErrorReply.from_wire(data)
-            except ProtocolError:
-                self.counters["junk"] += 1  # not an answer: keep waiting for one
-                return
+            if not self._is_refusal(data):
+                return  # not an answer: keep waiting for one
             # Refused (group full, rate limit...): ask again next round.
             reg.trying = None
             reg.next_round = now + self._round_wait()
+            if not reg.silent and reg.relay is None:
+                reg.silent = True
+                self._pick_relay(now)
             return
         form = reg.trying or SEED
         if form == SEED:
@@ -372,9 +519,181 @@ class ConnectSession:
             if reg.original_answers >= 2:
                 reg.form = ORIGINAL
         reg.trying = None
+        reg.silent = False
         self._on_registered(reg.tracker, members, form, now)
         reg.next_round = now + self._round_wait()
+        if self.config.relay != RelayMode.NEVER and reg.relay != REFUSED:
+            self._start_relay_ask(reg, now)
         self._tick(now)
+
+    # -- the relay ---------------------------------------------------------------------
+
+    def _is_refusal(self, data: bytes) -> bool:
+        """An ``ERR`` reply from a tracker; anything else is counted as junk."""
+        try:
+            ErrorReply.from_wire(data)
+        except ProtocolError:
+            self.counters["junk"] += 1
+            return False
+        return True
+
+    def _start_relay_ask(self, reg: Registration, now: float) -> None:
+        # An old tracker stays silent: half the time budget for the first ask, as for
+        # the registration form, so that it delays the next round by little.
+        timeout = self.config.tracker_timeout / 2 if reg.relay is None else self.config.tracker_timeout
+        reg.asking = True
+        reg.ask_waits = backoff_schedule(timeout, self.config.retries)
+        reg.ask_attempt = 0
+        reg.ask_next = now
+
+    def _tick_relay_ask(self, reg: Registration, now: float) -> None:
+        while reg.asking and now >= reg.ask_next:
+            if reg.ask_attempt < len(reg.ask_waits):
+                self._out.append((RelayRequest(self.config.group).to_wire(), reg.tracker))
+                reg.ask_next = now + reg.ask_waits[reg.ask_attempt]
+                reg.ask_attempt += 1
+            else:
+                reg.asking = False
+                if reg.relay is None:
+                    self._relay_refused(reg, now)  # silence: a tracker that predates relays
+
+    def _on_relay_answer(self, reg: Registration, data: bytes, now: float) -> None:
+        try:
+            grant = RelayGrant.from_wire(data)
+        except ProtocolError:
+            if not self._is_refusal(data):
+                return  # e.g. a late registration answer: keep waiting
+            reg.asking = False
+            if reg.relay is None:
+                self._relay_refused(reg, now)
+            return
+        reg.asking = False
+        reg.relay = GRANTED
+        reg.grant = grant
+        for relayed in grant.relayed:
+            self._on_relayed_endpoint(relayed, now)
+        self._pick_relay(now)
+        self._tick(now)
+
+    def _relay_refused(self, reg: Registration, now: float) -> None:
+        reg.relay = REFUSED
+        self._pick_relay(now)
+        if self.turn is None and all(r.relay == REFUSED for r in self.registrations.values()):
+            self._relay_lost(RelayLost(None, "no tracker offers a relay"))
+
+    def _relay_lost(self, lost: RelayLost) -> None:
+        self._events.append(lost)
+        if self.config.relay == RelayMode.ONLY:
+            self._end(ExitCode.FAILURE, f"--relay only, and {lost.reason}")
+
+    def _pick_relay(self, now: float) -> None:
+        """The first tracker, in the configured order, that grants a relay. One that
+        has not said yet is waited for, unless it left a whole registration unanswered:
+        members with the same tracker list must pick the same relay (two allocations
+        reach each other only on one server), whichever tracker answers them first."""
+        if self.turn is not None:
+            return
+        for reg in self.registrations.values():
+            if reg.relay == GRANTED and reg.grant is not None:
+                grant = reg.grant
+                creds = TurnCredentials(grant.username, grant.password, grant.realm)
+                self.turn = TurnClient(reg.tracker, creds, self.seed, now, reliable=reg.stream == OPEN,
+                                       family=reg.tracker.ip.version)
+                return
+            if reg.relay is None and not reg.silent:
+                return
+
+    def _on_relayed_endpoint(self, ep: Endpoint, now: float) -> None:
+        """A relayed endpoint of the group (the tracker's list, or a Data indication's
+        sender): a candidate reached through our allocation."""
+        if self.turn is not None and ep == self.turn.relayed:
+            return  # our own
+        if ep not in self.relayed_peers:
+            self.relayed_peers.add(ep)
+            if self.turn is not None and self.turn.allocated:
+                self.turn.permit(ep, now)  # so that its pings get in before ours go out
+        if ep not in self.cands:
+            self._add_candidate(ep, PathKind.RELAY, CandidateSource.RELAY, None, None, now)
+
+    def _on_turn_events(self, now: float) -> None:
+        turn = self.turn
+        assert turn is not None
+        while (event := turn.next_event()) is not None:
+            if isinstance(event, Allocated):
+                self._events.append(RelayAllocated(turn.server, event.relayed))
+                self.relayed_peers.discard(event.relayed)
+                self.cands.pop(event.relayed, None)
+                # Our own relayed address first: a permission for its IP lets in every
+                # member relayed by the same server, before we know their endpoints, and
+                # it stays valid (a permission is per IP; ours lives as long as we do).
+                turn.permit(event.relayed, now)
+                for ep in self.relayed_peers:
+                    turn.permit(ep, now)
+            elif isinstance(event, AllocationFailed):
+                self._relay_lost(RelayLost(turn.server, event.reason))
+            elif isinstance(event, PeerData):
+                msg = self._peer_message(event.data)
+                if msg is None:
+                    self.counters["junk"] += 1
+                    continue
+                self._on_relayed_endpoint(event.peer, now)
+                self._on_peer_message(msg, event.peer, now)
+
+    def _relay_ready(self) -> bool:
+        return self.turn is not None and self.turn.allocated
+
+    def _relay_hope(self) -> bool:
+        """A relay is (or may soon be) there to reach members punching cannot."""
+        if self.config.relay == RelayMode.NEVER:
+            return False
+        if self.turn is not None:
+            return self.turn.state in (TurnState.ALLOCATING, TurnState.ALLOCATED)
+        return any(reg.relay == GRANTED or reg.asking for reg in self.registrations.values())
+
+    def _udp_blocked(self) -> bool:
+        """Our trackers answer only over TCP: no direct path can open from here."""
+        return self.turn is not None and self.registrations[self.turn.server].stream == OPEN
+
+    def _relay_wanted(self, now: float) -> bool:
+        """Whether the relayed endpoints the tracker listed are to be pinged now: some
+        member has no path and relay_due says it is time."""
+        if not self._relay_ready():
+            return False
+        mine = self._own_mapping()[0]
+        blocked = self._udp_blocked()
+        for member in self.members.values():
+            if member.gave_up or self._member_up(member):
+                continue
+            impossible = verdict(mine, self._member_mapping(member)[0])[0]
+            if relay_due(self.config.relay, impossible, now - member.first_seen, blocked):
+                return True
+        return self.config.relay == RelayMode.ONLY
+
+    def _own_mapping(self) -> tuple[Optional[str], str]:
+        """Our mapping from what the trackers saw over UDP (a TCP connection's source
+        port says nothing about UDP)."""
+        if self.local is None:
+            return None, ""
+        udp = {t: e for t, e in self.observed.items() if self.registrations[t].stream != OPEN}
+        return mapping_of(udp, self.local)
+
+    # -- streams -----------------------------------------------------------------------
+
+    def _udp_give_up_pending(self) -> bool:
+        return (self.config.relay != RelayMode.NEVER and not self.any_tracker_answered
+                and any(reg.stream is None for reg in self.registrations.values()))
+
+    def _want_streams(self, now: float) -> None:
+        if self.config.tcp:
+            reason = "TCP asked for (--tcp)"
+        elif self._udp_give_up_pending() and now - self.t0 >= UDP_GIVE_UP:
+            reason = f"no tracker answered over UDP within {UDP_GIVE_UP:g}s"
+        else:
+            return
+        for reg in self.registrations.values():
+            if reg.stream is None:
+                reg.stream = WANTED
+                self._events.append(StreamWanted(reg.tracker, reason))
 
     def _on_registered(self, tracker: Endpoint, answer: MemberList, form: str, now: float) -> None:
         entries = answer.entries
@@ -407,6 +726,8 @@ class ConnectSession:
     ) -> None:
         if ep in self.cands or ep in set(self.observed.values()):
             return
+        if kind != PathKind.RELAY and self.config.relay == RelayMode.ONLY:
+            return  # --relay only: no direct candidates
         if self.local is not None and ep.port == self.local.port and self._is_local(ep):
             return  # our own socket (our LAN address in someone's list, or loopback)
         self.cands[ep] = Candidate(ep, kind, source, member, peer, now, now)
@@ -417,6 +738,10 @@ class ConnectSession:
     # -- sending -----------------------------------------------------------------------
 
     def _send(self, dest: Endpoint, msg: PeerMessage) -> None:
+        if dest in self.relayed_peers:
+            if self.turn is not None:
+                self.turn.send(dest, msg.to_wire(self.key), self._now)
+            return
         self._out.append((msg.to_wire(self.key), dest))
 
     def _next_seq(self) -> int:
@@ -433,6 +758,8 @@ class ConnectSession:
 
     def _end(self, code: ExitCode, reason: str) -> None:
         if self.ended is None:
+            if self.turn is not None:
+                self.turn.close(self._now)  # the allocation goes back with the last datagrams
             self.ended = SessionEnded(code, reason)
             self._events.append(self.ended)
 
@@ -449,14 +776,23 @@ class ConnectSession:
         member = self.members.get(cand.member) if cand.member else None
         if member is not None and member.gave_up:
             return False
+        if cand.kind == PathKind.RELAY:
+            if not self._relay_ready():
+                return False
+            # A relayed endpoint that pinged us is answered at once; the tracker's list
+            # is pinged only when some member needs the relay.
+            if cand.source != CandidateSource.PEER_REFLEXIVE and cand.peer is None and not self._relay_wanted(now):
+                return False
         owner = self._owner(cand)
         if owner is None or owner.active is None:
             return True
         path = owner.paths.get(cand.endpoint)
         if path is not None and path.up:
             return False
-        # Connected over the internet: keep trying its LAN for a while, a better path.
         active_kind = owner.paths[owner.active].kind
+        if active_kind == PathKind.RELAY:
+            return cand.kind != PathKind.RELAY  # relayed: direct probing goes on, to upgrade
+        # Connected over the internet: keep trying its LAN for a while, a better path.
         return cand.kind == PathKind.LAN and active_kind != PathKind.LAN and now - cand.started < self.config.timeout
 
     def _tick(self, now: float) -> None:
@@ -479,15 +815,22 @@ class ConnectSession:
                 self._ping(cand.endpoint, now)
                 cand.sent += 1
                 cand.next_send = now + cand.interval
-                cand.interval = min(PROBE_MAX, cand.interval * PROBE_GROWTH)
+                # Past `timeout` only a relayed peer's direct candidates are still probed
+                # (for an upgrade): slowly, a network rarely changes its mind.
+                cap = PROBE_MAX if now - cand.started < self.config.timeout else UPGRADE_PROBE_MAX
+                cand.interval = min(cap, cand.interval * PROBE_GROWTH)
         if self.backlog and self.connected_peers():
             waiting, self.backlog = self.backlog, []
             for data in waiting:
                 self.send(data, now)
         self._resend_data(now)
+        if self.linger_until is not None and now >= self.linger_until:
+            self.release_relay(now)
         if self.closing and self.first_up is not None and not self.backlog and not self.outgoing:
-            self.leave(now)
-            self._end(ExitCode.OK, "input ended and every line was delivered")
+            if not self.left:
+                self.leave(now)
+            if self.linger_until is None:
+                self._end(ExitCode.OK, "input ended and every line was delivered")
         if self._finish_at is not None and now >= self._finish_at:
             self._end(ExitCode.OK, "a path was up")
         self._check_give_up(now)
@@ -497,7 +840,7 @@ class ConnectSession:
         was = peer.active
         peer.active = None
         # The best other path that is still up takes over; else probe everything again.
-        for other in sorted(peer.paths.values(), key=lambda p: (p.kind != PathKind.LAN, p.rtt or 0)):
+        for other in sorted(peer.paths.values(), key=lambda p: (p.kind.rank, p.rtt or 0)):
             if other.up and now - other.last_heard < self.config.dead_after:
                 peer.active = other.endpoint
                 break
@@ -522,7 +865,8 @@ class ConnectSession:
         if self.ended is not None:
             return
         connected = bool(self.connected_peers())
-        mine, mine_why = mapping_of(self.observed, self.local) if self.local else (None, "")
+        mine, mine_why = self._own_mapping()
+        relay_hope = self._relay_hope()
         # Members nobody reached in `timeout` (while others are up) are given up one by one.
         for member in self.members.values():
             if member.gave_up or self._member_up(member):
@@ -530,7 +874,8 @@ class ConnectSession:
             theirs, theirs_why = self._member_mapping(member)
             impossible, why = verdict(mine, theirs)
             tried = now - member.first_seen
-            if tried >= self.config.timeout or (impossible and tried >= IMPOSSIBLE_GRACE):
+            # With a relay to come, "impossible" only means the relay is this member's way.
+            if tried >= self.config.timeout or (impossible and tried >= IMPOSSIBLE_GRACE and not relay_hope):
                 member.gave_up = True
                 found = Verdict(impossible, why, mine, mine_why, theirs, theirs_why)
                 self._events.append(GaveUp(member.endpoint, why, found, tried))
@@ -598,7 +943,7 @@ class ConnectSession:
             self._on_bye(peer, now)
 
     def _classify(self, ep: Endpoint) -> PathKind:
-        """LAN or Internet, for an endpoint a peer reached us from. A member's LAN list
+        """LAN, Internet or relay, for an endpoint a peer reached us from. A member's LAN list
         says it best; before the tracker told us about the member, an address in the
         subnet of one of our own LAN addresses (/24, /64: the prefix length is not
         known) that is nobody's public address is taken for a LAN neighbour."""
@@ -608,6 +953,8 @@ class ConnectSession:
         public = {m.endpoint.ip for m in self.members.values()} | {e.ip for e in self.observed.values()}
         if ep.ip in public:
             return PathKind.INTERNET
+        if ep in self.relayed_peers:
+            return PathKind.RELAY
         for own in self.config.lan:
             try:
                 mine = ipaddress.ip_address(own)
@@ -646,6 +993,8 @@ class ConnectSession:
             return
         cand = self.cands.get(dest)
         kind = cand.kind if cand else self._classify(dest)
+        if cand is not None and cand.peer is None:
+            cand.peer = peer.sender
         if cand is not None and cand.member is not None:
             member = self.members.get(cand.member)
             if member is not None and member.peer != peer.sender:
@@ -656,6 +1005,14 @@ class ConnectSession:
             # as each tracker saw it; without this they would be "given up" while connected.
             for member in self.members.values():
                 if member.peer is None and member.endpoint.ip == dest.ip:
+                    member.peer = peer.sender
+        elif kind == PathKind.RELAY and not any(m.peer == peer.sender for m in self.members.values()):
+            # A relayed endpoint says nothing of the member behind it; when the members
+            # still unreached are all at one public IP (one host, as each tracker saw
+            # it), they are this peer.
+            unreached = [m for m in self.members.values() if m.peer is None]
+            if len({m.endpoint.ip for m in unreached}) == 1:
+                for member in unreached:
                     member.peer = peer.sender
         path = peer.paths.get(dest)
         if path is None:
@@ -668,7 +1025,7 @@ class ConnectSession:
         path.up = True
         path.last_ping = now
         current = peer.paths.get(peer.active) if peer.active else None
-        if current is not None and not (kind == PathKind.LAN and current.kind != PathKind.LAN):
+        if current is not None and kind.rank >= current.kind.rank:
             return  # keep the path in use; this one stays a spare
         peer.active = dest
         started = cand.started if cand else peer.first_seen

@@ -18,7 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from nattool.errors import ProtocolError
 from nattool.protocol.endpoint import Endpoint
@@ -139,6 +139,18 @@ class Username:
 
 
 @dataclass(frozen=True, slots=True)
+class Realm:
+    text: str
+    TYPE = AttrType.REALM
+
+
+@dataclass(frozen=True, slots=True)
+class Nonce:
+    text: str
+    TYPE = AttrType.NONCE
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorCode:
     code: int
     reason: str = ""
@@ -187,6 +199,8 @@ Attribute = Union[
     Padding,
     Software,
     Username,
+    Realm,
+    Nonce,
     ErrorCode,
     UnknownAttributes,
     MessageIntegrity,
@@ -198,6 +212,20 @@ _ADDRESS_TYPES: dict[int, type[_AddressAttr]] = {
     int(c.TYPE): c
     for c in (MappedAddress, XorMappedAddress, SourceAddress, ChangedAddress, ResponseOrigin, OtherAddress)
 }
+
+
+# Attributes of protocols built on STUN (TURN): type -> decode(value, txid), class ->
+# encode(attr, txid) -> value. Filled by those modules (nattool.protocol.turn) so this
+# codec stays the only one.
+_EXTENSION_DECODERS: dict[int, Callable[[bytes, bytes], Any]] = {}
+_EXTENSION_ENCODERS: dict[type, Callable[[Any, bytes], bytes]] = {}
+
+
+def register_attribute(cls: type, decode: Callable[[bytes, bytes], Any], encode: Callable[[Any, bytes], bytes]) -> None:
+    """Teach the codec one more attribute class (``cls.TYPE`` is its type number).
+    ``decode`` raises only ProtocolError."""
+    _EXTENSION_DECODERS[int(cls.TYPE)] = decode  # type: ignore[attr-defined]
+    _EXTENSION_ENCODERS[cls] = encode
 
 
 def attr_type(attr: Attribute) -> int:
@@ -312,6 +340,19 @@ def _encode_address(ep: Endpoint, xor_with: Optional[bytes]) -> bytes:
     return struct.pack("!BBH", 0, family, port) + addr
 
 
+def encode_xor_address(ep: Endpoint, txid: bytes) -> bytes:
+    """The value of an XOR address attribute (XOR-MAPPED-ADDRESS and TURN's kin)."""
+    if len(txid) != 12:
+        raise ProtocolError("an XOR address needs the magic cookie (RFC 3489 message)")
+    return _encode_address(ep, _COOKIE_BYTES + txid)
+
+
+def decode_xor_address(value: bytes, txid: bytes) -> Endpoint:
+    if len(txid) != 12:
+        raise ProtocolError("an XOR address needs the magic cookie (RFC 3489 message)")
+    return _decode_address(value, _COOKIE_BYTES + txid)
+
+
 def _encode_attr(attr: Attribute, txid: bytes, pad_byte: int) -> bytes:
     t = attr_type(attr)
     if isinstance(attr, XorMappedAddress):
@@ -330,6 +371,8 @@ def _encode_attr(attr: Attribute, txid: bytes, pad_byte: int) -> bytes:
         value = attr.text.encode("utf-8")
     elif isinstance(attr, Username):
         value = attr.name.encode("utf-8")
+    elif isinstance(attr, (Realm, Nonce)):
+        value = attr.text.encode("utf-8")
     elif isinstance(attr, ErrorCode):
         if not 300 <= attr.code <= 699:
             raise ProtocolError(f"STUN error code {attr.code} out of range 300..699")
@@ -338,6 +381,8 @@ def _encode_attr(attr: Attribute, txid: bytes, pad_byte: int) -> bytes:
         value = b"".join(struct.pack("!H", x) for x in attr.types)
     elif isinstance(attr, RawAttribute):
         value = attr.value
+    elif type(attr) in _EXTENSION_ENCODERS:
+        value = _EXTENSION_ENCODERS[type(attr)](attr, txid)
     else:  # MessageIntegrity / Fingerprint are skipped by the caller
         raise ProtocolError(f"cannot encode {attr!r}")
     if len(value) > 0xFFFF:
@@ -394,6 +439,12 @@ def _decode_attr(t: int, value: bytes, txid: bytes) -> Attribute:
             return Username(value.decode("utf-8"))
         except UnicodeDecodeError:
             raise ProtocolError("USERNAME is not UTF-8") from None
+    if t == AttrType.REALM or t == AttrType.NONCE:
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("REALM / NONCE is not UTF-8") from None
+        return Realm(text) if t == AttrType.REALM else Nonce(text)
     if t == AttrType.ERROR_CODE:
         if len(value) < 4:
             raise ProtocolError("ERROR-CODE too short")
@@ -413,6 +464,9 @@ def _decode_attr(t: int, value: bytes, txid: bytes) -> Attribute:
         if len(value) != 4:
             raise ProtocolError("FINGERPRINT must have 4 bytes")
         return Fingerprint(struct.unpack("!I", value)[0])
+    decode = _EXTENSION_DECODERS.get(t)
+    if decode is not None:
+        return decode(value, txid)  # type: ignore[no-any-return]
     return RawAttribute(t, value)
 
 
@@ -477,8 +531,7 @@ def parse(data: bytes) -> StunMessage:
         if t == AttrType.FINGERPRINT:
             fp = _decode_attr(t, value, txid)
             assert isinstance(fp, Fingerprint)
-            covered = struct.pack("!HH", msg_type, pos + 8 - HEADER_LEN) + data[4:pos]
-            if (zlib.crc32(covered) ^ FINGERPRINT_XOR) & 0xFFFFFFFF != fp.crc:
+            if not fingerprint_matches(data, pos, fp.crc):
                 raise ProtocolError("STUN FINGERPRINT mismatch")
             attrs.append(fp)
             break  # nothing may follow FINGERPRINT
@@ -491,12 +544,23 @@ def parse(data: bytes) -> StunMessage:
     return StunMessage(cls, method, txid, tuple(attrs), integrity_offset)
 
 
+def fingerprint_matches(data: bytes, pos: int, crc: int) -> bool:
+    """Does ``crc`` (the value of a FINGERPRINT attribute at offset ``pos``) match the
+    message before it, with the length field as the attribute's end makes it?"""
+    covered = data[:2] + (pos + 8 - HEADER_LEN).to_bytes(2, "big") + data[4:pos]
+    return (zlib.crc32(covered) ^ FINGERPRINT_XOR) & 0xFFFFFFFF == crc
+
+
 def check_integrity(data: bytes, key: bytes) -> Optional[bool]:
     """Verify MESSAGE-INTEGRITY (HMAC-SHA1) of a raw message with ``key`` (the password
     for short-term credentials, MD5(user:realm:pass) for long-term). None when the
     message carries no MESSAGE-INTEGRITY."""
-    msg = parse(data)
-    off = msg.integrity_offset
+    return integrity_matches(data, parse(data).integrity_offset, key)
+
+
+def integrity_matches(data: bytes, off: Optional[int], key: bytes) -> Optional[bool]:
+    """:func:`check_integrity` for a message already parsed (``off`` is its
+    ``integrity_offset``): no second parse."""
     if off is None:
         return None
     msg_type = struct.unpack_from("!H", data)[0]
@@ -542,3 +606,9 @@ def binding_request(
 def encode_attrs_len(attrs: Iterable[Attribute], txid: bytes) -> int:
     """Bytes these attributes take on the wire (for fitting a size budget)."""
     return sum(len(_encode_attr(a, txid, 0)) for a in attrs)
+
+
+# TURN's attributes register themselves with this codec; importing them here makes
+# parse() decode them whatever the caller imported first (at the end: turn imports
+# names from this module).
+from nattool.protocol import turn as _turn  # noqa: E402,F401

@@ -17,6 +17,11 @@ from nattool.protocol.endpoint import CANONICAL_IPV4, Endpoint, parse_ip
 NAT_PREFIX = b"//nat"
 REGISTER_PREFIX = "//51pwn/P2P&E2E/"
 TRACKERS_PREFIX = "//tcksvr"
+RELAY_PREFIX = "//relay/"
+RELAY_REPLY_HEAD = "turn"
+# A relay request is padded to this size, so that its reply may be as long as a
+# registration's (the amplification rule bounds a reply by its request).
+RELAY_REQUEST_PADDING = 400
 
 MAX_GROUP_LEN = 64
 MAX_LAN = 16
@@ -191,7 +196,22 @@ class AnnounceRequest:
         return (TRACKERS_PREFIX + "/" + ";".join(e.to_text() for e in self.endpoints)).encode()
 
 
-Request = Union[NatRequest, RegisterRequest, TrackersRequest, AnnounceRequest]
+@dataclass(frozen=True, slots=True)
+class RelayRequest:
+    """``//relay/<group>``: TURN credentials for the members of a group, and the
+    relayed endpoints of the group's live allocations (extension, ``serve --relay``)."""
+
+    group: str
+    padding: int = field(default=RELAY_REQUEST_PADDING, compare=False)
+
+    def to_wire(self) -> bytes:
+        text = RELAY_PREFIX + self.group
+        if self.padding > len(text) + 1:
+            text += "\n" + " " * (self.padding - len(text) - 1)
+        return text.encode("ascii")
+
+
+Request = Union[NatRequest, RegisterRequest, TrackersRequest, AnnounceRequest, RelayRequest]
 
 
 def _decode_first_line(data: bytes) -> tuple[str, list[str]]:
@@ -221,6 +241,8 @@ def parse_request(data: bytes) -> Request:
         return TrackersRequest()
     if first.startswith(TRACKERS_PREFIX + "/"):
         return _parse_announce(first[len(TRACKERS_PREFIX) + 1 :])
+    if first.startswith(RELAY_PREFIX):
+        return RelayRequest(canonical_group(first[len(RELAY_PREFIX) :]), padding=len(data))
     raise MalformedRequest("unknown request")
 
 
@@ -460,6 +482,63 @@ class TrackerList:
                 continue
             out.append(validate_tracker_text(line))
         return cls(tuple(out))
+
+
+_REALM_RE = re.compile(r"[!-~]{1,127}\Z")
+_RELAY_WORD_RE = re.compile(r"[!-~]{1,513}\Z")
+
+
+def valid_realm(text: str) -> bool:
+    """A realm the ``turn`` line can carry: printable ASCII, no spaces, < 128 chars."""
+    return _REALM_RE.match(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayGrant:
+    """The reply to ``//relay/<group>``: TURN long-term credentials valid for
+    ``lifetime`` seconds, and the relayed endpoints of other live allocations of the
+    group (most recent first; cut to the reply's size bound)."""
+
+    username: str
+    password: str
+    lifetime: int
+    realm: str
+    relayed: tuple[Endpoint, ...] = ()
+
+    def to_wire(self) -> bytes:
+        head = f"{RELAY_REPLY_HEAD} {self.username} {self.password} {self.lifetime} {self.realm}"
+        return "\n".join([head, *(e.to_text() for e in self.relayed)]).encode("ascii")
+
+    def head_len(self) -> int:
+        """Bytes of the ``turn`` line alone."""
+        return len(RELAY_REPLY_HEAD) + len(self.username) + len(self.password) + len(str(self.lifetime)) + len(self.realm) + 4
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> "RelayGrant":
+        text = _reply_text(data)
+        if text.startswith("ERR"):
+            raise ProtocolError(f"tracker refused: {text[:80]}")
+        first, *rest = text.split("\n")
+        words = first.strip().split(" ")
+        if (
+            len(words) != 5
+            or words[0] != RELAY_REPLY_HEAD
+            or not all(_RELAY_WORD_RE.match(w) for w in words[1:])
+            or not words[3].isdigit()
+            or len(words[3]) > 6
+            or not valid_realm(words[4])
+        ):
+            raise ProtocolError(f"not a relay reply: {first[:80]!r}")
+        relayed = []
+        for line in rest:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                relayed.append(Endpoint.from_text(line))
+            except ProtocolError:
+                raise ProtocolError(f"bad relayed endpoint line {line[:80]!r}") from None
+        return cls(words[1], words[2], int(words[3]), words[4], tuple(relayed))
 
 
 def validate_tracker_text(text: str) -> str:

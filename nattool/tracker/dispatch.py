@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Protocol, Tuple, Union
 
 from nattool.errors import NattoolError
 from nattool.memo import bounded_memo
@@ -30,6 +30,8 @@ from nattool.protocol.text import (
     NatRequest,
     NotARequest,
     RegisterRequest,
+    RelayGrant,
+    RelayRequest,
     TrackersRequest,
     parse_request,
     parse_seed_register,
@@ -95,6 +97,17 @@ RegisterV4Outcome = Union[Held, PendingRegistration, None]
 HeldReplies = List[Tuple[bytes, Tuple[str, int]]]
 
 
+RELAY_OFF = "relay off"
+
+
+class RelayGrants(Protocol):
+    """What answers ``//relay/<group>`` (the TURN relay of ``serve --relay``)."""
+
+    def grant(self, group: str, now: float, wall_now: float) -> RelayGrant:
+        """Credentials for ``group`` and the relayed endpoints of its live allocations."""
+        ...
+
+
 def refusal(error: BaseException, budget: int) -> bytes:
     """The ERR reply for ``error``, cut to ``budget`` bytes (amplification rule)."""
     return ErrorReply(str(error)).to_wire()[:budget]
@@ -110,6 +123,8 @@ class TrackerCore:
         self.counters: Counter[str] = Counter()
         # The store's keepalive lane, set by the I/O shell once the store is open.
         self.keepalive_lane: KeepaliveLane | None = None
+        # The relay that answers //relay/<group>, set by the I/O shell with --relay.
+        self.relay: RelayGrants | None = None
         # reply_budget() by request length, up to where it reaches safe_datagram:
         # an index instead of a call on the registration fast path.
         self._budgets = tuple(reply_budget(n, safe_datagram) for n in range(safe_datagram // 3 + 1))
@@ -150,6 +165,12 @@ class TrackerCore:
             counters["announce"] += 1
             self.federation.on_announce(request, src, now)
             return self._tracker_list(budget, wall_now)
+        if isinstance(request, RelayRequest):
+            if self.relay is None:
+                counters["relay_off"] += 1
+                return ErrorReply(RELAY_OFF).to_wire()[:budget]
+            counters["relay"] += 1
+            return self._relay_reply(self.relay.grant(request.group, now, wall_now), budget)
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def on_register_v4(
@@ -214,6 +235,23 @@ class TrackerCore:
                 break
             out = candidate
         return out
+
+    def _relay_reply(self, grant: RelayGrant, budget: int) -> bytes:
+        """``grant`` with as many relayed endpoints as the size bound lets through."""
+        size = grant.head_len()
+        if size > budget:
+            self.counters["malformed"] += 1
+            return refusal(MalformedRequest("pad the relay request"), budget)
+        kept = 0
+        for endpoint in grant.relayed:
+            size += 1 + len(endpoint.to_text())
+            if size > budget:
+                self.counters["cut_amplification"] += 1
+                break
+            kept += 1
+        if kept < len(grant.relayed):
+            grant = RelayGrant(grant.username, grant.password, grant.lifetime, grant.realm, grant.relayed[:kept])
+        return grant.to_wire()
 
     def finish_registration(self, pending: PendingRegistration, result: RegisterResult) -> bytes:
         if isinstance(result, NattoolError):

@@ -21,6 +21,10 @@ asked) is answered with 420 (Unknown Attribute) listing CHANGE-REQUEST, as RFC 5
 section 6.1 prescribes for a server without the alternate address, and as an RFC 5389-only
 server answers anyway. The server never answers such a request from the socket it arrived
 on: that silent fallback is exactly what makes old tools call every NAT "full cone".
+A classic (RFC 3489, no magic cookie) request gets no answer at all instead: RFC 3489
+servers always honour CHANGE-REQUEST, so its clients take any answer to tests II and III
+as "the NAT let it in" (Debian's stun-client then reports an independent filter; pystun3
+resends on an error reply forever). Silence reads to them as filtering, the cautious verdict.
 """
 
 from __future__ import annotations
@@ -273,6 +277,8 @@ class StunResponder:
             # RFC 5780 section 7.5: same IP, other port -- never another host.
             dest = Endpoint(src.ip, response_port.port)
 
+        if unknown and req.classic and AttrType.CHANGE_REQUEST in unknown:
+            return None  # see the module doc: to an RFC 3489 client an error is an answer
         budget = reply_budget(len(data), self.safe_datagram)
         fingerprint = req.has_fingerprint
         if unknown:

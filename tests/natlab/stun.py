@@ -157,8 +157,13 @@ def turnserver_available() -> str | None:
 def start_turnserver(lab: Lab, host: NodeRef, ips: list[str] | tuple[str, ...],
                      port: int = 3478, *, alt_port: int | None = None,
                      ready_timeout: float = 10.0,
-                     extra_config: tuple[str, ...] = ()) -> TurnServer:
+                     extra_config: tuple[str, ...] = (),
+                     turn_users: tuple[str, ...] = (), realm: str = "natlab") -> TurnServer:
     """Run coturn's turnserver in STUN-only mode on ``host``, listening on ``ips``.
+
+    With ``turn_users`` ("NAME:PASSWORD" each) it is a TURN server too, with long-term
+    credentials in ``realm`` (coturn's lt-cred-mech), over UDP and TCP; relayed addresses
+    on the listening IPs.
 
     Two ``ips`` (two ``listening-ip`` lines) make it an RFC 5780 server (OTHER-ADDRESS,
     CHANGE-REQUEST) with the alternate port ``alt_port`` (default port+1); with one IP it is a
@@ -175,7 +180,8 @@ def start_turnserver(lab: Lab, host: NodeRef, ips: list[str] | tuple[str, ...],
     lines = [f"listening-ip={ip}" for ip in ips] + [
         f"listening-port={port}",
         f"alt-listening-port={alt}",
-        "stun-only",  # no TURN, no auth
+        *(["lt-cred-mech", f"realm={realm}", *(f"user={u}" for u in turn_users)] if turn_users
+          else ["stun-only"]),  # no TURN, no auth
         "no-cli",
         "no-tls",
         "no-dtls",

@@ -1,0 +1,247 @@
+"""The relayed sockets of `nattool serve`'s TURN server (RFC 8656).
+
+Each allocation owns one UDP socket, bound to the relay address of its family
+(DESIGN24 W6) on a port of ``--relay-ports``. The event loop reads it with a reader
+callback, as the tracker port is read; what arrives goes to the pure TURN core
+(:class:`~nattool.protocol.turn_server.TurnCore`), which decides whether it reaches
+the client (a permission or channel exists, the bandwidth allows) and how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import random
+import socket
+import time
+from collections import Counter
+from typing import Callable, Optional
+
+from nattool.errors import NetworkError
+from nattool.memo import bounded_memo
+from nattool.protocol.endpoint import Endpoint, IPAddress
+from nattool.protocol.turn_server import AllocationWanted, ClientRef, ToPeer, TurnCore
+
+DEFAULT_RELAY_PORTS = (49152, 65535)
+# Where a UDP socket would send to, to learn the source address the kernel picks
+# for a family (documentation addresses: connect() on UDP sends nothing).
+_ROUTE_PROBES = {4: "192.0.2.1", 6: "2001:db8::1"}
+RELAY_SOCKET_BUFFER = 1 << 20
+PEER_DRAIN_BATCH = 64  # datagrams read from one relayed socket per wake-up
+MAX_DATAGRAM = 65535
+PEER_CACHE_MAX = 65_536  # (host, port) -> Endpoint entries remembered
+
+# Sends bytes to one allocation's client (a UDP reply, or a frame on its TCP connection).
+ClientSender = Callable[[bytes], None]
+
+
+def route_source(version: int) -> IPAddress | None:
+    """The address the kernel would send from toward the Internet, for ``version``;
+    None when that family has no route (or no stack)."""
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((_ROUTE_PROBES[version], 9))
+            ip = ipaddress.ip_address(sock.getsockname()[0].split("%", 1)[0])
+    except OSError:
+        return None
+    return None if ip.is_unspecified else ip
+
+
+def relay_addresses(relay_ips: tuple[IPAddress, ...], hosts: list[IPAddress]) -> dict[int, IPAddress]:
+    """The relay address per family: ``--relay-ip``, else the first concrete listening
+    address of that family, else the route's source address (for a wildcard). A
+    family the server does not listen on, or cannot route, has none (its
+    allocations are refused with 440)."""
+    out: dict[int, IPAddress] = {ip.version: ip for ip in relay_ips}
+    for version in (4, 6):
+        same = [ip for ip in hosts if ip.version == version]
+        if version in out or not same:
+            continue
+        concrete = [ip for ip in same if not ip.is_unspecified]
+        found = concrete[0] if concrete else route_source(version)
+        if found is not None:
+            out[version] = found
+    return out
+
+
+class RelayPortRange:
+    """Binds relayed UDP sockets on free ports of one address within a range."""
+
+    def __init__(self, ip: IPAddress, low: int, high: int, rng: random.Random | None = None) -> None:
+        self.ip = ip
+        self.low = low
+        self.high = high
+        self._rng = rng or random.SystemRandom()
+        self.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+
+    def check(self) -> None:
+        """Raise NetworkError now when the relay address cannot be bound at all (not
+        an address of this host, say), rather than at every Allocate."""
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((str(self.ip), 0))
+        except OSError as exc:
+            raise NetworkError(f"cannot bind relayed sockets on {self.ip}: {exc.strerror or exc}") from None
+        finally:
+            sock.close()
+
+    def bind(self, even: bool = False, with_next: bool = False) -> list[tuple[socket.socket, Endpoint]]:
+        """A non-blocking socket on a free port of the range, tried from a random start
+        (relayed ports are not predictable); ``even``: an even port; ``with_next``: the
+        port after it too (RFC 8656 EVEN-PORT with R). Empty when no port is free (or
+        the address cannot be bound any more)."""
+        size = self.high - self.low + 1
+        start = self._rng.randrange(size)
+        try:
+            for step in range(size):
+                port = self.low + (start + step) % size
+                if even and port % 2:
+                    continue
+                first = self._bind_port(port)
+                if first is None:
+                    continue
+                if not with_next:
+                    return [first]
+                second = self._bind_port(port + 1) if port + 1 <= self.high else None
+                if second is not None:
+                    return [first, second]
+                first[0].close()
+        except OSError:
+            pass  # the address went away: no port at all
+        return []
+
+    def _bind_port(self, port: int) -> tuple[socket.socket, Endpoint] | None:
+        """The socket on ``port``; None when the port is taken (OSError for worse)."""
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            if self.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((str(self.ip), port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return None
+            raise
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, RELAY_SOCKET_BUFFER)
+            except OSError:
+                pass
+        sock.setblocking(False)
+        return sock, Endpoint(self.ip, port)
+
+
+def _peer_endpoint(addr: tuple[str, int]) -> Endpoint:
+    return Endpoint.from_sockaddr(addr)
+
+
+class TurnRelay:
+    """The relayed sockets of every allocation: binds them when the core wants one,
+    reads them, sends what the core says to peers, closes them when the core is done."""
+
+    def __init__(
+        self,
+        core: TurnCore,
+        loop: asyncio.AbstractEventLoop,
+        ranges: dict[int, RelayPortRange],
+        sender_for: Callable[[ClientRef], Optional[ClientSender]],
+        counters: Counter[str],
+    ) -> None:
+        self.core = core
+        self.loop = loop
+        self.ranges = ranges
+        self.sender_for = sender_for
+        self.counters = counters
+        self._sockets: dict[int, socket.socket] = {}  # allocation (or reservation) id -> socket
+        self._senders: dict[int, ClientSender] = {}
+        self._sockaddrs, self._learn_sockaddr = bounded_memo(Endpoint.sockaddr, PEER_CACHE_MAX)
+        self._peers, self._learn_peer = bounded_memo(_peer_endpoint, PEER_CACHE_MAX)
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self._sockets)
+
+    def open(self, wanted: AllocationWanted, now: float, wall: float) -> Optional[bytes]:
+        """Bind what ``wanted`` asks for; the reply for the client (None: none)."""
+        core = self.core
+        if wanted.reserved is not None:
+            sock = self._sockets.get(wanted.allocation_id)
+            if sock is None:
+                return self._failed(wanted)
+            relayed = wanted.reserved
+        else:
+            port_range = self.ranges.get(wanted.family)
+            bound = port_range.bind(wanted.even_port, wanted.reserve_id is not None) if port_range else []
+            if not bound:
+                self.counters["turn_ports_exhausted"] += 1
+                return self._failed(wanted)
+            sock, relayed = bound[0]
+            self._sockets[wanted.allocation_id] = sock
+            if len(bound) > 1 and wanted.reserve_id is not None:
+                self._sockets[wanted.reserve_id] = bound[1][0]  # held, not read, until taken or expired
+        reply = core.allocation_made(wanted, relayed, now, wall)
+        sender = self.sender_for(wanted.client)
+        if reply is None or sender is None:
+            self.close(wanted.allocation_id)
+            if wanted.reserve_id is not None:
+                self.close(wanted.reserve_id)
+            return None
+        self._senders[wanted.allocation_id] = sender
+        self.loop.add_reader(sock.fileno(), self._drain_peer, wanted.allocation_id, sock)
+        return reply
+
+    def _failed(self, wanted: AllocationWanted) -> Optional[bytes]:
+        self.close(wanted.allocation_id)
+        return self.core.allocation_failed(wanted)
+
+    def close(self, allocation_id: int) -> None:
+        sock = self._sockets.pop(allocation_id, None)
+        self._senders.pop(allocation_id, None)
+        if sock is not None:
+            try:
+                self.loop.remove_reader(sock.fileno())
+            except (ValueError, OSError):
+                pass
+            sock.close()
+
+    def close_all(self) -> None:
+        for allocation_id in list(self._sockets):
+            self.close(allocation_id)
+
+    def to_peer(self, out: ToPeer) -> None:
+        sock = self._sockets.get(out.allocation_id)
+        if sock is None:
+            return
+        addr = self._sockaddrs.get(out.peer) or self._learn_sockaddr(out.peer)
+        try:
+            sock.sendto(out.payload, addr)
+        except OSError:
+            self.counters["turn_send_error"] += 1
+
+    def _drain_peer(self, allocation_id: int, sock: socket.socket) -> None:
+        """Datagrams from peers on one relayed socket, to the allocation's client."""
+        recvfrom = sock.recvfrom
+        on_peer = self.core.on_peer_datagram
+        send = self._senders.get(allocation_id)
+        if send is None:
+            return
+        known = self._peers.get
+        learn = self._learn_peer
+        now = time.monotonic()
+        for _ in range(PEER_DRAIN_BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters["turn_socket_error"] += 1  # an ICMP error for an earlier send
+                continue
+            try:
+                peer = known(addr) or learn(addr)
+            except ValueError:
+                continue
+            out = on_peer(allocation_id, data, peer, now)
+            if out is not None:
+                send(out)
