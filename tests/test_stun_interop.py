@@ -15,12 +15,14 @@ every run is bounded by a timeout and its output parsed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -269,6 +271,17 @@ def test_natdiscovery_loopback_agrees_with_whoami(tracker: TrackerFactory, famil
 
 # --------------------------------------------------------------------------- (a) behind lab NATs
 
+@contextlib.contextmanager
+def shown_on_failure(lab: Lab) -> Iterator[None]:
+    """For tests that share a lab: when the block fails, print the lab's addresses, routes
+    and rulesets (as the natlab fixture does for a lab of one test)."""
+    try:
+        yield
+    except BaseException:
+        print(f"--- shared NAT lab at failure ---\n{lab.describe()}", file=sys.stderr)
+        raise
+
+
 CLIENT_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, NatBehaviour.EIM_APDF,
                NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
 
@@ -315,7 +328,7 @@ def run_coturn_clients(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour) -
 
 
 @pytest.fixture(scope="module")
-def coturn_clients_runs(natlab_available: None) -> Iterator[dict[NatBehaviour, Future[ClientsRun]]]:
+def coturn_clients_runs(natlab_available: None) -> Iterator[tuple[Lab, dict[NatBehaviour, Future[ClientsRun]]]]:
     """Every CLIENT_NATS case in one lab, all at once: one server host (two `nattool serve`,
     IPv4 and IPv6, RFC 5780), one NAT and client per case. The cases share nothing but the
     server (each NAT has its own WAN address), and natdiscovery's silent waits (3 s for each
@@ -332,14 +345,19 @@ def coturn_clients_runs(natlab_available: None) -> Iterator[dict[NatBehaviour, F
             start_serve(lab, server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
         with ThreadPoolExecutor(len(topos)) as pool:
             runs = {b: pool.submit(run_coturn_clients, lab, topo, b) for b, topo in topos.items()}
-        yield runs
+        yield lab, runs
 
 
 @pytest.mark.natlab
 @pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
-def test_coturn_clients_behind_nat(coturn_clients_runs: dict[NatBehaviour, Future[ClientsRun]],
+def test_coturn_clients_behind_nat(coturn_clients_runs: tuple[Lab, dict[NatBehaviour, Future[ClientsRun]]],
                                    behaviour: NatBehaviour) -> None:
-    run = coturn_clients_runs[behaviour].result()
+    lab, runs = coturn_clients_runs
+    with shown_on_failure(lab):
+        check_coturn_clients(runs[behaviour].result(), behaviour)
+
+
+def check_coturn_clients(run: ClientsRun, behaviour: NatBehaviour) -> None:
     primary, alternate, public_ip, seen = run.primary, run.alternate, run.public_ip, run.seen
     assert seen[0] == public_ip
     if behaviour is not NatBehaviour.APDM:
@@ -386,7 +404,7 @@ class ProbesRun:
 
 
 @pytest.fixture(scope="module")
-def coturn_probe_runs(turnserver_available: None) -> Iterator[dict[NatBehaviour, Future[ProbesRun]]]:
+def coturn_probe_runs(turnserver_available: None) -> Iterator[tuple[Lab, dict[NatBehaviour, Future[ProbesRun]]]]:
     """Every PROBE_NATS case in one lab, PROBE_WORKERS at a time: one server host with two
     coturns (IPv4 and IPv6, two listening IPs each: RFC 5780), one NAT and client per case.
     The cases share nothing but the servers (each NAT has its own WAN address)."""
@@ -408,14 +426,19 @@ def coturn_probe_runs(turnserver_available: None) -> Iterator[dict[NatBehaviour,
                 nat = lab.add_nat(f"nat{n}", behaviour)
                 topo = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
                 results[behaviour] = pool.submit(probe, behaviour, topo)
-        yield results
+        yield lab, results
 
 
 @pytest.mark.natlab
 @pytest.mark.parametrize("behaviour", PROBE_NATS, ids=[b.value for b in PROBE_NATS])
-def test_probe_against_coturn(coturn_probe_runs: dict[NatBehaviour, Future[ProbesRun]],
+def test_probe_against_coturn(coturn_probe_runs: tuple[Lab, dict[NatBehaviour, Future[ProbesRun]]],
                               behaviour: NatBehaviour) -> None:
-    result = coturn_probe_runs[behaviour].result()
+    lab, runs = coturn_probe_runs
+    with shown_on_failure(lab):
+        check_probes(runs[behaviour].result(), behaviour)
+
+
+def check_probes(result: ProbesRun, behaviour: NatBehaviour) -> None:
     want = expected_for(behaviour, result.topo)
     failures = []
     for n, run in enumerate(result.runs):
