@@ -25,12 +25,13 @@ import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import pytest
 
 from tests.conftest import TrackerFactory, free_udp_port, nattool_cmd, nattool_env, run_nattool
 from tests.natlab import Lab, NatBehaviour
+from tests.natlab.lab import ServerHost
 from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like tests/test_natlab.py
     natlab,
     natlab_available,
@@ -282,6 +283,38 @@ def shown_on_failure(lab: Lab) -> Iterator[None]:
         raise
 
 
+S = TypeVar("S")
+R = TypeVar("R")
+SharedLab = tuple[Lab, dict[NatBehaviour, "Future[R]"]]
+
+
+@contextlib.contextmanager
+def cases_in_one_lab(behaviours: Sequence[NatBehaviour], start_servers: Callable[[Lab, ServerHost], S],
+                     case: Callable[[Lab, ProbeTopology, NatBehaviour, S], R],
+                     workers: int) -> Iterator[SharedLab[R]]:
+    """One lab for many cases: a server host (SERVER_V4 + SERVER_V6) with the servers that
+    ``start_servers`` starts, then per behaviour a NAT ("natN") with a client ("clientN"),
+    and ``case`` run for each, ``workers`` at a time. The cases share nothing but the server
+    host (each NAT has its own WAN address), so their waits overlap instead of adding up."""
+    with Lab() as lab:
+        server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
+        servers = start_servers(lab, server)
+        with ThreadPoolExecutor(workers) as pool:
+            runs = {}
+            for n, behaviour in enumerate(behaviours):
+                nat = lab.add_nat(f"nat{n}", behaviour)
+                topo = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
+                runs[behaviour] = pool.submit(case, lab, topo, behaviour, servers)
+        yield lab, runs
+
+
+def check_case(shared: SharedLab[R], behaviour: NatBehaviour, check: Callable[[R, NatBehaviour], None]) -> None:
+    """``check`` the result of ``behaviour``'s case (its exception, if it raised one)."""
+    lab, runs = shared
+    with shown_on_failure(lab):
+        check(runs[behaviour].result(), behaviour)
+
+
 CLIENT_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, NatBehaviour.EIM_APDF,
                NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
 
@@ -299,7 +332,7 @@ class ClientsRun:
     stunclient: str  # its output
 
 
-def run_coturn_clients(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour) -> ClientsRun:
+def run_coturn_clients(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour, _: None) -> ClientsRun:
     """whoami, then turnutils_natdiscovery from the same port, then turnutils_stunclient,
     from the client behind ``topo``'s NAT."""
     nd = shutil.which("turnutils_natdiscovery")
@@ -327,34 +360,26 @@ def run_coturn_clients(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour) -
     return ClientsRun(primary, alternate, public_ip, seen, natdiscovery, status, out)
 
 
+def start_nattool_servers(lab: Lab, server: ServerHost) -> None:
+    """`nattool serve` in RFC 5780 mode on the server host's IPv4 and IPv6 addresses."""
+    for primary, alternate in ((SERVER_V4[0], SERVER_V4[1]), (SERVER_V6[0], SERVER_V6[1])):
+        start_serve(lab, server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
+
+
 @pytest.fixture(scope="module")
-def coturn_clients_runs(natlab_available: None) -> Iterator[tuple[Lab, dict[NatBehaviour, Future[ClientsRun]]]]:
-    """Every CLIENT_NATS case in one lab, all at once: one server host (two `nattool serve`,
-    IPv4 and IPv6, RFC 5780), one NAT and client per case. The cases share nothing but the
-    server (each NAT has its own WAN address), and natdiscovery's silent waits (3 s for each
-    answer a filter drops) overlap instead of adding up."""
+def coturn_clients_runs(natlab_available: None) -> Iterator[SharedLab[ClientsRun]]:
+    """Every CLIENT_NATS case in one lab, all at once: natdiscovery's silent waits (3 s for
+    each answer a filter drops) overlap."""
     _need("turnutils_natdiscovery")
     _need("turnutils_stunclient")
-    with Lab() as lab:
-        server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
-        topos = {}
-        for n, behaviour in enumerate(CLIENT_NATS):
-            nat = lab.add_nat(f"nat{n}", behaviour)
-            topos[behaviour] = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
-        for primary, alternate in ((SERVER_V4[0], SERVER_V4[1]), (SERVER_V6[0], SERVER_V6[1])):
-            start_serve(lab, server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
-        with ThreadPoolExecutor(len(topos)) as pool:
-            runs = {b: pool.submit(run_coturn_clients, lab, topo, b) for b, topo in topos.items()}
-        yield lab, runs
+    with cases_in_one_lab(CLIENT_NATS, start_nattool_servers, run_coturn_clients, len(CLIENT_NATS)) as shared:
+        yield shared
 
 
 @pytest.mark.natlab
 @pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
-def test_coturn_clients_behind_nat(coturn_clients_runs: tuple[Lab, dict[NatBehaviour, Future[ClientsRun]]],
-                                   behaviour: NatBehaviour) -> None:
-    lab, runs = coturn_clients_runs
-    with shown_on_failure(lab):
-        check_coturn_clients(runs[behaviour].result(), behaviour)
+def test_coturn_clients_behind_nat(coturn_clients_runs: SharedLab[ClientsRun], behaviour: NatBehaviour) -> None:
+    check_case(coturn_clients_runs, behaviour, check_coturn_clients)
 
 
 def check_coturn_clients(run: ClientsRun, behaviour: NatBehaviour) -> None:
@@ -403,39 +428,31 @@ class ProbesRun:
     runs: list[ProbeRun]
 
 
+def start_turnservers(lab: Lab, server: ServerHost) -> dict[int, TurnServer]:
+    """coturn on the server host, by IP family: two listening IPs each (RFC 5780)."""
+    return {family: start_turnserver(lab, server, ips, port=STUN_PORT)
+            for family, ips in ((4, SERVER_V4[:2]), (6, SERVER_V6[:2]))}
+
+
+def probe_coturn(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour,
+                 turnservers: dict[int, TurnServer]) -> ProbesRun:
+    family = 6 if behaviour is NatBehaviour.IPV6_FIREWALL else 4
+    ts = turnservers[family]
+    runs = run_probes(lab, topo.client, f"stun:{endpoint(*ts.endpoint)}", flags=(f"-{family}",), count=COTURN_RUNS)
+    return ProbesRun(topo, ts, endpoint(ts.ips[1], ts.alt_port), runs)
+
+
 @pytest.fixture(scope="module")
-def coturn_probe_runs(turnserver_available: None) -> Iterator[tuple[Lab, dict[NatBehaviour, Future[ProbesRun]]]]:
-    """Every PROBE_NATS case in one lab, PROBE_WORKERS at a time: one server host with two
-    coturns (IPv4 and IPv6, two listening IPs each: RFC 5780), one NAT and client per case.
-    The cases share nothing but the servers (each NAT has its own WAN address)."""
-    with Lab() as lab:
-        server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
-        turnservers = {family: start_turnserver(lab, server, ips, port=STUN_PORT)
-                       for family, ips in ((4, SERVER_V4[:2]), (6, SERVER_V6[:2]))}
-
-        def probe(behaviour: NatBehaviour, topo: ProbeTopology) -> ProbesRun:
-            family = 6 if behaviour is NatBehaviour.IPV6_FIREWALL else 4
-            ts = turnservers[family]
-            runs = run_probes(lab, topo.client, f"stun:{endpoint(*ts.endpoint)}", flags=(f"-{family}",),
-                              count=COTURN_RUNS)
-            return ProbesRun(topo, ts, endpoint(ts.ips[1], ts.alt_port), runs)
-
-        with ThreadPoolExecutor(PROBE_WORKERS) as pool:
-            results = {}
-            for n, behaviour in enumerate(PROBE_NATS):
-                nat = lab.add_nat(f"nat{n}", behaviour)
-                topo = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
-                results[behaviour] = pool.submit(probe, behaviour, topo)
-        yield lab, results
+def coturn_probe_runs(turnserver_available: None) -> Iterator[SharedLab[ProbesRun]]:
+    """Every PROBE_NATS case in one lab, PROBE_WORKERS at a time."""
+    with cases_in_one_lab(PROBE_NATS, start_turnservers, probe_coturn, PROBE_WORKERS) as shared:
+        yield shared
 
 
 @pytest.mark.natlab
 @pytest.mark.parametrize("behaviour", PROBE_NATS, ids=[b.value for b in PROBE_NATS])
-def test_probe_against_coturn(coturn_probe_runs: tuple[Lab, dict[NatBehaviour, Future[ProbesRun]]],
-                              behaviour: NatBehaviour) -> None:
-    lab, runs = coturn_probe_runs
-    with shown_on_failure(lab):
-        check_probes(runs[behaviour].result(), behaviour)
+def test_probe_against_coturn(coturn_probe_runs: SharedLab[ProbesRun], behaviour: NatBehaviour) -> None:
+    check_case(coturn_probe_runs, behaviour, check_probes)
 
 
 def check_probes(result: ProbesRun, behaviour: NatBehaviour) -> None:
