@@ -285,7 +285,7 @@ def shown_on_failure(lab: Lab) -> Iterator[None]:
 
 S = TypeVar("S")
 R = TypeVar("R")
-SharedLab = tuple[Lab, dict[NatBehaviour, "Future[R]"]]
+SharedLab = tuple[Lab, dict[NatBehaviour, Future[R]]]
 
 
 @contextlib.contextmanager
