@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ import pexpect
 import pytest
 
 from nattool.protocol.punch import Kind, PeerMessage, derive_key
-from tests.conftest import TrackerFactory, free_udp_port, nattool_cmd, nattool_env
+from tests.conftest import TrackerFactory, TrackerProcess, free_udp_port, nattool_cmd, nattool_env
 
 A_IP, B_IP, STRANGER_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
@@ -253,35 +254,20 @@ def test_piped_input_waits_for_a_peer_is_delivered_then_exits_0(pair, nattool_ho
 # -- what a newcomer tripped on --------------------------------------------------------
 
 
-@pytest.mark.parametrize("stdin_kind", ["devnull", "file"])
-def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
-    tracker: TrackerFactory, nattool_home: Path, tmp_path: Path, stdin_kind: str
-) -> None:
-    import subprocess
-
-    tp = tracker()
-    source = tmp_path / "lines.txt"
-    source.write_text("a line nobody will read\n")
-    path = "/dev/null" if stdin_kind == "devnull" else str(source)
-    argv = connect_argv(*peer_args(tp.endpoint, A_IP, free_udp_port(A_IP), "alone-" + stdin_kind, "--timeout", "2"))
-    with open(path, "rb") as stdin:
-        out = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=nattool_env(nattool_home),
-                             timeout=30)
-    assert out.returncode == 3, out.stderr
-    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
-    assert "gave up: group: no other member joined the group within 2s" in out.stderr
-    if stdin_kind == "file":
-        assert "no peer connected yet: the line will be sent when a path is up" in out.stderr
-
-
+STDIN_KINDS = ["devnull", "file"]
 RETRIES = [0, 2]
+
+
+def alone_with_stdin_from(home: Path, tracker_ep: str, kind: str, path: str) -> subprocess.CompletedProcess[str]:
+    """`connect --timeout 2`, alone in its group, its stdin read from ``path``."""
+    argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), "alone-" + kind, "--timeout", "2"))
+    with open(path, "rb") as stdin:
+        return subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=nattool_env(home), timeout=30)
 
 
 def against_a_silent_tracker(home: Path, retries: int) -> tuple[list[bytes], int, str]:
     """`connect --retries N --timeout 4` against a silent tracker (our own socket): the first
     2 (N + 1) + 1 datagrams it got, then connect's exit status and stderr."""
-    import subprocess
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         silent.settimeout(5)
@@ -301,16 +287,39 @@ def against_a_silent_tracker(home: Path, retries: int) -> tuple[list[bytes], int
 
 
 @pytest.fixture(scope="module")
-def silent_tracker_runs(nattool_home: Path) -> dict[int, Future[tuple[list[bytes], int, str]]]:
-    """Every RETRIES case at once: each waits out connect's --timeout, so together they
+def timeout_runs(
+    nattool_home: Path, shared_tracker: TrackerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, object], Future[Any]]:
+    """The cases below wait out connect's --timeout on purpose: all started at once, they
     take one wait instead of one each."""
-    with ThreadPoolExecutor(len(RETRIES)) as pool:
-        return {retries: pool.submit(against_a_silent_tracker, nattool_home, retries) for retries in RETRIES}
+    source = tmp_path_factory.mktemp("stdin") / "lines.txt"
+    source.write_text("a line nobody will read\n")
+    stdin_paths = {"devnull": "/dev/null", "file": str(source)}
+    with ThreadPoolExecutor(len(STDIN_KINDS) + len(RETRIES)) as pool:
+        runs: dict[tuple[str, object], Future[Any]] = {
+            ("stdin", kind): pool.submit(alone_with_stdin_from, nattool_home, shared_tracker.endpoint, kind,
+                                         stdin_paths[kind])
+            for kind in STDIN_KINDS
+        }
+        runs.update({("retries", n): pool.submit(against_a_silent_tracker, nattool_home, n) for n in RETRIES})
+    return runs
+
+
+@pytest.mark.parametrize("stdin_kind", STDIN_KINDS)
+def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
+    timeout_runs: dict[tuple[str, object], Future[Any]], stdin_kind: str
+) -> None:
+    out: subprocess.CompletedProcess[str] = timeout_runs[("stdin", stdin_kind)].result()
+    assert out.returncode == 3, out.stderr
+    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
+    assert "gave up: group: no other member joined the group within 2s" in out.stderr
+    if stdin_kind == "file":
+        assert "no peer connected yet: the line will be sent when a path is up" in out.stderr
 
 
 @pytest.mark.parametrize("retries", RETRIES)
 def test_retries_sets_the_registration_retransmissions(
-    silent_tracker_runs: dict[int, Future[tuple[list[bytes], int, str]]], retries: int
+    timeout_runs: dict[tuple[str, object], Future[Any]], retries: int
 ) -> None:
     """A silent tracker (our own socket) sees 1 + --retries registrations in the seed form,
     then as many in the original client's form: whatever the machine's speed."""
@@ -318,7 +327,7 @@ def test_retries_sets_the_registration_retransmissions(
 
     group = f"retries-{retries}"
     seed, original = RegisterRequest(group).to_wire(), RegisterRequest(group, form="original").to_wire()
-    got, returncode, err = silent_tracker_runs[retries].result()
+    got, returncode, err = timeout_runs[("retries", retries)].result()
     assert got == [seed] * (retries + 1) + [original] * (retries + 1) + [seed]
     assert returncode == 3 and "no tracker answered within 4s" in err
 
