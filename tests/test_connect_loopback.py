@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import pexpect
 import pytest
 
 from nattool.protocol.punch import Kind, PeerMessage, derive_key
-from tests.conftest import TrackerFactory, free_udp_port, nattool_cmd, nattool_env
+from tests.conftest import TrackerFactory, TrackerProcess, free_udp_port, nattool_cmd, nattool_env
 
 A_IP, B_IP, STRANGER_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
@@ -252,45 +254,28 @@ def test_piped_input_waits_for_a_peer_is_delivered_then_exits_0(pair, nattool_ho
 # -- what a newcomer tripped on --------------------------------------------------------
 
 
-@pytest.mark.parametrize("stdin_kind", ["devnull", "file"])
-def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
-    tracker: TrackerFactory, nattool_home: Path, tmp_path: Path, stdin_kind: str
-) -> None:
-    import subprocess
+STDIN_KINDS = ["devnull", "file"]
+RETRIES = [0, 2]
 
-    tp = tracker()
-    source = tmp_path / "lines.txt"
-    source.write_text("a line nobody will read\n")
-    path = "/dev/null" if stdin_kind == "devnull" else str(source)
-    argv = connect_argv(*peer_args(tp.endpoint, A_IP, free_udp_port(A_IP), "alone-" + stdin_kind, "--timeout", "2"))
+
+def alone_with_stdin_from(home: Path, tracker_ep: str, kind: str, path: str) -> subprocess.CompletedProcess[str]:
+    """`connect --timeout 2`, alone in its group, its stdin read from ``path``."""
+    argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), "alone-" + kind, "--timeout", "2"))
     with open(path, "rb") as stdin:
-        out = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=nattool_env(nattool_home),
-                             timeout=30)
-    assert out.returncode == 3, out.stderr
-    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
-    assert "gave up: group: no other member joined the group within 2s" in out.stderr
-    if stdin_kind == "file":
-        assert "no peer connected yet: the line will be sent when a path is up" in out.stderr
+        return subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=nattool_env(home), timeout=30)
 
 
-@pytest.mark.parametrize("retries", [0, 2])
-def test_retries_sets_the_registration_retransmissions(nattool_home: Path, retries: int) -> None:
-    """A silent tracker (our own socket) sees 1 + --retries registrations in the seed form,
-    then as many in the original client's form: whatever the machine's speed."""
-    import subprocess
-
-    from nattool.protocol.text import RegisterRequest
-
-    group = f"retries-{retries}"
-    seed, original = RegisterRequest(group).to_wire(), RegisterRequest(group, form="original").to_wire()
+def against_a_silent_tracker(home: Path, retries: int) -> tuple[list[bytes], int, str]:
+    """`connect --retries N --timeout 4` against a silent tracker (our own socket): the first
+    2 (N + 1) + 1 datagrams it got, then connect's exit status and stderr."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         silent.settimeout(5)
         tracker_ep = f"127.0.0.1:{silent.getsockname()[1]}"
-        argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), group, "--retries", str(retries),
-                                       "--timeout", "4"))
+        argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), f"retries-{retries}",
+                                       "--retries", str(retries), "--timeout", "4"))
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=nattool_env(nattool_home))
+                                env=nattool_env(home))
         try:
             got = [silent.recvfrom(2048)[0] for _ in range(2 * (retries + 1) + 1)]
         finally:
@@ -298,8 +283,53 @@ def test_retries_sets_the_registration_retransmissions(nattool_home: Path, retri
             assert proc.stderr is not None
             err = proc.stderr.read().decode()
             proc.stderr.close()
+    return got, proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def timeout_runs(
+    nattool_home: Path, shared_tracker: TrackerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, object], Future[Any]]:
+    """The cases below wait out connect's --timeout on purpose: all started at once, they
+    take one wait instead of one each."""
+    source = tmp_path_factory.mktemp("stdin") / "lines.txt"
+    source.write_text("a line nobody will read\n")
+    stdin_paths = {"devnull": "/dev/null", "file": str(source)}
+    with ThreadPoolExecutor(len(STDIN_KINDS) + len(RETRIES)) as pool:
+        runs: dict[tuple[str, object], Future[Any]] = {
+            ("stdin", kind): pool.submit(alone_with_stdin_from, nattool_home, shared_tracker.endpoint, kind,
+                                         stdin_paths[kind])
+            for kind in STDIN_KINDS
+        }
+        runs.update({("retries", n): pool.submit(against_a_silent_tracker, nattool_home, n) for n in RETRIES})
+    return runs
+
+
+@pytest.mark.parametrize("stdin_kind", STDIN_KINDS)
+def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
+    timeout_runs: dict[tuple[str, object], Future[Any]], stdin_kind: str
+) -> None:
+    out: subprocess.CompletedProcess[str] = timeout_runs[("stdin", stdin_kind)].result()
+    assert out.returncode == 3, out.stderr
+    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
+    assert "gave up: group: no other member joined the group within 2s" in out.stderr
+    if stdin_kind == "file":
+        assert "no peer connected yet: the line will be sent when a path is up" in out.stderr
+
+
+@pytest.mark.parametrize("retries", RETRIES)
+def test_retries_sets_the_registration_retransmissions(
+    timeout_runs: dict[tuple[str, object], Future[Any]], retries: int
+) -> None:
+    """A silent tracker (our own socket) sees 1 + --retries registrations in the seed form,
+    then as many in the original client's form: whatever the machine's speed."""
+    from nattool.protocol.text import RegisterRequest
+
+    group = f"retries-{retries}"
+    seed, original = RegisterRequest(group).to_wire(), RegisterRequest(group, form="original").to_wire()
+    got, returncode, err = timeout_runs[("retries", retries)].result()
     assert got == [seed] * (retries + 1) + [original] * (retries + 1) + [seed]
-    assert proc.returncode == 3 and "no tracker answered within 4s" in err
+    assert returncode == 3 and "no tracker answered within 4s" in err
 
 
 def test_retries_out_of_range_is_one_usage_line(nattool_home: Path) -> None:

@@ -20,13 +20,14 @@ import selectors
 import signal
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from conftest import TrackerFactory, TrackerProcess, ask_on, free_tcp_port, lines, start_tracker, udp_ask, udp_socket
+from conftest import TrackerProcess, ask_on, free_tcp_port, lines, start_tracker, udp_ask, udp_socket
 from test_metrics import scrape, value
 
 REG = "//51pwn/P2P&E2E/"
@@ -318,7 +319,12 @@ def sqlite_trackers(tmp_path: Path, nattool_home: Path) -> Iterator[list[Tracker
     stopped with SIGTERM and must exit cleanly."""
     started: list[TrackerProcess] = []
     yield started
-    for tp in started:
+    stop_cleanly(started)
+
+
+def stop_cleanly(trackers: list[TrackerProcess]) -> None:
+    """SIGTERM for the ones still running, which must exit cleanly; reap the killed ones."""
+    for tp in trackers:
         if tp.alive():
             tp.stop()
             tp.assert_clean()
@@ -450,7 +456,7 @@ def test_kill_9_mid_keepalives_loses_no_acknowledged_move(
     assert "Traceback" not in again.stderr()
 
 
-def test_members_whose_ttl_passed_during_the_downtime_are_not_served(
+def members_whose_ttl_passed_during_the_downtime_are_not_served(
     sqlite_trackers: list[TrackerProcess], tmp_path: Path, nattool_home: Path
 ) -> None:
     ttl = 6.0
@@ -481,10 +487,11 @@ def test_members_whose_ttl_passed_during_the_downtime_are_not_served(
     assert found_young == {ident.i for ident in young}
 
 
-def test_verified_trackers_survive_kill_9_until_they_expire(
-    sqlite_trackers: list[TrackerProcess], tracker: TrackerFactory, tmp_path: Path, nattool_home: Path
+def verified_trackers_survive_kill_9_until_they_expire(
+    sqlite_trackers: list[TrackerProcess], tmp_path: Path, nattool_home: Path
 ) -> None:
-    peer: TrackerProcess = tracker(host="127.0.0.3")
+    peer = start_tracker(workdir=tmp_path / "trackers", home=nattool_home, host="127.0.0.3")
+    sqlite_trackers.append(peer)
     db = tmp_path / "state" / "tracker.db"
     flags = ("--tracker-ttl", "3", "--announce-interval", "0.5")
     tp = start_sqlite(sqlite_trackers, db, tmp_path, nattool_home, *flags, "--join", peer.endpoint)
@@ -505,3 +512,37 @@ def test_verified_trackers_survive_kill_9_until_they_expire(
     time.sleep(max(0.0, verified_at + 3 + 0.7 - time.time()))
     third = start_sqlite(sqlite_trackers, db, tmp_path, nattool_home, *flags, port=tp.port)
     assert udp_ask(b"//tcksvr", third.addr) == b"", "an expired tracker was served after a restart"
+
+
+# The two tests above wait out a TTL across a restart (mostly asleep): they run together,
+# each in its own directories with its own trackers, so their waits overlap.
+DOWNTIME_SCENARIOS: dict[str, Callable[[list[TrackerProcess], Path, Path], None]] = {
+    "member ttl": members_whose_ttl_passed_during_the_downtime_are_not_served,
+    "tracker ttl": verified_trackers_survive_kill_9_until_they_expire,
+}
+
+
+@pytest.fixture(scope="module")
+def downtime_scenarios(
+    tmp_path_factory: pytest.TempPathFactory, nattool_home: Path
+) -> Iterator[dict[str, Future[None]]]:
+    """Every DOWNTIME_SCENARIOS entry started at once; the trackers still running at the end
+    are stopped with SIGTERM and must exit cleanly."""
+    started: dict[str, list[TrackerProcess]] = {name: [] for name in DOWNTIME_SCENARIOS}
+    with ThreadPoolExecutor(len(DOWNTIME_SCENARIOS)) as pool:
+        runs = {name: pool.submit(scenario, started[name], tmp_path_factory.mktemp("downtime"), nattool_home)
+                for name, scenario in DOWNTIME_SCENARIOS.items()}
+    yield runs
+    stop_cleanly([tp for trackers in started.values() for tp in trackers])
+
+
+def test_members_whose_ttl_passed_during_the_downtime_are_not_served(
+    downtime_scenarios: dict[str, Future[None]],
+) -> None:
+    downtime_scenarios["member ttl"].result()
+
+
+def test_verified_trackers_survive_kill_9_until_they_expire(
+    downtime_scenarios: dict[str, Future[None]],
+) -> None:
+    downtime_scenarios["tracker ttl"].result()

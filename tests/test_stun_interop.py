@@ -15,29 +15,34 @@ every run is bounded by a timeout and its output parsed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import pytest
 
 from tests.conftest import TrackerFactory, free_udp_port, nattool_cmd, nattool_env, run_nattool
 from tests.natlab import Lab, NatBehaviour
+from tests.natlab.lab import ServerHost
 from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like tests/test_natlab.py
     natlab,
     natlab_available,
     turnserver_available,
 )
-from tests.natlab.stun import communicate_bounded, run_stunclient, start_turnserver
-from tests.natlab.topologies import probe_topology
+from tests.natlab.stun import TurnServer, communicate_bounded, run_stunclient, start_turnserver
+from tests.natlab.topologies import SERVER_V4, SERVER_V6, ProbeTopology, probe_topology
 from tests.test_probe_lab import (
     APD,
     EI,
+    ProbeRun,
     endpoint,
     expected_for,
     mismatches,
@@ -110,6 +115,14 @@ def parse_coturn(output: str) -> list[Response]:
             blocks.append(current)
         current.setdefault(key, value)
     return [Response(b.get("origin"), b.get("other"), b.get("reflexive"), b.get("local")) for b in blocks]
+
+
+def first_answer_complete(output: str) -> bool:
+    """The first answer in ``output`` has every address the tests check. Once it has, more
+    output cannot change it: parse_coturn keeps an answer's first value of an attribute
+    and starts a new answer for anything else."""
+    answers = parse_coturn(output)
+    return bool(answers) and None not in (answers[0].origin, answers[0].other, answers[0].reflexive)
 
 
 def natdiscovery_verdicts(output: str) -> tuple[str | None, str | None]:
@@ -259,39 +272,122 @@ def test_natdiscovery_loopback_agrees_with_whoami(tracker: TrackerFactory, famil
 
 # --------------------------------------------------------------------------- (a) behind lab NATs
 
+@contextlib.contextmanager
+def shown_on_failure(lab: Lab) -> Iterator[None]:
+    """For tests that share a lab: when the block fails, print the lab's addresses, routes
+    and rulesets (as the natlab fixture does for a lab of one test)."""
+    try:
+        yield
+    except BaseException:
+        print(f"--- shared NAT lab at failure ---\n{lab.describe()}", file=sys.stderr)
+        raise
+
+
+S = TypeVar("S")
+R = TypeVar("R")
+SharedLab = tuple[Lab, dict[NatBehaviour, Future[R]]]
+
+
+@contextlib.contextmanager
+def cases_in_one_lab(behaviours: Sequence[NatBehaviour], start_servers: Callable[[Lab, ServerHost], S],
+                     case: Callable[[Lab, ProbeTopology, NatBehaviour, S], R],
+                     workers: int) -> Iterator[SharedLab[R]]:
+    """One lab for many cases: a server host (SERVER_V4 + SERVER_V6) with the servers that
+    ``start_servers`` starts, then per behaviour a NAT ("natN") with a client ("clientN"),
+    and ``case`` run for each, ``workers`` at a time. The cases share nothing but the server
+    host (each NAT has its own WAN address), so their waits overlap instead of adding up."""
+    with Lab() as lab:
+        server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
+        servers = start_servers(lab, server)
+        with ThreadPoolExecutor(workers) as pool:
+            runs = {}
+            for n, behaviour in enumerate(behaviours):
+                nat = lab.add_nat(f"nat{n}", behaviour)
+                topo = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
+                runs[behaviour] = pool.submit(case, lab, topo, behaviour, servers)
+        yield lab, runs
+
+
+def check_case(shared: SharedLab[R], behaviour: NatBehaviour, check: Callable[[R, NatBehaviour], None]) -> None:
+    """``check`` the result of ``behaviour``'s case (its exception, if it raised one)."""
+    lab, runs = shared
+    with shown_on_failure(lab):
+        check(runs[behaviour].result(), behaviour)
+
+
 CLIENT_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, NatBehaviour.EIM_APDF,
                NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
 
 
-@pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
-def test_coturn_clients_behind_nat(natlab: Lab, behaviour: NatBehaviour) -> None:
-    nd = _need("turnutils_natdiscovery")
-    _need("turnutils_stunclient")
-    topo = probe_topology(natlab, behaviour)
+@dataclass(frozen=True)
+class ClientsRun:
+    """What coturn's clients saw from behind one NAT of the shared lab."""
+
+    primary: str
+    alternate: str
+    public_ip: str
+    seen: tuple[str, int]  # `nattool whoami` from the port natdiscovery then used
+    natdiscovery: str  # its output
+    stunclient_status: int | None
+    stunclient: str  # its output
+
+
+def run_coturn_clients(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour, _: None) -> ClientsRun:
+    """whoami, then turnutils_natdiscovery from the same port, then turnutils_stunclient,
+    from the client behind ``topo``'s NAT."""
+    nd = shutil.which("turnutils_natdiscovery")
+    assert nd is not None
     if behaviour is NatBehaviour.IPV6_FIREWALL:  # IPv6 through a stateful firewall, no NAT
         assert topo.client.ip6 is not None
         primary, alternate, local_ip, public_ip = topo.primary6, topo.alternate6, topo.client.ip6, topo.client.ip6
     else:
         primary, alternate, local_ip = topo.primary, topo.alternate, topo.client.ip
         public_ip = topo.client.ip if behaviour is NatBehaviour.NO_NAT else topo.nat.wan_ip
-    start_serve(natlab, topo.server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
-
     # natdiscovery from the port whoami used: the same 5-tuple, so the same mapping on any NAT.
     local_port = 40000
-    seen = whoami(local_port, endpoint(primary, STUN_PORT), lab=natlab, node=topo.client)
+    seen = whoami(local_port, endpoint(primary, STUN_PORT), lab=lab, node=topo.client)
+    proc = lab.popen(topo.client, [nd, "-m", "-f", "-p", str(STUN_PORT), "-L", local_ip,
+                                   "-l", str(local_port), primary],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     text=True, errors="replace")
+    status, natdiscovery = communicate_bounded(proc, CLIENT_TIMEOUT)
+    if status is None:
+        pytest.fail(f"turnutils_natdiscovery did not finish within {CLIENT_TIMEOUT}s:\n{natdiscovery}")
+    # turnutils_stunclient: behind a NAT its RFC 5780 run never ends; its first answer counts,
+    # so it is stopped once that answer is complete. Without a NAT it must finish by itself.
+    until = None if behaviour is NatBehaviour.NO_NAT else first_answer_complete
+    status, out = run_stunclient(lab, topo.client, primary, STUN_PORT, timeout=3.0, until=until)
+    return ClientsRun(primary, alternate, public_ip, seen, natdiscovery, status, out)
+
+
+def start_nattool_servers(lab: Lab, server: ServerHost) -> None:
+    """`nattool serve` in RFC 5780 mode on the server host's IPv4 and IPv6 addresses."""
+    for primary, alternate in ((SERVER_V4[0], SERVER_V4[1]), (SERVER_V6[0], SERVER_V6[1])):
+        start_serve(lab, server, primary, alt_host=alternate, alt_port=STUN_ALT_PORT, port=STUN_PORT)
+
+
+@pytest.fixture(scope="module")
+def coturn_clients_runs(natlab_available: None) -> Iterator[SharedLab[ClientsRun]]:
+    """Every CLIENT_NATS case in one lab, all at once: natdiscovery's silent waits (3 s for
+    each answer a filter drops) overlap."""
+    _need("turnutils_natdiscovery")
+    _need("turnutils_stunclient")
+    with cases_in_one_lab(CLIENT_NATS, start_nattool_servers, run_coturn_clients, len(CLIENT_NATS)) as shared:
+        yield shared
+
+
+@pytest.mark.natlab
+@pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
+def test_coturn_clients_behind_nat(coturn_clients_runs: SharedLab[ClientsRun], behaviour: NatBehaviour) -> None:
+    check_case(coturn_clients_runs, behaviour, check_coturn_clients)
+
+
+def check_coturn_clients(run: ClientsRun, behaviour: NatBehaviour) -> None:
+    primary, alternate, public_ip, seen = run.primary, run.alternate, run.public_ip, run.seen
     assert seen[0] == public_ip
     if behaviour is not NatBehaviour.APDM:
-        assert seen[1] == local_port  # masquerade keeps a free port
-    proc = natlab.popen(topo.client, [nd, "-m", "-f", "-p", str(STUN_PORT), "-L", local_ip,
-                                      "-l", str(local_port), primary],
-                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True, errors="replace")
-    try:
-        out, _ = proc.communicate(timeout=CLIENT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"turnutils_natdiscovery did not finish within {CLIENT_TIMEOUT}s:\n{out}")
+        assert seen[1] == 40000  # masquerade keeps a free port
+    out = run.natdiscovery
     answers = parse_coturn(out)
     assert answers, out
     first = answers[0]
@@ -302,8 +398,7 @@ def test_coturn_clients_behind_nat(natlab: Lab, behaviour: NatBehaviour) -> None
     assert "ALG detected" not in out and "No ALG" in out, out
     assert natdiscovery_verdicts(out) == (behaviour.mapping, behaviour.filtering), out
 
-    # turnutils_stunclient: behind a NAT its RFC 5780 run never ends; its first answer counts.
-    status, out = run_stunclient(natlab, topo.client, primary, STUN_PORT, timeout=3.0)
+    status, out = run.stunclient_status, run.stunclient
     answers = parse_coturn(out)
     assert answers, f"no answer (status {status}):\n{out}"
     assert answers[0].origin == (primary, STUN_PORT), out
@@ -318,29 +413,60 @@ def test_coturn_clients_behind_nat(natlab: Lab, behaviour: NatBehaviour) -> None
 PROBE_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, NatBehaviour.EIM_APDF,
               NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
 COTURN_RUNS = 3
+# Cases probed at once: 9 probes together, fewer than the probe lab's hand-run repetition
+# starts together (NATLAB_PROBE_RUNS=10).
+PROBE_WORKERS = 3
 
 
-@pytest.mark.usefixtures("turnserver_available")
+@dataclass(frozen=True)
+class ProbesRun:
+    """COTURN_RUNS probes against coturn from behind one NAT of the shared lab."""
+
+    topo: ProbeTopology
+    turnserver: TurnServer
+    other: str  # the OTHER-ADDRESS the probe must report
+    runs: list[ProbeRun]
+
+
+def start_turnservers(lab: Lab, server: ServerHost) -> dict[int, TurnServer]:
+    """coturn on the server host, by IP family: two listening IPs each (RFC 5780)."""
+    return {family: start_turnserver(lab, server, ips, port=STUN_PORT)
+            for family, ips in ((4, SERVER_V4[:2]), (6, SERVER_V6[:2]))}
+
+
+def probe_coturn(lab: Lab, topo: ProbeTopology, behaviour: NatBehaviour,
+                 turnservers: dict[int, TurnServer]) -> ProbesRun:
+    family = 6 if behaviour is NatBehaviour.IPV6_FIREWALL else 4
+    ts = turnservers[family]
+    runs = run_probes(lab, topo.client, f"stun:{endpoint(*ts.endpoint)}", flags=(f"-{family}",), count=COTURN_RUNS)
+    return ProbesRun(topo, ts, endpoint(ts.ips[1], ts.alt_port), runs)
+
+
+@pytest.fixture(scope="module")
+def coturn_probe_runs(turnserver_available: None) -> Iterator[SharedLab[ProbesRun]]:
+    """Every PROBE_NATS case in one lab, PROBE_WORKERS at a time."""
+    with cases_in_one_lab(PROBE_NATS, start_turnservers, probe_coturn, PROBE_WORKERS) as shared:
+        yield shared
+
+
+@pytest.mark.natlab
 @pytest.mark.parametrize("behaviour", PROBE_NATS, ids=[b.value for b in PROBE_NATS])
-def test_probe_against_coturn(natlab: Lab, behaviour: NatBehaviour) -> None:
-    topo = probe_topology(natlab, behaviour)
-    if behaviour is NatBehaviour.IPV6_FIREWALL:
-        ips, flags = [topo.primary6, topo.alternate6], ("-6",)
-    else:
-        ips, flags = [topo.primary, topo.alternate], ("-4",)
-    ts = start_turnserver(natlab, topo.server, ips, port=STUN_PORT)
-    want = expected_for(behaviour, topo)
-    server = f"stun:{endpoint(ips[0], STUN_PORT)}"
+def test_probe_against_coturn(coturn_probe_runs: SharedLab[ProbesRun], behaviour: NatBehaviour) -> None:
+    check_case(coturn_probe_runs, behaviour, check_probes)
+
+
+def check_probes(result: ProbesRun, behaviour: NatBehaviour) -> None:
+    want = expected_for(behaviour, result.topo)
     failures = []
-    for n, run in enumerate(run_probes(natlab, topo.client, server, flags=flags, count=COTURN_RUNS)):
+    for n, run in enumerate(result.runs):
         bad = mismatches(run, want)
         s = run.report["servers"][0]
-        if s["kind"] != "stun" or s["other_address"] != endpoint(ips[1], ts.alt_port):
+        if s["kind"] != "stun" or s["other_address"] != result.other:
             bad.append(f"server entry {s['kind']} other={s['other_address']}")
         if bad:
             failures.append(f"run {n + 1}: {', '.join(bad)}; filtering_reason="
                             f"{run.report.get('filtering_reason')!r}\n  {json.dumps(s)[:3000]}")
-    assert not failures, "\n".join(failures) + "\ncoturn log:\n" + "\n".join(ts.log[-20:])
+    assert not failures, "\n".join(failures) + "\ncoturn log:\n" + "\n".join(result.turnserver.log[-20:])
 
 
 @pytest.mark.usefixtures("turnserver_available")

@@ -13,7 +13,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .lab import Lab, LabError, NodeRef
 
@@ -220,28 +220,55 @@ def start_turnserver(lab: Lab, host: NodeRef, ips: list[str] | tuple[str, ...],
 
 def run_stunclient(lab: Lab, node: NodeRef, server_ip: str, port: int = 3478, *,
                    timeout: float = 5.0,
-                   extra_args: tuple[str, ...] = ()) -> tuple[int | None, str]:
+                   extra_args: tuple[str, ...] = (),
+                   until: Callable[[str], bool] | None = None) -> tuple[int | None, str]:
     """Run coturn's ``turnutils_stunclient`` in ``node``; (exit status or None, output).
 
     Always bounded by ``timeout``: behind a NAT, against an RFC 5780 server, the client's
     second test waits on another local port for an answer the NAT never lets in, and it
-    never exits. A None status means it was killed at the timeout; its output so far is kept.
+    never exits. A None status means it was killed at the timeout (or, with ``until``, once
+    its output said enough); its output so far is kept.
     """
     if shutil.which("turnutils_stunclient") is None:
         raise LabError("coturn's 'turnutils_stunclient' not found (Debian package coturn)")
     proc = lab.popen(node, ["turnutils_stunclient", "-p", str(port), *extra_args, server_ip],
                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, text=True, errors="replace")
-    return communicate_bounded(proc, timeout)
+    return communicate_bounded(proc, timeout, until=until)
 
 
-def communicate_bounded(proc: "subprocess.Popen[str]", timeout: float) -> tuple[int | None, str]:
+def communicate_bounded(proc: "subprocess.Popen[str]", timeout: float, *,
+                        until: Callable[[str], bool] | None = None) -> tuple[int | None, str]:
     """Wait for ``proc`` at most ``timeout`` seconds, killing it then; returns its exit
-    status (None when killed) and its output so far."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
+    status (None when killed) and its output so far.
+
+    ``until(output so far)``, checked at each line, ends the wait early: the process is
+    killed as soon as it is true (a client that never exits has printed what we need)."""
+    if until is None:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            return proc.returncode, out
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            return None, out
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if not done.is_set() and until("".join(lines)):
+                done.set()
+        done.set()  # end of output: it exited (or was killed)
+
+    reader = threading.Thread(target=read, name="communicate-bounded", daemon=True)
+    reader.start()
+    done.wait(timeout)
+    killed = proc.poll() is None
+    if killed:
         proc.kill()
-        out, _ = proc.communicate()
-        return None, out
+    proc.wait()
+    reader.join()
+    return (None if killed else proc.returncode), "".join(lines)
