@@ -433,7 +433,7 @@ class TrackerServer:
                 if ref is not None:
                     out = turn.channel_data_from_client(data, ref, now)
                     if out is not None:
-                        relay.to_peer(out)
+                        relay.to_peer(out, now)
                 continue
             if first < 0x40 and is_turn_message(data):
                 request = not (first & 0x01 or data[1] & 0x10)
@@ -470,7 +470,7 @@ class TrackerServer:
         assert self.relay is not None
         cls = outcome.__class__
         if cls is ToPeer:
-            self.relay.to_peer(outcome)  # type: ignore[arg-type]
+            self.relay.to_peer(outcome, now)  # type: ignore[arg-type]
             return
         if cls is bytes:
             reply: bytes | None = outcome  # type: ignore[assignment]
@@ -676,9 +676,10 @@ class TrackerServer:
         if self.turn is None or self.relay is None:
             conn.close()  # no TURN relay here
             return
-        out = self.turn.channel_data_from_client(frame, self._stream_client(conn), time.monotonic())
+        now = time.monotonic()
+        out = self.turn.channel_data_from_client(frame, self._stream_client(conn), now)
         if out is not None:
-            self.relay.to_peer(out)
+            self.relay.to_peer(out, now)
 
     def _stream_client(self, conn: StreamConnection) -> ClientRef:
         ref = conn.turn_client

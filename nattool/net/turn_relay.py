@@ -5,6 +5,12 @@ Each allocation owns one UDP socket, bound to the relay address of its family
 callback, as the tracker port is read; what arrives goes to the pure TURN core
 (:class:`~nattool.protocol.turn_server.TurnCore`), which decides whether it reaches
 the client (a permission or channel exists, the bandwidth allows) and how.
+
+Between two allocations of this server (the common case: two peers relayed by one
+server) a packet does not go out through the kernel and back: what one allocation
+sends to another's relayed address is handed to that allocation's peer side at once,
+from the sender's relayed address, as the kernel would have delivered it (the same
+checks in the core decide; a test compares both ways).
 """
 
 from __future__ import annotations
@@ -156,6 +162,13 @@ class TurnRelay:
         self.counters = counters
         self._sockets: dict[int, socket.socket] = {}  # allocation (or reservation) id -> socket
         self._senders: dict[int, ClientSender] = {}
+        # Read relayed sockets: the endpoint the kernel names as their address (what a
+        # peer sees as the source) -> allocation id, and back.
+        self._local: dict[Endpoint, int] = {}
+        self._source_of: dict[int, Endpoint] = {}
+        # Off: every packet between allocations goes through the kernel (the slow path,
+        # for the test that compares both).
+        self.local_fast_path = True
         self._sockaddrs, self._learn_sockaddr = bounded_memo(Endpoint.sockaddr, PEER_CACHE_MAX)
         self._peers, self._learn_peer = bounded_memo(_peer_endpoint, PEER_CACHE_MAX)
 
@@ -190,6 +203,9 @@ class TurnRelay:
             return None
         self._senders[wanted.allocation_id] = sender
         self.loop.add_reader(sock.fileno(), self._drain_peer, wanted.allocation_id, sock)
+        source = Endpoint.from_sockaddr(sock.getsockname()[:2])
+        self._local[source] = wanted.allocation_id
+        self._source_of[wanted.allocation_id] = source
         return reply
 
     def _failed(self, wanted: AllocationWanted) -> Optional[bytes]:
@@ -199,6 +215,9 @@ class TurnRelay:
     def close(self, allocation_id: int) -> None:
         sock = self._sockets.pop(allocation_id, None)
         self._senders.pop(allocation_id, None)
+        source = self._source_of.pop(allocation_id, None)
+        if source is not None:
+            del self._local[source]
         if sock is not None:
             try:
                 self.loop.remove_reader(sock.fileno())
@@ -210,15 +229,31 @@ class TurnRelay:
         for allocation_id in list(self._sockets):
             self.close(allocation_id)
 
-    def to_peer(self, out: ToPeer) -> None:
+    def to_peer(self, out: ToPeer, now: float) -> None:
         sock = self._sockets.get(out.allocation_id)
         if sock is None:
+            return
+        target = self._local.get(out.peer)
+        if target is not None and self.local_fast_path and self._to_local_peer(out, target, now):
             return
         addr = self._sockaddrs.get(out.peer) or self._learn_sockaddr(out.peer)
         try:
             sock.sendto(out.payload, addr)
         except OSError:
             self.counters["turn_send_error"] += 1
+
+    def _to_local_peer(self, out: ToPeer, target: int, now: float) -> bool:
+        """``out`` is for the relayed address of allocation ``target`` of this server:
+        what reading it there would do (:meth:`_drain_peer`), without the kernel.
+        False: not a case for this path (the kernel decides, as for any peer)."""
+        source = self._source_of.get(out.allocation_id)
+        send = self._senders.get(target)
+        if source is None or send is None or source.ip.version != out.peer.ip.version:
+            return False
+        reply = self.core.on_peer_datagram(target, out.payload, source, now)
+        if reply is not None:
+            send(reply)
+        return True
 
     def _drain_peer(self, allocation_id: int, sock: socket.socket) -> None:
         """Datagrams from peers on one relayed socket, to the allocation's client."""
