@@ -418,6 +418,8 @@ class TrackerServer:
         limiter = self.limiter
         limited = limiter.rate > 0
         refs = listener.turn_clients
+        channel_data = turn.channel_data_from_client
+        to_peer = relay.to_peer
         now, wall = time.monotonic(), time.time()
         for _ in range(DRAIN_BATCH):
             try:
@@ -431,9 +433,9 @@ class TrackerServer:
             if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
                 ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
-                    out = turn.channel_data_from_client(data, ref, now)
+                    out = channel_data(data, ref, now)
                     if out is not None:
-                        relay.to_peer(out, now)
+                        to_peer(out, now)
                 continue
             if first < 0x40 and is_turn_message(data):
                 request = not (first & 0x01 or data[1] & 0x10)

@@ -204,6 +204,8 @@ class TurnRelay:
         self._senders[wanted.allocation_id] = sender
         self.loop.add_reader(sock.fileno(), self._drain_peer, wanted.allocation_id, sock)
         source = Endpoint.from_sockaddr(sock.getsockname()[:2])
+        if source == relayed:
+            source = relayed  # the core's own object: its tables find it by identity
         self._local[source] = wanted.allocation_id
         self._source_of[wanted.allocation_id] = source
         return reply

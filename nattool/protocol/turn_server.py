@@ -747,7 +747,7 @@ class TurnCore:
     def _create_permission(self, msg: StunMessage, alloc: _Allocation, now: float) -> ClientOutcome:
         txid = msg.transaction_id
         fp = msg.has_fingerprint
-        peers = [a.endpoint for a in msg.get_all(XorPeerAddress)]  # type: ignore[union-attr]
+        peers = [self._interned(a.endpoint) for a in msg.get_all(XorPeerAddress)]  # type: ignore[union-attr]
         if not peers:
             return self._refuse(TurnMethod.CREATE_PERMISSION, txid, 400, alloc.key, fp)
         modes: list[tuple[IPAddress, int]] = []
@@ -774,7 +774,7 @@ class TurnCore:
         if not isinstance(number_attr, ChannelNumber) or not isinstance(peer_attr, XorPeerAddress):
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         number = number_attr.number
-        peer = peer_attr.endpoint
+        peer = self._interned(peer_attr.endpoint)
         if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         if peer.ip.version != alloc.family:
@@ -860,6 +860,14 @@ class TurnCore:
         return ToPeer(alloc.id, peer, payload)
 
     # ------------------------------------------------------------------ peers
+
+    def _interned(self, peer: Endpoint) -> Endpoint:
+        """The relayed address of this server equal to ``peer`` when there is one (the
+        very object the shell reports as the source of what it relays between
+        allocations), else ``peer``: per packet, the permission, channel and relayed
+        address tables then find their key by identity, without comparing endpoints."""
+        target = self._relayed.get(peer)
+        return target.relayed if target is not None else peer
 
     def _permission_mode(self, alloc: _Allocation, peer: Endpoint) -> Optional[int]:
         """How a permission for ``peer``'s IP is checked per packet, or None: 403."""
