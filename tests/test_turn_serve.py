@@ -630,3 +630,21 @@ def test_between_two_allocations_the_fast_path_equals_the_kernel_path() -> None:
     assert fast_counters["permission_drops"] == 1 and fast_counters["bandwidth_drops"] == 1
     assert fast_immediate == [False, True, True, True, True, True, False]
     assert slow_immediate == [False] * 7
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "203.0.113.9", "::1", "2001:db8::7", "fe80::1%lo", "::ffff:192.0.2.1"])
+def test_addresses_that_hash_once_are_the_plain_addresses(text: str) -> None:
+    """The relay's addresses that keep their hash (one computation per address, not per
+    lookup) find and are found by the plain ``ipaddress`` objects the rest of the
+    server holds."""
+    import ipaddress
+
+    from nattool.net.turn_relay import hashed_ip
+
+    plain = ipaddress.ip_address(text)
+    fast = hashed_ip(plain)
+    assert fast is not plain and hashed_ip(fast) is fast
+    assert fast == plain and plain == fast and not fast != plain
+    assert hash(fast) == hash(plain) and str(fast) == str(plain) and fast.version == plain.version
+    assert {plain: 1}[fast] == 1 and {fast: 2}[plain] == 2
+    assert not fast < plain and not plain < fast

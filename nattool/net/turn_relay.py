@@ -16,6 +16,7 @@ checks in the core decide; a test compares both ways).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import random
@@ -76,7 +77,7 @@ class RelayPortRange:
     """Binds relayed UDP sockets on free ports of one address within a range."""
 
     def __init__(self, ip: IPAddress, low: int, high: int, rng: random.Random | None = None) -> None:
-        self.ip = ip
+        self.ip = hashed_ip(ip)  # every relayed endpoint of the range shares this object
         self.low = low
         self.high = high
         self._rng = rng or random.SystemRandom()
@@ -139,8 +140,44 @@ class RelayPortRange:
         return sock, Endpoint(self.ip, port)
 
 
+class _HashedIPv4(ipaddress.IPv4Address):
+    """An IPv4 address that hashes once: the relay looks its peers and relayed
+    addresses up in several tables per packet, and ``ipaddress`` formats the address
+    as hex text on every hash. Equal to, and hashed as, the plain address."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: object) -> None:
+        super().__init__(address)  # type: ignore[arg-type]
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+class _HashedIPv6(ipaddress.IPv6Address):
+    """:class:`_HashedIPv4` for IPv6."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: object) -> None:
+        super().__init__(address)  # type: ignore[arg-type]
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+def hashed_ip(ip: IPAddress) -> IPAddress:
+    """``ip`` as an address that hashes once (equal to ``ip``, and of its version)."""
+    if isinstance(ip, (_HashedIPv4, _HashedIPv6)):
+        return ip
+    return _HashedIPv4(int(ip)) if ip.version == 4 else _HashedIPv6(str(ip))
+
+
 def _peer_endpoint(addr: tuple[str, int]) -> Endpoint:
-    return Endpoint.from_sockaddr(addr)
+    endpoint = Endpoint.from_sockaddr(addr)
+    return dataclasses.replace(endpoint, ip=hashed_ip(endpoint.ip))
 
 
 class TurnRelay:
