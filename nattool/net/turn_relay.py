@@ -200,9 +200,9 @@ class TurnRelay:
         self._sockets: dict[int, socket.socket] = {}  # allocation (or reservation) id -> socket
         self._senders: dict[int, ClientSender] = {}
         # Read relayed sockets: the endpoint the kernel names as their address (what a
-        # peer sees as the source) -> allocation id, and back.
-        self._local: dict[Endpoint, int] = {}
-        self._source_of: dict[int, Endpoint] = {}
+        # peer sees as the source) -> (allocation id, IP version), and back.
+        self._local: dict[Endpoint, tuple[int, int]] = {}
+        self._source_of: dict[int, tuple[Endpoint, int]] = {}
         # Off: every packet between allocations goes through the kernel (the slow path,
         # for the test that compares both).
         self.local_fast_path = True
@@ -243,8 +243,8 @@ class TurnRelay:
         source = Endpoint.from_sockaddr(sock.getsockname()[:2])
         if source == relayed:
             source = relayed  # the core's own object: its tables find it by identity
-        self._local[source] = wanted.allocation_id
-        self._source_of[wanted.allocation_id] = source
+        self._local[source] = (wanted.allocation_id, source.ip.version)
+        self._source_of[wanted.allocation_id] = (source, source.ip.version)
         return reply
 
     def _failed(self, wanted: AllocationWanted) -> Optional[bytes]:
@@ -256,7 +256,7 @@ class TurnRelay:
         self._senders.pop(allocation_id, None)
         source = self._source_of.pop(allocation_id, None)
         if source is not None:
-            del self._local[source]
+            del self._local[source[0]]
         if sock is not None:
             try:
                 self.loop.remove_reader(sock.fileno())
@@ -272,27 +272,23 @@ class TurnRelay:
         sock = self._sockets.get(out.allocation_id)
         if sock is None:
             return
-        target = self._local.get(out.peer)
-        if target is not None and self.local_fast_path and self._to_local_peer(out, target, now):
-            return
+        local = self._local.get(out.peer)
+        if local is not None and self.local_fast_path:
+            # The relayed address of allocation local[0] of this server: what reading it
+            # there would do (_drain_peer), without the kernel. A socket cannot send to
+            # the other family's addresses: those go to the kernel, as for any peer.
+            source = self._source_of.get(out.allocation_id)
+            send = self._senders.get(local[0])
+            if source is not None and send is not None and source[1] == local[1]:
+                reply = self.core.on_peer_datagram(local[0], out.payload, source[0], now)
+                if reply is not None:
+                    send(reply)
+                return
         addr = self._sockaddrs.get(out.peer) or self._learn_sockaddr(out.peer)
         try:
             sock.sendto(out.payload, addr)
         except OSError:
             self.counters["turn_send_error"] += 1
-
-    def _to_local_peer(self, out: ToPeer, target: int, now: float) -> bool:
-        """``out`` is for the relayed address of allocation ``target`` of this server:
-        what reading it there would do (:meth:`_drain_peer`), without the kernel.
-        False: not a case for this path (the kernel decides, as for any peer)."""
-        source = self._source_of.get(out.allocation_id)
-        send = self._senders.get(target)
-        if source is None or send is None or source.ip.version != out.peer.ip.version:
-            return False
-        reply = self.core.on_peer_datagram(target, out.payload, source, now)
-        if reply is not None:
-            send(reply)
-        return True
 
     def _drain_peer(self, allocation_id: int, sock: socket.socket) -> None:
         """Datagrams from peers on one relayed socket, to the allocation's client."""

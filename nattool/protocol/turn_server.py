@@ -444,7 +444,7 @@ class TurnCore:
             self.counters.permission_drops += 1
             return None
         payload = parsed[1]
-        if not self._spend(alloc, len(payload), now):
+        if self._rate and not self._spend(alloc, len(payload), now):
             return None
         self.counters.packets_to_peer += 1
         self.counters.bytes_to_peer += len(payload)
@@ -510,14 +510,14 @@ class TurnCore:
             if not self._may_reach(alloc, peer, now, channel_ok=True):
                 self.counters.permission_drops += 1
                 return None
-            if not self._spend(alloc, len(data), now):
+            if self._rate and not self._spend(alloc, len(data), now):
                 return None
             out = encode_channel_data(number, data, stream=alloc.stream)
         else:
             if not self._may_reach(alloc, peer, now, channel_ok=False):
                 self.counters.permission_drops += 1
                 return None
-            if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or not self._spend(alloc, len(data), now):
+            if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or (self._rate and not self._spend(alloc, len(data), now)):
                 return None
             out = self.data_indication(alloc, peer, data)
         self.counters.packets_to_client += 1
@@ -853,7 +853,7 @@ class TurnCore:
         if peer.ip.version != alloc.family or not self._may_reach(alloc, peer, now, channel_ok=False):
             self.counters.permission_drops += 1
             return None
-        if not self._spend(alloc, len(payload), now):
+        if self._rate and not self._spend(alloc, len(payload), now):
             return None
         self.counters.packets_to_peer += 1
         self.counters.bytes_to_peer += len(payload)
@@ -928,7 +928,8 @@ class TurnCore:
             perm[1] = max(perm[1], mode)  # the stricter check wins
 
     def _spend(self, alloc: _Allocation, n: int, now: float) -> bool:
-        """The allocation's token bucket (both directions share it)."""
+        """The allocation's token bucket (both directions share it). The per-packet
+        paths call it only when there is a cap (``self._rate and not self._spend(...)``)."""
         if not self._rate:
             return True
         tokens = alloc.tokens
