@@ -140,39 +140,35 @@ class RelayPortRange:
         return sock, Endpoint(self.ip, port)
 
 
-class _HashedIPv4(ipaddress.IPv4Address):
-    """An IPv4 address that hashes once: the relay looks its peers and relayed
-    addresses up in several tables per packet, and ``ipaddress`` formats the address
-    as hex text on every hash. Equal to, and hashed as, the plain address."""
+def _hashing_once(plain: type) -> type:
+    """A subclass of ``plain`` (IPv4Address or IPv6Address) that hashes once: the relay
+    looks its peers and relayed addresses up in several tables per packet, and
+    ``ipaddress`` formats the address as hex text on every hash. Equal to, and hashed
+    as, the plain address."""
 
-    __slots__ = ("_hash",)
+    class HashedOnce(plain):  # type: ignore[misc, valid-type]
+        __slots__ = ("_hash",)
 
-    def __init__(self, address: object) -> None:
-        super().__init__(address)  # type: ignore[arg-type]
-        self._hash = super().__hash__()
+        def __init__(self, address: object) -> None:
+            super().__init__(address)
+            self._hash = super().__hash__()
 
-    def __hash__(self) -> int:
-        return self._hash
+        def __hash__(self) -> int:
+            return self._hash
+
+    HashedOnce.__name__ = HashedOnce.__qualname__ = f"HashedOnce{plain.__name__}"
+    return HashedOnce
 
 
-class _HashedIPv6(ipaddress.IPv6Address):
-    """:class:`_HashedIPv4` for IPv6."""
-
-    __slots__ = ("_hash",)
-
-    def __init__(self, address: object) -> None:
-        super().__init__(address)  # type: ignore[arg-type]
-        self._hash = super().__hash__()
-
-    def __hash__(self) -> int:
-        return self._hash
+_HASHED_IPV4 = _hashing_once(ipaddress.IPv4Address)
+_HASHED_IPV6 = _hashing_once(ipaddress.IPv6Address)
 
 
 def hashed_ip(ip: IPAddress) -> IPAddress:
     """``ip`` as an address that hashes once (equal to ``ip``, and of its version)."""
-    if isinstance(ip, (_HashedIPv4, _HashedIPv6)):
+    if isinstance(ip, (_HASHED_IPV4, _HASHED_IPV6)):
         return ip
-    return _HashedIPv4(int(ip)) if ip.version == 4 else _HashedIPv6(str(ip))
+    return _HASHED_IPV4(int(ip)) if ip.version == 4 else _HASHED_IPV6(str(ip))  # type: ignore[no-any-return]
 
 
 def _peer_endpoint(addr: tuple[str, int]) -> Endpoint:
