@@ -120,6 +120,7 @@ _UNDERSTOOD = frozenset(
     }
 )
 _NOT_PLAIN = object()  # a Send indication the per-packet reader leaves to parse()
+_V4_PEERS_MAX = 4096  # peer endpoints the Send indication reader remembers
 _REQUEST_METHODS = frozenset(
     {TurnMethod.ALLOCATE, TurnMethod.REFRESH, TurnMethod.CREATE_PERMISSION, TurnMethod.CHANNEL_BIND}
 )
@@ -389,6 +390,9 @@ class TurnCore:
         self._rate = float(config.bandwidth)
         self._burst = float(burst)
         self._xor_peer_cache: dict[Endpoint, bytes] = {}
+        # (IPv4 address as an integer, port) -> its endpoint (interned), for the plain
+        # Send indication reader: no address object built per packet.
+        self._v4_peers: dict[tuple[int, int], Endpoint] = {}
 
     # ------------------------------------------------------------------ public surface
 
@@ -824,7 +828,7 @@ class TurnCore:
             if t == 0x0012 and peer is None and length == 8 and data[pos + 5] == 0x01:
                 port = ((data[pos + 6] << 8) | data[pos + 7]) ^ 0x2112
                 ip = int.from_bytes(data[pos + 8 : pos + 12], "big") ^ MAGIC_COOKIE
-                peer = Endpoint(ipaddress.IPv4Address(ip), port)
+                peer = self._v4_peers.get((ip, port)) or self._learn_v4_peer(ip, port)
             elif t == 0x0013 and payload is None:
                 payload = data[pos + 4 : end]
             elif t == 0x8028 and length == 4 and end == n:
@@ -836,6 +840,12 @@ class TurnCore:
         if peer is None or payload is None:
             return _NOT_PLAIN
         return self._relay_send(client, peer, payload, now)
+
+    def _learn_v4_peer(self, ip: int, port: int) -> Endpoint:
+        if len(self._v4_peers) >= _V4_PEERS_MAX:
+            self._v4_peers.clear()
+        peer = self._v4_peers[(ip, port)] = self._interned(Endpoint(ipaddress.IPv4Address(ip), port))
+        return peer
 
     def _send_indication(self, msg: StunMessage, client: ClientRef, now: float) -> Optional[ToPeer]:
         peer_attr = msg.get(XorPeerAddress)
