@@ -880,10 +880,8 @@ def test_random_sequences_keep_the_books_straight(ops: list) -> None:
             c.send(encode_channel_data(0x4000 + which, b"y" * dt), now)
         elif op == "peer" and c.allocation_id is not None:
             core.on_peer_datagram(c.allocation_id, b"z" * dt, peer, now)
-        elif op == "refresh":
-            c.request(TurnMethod.REFRESH, [Lifetime(dt)], now)
-        elif op == "free":
-            out = c.request(TurnMethod.REFRESH, [Lifetime(0)], now)
+        elif op in ("refresh", "free"):  # a refresh to lifetime 0 frees, as "free" does
+            out = c.request(TurnMethod.REFRESH, [Lifetime(dt if op == "refresh" else 0)], now)
             if isinstance(out, Deallocated):
                 open_ids.discard(out.allocation_id)
         elif op == "gone":

@@ -530,3 +530,121 @@ def test_random_bytes_never_break_the_server(tracker, turn_client) -> None:  # t
     time.sleep(0.5)
     assert tp.ask(b"//nat", src_ip="127.0.0.9", timeout=3) is not None
     assert client.refresh(600).msg_class == MsgClass.SUCCESS
+
+
+# -- the fast path between two allocations of one server ----------------------------------
+
+
+def _two_allocations_relaying(fast: bool) -> tuple[list[tuple[str, object]], dict[str, int], list[bool]]:
+    """Two allocations of one TURN core with real relayed sockets on 127.0.0.1 (the
+    serving loop's relay): X's client reaches Y's relayed address before and after Y
+    permits X, by Send indication and ChannelData, Y's channel back, and a packet Y's
+    bandwidth cap refuses. What each client got (relayed addresses named by role), the
+    core's counters, and whether each delivery happened within the sending call."""
+    import asyncio
+    import dataclasses
+    import ipaddress
+    from collections import Counter
+
+    from nattool.net.turn_relay import RelayPortRange, TurnRelay
+    from nattool.protocol.endpoint import Endpoint
+    from nattool.protocol.turn import Data, XorPeerAddress, channel_data_payload
+    from nattool.protocol.turn_server import AllocationWanted, ClientRef, ToPeer, TurnConfig, TurnCore
+    from test_turn_core import SERVER, Client
+
+    got: list[tuple[str, object]] = []
+    immediate: list[bool] = []
+    roles: dict[Endpoint, str] = {}
+
+    def sender_for(ref: ClientRef):  # type: ignore[no-untyped-def]
+        name = "x" if ref.client.port == 5001 else "y"
+
+        def send(data: bytes) -> None:
+            parsed = channel_data_payload(data) if 0x40 <= data[0] <= 0x7F else None
+            if parsed is not None:
+                got.append((name, ("channel", parsed[0], parsed[1], len(data))))
+            else:
+                msg = parse(data)
+                peer = msg.get(XorPeerAddress)
+                payload = msg.get(Data)
+                got.append((name, ("data", msg.transaction_id, roles.get(peer.endpoint), payload.payload)))  # type: ignore[union-attr]
+
+        return send
+
+    async def scenario() -> TurnCore:
+        loop = asyncio.get_running_loop()
+        core = TurnCore(TurnConfig(users={"alice": "pw"}, bandwidth=1000), b"s" * 32)
+        ranges = {4: RelayPortRange(ipaddress.ip_address("127.0.0.1"), 49152, 65535)}
+        relay = TurnRelay(core, loop, ranges, sender_for, Counter())
+        relay.local_fast_path = fast
+        x = Client(core, ClientRef("udp", Endpoint.from_text("198.51.100.7:5001"), SERVER))
+        y = Client(core, ClientRef("tcp", Endpoint.from_text("198.51.100.8:5002"), SERVER, 7))
+        try:
+            for client, role in ((x, "X"), (y, "Y")):
+                wanted = client.request(TurnMethod.ALLOCATE, [RequestedTransport(17)], time.monotonic())
+                assert isinstance(wanted, AllocationWanted)
+                assert relay.open(wanted, time.monotonic(), time.time()) is not None
+                client.relayed = core.relayed_of(wanted.allocation_id)
+                roles[client.relayed] = role  # type: ignore[index]
+
+            async def relayed(out: object) -> None:
+                before = len(got)
+                if isinstance(out, ToPeer):
+                    relay.to_peer(out, time.monotonic())
+                immediate.append(len(got) > before)
+                for _ in range(20):  # the slow path: the kernel has it, the loop reads it
+                    await asyncio.sleep(0.005)
+
+            def channel(client: Client, number: int, payload: bytes) -> object:
+                return core.on_client_message(encode_channel_data(number, payload), client.ref, time.monotonic(), time.time())
+
+            assert x.permit(y.relayed, now=time.monotonic()).msg_class == MsgClass.SUCCESS  # type: ignore[arg-type]
+            await relayed(x.send_indication(y.relayed, b"before Y permits X", time.monotonic()))  # type: ignore[arg-type]
+            assert y.permit(x.relayed, now=time.monotonic()).msg_class == MsgClass.SUCCESS  # type: ignore[arg-type]
+            await relayed(x.send_indication(y.relayed, b"one", time.monotonic()))  # type: ignore[arg-type]
+            assert x.bind(0x4001, y.relayed, now=time.monotonic()).msg_class == MsgClass.SUCCESS  # type: ignore[arg-type]
+            await relayed(channel(x, 0x4001, b"two"))
+            assert y.bind(0x4002, x.relayed, now=time.monotonic()).msg_class == MsgClass.SUCCESS  # type: ignore[arg-type]
+            await relayed(channel(x, 0x4001, b"three"))
+            await relayed(channel(y, 0x4002, b"four"))
+            # Y spends most of its bucket (64 KiB burst) toward X, then cannot take 10 kB more.
+            await relayed(channel(y, 0x4002, b"y" * 60000))
+            await relayed(channel(x, 0x4001, b"x" * 10000))
+        finally:
+            relay.close_all()
+        return core
+
+    core = asyncio.run(scenario())
+    return got, dataclasses.asdict(core.counters), immediate
+
+
+def test_between_two_allocations_the_fast_path_equals_the_kernel_path() -> None:
+    """A packet from one allocation to another of the same server is handed over in
+    the process instead of through the kernel: the same bytes reach the same client,
+    the same refusals (no permission, bandwidth) and the same counters."""
+    fast, fast_counters, fast_immediate = _two_allocations_relaying(fast=True)
+    slow, slow_counters, slow_immediate = _two_allocations_relaying(fast=False)
+    assert fast == slow
+    assert fast_counters == slow_counters
+    assert [who for who, _ in fast] == ["y", "y", "y", "x", "x"]  # refused: before the permit, over Y's cap
+    assert fast_counters["permission_drops"] == 1 and fast_counters["bandwidth_drops"] == 1
+    assert fast_immediate == [False, True, True, True, True, True, False]
+    assert slow_immediate == [False] * 7
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "203.0.113.9", "::1", "2001:db8::7", "fe80::1%lo", "::ffff:192.0.2.1"])
+def test_addresses_that_hash_once_are_the_plain_addresses(text: str) -> None:
+    """The relay's addresses that keep their hash (one computation per address, not per
+    lookup) find and are found by the plain ``ipaddress`` objects the rest of the
+    server holds."""
+    import ipaddress
+
+    from nattool.net.turn_relay import hashed_ip
+
+    plain = ipaddress.ip_address(text)
+    fast = hashed_ip(plain)
+    assert fast is not plain and hashed_ip(fast) is fast
+    assert fast == plain and plain == fast and not fast != plain
+    assert hash(fast) == hash(plain) and str(fast) == str(plain) and fast.version == plain.version
+    assert {plain: 1}[fast] == 1 and {fast: 2}[plain] == 2
+    assert not fast < plain and not plain < fast

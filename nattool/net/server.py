@@ -418,6 +418,8 @@ class TrackerServer:
         limiter = self.limiter
         limited = limiter.rate > 0
         refs = listener.turn_clients
+        channel_data = turn.channel_data_from_client
+        to_peer = relay.to_peer
         now, wall = time.monotonic(), time.time()
         for _ in range(DRAIN_BATCH):
             try:
@@ -431,9 +433,9 @@ class TrackerServer:
             if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
                 ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
-                    out = turn.channel_data_from_client(data, ref, now)
+                    out = channel_data(data, ref, now)
                     if out is not None:
-                        relay.to_peer(out)
+                        to_peer(out, now)
                 continue
             if first < 0x40 and is_turn_message(data):
                 request = not (first & 0x01 or data[1] & 0x10)
@@ -470,7 +472,7 @@ class TrackerServer:
         assert self.relay is not None
         cls = outcome.__class__
         if cls is ToPeer:
-            self.relay.to_peer(outcome)  # type: ignore[arg-type]
+            self.relay.to_peer(outcome, now)  # type: ignore[arg-type]
             return
         if cls is bytes:
             reply: bytes | None = outcome  # type: ignore[assignment]
@@ -676,9 +678,10 @@ class TrackerServer:
         if self.turn is None or self.relay is None:
             conn.close()  # no TURN relay here
             return
-        out = self.turn.channel_data_from_client(frame, self._stream_client(conn), time.monotonic())
+        now = time.monotonic()
+        out = self.turn.channel_data_from_client(frame, self._stream_client(conn), now)
         if out is not None:
-            self.relay.to_peer(out)
+            self.relay.to_peer(out, now)
 
     def _stream_client(self, conn: StreamConnection) -> ClientRef:
         ref = conn.turn_client

@@ -5,11 +5,18 @@ Each allocation owns one UDP socket, bound to the relay address of its family
 callback, as the tracker port is read; what arrives goes to the pure TURN core
 (:class:`~nattool.protocol.turn_server.TurnCore`), which decides whether it reaches
 the client (a permission or channel exists, the bandwidth allows) and how.
+
+Between two allocations of this server (the common case: two peers relayed by one
+server) a packet does not go out through the kernel and back: what one allocation
+sends to another's relayed address is handed to that allocation's peer side at once,
+from the sender's relayed address, as the kernel would have delivered it (the same
+checks in the core decide; a test compares both ways).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import random
@@ -70,7 +77,7 @@ class RelayPortRange:
     """Binds relayed UDP sockets on free ports of one address within a range."""
 
     def __init__(self, ip: IPAddress, low: int, high: int, rng: random.Random | None = None) -> None:
-        self.ip = ip
+        self.ip = hashed_ip(ip)  # every relayed endpoint of the range shares this object
         self.low = low
         self.high = high
         self._rng = rng or random.SystemRandom()
@@ -133,8 +140,40 @@ class RelayPortRange:
         return sock, Endpoint(self.ip, port)
 
 
+def _hashing_once(plain: type) -> type:
+    """A subclass of ``plain`` (IPv4Address or IPv6Address) that hashes once: the relay
+    looks its peers and relayed addresses up in several tables per packet, and
+    ``ipaddress`` formats the address as hex text on every hash. Equal to, and hashed
+    as, the plain address."""
+
+    class HashedOnce(plain):  # type: ignore[misc, valid-type]
+        __slots__ = ("_hash",)
+
+        def __init__(self, address: object) -> None:
+            super().__init__(address)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+    HashedOnce.__name__ = HashedOnce.__qualname__ = f"HashedOnce{plain.__name__}"
+    return HashedOnce
+
+
+_HASHED_IPV4 = _hashing_once(ipaddress.IPv4Address)
+_HASHED_IPV6 = _hashing_once(ipaddress.IPv6Address)
+
+
+def hashed_ip(ip: IPAddress) -> IPAddress:
+    """``ip`` as an address that hashes once (equal to ``ip``, and of its version)."""
+    if isinstance(ip, (_HASHED_IPV4, _HASHED_IPV6)):
+        return ip
+    return _HASHED_IPV4(int(ip)) if ip.version == 4 else _HASHED_IPV6(str(ip))  # type: ignore[no-any-return]
+
+
 def _peer_endpoint(addr: tuple[str, int]) -> Endpoint:
-    return Endpoint.from_sockaddr(addr)
+    endpoint = Endpoint.from_sockaddr(addr)
+    return dataclasses.replace(endpoint, ip=hashed_ip(endpoint.ip))
 
 
 class TurnRelay:
@@ -156,6 +195,13 @@ class TurnRelay:
         self.counters = counters
         self._sockets: dict[int, socket.socket] = {}  # allocation (or reservation) id -> socket
         self._senders: dict[int, ClientSender] = {}
+        # Read relayed sockets: the endpoint the kernel names as their address (what a
+        # peer sees as the source) -> (allocation id, IP version), and back.
+        self._local: dict[Endpoint, tuple[int, int]] = {}
+        self._source_of: dict[int, tuple[Endpoint, int]] = {}
+        # Off: every packet between allocations goes through the kernel (the slow path,
+        # for the test that compares both).
+        self.local_fast_path = True
         self._sockaddrs, self._learn_sockaddr = bounded_memo(Endpoint.sockaddr, PEER_CACHE_MAX)
         self._peers, self._learn_peer = bounded_memo(_peer_endpoint, PEER_CACHE_MAX)
 
@@ -190,6 +236,11 @@ class TurnRelay:
             return None
         self._senders[wanted.allocation_id] = sender
         self.loop.add_reader(sock.fileno(), self._drain_peer, wanted.allocation_id, sock)
+        source = Endpoint.from_sockaddr(sock.getsockname()[:2])
+        if source == relayed:
+            source = relayed  # the core's own object: its tables find it by identity
+        self._local[source] = (wanted.allocation_id, source.ip.version)
+        self._source_of[wanted.allocation_id] = (source, source.ip.version)
         return reply
 
     def _failed(self, wanted: AllocationWanted) -> Optional[bytes]:
@@ -199,6 +250,9 @@ class TurnRelay:
     def close(self, allocation_id: int) -> None:
         sock = self._sockets.pop(allocation_id, None)
         self._senders.pop(allocation_id, None)
+        source = self._source_of.pop(allocation_id, None)
+        if source is not None:
+            del self._local[source[0]]
         if sock is not None:
             try:
                 self.loop.remove_reader(sock.fileno())
@@ -210,10 +264,22 @@ class TurnRelay:
         for allocation_id in list(self._sockets):
             self.close(allocation_id)
 
-    def to_peer(self, out: ToPeer) -> None:
+    def to_peer(self, out: ToPeer, now: float) -> None:
         sock = self._sockets.get(out.allocation_id)
         if sock is None:
             return
+        local = self._local.get(out.peer)
+        if local is not None and self.local_fast_path:
+            # The relayed address of allocation local[0] of this server: what reading it
+            # there would do (_drain_peer), without the kernel. A socket cannot send to
+            # the other family's addresses: those go to the kernel, as for any peer.
+            source = self._source_of.get(out.allocation_id)
+            send = self._senders.get(local[0])
+            if source is not None and send is not None and source[1] == local[1]:
+                reply = self.core.on_peer_datagram(local[0], out.payload, source[0], now)
+                if reply is not None:
+                    send(reply)
+                return
         addr = self._sockaddrs.get(out.peer) or self._learn_sockaddr(out.peer)
         try:
             sock.sendto(out.payload, addr)

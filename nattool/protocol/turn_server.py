@@ -120,6 +120,7 @@ _UNDERSTOOD = frozenset(
     }
 )
 _NOT_PLAIN = object()  # a Send indication the per-packet reader leaves to parse()
+_V4_PEERS_MAX = 4096  # peer endpoints the Send indication reader remembers
 _REQUEST_METHODS = frozenset(
     {TurnMethod.ALLOCATE, TurnMethod.REFRESH, TurnMethod.CREATE_PERMISSION, TurnMethod.CHANNEL_BIND}
 )
@@ -389,6 +390,9 @@ class TurnCore:
         self._rate = float(config.bandwidth)
         self._burst = float(burst)
         self._xor_peer_cache: dict[Endpoint, bytes] = {}
+        # (IPv4 address as an integer, port) -> its endpoint (interned), for the plain
+        # Send indication reader: no address object built per packet.
+        self._v4_peers: dict[tuple[int, int], Endpoint] = {}
 
     # ------------------------------------------------------------------ public surface
 
@@ -444,7 +448,7 @@ class TurnCore:
             self.counters.permission_drops += 1
             return None
         payload = parsed[1]
-        if not self._spend(alloc, len(payload), now):
+        if self._rate and not self._spend(alloc, len(payload), now):
             return None
         self.counters.packets_to_peer += 1
         self.counters.bytes_to_peer += len(payload)
@@ -510,14 +514,14 @@ class TurnCore:
             if not self._may_reach(alloc, peer, now, channel_ok=True):
                 self.counters.permission_drops += 1
                 return None
-            if not self._spend(alloc, len(data), now):
+            if self._rate and not self._spend(alloc, len(data), now):
                 return None
             out = encode_channel_data(number, data, stream=alloc.stream)
         else:
             if not self._may_reach(alloc, peer, now, channel_ok=False):
                 self.counters.permission_drops += 1
                 return None
-            if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or not self._spend(alloc, len(data), now):
+            if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or (self._rate and not self._spend(alloc, len(data), now)):
                 return None
             out = self.data_indication(alloc, peer, data)
         self.counters.packets_to_client += 1
@@ -747,7 +751,7 @@ class TurnCore:
     def _create_permission(self, msg: StunMessage, alloc: _Allocation, now: float) -> ClientOutcome:
         txid = msg.transaction_id
         fp = msg.has_fingerprint
-        peers = [a.endpoint for a in msg.get_all(XorPeerAddress)]  # type: ignore[union-attr]
+        peers = [self._interned(a.endpoint) for a in msg.get_all(XorPeerAddress)]  # type: ignore[union-attr]
         if not peers:
             return self._refuse(TurnMethod.CREATE_PERMISSION, txid, 400, alloc.key, fp)
         modes: list[tuple[IPAddress, int]] = []
@@ -774,7 +778,7 @@ class TurnCore:
         if not isinstance(number_attr, ChannelNumber) or not isinstance(peer_attr, XorPeerAddress):
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         number = number_attr.number
-        peer = peer_attr.endpoint
+        peer = self._interned(peer_attr.endpoint)
         if not CHANNEL_MIN <= number <= CHANNEL_MAX:
             return self._refuse(TurnMethod.CHANNEL_BIND, txid, 400, alloc.key, fp)
         if peer.ip.version != alloc.family:
@@ -824,7 +828,7 @@ class TurnCore:
             if t == 0x0012 and peer is None and length == 8 and data[pos + 5] == 0x01:
                 port = ((data[pos + 6] << 8) | data[pos + 7]) ^ 0x2112
                 ip = int.from_bytes(data[pos + 8 : pos + 12], "big") ^ MAGIC_COOKIE
-                peer = Endpoint(ipaddress.IPv4Address(ip), port)
+                peer = self._v4_peers.get((ip, port)) or self._learn_v4_peer(ip, port)
             elif t == 0x0013 and payload is None:
                 payload = data[pos + 4 : end]
             elif t == 0x8028 and length == 4 and end == n:
@@ -836,6 +840,12 @@ class TurnCore:
         if peer is None or payload is None:
             return _NOT_PLAIN
         return self._relay_send(client, peer, payload, now)
+
+    def _learn_v4_peer(self, ip: int, port: int) -> Endpoint:
+        if len(self._v4_peers) >= _V4_PEERS_MAX:
+            self._v4_peers.clear()
+        peer = self._v4_peers[(ip, port)] = self._interned(Endpoint(ipaddress.IPv4Address(ip), port))
+        return peer
 
     def _send_indication(self, msg: StunMessage, client: ClientRef, now: float) -> Optional[ToPeer]:
         peer_attr = msg.get(XorPeerAddress)
@@ -853,13 +863,21 @@ class TurnCore:
         if peer.ip.version != alloc.family or not self._may_reach(alloc, peer, now, channel_ok=False):
             self.counters.permission_drops += 1
             return None
-        if not self._spend(alloc, len(payload), now):
+        if self._rate and not self._spend(alloc, len(payload), now):
             return None
         self.counters.packets_to_peer += 1
         self.counters.bytes_to_peer += len(payload)
         return ToPeer(alloc.id, peer, payload)
 
     # ------------------------------------------------------------------ peers
+
+    def _interned(self, peer: Endpoint) -> Endpoint:
+        """The relayed address of this server equal to ``peer`` when there is one (the
+        very object the shell reports as the source of what it relays between
+        allocations), else ``peer``: per packet, the permission, channel and relayed
+        address tables then find their key by identity, without comparing endpoints."""
+        target = self._relayed.get(peer)
+        return target.relayed if target is not None else peer
 
     def _permission_mode(self, alloc: _Allocation, peer: Endpoint) -> Optional[int]:
         """How a permission for ``peer``'s IP is checked per packet, or None: 403."""
@@ -920,7 +938,8 @@ class TurnCore:
             perm[1] = max(perm[1], mode)  # the stricter check wins
 
     def _spend(self, alloc: _Allocation, n: int, now: float) -> bool:
-        """The allocation's token bucket (both directions share it)."""
+        """The allocation's token bucket (both directions share it). The per-packet
+        paths call it only when there is a cap (``self._rate and not self._spend(...)``)."""
         if not self._rate:
             return True
         tokens = alloc.tokens
