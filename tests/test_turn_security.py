@@ -119,7 +119,7 @@ def test_group_credentials_reach_only_their_group(tracker, turn_client) -> None:
             assert error_of(member.permit(target)) == 403, target
         # The stranger cannot open a way into the group either.
         assert error_of(stranger.permit(a)) == 403
-        # An operator's allocation may reach the member's relayed address (W5), but
+        # An operator's allocation may reach the member's relayed address (the peer policy), but
         # the member never permitted it: nothing arrives.
         assert operator.permit(a).msg_class == MsgClass.SUCCESS
         operator.send_to(a, b"from an operator")

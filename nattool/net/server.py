@@ -290,7 +290,7 @@ class TrackerServer:
             self.core.relay = _GroupRelay(self.turn)
 
     async def _listen_tcp(self, loop: asyncio.AbstractEventLoop) -> None:
-        """TCP on the tracker port number of each address (DESIGN24 W2)."""
+        """TCP on the tracker port number of each address (docs/PROTOCOL.md section 9)."""
         for lst in self.listeners:
             if lst.primary:
                 tcp = TcpListener(self, lst.local, self.core.counters)
@@ -406,7 +406,7 @@ class TrackerServer:
             self.collector.collect_young(registered)
 
     def _drain_turn(self, listener: _Listener) -> None:
-        """The reader of a tracker socket with TURN on (DESIGN24 W1): ChannelData and
+        """The reader of a tracker socket with TURN on: ChannelData and
         TURN methods to the TURN core, everything else as :meth:`_drain` would answer
         it, through the general path. TURN requests count against the per-source rate
         limit; Send indications and ChannelData do not (the core caps their bandwidth)."""

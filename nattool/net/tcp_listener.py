@@ -1,6 +1,6 @@
 """TCP on the tracker port: framed text requests, STUN and TURN over a stream.
 
-One connection carries back-to-back frames (DESIGN24 W2, the deframer is
+One connection carries back-to-back frames (docs/PROTOCOL.md section 9; the deframer is
 :mod:`nattool.protocol.stream_frames`); each complete frame goes to a
 :class:`StreamHandler` (the serving loop), which answers on the same connection.
 

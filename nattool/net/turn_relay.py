@@ -1,7 +1,7 @@
 """The relayed sockets of `nattool serve`'s TURN server (RFC 8656).
 
 Each allocation owns one UDP socket, bound to the relay address of its family
-(DESIGN24 W6) on a port of ``--relay-ports``. The event loop reads it with a reader
+on a port of ``--relay-ports``. The event loop reads it with a reader
 callback, as the tracker port is read; what arrives goes to the pure TURN core
 (:class:`~nattool.protocol.turn_server.TurnCore`), which decides whether it reaches
 the client (a permission or channel exists, the bandwidth allows) and how.

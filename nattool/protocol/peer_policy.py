@@ -1,4 +1,4 @@
-"""Which peers a TURN allocation may relay to (DESIGN24 W5).
+"""Which peers a TURN allocation may relay to (docs/PROTOCOL.md section 8).
 
 Pure. Default deny: loopback, RFC 1918, ULA, link-local, multicast, unspecified,
 0.0.0.0/8, broadcast, and the IPv4-mapped forms of all these; the server's own service

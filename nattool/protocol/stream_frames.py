@@ -1,4 +1,4 @@
-"""Frames on a TCP connection to the tracker port (docs/PROTOCOL.md, DESIGN W2).
+"""Frames on a TCP connection to the tracker port (docs/PROTOCOL.md section 9).
 
 A byte stream carries back-to-back frames, told apart by their first byte
 (RFC 7983 style):

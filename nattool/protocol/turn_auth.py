@@ -1,5 +1,5 @@
 """TURN credentials: RFC 8489 long-term keys, coturn's static users and REST secret,
-the tracker's own group credentials, and stateless nonces (DESIGN24 W3, W4).
+the tracker's own group credentials, and stateless nonces (docs/PROTOCOL.md section 8).
 
 Pure: the clock comes in as an argument, the secrets from the caller.
 
