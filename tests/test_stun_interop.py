@@ -15,17 +15,14 @@ every run is bounded by a timeout and its output parsed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -37,6 +34,7 @@ from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like test
     natlab_available,
     turnserver_available,
 )
+from tests.natlab.shared_lab import SharedLab, cases_in_one_lab, check_case
 from tests.natlab.stun import TurnServer, communicate_bounded, run_stunclient, start_turnserver
 from tests.natlab.topologies import SERVER_V4, SERVER_V6, ProbeTopology, probe_topology
 from tests.test_probe_lab import (
@@ -271,49 +269,6 @@ def test_natdiscovery_loopback_agrees_with_whoami(tracker: TrackerFactory, famil
 
 
 # --------------------------------------------------------------------------- (a) behind lab NATs
-
-@contextlib.contextmanager
-def shown_on_failure(lab: Lab) -> Iterator[None]:
-    """For tests that share a lab: when the block fails, print the lab's addresses, routes
-    and rulesets (as the natlab fixture does for a lab of one test)."""
-    try:
-        yield
-    except BaseException:
-        print(f"--- shared NAT lab at failure ---\n{lab.describe()}", file=sys.stderr)
-        raise
-
-
-S = TypeVar("S")
-R = TypeVar("R")
-SharedLab = tuple[Lab, dict[NatBehaviour, Future[R]]]
-
-
-@contextlib.contextmanager
-def cases_in_one_lab(behaviours: Sequence[NatBehaviour], start_servers: Callable[[Lab, ServerHost], S],
-                     case: Callable[[Lab, ProbeTopology, NatBehaviour, S], R],
-                     workers: int) -> Iterator[SharedLab[R]]:
-    """One lab for many cases: a server host (SERVER_V4 + SERVER_V6) with the servers that
-    ``start_servers`` starts, then per behaviour a NAT ("natN") with a client ("clientN"),
-    and ``case`` run for each, ``workers`` at a time. The cases share nothing but the server
-    host (each NAT has its own WAN address), so their waits overlap instead of adding up."""
-    with Lab() as lab:
-        server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
-        servers = start_servers(lab, server)
-        with ThreadPoolExecutor(workers) as pool:
-            runs = {}
-            for n, behaviour in enumerate(behaviours):
-                nat = lab.add_nat(f"nat{n}", behaviour)
-                topo = ProbeTopology(server, nat, lab.add_host(f"client{n}", behind=nat))
-                runs[behaviour] = pool.submit(case, lab, topo, behaviour, servers)
-        yield lab, runs
-
-
-def check_case(shared: SharedLab[R], behaviour: NatBehaviour, check: Callable[[R, NatBehaviour], None]) -> None:
-    """``check`` the result of ``behaviour``'s case (its exception, if it raised one)."""
-    lab, runs = shared
-    with shown_on_failure(lab):
-        check(runs[behaviour].result(), behaviour)
-
 
 CLIENT_NATS = [NatBehaviour.NO_NAT, NatBehaviour.EIM_EIF, NatBehaviour.EIM_ADF, NatBehaviour.EIM_APDF,
                NatBehaviour.APDM, NatBehaviour.IPV6_FIREWALL]
