@@ -24,8 +24,10 @@ MACHINERY = (
     "nattool.net",
     "nattool.store",
     "nattool.tracker",
+    "nattool.protocol.connect_rules",
     "nattool.protocol.connect_session",
     "nattool.protocol.connect_events",
+    "nattool.protocol.nat_behaviour",
     "nattool.protocol.stun",
     "nattool.protocol.text",
     "nattool.protocol.turn",  # turn, turn_server, turn_client ...

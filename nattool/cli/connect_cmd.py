@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
-from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, RelayMode
+from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 
 # --timeout is connect's give-up time, so --retries says which timeout it splits: the
 # per-tracker one (the config file's `timeout`), as in every other client command.
