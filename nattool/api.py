@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
 
+from nattool.client_defaults import DEFAULT_RETRIES, DEFAULT_TIMEOUT, PROBE_RETRIES, PROBE_TIMEOUT
 from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, UsageError
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.text import MemberEntry, MemberList, RegisterRequest, TrackerList, canonical_group
@@ -47,10 +48,6 @@ if TYPE_CHECKING:
 # A DNS server instead of the system's: "ip[:port]" or (ip, port).
 DnsServer = Union[str, tuple[str, int], None]
 
-DEFAULT_TIMEOUT = 2.0
-DEFAULT_RETRIES = 3
-PROBE_TIMEOUT = 1.0  # the probe waits this long in each of its (up to) three phases
-PROBE_RETRIES = 2
 # Padding lets the tracker send a longer member list (a reply may be 3x the request).
 REGISTER_PAD_TO = 400
 

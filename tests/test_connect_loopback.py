@@ -218,7 +218,7 @@ def test_mapping_and_verdict() -> None:
 
 
 def test_sanitize_keeps_text_and_defuses_escapes() -> None:
-    from nattool.cli.connect_cmd import sanitize
+    from nattool.cli.connect_render import sanitize
 
     assert sanitize("héllo\tworld\r\n") == "héllo\tworld"
     assert sanitize("\x1b]0;pwned\x07\x9b") == "\ufffd]0;pwned\ufffd\ufffd"

@@ -1,4 +1,12 @@
-"""The `nattool` command: one Typer app, one function per subcommand."""
+"""The `nattool` command: one Typer app, one function per subcommand.
+
+Building the app is all that `--version`, `--help` and every shell-completion <TAB>
+run, and every command pays for it first. So a command module imports at its top only
+what its signature needs (typer, the shared options, the enums and defaults its options
+show); what runs the command (the client and server machinery, asyncio, rich) is
+imported inside the command's function and the helpers it calls.
+tests/test_cli_startup.py holds the line.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +21,12 @@ from nattool.cli.bench_cmd import bench
 from nattool.cli.config_cmd import app as config_app
 from nattool.cli.connect_cmd import connect
 from nattool.cli.help_format import NattoolCommand
-from nattool.cli.output import set_verbosity
-from nattool.exit_codes import ExitCode
 from nattool.cli.probe_cmd import probe
 from nattool.cli.register_cmd import register
 from nattool.cli.serve_cmd import serve
 from nattool.cli.trackers_cmd import trackers
 from nattool.cli.whoami_cmd import whoami
+from nattool.exit_codes import ExitCode
 
 app = typer.Typer(
     name="nattool",
@@ -46,6 +53,8 @@ def main_options(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail (repeatable).")] = 0,
 ) -> None:
     """NAT tracker server and client toolkit."""
+    from nattool.cli.output import set_verbosity
+
     set_verbosity(quiet, verbose)
 
 

@@ -7,7 +7,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nattool.cli.output import emit_json, run_edge, stdout, verbosity
 from nattool.exit_codes import ExitCode
 
 
@@ -35,6 +34,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
 ) -> None:
     """Load a tracker or STUN server with UDP requests; report rate, loss, invalid replies and latency."""
+    from nattool.cli.output import emit_json, run_edge, stdout, verbosity
 
     def body() -> int:
         from nattool.diag.bench import BenchConfig, check_max_loss, parse_mix, parse_target, run_bench
@@ -138,6 +138,8 @@ class _LiveProgress:
         if self.enabled:
             from rich.live import Live
 
+            from nattool.cli.output import stdout
+
             self._live = Live("starting…", console=stdout, transient=True, refresh_per_second=4)
             self._live.__enter__()
         return self
@@ -163,6 +165,8 @@ class _LiveProgress:
 
 def _render(d: dict[str, Any]) -> None:
     from rich.table import Table
+
+    from nattool.cli.output import stdout
 
     mode = f"closed loop, window {d['window']}" if d["mode"] == "closed" else f"open loop, {d['rate']:,.0f}/s"
     stdout.print(
@@ -199,6 +203,8 @@ def _render(d: dict[str, Any]) -> None:
 
 
 def _print_hints(hints: list[str]) -> None:
+    from nattool.cli.output import stdout
+
     for hint in hints:
         stdout.print(f"hint: {hint}", markup=False)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nattool.config import load_settings
 from nattool.errors import NattoolError
 
 
 def configured_trackers(config_path: str | None, environ: Any = None) -> list[tuple[str, str]]:
     """(tracker, where it is configured) for the trackers of NATTOOL_TRACKERS or the config
     file, in their configured order; [] when none or the config cannot be read."""
+    from nattool.config import load_settings
+
     try:
         settings = load_settings({}, config_path=config_path, environ=os.environ if environ is None else environ)
         trackers = settings.get("trackers") or ()

@@ -7,12 +7,9 @@ import sys
 from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
 from nattool.cli.help_format import NattoolCommand
 from nattool.cli.options import ConfigOpt, JsonOpt
-from nattool.cli.output import emit_json, info, run_edge, stdout
-from nattool.config import config_path_in_use, load_settings
 
 app = typer.Typer(
     name="config",
@@ -43,6 +40,10 @@ def _render(value: Any) -> str:
 @app.command("show", cls=NattoolCommand)
 def show(ctx: typer.Context, json_out: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Print every setting, its effective value and where it came from."""
+    from rich.table import Table
+
+    from nattool.cli.output import emit_json, info, run_edge, stdout
+    from nattool.config import load_settings
 
     def body() -> int:
         settings = load_settings({}, config_path=_config_path(ctx, config), environ=os.environ)
@@ -71,6 +72,8 @@ def show(ctx: typer.Context, json_out: JsonOpt = False, config: ConfigOpt = None
 @app.command("path", cls=NattoolCommand)
 def path(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Print the path of the config file in use (it may not exist yet)."""
+    from nattool.cli.output import info, run_edge
+    from nattool.config import config_path_in_use
 
     def body() -> int:
         where, source, _explicit = config_path_in_use(_config_path(ctx, config), os.environ)

@@ -3,37 +3,12 @@ through a tracker's TURN relay otherwise), and a tiny chat."""
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from nattool.cli.node_args import parse_identity, parse_lan
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
-from nattool.cli.output import run_edge, stderr, verbosity
-from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
-from nattool.diag.connect import connect_session
-from nattool.errors import ProtocolError, UsageError
-from nattool.protocol.connect_events import (
-    ConnectEvent,
-    GaveUp,
-    MemberSeen,
-    MessageReceived,
-    PathDown,
-    PathUp,
-    Queued,
-    Registered,
-    RelayAllocated,
-    RelayLost,
-    StreamWanted,
-    Undelivered,
-)
-from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, RelayMode
-from nattool.protocol.connect_session import SessionConfig
-from nattool.protocol.endpoint import parse_ip
-from nattool.protocol.text import canonical_group
+from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 
 # --timeout is connect's give-up time, so --retries says which timeout it splits: the
 # per-tracker one (the config file's `timeout`), as in every other client command.
@@ -70,6 +45,15 @@ def connect(
     End of input leaves, once the lines read are delivered. Exit status: 0 ok, 1 no path could be opened (with
     the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker can be sent to.
     """
+    from nattool.cli.connect_render import Renderer
+    from nattool.cli.node_args import parse_identity, parse_lan
+    from nattool.cli.output import run_edge
+    from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
+    from nattool.diag.connect import connect_session
+    from nattool.errors import ProtocolError, UsageError
+    from nattool.protocol.connect_session import SessionConfig
+    from nattool.protocol.endpoint import parse_ip
+    from nattool.protocol.text import canonical_group
 
     def body() -> int:
         settings = client_settings(tracker, domain, None, retries, config)
@@ -110,122 +94,11 @@ def connect(
                 relay=relay,
                 tcp=tcp,
             )
-            return await connect_session(config, _Renderer(json_out), port=port, bind=bind, read_stdin=not once)
+            return await connect_session(config, Renderer(json_out), port=port, bind=bind, read_stdin=not once)
 
         return int(run(go()))
 
     raise typer.Exit(run_edge(body))
 
 
-class _Renderer:
-    """Events to the terminal: chat lines on stdout, status on stderr; or, with --json,
-    every event as one compact JSON object per line on stdout."""
-
-    def __init__(self, json_out: bool) -> None:
-        self.json_out = json_out
-        self.t0 = time.monotonic()
-
-    def __call__(self, event: ConnectEvent) -> None:
-        fields = event_fields(event)
-        if fields is None:
-            return
-        if self.json_out:
-            out = {"event": fields.pop("event"), "t": round(time.monotonic() - self.t0, 3)}
-            out.update(fields)
-            sys.stdout.write(json.dumps(out, separators=(",", ":")) + "\n")
-            sys.stdout.flush()
-            return
-        if isinstance(event, MessageReceived):
-            sys.stdout.write(f"<{fields['peer']}> {fields['text']}\n")
-            sys.stdout.flush()
-            return
-        text = _human(fields)
-        if text is not None and (verbosity() >= 0 or isinstance(event, GaveUp)):
-            stderr.print(text, markup=False)
-
-
-def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
-    """An event as the JSON object --json prints (None: not shown)."""
-    if isinstance(e, Registered):
-        return {"event": "registered", "tracker": e.tracker.to_text(), "public": e.public.to_text(), "form": e.form}
-    if isinstance(e, MemberSeen):
-        return {"event": "member_seen", "member": e.member.to_text(), "lan": list(e.lan),
-                "tracker": e.tracker.to_text()}
-    if isinstance(e, PathUp):
-        return {"event": "path_up", "peer": e.endpoint.to_text(), "peer_id": e.peer_id, "path": e.kind.value,
-                "via": e.via, "rtt_ms": round(e.rtt * 1000, 3), "open_s": round(e.open_time, 3),
-                "since_start_s": round(e.since_start, 3), "observed_as": e.observed_as}
-    if isinstance(e, PathDown):
-        return {"event": "path_down", "peer": e.endpoint.to_text() if e.endpoint else None, "peer_id": e.peer_id,
-                "path": e.kind.value, "via": e.via, "reason": e.reason}
-    if isinstance(e, MessageReceived):
-        return {"event": "message", "peer": e.endpoint.to_text(), "peer_id": e.peer_id,
-                "text": sanitize(e.data.decode("utf-8", "replace"))}
-    if isinstance(e, GaveUp):
-        out: dict[str, Any] = {"event": "gave_up", "member": e.member.to_text() if e.member else None,
-                               "impossible": e.impossible, "reason": e.reason}
-        if e.verdict is not None:
-            v = e.verdict
-            out["mapping"] = {"self": v.mine, "self_reason": v.mine_reason, "peer": v.theirs,
-                              "peer_reason": v.theirs_reason}
-        if e.tried is not None:
-            out["tried_s"] = round(e.tried, 3)
-        return out
-    if isinstance(e, StreamWanted):
-        return {"event": "tcp", "tracker": e.tracker.to_text(), "reason": e.reason}
-    if isinstance(e, RelayAllocated):
-        return {"event": "relay", "server": e.server.to_text(), "relayed": e.relayed.to_text()}
-    if isinstance(e, RelayLost):
-        return {"event": "relay_lost", "server": e.server.to_text() if e.server else None, "reason": e.reason}
-    if isinstance(e, Queued):
-        return {"event": "queued", "reason": "no path up yet: the line waits for the first peer"}
-    if isinstance(e, Undelivered):
-        out = {"event": "undelivered", "peer_id": e.peer_id, "reason": e.reason}
-        if e.endpoint is not None:
-            out["peer"] = e.endpoint.to_text()
-        return out
-    return None  # SessionEnded: the exit status says it
-
-
-def sanitize(text: str) -> str:
-    """A peer's line as it may reach a terminal: no control characters (no escape
-    sequences that could rewrite the screen), tabs kept."""
-    return "".join(ch if ch == "\t" or ch.isprintable() else "\ufffd" for ch in text.rstrip("\r\n"))
-
-
-def _human(e: dict[str, Any]) -> Optional[str]:
-    kind = e["event"]
-    if kind == "registered":
-        return f"registered at {e['tracker']}: public endpoint {e['public']}"
-    if kind == "member_seen":
-        lan = f" (LAN {', '.join(e['lan'])})" if e["lan"] else ""
-        return f"member {e['member']}{lan}: punching"
-    if kind == "path_up":
-        via = {"lan": "LAN", "relay": "relay"}.get(e["via"], "Internet")
-        return (f"path up to {e['peer']} via {via}: "
-                f"rtt {e['rtt_ms']:.1f} ms, opened in {e['open_s']:.2f} s")
-    if kind == "path_down":
-        return f"path down to {e['peer']} via {e['via']} ({e['reason']}): trying again"
-    if kind == "tcp":
-        return f"{e['reason']}: trying TCP to {e['tracker']}"
-    if kind == "relay":
-        return f"relay at {e['server']}: relayed endpoint {e['relayed']}"
-    if kind == "relay_lost" and e["server"] is not None:
-        return f"relay lost: {e['reason']}"
-    if kind == "gave_up":
-        who = e.get("member") or "group"
-        head = "impossible" if e.get("impossible") else "gave up"
-        lines = [f"{head}: {who}: {e['reason']}"]
-        mapping = e.get("mapping")
-        if mapping:
-            lines.append(f"  your mapping: {mapping['self'] or 'unknown'} ({mapping['self_reason']})")
-            lines.append(f"  peer mapping: {mapping['peer'] or 'unknown'} ({mapping['peer_reason']})")
-        return "\n".join(lines)
-    if kind == "queued":
-        return "no peer connected yet: the line will be sent when a path is up"
-    if kind == "undelivered":
-        return f"line not delivered to {e.get('peer') or 'anyone'}: {e['reason']}"
-    return None
-
-
-__all__ = ["connect", "event_fields", "sanitize"]
+__all__ = ["connect"]

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from nattool import api
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
-from nattool.cli.output import emit_json, info, run_edge, stderr, stdout, verbosity
-from nattool.cli.targets import client_settings, run
-from nattool.diag.probe import FamilyResult, ProbeResult
-from nattool.errors import NattoolError, UsageError
-from nattool.exit_codes import ExitCode
+from nattool.client_defaults import PROBE_RETRIES, PROBE_TIMEOUT
+
+if TYPE_CHECKING:
+    from nattool.diag.probe import FamilyResult, ProbeResult
 
 # --timeout and --retries as on every client command, with the probe's own defaults and
 # range: it waits a timeout in each of up to three rounds, so the configured 2 s (for
 # trackers) would double its run time.
 ProbeTimeoutOpt = Annotated[
     Optional[float],
-    typer.Option("--timeout", metavar="SECONDS", help=f"Seconds each request waits, retries included (0.2..10) [default: {api.PROBE_TIMEOUT:g}].", show_default=False),
+    typer.Option("--timeout", metavar="SECONDS", help=f"Seconds each request waits, retries included (0.2..10) [default: {PROBE_TIMEOUT:g}].", show_default=False),
 ]
 ProbeRetriesOpt = Annotated[
     Optional[int],
-    typer.Option("--retries", metavar="N", help=f"Retransmissions (with doubling backoff) within the timeout [default: {api.PROBE_RETRIES}].", show_default=False),
+    typer.Option("--retries", metavar="N", help=f"Retransmissions (with doubling backoff) within the timeout [default: {PROBE_RETRIES}].", show_default=False),
 ]
 
 
@@ -59,6 +55,14 @@ def probe(
     address that really answers); otherwise it is reported unknown, with the reason.
     """
 
+    from rich.markup import escape
+
+    from nattool import api
+    from nattool.cli.output import info, run_edge, stderr
+    from nattool.cli.targets import client_settings, run
+    from nattool.errors import NattoolError, UsageError
+    from nattool.exit_codes import ExitCode
+
     def body() -> int:
         if ipv4 and ipv6:
             raise UsageError("-4 and -6 exclude each other")
@@ -71,13 +75,13 @@ def probe(
         def warn(err: NattoolError) -> None:
             info(f"[yellow]warning:[/yellow] {escape(str(err))}")
 
-        probe_timeout = next((t for t in (timeout, wait) if t is not None), api.PROBE_TIMEOUT)
+        probe_timeout = next((t for t in (timeout, wait) if t is not None), PROBE_TIMEOUT)
         result = run(
             api.probe(
                 settings.trackers,
                 domain=settings.domain,
                 timeout=probe_timeout,
-                retries=retries if retries is not None else api.PROBE_RETRIES,
+                retries=retries if retries is not None else PROBE_RETRIES,
                 family=4 if ipv4 else 6 if ipv6 else None,
                 hairpin=hairpin,
                 lifetime_max=lifetime_max if lifetime else None,
@@ -102,6 +106,8 @@ def _yn(value: Optional[bool]) -> str:
 
 
 def render(result: ProbeResult, json_out: bool) -> None:
+    from nattool.cli.output import emit_json, info, stdout, verbosity
+
     if json_out:
         emit_json(result.to_json())
         return
@@ -116,6 +122,10 @@ def render(result: ProbeResult, json_out: bool) -> None:
 
 
 def _render_family(fam: FamilyResult) -> None:
+    from rich.table import Table
+
+    from nattool.cli.output import stdout, verbosity
+
     b = fam.behaviour
     stdout.print(f"[bold]{fam.family}[/bold] ({len(fam.servers)} server{'s' if len(fam.servers) != 1 else ''}, {fam.elapsed:.2f} s)")
     rows: list[tuple[str, str]] = [("UDP", "ok" if b.udp == "ok" else "[red]blocked[/red]")]

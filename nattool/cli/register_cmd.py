@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from nattool import api
-from nattool.api import Registration
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
-from nattool.cli.node_args import parse_identity, parse_lan
-from nattool.cli.output import emit_json, info, run_edge, stdout
-from nattool.cli.targets import check_timing, client_settings, run
-from nattool.errors import ProtocolError, UsageError
+from nattool.errors import UsageError
 from nattool.exit_codes import ExitCode
-from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.text import MemberEntry
+
+if TYPE_CHECKING:
+    from nattool import api
+    from nattool.api import Registration
+    from nattool.protocol.endpoint import Endpoint
+    from nattool.protocol.text import MemberEntry
 
 
 def register(
@@ -37,6 +33,11 @@ def register(
     config: ConfigOpt = None,
 ) -> None:
     """Register in GROUP at every tracker and list the group's members."""
+
+    from nattool import api
+    from nattool.cli.node_args import parse_identity, parse_lan
+    from nattool.cli.output import info, run_edge
+    from nattool.cli.targets import check_timing, client_settings, run
 
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
@@ -71,6 +72,9 @@ def register(
 
 
 def _public(text: str) -> Endpoint | None:
+    from nattool.errors import ProtocolError
+    from nattool.protocol.endpoint import Endpoint
+
     if text == "0":
         return None
     try:
@@ -88,6 +92,11 @@ def _exit_code(reg: Registration) -> int:
 
 
 def _render_once(reg: Registration, json_out: bool) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from nattool.cli.output import emit_json, stdout
+
     me, members = reg.me, reg.members
     if json_out:
         emit_json(
@@ -128,6 +137,10 @@ def _render_once(reg: Registration, json_out: bool) -> int:
 
 
 async def _keepalive_loop(node: api.Registrant, interval: float, json_out: bool) -> int:
+    import asyncio
+
+    from nattool.cli.output import emit_json, stdout
+
     known: dict[str, MemberEntry] = {}
     first = True
     while True:

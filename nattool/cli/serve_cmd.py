@@ -11,12 +11,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from nattool.cli.options import ConfigOpt
-from nattool.cli.output import run_edge
 from nattool.errors import ConfigError, ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.logs import LOG_LEVELS, setup_logging
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
-from nattool.store.base import StoreLimits
 
 if TYPE_CHECKING:
     from nattool.net.server import ServerConfig
@@ -77,6 +75,8 @@ def serve(
         "serve.allow_peer": allow_peer, "serve.deny_peer": deny_peer, "serve.max_allocations": max_allocations,
         "serve.user_quota": user_quota, "serve.source_quota": source_quota, "serve.relay_bandwidth": relay_bandwidth,
     }
+    from nattool.cli.output import run_edge
+
     if print_unit:
         raise typer.Exit(run_edge(lambda: _print_unit(flags, config)))
     raise typer.Exit(run_edge(lambda: _serve(flags, config)))
@@ -86,6 +86,7 @@ def build_server_config(opts: dict[str, Any]) -> "ServerConfig":
     """Validated ServerConfig from effective settings (flags > env > file > defaults)."""
     from nattool.net.metrics import parse_metrics_address
     from nattool.net.server import ServerConfig
+    from nattool.store.base import StoreLimits
 
     ttl = _check_range(float(opts["ttl"]), 1, 86400, "--ttl")
     config = ServerConfig(

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import typer
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from nattool import api
-from nattool.api import TrackersResult
+import typer
+
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
-from nattool.cli.output import emit_json, ms, run_edge, stdout
-from nattool.cli.targets import check_timing, client_settings, run
 from nattool.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from nattool.api import TrackersResult
 
 
 def trackers(
@@ -24,6 +23,10 @@ def trackers(
 ) -> None:
     """List trackers: those given or discovered (--domain), and those they know."""
 
+    from nattool import api
+    from nattool.cli.output import run_edge
+    from nattool.cli.targets import check_timing, client_settings, run
+
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
         check_timing(settings.timeout, settings.retries)
@@ -34,6 +37,11 @@ def trackers(
 
 
 def render(result: TrackersResult, json_out: bool) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from nattool.cli.output import emit_json, ms, stdout
+
     known = list(result.known)
     code = int(result.error.exit_code) if result.error is not None else int(ExitCode.OK)
     if json_out:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from rich.markup import escape
-
-from nattool import api
-from nattool.api import WhoamiResult
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
-from nattool.cli.output import emit_json, ms, run_edge, stdout, verbosity
-from nattool.cli.targets import check_timing, client_settings, run
 from nattool.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from nattool.api import WhoamiResult
 
 
 def whoami(
@@ -34,6 +30,10 @@ def whoami(
     Trackers that disagree are the first sign of a symmetric NAT.
     """
 
+    from nattool import api
+    from nattool.cli.output import run_edge
+    from nattool.cli.targets import check_timing, client_settings, run
+
     def body() -> int:
         settings = client_settings((trackers_arg or []) + (tracker or []) or None, domain, timeout, retries, config)
         check_timing(settings.timeout, settings.retries)
@@ -44,6 +44,11 @@ def whoami(
 
 
 def render(result: WhoamiResult, json_out: bool) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from nattool.cli.output import emit_json, ms, stdout, verbosity
+
     seen = [e.to_text() for e in result.endpoints]
     agree = result.agree
     first = result.endpoint.to_text() if result.endpoint is not None else None

@@ -3,30 +3,18 @@ what the trackers' views say about a NAT's mapping, and whether punching can wor
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Optional, Sequence
 
 from nattool.errors import ProtocolError
-from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, parse_ip
+from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
+from nattool.protocol.endpoint import Endpoint, parse_ip
 from nattool.protocol.nat_behaviour import BindingObservation, infer_mapping
-
-#: `nattool connect`'s default local port: the tracker's port + 1. A fixed default is
-#: what makes LAN paths work without any tracker change (see lan_candidates).
-DEFAULT_CONNECT_PORT = DEFAULT_PORT + 1
 
 EI = "endpoint-independent"
 ED = "endpoint-dependent"
 
 #: s a member may go without a direct path before the relay is tried for it (``auto``).
 RELAY_AFTER = 2.0
-
-
-class RelayMode(str, Enum):
-    """``connect --relay``: when a TURN relay that a tracker offers is used."""
-
-    AUTO = "auto"  # when punching cannot work or found nothing within RELAY_AFTER s
-    NEVER = "never"  # never: direct paths only, not even asked for
-    ONLY = "only"  # always, and no direct candidates
 
 
 def relay_due(mode: RelayMode, impossible: bool, waited: float, udp_blocked: bool) -> bool:
