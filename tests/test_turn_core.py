@@ -664,7 +664,27 @@ def test_channel_data_fast_entry_equals_the_general_one(payload: bytes, channel:
     for data in (payload, b"\x40\x00" + len(payload).to_bytes(2, "big") + payload, channel.to_bytes(2, "big") + payload):
         if not data or not 0x40 <= data[0] <= 0x7F:
             continue
-        assert core.channel_data_from_client(data, c.ref, 1.0) == core.on_client_message(data, c.ref, 1.0, WALL)
+        for now in (1.0, 599.0, 601.0):  # live, about to expire, expired
+            before = core.counters.packets_to_peer, core.counters.bytes_to_peer
+            fast = core.channel_data_from_client(data, c.ref, now)
+            fast_counted = core.counters.packets_to_peer - before[0], core.counters.bytes_to_peer - before[1]
+            slow = core.on_client_message(data, c.ref, now, WALL)
+            slow_counted = core.counters.packets_to_peer - before[0] - fast_counted[0], core.counters.bytes_to_peer - before[1] - fast_counted[1]
+            assert fast == slow
+            assert fast_counted == slow_counted
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 1001, 65507])
+def test_channel_data_to_client_fast_path_equals_the_encoder(transport: str, size: int) -> None:
+    core = core_with()
+    c = Client(core, ref(transport=transport, connection=7 if transport == "tcp" else 0))
+    c.allocate()
+    c.bind(0x4001, PEER)
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    out = core.on_peer_datagram(c.allocation_id, payload, PEER, 1.0)  # type: ignore[arg-type]
+    assert out == encode_channel_data(0x4001, payload, stream=transport == "tcp")
+    assert core.on_peer_datagram(c.allocation_id, payload, PEER2, 1.0) is None  # no permission there
 
 
 # --------------------------------------------------------------------------- fuzzing
