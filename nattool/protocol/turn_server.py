@@ -233,6 +233,17 @@ class ToPeer(NamedTuple):
     payload: bytes
 
 
+class Handover(NamedTuple):
+    """Send ``data`` to the client of ``allocation_id``: a packet from another
+    allocation of this core to its relayed address, handed over without the kernel."""
+
+    allocation_id: int
+    data: bytes
+
+
+_new_tuple = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class Deallocated:
     """Send ``reply`` to the client, then close the relayed socket of ``allocation_id``."""
@@ -436,6 +447,16 @@ class TurnCore:
         """The per-packet path of ChannelData from a client: what
         :meth:`on_client_message` decides for it (a test compares both), with the
         header read, the permission check and the counting inline."""
+        return self._channel_data(data, client, now, False)  # type: ignore[return-value]
+
+    def channel_data_handover(self, data: bytes, client: ClientRef, now: float) -> Union[ToPeer, Handover, None]:
+        """:meth:`channel_data_from_client`, except when the peer is the relayed address
+        of another allocation here (of the same IP version): then what that allocation's
+        client gets, as :meth:`on_peer_datagram` would make it from this allocation's
+        relayed address (a test compares this with the way through the kernel)."""
+        return self._channel_data(data, client, now, True)
+
+    def _channel_data(self, data: bytes, client: ClientRef, now: float, handover: bool) -> Union[ToPeer, Handover, None]:
         alloc = self._by_client.get(client)
         if alloc is None or alloc.expiry <= now:
             return None
@@ -461,7 +482,12 @@ class TurnCore:
         counters = self.counters
         counters.packets_to_peer += 1
         counters.bytes_to_peer += length
-        return ToPeer(alloc.id, peer, payload)
+        if handover:
+            target = self._relayed.get(peer)
+            if target is not None and target.relayed.ip.version == alloc.relayed.ip.version:
+                out = self.on_peer_datagram(target.id, payload, alloc.relayed, now)
+                return None if out is None else _new_tuple(Handover, (target.id, out))
+        return _new_tuple(ToPeer, (alloc.id, peer, payload))  # ToPeer(...) without its Python __new__
 
     def _channel_data_general(self, data: bytes, client: ClientRef, now: float) -> Optional[ToPeer]:
         """ChannelData from a client, step by step through the codec: the reference
