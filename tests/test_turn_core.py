@@ -674,6 +674,40 @@ def test_channel_data_fast_entry_equals_the_general_one(payload: bytes, channel:
             assert fast_counted == slow_counted
 
 
+@pytest.mark.parametrize("y_side", ["nothing", "permission", "channel", "expired", "groups on"])
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_channel_data_handover_equals_the_two_steps(y_side: str, transport: str) -> None:
+    """ChannelData from X to Y's relayed address, handed over in one step, gives what
+    channel_data_from_client then on_peer_datagram (from X's relayed address) give:
+    the same bytes for Y's client, the same refusals and the same counters."""
+
+    def two_allocations() -> tuple[TurnCore, Client, Client]:
+        core = core_with(relay_groups=y_side == "groups on", bandwidth=0)
+        x = Client(core, ref("198.51.100.7:5001"))
+        y = Client(core, ref("198.51.100.8:5002", transport, 9 if transport == "tcp" else 0))
+        x.allocate(relayed=Endpoint.from_text("127.0.0.1:50000"))
+        y.allocate(relayed=Endpoint.from_text("127.0.0.1:50002"), now=-600.0 if y_side == "expired" else 0.0)
+        x.permit(y.relayed)  # type: ignore[arg-type]
+        x.bind(0x4001, y.relayed)  # type: ignore[arg-type]
+        if y_side != "nothing":
+            y.permit(x.relayed)  # type: ignore[arg-type]
+        if y_side == "channel":
+            y.bind(0x4002, x.relayed)  # type: ignore[arg-type]
+        return core, x, y
+
+    fast_core, fx, fy = two_allocations()
+    slow_core, sx, sy = two_allocations()
+    for payload in (b"", b"abc", b"abcd", b"z" * 1001):
+        data = encode_channel_data(0x4001, payload)
+        fast = fast_core.channel_data_handover(data, fx.ref, 1.0)
+        step = slow_core.channel_data_from_client(data, sx.ref, 1.0)
+        slow = None if step is None else slow_core.on_peer_datagram(sy.allocation_id, step.payload, sx.relayed, 1.0)  # type: ignore[arg-type]
+        if y_side in ("nothing", "expired"):
+            assert slow is None
+        assert (fast.allocation_id, fast.data) == (sy.allocation_id, slow) if slow is not None else fast is None  # type: ignore[union-attr]
+        assert fast_core.counters == slow_core.counters
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 1001, 65507])
 def test_channel_data_to_client_fast_path_equals_the_encoder(transport: str, size: int) -> None:

@@ -202,6 +202,7 @@ class TurnRelay:
         # Off: every packet between allocations goes through the kernel (the slow path,
         # for the test that compares both).
         self.local_fast_path = True
+        self._handover = core.channel_data_handover
         self._sockaddrs, self._learn_sockaddr = bounded_memo(Endpoint.sockaddr, PEER_CACHE_MAX)
         self._peers, self._learn_peer = bounded_memo(_peer_endpoint, PEER_CACHE_MAX)
 
@@ -271,7 +272,7 @@ class TurnRelay:
         if not self.local_fast_path:
             out: ToPeer | Handover | None = self.core.channel_data_from_client(data, client, now)
         else:
-            out = self.core.channel_data_handover(data, client, now)
+            out = self._handover(data, client, now)
             if out.__class__ is Handover:
                 send = self._senders.get(out[0])  # type: ignore[index]
                 if send is not None:  # else its socket is closed: nobody would read it

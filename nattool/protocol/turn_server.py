@@ -447,16 +447,15 @@ class TurnCore:
         """The per-packet path of ChannelData from a client: what
         :meth:`on_client_message` decides for it (a test compares both), with the
         header read, the permission check and the counting inline."""
-        return self._channel_data(data, client, now, False)  # type: ignore[return-value]
+        return self.channel_data_handover(data, client, now, False)  # type: ignore[return-value]
 
-    def channel_data_handover(self, data: bytes, client: ClientRef, now: float) -> Union[ToPeer, Handover, None]:
+    def channel_data_handover(
+        self, data: bytes, client: ClientRef, now: float, handover: bool = True
+    ) -> Union[ToPeer, Handover, None]:
         """:meth:`channel_data_from_client`, except when the peer is the relayed address
         of another allocation here (of the same IP version): then what that allocation's
         client gets, as :meth:`on_peer_datagram` would make it from this allocation's
         relayed address (a test compares this with the way through the kernel)."""
-        return self._channel_data(data, client, now, True)
-
-    def _channel_data(self, data: bytes, client: ClientRef, now: float, handover: bool) -> Union[ToPeer, Handover, None]:
         alloc = self._by_client.get(client)
         if alloc is None or alloc.expiry <= now:
             return None
@@ -469,11 +468,15 @@ class TurnCore:
             return None  # no such channel (also: a number out of range), a bad length, or expired
         peer = channel[0]
         perm = alloc.permissions.get(peer.ip)
+        target = None
         if perm is None:
-            self.counters.permission_drops += 1
-            return None
-        mode = perm[1]
-        if mode != _OPEN and not self._reach_checked(alloc, peer, mode):
+            reachable = False
+        elif perm[1] == _RELAYED_ONLY:  # _reach_checked, keeping the allocation found
+            target = self._relayed.get(peer)
+            reachable = target is not None and (alloc.group is None or target.group == alloc.group)
+        else:
+            reachable = perm[1] == _OPEN or self._reach_checked(alloc, peer, perm[1])
+        if not reachable:
             self.counters.permission_drops += 1
             return None
         payload = data[4 : 4 + length]
@@ -483,9 +486,18 @@ class TurnCore:
         counters.packets_to_peer += 1
         counters.bytes_to_peer += length
         if handover:
-            target = self._relayed.get(peer)
+            if target is None:
+                target = self._relayed.get(peer)
             if target is not None and target.relayed.ip.version == alloc.relayed.ip.version:
-                out = self.on_peer_datagram(target.id, payload, alloc.relayed, now)
+                # on_peer_datagram(target.id, payload, alloc.relayed, now), its lookups inline
+                if target.expiry <= now:
+                    return None
+                source = alloc.relayed
+                number = target.channel_of_peer.get(source)
+                if number is not None and target.channels[number][1] >= now:
+                    out = self._on_channel(target, number, payload, source, now)
+                else:
+                    out = self.on_peer_datagram(target.id, payload, source, now)
                 return None if out is None else _new_tuple(Handover, (target.id, out))
         return _new_tuple(ToPeer, (alloc.id, peer, payload))  # ToPeer(...) without its Python __new__
 
@@ -569,27 +581,32 @@ class TurnCore:
             return None
         number = alloc.channel_of_peer.get(peer)
         if number is not None and alloc.channels[number][1] >= now:
-            # _may_reach(channel_ok=True) and encode_channel_data, inline (a test
-            # compares this path with them)
-            perm = alloc.permissions.get(peer.ip)
-            if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
-                self.counters.permission_drops += 1
-                return None
-            n = len(data)
-            if n > 0xFFFF or (self._rate and not self._spend(alloc, n, now)):
-                return None  # (a UDP datagram always fits a ChannelData message)
-            out = _CHANNEL_HEAD(number, n) + data
-            if alloc.stream and n % 4:
-                out += bytes(-n % 4)
-        else:
-            if not self._may_reach(alloc, peer, now, channel_ok=False):
-                self.counters.permission_drops += 1
-                return None
-            if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or (self._rate and not self._spend(alloc, len(data), now)):
-                return None
-            out = self.data_indication(alloc, peer, data)
+            return self._on_channel(alloc, number, data, peer, now)
+        if not self._may_reach(alloc, peer, now, channel_ok=False):
+            self.counters.permission_drops += 1
+            return None
+        if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or (self._rate and not self._spend(alloc, len(data), now)):
+            return None
         self.counters.packets_to_client += 1
         self.counters.bytes_to_client += len(data)
+        return self.data_indication(alloc, peer, data)
+
+    def _on_channel(self, alloc: _Allocation, number: int, data: bytes, peer: Endpoint, now: float) -> Optional[bytes]:
+        """:meth:`on_peer_datagram` for a peer with a live channel: _may_reach
+        (channel_ok=True) and encode_channel_data inline (a test compares them)."""
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            self.counters.permission_drops += 1
+            return None
+        n = len(data)
+        if n > 0xFFFF or (self._rate and not self._spend(alloc, n, now)):
+            return None  # (a UDP datagram always fits a ChannelData message)
+        out = _CHANNEL_HEAD(number, n) + data
+        if alloc.stream and n % 4:
+            out += bytes(-n % 4)
+        counters = self.counters
+        counters.packets_to_client += 1
+        counters.bytes_to_client += n
         return out
 
     def get_timer(self) -> Optional[float]:
