@@ -418,8 +418,7 @@ class TrackerServer:
         limiter = self.limiter
         limited = limiter.rate > 0
         refs = listener.turn_clients
-        channel_data = turn.channel_data_from_client
-        to_peer = relay.to_peer
+        channel_data = relay.channel_data
         now, wall = time.monotonic(), time.time()
         for _ in range(DRAIN_BATCH):
             try:
@@ -433,9 +432,7 @@ class TrackerServer:
             if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
                 ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
-                    out = channel_data(data, ref, now)
-                    if out is not None:
-                        to_peer(out, now)
+                    channel_data(data, ref, now)
                 continue
             if first < 0x40 and is_turn_message(data):
                 request = not (first & 0x01 or data[1] & 0x10)
@@ -678,10 +675,7 @@ class TrackerServer:
         if self.turn is None or self.relay is None:
             conn.close()  # no TURN relay here
             return
-        now = time.monotonic()
-        out = self.turn.channel_data_from_client(frame, self._stream_client(conn), now)
-        if out is not None:
-            self.relay.to_peer(out, now)
+        self.relay.channel_data(frame, self._stream_client(conn), time.monotonic())
 
     def _stream_client(self, conn: StreamConnection) -> ClientRef:
         ref = conn.turn_client

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 from nattool.errors import NetworkError
 from nattool.memo import bounded_memo
 from nattool.protocol.endpoint import Endpoint, IPAddress
-from nattool.protocol.turn_server import AllocationWanted, ClientRef, ToPeer, TurnCore
+from nattool.protocol.turn_server import AllocationWanted, ClientRef, Handover, ToPeer, TurnCore
 
 DEFAULT_RELAY_PORTS = (49152, 65535)
 # Where a UDP socket would send to, to learn the source address the kernel picks
@@ -202,6 +202,7 @@ class TurnRelay:
         # Off: every packet between allocations goes through the kernel (the slow path,
         # for the test that compares both).
         self.local_fast_path = True
+        self._handover = core.channel_data_handover
         self._sockaddrs, self._learn_sockaddr = bounded_memo(Endpoint.sockaddr, PEER_CACHE_MAX)
         self._peers, self._learn_peer = bounded_memo(_peer_endpoint, PEER_CACHE_MAX)
 
@@ -263,6 +264,22 @@ class TurnRelay:
     def close_all(self) -> None:
         for allocation_id in list(self._sockets):
             self.close(allocation_id)
+
+    def channel_data(self, data: bytes, client: ClientRef, now: float) -> None:
+        """ChannelData from a client, to its peer: handed to the allocation whose
+        relayed address that is, when it is one of this server's (the core decides as
+        :meth:`to_peer` and :meth:`_drain_peer` would, in one step)."""
+        if not self.local_fast_path:
+            out: ToPeer | Handover | None = self.core.channel_data_from_client(data, client, now)
+        else:
+            out = self._handover(data, client, now)
+            if out.__class__ is Handover:
+                send = self._senders.get(out[0])  # type: ignore[index]
+                if send is not None:  # else its socket is closed: nobody would read it
+                    send(out[1])  # type: ignore[index, arg-type]
+                return
+        if out is not None:
+            self.to_peer(out, now)  # type: ignore[arg-type]
 
     def to_peer(self, out: ToPeer, now: float) -> None:
         sock = self._sockets.get(out.allocation_id)

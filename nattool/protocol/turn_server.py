@@ -76,8 +76,8 @@ from nattool.protocol.turn import (
     TurnMethod,
     XorPeerAddress,
     XorRelayedAddress,
-    channel_data_payload,
     encode_channel_data,
+    parse_channel_data,
 )
 from nattool.protocol.turn_auth import (
     CredentialStore,
@@ -92,6 +92,7 @@ RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 
 MAX_PERMISSIONS = 256  # per allocation; beyond: 508
 # The largest peer datagram a Data indication carries within STUN's 16-bit length
 # (XOR-PEER-ADDRESS 12 or 24 bytes, DATA header 4, padding up to 3), by IP version.
+_CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
 MAX_DATA_PAYLOAD = {4: 0xFFFF - 12 - 4 - 3, 6: 0xFFFF - 24 - 4 - 3}
 MAX_CHANNELS = 1024  # per allocation (the number space is 16K; memory is the limit); beyond: 508
 DEFAULT_REALM = "nattool"
@@ -230,6 +231,17 @@ class ToPeer(NamedTuple):
     allocation_id: int
     peer: Endpoint
     payload: bytes
+
+
+class Handover(NamedTuple):
+    """Send ``data`` to the client of ``allocation_id``: a packet from another
+    allocation of this core to its relayed address, handed over without the kernel."""
+
+    allocation_id: int
+    data: bytes
+
+
+_new_tuple = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +424,7 @@ class TurnCore:
     def on_client_message(self, data: bytes, client: ClientRef, now: float, wall: float) -> ClientOutcome:
         """A datagram (UDP) or a frame (TCP: a STUN or ChannelData frame) from a client."""
         if data and 0x40 <= data[0] <= 0x7F:
-            return self.channel_data_from_client(data, client, now)
+            return self._channel_data_general(data, client, now)
         if data[:2] == b"\x00\x16":
             fast = self._plain_send_indication(data, client, now)
             if fast is not _NOT_PLAIN:
@@ -432,27 +444,85 @@ class TurnCore:
         return self._request(msg, data, client, now, wall)
 
     def channel_data_from_client(self, data: bytes, client: ClientRef, now: float) -> Optional[ToPeer]:
-        """The per-packet path of ChannelData from a client (also reached through
-        :meth:`on_client_message`)."""
+        """The per-packet path of ChannelData from a client: what
+        :meth:`on_client_message` decides for it (a test compares both), with the
+        header read, the permission check and the counting inline."""
+        return self.channel_data_handover(data, client, now, False)  # type: ignore[return-value]
+
+    def channel_data_handover(
+        self, data: bytes, client: ClientRef, now: float, handover: bool = True
+    ) -> Union[ToPeer, Handover, None]:
+        """:meth:`channel_data_from_client`, except when the peer is the relayed address
+        of another allocation here (of the same IP version): then what that allocation's
+        client gets, as :meth:`on_peer_datagram` would make it from this allocation's
+        relayed address (a test compares this with the way through the kernel)."""
         alloc = self._by_client.get(client)
         if alloc is None or alloc.expiry <= now:
             return None
-        parsed = channel_data_payload(data)
-        if parsed is None:
+        n = len(data)
+        if n < 4:
             return None
-        channel = alloc.channels.get(parsed[0])
+        channel = alloc.channels.get((data[0] << 8) | data[1])
+        length = (data[2] << 8) | data[3]
+        if channel is None or not 0 <= n - 4 - length <= 3 or channel[1] < now:
+            return None  # no such channel (also: a number out of range), a bad length, or expired
+        peer = channel[0]
+        perm = alloc.permissions.get(peer.ip)
+        target = None
+        if perm is None:
+            reachable = False
+        elif perm[1] == _RELAYED_ONLY:  # _reach_checked, keeping the allocation found
+            target = self._relayed.get(peer)
+            reachable = target is not None and (alloc.group is None or target.group == alloc.group)
+        else:
+            reachable = perm[1] == _OPEN or self._reach_checked(alloc, peer, perm[1])
+        if not reachable:
+            self.counters.permission_drops += 1
+            return None
+        payload = data[4 : 4 + length]
+        if self._rate and not self._spend(alloc, length, now):
+            return None
+        counters = self.counters
+        counters.packets_to_peer += 1
+        counters.bytes_to_peer += length
+        if handover:
+            if target is None:
+                target = self._relayed.get(peer)
+            if target is not None and target.relayed.ip.version == alloc.relayed.ip.version:
+                # on_peer_datagram(target.id, payload, alloc.relayed, now), its lookups inline
+                if target.expiry <= now:
+                    return None
+                source = alloc.relayed
+                number = target.channel_of_peer.get(source)
+                if number is not None and target.channels[number][1] >= now:
+                    out = self._on_channel(target, number, payload, source, now)
+                else:
+                    out = self.on_peer_datagram(target.id, payload, source, now)
+                return None if out is None else _new_tuple(Handover, (target.id, out))
+        return _new_tuple(ToPeer, (alloc.id, peer, payload))  # ToPeer(...) without its Python __new__
+
+    def _channel_data_general(self, data: bytes, client: ClientRef, now: float) -> Optional[ToPeer]:
+        """ChannelData from a client, step by step through the codec: the reference
+        :meth:`channel_data_from_client` must agree with."""
+        alloc = self._by_client.get(client)
+        if alloc is None or alloc.expiry <= now:
+            return None
+        try:
+            message = parse_channel_data(data)
+        except ProtocolError:
+            return None
+        channel = alloc.channels.get(message.channel)
         if channel is None or channel[1] < now:
             return None
         peer = channel[0]
         if not self._may_reach(alloc, peer, now, channel_ok=True):
             self.counters.permission_drops += 1
             return None
-        payload = parsed[1]
-        if self._rate and not self._spend(alloc, len(payload), now):
+        if self._rate and not self._spend(alloc, len(message.payload), now):
             return None
         self.counters.packets_to_peer += 1
-        self.counters.bytes_to_peer += len(payload)
-        return ToPeer(alloc.id, peer, payload)
+        self.counters.bytes_to_peer += len(message.payload)
+        return ToPeer(alloc.id, peer, message.payload)
 
     def allocation_made(self, wanted: AllocationWanted, relayed: Endpoint, now: float, wall: float) -> Optional[bytes]:
         """The shell bound ``relayed`` for ``wanted``: the success reply for the client.
@@ -511,21 +581,32 @@ class TurnCore:
             return None
         number = alloc.channel_of_peer.get(peer)
         if number is not None and alloc.channels[number][1] >= now:
-            if not self._may_reach(alloc, peer, now, channel_ok=True):
-                self.counters.permission_drops += 1
-                return None
-            if self._rate and not self._spend(alloc, len(data), now):
-                return None
-            out = encode_channel_data(number, data, stream=alloc.stream)
-        else:
-            if not self._may_reach(alloc, peer, now, channel_ok=False):
-                self.counters.permission_drops += 1
-                return None
-            if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or (self._rate and not self._spend(alloc, len(data), now)):
-                return None
-            out = self.data_indication(alloc, peer, data)
+            return self._on_channel(alloc, number, data, peer, now)
+        if not self._may_reach(alloc, peer, now, channel_ok=False):
+            self.counters.permission_drops += 1
+            return None
+        if len(data) > MAX_DATA_PAYLOAD[peer.ip.version] or (self._rate and not self._spend(alloc, len(data), now)):
+            return None
         self.counters.packets_to_client += 1
         self.counters.bytes_to_client += len(data)
+        return self.data_indication(alloc, peer, data)
+
+    def _on_channel(self, alloc: _Allocation, number: int, data: bytes, peer: Endpoint, now: float) -> Optional[bytes]:
+        """:meth:`on_peer_datagram` for a peer with a live channel: _may_reach
+        (channel_ok=True) and encode_channel_data inline (a test compares them)."""
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            self.counters.permission_drops += 1
+            return None
+        n = len(data)
+        if n > 0xFFFF or (self._rate and not self._spend(alloc, n, now)):
+            return None  # (a UDP datagram always fits a ChannelData message)
+        out = _CHANNEL_HEAD(number, n) + data
+        if alloc.stream and n % 4:
+            out += bytes(-n % 4)
+        counters = self.counters
+        counters.packets_to_client += 1
+        counters.bytes_to_client += n
         return out
 
     def get_timer(self) -> Optional[float]:
@@ -904,9 +985,10 @@ class TurnCore:
         perm = alloc.permissions.get(peer.ip)
         if perm is None or (perm[0] < now and not channel_ok):
             return False
-        mode = perm[1]
-        if mode == _OPEN:
-            return True
+        return perm[1] == _OPEN or self._reach_checked(alloc, peer, perm[1])
+
+    def _reach_checked(self, alloc: _Allocation, peer: Endpoint, mode: int) -> bool:
+        """The rest of :meth:`_may_reach` for a permission that is not ``_OPEN``."""
         if mode == _NOT_SERVICE:
             return not self.config.peer_policy.is_service(peer, self._own_ips)
         target = self._relayed.get(peer)
