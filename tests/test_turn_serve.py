@@ -187,6 +187,8 @@ def test_relay_request_refused_without_relay(tracker) -> None:  # type: ignore[n
         (["--turn-user", "alice:pw", "--turn-user", "alice:other"], "given twice"),
         (["--relay", "--relay-ports", "60000-50000"], "bad --relay-ports"),
         (["--relay", "--relay-ports", "abc"], "bad --relay-ports"),
+        (["--relay-ports", "60000-50000"], "bad --relay-ports"),  # relay off: still an error
+        (["--relay-ip", "0.0.0.0"], "bad --relay-ip"),
         (["--relay", "--allow-peer", "10.0.0.0/33"], "--allow-peer: bad CIDR"),
         (["--relay", "--deny-peer", "nope"], "--deny-peer: bad CIDR"),
         (["--relay", "--relay-ip", "0.0.0.0"], "bad --relay-ip"),

@@ -113,14 +113,17 @@ def build_server_config(opts: dict[str, Any]) -> "ServerConfig":
     if config.alt_port is not None and config.alt_port == config.port:
         raise UsageError("--alt-port must differ from --port")
     turn = build_turn_config(opts)
+    # Checked even with the relay off: a bad value is an error, not a silent no-op.
+    relay_ips = tuple(_relay_ip(text) for text in opts["relay_ip"] or ())
+    if len({ip.version for ip in relay_ips}) < len(relay_ips):
+        raise UsageError("--relay-ip: at most one address per family (IPv4, IPv6)")
+    relay_ports = _port_range(str(opts["relay_ports"]))
     if turn.enabled:
         if int(opts["workers"] or 1) > 1:
             raise ConfigError("the TURN relay (--relay, --turn-user, --turn-secret) needs --workers 1: allocations live in one process")
         config.turn = turn
-        config.relay_ips = tuple(_relay_ip(text) for text in opts["relay_ip"] or ())
-        if len({ip.version for ip in config.relay_ips}) < len(config.relay_ips):
-            raise UsageError("--relay-ip: at most one address per family (IPv4, IPv6)")
-        config.relay_ports = _port_range(str(opts["relay_ports"]))
+        config.relay_ips = relay_ips
+        config.relay_ports = relay_ports
     config.tcp = bool(opts["tcp"]) if opts["tcp"] is not None else turn.enabled
     return config
 
