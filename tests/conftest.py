@@ -76,6 +76,23 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port number free a moment ago on ``host`` for both UDP and TCP: a tracker with
+    TCP on listens on both (an outgoing TCP connection of another test may hold the
+    number of a free UDP port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp, socket.socket(family, socket.SOCK_DGRAM) as udp:
+            tcp.bind((host, 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no port free for both UDP and TCP on {host}")
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host`` (for ``--metrics``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -210,7 +227,7 @@ def start_tracker(
     ``store``/``rate_limit`` are added as flags unless None (then the server's defaults
     apply); ``extra`` flags come last, so they may override nothing silently.
     """
-    port = free_udp_port(host) if port is None else port
+    port = free_udp_tcp_port(host) if port is None else port
     args = ["serve", "--host", host, "--port", str(port)]
     if store is not None:
         args += ["--store", store]

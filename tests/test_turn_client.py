@@ -30,7 +30,7 @@ from nattool.protocol.turn_client import (
     TurnCredentials,
     TurnState,
 )
-from tests.conftest import free_udp_port
+from tests.conftest import free_udp_tcp_port
 from tests.relay_world import RelayWorld
 
 SERVER = Endpoint.from_text("203.0.113.10:43283")
@@ -245,7 +245,7 @@ def coturn(tmp_path: Path) -> Iterator[Endpoint]:
         if os.environ.get("CI") == "true":
             pytest.fail("coturn (turnserver) is required in CI")
         pytest.skip("coturn (turnserver) not installed")
-    port = free_udp_port()
+    port = free_udp_tcp_port()  # coturn listens on TCP too
     conf = tmp_path / "turnserver.conf"
     conf.write_text("\n".join([
         "listening-ip=127.0.0.1", f"listening-port={port}", "relay-ip=127.0.0.1", "lt-cred-mech",
