@@ -192,7 +192,8 @@ def test_no_tracker_answering_is_said_plainly(nattool_home: Path) -> None:
 
 
 def test_lan_candidates_guess_the_ports_a_member_listens_on() -> None:
-    from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, lan_candidates
+    from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT
+    from nattool.protocol.connect_rules import lan_candidates
 
     got = [e.to_text() for e in lan_candidates(("192.0.2.11", "bad"), 5000, 6000)]
     assert got == ["192.0.2.11:5000", "192.0.2.11:6000", f"192.0.2.11:{DEFAULT_CONNECT_PORT}"]

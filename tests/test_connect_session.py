@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 
 from nattool.exit_codes import ExitCode
 from nattool.protocol import connect_events as ev
+from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_rules import (
-    DEFAULT_CONNECT_PORT,
     ED,
     EI,
     RELAY_AFTER,
-    RelayMode,
     lan_candidates,
     mapping_of,
     verdict,

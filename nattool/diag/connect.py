@@ -27,7 +27,7 @@ from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
 from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
-from nattool.protocol.connect_rules import DEFAULT_CONNECT_PORT, RelayMode
+from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.punch import MAX_BODY

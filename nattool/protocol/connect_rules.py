@@ -104,11 +104,9 @@ def verdict(mine: Optional[str], theirs: Optional[str]) -> tuple[bool, str]:
 
 
 __all__ = [
-    "DEFAULT_CONNECT_PORT",
     "ED",
     "EI",
     "RELAY_AFTER",
-    "RelayMode",
     "lan_candidates",
     "mapping_of",
     "mapping_verdict",

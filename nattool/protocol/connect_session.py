@@ -77,9 +77,9 @@ from nattool.protocol.connect_events import (
     Undelivered,
     Verdict,
 )
+from nattool.protocol.connect_options import RelayMode
 from nattool.protocol.connect_rules import (
     RELAY_AFTER,
-    RelayMode,
     lan_candidates,
     mapping_of,
     mapping_verdict,
