@@ -121,7 +121,7 @@ def test_json_once_reports_path_rtt_and_time_to_open(pair) -> None:  # type: ign
         kinds = [e["event"] for e in events]
         assert "registered" in kinds and "path_up" in kinds, events
         up = next(e for e in events if e["event"] == "path_up")
-        assert up["peer"] == other and up["path"] == "internet"
+        assert up["peer"] == other and up["path"] == "internet" and up["method"] == "punch"
         assert up["observed_as"] == me  # the peer saw us where the tracker did
         assert 0 <= up["rtt_ms"] < 1000 and 0 <= up["open_s"] < 3
         assert len(up["peer_id"]) == 16

@@ -31,7 +31,7 @@ def test_relay_only_carries_lines_both_ways_and_says_via_relay(tracker: TrackerF
     assert relay["server"] == tp.endpoint and relay["relayed"].startswith("127.0.0.1:")
     a.expect(PATH_UP)
     up = json.loads(a.after)
-    assert up["via"] == "relay" and up["path"] == "relay" and up["peer"].startswith("127.0.0.1:")
+    assert up["via"] == "relay" and up["path"] == "relay" and up["method"] == "relay" and up["peer"].startswith("127.0.0.1:")
     b.expect(r"path up to 127\.0\.0\.1:\d+ via relay: rtt [\d.]+ ms")
     b.sendline("through the relay")
     a.expect(r'\{"event":"message"[^\n]*"text":"through the relay"')

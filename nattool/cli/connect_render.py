@@ -61,7 +61,7 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
                 "tracker": e.tracker.to_text()}
     if isinstance(e, PathUp):
         return {"event": "path_up", "peer": e.endpoint.to_text(), "peer_id": e.peer_id, "path": e.kind.value,
-                "via": e.via, "rtt_ms": round(e.rtt * 1000, 3), "open_s": round(e.open_time, 3),
+                "via": e.via, "method": e.method.value, "rtt_ms": round(e.rtt * 1000, 3), "open_s": round(e.open_time, 3),
                 "since_start_s": round(e.since_start, 3), "observed_as": e.observed_as}
     if isinstance(e, PathDown):
         return {"event": "path_down", "peer": e.endpoint.to_text() if e.endpoint else None, "peer_id": e.peer_id,

@@ -35,6 +35,22 @@ class PathKind(str, Enum):
         return (PathKind.LAN, PathKind.INTERNET, PathKind.RELAY).index(self)
 
 
+class PathMethod(str, Enum):
+    """How a path was opened (the JSON ``method`` field)."""
+
+    LAN = "lan"  # a LAN address of a member behind our own public IP
+    PUNCH = "punch"  # simultaneous pings to the endpoints the trackers saw
+    PORTMAP = "portmap"  # through a port mapping a gateway granted (PCP, NAT-PMP, UPnP IGD)
+    BIRTHDAY = "birthday"  # many ports on the hard side, random probes from the easy side
+    PREDICT = "predict"  # ports of a sequential or port-preserving NAT, predicted
+    RELAY = "relay"  # through a TURN allocation
+
+    @classmethod
+    def of_kind(cls, kind: "PathKind") -> "PathMethod":
+        """The method a path of ``kind`` has when nothing more is known."""
+        return {PathKind.LAN: cls.LAN, PathKind.RELAY: cls.RELAY}.get(kind, cls.PUNCH)
+
+
 class CandidateSource(str, Enum):
     """Where an endpoint to probe came from."""
 
@@ -87,6 +103,7 @@ class PathUp:
     open_time: float  # s from the first probe of the candidate
     since_start: float  # s from the start of the session
     observed_as: str  # where the peer saw us (its pong says)
+    method: PathMethod = PathMethod.PUNCH
 
     @property
     def via(self) -> str:

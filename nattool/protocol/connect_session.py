@@ -70,6 +70,7 @@ from nattool.protocol.connect_events import (
     MessageReceived,
     PathDown,
     PathKind,
+    PathMethod,
     PathUp,
     Queued,
     Registered,
@@ -1033,7 +1034,8 @@ class ConnectSession:
             self.first_up = now
         source = cand.source if cand else CandidateSource.PEER_REFLEXIVE
         observed_as = msg.body.decode("ascii", "replace")[:64]
-        self._events.append(PathUp(peer.peer_id, dest, kind, source, rtt, now - started, now - self.t0, observed_as))
+        self._events.append(PathUp(peer.peer_id, dest, kind, source, rtt, now - started, now - self.t0, observed_as,
+                                  PathMethod.of_kind(kind)))
         if self.config.once and self._finish_at is None:
             self._finish_at = now + LINGER
 
