@@ -72,6 +72,26 @@ class Internet:
             assert got is None, f"reached the client without a mapping: {got}"
 
 
+def gateway_lab(lab: Lab, behaviour: NatBehaviour, *protocols: str
+                ) -> tuple[PortmapTopology, PortmapGateway, Host]:
+    topo = portmap_topology(lab, behaviour, protocols=protocols)
+    assert topo.gateway is not None
+    return topo, topo.gateway, topo.client
+
+
+def natpmpc(topo: PortmapTopology, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
+    """Debian's natpmpc against the topology's gateway (no args: the external address)."""
+    return run(topo.server.lab, host, ["natpmpc", "-g", topo.nat.gateway, *args])
+
+
+def natpmpc_map(topo: PortmapTopology, host: Host, external: int, internal: int,
+                lifetime: int, proto: str = "udp") -> str:
+    """``natpmpc -a``; asserts it exits 0 and returns its output."""
+    out = natpmpc(topo, host, "-a", str(external), str(internal), proto, str(lifetime))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 def assert_mapped(gw: PortmapGateway, client_ip: str, internal: int, external: int) -> None:
     rules = gw.nft_rules()
     assert any(f"dport {external} dnat ip to {client_ip}:{internal}" in r for r in rules), rules
@@ -86,13 +106,20 @@ def assert_unmapped(gw: PortmapGateway) -> None:
     assert gw.mappings() == []
 
 
+def assert_gone(gw: PortmapGateway, net: Internet, sock: UdpSocket, external: int,
+                reason: str) -> None:
+    """The mapping of ``sock`` went for ``reason``: no rules, no state, no way in."""
+    delete = gw.wait_for("delete", timeout=15, internal=sock.addr)
+    assert delete.reason == reason
+    assert_unmapped(gw)
+    net.assert_reachable(external, sock, want=False)
+
+
 # ------------------------------------------------------------------------------ NAT-PMP
 
 
 def test_natpmpc_maps_forwards_and_deletes(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.APDM, protocols=("natpmp",))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.APDM, "natpmp")
     net = Internet(topo)
     sock = udp_agent(natlab, client).bind(client.ip, 5000)
     # Before the mapping, masquerade random gives a fresh port per destination; these
@@ -100,12 +127,12 @@ def test_natpmpc_maps_forwards_and_deletes(natlab: Lab) -> None:
     before = net.seen_as(sock)
     assert before[0] != before[1]
 
-    out = run(natlab, client, ["natpmpc", "-g", topo.nat.gateway])
+    out = natpmpc(topo, client)
     assert f"Public IP address : {topo.nat.wan_ip}" in out.stdout, out.stdout + out.stderr
-    out = run(natlab, client, ["natpmpc", "-g", topo.nat.gateway, "-a", "4000", "5000", "udp",
-                               "60"])
+    text = natpmpc_map(topo, client, 4000, 5000, 60)
+    # (sic: natpmpc prints "liftime")
     assert re.search(r"Mapped public port 4000 protocol UDP to local port 5000 li[f]+e?time 60",
-                     out.stdout), out.stdout + out.stderr
+                     text), text
     grant = gw.wait_for("grant", via="natpmp", internal=(client.ip, 5000))
     assert grant.external == (topo.nat.wan_ip, 4000) and grant.lifetime == 60
     assert_mapped(gw, client.ip, 5000, 4000)
@@ -114,56 +141,37 @@ def test_natpmpc_maps_forwards_and_deletes(natlab: Lab) -> None:
     assert net.seen_as(sock) == [(topo.nat.wan_ip, 4000)] * 2
     net.assert_reachable(4000, sock, want=True)
 
-    out = run(natlab, client, ["natpmpc", "-g", topo.nat.gateway, "-a", "4000", "5000", "udp",
-                               "0"])
-    assert out.returncode == 0, out.stdout + out.stderr
-    delete = gw.wait_for("delete", internal=(client.ip, 5000))
-    assert delete.reason == "request"
-    assert_unmapped(gw)
-    net.assert_reachable(4000, sock, want=False)
+    natpmpc_map(topo, client, 4000, 5000, 0)
+    assert_gone(gw, net, sock, 4000, "request")
 
 
 def test_natpmp_mapping_expires(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.EIM_APDF, protocols=("natpmp",))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
-    out = run(natlab, client, ["natpmpc", "-g", topo.nat.gateway, "-a", "4100", "5100", "udp",
-                               "2"])
-    assert "Mapped public port 4100" in out.stdout, out.stdout + out.stderr
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.EIM_APDF, "natpmp")
+    assert "Mapped public port 4100" in natpmpc_map(topo, client, 4100, 5100, 2)
     gw.wait_for("grant", internal=(client.ip, 5100))
     sock = udp_agent(natlab, client).bind(client.ip, 5100)
     net = Internet(topo)
     net.assert_reachable(4100, sock, want=True)
-    delete = gw.wait_for("delete", timeout=15, internal=(client.ip, 5100))
-    assert delete.reason == "expired"
-    assert_unmapped(gw)
-    net.assert_reachable(4100, sock, want=False)
+    assert_gone(gw, net, sock, 4100, "expired")
 
 
 def test_taken_port_gets_another_and_renewal_keeps_it(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.APDM, protocols=("natpmp",))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.APDM, "natpmp")
     other = natlab.add_host("other", behind=topo.nat)
-    for host, internal in ((client, "5200"), (other, "5201")):
-        out = run(natlab, host, ["natpmpc", "-g", topo.nat.gateway, "-a", "4200", internal,
-                                 "udp", "60"])
-        assert out.returncode == 0, out.stdout + out.stderr
+    for host, internal in ((client, 5200), (other, 5201)):
+        natpmpc_map(topo, host, 4200, internal, 60)
     first = gw.wait_for("grant", internal=(client.ip, 5200))
     second = gw.wait_for("grant", internal=(other.ip, 5201))
     assert first.external[1] == 4200 and second.external[1] != 4200
-    out = run(natlab, other, ["natpmpc", "-g", topo.nat.gateway, "-a", "4200", "5201", "udp",
-                              "60"])
-    assert f"Mapped public port {second.external[1]} " in out.stdout, out.stdout
+    text = natpmpc_map(topo, other, 4200, 5201, 60)
+    assert f"Mapped public port {second.external[1]} " in text, text
 
 
 # ------------------------------------------------------------------------------ UPnP IGD
 
 
 def test_upnpc_add_list_delete(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.APDM, protocols=("upnp",))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.APDM, "upnp")
     sock = udp_agent(natlab, client).bind(client.ip, 6000)
     net = Internet(topo)
 
@@ -185,15 +193,11 @@ def test_upnpc_add_list_delete(natlab: Lab) -> None:
 
     out = run(natlab, client, ["upnpc", "-i", "-d", "6001", "UDP"])
     assert "UPNP_DeletePortMapping() returned : 0" in out.stdout, out.stdout + out.stderr
-    assert gw.wait_for("delete", via="upnp").reason == "request"
-    assert_unmapped(gw)
-    net.assert_reachable(6001, sock, want=False)
+    assert_gone(gw, net, sock, 6001, "request")
 
 
 def test_upnp_refuses_a_port_held_by_another_host(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.EIM_APDF, protocols=("upnp",))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.EIM_APDF, "upnp")
     other = natlab.add_host("other", behind=topo.nat)
     out = run(natlab, client, ["upnpc", "-i", "-a", client.ip, "6100", "6100", "UDP"])
     assert "is redirected" in out.stdout, out.stdout
@@ -216,9 +220,7 @@ def pcp_exchange(lab: Lab, client: Host, gateway: str, request: bytes) -> bytes:
 
 
 def test_pcp_map_renew_and_delete(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.APDM, protocols=("pcp",))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.APDM, "pcp")
     me = ipaddress.IPv4Address(client.ip)
 
     def ask(lifetime: int, nonce: bytes = NONCE) -> pcp.Response:
@@ -258,12 +260,9 @@ def test_pcp_checks_the_client_address(natlab: Lab) -> None:
 
 
 def test_a_protocol_left_out_is_not_offered(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.APDM, protocols=("pcp",))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.APDM, "pcp")
     # NAT-PMP: natpmpc is told the version is not supported, maps nothing.
-    out = run(natlab, client, ["natpmpc", "-g", topo.nat.gateway, "-a", "4500", "5500", "udp",
-                               "60"])
+    out = natpmpc(topo, client, "-a", "4500", "5500", "udp", "60")
     assert out.returncode != 0 and "Mapped public port" not in out.stdout, out.stdout
     answer = pcp_exchange(natlab, client, topo.nat.gateway, natpmp.ExternalAddressRequest()
                           .to_wire())
@@ -284,11 +283,9 @@ def test_natpmp_only_answers_pcp_with_unsupported_version(natlab: Lab) -> None:
 
 
 def test_exit_removes_every_mapping_and_the_table(natlab: Lab) -> None:
-    topo = portmap_topology(natlab, NatBehaviour.APDM, protocols=("natpmp", "upnp"))
-    gw, client = topo.gateway, topo.client
-    assert gw is not None
-    run(natlab, client, ["natpmpc", "-g", topo.nat.gateway, "-a", "4700", "5700", "udp", "600"])
-    run(natlab, client, ["natpmpc", "-g", topo.nat.gateway, "-a", "4701", "5701", "tcp", "600"])
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.APDM, "natpmp", "upnp")
+    natpmpc_map(topo, client, 4700, 5700, 600)
+    natpmpc_map(topo, client, 4701, 5701, 600, proto="tcp")
     assert len(gw.nft_rules()) == 4
     assert gw.stop() == 0
     assert {e.reason for e in gw.events("delete")} == {"exit"}
@@ -305,10 +302,9 @@ def test_double_nat_gateway_reports_the_shared_address(natlab: Lab) -> None:
     gw, client = topo.gateway, topo.client
     assert gw is not None and topo.outer is not None
     assert ipaddress.IPv4Address(topo.nat.wan_ip) in ipaddress.IPv4Network("100.64.0.0/10")
-    out = run(natlab, client, ["natpmpc", "-g", topo.nat.gateway, "-a", "4800", "5800", "udp",
-                               "60"])
-    assert "Public IP address : 100.64.0.2" in out.stdout, out.stdout + out.stderr
-    assert "Mapped public port 4800" in out.stdout, out.stdout
+    text = natpmpc_map(topo, client, 4800, 5800, 60)
+    assert "Public IP address : 100.64.0.2" in text, text
+    assert "Mapped public port 4800" in text, text
     # The internet sees the outer router's address, not the mapping.
     sock = udp_agent(natlab, client).bind(client.ip, 5800)
     assert Internet(topo).seen_as(sock)[0][0] == topo.outer.wan_ip  # type: ignore[index]

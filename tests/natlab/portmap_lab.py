@@ -65,17 +65,16 @@ class GatewayMapping:
     description: str
 
 
+@dataclass(eq=False)
 class PortmapGateway:
     """A running gateway in a router namespace (see :func:`start_portmap_gateway`)."""
 
-    def __init__(self, lab: Lab, nat: Nat, service: Service, protocols: tuple[str, ...],
-                 state_file: Path, http_port: int) -> None:
-        self.lab = lab
-        self.nat = nat
-        self.service = service
-        self.protocols = protocols
-        self.state_file = state_file
-        self.http_port = http_port
+    lab: Lab
+    nat: Nat
+    service: Service
+    protocols: tuple[str, ...]
+    state_file: Path
+    http_port: int
 
     @property
     def lan_ip(self) -> str:
