@@ -31,6 +31,7 @@ from tests.natlab.topologies import (
     SERVER_V4,
     PortmapTopology,
     double_nat_topology,
+    portmap_pair_topology,
     portmap_topology,
 )
 
@@ -313,3 +314,26 @@ def test_double_nat_gateway_reports_the_shared_address(natlab: Lab) -> None:
     udp_agent(natlab, neighbour).bind(neighbour.ip, 7100).send(("100.64.0.2", 4800), b"cgn")
     got = sock.recv(1.5)
     assert got is not None and got.data == b"cgn"
+
+
+# ------------------------------------------------------------------------------ pair
+
+
+def test_pair_mapping_lets_a_symmetric_peer_in(natlab: Lab) -> None:
+    """Symmetric (random ports) on both sides; the left router maps: the right peer reaches
+    the left one at its mapping, and the answer comes from the mapped endpoint."""
+    topo = portmap_pair_topology(natlab, protocols=("natpmp",))
+    assert topo.gateway is not None and topo.right_nat.grants_mappings is False
+    out = run(natlab, topo.left, ["natpmpc", "-g", topo.left_nat.gateway, "-a", "4900",
+                                  "5900", "udp", "60"])
+    assert "Mapped public port 4900" in out.stdout, out.stdout + out.stderr
+    left = udp_agent(natlab, topo.left).bind(topo.left.ip, 5900)
+    right = udp_agent(natlab, topo.right).bind(topo.right.ip, 6900)
+    right.send((topo.left_nat.wan_ip, 4900), b"hello left")
+    got = left.recv(1.5)
+    assert got is not None and got.data == b"hello left"
+    assert got.src[0] == topo.right_nat.wan_ip
+    left.send(got.src, b"hello right")
+    back = right.recv(1.5)
+    assert back is not None and back.data == b"hello right"
+    assert back.src == (topo.left_nat.wan_ip, 4900)
