@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from nattool.net import portmap
-from nattool.net.portmap import PortMapping, discover, parse_default_gateway
+from nattool.net.portmap import PortMapping, discover
 from nattool.protocol.portmap_client import MappingDeleted, MappingFailed, MappingGranted, PortmapEvent
 from tests import portmap_responder
 from tests.portmap_responder import Gateway, Seen
@@ -39,22 +39,6 @@ def run_with(gateway: Gateway, body: Callable[[Gateway], Awaitable[Any]]) -> Any
 def mapping_for(gateway: Gateway, local_port: int, **kw: Any) -> PortMapping:
     return PortMapping(local_port, gateway="127.0.0.1", port=kw.pop("port", gateway.udp_port),
                        ssdp_target=("127.0.0.1", gateway.ssdp_port), **kw)
-
-
-# --------------------------------------------------------------------------- gateway
-
-
-def test_default_gateway_from_proc_net_route() -> None:
-    text = (
-        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
-        "eth0\t0000A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n"
-        "wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n"
-        "eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
-        "eth1\t00000000\t0102A8C0\t0001\t0\t0\t50\t00000000\t0\t0\t0\n"  # no RTF_GATEWAY
-    )
-    assert str(parse_default_gateway(text)) == "192.168.0.1"  # lowest metric of the default routes
-    assert parse_default_gateway(text.splitlines()[0] + "\n") is None
-    assert parse_default_gateway("garbage\nx y z\n") is None
 
 
 # --------------------------------------------------------------------------- PortMapping

@@ -2,7 +2,7 @@
 
 The I/O shell around the pure codecs and mappers of ``nattool.protocol``:
 
-- the IPv4 default gateway from ``/proc/net/route``;
+- the IPv4 default gateway (:mod:`nattool.net.gateway`, from ``/proc/net/route``);
 - PCP and NAT-PMP on UDP 5351 of the gateway, from a socket connected to it (so only
   the gateway's datagrams reach the mapper, and an ICMP "port unreachable" ends the
   wait at once); PCP first, NAT-PMP when PCP answers UNSUPP_VERSION or stays silent;
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 from nattool.errors import NattoolError, PortmapProtocolError, PortmapRefused
+from nattool.net.gateway import default_gateway as gateway_route
 from nattool.net.localinfo import local_address_towards as towards
 from nattool.protocol import upnp_igd
 from nattool.protocol.endpoint import Endpoint, IPAddress
@@ -51,8 +52,6 @@ DELETE_WAIT = 1.0  # s a delete may take at exit
 PROBE_PCP_LIFETIME = 30  # s asked for the throwaway PCP mapping of discover()
 UPNP_DESCRIPTION = "nattool"
 UPNP_CONFLICT_TRIES = 4  # other external ports tried when the first is taken (718)
-ROUTE_FILE = "/proc/net/route"
-_RTF_UP, _RTF_GATEWAY = 0x1, 0x2
 NAT_NOTE = "carrier-grade NAT or a double NAT"
 
 EventCallback = Callable[[PortmapEvent], None]
@@ -61,33 +60,9 @@ EventCallback = Callable[[PortmapEvent], None]
 # --------------------------------------------------------------------------- gateway
 
 
-def parse_default_gateway(route_text: str) -> Optional[ipaddress.IPv4Address]:
-    """The IPv4 default gateway in the text of /proc/net/route (lowest metric), if any."""
-    best: Optional[tuple[int, ipaddress.IPv4Address]] = None
-    for line in route_text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 8:
-            continue
-        try:
-            destination, gateway, flags = int(fields[1], 16), int(fields[2], 16), int(fields[3], 16)
-            metric, mask = int(fields[6]), int(fields[7], 16)
-        except ValueError:
-            continue
-        if destination or mask or flags & (_RTF_UP | _RTF_GATEWAY) != _RTF_UP | _RTF_GATEWAY or not gateway:
-            continue
-        # The kernel writes the address in host byte order (little-endian here).
-        address = ipaddress.IPv4Address(gateway.to_bytes(4, "little"))
-        if best is None or metric < best[0]:
-            best = (metric, address)
-    return best[1] if best else None
-
-
 def default_gateway() -> Optional[ipaddress.IPv4Address]:
-    try:
-        with open(ROUTE_FILE, encoding="ascii", errors="replace") as f:
-            return parse_default_gateway(f.read(65536))
-    except OSError:
-        return None
+    found = gateway_route()
+    return None if found is None else found.ip
 
 
 def local_address_towards(gateway: str) -> Optional[str]:
@@ -733,6 +708,5 @@ def _other_ports(first: int, count: int) -> list[int]:
 
 __all__ = [
     "DEFAULT_WAIT", "GATEWAY_PORT", "Mapping", "NAT_NOTE", "PROTOCOLS", "PortMapping", "PortmapReport",
-    "ProtocolReport", "default_gateway", "discover", "find_igd", "local_address_towards",
-    "parse_default_gateway", "upnp_call",
+    "ProtocolReport", "default_gateway", "discover", "find_igd", "local_address_towards", "upnp_call",
 ]
