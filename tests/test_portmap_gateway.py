@@ -168,6 +168,14 @@ def test_taken_port_gets_another_and_renewal_keeps_it(natlab: Lab) -> None:
     assert f"Mapped public port {second.external[1]} " in text, text
 
 
+def test_lifetime_is_capped_at_the_gateway_maximum(natlab: Lab) -> None:
+    topo = portmap_topology(natlab, NatBehaviour.APDM, protocols=("natpmp",), max_lifetime=30)
+    assert topo.gateway is not None
+    text = natpmpc_map(topo, topo.client, 4150, 5150, 600)
+    assert re.search(r"Mapped public port 4150 .* li[f]+e?time 30\b", text), text
+    assert topo.gateway.mappings()[0].lifetime == 30
+
+
 # ------------------------------------------------------------------------------ UPnP IGD
 
 

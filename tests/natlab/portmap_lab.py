@@ -26,6 +26,7 @@ from .lab import Lab, LabError, Nat, Service
 ALL_PROTOCOLS = ("pcp", "natpmp", "upnp")
 REPO = Path(__file__).resolve().parents[2]
 NFT_TABLE = "portmap"
+MAX_LIFETIME = 7200  # s, the longest PCP/NAT-PMP lifetime the gateway grants by default
 
 
 def _endpoint(text: str) -> tuple[str, int]:
@@ -126,7 +127,8 @@ class PortmapGateway:
 
 def start_portmap_gateway(lab: Lab, nat: Nat, protocols: Iterable[str] = ALL_PROTOCOLS, *,
                           http_port: int = 5000, min_lifetime: int = 1,
-                          max_lifetime: int = 7200, timeout: float = 15.0) -> PortmapGateway:
+                          max_lifetime: int = MAX_LIFETIME, timeout: float = 15.0
+                          ) -> PortmapGateway:
     """Start the gateway in ``nat``'s namespace; return once it listens."""
     protocols = tuple(protocols)
     if not nat.grants_mappings:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .lab import Host, Lab, Nat, ServerHost
 from .nft import Ipv6Mode, NatBehaviour
-from .portmap_lab import ALL_PROTOCOLS, PortmapGateway, start_portmap_gateway
+from .portmap_lab import ALL_PROTOCOLS, MAX_LIFETIME, PortmapGateway, start_portmap_gateway
 
 #: Addresses of the server host in every ready-made topology: two for an RFC 5780 server
 #: (primary, alternate) and a third one for "somebody else on the internet".
@@ -122,13 +122,15 @@ class PortmapTopology(ProbeTopology):
 
 def portmap_topology(lab: Lab, behaviour: NatBehaviour = NatBehaviour.APDM,
                      protocols: Iterable[str] = ALL_PROTOCOLS, *,
-                     udp_timeout: int | None = None) -> PortmapTopology:
+                     udp_timeout: int | None = None,
+                     max_lifetime: int = MAX_LIFETIME) -> PortmapTopology:
     """server "srv" (SERVER_V4 + SERVER_V6) -- internet -- NAT "nat" (grants mappings with
-    ``protocols``) -- host "client"."""
+    ``protocols``, PCP/NAT-PMP lifetimes at most ``max_lifetime`` s) -- host "client"."""
     server = lab.add_server_host("srv", addrs=[*SERVER_V4, *SERVER_V6])
     nat = lab.add_nat("nat", behaviour, udp_timeout=udp_timeout, grants_mappings=True)
     client = lab.add_host("client", behind=nat)
-    return PortmapTopology(server, nat, client, start_portmap_gateway(lab, nat, protocols))
+    return PortmapTopology(server, nat, client, start_portmap_gateway(
+        lab, nat, protocols, max_lifetime=max_lifetime))
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,13 @@ class PortmapPairTopology(PairTopology):
 def portmap_pair_topology(lab: Lab, protocols: Iterable[str] = ALL_PROTOCOLS,
                           left: NatBehaviour = NatBehaviour.APDM,
                           right: NatBehaviour = NatBehaviour.APDM, *,
-                          udp_timeout: int | None = None) -> PortmapPairTopology:
+                          udp_timeout: int | None = None,
+                          max_lifetime: int = MAX_LIFETIME) -> PortmapPairTopology:
     """As pair_topology ("tracker", "stranger", "nat_l"/"left", "nat_r"/"right"); "nat_l"
     runs a gateway offering ``protocols``, "nat_r" grants nothing."""
     pair = pair_topology(lab, left, right, udp_timeout=udp_timeout,
                          left_grants_mappings=True)
-    gateway = start_portmap_gateway(lab, pair.left_nat, protocols)
+    gateway = start_portmap_gateway(lab, pair.left_nat, protocols, max_lifetime=max_lifetime)
     return PortmapPairTopology(pair.tracker, pair.left_nat, pair.right_nat, pair.left,
                                pair.right, pair.stranger, gateway)
 
@@ -165,7 +168,8 @@ class DoubleNatTopology(ProbeTopology):
 def double_nat_topology(lab: Lab, outer: NatBehaviour = NatBehaviour.EIM_APDF,
                         inner: NatBehaviour = NatBehaviour.APDM, *,
                         protocols: Iterable[str] | None = ALL_PROTOCOLS,
-                        udp_timeout: int | None = None) -> DoubleNatTopology:
+                        udp_timeout: int | None = None,
+                        max_lifetime: int = MAX_LIFETIME) -> DoubleNatTopology:
     """server "srv" (SERVER_V4/V6) -- internet -- NAT "cgn" (198.51.100.2) -- NAT "nat"
     (WAN 100.64.0.2) -- host "client". With ``protocols`` (None: no gateway), "nat" runs a
     port-mapping gateway: the external address it reports is 100.64.0.2, not public."""
@@ -174,5 +178,6 @@ def double_nat_topology(lab: Lab, outer: NatBehaviour = NatBehaviour.EIM_APDF,
     nat = lab.add_nat("nat", inner, udp_timeout=udp_timeout, behind=cgn,
                       grants_mappings=protocols is not None)
     client = lab.add_host("client", behind=nat)
-    gateway = None if protocols is None else start_portmap_gateway(lab, nat, protocols)
+    gateway = None if protocols is None else start_portmap_gateway(
+        lab, nat, protocols, max_lifetime=max_lifetime)
     return DoubleNatTopology(server, nat, client, cgn, gateway)
