@@ -220,3 +220,30 @@ def test_unknown_protocol_name_is_our_error() -> None:
     with pytest.raises(PortmapProtocolError):
         PortMapping(1, protocols=("pcp", "nope"))
     assert portmap.PROTOCOLS == ("pcp", "natpmp", "upnp")
+
+
+# --------------------------------------------------------------------------- probe's report
+
+
+def test_probe_renders_the_portmap_section_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from nattool.cli.probe_cmd import render
+    from nattool.diag.probe import ProbeResult
+
+    async def body(gw: Gateway) -> Any:
+        return await discover(gateway="127.0.0.1", port=gw.udp_port, timeout=0.5,
+                              ssdp_target=("127.0.0.1", gw.ssdp_port))
+
+    report = run_with(Gateway(protocols=("natpmp", "upnp"), external="100.64.0.2"), body)
+    result = ProbeResult(families=(), portmap=report)
+    render(result, json_out=False)
+    text = " ".join(capsys.readouterr().out.split())  # the table wraps at the terminal's width
+    assert "Port mapping (gateway 127.0.0.1" in text
+    assert "NAT-PMP yes, external address 100.64.0.2 (cgnat) carrier-grade NAT or a double NAT" in text
+    assert "PCP no (the gateway speaks NAT-PMP, not PCP)" in text
+    render(result, json_out=True)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["portmap"]["answered"] == ["natpmp", "upnp"]
+    assert doc["portmap"]["note"] == "carrier-grade NAT or a double NAT"
+    assert ProbeResult(families=()).to_json()["portmap"] is None

@@ -367,6 +367,15 @@ async def discover(*, gateway: Optional[str] = None, timeout: float = DEFAULT_WA
     return PortmapReport(gateway, local_ip, tuple(reports), loop.time() - started)
 
 
+async def discover_for_probe(timeout: float = DEFAULT_WAIT) -> PortmapReport:
+    """:func:`discover` for ``probe``: never raises; a failure becomes the report's error."""
+    try:
+        return await discover(timeout=timeout)
+    except (NattoolError, OSError) as exc:
+        text = str(exc) or type(exc).__name__
+        return PortmapReport(_text(default_gateway()), None, tuple(ProtocolReport(p, False, error=text) for p in PROTOCOLS))
+
+
 def _check_protocols(protocols: Iterable[str]) -> None:
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
@@ -708,5 +717,5 @@ def _other_ports(first: int, count: int) -> list[int]:
 
 __all__ = [
     "DEFAULT_WAIT", "GATEWAY_PORT", "Mapping", "NAT_NOTE", "PROTOCOLS", "PortMapping", "PortmapReport",
-    "ProtocolReport", "default_gateway", "discover", "find_igd", "local_address_towards", "upnp_call",
+    "ProtocolReport", "default_gateway", "discover", "discover_for_probe", "find_igd", "local_address_towards", "upnp_call",
 ]
