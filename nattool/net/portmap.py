@@ -25,7 +25,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Awaitable, Callable, Iterable, Optional, Sequence
 
 from nattool.errors import NattoolError, PortmapProtocolError, PortmapRefused
 from nattool.net.gateway import default_gateway as gateway_route
@@ -386,12 +386,21 @@ def _text(ip: Optional[IPAddress]) -> Optional[str]:
     return None if ip is None else str(ip)
 
 
-async def _discover_pcp(gateway: str, port: int, local_ip: Optional[str], timeout: float) -> ProtocolReport:
+async def _on_channel(protocol: str, gateway: str, port: int, local_ip: Optional[str],
+                      run: Callable[[_GatewayChannel], Awaitable[ProtocolReport]]) -> ProtocolReport:
+    """``run`` on a fresh channel to gateway:port, closed afterwards."""
     try:
         channel = await _open_channel(gateway, port, local_ip)
     except OSError as exc:
-        return ProtocolReport("pcp", False, error=f"cannot send to the gateway: {exc.strerror or exc}")
+        return ProtocolReport(protocol, False, error=f"cannot send to the gateway: {exc.strerror or exc}")
     try:
+        return await run(channel)
+    finally:
+        channel.close()
+
+
+async def _discover_pcp(gateway: str, port: int, local_ip: Optional[str], timeout: float) -> ProtocolReport:
+    async def run(channel: _GatewayChannel) -> ProtocolReport:
         loop = asyncio.get_running_loop()
         sockname = channel.transport.get_extra_info("sockname") if channel.transport else ("0.0.0.0", 0)
         client = ipaddress.ip_address(sockname[0])
@@ -405,8 +414,8 @@ async def _discover_pcp(gateway: str, port: int, local_ip: Optional[str], timeou
                               loop.time() + DELETE_WAIT)
         confirmed = isinstance(deleted, MappingDeleted) and deleted.confirmed
         return ProtocolReport("pcp", True, str(first.external.ip), detail={"deleted": confirmed})
-    finally:
-        channel.close()
+
+    return await _on_channel("pcp", gateway, port, local_ip, run)
 
 
 def _failed_report(protocol: str, event: Optional[PortmapEvent]) -> ProtocolReport:
@@ -418,19 +427,15 @@ def _failed_report(protocol: str, event: Optional[PortmapEvent]) -> ProtocolRepo
 
 
 async def _discover_natpmp(gateway: str, port: int, local_ip: Optional[str], timeout: float) -> ProtocolReport:
-    try:
-        channel = await _open_channel(gateway, port, local_ip)
-    except OSError as exc:
-        return ProtocolReport("natpmp", False, error=f"cannot send to the gateway: {exc.strerror or exc}")
-    try:
+    async def run(channel: _GatewayChannel) -> ProtocolReport:
         loop = asyncio.get_running_loop()
         mapper = NatpmpMapper(None, _seed(), loop.time(), timeout=timeout)
         event = await _pump(mapper, channel, _ignore, lambda e: isinstance(e, (ExternalAddress, MappingFailed)))
         if isinstance(event, ExternalAddress):
             return ProtocolReport("natpmp", True, str(event.address), detail={"epoch": event.epoch})
         return _failed_report("natpmp", event)
-    finally:
-        channel.close()
+
+    return await _on_channel("natpmp", gateway, port, local_ip, run)
 
 
 async def _discover_upnp(gateway: str, local_ip: Optional[str], timeout: float,

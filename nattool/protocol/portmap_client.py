@@ -448,14 +448,20 @@ class NatpmpMapper(_Mapper):
         else:
             self._on_map(reply, now)
 
+    def _answer_usable(self, kind: str, result: int) -> bool:
+        """Close the ``kind`` exchange with this answer; a refusal ends the other one too."""
+        if kind not in self._exchanges:
+            self.counters["stale"] += 1  # a late duplicate
+            return False
+        del self._exchanges[kind]
+        if result != natpmp.ResultCode.SUCCESS:
+            self._exchanges.clear()
+            self._refused(result, f"NAT-PMP {natpmp.result_name(result)}")
+            return False
+        return True
+
     def _on_address(self, reply: natpmp.ExternalAddressResponse, now: float) -> None:
-        if "address" not in self._exchanges:
-            self.counters["stale"] += 1
-            return
-        del self._exchanges["address"]
-        if reply.result != natpmp.ResultCode.SUCCESS:
-            self._exchanges.pop("map", None)
-            self._refused(reply.result, f"NAT-PMP {natpmp.result_name(reply.result)}")
+        if not self._answer_usable("address", reply.result):
             return
         self.external_address = reply.address
         if self.address_only:
@@ -472,13 +478,7 @@ class NatpmpMapper(_Mapper):
             if "delete" in self._exchanges and reply.lifetime == 0:
                 self._deleted()
             return
-        if "map" not in self._exchanges:
-            self.counters["stale"] += 1
-            return
-        del self._exchanges["map"]
-        if reply.result != natpmp.ResultCode.SUCCESS:
-            self._exchanges.pop("address", None)
-            self._refused(reply.result, f"NAT-PMP {natpmp.result_name(reply.result)}")
+        if not self._answer_usable("map", reply.result):
             return
         self._mapped_port = (reply.external_port, reply.lifetime)
         self._maybe_granted(now)
