@@ -104,7 +104,8 @@ class ExternalAddressResponse:
         _check_u32(self.epoch, "epoch")
 
     def to_wire(self) -> bytes:
-        return struct.pack("!BBHI", VERSION, RESPONSE_BIT | OP_EXTERNAL_ADDRESS, self.result, self.epoch) + self.address.packed
+        header = struct.pack("!BBHI", VERSION, RESPONSE_BIT | OP_EXTERNAL_ADDRESS, self.result, self.epoch)
+        return header + self.address.packed
 
 
 @dataclass(frozen=True, slots=True)

@@ -343,7 +343,8 @@ class PcpMapper(_Mapper):
     def _on_datagram(self, data: bytes, now: float) -> None:
         if natpmp.is_natpmp_response(data):
             reply = natpmp.parse_response(data)
-            if reply.result == natpmp.ResultCode.UNSUPPORTED_VERSION and "map" in self._exchanges and self.state == MapperState.MAPPING:
+            asking = "map" in self._exchanges and self.state == MapperState.MAPPING
+            if reply.result == natpmp.ResultCode.UNSUPPORTED_VERSION and asking:
                 self._fail(pcp.ResultCode.UNSUPP_VERSION, "the gateway speaks NAT-PMP, not PCP", unsupported=True)
             else:
                 self.counters["junk"] += 1
@@ -399,7 +400,8 @@ class NatpmpMapper(_Mapper):
     def __init__(self, internal_port: Optional[int], seed: bytes, now: float, *, lifetime: int = DEFAULT_LIFETIME,
                  tcp: bool = False, suggested_port: int = 0, timeout: float = DEFAULT_TIMEOUT,
                  delete_timeout: float = DEFAULT_DELETE_TIMEOUT) -> None:
-        super().__init__(internal_port or 0, seed, now, lifetime=lifetime, timeout=timeout, delete_timeout=delete_timeout)
+        super().__init__(internal_port or 0, seed, now, lifetime=lifetime, timeout=timeout,
+                         delete_timeout=delete_timeout)
         self.address_only = internal_port is None
         self.opcode = natpmp.OP_MAP_TCP if tcp else natpmp.OP_MAP_UDP
         self.suggested_port = suggested_port

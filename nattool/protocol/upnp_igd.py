@@ -72,9 +72,10 @@ class HttpMessage:
     def status(self) -> int:
         """The status code of a response (``HTTP/1.1 200 OK``)."""
         parts = self.start_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].upper().startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()) or len(parts[1]) != 3:
+        code = parts[1] if len(parts) >= 2 else ""
+        if not parts[0].upper().startswith("HTTP/") or not (code.isascii() and code.isdigit() and len(code) == 3):
             raise PortmapProtocolError(f"not an HTTP status line: {self.start_line[:60]!r}")
-        return int(parts[1])
+        return int(code)
 
 
 def parse_http(data: bytes, *, complete: bool = True) -> HttpMessage:
