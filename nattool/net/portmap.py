@@ -697,6 +697,10 @@ class PortMapping:
             if mapper is not None and channel is not None:
                 mapper.delete(loop.time())
                 _flush(mapper, channel, loop.time())  # the first delete leaves before any await
+            if self._keeper is not None:
+                # Its pump must be gone before ours reads the same channel.
+                await asyncio.gather(self._keeper, return_exceptions=True)
+            if mapper is not None and channel is not None:
                 await _pump(mapper, channel, self.on_change, lambda e: isinstance(e, MappingDeleted),
                             loop.time() + DELETE_WAIT)
             elif mapping is not None and mapping.protocol == "upnp" and self._upnp is not None:
@@ -704,8 +708,6 @@ class PortMapping:
         finally:
             if channel is not None:
                 channel.close()
-            if self._keeper is not None:
-                await asyncio.gather(self._keeper, return_exceptions=True)
 
     async def _upnp_delete(self, mapping: Mapping) -> None:
         assert self._upnp is not None
