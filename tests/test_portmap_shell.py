@@ -100,6 +100,23 @@ def test_upnp_when_udp_5351_is_closed() -> None:
     assert gw.mappings == {} and gw.seen[-1] == Seen("upnp", 40003, 0)
 
 
+def test_an_igd_other_than_the_gateway_is_used_after_the_first_search_round() -> None:
+    async def body(gw: Gateway) -> Any:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # The default gateway is 127.0.0.2 (nothing there); the IGD answers from 127.0.0.1.
+        pm = PortMapping(40009, gateway="127.0.0.2", port=closed_udp_port(), protocols=("upnp",), wait=1.2,
+                         ssdp_target=("127.0.0.1", gw.ssdp_port))
+        mapping = await pm.start()
+        took = loop.time() - started
+        await pm.close()
+        return mapping, took
+
+    mapping, took = run_with(Gateway(protocols=("upnp",)), body)
+    assert mapping is not None and mapping.protocol == "upnp"
+    assert took >= 0.4  # not before the first round (wait / 3) gave the gateway its chance
+
+
 def test_upnp_conflict_and_permanent_only_leases() -> None:
     async def body(gw: Gateway) -> Any:
         async with mapping_for(gw, 40004, protocols=("upnp",), wait=1.5) as pm:

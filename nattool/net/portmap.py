@@ -236,6 +236,12 @@ async def find_igd(timeout: float, *, local_ip: Optional[str] = None, gateway: O
         pass
     searches = [upnp_igd.build_msearch(st) for st in upnp_igd.SEARCH_TARGETS]
     tried: set[str] = set()
+    others: list[str] = []  # devices other than the gateway, tried once the first round is over
+
+    async def fetch(location: str) -> Optional[upnp_igd.IgdService]:
+        tried.add(location)
+        return await _fetch_service(location, max(deadline - loop.time(), 0.05), local_ip)
+
     try:
         for round_ in range(2):  # SSDP is lossy: a second round a third of the way in
             for data in searches:
@@ -254,11 +260,15 @@ async def find_igd(timeout: float, *, local_ip: Optional[str] = None, gateway: O
                     host = upnp_igd.split_http_url(answer.location).host
                 except PortmapProtocolError:
                     continue
-                if host != source or answer.location in tried:
+                if host != source or answer.location in tried or answer.location in others:
                     continue
-                tried.add(answer.location)
-                service = await _fetch_service(answer.location, max(deadline - loop.time(), 0.05), local_ip)
-                if service is not None:
+                if gateway is not None and source != gateway:
+                    others.append(answer.location)
+                    continue
+                if (service := await fetch(answer.location)) is not None:
+                    return service
+            while others:
+                if (service := await fetch(others.pop(0))) is not None:
                     return service
         return None
     finally:
