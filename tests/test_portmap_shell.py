@@ -117,6 +117,25 @@ def test_an_igd_other_than_the_gateway_is_used_after_the_first_search_round() ->
     assert took >= 0.4  # not before the first round (wait / 3) gave the gateway its chance
 
 
+def test_upnp_lease_is_renewed_by_adding_it_again() -> None:
+    seen_events: list[PortmapEvent] = []
+
+    async def body(gw: Gateway) -> None:
+        async with mapping_for(gw, 40010, protocols=("upnp",), lifetime=2, on_change=seen_events.append) as pm:
+            assert pm.mapping is not None and pm.mapping.lifetime == 2
+            for _ in range(100):
+                if any(isinstance(e, MappingGranted) for e in seen_events):
+                    break
+                await asyncio.sleep(0.05)
+
+    gw = Gateway(protocols=("upnp",))
+    run_with(gw, body)
+    renewed = [e for e in seen_events if isinstance(e, MappingGranted)]
+    assert renewed and renewed[0].renewal and renewed[0].external.port == 40010
+    assert [s.lifetime for s in gw.seen] == [2, 2, 0]  # add, add again, delete
+    assert gw.mappings == {}
+
+
 def test_upnp_conflict_and_permanent_only_leases() -> None:
     async def body(gw: Gateway) -> Any:
         async with mapping_for(gw, 40004, protocols=("upnp",), wait=1.5) as pm:
