@@ -20,7 +20,6 @@ renewal answer tells the mapper about a rebooted gateway.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import os
 import socket
@@ -41,6 +40,8 @@ from nattool.protocol.portmap_client import (
     NatpmpMapper,
     PcpMapper,
     PortmapEvent,
+    RENEW_FROM,
+    RENEW_TO,
     address_class,
     behind_another_nat,
 )
@@ -674,7 +675,7 @@ class PortMapping:
         loop = asyncio.get_running_loop()
         while self.mapping is not None and self.mapping.lifetime:
             current = self.mapping
-            fraction = 0.5 + 0.125 * (hashlib.sha256(os.urandom(8)).digest()[0] / 256)
+            fraction = RENEW_FROM + (RENEW_TO - RENEW_FROM) * int.from_bytes(os.urandom(2), "big") / 65536
             await asyncio.sleep(current.lifetime * fraction)
             expires = loop.time() + current.lifetime * (1 - fraction)
             while True:
