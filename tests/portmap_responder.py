@@ -35,6 +35,7 @@ class Gateway:
     upnp_conflicts: set[int] = field(default_factory=set)  # external ports UPnP says are taken
     upnp_permanent_only: bool = False
     seen: list[Seen] = field(default_factory=list)
+    received: list[bytes] = field(default_factory=list)  # every datagram on the UDP port, answered or not
     mappings: dict[tuple[str, int], int] = field(default_factory=dict)  # (protocol, internal port) -> external port
     udp_port: int = 0
     ssdp_port: int = 0
@@ -43,6 +44,7 @@ class Gateway:
     # -- UDP 5351 -------------------------------------------------------------------------
 
     def answer_udp(self, data: bytes, source: str) -> Optional[bytes]:
+        self.received.append(data)
         if data[:1] == bytes([pcp.VERSION]) and "pcp" in self.protocols:
             return self._answer_pcp(data, source)
         if "natpmp" not in self.protocols:

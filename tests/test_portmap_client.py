@@ -196,6 +196,26 @@ def test_delete_while_still_asking_deletes_what_may_have_been_granted() -> None:
     assert pcp.parse_request(delete).lifetime == 0
 
 
+def test_delete_after_an_unanswered_request_still_goes() -> None:
+    mapper = PcpMapper(CLIENT, 5000, NONCE, b"seed", 0.0, timeout=1.0)
+    send_times(mapper, 5.0)
+    assert mapper.state == MapperState.FAILED
+    events(mapper)
+    mapper.delete(5.0)  # the gateway may have mapped it and lost every answer
+    [delete] = mapper.datagrams_to_send(5.0)
+    assert pcp.parse_request(delete).lifetime == 0
+    # A refusal is an answer: nothing can have been granted, nothing to delete.
+    refused = PcpMapper(CLIENT, 5000, NONCE, b"seed", 0.0)
+    refused.receive_datagram(pcp_answer(refused.datagrams_to_send(0.0)[0], result=2), 0.1)
+    refused.delete(0.2)
+    assert refused.datagrams_to_send(0.2) == []
+    # An address-only NAT-PMP query maps nothing: its delete would be "all of this client's".
+    query = NatpmpMapper(None, b"seed", 0.0)
+    send_times(query, 5.0)
+    query.delete(5.0)
+    assert query.datagrams_to_send(5.0) == []
+
+
 def test_gateway_reboot_seen_in_the_epoch_remaps_at_once() -> None:
     mapper = PcpMapper(CLIENT, 5000, NONCE, b"seed", 0.0, lifetime=3600)
     mapper.receive_datagram(pcp_answer(mapper.datagrams_to_send(0.0)[0], epoch=5000), 0.0)

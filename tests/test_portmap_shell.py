@@ -13,6 +13,7 @@ import pytest
 
 from nattool.net import portmap
 from nattool.net.portmap import PortMapping, discover
+from nattool.protocol import natpmp, pcp
 from nattool.protocol.portmap_client import MappingDeleted, MappingFailed, MappingGranted, PortmapEvent
 from tests import portmap_responder
 from tests.portmap_responder import Gateway, Seen
@@ -154,12 +155,24 @@ def test_silent_gateway_gives_no_mapping_within_the_wait() -> None:
         pm = mapping_for(gw, 40005, wait=0.6)
         mapping = await pm.start()
         await pm.close()
-        return mapping, loop.time() - started, pm.failures
+        took = loop.time() - started
+        for _ in range(100):  # let the responder read the last datagrams on loopback
+            if gw.received[-1][:2] == bytes([0, 1]) and natpmp.parse_request(gw.received[-1]).lifetime == 0:
+                break
+            await asyncio.sleep(0.01)
+        return mapping, took, pm.failures
 
-    mapping, took, failures = run_with(Gateway(protocols=()), body)
+    gw = Gateway(protocols=())
+    mapping, took, failures = run_with(gw, body)
     assert mapping is None
     assert took < 3.0  # wait=0.6 plus UPnP's search bound; nothing waits for retransmissions forever
     assert set(failures) == {"pcp", "natpmp", "upnp"}
+    # Each unanswered mapping request is followed by its delete: a gateway that mapped it
+    # and lost the answer must not keep the mapping.
+    pcp_lifetimes = [pcp.parse_request(d).lifetime for d in gw.received if d[0] == pcp.VERSION]
+    natpmp_maps = [natpmp.parse_request(d) for d in gw.received if d[:2] == bytes([0, 1])]
+    assert pcp_lifetimes[0] == 7200 and pcp_lifetimes[-1] == 0
+    assert natpmp_maps[0].lifetime == 7200 and natpmp_maps[-1].lifetime == 0  # type: ignore[union-attr]
 
 
 def test_cancellation_deletes_the_mapping() -> None:

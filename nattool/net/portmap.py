@@ -426,6 +426,8 @@ async def _discover_pcp(gateway: str, port: int, local_ip: Optional[str], timeou
                            lifetime=PROBE_PCP_LIFETIME, timeout=timeout)
         first = await _pump(mapper, channel, _ignore, lambda e: isinstance(e, (MappingGranted, MappingFailed)))
         if not isinstance(first, MappingGranted):
+            mapper.delete(loop.time())  # after silence: what a lost answer granted goes too
+            _flush(mapper, channel, loop.time())
             return _failed_report("pcp", first)
         mapper.delete(loop.time())
         deleted = await _pump(mapper, channel, _ignore, lambda e: isinstance(e, MappingDeleted),
@@ -597,6 +599,8 @@ class PortMapping:
                 return Mapping(protocol, Endpoint(ipaddress.ip_address(self.local_ip or "0.0.0.0"), self.local_port),
                                event.external, event.lifetime, self.gateway or "")
             self._mapper = self._channel = None
+            mapper.delete(loop.time())  # unanswered: what a late answer would have granted goes too
+            _flush(mapper, channel, loop.time())
             channel.close()
             self.failures[protocol] = event.reason if isinstance(event, MappingFailed) else "no answer"
             if channel.unreachable:

@@ -146,6 +146,8 @@ class _Mapper:
         self._out: list[bytes] = []
         self._events: deque[PortmapEvent] = deque()
         self._renewing = False
+        self._unanswered = False  # the first request timed out: it may have been granted unseen
+        self._may_map = True  # False for a mapper that only asks for the external address
 
     # -- the sans-I/O interface --------------------------------------------------------
 
@@ -187,10 +189,16 @@ class _Mapper:
             self.counters["junk"] += 1
 
     def delete(self, now: float) -> None:
-        """Remove the mapping (lifetime 0). A mapper that holds none ends at once."""
-        if self.state in (MapperState.DELETING, MapperState.DELETED, MapperState.FAILED):
+        """Remove the mapping (lifetime 0). A mapper that holds none ends at once.
+
+        Also after the first request went unanswered: the gateway may have granted it
+        and lost the answer, so a delete goes (a gateway with nothing to delete says so).
+        """
+        if self.state in (MapperState.DELETING, MapperState.DELETED):
             return
-        had_mapping = self.state == MapperState.MAPPED or "map" in self._exchanges
+        if self.state == MapperState.FAILED and not self._unanswered:
+            return
+        had_mapping = self.state == MapperState.MAPPED or "map" in self._exchanges or self._unanswered
         self._exchanges.clear()
         if not had_mapping:
             self.state = MapperState.DELETED
@@ -258,6 +266,7 @@ class _Mapper:
             self._fail(code, reason, unsupported=unsupported)
 
     def _fail(self, code: Optional[int], reason: str, *, unsupported: bool = False) -> None:
+        self._unanswered = code is None and self._may_map
         self.state = MapperState.FAILED
         self._exchanges.clear()
         self._events.append(MappingFailed(self.protocol, code, reason, unsupported=unsupported))
@@ -403,6 +412,7 @@ class NatpmpMapper(_Mapper):
         super().__init__(internal_port or 0, seed, now, lifetime=lifetime, timeout=timeout,
                          delete_timeout=delete_timeout)
         self.address_only = internal_port is None
+        self._may_map = not self.address_only
         self.opcode = natpmp.OP_MAP_TCP if tcp else natpmp.OP_MAP_UDP
         self.suggested_port = suggested_port
         self.external_address: Optional[ipaddress.IPv4Address] = None
