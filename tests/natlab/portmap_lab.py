@@ -133,6 +133,8 @@ def start_portmap_gateway(lab: Lab, nat: Nat, protocols: Iterable[str] = ALL_PRO
     protocols = tuple(protocols)
     if not nat.grants_mappings:
         raise ValueError(f"{nat.name}: build it with add_nat(..., grants_mappings=True)")
+    if shutil.which("conntrack") is None:  # stale flows of a mapped port must go
+        raise LabError("the port-mapping gateway needs 'conntrack' (conntrack-tools)")
     state_dir = Path(tempfile.mkdtemp(prefix=f"natlab-portmap-{nat.name}-"))
     lab.add_cleanup(lambda: shutil.rmtree(state_dir, ignore_errors=True))
     state_file = state_dir / "mappings.json"
