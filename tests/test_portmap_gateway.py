@@ -249,6 +249,7 @@ def test_pcp_map_renew_and_delete(natlab: Lab) -> None:
     renewed = ask(90)
     assert renewed.lifetime == 90 and renewed.map is not None
     assert renewed.map.external_port == 4300
+    assert gw.wait_for("grant", lifetime=90).renewal is True
 
     deleted = ask(0)
     assert deleted.result == pcp.ResultCode.SUCCESS and deleted.lifetime == 0

@@ -45,12 +45,14 @@ class GatewayEvent:
     external: tuple[str, int]
     lifetime: int | None  # grant: seconds granted (0: UPnP lease without expiry)
     reason: str | None  # delete: "request" | "expired" | "exit"
+    renewal: bool  # grant: the mapping existed already (same client, protocol, port)
     raw: dict[str, Any]
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> GatewayEvent:
         return cls(raw["event"], raw["via"], raw["proto"], _endpoint(raw["internal"]),
-                   _endpoint(raw["external"]), raw.get("lifetime"), raw.get("reason"), raw)
+                   _endpoint(raw["external"]), raw.get("lifetime"), raw.get("reason"),
+                   bool(raw.get("renewal")), raw)
 
 
 @dataclass(frozen=True)
