@@ -47,13 +47,9 @@ class Gateway:
             return self._answer_pcp(data, source)
         if "natpmp" not in self.protocols:
             return None
-        error = natpmp.error_for_request(data, self.epoch)
-        if error is not None:
-            return error.to_wire()
-        try:
-            request = natpmp.parse_request(data)
-        except PortmapProtocolError:
-            return None
+        request = natpmp.read_request(data, self.epoch)
+        if request is None or isinstance(request, natpmp.ErrorResponse):
+            return None if request is None else request.to_wire()
         if isinstance(request, natpmp.ExternalAddressRequest):
             return natpmp.ExternalAddressResponse(0, self.epoch, ipaddress.IPv4Address(self.external)).to_wire()
         lifetime = min(request.lifetime, self.max_lifetime)
