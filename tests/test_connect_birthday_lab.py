@@ -49,3 +49,19 @@ def test_birthday_opens_a_direct_path_between_symmetric_and_port_restricted(natl
     assert outcome.hard_udp_sockets_after == 2
     # The footprint: the symmetric side's NAT holds about one entry per extra socket.
     assert outcome.conntrack_max["nat_l"] < HARD_SOCKETS + 64
+
+
+def test_with_a_relay_birthday_goes_on_and_its_direct_path_takes_over(natlab: Lab, tmp_path: Path) -> None:  # noqa: F811
+    """`--relay auto` (the default) with relaying trackers: the relay may well come first
+    (after 2 s), but birthday punching goes on while relayed, within its budget, and its
+    direct path takes over: a second path_up, via direct, method birthday."""
+    topo = build(natlab)
+    env = nattool_env(tmp_path)
+    start_trackers(natlab, env, nattool_cmd, "--relay")
+    outcome = run_once(natlab, topo, env, connect_argv, "bday-relay", (43310, 43410), relay="auto")
+    print(describe(outcome), {side: up["via"] for side, up in outcome.first.items()})
+    if not outcome.ok and outcome.budget_spent:
+        outcome = run_once(natlab, topo, env, connect_argv, "bday-relay-1", (43311, 43411), relay="auto")
+    assert outcome.ok, f"{describe(outcome)}\n" + "\n".join(f"--- {k}:\n{v}" for k, v in outcome.transcript.items())
+    assert {up["via"] for up in outcome.first.values()} <= {"relay", "direct"}
+    assert outcome.ups["hard"]["peer_id"] == outcome.first["hard"]["peer_id"]

@@ -60,6 +60,7 @@ BURST = 0.05  # s of the rate that may go out at once (a late timer does not mak
 SEQUENTIAL_SPREAD = 32  # ports: the trackers' ports this close together mean a counting NAT
 PREDICT_WINDOW = 64  # predicted ports above the highest one seen
 PREDICT_GRACE = 3.0  # s prediction has before the hard side opens its sockets after all
+PREDICT_CYCLE = 1.0  # s between passes over the predicted ports (the mapping may not be there yet)
 
 
 class Role(str, Enum):
@@ -174,7 +175,9 @@ class Pacer:
         if now > self.last:
             self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
             self.last = now
-        granted = max(0, min(want, int(self.tokens), self.budget - self.spent))
+        # The epsilon: a token refilled to 0.9999999 by float rounding is a token, else
+        # next_at() would name a moment at which nothing may go (a spinning timer).
+        granted = max(0, min(want, int(self.tokens + 1e-9), self.budget - self.spent))
         self.tokens -= granted
         self.spent += granted
         return granted
@@ -197,10 +200,10 @@ class PortOrder:
 
     ROUNDS = 4
 
-    def __init__(self, seed: bytes, first: Sequence[int] = ()) -> None:
+    def __init__(self, seed: bytes, first: Sequence[int] = (), skip: Sequence[int] = ()) -> None:
         self.key = hashlib.blake2b(seed, digest_size=32).digest()
         self.first = [p for p in dict.fromkeys(first) if PORT_FIRST <= p <= PORT_LAST]
-        self.skip = set(self.first)
+        self.skip = set(self.first) | set(skip)
         self.index = 0  # next index into the permutation
         self.taken = 0
 
@@ -252,14 +255,23 @@ class BirthdayRun:
     probed: set[int] = field(default_factory=set)  # probe role: ports pinged so far
     cursor: int = 0  # open role: the next socket of the round
     round_at: float = 0.0  # open role: when the current round may start
+    cycle_at: float = 0.0  # probe role, predicting: when the next pass over the predicted ports starts
+    pcursor: int = 0  # ... and the next predicted port of the pass
     last_send: float = 0.0
     order: Optional[PortOrder] = None
 
     def __post_init__(self) -> None:
         if self.plan.role is Role.PROBE:
-            self.order = PortOrder(self.seed + self.target.to_text().encode("ascii"), self.plan.predicted)
+            # The predicted ports have their passes first; the random order skips them.
+            self.order = PortOrder(self.seed + self.target.to_text().encode("ascii"), skip=self.plan.predicted)
+            self.cycle_at = self.start
         else:
             self.round_at = self.opens_at
+
+    @property
+    def predicting_until(self) -> float:
+        """Probe role: the end of the passes over the predicted ports (start: none)."""
+        return self.start + PREDICT_GRACE if self.plan.predicted else self.start
 
     @property
     def opens_at(self) -> float:
@@ -277,7 +289,9 @@ class BirthdayRun:
             return None
         if self.plan.role is Role.PROBE:
             assert self.order is not None
-            return None if self.order.exhausted else self.start
+            if self.cycle_at < self.predicting_until:
+                return self.cycle_at
+            return None if self.order.exhausted else self.predicting_until
         return self.round_at
 
     def due(self, now: float) -> int:
@@ -286,6 +300,8 @@ class BirthdayRun:
             return 0
         if self.plan.role is Role.PROBE:
             assert self.order is not None
+            if now < self.predicting_until:
+                return len(self.plan.predicted) - self.pcursor if now >= self.cycle_at else 0
             return 0 if self.order.exhausted else PORT_SPACE
         return self.sockets - self.cursor if now >= self.round_at else 0
 
@@ -296,7 +312,17 @@ class BirthdayRun:
         out: list[tuple[int, Endpoint]] = []
         if self.plan.role is Role.PROBE:
             assert self.order is not None
-            for port in self.order.take(allowed):
+            if now < self.predicting_until:
+                if now < self.cycle_at:
+                    return []
+                ports = list(self.plan.predicted[self.pcursor:self.pcursor + allowed])
+                self.pcursor += len(ports)
+                if self.pcursor >= len(self.plan.predicted):
+                    self.pcursor = 0
+                    self.cycle_at = max(now, self.cycle_at + PREDICT_CYCLE)
+            else:
+                ports = self.order.take(allowed)
+            for port in ports:
                 self.probed.add(port)
                 out.append((0, Endpoint(self.target.ip, port)))
         elif now >= self.round_at:

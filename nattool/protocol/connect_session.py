@@ -1135,15 +1135,15 @@ class ConnectSession:
         return peer is not None and peer.active is not None and peer.paths[peer.active].kind != PathKind.RELAY
 
     def _tick_birthday(self, now: float) -> None:
-        """Start a run toward each member the trackers' views call for (after
-        BIRTHDAY_AFTER s of plain punching), send what the runs have due within the
+        """Start a run toward each member the trackers' views call for (birthday
+        punching after BIRTHDAY_AFTER s of plain punching), send what the runs have due within the
         rate cap, end them once a direct path is up (a relayed one does not end them),
         and tell the owner which extra sockets to have."""
         if self.config.birthday_budget <= 0 or self.config.relay == RelayMode.ONLY or self.local is None:
             return
         mine = self._own_mapping()[0]
         for member in self.members.values():
-            if not member.gave_up and now >= member.first_seen + BIRTHDAY_AFTER and not self._direct_up(member):
+            if not member.gave_up and not self._direct_up(member):
                 self._start_birthday(member, mine, now)
         for run in self.birthday.values():
             if run.ended:
@@ -1168,7 +1168,9 @@ class ConnectSession:
         own_ports = [e.port for t, e in self.observed.items() if self.registrations[t].stream != OPEN]
         member_ports = [e.port for eps in self.member_views.values() for e in eps if e.ip == member.endpoint.ip]
         found = plan(mine, self._member_mapping(member)[0], own_ports, self.local.port, member_ports)
-        if found is None:
+        # Prediction costs a few probes and no socket: at once. Birthday punching lets
+        # plain punching try first.
+        if found is None or (found.method is PathMethod.BIRTHDAY and now < member.first_seen + BIRTHDAY_AFTER):
             return
         target = member.endpoint if found.role is Role.OPEN_PORTS else Endpoint(member.endpoint.ip, 0)
         if target in self.birthday:

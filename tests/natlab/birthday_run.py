@@ -32,13 +32,14 @@ BANNER = "tracker listening on"
 class BirthdayOutcome:
     ok: bool
     elapsed: Optional[float]  # s from the later spawn to the later path_up
-    ups: dict[str, dict[str, Any]]  # "hard" / "easy": their path_up events
+    ups: dict[str, dict[str, Any]]  # "hard" / "easy": their first direct path_up events
     starts: dict[str, dict[str, Any]]  # their "birthday" events
     ends: dict[str, dict[str, Any]]  # their "birthday_end" events
     conntrack_max: dict[str, int] = field(default_factory=dict)  # router -> most entries seen
     hard_udp_sockets_after: Optional[int] = None  # the hard side's UDP sockets once its path is up
     transcript: dict[str, str] = field(default_factory=dict)
     why: str = ""
+    first: dict[str, dict[str, Any]] = field(default_factory=dict)  # their first path_up, of any kind
 
     @property
     def probes(self) -> dict[str, int]:
@@ -55,11 +56,11 @@ def build(lab: Lab) -> PairTopology:
     return pair_topology(lab, NatBehaviour.APDM, NatBehaviour.EIM_APDF)
 
 
-def start_trackers(lab: Lab, env: dict[str, str], nattool_cmd: Callable[..., list[str]]) -> None:
+def start_trackers(lab: Lab, env: dict[str, str], nattool_cmd: Callable[..., list[str]], *extra: str) -> None:
     for ep in TRACKERS:
         host, port = ep.rsplit(":", 1)
         proc = lab.popen("tracker", nattool_cmd("serve", "--host", host, "--port", port, "--store", "memory",
-                                                "--rate-limit", "0"),
+                                                "--rate-limit", "0", *extra),
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
         line = read_line(proc.stdout, 15)
         assert line and BANNER in line, f"tracker {ep} did not start: {line!r}"
@@ -79,11 +80,12 @@ _EVENT = re.compile(r'\{"event":"(path_up|birthday|birthday_end|gave_up)"[^\n]*\
 
 
 def run_once(lab: Lab, topo: PairTopology, env: dict[str, str], connect_argv: Callable[..., list[str]],
-             group: str, ports: tuple[int, int], extra: Sequence[str] = ()) -> BirthdayOutcome:
-    """Both ends, ``--relay never --once``, until each has its path (or WINDOW + 10 s)."""
+             group: str, ports: tuple[int, int], relay: str = "never") -> BirthdayOutcome:
+    """Both ends, ``--relay never --once`` (or ``--relay auto``: then a relayed path may
+    come first), until each has its direct path and its birthday is over (or WINDOW + 10 s)."""
     def spawn(host: Any, port: int):  # type: ignore[no-untyped-def]
         args = [group, *sum((["-t", t] for t in TRACKERS), []), "--port", str(port), "--json",
-                "--relay", "never", "--once", "--timeout", f"{WINDOW:g}", *extra]
+                "--relay", relay, "--timeout", f"{WINDOW:g}", *(["--once"] if relay == "never" else [])]
         return lab.spawn(host, connect_argv(*args), env=env, timeout=WINDOW + 10)
 
     children = {"hard": spawn(topo.left, ports[0]), "easy": spawn(topo.right, ports[1])}
@@ -123,7 +125,9 @@ def run_once(lab: Lab, topo: PairTopology, env: dict[str, str], connect_argv: Ca
                     outcome.ends[side] = event
                 elif kind == "gave_up":
                     break
-                elif kind == "path_up" and side not in outcome.ups:
+                elif kind == "path_up" and side not in outcome.first:
+                    outcome.first[side] = event
+                if kind == "path_up" and event["via"] == "direct" and side not in outcome.ups:
                     outcome.ups[side] = event
                     t_up[side] = time.monotonic()
                     if side == "hard":
