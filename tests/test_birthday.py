@@ -287,6 +287,7 @@ class SimNet:
         self.technique_sends: dict[str, list[float]] = {"hard": [], "easy": []}
         self.now = 0.0
         self.wakeups = 0
+        self.same_instant = 0
 
     def _hard_public(self, via: int, dest: Endpoint) -> Endpoint:
         key = (via, dest)
@@ -368,7 +369,10 @@ class SimNet:
             timers = [(t, n) for n, s in self.s.items() if (t := s.get_timer()) is not None]
             if not timers:
                 break
-            self.now = max(self.now, min(t for t, _ in timers))
+            at = max(self.now, min(t for t, _ in timers))
+            self.same_instant = self.same_instant + 1 if at == self.now else 0
+            assert self.same_instant < 50, f"a timer spins at {at}"
+            self.now = at
             for t, name in timers:
                 if t <= self.now:
                     self.s[name].handle_timer(self.now)

@@ -45,6 +45,14 @@ all) when :func:`~nattool.protocol.connect_rules.relay_due` says so for some mem
 relayed path is the last choice: probing of the direct candidates goes on, and a direct
 path that answers takes over (a second PathUp for the same peer).
 
+Birthday punching (:mod:`nattool.protocol.birthday`): where the trackers show our mapping
+per destination and a member's independent of it (or the reverse), the hard side asks
+its owner for extra sockets (an :class:`ExtraSockets` event), pings the member from each
+(``datagrams_via``: what goes out of which), and takes what arrives on them with
+``receive_on_socket``; the easy side pings random ports of the member's IP. A path
+remembers the socket it lives on (``socket_of``). Both within one rate cap and budget;
+a relayed path does not stop it, a direct one does.
+
 No tracker answering over UDP for ``UDP_GIVE_UP`` s (or ``tcp`` set) makes the session
 ask its owner for a TCP stream to each tracker (a :class:`StreamWanted` event); the
 owner frames what goes to that tracker and says ``stream_opened`` / ``stream_failed``.
@@ -1145,7 +1153,9 @@ class ConnectSession:
         for member in self.members.values():
             if not member.gave_up and not self._direct_up(member):
                 self._start_birthday(member, mine, now)
-        for run in self.birthday.values():
+        # The hard side's rounds are short (one ping per socket): they go first, so that
+        # a probing run toward another member cannot starve them.
+        for run in sorted(self.birthday.values(), key=lambda r: r.plan.role is Role.PROBE):
             if run.ended:
                 continue
             assert self.pacer is not None
@@ -1215,8 +1225,8 @@ class ConnectSession:
             at, paced = run.next_at(), self.pacer.next_at()
             if at is not None and paced is not None:
                 times.append(max(at, paced))
-            if run.plan.role is Role.OPEN_PORTS:
-                times.append(max(run.opens_at, run.last_send + REFRESH_EVERY))
+            if run.plan.role is Role.OPEN_PORTS and self.pacer.exhausted:
+                times.append(run.last_send + REFRESH_EVERY)  # it ends then (see _tick_birthday)
         return times
 
     def _path_method(self, peer: Peer, dest: Endpoint, kind: PathKind) -> PathMethod:

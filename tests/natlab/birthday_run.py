@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from .lab import Lab, read_line
 from .nft import NatBehaviour
@@ -76,6 +76,18 @@ def udp_sockets_of(lab: Lab, host: str, pid: int) -> int:
     return sum(1 for line in out.splitlines() if f"pid={pid}," in line)
 
 
+def settled_udp_sockets(lab: Lab, pid: int) -> int:
+    """The hard side's UDP sockets just after its path_up: the unused ones close in the
+    same turn of its loop, which a busy machine may not have finished when the line is
+    read; asked again for up to 1 s (well within --once's linger)."""
+    count = udp_sockets_of(lab, "left", pid)
+    deadline = time.monotonic() + 1.0
+    while count > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = udp_sockets_of(lab, "left", pid)
+    return count
+
+
 _EVENT = re.compile(r'\{"event":"(path_up|birthday|birthday_end|gave_up)"[^\n]*\n')
 
 
@@ -131,8 +143,7 @@ def run_once(lab: Lab, topo: PairTopology, env: dict[str, str], connect_argv: Ca
                     outcome.ups[side] = event
                     t_up[side] = time.monotonic()
                     if side == "hard":
-                        # Unused sockets are closed in the same turn as the path opens.
-                        outcome.hard_udp_sockets_after = udp_sockets_of(lab, "left", child.pid)
+                        outcome.hard_udp_sockets_after = settled_udp_sockets(lab, child.pid)
             if side in outcome.ups and side in outcome.ends:
                 break
         outcome.transcript[side] = "\n".join(text)
