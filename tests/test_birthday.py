@@ -480,3 +480,58 @@ def test_a_stray_or_replayed_message_on_an_extra_socket_routes_nothing() -> None
     hard.socket_of.clear()
     hard.receive_on_socket(other, ping, EASY_PUB, net.now)  # the same message again
     assert hard.socket_of == {}
+
+
+# --------------------------------------------------------------------------- the shell's sockets and the options
+
+
+def test_the_socket_set_opens_reads_sends_and_closes_real_sockets() -> None:
+    import asyncio
+
+    from nattool.net.socket_set import SocketSet
+
+    async def main() -> None:
+        got: list[tuple[int, bytes, Endpoint]] = []
+        arrived = asyncio.Event()
+
+        def on_datagram(index: int, data: bytes, src: Endpoint) -> None:
+            got.append((index, data, src))
+            arrived.set()
+
+        sockets = SocketSet(on_datagram, "127.0.0.1")
+        sockets.keep_only([1, 2, 3])
+        assert len(sockets) == 3
+        ports = {i: s.getsockname()[1] for i, s in sockets.sockets.items()}
+        assert sockets.send(1, b"one to two", ep(f"127.0.0.1:{ports[2]}"))
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert got == [(2, b"one to two", ep(f"127.0.0.1:{ports[1]}"))]
+        closed = [sockets.sockets[1], sockets.sockets[3]]
+        sockets.keep_only([2])
+        assert list(sockets.sockets) == [2] and all(s.fileno() == -1 for s in closed)
+        assert not sockets.send(1, b"from a closed socket", ep(f"127.0.0.1:{ports[2]}"))
+        sockets.close()
+        assert len(sockets) == 0
+
+    asyncio.run(main())
+
+
+def test_bad_rates_and_budgets_are_usage_errors_in_the_library_and_the_cli(tmp_path: Path) -> None:
+    import asyncio
+    import subprocess
+
+    from nattool.diag.connect import connect
+    from tests.conftest import nattool_env
+    from tests.test_connect_loopback import connect_argv
+
+    async def main() -> None:
+        for kwargs in ({"birthday_rate": 0.0}, {"birthday_budget": -1}):
+            with pytest.raises(UsageError):
+                await connect("g", ["127.0.0.1:9"], **kwargs)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    for option, value in (("--birthday-rate", "0"), ("--birthday-budget", "-5")):
+        proc = subprocess.run(connect_argv("g", "-t", "127.0.0.1:9", option, value), env=nattool_env(tmp_path),
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert "birthday" in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
