@@ -238,8 +238,12 @@ def test_the_easy_side_passes_over_the_predicted_ports_then_probes_at_random() -
     assert run.method_of(ep("198.51.100.1:40002"), False) is ev.PathMethod.PREDICT
     assert run.method_of(randoms[0][1], False) is ev.PathMethod.BIRTHDAY
     assert run.method_of(ep("198.51.100.9:40002"), False) is None  # another IP
+    # Any other port of the member opening while the run goes on is the run's doing.
     unprobed = next(p for p in range(PORT_FIRST, PORT_LAST) if p not in run.probed)
+    assert run.method_of(Endpoint(ip, unprobed), False) is ev.PathMethod.PREDICT
+    run.ended = True
     assert run.method_of(Endpoint(ip, unprobed), False) is None
+    assert run.method_of(ep("198.51.100.1:40002"), False) is ev.PathMethod.PREDICT  # a late answer
 
 
 def test_the_module_is_pure() -> None:

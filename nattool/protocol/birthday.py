@@ -340,9 +340,14 @@ class BirthdayRun:
     def method_of(self, dest: Endpoint, via_extra: bool) -> Optional[PathMethod]:
         """The method of a path to ``dest`` that just opened, if this run opened it."""
         if self.plan.role is Role.PROBE:
-            if dest.ip != self.target.ip or dest.port not in self.probed:
+            if dest.ip != self.target.ip:
                 return None
-            return PathMethod.PREDICT if dest.port in self.plan.predicted else PathMethod.BIRTHDAY
+            if dest.port in self.probed:
+                return PathMethod.PREDICT if dest.port in self.plan.predicted else PathMethod.BIRTHDAY
+            # Another port of the member's IP opening while the run goes on (a port the
+            # trackers listed, say) is one of the mappings the run made the member open:
+            # masquerade random may well give a port twice, for different destinations.
+            return None if self.ended else self.plan.method
         if dest != self.target:
             return None
         if via_extra:
