@@ -36,9 +36,11 @@ def test_birthday_opens_a_direct_path_between_symmetric_and_port_restricted(natl
         outcome = run_once(natlab, topo, env, connect_argv, "bday-1", (43301, 43401))  # the arithmetic's miss
         print(describe(outcome))
     assert outcome.ok, f"{describe(outcome)}\n" + "\n".join(f"--- {k}:\n{v}" for k, v in outcome.transcript.items())
-    # Each side chose its part alone, from what the two trackers showed.
-    assert outcome.starts["hard"]["role"] == "open-ports" and outcome.starts["easy"]["role"] == "probe"
-    assert outcome.starts["hard"]["pattern"] == outcome.starts["easy"]["pattern"] == "random"
+    # Each side chose its part alone, from what the two trackers showed (the hard side
+    # may not have begun when a probe found its main socket's mapping: see run_once).
+    assert outcome.starts["easy"]["role"] == "probe" and outcome.starts["easy"]["pattern"] == "random"
+    if "hard" in outcome.starts:
+        assert outcome.starts["hard"]["role"] == "open-ports" and outcome.starts["hard"]["pattern"] == "random"
     assert outcome.ups["hard"]["peer"].startswith(topo.right_nat.wan_ip + ":")
     assert outcome.ups["easy"]["peer"].startswith(topo.left_nat.wan_ip + ":")
     assert outcome.ups["hard"]["via"] == outcome.ups["easy"]["via"] == "direct"
@@ -46,7 +48,7 @@ def test_birthday_opens_a_direct_path_between_symmetric_and_port_restricted(natl
     # Within the budget, and the unused sockets are gone once the path is up: the
     # session's own socket and the one the path lives on.
     assert outcome.probes["easy"] <= 2048
-    assert outcome.hard_udp_sockets_after == 2
+    assert outcome.hard_udp_sockets_after == (2 if "hard" in outcome.starts else 1)
     # The footprint: the symmetric side's NAT holds about one entry per extra socket.
     assert outcome.conntrack_max["nat_l"] < HARD_SOCKETS + 64
 
