@@ -9,9 +9,8 @@ import time
 from typing import Any, Optional
 
 from nattool.cli.output import stderr, verbosity
+from nattool.protocol.connect_events import BirthdayEnded, BirthdayStarted
 from nattool.protocol.connect_events import (
-    BirthdayEnded,
-    BirthdayStarted,
     ConnectEvent,
     GaveUp,
     MemberSeen,

@@ -29,14 +29,8 @@ from nattool.net.localinfo import lan_addresses
 from nattool.net.socket_set import SocketSet
 from nattool.protocol.birthday import DEFAULT_BUDGET, DEFAULT_RATE
 from nattool.protocol.birthday import check_limits as check_birthday_limits
-from nattool.protocol.connect_events import (
-    ConnectEvent,
-    ExtraSockets,
-    MessageReceived,
-    PathUp,
-    SessionEnded,
-    StreamWanted,
-)
+from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
+from nattool.protocol.connect_events import ExtraSockets
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint

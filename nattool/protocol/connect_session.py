@@ -77,11 +77,9 @@ from nattool.protocol.birthday import (
     Role,
     plan,
 )
+from nattool.protocol.connect_events import BirthdayEnded, BirthdayStarted, ExtraSockets
 from nattool.protocol.connect_events import (
-    BirthdayEnded,
-    BirthdayStarted,
     CandidateSource,
-    ExtraSockets,
     RelayAllocated,
     RelayLost,
     StreamWanted,
