@@ -1072,7 +1072,7 @@ class ConnectSession:
         source = cand.source if cand else CandidateSource.PEER_REFLEXIVE
         observed_as = msg.body.decode("ascii", "replace")[:64]
         self._events.append(PathUp(peer.peer_id, dest, kind, source, rtt, now - started, now - self.t0, observed_as,
-                                  self._path_method(peer, dest, kind)))
+                                  self._birthday_method(peer, dest, kind) or PathMethod.of_kind(kind)))
         if self.config.once and self._finish_at is None:
             self._finish_at = now + LINGER
 
@@ -1227,9 +1227,9 @@ class ConnectSession:
                 times.append(run.last_send + REFRESH_EVERY)  # it ends then (see _tick_birthday)
         return times
 
-    def _path_method(self, peer: Peer, dest: Endpoint, kind: PathKind) -> PathMethod:
-        """How a path that just opened was opened: through a birthday run's probe or
-        extra socket, or as its kind says."""
+    def _birthday_method(self, peer: Peer, dest: Endpoint, kind: PathKind) -> Optional[PathMethod]:
+        """BIRTHDAY or PREDICT for a path that a birthday run's probe or extra socket
+        just opened; None for any other path."""
         if kind == PathKind.INTERNET:
             for run in self.birthday.values():
                 method = run.method_of(dest, dest in self.socket_of)
@@ -1241,7 +1241,7 @@ class ConnectSession:
                     if member.peer is None and member.endpoint.ip == dest.ip:
                         member.peer = peer.sender
                 return method
-        return PathMethod.of_kind(kind)
+        return None
 
 
 __all__ = ["ConnectSession", "SessionConfig"]
