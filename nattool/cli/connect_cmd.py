@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
-from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
+from nattool.protocol.connect_options import BIRTHDAY_BUDGET, BIRTHDAY_RATE, DEFAULT_CONNECT_PORT, RelayMode
 
 # --timeout is connect's give-up time, so --retries says which timeout it splits: the
 # per-tracker one (the config file's `timeout`), as in every other client command.
@@ -35,6 +35,8 @@ def connect(
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
     relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 2 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
     tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
+    birthday_rate: Annotated[float, typer.Option("--birthday-rate", metavar="PROBES", help="Birthday punching (a NAT that maps per destination against one that filters by port; two trackers show which): probes per second, both sides.")] = BIRTHDAY_RATE,
+    birthday_budget: Annotated[int, typer.Option("--birthday-budget", metavar="N", help="Birthday punching: probes in all (2048: a hit 99.97% of the time), which bounds the NATs' session tables; 0 turns it and port prediction off.")] = BIRTHDAY_BUDGET,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -51,6 +53,7 @@ def connect(
     from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
     from nattool.diag.connect import connect_session
     from nattool.errors import ProtocolError, UsageError
+    from nattool.protocol.birthday import check_limits as check_birthday_limits
     from nattool.protocol.connect_session import SessionConfig
     from nattool.protocol.endpoint import parse_ip
     from nattool.protocol.text import canonical_group
@@ -77,6 +80,7 @@ def connect(
             except ProtocolError:
                 raise UsageError(f"bad --bind {bind[:50]!r}: want an IP address") from None
         identity = parse_identity(node_id)
+        check_birthday_limits(birthday_rate, birthday_budget)
 
         async def go() -> int:
             targets = await resolve_targets(settings)
@@ -93,6 +97,8 @@ def connect(
                 once=once,
                 relay=relay,
                 tcp=tcp,
+                birthday_rate=birthday_rate,
+                birthday_budget=birthday_budget,
             )
             return await connect_session(config, Renderer(json_out), port=port, bind=bind, read_stdin=not once)
 

@@ -9,6 +9,7 @@ import time
 from typing import Any, Optional
 
 from nattool.cli.output import stderr, verbosity
+from nattool.protocol.connect_events import BirthdayEnded, BirthdayStarted
 from nattool.protocol.connect_events import (
     ConnectEvent,
     GaveUp,
@@ -92,7 +93,17 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
         if e.endpoint is not None:
             out["peer"] = e.endpoint.to_text()
         return out
-    return None  # SessionEnded: the exit status says it
+    if isinstance(e, (BirthdayStarted, BirthdayEnded)):
+        return _birthday_fields(e)
+    return None  # SessionEnded: the exit status says it; ExtraSockets: the shell's business
+
+
+def _birthday_fields(e: BirthdayStarted | BirthdayEnded) -> dict[str, Any]:
+    if isinstance(e, BirthdayStarted):
+        return {"event": "birthday", "member": e.member.to_text(), "role": e.role, "method": e.method.value,
+                "pattern": e.pattern, "reason": e.reason, "rate": e.rate, "budget": e.budget}
+    return {"event": "birthday_end", "member": e.member.to_text(), "method": e.method.value, "up": e.up,
+            "probes": e.probes, "elapsed_s": round(e.elapsed, 3), "reason": e.reason}
 
 
 def sanitize(text: str) -> str:
@@ -129,6 +140,10 @@ def _human(e: dict[str, Any]) -> Optional[str]:
             lines.append(f"  your mapping: {mapping['self'] or 'unknown'} ({mapping['self_reason']})")
             lines.append(f"  peer mapping: {mapping['peer'] or 'unknown'} ({mapping['peer_reason']})")
         return "\n".join(lines)
+    if kind == "birthday":
+        return f"{e['member']}: {e['reason']} ({e['role']}, {e['rate']:g}/s, at most {e['budget']} probes)"
+    if kind == "birthday_end":
+        return f"{e['member']}: {e['method']} over after {e['probes']} probes in {e['elapsed_s']:.1f} s: {e['reason']}"
     if kind == "queued":
         return "no peer connected yet: the line will be sent when a path is up"
     if kind == "undelivered":

@@ -26,7 +26,11 @@ from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, 
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
+from nattool.net.socket_set import SocketSet
+from nattool.protocol.birthday import DEFAULT_BUDGET, DEFAULT_RATE
+from nattool.protocol.birthday import check_limits as check_birthday_limits
 from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
+from nattool.protocol.connect_events import ExtraSockets
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
@@ -108,6 +112,7 @@ class SessionShell:
         self.pool = ClientPool(port, bind)
         self.clients: dict[int, UdpClient] = {}
         self.streams: dict[Endpoint, TrackerStream] = {}
+        self.extra = SocketSet(self._on_extra_datagram, bind)  # birthday punching's sockets
         self._tasks: set[asyncio.Task[None]] = set()
         self.session: Optional[ConnectSession] = None
         self.ended: Optional[SessionEnded] = None
@@ -170,6 +175,7 @@ class SessionShell:
             stream.close()
         for task in self._tasks:
             task.cancel()
+        self.extra.close()
         self.pool.close()
 
     def _now(self) -> float:
@@ -179,6 +185,11 @@ class SessionShell:
     def _on_datagram(self, data: bytes, src: Endpoint) -> None:
         if self.session is not None and not self.closed:
             self.session.receive_datagram(data, src, self._now())
+            self._pump()
+
+    def _on_extra_datagram(self, index: int, data: bytes, src: Endpoint) -> None:
+        if self.session is not None and not self.closed:
+            self.session.receive_on_socket(index, data, src, self._now())
             self._pump()
 
     def _on_timer(self) -> None:
@@ -201,7 +212,12 @@ class SessionShell:
                 self.ended = event
             elif isinstance(event, StreamWanted):
                 self._start(self._open_stream(event.tracker))
+            elif isinstance(event, ExtraSockets):
+                self.extra.keep_only(event.wanted, event.ip_version)
             self.on_event(event)
+        if not self.closed:
+            for index, data, dest in session.datagrams_via(self._now()):
+                self.extra.send(index, data, dest)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -472,6 +488,8 @@ async def connect(
     retries: int = 3,
     relay: RelayMode | str = RelayMode.AUTO,
     tcp: bool = False,
+    birthday_rate: float = DEFAULT_RATE,
+    birthday_budget: int = DEFAULT_BUDGET,
 ) -> PeerConnection:
     """Join ``group`` at ``trackers`` (``HOST[:PORT]`` or ``[IPv6]:PORT`` strings) and open
     paths to its members, direct or relayed, as `nattool connect` does.
@@ -484,7 +502,10 @@ async def connect(
     could be opened, the reason says why); ``relay``: "auto" (a tracker's relay for
     members no direct path reaches within a few seconds; direct paths take over when
     they open), "never", or "only"; ``tcp``: reach the trackers over TCP at once (else
-    only when none answers over UDP, and only with a relay). Returns once the sockets
+    only when none answers over UDP, and only with a relay); ``birthday_rate`` (probes/s)
+    and ``birthday_budget`` (probes in all, 0: off): birthday punching between a NAT that
+    maps per destination and one that filters by port (see
+    :mod:`nattool.protocol.birthday`). Returns once the sockets
     are open and the registrations are on their way; use ``wait_for_peer()`` to wait
     for a path.
     """
@@ -503,6 +524,7 @@ async def connect(
     dead = dead_after if dead_after is not None else 3 * keepalive
     if not (timeout > 0 and 0 < keepalive < dead and tracker_timeout > 0 and 0 <= retries <= 20):
         raise UsageError("want timeout > 0, 0 < keepalive < dead_after, tracker_timeout > 0, retries in 0..20")
+    check_birthday_limits(birthday_rate, birthday_budget)
     # Imported here: `import nattool` (a tracker process too) should not load dnspython.
     from nattool.net.resolve import ResolveOptions, resolve_trackers
 
@@ -521,6 +543,8 @@ async def connect(
         retries=retries,
         relay=relay_mode,
         tcp=tcp,
+        birthday_rate=birthday_rate,
+        birthday_budget=birthday_budget,
     )
     conn = PeerConnection()
     shell = SessionShell(config, conn._on_event, port=port, bind=bind)

@@ -215,3 +215,49 @@ __all__ = [
     "Undelivered",
     "Verdict",
 ]
+
+
+# --------------------------------------------------------------------------- birthday punching
+
+
+@dataclass(frozen=True, slots=True)
+class BirthdayStarted:
+    """Birthday punching or port prediction toward ``member`` begins (see
+    :mod:`nattool.protocol.birthday`): ``role`` "open-ports" (our NAT maps per destination:
+    many sockets ping the member) or "probe" (the member's does: we ping its ports);
+    ``method`` BIRTHDAY or PREDICT; ``pattern`` how the per-destination NAT picks ports."""
+
+    member: Endpoint
+    role: str
+    method: PathMethod
+    pattern: str
+    reason: str
+    rate: float  # probes per second
+    budget: int  # probes in all
+
+
+@dataclass(frozen=True, slots=True)
+class BirthdayEnded:
+    """The attempt toward ``member`` is over: a direct path is up (``up``), or its
+    budget is spent; ``probes`` it sent, ``elapsed`` s since it began."""
+
+    member: Endpoint
+    method: PathMethod
+    up: bool
+    probes: int
+    elapsed: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraSockets:
+    """The owner should have exactly these extra local sockets open (indices from 1;
+    the session's own socket is 0), of IP version ``ip_version``: opened when birthday
+    punching starts, all but the one a path lives on closed once it is up."""
+
+    wanted: tuple[int, ...]
+    ip_version: int = 4
+
+
+ConnectEvent = Union[ConnectEvent, BirthdayStarted, BirthdayEnded, ExtraSockets]  # type: ignore[misc]
+__all__ += ["BirthdayEnded", "BirthdayStarted", "ExtraSockets"]
