@@ -50,6 +50,13 @@ def test_long_lifetime_lengthens_up_to_the_cap_and_registrations_stay_under_the_
     assert auto_keepalive(LifetimeBracket(300, None), 10, tracker_ttl=40).register_every == 10
 
 
+def test_no_expiry_seen_within_short_waits_keeps_the_default() -> None:
+    # `probe --lifetime --lifetime-max 5`: alive at 5 s says nothing against 20 s.
+    plan = auto_keepalive(LifetimeBracket(5, None), age=1)
+    assert plan.interval == SAFE_DEFAULT and plan.source is KeepaliveSource.DEFAULT
+    assert plan.lifetime == LifetimeBracket(5, None) and "no expiry seen" in plan.reason
+
+
 def test_tiny_lifetime_is_floored() -> None:
     plan = auto_keepalive(LifetimeBracket(0, 2), age=5)
     assert plan.interval == MIN_INTERVAL and "at least" in plan.reason
@@ -90,6 +97,10 @@ def test_interval_is_always_safe(at_least: float, span: float | None, age: float
     bracket = LifetimeBracket(at_least, None if span is None else at_least + span)
     plan = auto_keepalive(bracket, age, tracker_ttl=ttl)
     assert MIN_INTERVAL <= plan.interval <= MAX_INTERVAL
-    assert plan.interval <= max(at_least / 2, MIN_INTERVAL) or plan.source is KeepaliveSource.DEFAULT
+    if bracket.below is not None:
+        assert plan.interval <= max(at_least / 2, MIN_INTERVAL)
+        assert plan.interval < bracket.below or plan.interval == MIN_INTERVAL  # floored
+    else:
+        assert plan.interval >= SAFE_DEFAULT
     assert plan.interval <= SAFE_DEFAULT or (age is not None and 0 <= age <= FRESH_FOR)
     assert plan.register_every <= min(plan.interval, ttl / 4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
@@ -92,6 +92,8 @@ def probe(
             )
         )
         render(result, json_out)
+        if lifetime:
+            _remember_lifetimes(result, warn=lambda text: info(f"[yellow]warning:[/yellow] {escape(text)}"))
         if result.ok:
             return int(ExitCode.OK)
         error = api.probe_error(result, probe_timeout)
@@ -99,6 +101,25 @@ def probe(
         return int(error.exit_code)
 
     raise typer.Exit(run_edge(body))
+
+
+def _remember_lifetimes(result: ProbeResult, warn: Callable[[str], None]) -> None:
+    """Cache the measured lifetime for `--keepalive auto` (IPv4: the cache is keyed by
+    the local address and the default IPv4 gateway)."""
+    import time
+
+    from nattool.cli.output import info
+    from nattool.diag.keepalive_auto import remember_measurement
+    from nattool.net.lifetime_cache import LifetimeCache
+    from nattool.protocol.keepalive_rules import auto_keepalive
+
+    cache = LifetimeCache(warn=warn)
+    for fam in result.families:
+        entry = remember_measurement(fam.lifetime or {}, time.time(), cache)
+        if entry is not None:
+            plan = auto_keepalive(entry.lifetime, 0.0)
+            info(f"mapping lifetime saved for {entry.local} via gateway {entry.gateway or 'none'}: "
+                 f"--keepalive auto will use {plan.interval:g} s ({cache.path})")
 
 
 def _yn(value: Optional[bool]) -> str:

@@ -13,6 +13,8 @@ Why these numbers:
   keepalive of 25 s for the same reason. 20 s stays under a 30-s timeout with a third to
   spare (scheduling delay, a slow answer) and is what nattool always did, so an
   unmeasured network behaves as before.
+* A bracket without an upper end (alive at the longest wait tried) never goes below
+  the default: nothing was seen to expire.
 * The margin, one half: a bracket only says the mapping survived ``at_least`` seconds
   idle (and died before ``below``); its real lifetime may be anywhere in between, so the
   interval is taken from the lower end, and halved so that one lost keepalive (UDP) still
@@ -120,6 +122,11 @@ def auto_keepalive(
     measured = min(max(lifetime.at_least * MARGIN, MIN_INTERVAL), MAX_INTERVAL)
     fresh = age is not None and 0 <= age <= FRESH_FOR
     when = f"measured {describe_age(age)} ago"
+    if lifetime.below is None and measured <= default:
+        # No expiry seen, but the waits tried were short: nothing speaks against the default.
+        return KeepalivePlan(default, registration_interval(default, tracker_ttl), KeepaliveSource.DEFAULT,
+                             lifetime, age, f"mapping lifetime {lifetime.to_text()} {when}: no expiry seen, "
+                             "no reason to go below the default")
     if not fresh and measured >= default:
         return KeepalivePlan(default, registration_interval(default, tracker_ttl), KeepaliveSource.DEFAULT,
                              lifetime, age, f"mapping lifetime {lifetime.to_text()} {when}: too old to lengthen the interval")
