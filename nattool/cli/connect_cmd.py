@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from nattool.cli.keepalive_opt import AUTO, AUTO_HELP
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 
@@ -30,8 +31,8 @@ def connect(
     node_id: Annotated[str, typer.Option("--id", metavar="ID", help="Identity inside the group: '0' (the endpoint the tracker sees), 'auto' (a stable MAC of this host) or a MAC.")] = "0",
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Give up (non-zero exit) when no path is up for this many seconds.")] = 30.0,
     retries: ConnectRetriesOpt = None,
-    keepalive: Annotated[float, typer.Option("--keepalive", metavar="SECONDS", help="Seconds between keepalive pings on an open path.")] = 20.0,
-    dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x keepalive].", show_default=False)] = None,
+    keepalive: Annotated[str, typer.Option("--keepalive", metavar="SECONDS|auto", help="Seconds between keepalive pings on an open path; " + AUTO_HELP + ".")] = AUTO,
+    dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x the first keepalive interval].", show_default=False)] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
     relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 2 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
     tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
@@ -45,7 +46,13 @@ def connect(
     End of input leaves, once the lines read are delivered. Exit status: 0 ok, 1 no path could be opened (with
     the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker can be sent to.
     """
+    from dataclasses import replace
+
     from nattool.cli.connect_render import Renderer
+    from nattool.cli.keepalive_opt import cli_cache, parse_keepalive
+    from nattool.diag.keepalive_auto import AutoKeepalive
+    from nattool.protocol.connect_events import ConnectEvent, KeepaliveSet, Registered
+    from nattool.protocol.keepalive_rules import given_keepalive
     from nattool.cli.node_args import parse_identity, parse_lan
     from nattool.cli.output import run_edge
     from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
@@ -66,10 +73,8 @@ def connect(
             raise UsageError("--port must be in 0..65535")
         if not 0 < timeout <= 86400:
             raise UsageError("--timeout must be in (0, 86400] seconds")
-        if not 0.2 <= keepalive <= 3600:
-            raise UsageError("--keepalive must be in 0.2..3600 seconds")
-        dead = dead_after if dead_after is not None else 3 * keepalive
-        if not keepalive < dead <= 86400:
+        every = parse_keepalive(keepalive, 0.2, 3600)
+        if every is not None and not every < (dead_after or 3 * every) <= 86400:
             raise UsageError("--dead-after must be longer than --keepalive")
         if bind is not None:
             try:
@@ -80,13 +85,18 @@ def connect(
 
         async def go() -> int:
             targets = await resolve_targets(settings)
+            auto = AutoKeepalive(targets, cache=cli_cache()) if every is None else None
+            interval = auto.plan.interval if auto is not None else every or 0
+            dead = dead_after if dead_after is not None else 3 * interval
+            if not interval < dead <= 86400:
+                raise UsageError(f"--dead-after must be longer than the keepalive interval ({interval:g} s)")
             config = SessionConfig(
                 group=group_key,
                 trackers=tuple(targets),
                 lan=parse_lan(lan, targets),
                 identity=identity,
                 timeout=timeout,
-                keepalive=keepalive,
+                keepalive=interval,
                 dead_after=dead,
                 tracker_timeout=settings.timeout,
                 retries=settings.retries,
@@ -94,7 +104,22 @@ def connect(
                 relay=relay,
                 tcp=tcp,
             )
-            return await connect_session(config, Renderer(json_out), port=port, bind=bind, read_stdin=not once)
+            plan = auto.plan if auto is not None else given_keepalive(interval, config.register_every)
+            config = replace(config, register_every=plan.register_every)
+            render = Renderer(json_out)
+            shown: list[Registered] = []
+
+            def emit(event: ConnectEvent) -> None:
+                render(event)
+                if isinstance(event, Registered):
+                    if not shown:  # the keepalive in force, once a tracker answered
+                        render(KeepaliveSet(plan))
+                    shown.append(event)
+                    if auto is not None:
+                        auto.tracker_answered(event.tracker)
+
+            retune = auto.measure if auto is not None and auto.wants_measurement else None
+            return await connect_session(config, emit, port=port, bind=bind, read_stdin=not once, retune=retune)
 
         return int(run(go()))
 

@@ -8,10 +8,12 @@ import sys
 import time
 from typing import Any, Optional
 
+from nattool.cli.keepalive_opt import keepalive_text
 from nattool.cli.output import stderr, verbosity
 from nattool.protocol.connect_events import (
     ConnectEvent,
     GaveUp,
+    KeepaliveSet,
     MemberSeen,
     MessageReceived,
     PathDown,
@@ -92,6 +94,8 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
         if e.endpoint is not None:
             out["peer"] = e.endpoint.to_text()
         return out
+    if isinstance(e, KeepaliveSet):
+        return {"event": "keepalive", **e.plan.to_json()}
     return None  # SessionEnded: the exit status says it
 
 
@@ -133,6 +137,8 @@ def _human(e: dict[str, Any]) -> Optional[str]:
         return "no peer connected yet: the line will be sent when a path is up"
     if kind == "undelivered":
         return f"line not delivered to {e.get('peer') or 'anyone'}: {e['reason']}"
+    if kind == "keepalive":
+        return keepalive_text(e)
     return None
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -93,7 +93,7 @@ def probe(
         )
         render(result, json_out)
         if lifetime:
-            _remember_lifetimes(result, warn=lambda text: info(f"[yellow]warning:[/yellow] {escape(text)}"))
+            _remember_lifetimes(result)
         if result.ok:
             return int(ExitCode.OK)
         error = api.probe_error(result, probe_timeout)
@@ -103,17 +103,17 @@ def probe(
     raise typer.Exit(run_edge(body))
 
 
-def _remember_lifetimes(result: ProbeResult, warn: Callable[[str], None]) -> None:
+def _remember_lifetimes(result: ProbeResult) -> None:
     """Cache the measured lifetime for `--keepalive auto` (IPv4: the cache is keyed by
     the local address and the default IPv4 gateway)."""
     import time
 
+    from nattool.cli.keepalive_opt import cli_cache
     from nattool.cli.output import info
     from nattool.diag.keepalive_auto import remember_measurement
-    from nattool.net.lifetime_cache import LifetimeCache
     from nattool.protocol.keepalive_rules import auto_keepalive
 
-    cache = LifetimeCache(warn=warn)
+    cache = cli_cache()
     for fam in result.families:
         entry = remember_measurement(fam.lifetime or {}, time.time(), cache)
         if entry is not None:

@@ -48,24 +48,38 @@ class AutoKeepalive:
         self.cache = cache if cache is not None else LifetimeCache()
         self.tracker_ttl = tracker_ttl
         self.plan = auto_plan(trackers, time.time(), cache=self.cache, tracker_ttl=tracker_ttl)
-        server = next((t for t in trackers if t.ip.version == 4), None)
-        self.server = server if background and self.plan.lifetime is None else None
-        if self.server is not None:
+        self.background = background and self.plan.lifetime is None and any(t.ip.version == 4 for t in trackers)
+        self._answered: Optional[asyncio.Future[Endpoint]] = None
+        if self.background:
             self.plan = KeepalivePlan(self.plan.interval, self.plan.register_every, self.plan.source,
                                       reason=f"{self.plan.reason} yet: measuring it in the background")
 
     @property
     def wants_measurement(self) -> bool:
-        return self.server is not None
+        return self.background
+
+    def tracker_answered(self, tracker: Endpoint) -> None:
+        """A tracker answered a registration: the measurement may start (against the
+        first IPv4 one). Nothing is sent to a tracker before it answered."""
+        if tracker.ip.version != 4:
+            return
+        if self._answered is None:
+            self._answered = asyncio.get_running_loop().create_future()
+        if not self._answered.done():
+            self._answered.set_result(tracker)
 
     async def measure(self, apply: Callable[[KeepalivePlan], None],
                       lifetime_max: float = BACKGROUND_LIFETIME_MAX) -> None:
-        """Measure this network's mapping lifetime in the background, cache it, and hand
-        the plan it gives to ``apply``. Cancelling stops the measurement (within a
+        """Once a tracker answered (:meth:`tracker_answered`), measure this network's
+        mapping lifetime against it in the background, cache it, and hand the plan it
+        gives to ``apply``. Cancelling stops the measurement (within a
         second); a failed one leaves the default in place (its reason is kept)."""
-        if self.server is None:
+        if not self.background:
             return
-        target = ProbeTarget(self.server.to_text(), self.server, "tracker")
+        if self._answered is None:
+            self._answered = asyncio.get_running_loop().create_future()
+        server = await self._answered
+        target = ProbeTarget(server.to_text(), server, "tracker")
         life = await _in_daemon_thread(lambda stop: measure_lifetime(target, lifetime_max, stop=stop))
         if not life.get("tested"):
             self.plan = KeepalivePlan(self.plan.interval, self.plan.register_every, KeepaliveSource.DEFAULT,

@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 from nattool.exit_codes import ExitCode
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.keepalive_rules import KeepalivePlan
 
 
 class PathKind(str, Enum):
@@ -195,12 +196,14 @@ class SessionEnded:
 ConnectEvent = Union[
     Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
     StreamWanted, RelayAllocated, RelayLost,
+    "KeepaliveSet",
 ]
 
 __all__ = [
     "CandidateSource",
     "ConnectEvent",
     "GaveUp",
+    "KeepaliveSet",
     "MemberSeen",
     "MessageReceived",
     "PathDown",
@@ -215,3 +218,12 @@ __all__ = [
     "Undelivered",
     "Verdict",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveSet:
+    """The keepalive interval in force and where it came from: given, measured on this
+    network (with the measurement's age) or the default. Again when it changes (a
+    measurement made in the background)."""
+
+    plan: KeepalivePlan
