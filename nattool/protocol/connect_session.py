@@ -408,10 +408,10 @@ class ConnectSession:
 
     def set_keepalive(self, plan: KeepalivePlan, now: float) -> None:
         """Keep paths and registrations alive at ``plan``'s intervals from now on (a
-        :class:`KeepaliveSet` event says so). ``dead_after`` stays, unless it is no
-        longer longer than the keepalive."""
+        :class:`KeepaliveSet` event says so). ``dead_after`` never shrinks, and grows to
+        three keepalives if it was less."""
         self._now = now
-        dead_after = self.config.dead_after if self.config.dead_after > plan.interval else 3 * plan.interval
+        dead_after = max(self.config.dead_after, 3 * plan.interval)
         self.config = replace(self.config, keepalive=plan.interval, register_every=plan.register_every,
                               dead_after=dead_after)
         for reg in self.registrations.values():
