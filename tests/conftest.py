@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import pytest
 
 # The NAT lab's fixtures (network namespaces + nftables), for every test module.
-pytest_plugins = ["tests.natlab.fixtures"]
+pytest_plugins = ["tests.natlab.fixtures", "tests.natlab.background"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,21 +17,24 @@ the measurement:
   first endpoint is gone from the tracker by then (the test would catch an "auto" that
   fell back to the default).
 
-Everything runs at once in one lab: the whole module takes about 4 minutes (the probes
-~25 s, then the 3 minutes idle). ``KEEPALIVE_LAB_IDLE`` shortens the idle time by hand.
+Everything runs at once in one lab, which starts when the test session starts (see
+tests/natlab/background.py): its 3.5 minutes (the probes ~25 s, then 3 minutes idle)
+overlap the rest of the suite. ``KEEPALIVE_LAB_IDLE`` shortens the idle time by hand.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -39,15 +42,16 @@ from nattool.protocol.keepalive_rules import SAFE_DEFAULT, TRACKER_TTL
 from tests.conftest import BANNER_PREFIX, nattool_cmd, nattool_env
 from tests.natlab import Lab, NatBehaviour
 from tests.natlab.fixtures import natlab_available  # noqa: F401 - fixture
+from tests.natlab.background import BackgroundScenario
 from tests.natlab.lab import read_line
 from tests.natlab.shared_lab import shown_on_failure
 from tests.natlab.topologies import SERVER_V4
 from tests.test_connect_loopback import connect_argv
 
-pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available")]
+IDLE = float(os.environ.get("KEEPALIVE_LAB_IDLE", "180"))
+pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available"), pytest.mark.timeout(IDLE + 400)]
 
 UDP_TIMEOUT = 12  # s: the routers forget idle UDP this soon (the default keepalive is 20 s)
-IDLE = float(os.environ.get("KEEPALIVE_LAB_IDLE", "180"))
 TRACKER = f"{SERVER_V4[0]}:43283"
 GROUP_AB, GROUP_R, GROUP_C = "ka-connect", "ka-register", "ka-control"
 
@@ -62,7 +66,7 @@ class Program:
         self.proc = lab.popen(node, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr_file,
                               text=True, env=nattool_env(home))
         self.lines: list[str] = []
-        self.times: list[float] = []
+        self.stderr_text: str | None = None  # read when it stopped (its directory goes)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -74,7 +78,6 @@ class Program:
             if not buf.endswith("\n"):
                 continue
             self.lines.append(buf.rstrip("\n"))
-            self.times.append(time.monotonic())
             buf = ""
 
     def events(self) -> list[dict[str, Any]]:
@@ -105,9 +108,10 @@ class Program:
         self.proc.stdin.flush()
 
     def output(self) -> str:
-        if not self.stderr_file.closed:
+        if self.stderr_text is None:
             self.stderr_file.flush()
-        return "\n".join(self.lines) + "\n--- stderr:\n" + self.stderr_path.read_text()
+        err = self.stderr_text if self.stderr_text is not None else self.stderr_path.read_text()
+        return "\n".join(self.lines) + "\n--- stderr:\n" + err
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -119,6 +123,7 @@ class Program:
                 self.proc.wait(5)
         self._reader.join(5)
         self.stderr_file.close()
+        self.stderr_text = self.stderr_path.read_text()
 
 
 @dataclass
@@ -152,62 +157,79 @@ def _listed(lab: Lab, group: str, home: Path) -> list[str]:
     return [m["endpoint"] for m in json.loads(result.stdout)["members"]]
 
 
-@pytest.fixture(scope="module")
-def scenario(natlab_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:  # noqa: F811
-    base = tmp_path_factory.mktemp("keepalive-lab")
+def run_scenario() -> Scenario:
+    """The whole run, in one lab (started with the session: see tests/natlab/background.py)."""
+    base = Path(tempfile.mkdtemp(prefix="nattool-keepalive-lab-"))
     homes = {name: base / name for name in ("tracker", "a", "b", "r", "c")}
     for home in homes.values():
         home.mkdir()
     started = time.monotonic()
     out = Scenario()
-    with Lab() as lab, shown_on_failure(lab):
-        lab.add_server_host("tracker", addrs=[*SERVER_V4])
-        for host, behaviour in (("a", NatBehaviour.EIM_APDF), ("b", NatBehaviour.EIM_APDF),
-                                ("r", NatBehaviour.APDM), ("c", NatBehaviour.APDM)):
-            nat = lab.add_nat(f"nat_{host}", behaviour, udp_timeout=UDP_TIMEOUT)
-            lab.add_host(host, behind=nat)
-            out.wan[host] = nat.wan_ip
-        host_ip, port = TRACKER.rsplit(":", 1)
-        tracker = lab.popen("tracker", nattool_cmd("serve", "--host", host_ip, "--port", port, "--store", "memory",
-                                                   "--rate-limit", "0"),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=nattool_env(homes["tracker"]))
-        line = read_line(tracker.stdout, 15)  # type: ignore[arg-type]
-        assert line and BANNER_PREFIX in line, f"tracker did not start: {line!r}"
-        try:
-            # The control starts at once: its mapping is lost within the first 20 s.
-            progs = out.programs
-            control_start = time.monotonic()
-            progs["c"] = Program(lab, "c", nattool_cmd("register", GROUP_C, "-t", TRACKER, "--keepalive", "20",
-                                                       "--lan", "0", "--id", "0", "--json"), homes["c"])
-            with ThreadPoolExecutor(2) as pool:
-                probes = {n: pool.submit(_probe, lab, n, homes[n]) for n in ("a", "r")}
-                out.probes = {n: f.result() for n, f in probes.items()}
-            progs["r"] = Program(lab, "r", nattool_cmd("register", GROUP_R, "-t", TRACKER, "--keepalive", "auto",
-                                                       "--lan", "0", "--id", "0", "--json"), homes["r"])
-            for n, p in (("a", 40001), ("b", 40002)):
-                progs[n] = Program(lab, n, connect_argv(GROUP_AB, "-t", TRACKER, "--port", str(p), "--json",
-                                                        "--timeout", "60"), homes[n])
-            for n in ("a", "b"):
-                progs[n].wait_for(lambda e: e.get("event") == "path_up", 30, f"path_up at {n}")
-            progs["r"].wait_for(lambda e: e.get("event") == "registered", 15, "registration of r")
-            idle_from = time.monotonic()
-            time.sleep(IDLE)
-            out.idle = time.monotonic() - idle_from
-            progs["a"].type("after the idle time, from a")
-            progs["b"].type("after the idle time, from b")
-            for n, other in (("a", "b"), ("b", "a")):
-                progs[n].wait_for(lambda e, o=other: e.get("event") == "message" and e.get("text") == f"after the idle time, from {o}",
-                                  10, f"the line from {other} at {n}")
-            out.listed = {g: _listed(lab, g, homes["tracker"]) for g in (GROUP_R, GROUP_C)}
-            out.control_ran = time.monotonic() - control_start
-        finally:
-            for prog in out.programs.values():
-                prog.stop()
-            tracker.terminate()
-            tracker.wait(10)
-        out.took = time.monotonic() - started
-        print(f"keepalive lab: idle {out.idle:.0f} s, whole scenario {out.took:.0f} s")
-        yield out
+    try:
+        with Lab() as lab, shown_on_failure(lab):
+            _run(lab, homes, out)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    out.took = time.monotonic() - started
+    return out
+
+
+def _run(lab: Lab, homes: dict[str, Path], out: Scenario) -> None:
+    lab.add_server_host("tracker", addrs=[*SERVER_V4])
+    for host, behaviour in (("a", NatBehaviour.EIM_APDF), ("b", NatBehaviour.EIM_APDF),
+                            ("r", NatBehaviour.APDM), ("c", NatBehaviour.APDM)):
+        nat = lab.add_nat(f"nat_{host}", behaviour, udp_timeout=UDP_TIMEOUT)
+        lab.add_host(host, behind=nat)
+        out.wan[host] = nat.wan_ip
+    host_ip, port = TRACKER.rsplit(":", 1)
+    tracker = lab.popen("tracker", nattool_cmd("serve", "--host", host_ip, "--port", port, "--store", "memory",
+                                               "--rate-limit", "0"),
+                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=nattool_env(homes["tracker"]))
+    line = read_line(tracker.stdout, 15)  # type: ignore[arg-type]
+    assert line and BANNER_PREFIX in line, f"tracker did not start: {line!r}"
+    progs = out.programs
+    try:
+        # The control starts at once: its first mapping is lost within 20 s.
+        control_start = time.monotonic()
+        progs["c"] = Program(lab, "c", nattool_cmd("register", GROUP_C, "-t", TRACKER, "--keepalive", "20",
+                                                   "--lan", "0", "--id", "0", "--json"), homes["c"])
+        with ThreadPoolExecutor(2) as pool:
+            probes = {n: pool.submit(_probe, lab, n, homes[n]) for n in ("a", "r")}
+            out.probes = {n: f.result() for n, f in probes.items()}
+        progs["r"] = Program(lab, "r", nattool_cmd("register", GROUP_R, "-t", TRACKER, "--keepalive", "auto",
+                                                   "--lan", "0", "--id", "0", "--json"), homes["r"])
+        for n, p in (("a", 40001), ("b", 40002)):
+            progs[n] = Program(lab, n, connect_argv(GROUP_AB, "-t", TRACKER, "--port", str(p), "--json",
+                                                    "--timeout", "60"), homes[n])
+        for n in ("a", "b"):
+            progs[n].wait_for(lambda e: e.get("event") == "path_up", 30, f"path_up at {n}")
+        progs["r"].wait_for(lambda e: e.get("event") == "registered", 15, "registration of r")
+        idle_from = time.monotonic()
+        time.sleep(IDLE)
+        out.idle = time.monotonic() - idle_from
+        progs["a"].type("after the idle time, from a")
+        progs["b"].type("after the idle time, from b")
+        for n, other in (("a", "b"), ("b", "a")):
+            progs[n].wait_for(lambda e, o=other: e.get("event") == "message" and e.get("text") == f"after the idle time, from {o}",
+                              10, f"the line from {other} at {n}")
+        out.listed = {g: _listed(lab, g, homes["tracker"]) for g in (GROUP_R, GROUP_C)}
+        out.control_ran = time.monotonic() - control_start
+    finally:
+        for prog in progs.values():
+            prog.stop()
+        tracker.terminate()
+        tracker.wait(10)
+
+
+SCENARIO = BackgroundScenario("keepalive", run_scenario)
+pytestmark.append(pytest.mark.background_scenario(SCENARIO))
+
+
+@pytest.fixture(scope="module")
+def scenario(natlab_available: None) -> Scenario:  # noqa: F811
+    out = SCENARIO.result(timeout=IDLE + 300)
+    print(f"keepalive lab: idle {out.idle:.0f} s, whole scenario {out.took:.0f} s (started with the session)")
+    return out
 
 
 def _keepalives(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
