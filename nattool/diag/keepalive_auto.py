@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
-from nattool.diag.probe import ProbeTarget, measure_lifetime
 from nattool.errors import NattoolError
 from nattool.net.lifetime_cache import CachedLifetime, LifetimeCache, auto_plan
 from nattool.protocol.endpoint import Endpoint
@@ -76,6 +75,9 @@ class AutoKeepalive:
         second); a failed one leaves the default in place (its reason is kept)."""
         if not self.background:
             return
+        # Imported here: a run with a cached lifetime never loads the probe.
+        from nattool.diag.probe import ProbeTarget, measure_lifetime
+
         if self._answered is None:
             self._answered = asyncio.get_running_loop().create_future()
         server = await self._answered
