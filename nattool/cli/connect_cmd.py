@@ -49,10 +49,7 @@ def connect(
     from dataclasses import replace
 
     from nattool.cli.connect_render import Renderer
-    from nattool.cli.keepalive_opt import cli_cache, parse_keepalive
-    from nattool.diag.keepalive_auto import AutoKeepalive
-    from nattool.protocol.connect_events import ConnectEvent, KeepaliveSet, Registered
-    from nattool.protocol.keepalive_rules import given_keepalive
+    from nattool.cli.keepalive_opt import SessionKeepalive, parse_keepalive
     from nattool.cli.node_args import parse_identity, parse_lan
     from nattool.cli.output import run_edge
     from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
@@ -74,7 +71,7 @@ def connect(
         if not 0 < timeout <= 86400:
             raise UsageError("--timeout must be in (0, 86400] seconds")
         every = parse_keepalive(keepalive, 0.2, 3600)
-        if every is not None and not every < (dead_after or 3 * every) <= 86400:
+        if every is not None and not every < (dead_after if dead_after is not None else 3 * every) <= 86400:
             raise UsageError("--dead-after must be longer than --keepalive")
         if bind is not None:
             try:
@@ -85,8 +82,8 @@ def connect(
 
         async def go() -> int:
             targets = await resolve_targets(settings)
-            auto = AutoKeepalive(targets, cache=cli_cache()) if every is None else None
-            interval = auto.plan.interval if auto is not None else every or 0
+            ka = SessionKeepalive(every, targets)
+            interval = ka.interval
             dead = dead_after if dead_after is not None else 3 * interval
             if not interval < dead <= 86400:
                 raise UsageError(f"--dead-after must be longer than the keepalive interval ({interval:g} s)")
@@ -104,22 +101,9 @@ def connect(
                 relay=relay,
                 tcp=tcp,
             )
-            plan = auto.plan if auto is not None else given_keepalive(interval, config.register_every)
-            config = replace(config, register_every=plan.register_every)
-            render = Renderer(json_out)
-            shown: list[Registered] = []
-
-            def emit(event: ConnectEvent) -> None:
-                render(event)
-                if isinstance(event, Registered):
-                    if not shown:  # the keepalive in force, once a tracker answered
-                        render(KeepaliveSet(plan))
-                    shown.append(event)
-                    if auto is not None:
-                        auto.tracker_answered(event.tracker)
-
-            retune = auto.measure if auto is not None and auto.wants_measurement else None
-            return await connect_session(config, emit, port=port, bind=bind, read_stdin=not once, retune=retune)
+            config = replace(config, register_every=ka.register_every(config.register_every))
+            return await connect_session(config, ka.announcing(Renderer(json_out)), port=port, bind=bind,
+                                         read_stdin=not once, retune=ka.retune)
 
         return int(run(go()))
 
