@@ -101,6 +101,18 @@ def test_tracker_without_stun_leaves_the_default_with_the_reason(tracker: Tracke
     assert "could not be measured" in plan.reason
 
 
+def test_a_stale_measurement_is_measured_again(tmp_path: Path) -> None:
+    from nattool.protocol.keepalive_rules import FRESH_FOR
+
+    server = Endpoint.from_text("127.0.0.1:43283")
+    cache = seed_cache(tmp_path, server, LifetimeBracket(120, None), age=FRESH_FOR + 60)
+    auto = AutoKeepalive([server], cache=cache)
+    assert auto.wants_measurement and auto.plan.interval == SAFE_DEFAULT
+    assert auto.plan.reason.endswith("too old to lengthen the interval; measuring it again in the background")
+    fresh = AutoKeepalive([server], cache=seed_cache(tmp_path, server, LifetimeBracket(120, None), age=60))
+    assert not fresh.wants_measurement and fresh.plan.interval == 60
+
+
 def test_ipv6_only_trackers_measure_nothing(tmp_path: Path) -> None:
     auto = AutoKeepalive([Endpoint.from_text("[::1]:43283")], cache=LifetimeCache(tmp_path / "x.json"))
     assert not auto.wants_measurement and auto.plan.reason == "no mapping lifetime measured on this network"

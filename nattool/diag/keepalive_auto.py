@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 from nattool.errors import NattoolError
 from nattool.net.lifetime_cache import CachedLifetime, LifetimeCache, auto_plan
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.keepalive_rules import TRACKER_TTL, KeepalivePlan, KeepaliveSource, LifetimeBracket, auto_keepalive
+from nattool.protocol.keepalive_rules import FRESH_FOR, TRACKER_TTL, KeepalivePlan, KeepaliveSource, LifetimeBracket, auto_keepalive
 
 BACKGROUND_LIFETIME_MAX = 120.0  # s, the longest idle wait of a background measurement
 
@@ -47,11 +47,15 @@ class AutoKeepalive:
         self.cache = cache if cache is not None else LifetimeCache()
         self.tracker_ttl = tracker_ttl
         self.plan = auto_plan(trackers, time.time(), cache=self.cache, tracker_ttl=tracker_ttl)
-        self.background = background and self.plan.lifetime is None and any(t.ip.version == 4 for t in trackers)
+        age = self.plan.age
+        stale = self.plan.lifetime is not None and not (age is not None and 0 <= age <= FRESH_FOR)
+        self.background = (background and (self.plan.lifetime is None or stale)
+                           and any(t.ip.version == 4 for t in trackers))
         self._answered: Optional[asyncio.Future[Endpoint]] = None
         if self.background:
+            again = "; measuring it again" if stale else " yet: measuring it"
             self.plan = KeepalivePlan(self.plan.interval, self.plan.register_every, self.plan.source,
-                                      reason=f"{self.plan.reason} yet: measuring it in the background")
+                                      self.plan.lifetime, age, f"{self.plan.reason}{again} in the background")
 
     @property
     def wants_measurement(self) -> bool:
