@@ -228,7 +228,9 @@ pytestmark.append(pytest.mark.background_scenario(SCENARIO))
 @pytest.fixture(scope="module")
 def scenario(natlab_available: None) -> Scenario:  # noqa: F811
     out = SCENARIO.result(timeout=IDLE + 300)
-    print(f"keepalive lab: idle {out.idle:.0f} s, whole scenario {out.took:.0f} s (started with the session)")
+    switched = [e.get("t") for e in _keepalives(out.events("b")) if e["source"] == "measured"]
+    print(f"keepalive lab: idle {out.idle:.0f} s, whole scenario {out.took:.0f} s (started with the session); "
+          f"b measured in the background, switched at t={switched} s")
     return out
 
 
