@@ -10,10 +10,10 @@ from typing import Any, Optional
 
 from nattool.cli.keepalive_opt import keepalive_text
 from nattool.cli.output import stderr, verbosity
+from nattool.protocol.connect_events import KeepaliveSet
 from nattool.protocol.connect_events import (
     ConnectEvent,
     GaveUp,
-    KeepaliveSet,
     MemberSeen,
     MessageReceived,
     PathDown,
@@ -56,6 +56,8 @@ class Renderer:
 
 def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
     """An event as the JSON object --json prints (None: not shown)."""
+    if isinstance(e, KeepaliveSet):
+        return {"event": "keepalive", **e.plan.to_json()}
     if isinstance(e, Registered):
         return {"event": "registered", "tracker": e.tracker.to_text(), "public": e.public.to_text(), "form": e.form}
     if isinstance(e, MemberSeen):
@@ -94,8 +96,6 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
         if e.endpoint is not None:
             out["peer"] = e.endpoint.to_text()
         return out
-    if isinstance(e, KeepaliveSet):
-        return {"event": "keepalive", **e.plan.to_json()}
     return None  # SessionEnded: the exit status says it
 
 
@@ -107,6 +107,8 @@ def sanitize(text: str) -> str:
 
 def _human(e: dict[str, Any]) -> Optional[str]:
     kind = e["event"]
+    if kind == "keepalive":
+        return keepalive_text(e)
     if kind == "registered":
         return f"registered at {e['tracker']}: public endpoint {e['public']}"
     if kind == "member_seen":
@@ -137,8 +139,6 @@ def _human(e: dict[str, Any]) -> Optional[str]:
         return "no peer connected yet: the line will be sent when a path is up"
     if kind == "undelivered":
         return f"line not delivered to {e.get('peer') or 'anyone'}: {e['reason']}"
-    if kind == "keepalive":
-        return keepalive_text(e)
     return None
 
 

@@ -299,10 +299,12 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
             raise NetworkError(ended.reason)
         return int(ended.exit_code)
     finally:
-        for task in (reader, tuner):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if tuner is not None:
+            tuner.cancel()
+            await asyncio.gather(tuner, return_exceptions=True)
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         if shell.ended is None:
             shell.leave()  # Ctrl-C: the peers hear it now, not after --dead-after
             try:

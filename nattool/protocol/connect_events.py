@@ -196,14 +196,12 @@ class SessionEnded:
 ConnectEvent = Union[
     Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
     StreamWanted, RelayAllocated, RelayLost,
-    "KeepaliveSet",
 ]
 
 __all__ = [
     "CandidateSource",
     "ConnectEvent",
     "GaveUp",
-    "KeepaliveSet",
     "MemberSeen",
     "MessageReceived",
     "PathDown",
@@ -220,6 +218,9 @@ __all__ = [
 ]
 
 
+# --------------------------------------------------------------------------- keepalive
+
+
 @dataclass(frozen=True, slots=True)
 class KeepaliveSet:
     """The keepalive interval in force and where it came from: given, measured on this
@@ -227,3 +228,7 @@ class KeepaliveSet:
     measurement made in the background)."""
 
     plan: KeepalivePlan
+
+
+ConnectEvent = Union[ConnectEvent, KeepaliveSet]  # type: ignore[misc]
+__all__ += ["KeepaliveSet"]

@@ -66,7 +66,6 @@ from nattool.protocol.connect_events import (
     StreamWanted,
     ConnectEvent,
     GaveUp,
-    KeepaliveSet,
     MemberSeen,
     MessageReceived,
     PathDown,
@@ -88,6 +87,7 @@ from nattool.protocol.connect_rules import (
     relay_due,
     verdict,
 )
+from nattool.protocol.connect_events import KeepaliveSet
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.keepalive_rules import KeepalivePlan
 from nattool.protocol.punch import BadMac, Kind, NotPeerMessage, PeerMessage, ReplayGuard, ReplayWindow, derive_key
