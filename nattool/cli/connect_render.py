@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 from nattool.cli.keepalive_opt import keepalive_text
 from nattool.cli.output import stderr, verbosity
-from nattool.protocol.connect_events import KeepaliveSet
 from nattool.protocol.connect_events import (
     ConnectEvent,
     GaveUp,
@@ -25,6 +24,7 @@ from nattool.protocol.connect_events import (
     StreamWanted,
     Undelivered,
 )
+from nattool.protocol.connect_events import KeepaliveSet
 
 
 class Renderer:
