@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from nattool.cli.keepalive_opt import keepalive_text
 from nattool.cli.output import stderr, verbosity
 from nattool.protocol.connect_events import BirthdayEnded, BirthdayStarted
 from nattool.protocol.connect_events import (
@@ -24,6 +25,7 @@ from nattool.protocol.connect_events import (
     StreamWanted,
     Undelivered,
 )
+from nattool.protocol.connect_events import KeepaliveSet
 
 
 class Renderer:
@@ -55,6 +57,8 @@ class Renderer:
 
 def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
     """An event as the JSON object --json prints (None: not shown)."""
+    if isinstance(e, KeepaliveSet):
+        return {"event": "keepalive", **e.plan.to_json()}
     if isinstance(e, Registered):
         return {"event": "registered", "tracker": e.tracker.to_text(), "public": e.public.to_text(), "form": e.form}
     if isinstance(e, MemberSeen):
@@ -114,6 +118,8 @@ def sanitize(text: str) -> str:
 
 def _human(e: dict[str, Any]) -> Optional[str]:
     kind = e["event"]
+    if kind == "keepalive":
+        return keepalive_text(e)
     if kind == "registered":
         return f"registered at {e['tracker']}: public endpoint {e['public']}"
     if kind == "member_seen":

@@ -34,12 +34,14 @@ from nattool.protocol.connect_events import ExtraSockets
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.keepalive_rules import KeepalivePlan
 from nattool.protocol.punch import MAX_BODY
 from nattool.protocol.stream_frames import StreamDeframer, TextFrame, text_frame
 from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
 from nattool.protocol.tracker_spec import TrackerLike, as_tracker_specs
 
 OnEvent = Callable[[ConnectEvent], None]
+Retune = Callable[[Callable[[KeepalivePlan], None]], Awaitable[None]]
 
 
 class NoPath(NattoolError):
@@ -150,6 +152,12 @@ class SessionShell:
     def close_when_delivered(self) -> None:
         self.live.close_when_delivered(self._now())
         self._pump()
+
+    def set_keepalive(self, plan: KeepalivePlan) -> None:
+        """New keepalive intervals (`--keepalive auto` measured the mapping lifetime)."""
+        if self.session is not None and not self.closed:
+            self.session.set_keepalive(plan, self._now())
+            self._pump()
 
     def leave(self) -> None:
         if self.session is not None and not self.closed:
@@ -283,10 +291,13 @@ def _family(ep: Endpoint) -> int:
 
 
 async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = DEFAULT_CONNECT_PORT,
-                          bind: Optional[str] = None, read_stdin: bool = True) -> int:
+                          bind: Optional[str] = None, read_stdin: bool = True,
+                          retune: Optional[Retune] = None) -> int:
     """`nattool connect`: run a session with stdin as the outgoing chat (each line goes
     to every connected peer; end of input leaves once they are delivered). Returns the
-    exit code; raises NetworkError when no tracker can even be sent to."""
+    exit code; raises NetworkError when no tracker can even be sent to. ``retune``
+    runs alongside and may change the keepalive intervals (`--keepalive auto`'s
+    background measurement)."""
     done: asyncio.Future[SessionEnded] = asyncio.get_running_loop().create_future()
 
     def on_event(event: ConnectEvent) -> None:
@@ -297,12 +308,16 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
     shell = SessionShell(config, on_event, port=port, bind=bind)
     await shell.open()
     reader = asyncio.create_task(_pump_stdin(shell)) if read_stdin and not config.once else None
+    tuner = asyncio.create_task(retune(shell.set_keepalive)) if retune is not None else None
     try:
         ended = await done
         if ended.exit_code == ExitCode.UNREACHABLE:
             raise NetworkError(ended.reason)
         return int(ended.exit_code)
     finally:
+        if tuner is not None:
+            tuner.cancel()
+            await asyncio.gather(tuner, return_exceptions=True)
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

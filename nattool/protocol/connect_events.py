@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 from nattool.exit_codes import ExitCode
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.keepalive_rules import KeepalivePlan
 
 
 class PathKind(str, Enum):
@@ -192,31 +193,6 @@ class SessionEnded:
     reason: str
 
 
-ConnectEvent = Union[
-    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
-    StreamWanted, RelayAllocated, RelayLost,
-]
-
-__all__ = [
-    "CandidateSource",
-    "ConnectEvent",
-    "GaveUp",
-    "MemberSeen",
-    "MessageReceived",
-    "PathDown",
-    "PathKind",
-    "PathUp",
-    "Queued",
-    "Registered",
-    "RelayAllocated",
-    "RelayLost",
-    "SessionEnded",
-    "StreamWanted",
-    "Undelivered",
-    "Verdict",
-]
-
-
 # --------------------------------------------------------------------------- birthday punching
 
 
@@ -259,5 +235,45 @@ class ExtraSockets:
     ip_version: int = 4
 
 
-ConnectEvent = Union[ConnectEvent, BirthdayStarted, BirthdayEnded, ExtraSockets]  # type: ignore[misc]
-__all__ += ["BirthdayEnded", "BirthdayStarted", "ExtraSockets"]
+# --------------------------------------------------------------------------- keepalive
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveSet:
+    """The keepalive interval in force and where it came from: given, measured on this
+    network (with the measurement's age) or the default. Again when it changes (a
+    measurement made in the background)."""
+
+    plan: KeepalivePlan
+
+
+# --------------------------------------------------------------------------- all of them
+
+ConnectEvent = Union[
+    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
+    StreamWanted, RelayAllocated, RelayLost, BirthdayStarted, BirthdayEnded, ExtraSockets, KeepaliveSet,
+]
+
+__all__ = [
+    "BirthdayEnded",
+    "BirthdayStarted",
+    "CandidateSource",
+    "ConnectEvent",
+    "ExtraSockets",
+    "GaveUp",
+    "KeepaliveSet",
+    "MemberSeen",
+    "MessageReceived",
+    "PathDown",
+    "PathKind",
+    "PathMethod",
+    "PathUp",
+    "Queued",
+    "Registered",
+    "RelayAllocated",
+    "RelayLost",
+    "SessionEnded",
+    "StreamWanted",
+    "Undelivered",
+    "Verdict",
+]

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from nattool.errors import ProtocolError
@@ -106,7 +106,9 @@ from nattool.protocol.connect_rules import (
     relay_due,
     verdict,
 )
+from nattool.protocol.connect_events import KeepaliveSet
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.keepalive_rules import KeepalivePlan
 from nattool.protocol.punch import BadMac, Kind, NotPeerMessage, PeerMessage, ReplayGuard, ReplayWindow, derive_key
 from nattool.protocol.retransmit import backoff_schedule
 from nattool.protocol.text import ErrorReply, MemberList, RegisterRequest, RelayGrant, RelayRequest
@@ -430,6 +432,20 @@ class ConnectSession:
         self.linger_until = None
         if self.turn is not None:
             self.turn.close(now)
+
+    def set_keepalive(self, plan: KeepalivePlan, now: float) -> None:
+        """Keep paths and registrations alive at ``plan``'s intervals from now on (a
+        :class:`KeepaliveSet` event says so). ``dead_after`` never shrinks, and grows to
+        three keepalives if it was less."""
+        self._now = now
+        dead_after = max(self.config.dead_after, 3 * plan.interval)
+        self.config = replace(self.config, keepalive=plan.interval, register_every=plan.register_every,
+                              dead_after=dead_after)
+        for reg in self.registrations.values():
+            if reg.trying is None and not reg.asking and self.connected_peers():
+                reg.next_round = min(reg.next_round, now + plan.register_every)
+        self._events.append(KeepaliveSet(plan))
+        self._tick(now)
 
     def close_when_delivered(self, now: float) -> None:
         """The input ended: leave (exit 0) once a path was up and every message is acknowledged."""
