@@ -1,0 +1,300 @@
+"""A batch of registrations on a single Redis, in one round trip (rarely two).
+
+Most registrations are keepalives: a known member, same endpoint, LAN list and
+source, whose bookkeeping (caps, key TTLs, counting sets: see redis.py) this tracker
+did less than ``refresh`` ago. Those take the *lane*: two plain commands pipelined,
+``ZADD z XX CH ms record`` (1: the record is there and now has the new time) and
+``ZREVRANGEBYSCORE`` for its page. Plain commands cost Redis less than the same
+commands called from Lua, and the commands are written as RESP here, not through
+the client's per-command machinery. The others go, in batch order, as runs in one
+batch-script call each (redis_lua.BATCH_SCRIPT), in the same pipeline.
+
+A lane registration whose record was not there (evicted, expired, changed by
+another tracker) is done again by the script in a second round trip, as is one
+whose page came back full (its total then needs a ZCOUNT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
+
+from nattool.errors import StoreError
+from nattool.store.base import Registration, RegisterResult
+from nattool.store.redis_lua import HEADER_FIELDS
+from nattool.store.redis import (
+    CHUNK,
+    GROUPS_KEY,
+    REFRESH_SHARE,
+    LIVE_KEY,
+    ms,
+    page_view,
+    record_of,
+    registration_args,
+    view_of,
+)
+
+if TYPE_CHECKING:
+    from nattool.store.redis import RedisStore
+
+#: (group, record) -> when this tracker last did its bookkeeping (ms); emptied when full
+MEMO_MAX = 200_000
+
+
+def _bulk(arg: Any) -> str:
+    text = str(arg)
+    return f"${len(text.encode()) if not text.isascii() else len(text)}\r\n{text}\r\n"
+
+
+def pack(*args: Any) -> str:
+    """One command in RESP."""
+    return f"*{len(args)}\r\n" + "".join(map(_bulk, args))
+
+
+async def read_replies(conn: Any, count: int) -> list[Any]:
+    """``count`` replies from ``conn``, error replies as values. With hiredis, read
+    straight from its reader: redis-py's read_response() arms a timer per reply,
+    which would cost more than the parsing."""
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    replies: list[Any] = []
+    if not isinstance(parser, _AsyncHiredisParser) or reader is None:
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    gets = reader.gets
+    fill = parser.read_from_socket
+    add = replies.append
+    while len(replies) < count:
+        reply = gets()
+        while reply is NOT_ENOUGH_DATA:
+            await fill()
+            reply = gets()
+        if isinstance(reply, ConnectionError):
+            raise reply
+        add(reply)
+    return replies
+
+
+class SingleRegistrar:
+    """Registers batches on a single Redis for a :class:`RedisStore`."""
+
+    def __init__(self, store: "RedisStore") -> None:
+        self.store = store
+        # group -> record -> when this tracker last did the record's bookkeeping (ms)
+        self.memo: dict[str, dict[str, int]] = {}
+        self.memo_size = 0
+        # group -> the lane's command heads for it (RESP up to the score; up to the horizon)
+        self.heads: dict[str, tuple[str, str]] = {}
+        self.counters = store.counters
+        self.counters.setdefault("lane", 0.0)
+        self.counters.setdefault("lane_missed", 0.0)
+
+    def _heads(self, group: str) -> tuple[str, str]:
+        z = f"nt:{{{group}}}:z"
+        zkey = f"${len(z.encode())}\r\n{z}\r\n"
+        heads = (
+            f"*6\r\n$4\r\nZADD\r\n{zkey}$2\r\nXX\r\n$2\r\nCH\r\n",
+            f"*7\r\n$16\r\nZREVRANGEBYSCORE\r\n{zkey}$4\r\n+inf\r\n",
+        )
+        if len(self.heads) >= MEMO_MAX:
+            self.heads.clear()
+        self.heads[group] = heads
+        return heads
+
+    async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        store = self.store
+        refused = store._unavailable()
+        if refused is not None:
+            return [refused] * len(batch)
+        fresh_after = ms(now) - ms(store.limits.ttl * REFRESH_SHARE)
+        horizon = f"({ms(now - store.limits.ttl)}"
+        horizon_bulk = f"${len(horizon)}\r\n{horizon}\r\n$5\r\nLIMIT\r\n$1\r\n0\r\n"
+        tails: dict[int, str] = {}  # want -> the end of the page read
+        memo_get = self.memo.get
+        heads_get = self.heads.get
+        header = store.script_header("s", now, -1)
+        assert len(header) == HEADER_FIELDS
+        sha = store._sha["batch"]
+        results: list[Any] = [None] * len(batch)
+        records: list[str] = []
+        # What the pipeline's replies answer, in order: an index (a lane
+        # registration: two replies) or a list of indexes (one script call).
+        plan: list[Any] = []
+        out: list[str] = []
+        run: list[int] = []
+        count = 0
+        last_seen = -1.0
+        score = ""
+
+        def close_run() -> None:
+            if run:
+                out.append(pack("EVALSHA", sha, 2, LIVE_KEY, GROUPS_KEY, *header,
+                                *registration_args([batch[i] for i in run])))  # fmt: skip
+                plan.append(run.copy())
+                run.clear()
+
+        for i, reg in enumerate(batch):
+            m, offset, limit = reg
+            group = m[0]
+            rec = f"{m[1]}\x1f{m[2]}\x1f{m[3]}\x1f{m[4]}"
+            records.append(rec)
+            known = memo_get(group)
+            stamp = known.get(rec) if known is not None else None
+            if stamp is not None and stamp > fresh_after:
+                if run:
+                    close_run()
+                    count += 1
+                if m[5] != last_seen:
+                    last_seen = m[5]
+                    text = str(int(last_seen * 1000))
+                    score = f"${len(text)}\r\n{text}\r\n"
+                want = (offset if offset > 0 else 0) + (limit if limit > 0 else 0) + 1
+                tail = tails.get(want)
+                if tail is None:
+                    tail = tails[want] = f"{horizon_bulk}${len(str(want))}\r\n{want}\r\n"
+                zadd, zread = heads_get(group) or self._heads(group)
+                out.append(f"{zadd}{score}${len(rec)}\r\n{rec}\r\n{zread}{tail}")
+                plan.append(i)
+                count += 2
+            else:
+                run.append(i)
+                if len(run) >= CHUNK:
+                    close_run()
+                    count += 1
+        if run:
+            close_run()
+            count += 1
+        text = "".join(out)
+        data = text.encode()
+        if len(data) != len(text):  # not all ASCII: the lane wrote lengths in characters
+            return await self._all_by_script(batch, now)
+        try:
+            replies = await self._exchange(data, count)
+        except StoreError as exc:
+            return [exc] * len(batch)
+
+        cache = store.records
+        again: list[int] = []
+        totals: list[int] = []  # lane registrations whose page came back full
+        k = 0
+        lane = 0
+        for step in plan:
+            if step.__class__ is list:
+                reply = replies[k]
+                k += 1
+                if isinstance(reply, NoScriptError):
+                    again += step
+                    continue
+                self._script_results(batch, step, reply, results)
+                continue
+            changed, page = replies[k], replies[k + 1]
+            k += 2
+            if changed != 1 or page.__class__ is not list:
+                again.append(step)
+                continue
+            lane += 1
+            reg = batch[step]
+            if len(page) > reg[1] + reg[2]:
+                totals.append(step)
+                results[step] = page
+                continue
+            results[step] = page_view(reg, records[step], page, 0, len(page) - 1, cache)
+        self.counters["lane"] += lane
+        if again or totals:
+            self.counters["lane_missed"] += len(again)
+            await self._second_trip(batch, sorted(again), totals, records, results, now)
+        return results
+
+    def _script_results(self, batch: Sequence[Registration], step: list[int], reply: Any, results: list[Any]) -> None:
+        if isinstance(reply, Exception) or not isinstance(reply, list):
+            error = StoreError(f"redis refused the registrations: {reply}")
+            for i in step:
+                results[i] = error
+            return
+        memo = self.memo
+        for i, text in zip(step, reply):
+            flag, results[i] = view_of(batch[i], text, self.store.records)
+            if flag[:1] in ("f", "n", "r"):
+                member = batch[i].member
+                if self.memo_size >= MEMO_MAX:
+                    memo.clear()
+                    self.memo_size = 0
+                known = memo.get(member[0])
+                if known is None:
+                    known = memo[member[0]] = {}
+                known[record_of(member)] = int(flag[1:])
+                self.memo_size += 1
+        live = reply[-1]
+        if isinstance(live, str) and live.isdigit():
+            self.store._live_count = int(live)
+
+    async def _second_trip(
+        self, batch: Sequence[Registration], again: list[int], totals: list[int], records: list[str],
+        results: list[Any], now: float,
+    ) -> None:  # fmt: skip
+        store = self.store
+        header = store.script_header("s", now, -1)
+        horizon = f"({ms(now - store.limits.ttl)}"
+        chunks = [again[i : i + CHUNK] for i in range(0, len(again), CHUNK)]
+
+        def build(pipe: Any) -> None:
+            for chunk in chunks:
+                pipe.evalsha(store._sha["batch"], 2, LIVE_KEY, GROUPS_KEY, *header,
+                             *registration_args([batch[i] for i in chunk]))  # fmt: skip
+            for i in totals:
+                pipe.zcount(f"nt:{{{batch[i].member[0]}}}:z", horizon, "+inf")
+
+        try:
+            replies = await store._run(build)
+        except StoreError as exc:
+            for i in again + totals:
+                results[i] = exc
+            return
+        for chunk, reply in zip(chunks, replies):
+            self._script_results(batch, chunk, reply, results)
+        for i, total in zip(totals, replies[len(chunks) :]):
+            if isinstance(total, int):
+                results[i] = page_view(batch[i], records[i], results[i], 0, total - 1, self.store.records)
+            else:
+                results[i] = StoreError(f"redis refused to count a group: {total}")
+
+    async def _all_by_script(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
+        results: list[Any] = [None] * len(batch)
+        await self._second_trip(batch, list(range(len(batch))), [], [], results, now)
+        return results
+
+    async def _exchange(self, data: bytes, count: int) -> list[Any]:
+        """Send ``data`` (``count`` commands) on one connection and read ``count``
+        replies (error replies as values)."""
+        store = self.store
+        client = store._require()
+        pool = client.connection_pool
+        started = time.perf_counter()
+        conn = None
+        try:
+            async with asyncio.timeout(store.timeout):
+                conn = await pool.get_connection()
+                await conn.send_packed_command(data, check_health=False)
+                replies = await read_replies(conn, count)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if conn is not None:
+                await conn.disconnect()
+            raise store._failed(exc) from None
+        finally:
+            if conn is not None:
+                await pool.release(conn)
+        store.counters["round_trips"] += 1
+        store.counters["round_trip_seconds"] += time.perf_counter() - started
+        store._succeeded()
+        return replies
+
+
+__all__ = ["MEMO_MAX", "SingleRegistrar", "pack"]
