@@ -79,8 +79,8 @@ _REPLY_SEP = "\x1d"
 LIVE_KEY = "nt:live"
 GROUPS_KEY = "nt:groups"
 TRACKERS_KEY = "nt:trackers"
-_TRACKER_FULL = LimitError("tracker full")
-_SOURCE_FULL = LimitError("too many groups from this source")
+TRACKER_FULL = LimitError("tracker full")
+SOURCE_FULL = LimitError("too many groups from this source")
 
 
 def group_keys(group: str) -> tuple[str, str]:
@@ -185,9 +185,9 @@ def view_of(reg: Registration, reply: Any, cache: RecordCache) -> "tuple[str, Re
     parts = reply.split(_REPLY_SEP)
     flag = parts[0]
     if flag == "F":
-        return flag, _TRACKER_FULL
+        return flag, TRACKER_FULL
     if flag == "S":
-        return flag, _SOURCE_FULL
+        return flag, SOURCE_FULL
     if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
         return "", StoreError(f"redis gave an unexpected reply: {reply!r:.80}")
     return flag, page_view(reg, record_of(reg.member), parts, 2, int(parts[1]), cache)
