@@ -159,3 +159,54 @@ def test_slow_redis_is_a_timeout_not_a_hang(redisd: RedisServer) -> None:
             await store.close()
 
     asyncio.run(body())
+
+
+def test_keepalive_lane_answers_as_the_script_does(redisd: RedisServer) -> None:
+    """The lane (plain ZADD XX + ZREVRANGEBYSCORE for members whose bookkeeping is
+    fresh) against the batch script alone: the same registrations, in the same
+    batches, give the same views. Replaced endpoints, LAN lists, paging, groups
+    over a page and members that expire are in the mix."""
+    import random
+
+    from nattool.store.redis import RedisStore
+
+    rng = random.Random(26)
+    limits = StoreLimits(ttl=30.0)
+
+    def view_text(result: object) -> object:
+        if isinstance(result, GroupView):
+            return (
+                [(m.identity, m.endpoint_text, m.lan_text, m.source) for m in result.others],
+                result.total_others,
+            )
+        return type(result).__name__
+
+    async def body() -> None:
+        fast = RedisStore(limits, redisd.url.rsplit("/", 1)[0] + "/1")
+        slow = RedisStore(limits, redisd.url.rsplit("/", 1)[0] + "/2")
+        await fast.open()
+        await slow.open()
+        try:
+            now = time.time()
+            for step in range(60):
+                now += rng.choice((0.5, 1.0, 3.0, 12.0))
+                batch = []
+                for _ in range(rng.randint(1, 25)):
+                    g = rng.randrange(4)
+                    who = rng.randrange(9)
+                    port = 1000 + who + (100 if rng.random() < 0.1 else 0)  # sometimes a new NAT port
+                    lan = ("10.0.0.%d" % who,) if who % 3 == 0 else ()
+                    m = Member(f"lane-{g}", f"id{who}", Endpoint(ipaddress.ip_address("198.51.100.7"), port), lan,
+                               "198.51.100.7", now)  # fmt: skip
+                    batch.append(Registration(m, rng.choice((0, 0, 0, 1, 2)), rng.choice((128, 128, 2, 3))))
+                got_fast = await fast.register(batch, now)
+                slow._single.memo.clear()  # never the lane
+                got_slow = await slow.register(batch, now)
+                assert [view_text(r) for r in got_fast] == [view_text(r) for r in got_slow], step
+            assert fast.counters["lane"] > 100 and slow.counters["lane"] == 0
+            assert fast.counters["lane_missed"] == 0
+        finally:
+            await fast.close()
+            await slow.close()
+
+    asyncio.run(body())

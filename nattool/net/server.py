@@ -49,7 +49,10 @@ from nattool.tracker.ratelimit import SourceRateLimiter
 
 log = logging.getLogger("nattool.serve")
 
-MAX_QUEUED_REGISTRATIONS = 20_000  # beyond this, drop: never an unbounded queue
+# Registrations waiting for the store while it works on a batch (a slow store makes
+# replies later); beyond this, ERR store unavailable at once (counted as
+# drop_overload): never an unbounded queue.
+MAX_QUEUED_REGISTRATIONS = 20_000
 DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the store get a turn)
 # Registrations answered after one commit. A wake-up that reads a burst commits and
 # answers every so many, so the first of the burst does not wait for the last.
@@ -574,6 +577,7 @@ class TrackerServer:
     def _enqueue(self, pending: PendingRegistration, listener: _ReplyTo, addr: Any) -> None:
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
             self.core.counters["drop_overload"] += 1
+            self._send(listener, self.core.finish_registration(pending, _STORE_UNAVAILABLE), addr)
             return
         self._batch.append((pending, listener, addr))
         if not self._sync_store and not self._flush_scheduled:

@@ -9,9 +9,10 @@ commands called from Lua, and the commands are written as RESP here, not through
 the client's per-command machinery. The others go, in batch order, as runs in one
 batch-script call each (redis_lua.BATCH_SCRIPT), in the same pipeline.
 
-A lane registration whose record was not there (evicted, expired, changed by
-another tracker) is done again by the script in a second round trip, as is one
-whose page came back full (its total then needs a ZCOUNT).
+A lane registration whose record was not there (evicted, or changed by another
+tracker) is done again by the script in a second round trip: its page may then show
+registrations that came after it in the same batch. One whose page came back full
+needs a ZCOUNT for its total, in that second round trip too.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from nattool.store.redis import (
 if TYPE_CHECKING:
     from nattool.store.redis import RedisStore
 
-#: (group, record) -> when this tracker last did its bookkeeping (ms); emptied when full
+#: entries of the registrar's memo tables; each is emptied when full
 MEMO_MAX = 200_000
+#: a lane registration asking for at most this many members counts its group too
+SMALL_PAGE = 16
 
 
 def _bulk(arg: Any) -> str:
@@ -88,24 +91,29 @@ class SingleRegistrar:
 
     def __init__(self, store: "RedisStore") -> None:
         self.store = store
-        # group -> record -> when this tracker last did the record's bookkeeping (ms)
-        self.memo: dict[str, dict[str, int]] = {}
+        # group -> identity -> (its record, when this tracker last did its bookkeeping (ms))
+        self.memo: dict[str, dict[str, tuple[str, int]]] = {}
         self.memo_size = 0
-        # group -> the lane's command heads for it (RESP up to the score; up to the horizon)
-        self.heads: dict[str, tuple[str, str]] = {}
+        # group -> the lane's command heads for it (RESP up to the score; up to the
+        # horizon; ZCOUNT up to the horizon)
+        self.heads: dict[str, tuple[str, str, str]] = {}
+        # groups whose lane page came back full: their lane counts them too
+        self.big: set[str] = set()
         self.counters = store.counters
         self.counters.setdefault("lane", 0.0)
         self.counters.setdefault("lane_missed", 0.0)
 
-    def _heads(self, group: str) -> tuple[str, str]:
+    def _heads(self, group: str) -> tuple[str, str, str]:
         z = f"nt:{{{group}}}:z"
         zkey = f"${len(z.encode())}\r\n{z}\r\n"
         heads = (
             f"*6\r\n$4\r\nZADD\r\n{zkey}$2\r\nXX\r\n$2\r\nCH\r\n",
             f"*7\r\n$16\r\nZREVRANGEBYSCORE\r\n{zkey}$4\r\n+inf\r\n",
+            f"*4\r\n$6\r\nZCOUNT\r\n{zkey}",
         )
         if len(self.heads) >= MEMO_MAX:
             self.heads.clear()
+            self.big.clear()
         self.heads[group] = heads
         return heads
 
@@ -117,7 +125,9 @@ class SingleRegistrar:
         fresh_after = ms(now) - ms(store.limits.ttl * REFRESH_SHARE)
         horizon = f"({ms(now - store.limits.ttl)}"
         horizon_bulk = f"${len(horizon)}\r\n{horizon}\r\n$5\r\nLIMIT\r\n$1\r\n0\r\n"
+        horizon_count = f"${len(horizon)}\r\n{horizon}\r\n$4\r\n+inf\r\n"
         tails: dict[int, str] = {}  # want -> the end of the page read
+        big = self.big
         memo_get = self.memo.get
         heads_get = self.heads.get
         header = store.script_header("s", now, -1)
@@ -130,6 +140,8 @@ class SingleRegistrar:
         plan: list[Any] = []
         out: list[str] = []
         run: list[int] = []
+        laned: dict[tuple[str, str, str], int] = {}
+        repeats: dict[int, int] = {}  # a lane registration -> the same one earlier in the batch
         count = 0
         last_seen = -1.0
         score = ""
@@ -147,8 +159,8 @@ class SingleRegistrar:
             rec = f"{m[1]}\x1f{m[2]}\x1f{m[3]}\x1f{m[4]}"
             records.append(rec)
             known = memo_get(group)
-            stamp = known.get(rec) if known is not None else None
-            if stamp is not None and stamp > fresh_after:
+            entry = known.get(m[1]) if known is not None else None
+            if entry is not None and entry[1] > fresh_after and entry[0] == rec:
                 if run:
                     close_run()
                     count += 1
@@ -160,11 +172,27 @@ class SingleRegistrar:
                 tail = tails.get(want)
                 if tail is None:
                     tail = tails[want] = f"{horizon_bulk}${len(str(want))}\r\n{want}\r\n"
-                zadd, zread = heads_get(group) or self._heads(group)
+                key = (group, m[1], score)
+                first = laned.get(key)
+                if first is not None:
+                    repeats[i] = first  # its ZADD will find the same score: CH says 0
+                else:
+                    laned[key] = i
+                zadd, zread, zcount = heads_get(group) or self._heads(group)
                 out.append(f"{zadd}{score}${len(rec)}\r\n{rec}\r\n{zread}{tail}")
-                plan.append(i)
-                count += 2
+                if want <= SMALL_PAGE or group in big:
+                    # the page will likely be full: its total in the same trip
+                    out.append(f"{zcount}{horizon_count}")
+                    plan.append((i,))
+                    count += 3
+                else:
+                    plan.append(i)
+                    count += 2
             else:
+                if entry is not None:
+                    # changed or due: its later registrations in this batch follow it
+                    # through the script, in order
+                    del known[m[1]]  # type: ignore[union-attr]
                 run.append(i)
                 if len(run) >= CHUNK:
                     close_run()
@@ -187,7 +215,8 @@ class SingleRegistrar:
         k = 0
         lane = 0
         for step in plan:
-            if step.__class__ is list:
+            kind = step.__class__
+            if kind is list:
                 reply = replies[k]
                 k += 1
                 if isinstance(reply, NoScriptError):
@@ -196,17 +225,28 @@ class SingleRegistrar:
                 self._script_results(batch, step, reply, results)
                 continue
             changed, page = replies[k], replies[k + 1]
-            k += 2
-            if changed != 1 or page.__class__ is not list:
+            if kind is tuple:
+                step = step[0]
+                total = replies[k + 2]
+                k += 3
+            else:
+                total = None
+                k += 2
+            # 0: not there (or there with that score already: a repeat in the batch)
+            if page.__class__ is not list or (changed != 1 and (step not in repeats or repeats[step] in again)):
                 again.append(step)
                 continue
             lane += 1
             reg = batch[step]
             if len(page) > reg[1] + reg[2]:
-                totals.append(step)
-                results[step] = page
-                continue
-            results[step] = page_view(reg, records[step], page, 0, len(page) - 1, cache)
+                if total.__class__ is not int:
+                    big.add(reg[0][0])
+                    totals.append(step)
+                    results[step] = page
+                    continue
+            else:
+                total = len(page)
+            results[step] = page_view(reg, records[step], page, 0, total - 1, cache)
         self.counters["lane"] += lane
         if again or totals:
             self.counters["lane_missed"] += len(again)
@@ -230,7 +270,7 @@ class SingleRegistrar:
                 known = memo.get(member[0])
                 if known is None:
                     known = memo[member[0]] = {}
-                known[record_of(member)] = int(flag[1:])
+                known[member[1]] = (record_of(member), int(flag[1:]))
                 self.memo_size += 1
         live = reply[-1]
         if isinstance(live, str) and live.isdigit():
