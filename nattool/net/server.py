@@ -57,6 +57,12 @@ DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the 
 # Registrations answered after one commit. A wake-up that reads a burst commits and
 # answers every so many, so the first of the burst does not wait for the last.
 ANSWER_EVERY = 16
+# An asynchronous store (redis) may have this many batches in flight: the next one
+# goes while the store works on the first (once SECOND_FLUSH_AT registrations
+# wait), so a store that is slow to be scheduled delays replies rather than halving
+# the rate.
+FLUSHES_IN_FLIGHT = 2
+SECOND_FLUSH_AT = 64
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
 # The most often a repeated log line goes out (with a count of those held back):
@@ -190,7 +196,7 @@ class TrackerServer:
         self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
         self._batch: list[tuple[PendingRegistration, _ReplyTo, Any]] = []
         self._flush_scheduled = False
-        self._flushing = False
+        self._flushing = 0  # store writes in flight (an asynchronous store: redis)
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -580,7 +586,9 @@ class TrackerServer:
             self._send(listener, self.core.finish_registration(pending, _STORE_UNAVAILABLE), addr)
             return
         self._batch.append((pending, listener, addr))
-        if not self._sync_store and not self._flush_scheduled:
+        if not self._sync_store and not self._flush_scheduled and (
+            not self._flushing or len(self._batch) == SECOND_FLUSH_AT
+        ):
             self._flush_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
@@ -700,10 +708,10 @@ class TrackerServer:
     # -- registrations, batched per loop turn -----------------------------------------
     def _start_flush(self) -> None:
         self._flush_scheduled = False
-        if self._flushing or not self._batch:
+        if not self._batch or (self._flushing and (self._flushing >= FLUSHES_IN_FLIGHT or len(self._batch) < SECOND_FLUSH_AT)):
             return
         batch, self._batch = self._batch, []
-        self._flushing = True
+        self._flushing += 1
         assert self._loop is not None
         self._loop.create_task(self._flush(batch))
 
@@ -725,7 +733,7 @@ class TrackerServer:
                 results = [StoreError(str(exc))] * len(batch)
             self._deliver(batch, results, started)
         finally:
-            self._flushing = False
+            self._flushing -= 1
             if self._batch and not self._flush_scheduled:
                 self._flush_scheduled = True
                 assert self._loop is not None

@@ -54,6 +54,7 @@ local function forget(z, h, g, records)
 end
 
 local out = {}
+local touched, touchedlist, ntouched = {}, {}, 0  -- groups whose bookkeeping this call did
 for i = 9, #ARGV, 7 do
   local g, id, rec, seen = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local z, h = 'nt:{' .. g .. '}:z', 'nt:{' .. g .. '}:h'
@@ -82,8 +83,13 @@ for i = 9, #ARGV, 7 do
     end
     if flag == 'n' or flag == 'r' then
       if oldrec and oldrec ~= rec then call('ZREM', z, oldrec) end
-      local stale = call('ZRANGEBYSCORE', z, '-inf', horizon, 'LIMIT', 0, 64)
-      if #stale > 0 then forget(z, h, g, stale) end
+      if not touched[g] then
+        local stale = call('ZRANGEBYSCORE', z, '-inf', horizon, 'LIMIT', 0, 64)
+        if #stale > 0 then forget(z, h, g, stale) end
+        touched[g] = seen
+        ntouched = ntouched + 1
+        touchedlist[ntouched] = g
+      end
       if not old then
         if call('ZCARD', z) >= maxm then
           local oldest = call('ZRANGE', z, 0, 0)
@@ -93,12 +99,7 @@ for i = 9, #ARGV, 7 do
       end
       call('ZADD', z, seen, rec)
       call('HSET', h, id, rec .. '\\30' .. seen)
-      call('PEXPIRE', z, keyttl)
-      call('PEXPIRE', h, keyttl)
-      if single then
-        call('ZADD', livekey, seen, g .. '\\31' .. id)
-        call('ZADD', groupskey, seen, g)
-      end
+      if single then call('ZADD', livekey, seen, g .. '\\31' .. id) end
     end
   end
   if flag == 'F' or flag == 'S' then
@@ -115,6 +116,12 @@ for i = 9, #ARGV, 7 do
       out[#out + 1] = flag .. stamp .. '\\29' .. (total - 1)
     end
   end
+end
+-- once per group and call: key TTLs and the groups set
+for _, g in ipairs(touchedlist) do
+  call('PEXPIRE', 'nt:{' .. g .. '}:z', keyttl)
+  call('PEXPIRE', 'nt:{' .. g .. '}:h', keyttl)
+  if single then call('ZADD', groupskey, touched[g], g) end
 end
 out[#out + 1] = tostring(live)
 return out

@@ -135,24 +135,17 @@ class SingleRegistrar:
         sha = store._sha["batch"]
         results: list[Any] = [None] * len(batch)
         records: list[str] = []
-        # What the pipeline's replies answer, in order: an index (a lane
-        # registration: two replies) or a list of indexes (one script call).
-        plan: list[Any] = []
-        out: list[str] = []
-        run: list[int] = []
+        # The pipeline keeps the order of each group's registrations, not across
+        # groups: it goes in levels, a script call for the registrations at level
+        # 0, the lane for those at level 1, a script call for level 2... A group's
+        # registrations take the first level of their kind at or after its last one.
+        levels: list[list[Any]] = []
+        level_of: dict[str, int] = {}
+        level_get = level_of.get
         laned: dict[tuple[str, str, str], int] = {}
         repeats: dict[int, int] = {}  # a lane registration -> the same one earlier in the batch
-        count = 0
         last_seen = -1.0
         score = ""
-
-        def close_run() -> None:
-            if run:
-                out.append(pack("EVALSHA", sha, 2, LIVE_KEY, GROUPS_KEY, *header,
-                                *registration_args([batch[i] for i in run])))  # fmt: skip
-                plan.append(run.copy())
-                run.clear()
-
         for i, reg in enumerate(batch):
             m, offset, limit = reg
             group = m[0]
@@ -160,10 +153,9 @@ class SingleRegistrar:
             records.append(rec)
             known = memo_get(group)
             entry = known.get(m[1]) if known is not None else None
+            level = level_get(group)
             if entry is not None and entry[1] > fresh_after and entry[0] == rec:
-                if run:
-                    close_run()
-                    count += 1
+                level = 1 if level is None else level | 1
                 if m[5] != last_seen:
                     last_seen = m[5]
                     text = str(int(last_seen * 1000))
@@ -179,27 +171,41 @@ class SingleRegistrar:
                 else:
                     laned[key] = i
                 zadd, zread, zcount = heads_get(group) or self._heads(group)
-                out.append(f"{zadd}{score}${len(rec)}\r\n{rec}\r\n{zread}{tail}")
                 if want <= SMALL_PAGE or group in big:
                     # the page will likely be full: its total in the same trip
-                    out.append(f"{zcount}{horizon_count}")
-                    plan.append((i,))
-                    count += 3
+                    item: Any = ((i,), f"{zadd}{score}${len(rec)}\r\n{rec}\r\n{zread}{tail}{zcount}{horizon_count}")
                 else:
-                    plan.append(i)
-                    count += 2
+                    item = (i, f"{zadd}{score}${len(rec)}\r\n{rec}\r\n{zread}{tail}")
             else:
                 if entry is not None:
                     # changed or due: its later registrations in this batch follow it
-                    # through the script, in order
+                    # through the script
                     del known[m[1]]  # type: ignore[union-attr]
-                run.append(i)
-                if len(run) >= CHUNK:
-                    close_run()
-                    count += 1
-        if run:
-            close_run()
-            count += 1
+                level = 0 if level is None else level + (level & 1)
+                item = i
+            level_of[group] = level
+            while len(levels) <= level:
+                levels.append([])
+            levels[level].append(item)
+        # What the pipeline's replies answer, in order: an index (a lane
+        # registration: two replies), a 1-tuple of an index (three: the count too),
+        # or a list of indexes (one script call).
+        plan: list[Any] = []
+        out: list[str] = []
+        count = 0
+        for level, items in enumerate(levels):
+            if level & 1:
+                for step, command in items:
+                    out.append(command)
+                    plan.append(step)
+                    count += 2 if step.__class__ is int else 3
+                continue
+            for k in range(0, len(items), CHUNK):
+                run = items[k : k + CHUNK]
+                out.append(pack("EVALSHA", sha, 2, LIVE_KEY, GROUPS_KEY, *header,
+                                *registration_args([batch[i] for i in run])))  # fmt: skip
+                plan.append(run)
+                count += 1
         text = "".join(out)
         data = text.encode()
         if len(data) != len(text):  # not all ASCII: the lane wrote lengths in characters
