@@ -48,6 +48,14 @@ MEMO_MAX = 200_000
 SMALL_PAGE = 16
 
 
+def zkey_of(group: str) -> str:
+    return _bulk(f"nt:{{{group}}}:z")
+
+
+def hkey_of(group: str) -> str:
+    return _bulk(f"nt:{{{group}}}:h")
+
+
 def _bulk(arg: Any) -> str:
     text = str(arg)
     return f"${len(text.encode()) if not text.isascii() else len(text)}\r\n{text}\r\n"
@@ -94,22 +102,26 @@ class SingleRegistrar:
         # group -> identity -> (its record, when this tracker last did its bookkeeping (ms))
         self.memo: dict[str, dict[str, tuple[str, int]]] = {}
         self.memo_size = 0
-        # group -> the lane's command heads for it (RESP up to the score; up to the
-        # horizon; ZCOUNT up to the horizon)
-        self.heads: dict[str, tuple[str, str, str]] = {}
+        # group -> the lane's command heads for it (RESP: ZADD up to the score, the
+        # page read up to the horizon, ZCOUNT up to the horizon, HSET up to the
+        # identity; the group as a bulk string)
+        self.heads: dict[str, tuple[str, str, str, str, str]] = {}
         # groups whose lane page came back full: their lane counts them too
         self.big: set[str] = set()
         self.counters = store.counters
         self.counters.setdefault("lane", 0.0)
         self.counters.setdefault("lane_missed", 0.0)
+        self.counters.setdefault("lane_bookkeeping", 0.0)
 
-    def _heads(self, group: str) -> tuple[str, str, str]:
-        z = f"nt:{{{group}}}:z"
+    def _heads(self, group: str) -> tuple[str, str, str, str, str]:
+        z, h = f"nt:{{{group}}}:z", f"nt:{{{group}}}:h"
         zkey = f"${len(z.encode())}\r\n{z}\r\n"
         heads = (
             f"*6\r\n$4\r\nZADD\r\n{zkey}$2\r\nXX\r\n$2\r\nCH\r\n",
             f"*7\r\n$16\r\nZREVRANGEBYSCORE\r\n{zkey}$4\r\n+inf\r\n",
             f"*4\r\n$6\r\nZCOUNT\r\n{zkey}",
+            f"*4\r\n$4\r\nHSET\r\n${len(h.encode())}\r\n{h}\r\n",
+            _bulk(group),
         )
         if len(self.heads) >= MEMO_MAX:
             self.heads.clear()
@@ -123,7 +135,8 @@ class SingleRegistrar:
         if refused is not None:
             return [refused] * len(batch)
         fresh_after = ms(now) - ms(store.limits.ttl * REFRESH_SHARE)
-        horizon = f"({ms(now - store.limits.ttl)}"
+        live_after = ms(now - store.limits.ttl)
+        horizon = f"({live_after}"
         horizon_bulk = f"${len(horizon)}\r\n{horizon}\r\n$5\r\nLIMIT\r\n$1\r\n0\r\n"
         horizon_count = f"${len(horizon)}\r\n{horizon}\r\n$4\r\n+inf\r\n"
         tails: dict[int, str] = {}  # want -> the end of the page read
@@ -144,6 +157,11 @@ class SingleRegistrar:
         level_get = level_of.get
         laned: dict[tuple[str, str, str], int] = {}
         repeats: dict[int, int] = {}  # a lane registration -> the same one earlier in the batch
+        kept: set[str] = set()  # groups whose key TTLs this batch renews
+        keyttl = _bulk(header[2])
+        zadd_live = f"*4\r\n$4\r\nZADD\r\n{_bulk(LIVE_KEY)}"
+        zadd_groups = f"*4\r\n$4\r\nZADD\r\n{_bulk(GROUPS_KEY)}"
+        stamp = ""
         last_seen = -1.0
         score = ""
         for i, reg in enumerate(batch):
@@ -154,12 +172,14 @@ class SingleRegistrar:
             known = memo_get(group)
             entry = known.get(m[1]) if known is not None else None
             level = level_get(group)
-            if entry is not None and entry[1] > fresh_after and entry[0] == rec:
+            # a member this tracker knows live (bookkeeping within the TTL), unchanged
+            if entry is not None and entry[1] > live_after and entry[0] == rec:
                 level = 1 if level is None else level | 1
                 if m[5] != last_seen:
                     last_seen = m[5]
                     text = str(int(last_seen * 1000))
                     score = f"${len(text)}\r\n{text}\r\n"
+                    stamp = f"\x1e{text}"
                 want = (offset if offset > 0 else 0) + (limit if limit > 0 else 0) + 1
                 tail = tails.get(want)
                 if tail is None:
@@ -170,12 +190,36 @@ class SingleRegistrar:
                     repeats[i] = first  # its ZADD will find the same score: CH says 0
                 else:
                     laned[key] = i
-                zadd, zread, zcount = heads_get(group) or self._heads(group)
+                zadd, zread, zcount, hset, gbulk = heads_get(group) or self._heads(group)
+                zadd = f"{zadd}{score}${len(rec)}\r\n{rec}\r\n"
+                extra = 0
+                if entry[1] <= fresh_after:
+                    # bookkeeping due, the member unchanged: its record's stamp, the
+                    # counting and source sets, key TTLs, as plain commands too
+                    ident = m[1]
+                    live = f"{group}\x1f{ident}"
+                    src = f"nt:src:{{{m[4]}}}"
+                    value = rec + stamp
+                    zadd += (
+                        f"{hset}${len(ident)}\r\n{ident}\r\n${len(value)}\r\n{value}\r\n"
+                        f"{zadd_live}{score}${len(live)}\r\n{live}\r\n"
+                        f"*4\r\n$4\r\nZADD\r\n${len(src)}\r\n{src}\r\n{score}{gbulk}"
+                        f"*3\r\n$7\r\nPEXPIRE\r\n${len(src)}\r\n{src}\r\n{keyttl}"
+                    )
+                    extra = 4
+                    if group not in kept:
+                        kept.add(group)
+                        zadd += (
+                            f"*3\r\n$7\r\nPEXPIRE\r\n{zkey_of(group)}{keyttl}"
+                            f"*3\r\n$7\r\nPEXPIRE\r\n{hkey_of(group)}{keyttl}"
+                            f"{zadd_groups}{score}{gbulk}"
+                        )
+                        extra = 7
                 if want <= SMALL_PAGE or group in big:
                     # the page will likely be full: its total in the same trip
-                    item: Any = ((i,), f"{zadd}{score}${len(rec)}\r\n{rec}\r\n{zread}{tail}{zcount}{horizon_count}")
+                    item: Any = ((i, extra, True), f"{zadd}{zread}{tail}{zcount}{horizon_count}")
                 else:
-                    item = (i, f"{zadd}{score}${len(rec)}\r\n{rec}\r\n{zread}{tail}")
+                    item = ((i, extra, False), f"{zadd}{zread}{tail}")
             else:
                 if entry is not None:
                     # changed or due: its later registrations in this batch follow it
@@ -198,7 +242,7 @@ class SingleRegistrar:
                 for step, command in items:
                     out.append(command)
                     plan.append(step)
-                    count += 2 if step.__class__ is int else 3
+                    count += 2 + step[1] + step[2]
                 continue
             for k in range(0, len(items), CHUNK):
                 run = items[k : k + CHUNK]
@@ -219,7 +263,7 @@ class SingleRegistrar:
         again: list[int] = []
         totals: list[int] = []  # lane registrations whose page came back full
         k = 0
-        lane = 0
+        lane = booked = 0
         for step in plan:
             kind = step.__class__
             if kind is list:
@@ -230,20 +274,25 @@ class SingleRegistrar:
                     continue
                 self._script_results(batch, step, reply, results)
                 continue
-            changed, page = replies[k], replies[k + 1]
-            if kind is tuple:
-                step = step[0]
-                total = replies[k + 2]
-                k += 3
+            step, extra, counted = step
+            changed = replies[k]
+            k += 1 + extra
+            page = replies[k]
+            k += 1
+            if counted:
+                total = replies[k]
+                k += 1
             else:
                 total = None
-                k += 2
             # 0: not there (or there with that score already: a repeat in the batch)
             if page.__class__ is not list or (changed != 1 and (step not in repeats or repeats[step] in again)):
                 again.append(step)
                 continue
             lane += 1
             reg = batch[step]
+            if extra:  # in plan order: a later script call may change the record
+                self._remember(batch, [(step, int(reg[0][5] * 1000))])
+                booked += 1
             if len(page) > reg[1] + reg[2]:
                 if total.__class__ is not int:
                     big.add(reg[0][0])
@@ -254,10 +303,26 @@ class SingleRegistrar:
                 total = len(page)
             results[step] = page_view(reg, records[step], page, 0, total - 1, cache)
         self.counters["lane"] += lane
+        self.counters["lane_bookkeeping"] += booked
         if again or totals:
             self.counters["lane_missed"] += len(again)
             await self._second_trip(batch, sorted(again), totals, records, results, now)
         return results
+
+    def _remember(self, batch: Sequence[Registration], done: list[tuple[int, int]]) -> None:
+        """Note the records of these registrations and when their bookkeeping was
+        done (ms)."""
+        memo = self.memo
+        for i, stamp in done:
+            member = batch[i].member
+            if self.memo_size >= MEMO_MAX:
+                memo.clear()
+                self.memo_size = 0
+            known = memo.get(member[0])
+            if known is None:
+                known = memo[member[0]] = {}
+            known[member[1]] = (record_of(member), stamp)
+            self.memo_size += 1
 
     def _script_results(self, batch: Sequence[Registration], step: list[int], reply: Any, results: list[Any]) -> None:
         if isinstance(reply, Exception) or not isinstance(reply, list):
@@ -265,19 +330,12 @@ class SingleRegistrar:
             for i in step:
                 results[i] = error
             return
-        memo = self.memo
+        done = []
         for i, text in zip(step, reply):
             flag, results[i] = view_of(batch[i], text, self.store.records)
             if flag[:1] in ("f", "n", "r"):
-                member = batch[i].member
-                if self.memo_size >= MEMO_MAX:
-                    memo.clear()
-                    self.memo_size = 0
-                known = memo.get(member[0])
-                if known is None:
-                    known = memo[member[0]] = {}
-                known[member[1]] = (record_of(member), int(flag[1:]))
-                self.memo_size += 1
+                done.append((i, int(flag[1:])))
+        self._remember(batch, done)
         live = reply[-1]
         if isinstance(live, str) and live.isdigit():
             self.store._live_count = int(live)
