@@ -217,9 +217,11 @@ class SingleRegistrar:
                         extra = 7
                 if want <= SMALL_PAGE or group in big:
                     # the page will likely be full: its total in the same trip
-                    item: Any = ((i, extra, True), f"{zadd}{zread}{tail}{zcount}{horizon_count}")
+                    item: Any = ((i, extra, 1), f"{zadd}{zread}{tail}{zcount}{horizon_count}")
+                elif extra:
+                    item = ((i, extra, 0), f"{zadd}{zread}{tail}")
                 else:
-                    item = ((i, extra, False), f"{zadd}{zread}{tail}")
+                    item = (i, f"{zadd}{zread}{tail}")  # the common case: two replies
             else:
                 if entry is not None:
                     # changed or due: its later registrations in this batch follow it
@@ -242,7 +244,7 @@ class SingleRegistrar:
                 for step, command in items:
                     out.append(command)
                     plan.append(step)
-                    count += 2 + step[1] + step[2]
+                    count += 2 if step.__class__ is int else 2 + step[1] + step[2]
                 continue
             for k in range(0, len(items), CHUNK):
                 run = items[k : k + CHUNK]
@@ -274,16 +276,22 @@ class SingleRegistrar:
                     continue
                 self._script_results(batch, step, reply, results)
                 continue
-            step, extra, counted = step
-            changed = replies[k]
-            k += 1 + extra
-            page = replies[k]
-            k += 1
-            if counted:
-                total = replies[k]
-                k += 1
-            else:
+            if kind is int:
+                changed, page = replies[k], replies[k + 1]
+                k += 2
+                extra = 0
                 total = None
+            else:
+                step, extra, counted = step
+                changed = replies[k]
+                k += 1 + extra
+                page = replies[k]
+                k += 1
+                if counted:
+                    total = replies[k]
+                    k += 1
+                else:
+                    total = None
             # 0: not there (or there with that score already: a repeat in the batch)
             if page.__class__ is not list or (changed != 1 and (step not in repeats or repeats[step] in again)):
                 again.append(step)
