@@ -155,7 +155,9 @@ def test_valkey_scheme_serves_as_redis(tracker: TrackerFactory, redisd: RedisSer
         assert lines(ask_on(bob, f"{REG}valkey-1/0/0/cc:00:00:00:00:02".encode(), b)) == [me_b, me_a]
 
 
-def test_a_full_queue_is_answered_at_once_and_counted_apart(redisd: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_queue_is_answered_at_once_and_counted_apart(
+    redisd: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Backpressure: while Redis is stalled, registrations queue (the replies come
     later); past the queue's bound they are answered ERR at once, counted as
     drop_overload, not as store errors. (The bound is lowered to 5 here.)"""

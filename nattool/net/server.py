@@ -708,7 +708,9 @@ class TrackerServer:
     # -- registrations, batched per loop turn -----------------------------------------
     def _start_flush(self) -> None:
         self._flush_scheduled = False
-        if not self._batch or (self._flushing and (self._flushing >= FLUSHES_IN_FLIGHT or len(self._batch) < SECOND_FLUSH_AT)):
+        if not self._batch:
+            return
+        if self._flushing and (self._flushing >= FLUSHES_IN_FLIGHT or len(self._batch) < SECOND_FLUSH_AT):
             return
         batch, self._batch = self._batch, []
         self._flushing += 1

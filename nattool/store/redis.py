@@ -1,7 +1,7 @@
 """Redis / Valkey store: several trackers on one Redis, or one Redis Cluster, form
 one logical tracker.
 
-Data model (all times are wall-clock seconds):
+Data model (times are integer wall-clock milliseconds; nt:trackers has seconds):
 
 - ``nt:{G}:z``  sorted set, one per group ``G``: record -> seen, where the record is
   "identity US endpoint US lan US source" (US = \\x1f). A page of a group is ONE
@@ -20,14 +20,16 @@ Data model (all times are wall-clock seconds):
 
 The bookkeeping (caps, stale trimming, key TTLs, the source and counting sets) is
 done when a member is new, changed (endpoint, LAN list, source), or its stamp is
-older than ``refresh`` (a quarter of the TTL). A keepalive in between costs Redis an
-HGET, a ZADD and the read of its page. So the counting sets hold a member's
-bookkeeping time, not its latest registration: a member that stopped registering
-leaves the counts up to ``refresh`` seconds before its TTL ends.
+older than ``refresh`` (a quarter of the TTL). A keepalive in between costs Redis a
+ZADD and the read of its page. So the counting sets hold a member's bookkeeping
+time, not its latest registration: a member that stopped registering leaves the
+counts up to ``refresh`` seconds before its TTL ends, and the total-members cap is
+approximate.
 
-Single Redis: a batch goes in ONE round trip, as one script call per CHUNK
-registrations (nattool/store/redis_lua.py). Redis Cluster: see redis_cluster.py.
-No KEYS or SCAN anywhere.
+Single Redis (redis_single.py): a batch goes in one round trip; keepalives of
+members this tracker knows as plain pipelined commands, the rest as one Lua call
+(redis_lua.py) per level of the batch. Redis Cluster (redis_cluster.py): one Lua
+call per slot, then the source and counting sets. No KEYS or SCAN anywhere.
 
 Failures: when Redis is down or stalled, ``register()`` answers every entry of the
 batch with a StoreError within ``timeout`` seconds, then fails fast (no network)

@@ -1,18 +1,20 @@
 """A batch of registrations on a single Redis, in one round trip (rarely two).
 
 Most registrations are keepalives: a known member, same endpoint, LAN list and
-source, whose bookkeeping (caps, key TTLs, counting sets: see redis.py) this tracker
-did less than ``refresh`` ago. Those take the *lane*: two plain commands pipelined,
-``ZADD z XX CH ms record`` (1: the record is there and now has the new time) and
-``ZREVRANGEBYSCORE`` for its page. Plain commands cost Redis less than the same
-commands called from Lua, and the commands are written as RESP here, not through
-the client's per-command machinery. The others go, in batch order, as runs in one
-batch-script call each (redis_lua.BATCH_SCRIPT), in the same pipeline.
+source. When this tracker did the member's bookkeeping (caps, key TTLs, counting
+and source sets: see redis.py) within the TTL, it takes the *lane*: plain commands
+pipelined, ``ZADD z XX CH ms record`` (1: the record is there and now has the new
+time) and ``ZREVRANGEBYSCORE`` for its page; when the bookkeeping is due, its plain
+commands too (HSET, the counting and source sets, PEXPIRE). Plain commands cost
+Redis less than the same commands called from Lua, and they are written as RESP
+here, not through the client's per-command machinery. The other registrations
+(new or changed members) go to the batch script (redis_lua.BATCH_SCRIPT).
 
 A lane registration whose record was not there (evicted, or changed by another
 tracker) is done again by the script in a second round trip: its page may then show
 registrations that came after it in the same batch. One whose page came back full
-needs a ZCOUNT for its total, in that second round trip too.
+needs a ZCOUNT for its total, in that second round trip too (or in the first, for
+small pages and groups known to be big).
 """
 
 from __future__ import annotations
