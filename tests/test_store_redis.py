@@ -164,8 +164,9 @@ def test_slow_redis_is_a_timeout_not_a_hang(redisd: RedisServer) -> None:
 def test_keepalive_lane_answers_as_the_script_does(redisd: RedisServer) -> None:
     """The lane (plain ZADD XX + ZREVRANGEBYSCORE for known, unchanged members, with
     their bookkeeping as plain commands when it is due) against the batch script
-    alone: the same registrations, in the same batches, give the same views. Replaced endpoints, LAN lists, paging, groups
-    over a page and members that expire are in the mix."""
+    alone: the same registrations, in the same batches, give the same views.
+    Replaced endpoints, LAN lists, paging, groups over a page and members that
+    expire are in the mix."""
     import random
 
     from nattool.store.redis import RedisStore
