@@ -310,6 +310,11 @@ class TrackerServer:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # A cancellation that lands in a client library's own timeout handling
+            # (redis-py's, around a store call) can be swallowed: ask until it ends.
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.2)
+                task.cancel()
             try:
                 await task
             except asyncio.CancelledError:

@@ -31,11 +31,13 @@ members this tracker knows as plain pipelined commands, the rest as one Lua call
 (redis_lua.py) per level of the batch. Redis Cluster (redis_cluster.py): one Lua
 call per slot, then the source and counting sets. No KEYS or SCAN anywhere.
 
-Failures: when Redis is down or stalled, ``register()`` answers every entry of the
-batch with a StoreError within ``timeout`` seconds, then fails fast (no network)
-until a backoff delay has passed, doubling up to ``max_backoff``. A slow but
-answering Redis only makes replies later: the server queues registrations while a
-batch is in flight (bounded: nattool/net/server.py MAX_QUEUED_REGISTRATIONS).
+Failures: when Redis is down or stalled (nothing from it for ``timeout`` seconds),
+``register()`` answers every entry of the batch with a StoreError, then fails fast
+(no network) until a backoff delay has passed, doubling up to ``max_backoff``. A
+slow but answering Redis only makes replies later: on a single Redis the deadline
+moves on whenever reply bytes come, and the server queues registrations while a
+batch is in flight (bounded: nattool/net/server.py MAX_QUEUED_REGISTRATIONS; past
+it, ERR store unavailable at once, counted as drop_overload).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from nattool.store.base import (
 )
 from nattool.store.redis_lua import SCRIPTS
 
-#: a stalled Redis is declared unavailable after this long (one round trip)
+#: a Redis that sends nothing for this long is unavailable
 DEFAULT_TIMEOUT = 1.0
 FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 2.0

@@ -68,10 +68,13 @@ def pack(*args: Any) -> str:
     return f"*{len(args)}\r\n" + "".join(map(_bulk, args))
 
 
-async def read_replies(conn: Any, count: int) -> list[Any]:
-    """``count`` replies from ``conn``, error replies as values. With hiredis, read
+async def read_replies(conn: Any, count: int, deadline: asyncio.Timeout, patience: float) -> list[Any]:
+    """``count`` replies from ``conn``, error replies as values. The deadline moves
+    ``patience`` seconds on whenever bytes come: a Redis that answers slowly makes
+    the replies late; only one that stops answering fails. With hiredis, read
     straight from its reader: redis-py's read_response() arms a timer per reply,
     which would cost more than the parsing."""
+    loop = asyncio.get_running_loop()
     parser = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
     replies: list[Any] = []
@@ -81,6 +84,7 @@ async def read_replies(conn: Any, count: int) -> list[Any]:
                 replies.append(await conn.read_response())
             except ResponseError as exc:
                 replies.append(exc)
+            deadline.reschedule(loop.time() + patience)
         return replies
     gets = reader.gets
     fill = parser.read_from_socket
@@ -89,6 +93,7 @@ async def read_replies(conn: Any, count: int) -> list[Any]:
         reply = gets()
         while reply is NOT_ENOUGH_DATA:
             await fill()
+            deadline.reschedule(loop.time() + patience)
             reply = gets()
         if isinstance(reply, ConnectionError):
             raise reply
@@ -394,10 +399,10 @@ class SingleRegistrar:
         started = time.perf_counter()
         conn = None
         try:
-            async with asyncio.timeout(store.timeout):
+            async with asyncio.timeout(store.timeout) as deadline:
                 conn = await pool.get_connection()
                 await conn.send_packed_command(data, check_health=False)
-                replies = await read_replies(conn, count)
+                replies = await read_replies(conn, count, deadline, store.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             if conn is not None:
                 await conn.disconnect()
