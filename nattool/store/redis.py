@@ -20,7 +20,7 @@ Data model (times are integer wall-clock milliseconds; nt:trackers has seconds):
 
 The bookkeeping (caps, stale trimming, key TTLs, the source and counting sets) is
 done when a member is new, changed (endpoint, LAN list, source), or its stamp is
-older than ``refresh`` (a quarter of the TTL). A keepalive in between costs Redis a
+older than ``refresh`` (half the TTL). A keepalive in between costs Redis a
 ZADD and the read of its page. So the counting sets hold a member's bookkeeping
 time, not its latest registration: a member that stopped registering leaves the
 counts up to ``refresh`` seconds before its TTL ends, and the total-members cap is
@@ -77,7 +77,7 @@ CHUNK = 256
 #: registrations per round trip; a larger batch takes several
 ROUND_TRIP = 4096
 #: the bookkeeping of a member is redone after this share of the TTL
-REFRESH_SHARE = 0.25
+REFRESH_SHARE = 0.5
 RECORD_SEP = "\x1f"
 _REPLY_SEP = "\x1d"
 LIVE_KEY = "nt:live"

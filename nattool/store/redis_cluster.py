@@ -6,7 +6,7 @@ sets and the counting sets live in slots of their own. A batch is split by slot:
 1. one batch-script call per slot (mode 'c': no source cap, no counting sets)
    carries the registrations of that slot's groups; the cluster pipeline sends each
    node its calls at once;
-2. for the members that were new or due for bookkeeping (a quarter TTL at most
+2. for the members that were new or due for bookkeeping (half a TTL at most
    once per member): the source cap (one script call per member, in the source's
    slot) and the counting sets, in one more pipeline;
 3. rarely: a new member that the source cap refuses is removed again.
@@ -125,7 +125,7 @@ async def _bookkeeping(
         replies = await store._run(second)
     except StoreError:
         # The registrations stand; the member joins the counts and its source's
-        # set at its next bookkeeping (a quarter TTL on).
+        # set at its next bookkeeping (half a TTL on).
         return
     count = replies[-1]
     if isinstance(count, int):

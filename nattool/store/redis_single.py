@@ -164,7 +164,8 @@ class SingleRegistrar:
         level_get = level_of.get
         laned: dict[tuple[str, str, str], int] = {}
         repeats: dict[int, int] = {}  # a lane registration -> the same one earlier in the batch
-        kept: set[str] = set()  # groups whose key TTLs this batch renews
+        kept_groups: set[str] = set()  # groups whose key TTLs this batch renews
+        kept: set[Any] = set()  # sources and (source, group) pairs this batch renews
         keyttl = _bulk(header[2])
         zadd_live = f"*4\r\n$4\r\nZADD\r\n{_bulk(LIVE_KEY)}"
         zadd_groups = f"*4\r\n$4\r\nZADD\r\n{_bulk(GROUPS_KEY)}"
@@ -205,23 +206,31 @@ class SingleRegistrar:
                     # counting and source sets, key TTLs, as plain commands too
                     ident = m[1]
                     live = f"{group}\x1f{ident}"
-                    src = f"nt:src:{{{m[4]}}}"
                     value = rec + stamp
                     zadd += (
                         f"{hset}${len(ident)}\r\n{ident}\r\n${len(value)}\r\n{value}\r\n"
                         f"{zadd_live}{score}${len(live)}\r\n{live}\r\n"
-                        f"*4\r\n$4\r\nZADD\r\n${len(src)}\r\n{src}\r\n{score}{gbulk}"
-                        f"*3\r\n$7\r\nPEXPIRE\r\n${len(src)}\r\n{src}\r\n{keyttl}"
                     )
-                    extra = 4
-                    if group not in kept:
-                        kept.add(group)
+                    extra = 2
+                    # once per batch: a source's set, its pairs with groups, a group's keys
+                    pair = (m[4], group)
+                    if pair not in kept:
+                        kept.add(pair)
+                        src = f"nt:src:{{{m[4]}}}"
+                        zadd += f"*4\r\n$4\r\nZADD\r\n${len(src)}\r\n{src}\r\n{score}{gbulk}"
+                        extra += 1
+                        if m[4] not in kept:
+                            kept.add(m[4])
+                            zadd += f"*3\r\n$7\r\nPEXPIRE\r\n${len(src)}\r\n{src}\r\n{keyttl}"
+                            extra += 1
+                    if group not in kept_groups:
+                        kept_groups.add(group)
                         zadd += (
                             f"*3\r\n$7\r\nPEXPIRE\r\n{zkey_of(group)}{keyttl}"
                             f"*3\r\n$7\r\nPEXPIRE\r\n{hkey_of(group)}{keyttl}"
                             f"{zadd_groups}{score}{gbulk}"
                         )
-                        extra = 7
+                        extra += 3
                 if want <= SMALL_PAGE or group in big:
                     # the page will likely be full: its total in the same trip
                     item: Any = ((i, extra, 1), f"{zadd}{zread}{tail}{zcount}{horizon_count}")
