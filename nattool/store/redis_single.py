@@ -14,7 +14,7 @@ A lane registration whose record was not there (evicted, or changed by another
 tracker) is done again by the script in a second round trip: its page may then show
 registrations that came after it in the same batch. One whose page came back full
 needs a ZCOUNT for its total, in that second round trip too (or in the first, for
-small pages and groups known to be big).
+groups whose last known size would fill the page).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 
 from nattool.errors import StoreError
-from nattool.store.base import Registration, RegisterResult
+from nattool.store.base import GroupView, Registration, RegisterResult
 from nattool.store.redis_lua import HEADER_FIELDS
 from nattool.store.redis import (
     CHUNK,
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
 #: entries of the registrar's memo tables; each is emptied when full
 MEMO_MAX = 200_000
-#: a lane registration asking for at most this many members counts its group too
-SMALL_PAGE = 16
 
 
 def zkey_of(group: str) -> str:
@@ -113,8 +111,9 @@ class SingleRegistrar:
         # page read up to the horizon, ZCOUNT up to the horizon, HSET up to the
         # identity; the group as a bulk string)
         self.heads: dict[str, tuple[str, str, str, str, str]] = {}
-        # groups whose lane page came back full: their lane counts them too
-        self.big: set[str] = set()
+        # group -> its members when this tracker last read it: a lane registration
+        # whose page that many would fill counts the group in the same trip
+        self.sizes: dict[str, int] = {}
         self.counters = store.counters
         self.counters.setdefault("lane", 0.0)
         self.counters.setdefault("lane_missed", 0.0)
@@ -132,7 +131,7 @@ class SingleRegistrar:
         )
         if len(self.heads) >= MEMO_MAX:
             self.heads.clear()
-            self.big.clear()
+            self.sizes.clear()
         self.heads[group] = heads
         return heads
 
@@ -147,7 +146,8 @@ class SingleRegistrar:
         horizon_bulk = f"${len(horizon)}\r\n{horizon}\r\n$5\r\nLIMIT\r\n$1\r\n0\r\n"
         horizon_count = f"${len(horizon)}\r\n{horizon}\r\n$4\r\n+inf\r\n"
         tails: dict[int, str] = {}  # want -> the end of the page read
-        big = self.big
+        sizes = self.sizes
+        size_of = sizes.get
         memo_get = self.memo.get
         heads_get = self.heads.get
         header = store.script_header("s", now, -1)
@@ -231,7 +231,7 @@ class SingleRegistrar:
                             f"{zadd_groups}{score}{gbulk}"
                         )
                         extra += 3
-                if want <= SMALL_PAGE or group in big:
+                if size_of(group, want) + 2 >= want:
                     # the page will likely be full: its total in the same trip
                     item: Any = ((i, extra, 1), f"{zadd}{zread}{tail}{zcount}{horizon_count}")
                 elif extra:
@@ -319,12 +319,13 @@ class SingleRegistrar:
                 booked += 1
             if len(page) > reg[1] + reg[2]:
                 if total.__class__ is not int:
-                    big.add(reg[0][0])
+                    sizes[reg[0][0]] = len(page)  # at least: its next lane counts
                     totals.append(step)
                     results[step] = page
                     continue
             else:
                 total = len(page)
+            sizes[reg[0][0]] = total
             results[step] = page_view(reg, records[step], page, 0, total - 1, cache)
         self.counters["lane"] += lane
         self.counters["lane_bookkeeping"] += booked
@@ -355,10 +356,13 @@ class SingleRegistrar:
                 results[i] = error
             return
         done = []
+        sizes = self.sizes
         for i, text in zip(step, reply):
-            flag, results[i] = view_of(batch[i], text, self.store.records)
-            if flag[:1] in ("f", "n", "r"):
+            flag, result = view_of(batch[i], text, self.store.records)
+            results[i] = result
+            if flag[:1] in ("f", "n", "r") and isinstance(result, GroupView):
                 done.append((i, int(flag[1:])))
+                sizes[batch[i].member[0]] = result.total_others + 1
         self._remember(batch, done)
         live = reply[-1]
         if isinstance(live, str) and live.isdigit():
@@ -390,6 +394,7 @@ class SingleRegistrar:
             self._script_results(batch, chunk, reply, results)
         for i, total in zip(totals, replies[len(chunks) :]):
             if isinstance(total, int):
+                self.sizes[batch[i].member[0]] = total
                 results[i] = page_view(batch[i], records[i], results[i], 0, total - 1, self.store.records)
             else:
                 results[i] = StoreError(f"redis refused to count a group: {total}")
