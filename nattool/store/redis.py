@@ -155,15 +155,22 @@ def page_view(
 ) -> RegisterResult:
     """The registration's view from a page of its group: records, newest first,
     from ``page[start]``."""
-    me = reg.member
+    me, offset, limit = reg
     group = me[0]
-    table = cache.table(group)
+    table = cache.groups.get(group) or cache.table(group)
     get = table.get
+    if start == 0 and offset <= 0 and len(page) <= limit + 1 and page.__class__ is list:
+        # The usual keepalive: the whole page, every record decoded before; C loops.
+        if own in page:
+            page.remove(own)  # type: ignore[attr-defined]  # the caller's list, read once
+        known = tuple(map(get, page))
+        if all(known):
+            return tuple.__new__(GroupView, (me, known[:limit], total))
     try:
-        if reg.offset <= 0 and len(page) - start <= reg.limit + 1:
+        if offset <= 0 and len(page) - start <= limit + 1:
             others = [get(rec) or cache.learn(table, group, rec, me[5]) for rec in page[start:] if rec != own]
-            return tuple.__new__(GroupView, (me, tuple(others[: reg.limit]), total))
-        skip, room = reg.offset, reg.limit
+            return tuple.__new__(GroupView, (me, tuple(others[:limit]), total))
+        skip, room = offset, limit
         picked: list[Member] = []
         for j in range(start, len(page)):
             rec = page[j]
