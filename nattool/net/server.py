@@ -57,12 +57,12 @@ DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the 
 # Registrations answered after one commit. A wake-up that reads a burst commits and
 # answers every so many, so the first of the burst does not wait for the last.
 ANSWER_EVERY = 16
-# An asynchronous store (redis) may have this many batches in flight: the next one
+# An asynchronous store (redis) may have this many batches in flight: another one
 # goes while the store works on the first (once SECOND_FLUSH_AT registrations
-# wait), so a store that is slow to be scheduled delays replies rather than halving
-# the rate.
-FLUSHES_IN_FLIGHT = 2
-SECOND_FLUSH_AT = 64
+# wait), so the tracker is not idle while the store, another process, waits for a
+# core.
+FLUSHES_IN_FLIGHT = 3
+SECOND_FLUSH_AT = 32
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
 # The most often a repeated log line goes out (with a count of those held back):
