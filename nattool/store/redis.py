@@ -65,7 +65,7 @@ from nattool.store.base import (
     StoreStats,
     TrackerRecord,
 )
-from nattool.store.redis_lua import SCRIPTS
+from nattool.store.redis_lua import CLUSTER_SCRIPTS, SCRIPTS
 
 #: a Redis that sends nothing for this long is unavailable
 DEFAULT_TIMEOUT = 1.0
@@ -306,7 +306,7 @@ class RedisStore(Store):
 
     async def _load_scripts(self) -> None:
         client = self._require()
-        for name, body in SCRIPTS.items():
+        for name, body in (CLUSTER_SCRIPTS if self.cluster else SCRIPTS).items():
             self._sha[name] = await client.script_load(body)
 
     def _require(self) -> Any:

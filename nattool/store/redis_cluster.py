@@ -1,11 +1,12 @@
 """A batch of registrations on a Redis Cluster.
 
 The keys of a group share its hash tag, so a group lives in one slot; the source
-sets and the counting sets live in slots of their own. A batch is split by slot:
+sets and the counting sets live in slots of their own. A batch is split by node:
 
-1. one batch-script call per slot (mode 'c': no source cap, no counting sets)
-   carries the registrations of that slot's groups; the cluster pipeline sends each
-   node its calls at once;
+1. one batch-script call per node (mode 'c': no source cap, no counting sets)
+   carries the registrations of the groups that node serves (the script may touch
+   keys of several of its slots: redis_lua.CLUSTER_BATCH_SCRIPT); the cluster
+   pipeline sends each node its call at once;
 2. for the members that were new or due for bookkeeping (half a TTL at most
    once per member): the source cap (one script call per member, in the source's
    slot) and the counting sets, in one more pipeline;
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
+from redis.exceptions import RedisError
 
 from nattool.errors import StoreError
 from nattool.store.base import Registration, RegisterResult
@@ -57,27 +58,30 @@ async def cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
     return client
 
 
-def slot_of(group: str) -> int:
-    return key_slot(f"nt:{{{group}}}:z".encode())
-
-
 async def register_on_cluster(store: "RedisStore", batch: Sequence[Registration], now: float) -> list[RegisterResult]:
-    by_slot: dict[int, list[int]] = {}
-    slots: dict[str, int] = {}
-    for i, reg in enumerate(batch):
-        group = reg.member[0]
-        slot = slots.get(group)
-        if slot is None:
-            slot = slots[group] = slot_of(group)
-        by_slot.setdefault(slot, []).append(i)
-    calls = [part[k : k + CHUNK] for part in by_slot.values() for k in range(0, len(part), CHUNK)]
+    client = store._require()
+    by_node: dict[str, list[int]] = {}
+    nodes: dict[str, str] = {}  # group -> the name of the node serving it
+    try:
+        for i, reg in enumerate(batch):
+            group = reg.member[0]
+            node = nodes.get(group)
+            if node is None:
+                node = nodes[group] = client.get_node_from_key(group_keys(group)[0]).name
+            by_node.setdefault(node, []).append(i)
+    except RedisError as exc:  # a slot no node serves (the cluster is failing over)
+        error = store._failed(exc)
+        return [error] * len(batch)
+    calls = [part[k : k + CHUNK] for part in by_node.values() for k in range(0, len(part), CHUNK)]
     header = store.script_header("c", now, store._live_count)
     sha = store._sha
 
     def first(pipe: Any) -> None:
         for call in calls:
-            keys = sorted({key for i in call for key in group_keys(batch[i].member[0])})
-            pipe.evalsha(sha["batch"], len(keys), *keys, *header, *registration_args([batch[i] for i in call]))
+            # One declared key routes the call to its node; the script reaches the
+            # other groups' keys there, undeclared.
+            pipe.evalsha(sha["batch"], 1, group_keys(batch[call[0]].member[0])[0], *header,
+                         *registration_args([batch[i] for i in call]))  # fmt: skip
 
     try:
         replies = await store._run(first)
@@ -150,4 +154,4 @@ async def _bookkeeping(
         pass  # they expire with their TTL; the refusal was still answered
 
 
-__all__ = ["cluster_client", "register_on_cluster", "slot_of"]
+__all__ = ["cluster_client", "register_on_cluster"]

@@ -127,6 +127,10 @@ out[#out + 1] = tostring(live)
 return out
 """
 
+# In a cluster, one call carries the registrations of every group a node serves:
+# keys of several slots, all local (Redis 7 and Valkey 7.2 know the flag).
+CLUSTER_BATCH_SCRIPT = "#!lua flags=allow-cross-slot-keys\n" + BATCH_SCRIPT
+
 # The groups-per-source cap, in cluster mode (the source set lives in its own slot).
 SOURCE_SCRIPT = """
 local src = KEYS[1]
@@ -162,4 +166,6 @@ SCRIPTS = {
     "tracker": SAVE_TRACKER_SCRIPT,
 }
 
-__all__ = ["BATCH_SCRIPT", "FIELDS_PER_REGISTRATION", "HEADER_FIELDS", "SCRIPTS"]
+CLUSTER_SCRIPTS = {**SCRIPTS, "batch": CLUSTER_BATCH_SCRIPT}
+
+__all__ = ["BATCH_SCRIPT", "CLUSTER_SCRIPTS", "FIELDS_PER_REGISTRATION", "HEADER_FIELDS", "SCRIPTS"]
