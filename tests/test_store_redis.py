@@ -211,3 +211,43 @@ def test_keepalive_lane_answers_as_the_script_does(redisd: RedisServer) -> None:
             await slow.close()
 
     asyncio.run(body())
+
+
+def test_the_lane_reads_replies_without_hiredis_too(redisd: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where hiredis is not installed, redis-py parses in Python and the lane reads
+    reply by reply: the same views."""
+    from redis._parsers import _AsyncRESP2Parser
+
+    from nattool.store.redis import RedisStore
+
+    plain_options = RedisStore._client_options
+
+    def python_parser(self: RedisStore) -> dict[str, object]:
+        return {**plain_options(self), "parser_class": _AsyncRESP2Parser}
+
+    async def views(store: RedisStore) -> list[object]:
+        await store.open()
+        try:
+            parser = store._require().connection_pool.connection_kwargs.get("parser_class")
+            assert (parser is _AsyncRESP2Parser) == (store.url.endswith("/4"))
+            out: list[object] = []
+            now = time.time()
+            for step in range(3):  # created, then twice through the lane
+                batch = [Registration(member(f"m{i}", 1000 + i, now + step, group=f"p{i % 3}")) for i in range(12)]
+                for view in await store.register(batch, now + step):
+                    assert isinstance(view, GroupView)
+                    out.append(([m.endpoint_text for m in view.others], view.total_others))
+            assert store.counters["lane"] == 24
+            return out
+        finally:
+            await store.close()
+
+    async def body() -> None:
+        with_hiredis = await views(RedisStore(StoreLimits(), redisd.url.rsplit("/", 1)[0] + "/3"))
+        monkeypatch.setattr(RedisStore, "_client_options", python_parser)
+        store = RedisStore(StoreLimits(), redisd.url.rsplit("/", 1)[0] + "/4")
+        assert python_parser(store)["parser_class"] is _AsyncRESP2Parser
+        without = await views(store)
+        assert without == with_hiredis
+
+    asyncio.run(body())
