@@ -1,5 +1,7 @@
 """Registration throughput of a real `nattool serve`: --store memory vs the default
-SQLite store, side by side in one run (issue 3: SQLite >= 70% of memory).
+SQLite store, side by side in one run (issue 3: SQLite >= 70% of memory), and with
+--redis a Redis store too (issue 26: Redis >= 70% of SQLite, Redis server CPU per
+registration <= 10 us).
 
     python benchmarks/store_server_bench.py [--rounds 7] [--identities 10000]
         [--groups 1000] [--sockets 200] [--window 4] [--passes 2] [--min-ratio 0.7]
@@ -12,7 +14,11 @@ the median of the rounds is reported. One measurement sends every identity
 ``--passes`` times (the first pass of the warm-up round creates the members, later
 ones are re-registrations, as a busy tracker sees) from many source sockets with a
 window of outstanding requests each, and counts replies per second of wall time.
-Server CPU seconds per 1000 registrations come from /proc/PID/stat.
+Server CPU seconds per 1000 registrations come from /proc/PID/stat. With --redis
+(start a fresh one: ``redis-server --save '' --appendonly no``), the Redis rows also
+give the Redis server's own cost per registration: from INFO commandstats (the sum of
+every command's usec: commands a script calls count twice, once in the script's
+time, so this is an upper bound) and from INFO cpu (user + system).
 
 Identity i is in group i % groups; a group's members share one source IP
 (127.0.20.1 ..) so that no source exceeds the default cap of 64 groups per source.
@@ -187,6 +193,31 @@ class Load:
         return sent, replies, errors, time.perf_counter() - started
 
 
+class RedisCost:
+    """The Redis server's cost over a measurement, from INFO (a sync client of its own)."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+        self.usec = self.cpu = 0.0
+
+    def _read(self) -> tuple[float, float]:
+        stats = self.client.info("commandstats")
+        cpu = self.client.info("cpu")
+        usec = sum(v["usec"] for k, v in stats.items() if k.startswith("cmdstat_") and "info" not in k)
+        return usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+    def start(self) -> None:
+        self.usec, self.cpu = self._read()
+
+    def per_registration(self, registrations: int) -> tuple[float, float]:
+        """(commandstats us, cpu us) per registration since start()."""
+        usec, cpu = self._read()
+        n = max(registrations, 1)
+        return (usec - self.usec) / n, (cpu - self.cpu) * 1e6 / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -195,7 +226,8 @@ def main() -> int:
     ap.add_argument("--sockets", type=int, default=200)
     ap.add_argument("--window", type=int, default=4, help="outstanding requests per socket")
     ap.add_argument("--passes", type=int, default=2, help="times each identity registers per measurement")
-    ap.add_argument("--min-ratio", type=float, default=0.70)
+    ap.add_argument("--min-ratio", type=float, default=0.70, help="least sqlite/memory (and redis/sqlite) ratio")
+    ap.add_argument("--max-redis-us", type=float, default=10.0, help="most Redis server us per registration")
     ap.add_argument("--redis", metavar="URL", help="also measure --store URL (a Redis you started)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()
@@ -206,6 +238,7 @@ def main() -> int:
         if args.redis:
             stores.append(("redis", args.redis))
         servers = [start_server(name, spec, workdir, []) for name, spec in stores]
+        redis_cost = RedisCost(args.redis) if args.redis else None
         load = Load(args.identities, args.groups, args.sockets)
         results: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
         try:
@@ -215,21 +248,28 @@ def main() -> int:
             print(f"{len(load.socks)} source sockets, window {args.window}, {args.identities} identities "
                   f"in {args.groups} groups, {args.passes} passes = "
                   f"{args.identities * args.passes} registrations per measurement\n")  # fmt: skip
-            print(f"{'round':>5} {'store':>7} {'reg/s':>9} {'lost':>6} {'ERR':>5} {'srv cpu s/1k':>12}")
+            print(f"{'round':>5} {'store':>7} {'reg/s':>9} {'lost':>6} {'ERR':>5} {'srv cpu s/1k':>12}"
+                  + (f" {'redis us/reg':>12} {'redis cpu us/reg':>16}" if redis_cost else ""))  # fmt: skip
             for r in range(args.rounds):
                 order = servers if r % 2 == 0 else list(reversed(servers))
                 for server in order:
                     cpu0 = server.cpu_seconds()
+                    if redis_cost and server.name == "redis":
+                        redis_cost.start()
                     sent, got, errs, secs = load.run(server.addr, args.passes, args.window)
                     cpu = server.cpu_seconds() - cpu0
                     row = {
                         "rate": got / secs, "lost": sent - got, "errors": errs,
                         "cpu_per_1k": 1000 * cpu / max(got, 1),
                     }  # fmt: skip
+                    extra = ""
+                    if redis_cost and server.name == "redis":
+                        row["redis_us"], row["redis_cpu_us"] = redis_cost.per_registration(got)
+                        extra = f" {row['redis_us']:>12.2f} {row['redis_cpu_us']:>16.2f}"
                     results[server.name].append(row)
                     print(
                         f"{r + 1:>5} {server.name:>7} {row['rate']:>9,.0f} {row['lost']:>6} {errs:>5} "
-                        f"{row['cpu_per_1k']:>12.3f}"
+                        f"{row['cpu_per_1k']:>12.3f}{extra}"
                     )
         finally:
             load.close()
@@ -255,9 +295,26 @@ def main() -> int:
         print(f"  sqlite/memory = {ratio:.1%}  (target >= {args.min_ratio:.0%}: {verdict})")
         print(f"  median of per-round ratios = {pair:.1%}; server CPU per registration, memory/sqlite = "
               f"{cpu['memory'] / cpu['sqlite']:.1%}")  # fmt: skip
+        ok = ratio >= args.min_ratio
+        out = {"median": med, "cpu_per_1k": cpu, "ratio": ratio, "pair_ratio": pair, "rounds": results}
+        if args.redis:
+            rows = results["redis"]
+            redis_ratio = med["redis"] / med["sqlite"]
+            redis_pair = statistics.median(r["rate"] / s["rate"] for r, s in zip(rows, results["sqlite"]))
+            redis_us = statistics.median(row["redis_us"] for row in rows)
+            redis_cpu = statistics.median(row["redis_cpu_us"] for row in rows)
+            errors = sum(row["errors"] for row in rows)
+            lost = sum(max(0, row["lost"]) for row in rows)
+            redis_ok = redis_ratio >= args.min_ratio and redis_us <= args.max_redis_us and not errors and not lost
+            print(f"  redis/sqlite = {redis_ratio:.1%} (median of per-round ratios {redis_pair:.1%}); Redis server "
+                  f"{redis_us:.2f} us per registration (commandstats), {redis_cpu:.2f} us (cpu); ERR {errors}, "
+                  f"lost {lost}  (target >= {args.min_ratio:.0%}, <= {args.max_redis_us:g} us, 0 ERR, 0 lost: "
+                  f"{'ok' if redis_ok else 'BELOW TARGET'})")  # fmt: skip
+            out.update(redis_ratio=redis_ratio, redis_pair_ratio=redis_pair, redis_us=redis_us, redis_cpu_us=redis_cpu)
+            ok = ok and redis_ok
         if args.json:
-            print(json.dumps({"median": med, "cpu_per_1k": cpu, "ratio": ratio, "pair_ratio": pair, "rounds": results}))
-        return 0 if ratio >= args.min_ratio else 1
+            print(json.dumps(out))
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -142,3 +142,64 @@ def test_store_failures_are_counted_logged_and_not_leaked(tracker: TrackerFactor
     while "event=store_error" not in a.stderr():
         assert time.monotonic() < deadline, "registration failures are not logged:\n" + a.stderr()
         time.sleep(0.05)
+
+
+def test_valkey_scheme_serves_as_redis(tracker: TrackerFactory, redisd: RedisServer) -> None:
+    """``--store valkey://`` speaks the same protocol (here to a redis-server)."""
+    a: TrackerProcess = tracker(store=f"valkey://127.0.0.1:{redisd.port}/0")
+    b: TrackerProcess = tracker(store=redisd.url)
+    with udp_socket("127.0.0.2") as alice, udp_socket("127.0.0.3") as bob:
+        me_a = "127.0.0.2:%d" % alice.getsockname()[1]
+        me_b = "127.0.0.3:%d" % bob.getsockname()[1]
+        assert lines(ask_on(alice, f"{REG}valkey-1/0/0/cc:00:00:00:00:01".encode(), a)) == [me_a]
+        assert lines(ask_on(bob, f"{REG}valkey-1/0/0/cc:00:00:00:00:02".encode(), b)) == [me_b, me_a]
+
+
+def test_a_full_queue_is_answered_at_once_and_counted_apart(
+    redisd: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure: while Redis is stalled, registrations queue (the replies come
+    later); past the queue's bound they are answered ERR at once, counted as
+    drop_overload, not as store errors. (The bound is lowered to 5 here.)"""
+    import asyncio
+    import socket
+
+    from nattool.net import server as server_module
+    from nattool.net.server import ServerConfig, TrackerServer
+    from nattool.store.base import StoreLimits
+    from nattool.store.redis import RedisStore
+
+    monkeypatch.setattr(server_module, "MAX_QUEUED_REGISTRATIONS", 5)
+
+    async def body() -> None:
+        store = RedisStore(StoreLimits(), redisd.url, timeout=1.0)
+        srv = TrackerServer(ServerConfig(hosts=("127.0.0.1",), port=0, rate_limit=0), store, stun=False)
+        [local] = await srv.start()
+        loop = asyncio.get_running_loop()
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.2", 0))
+        client.setblocking(False)
+        assert redisd.proc is not None
+        try:
+            redisd.proc.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            # one in flight (stalled), five queued, the other 14 over the bound
+            for n in range(20):
+                client.sendto(f"{REG}full-{n}/0/0/dd:00:00:00:00:{n:02x}".encode(), (str(local.ip), local.port))
+                await asyncio.sleep(0.002 if n == 0 else 0)
+            fast = []
+            while len(fast) < 14:
+                data = await asyncio.wait_for(loop.sock_recv(client, 2048), 0.8)
+                fast.append(data)
+            took = time.monotonic() - started
+            assert all(d.startswith(b"ERR") for d in fast), fast
+            assert took < 0.8, f"over the bound, the ERR must not wait for the store ({took:.2f}s)"
+            totals = srv.totals()
+            # 15 if the first had not yet gone to the store when the others came
+            assert totals["drop_overload"] in (14, 15) and totals.get("register_store_error", 0) == 0, totals
+        finally:
+            redisd.proc.send_signal(signal.SIGCONT)
+            client.close()
+            await srv.stop()
+
+    asyncio.run(body())

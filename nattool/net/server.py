@@ -49,11 +49,20 @@ from nattool.tracker.ratelimit import SourceRateLimiter
 
 log = logging.getLogger("nattool.serve")
 
-MAX_QUEUED_REGISTRATIONS = 20_000  # beyond this, drop: never an unbounded queue
+# Registrations waiting for the store while it works on a batch (a slow store makes
+# replies later); beyond this, ERR store unavailable at once (counted as
+# drop_overload): never an unbounded queue.
+MAX_QUEUED_REGISTRATIONS = 20_000
 DRAIN_BATCH = 256  # datagrams read per event-loop wake-up (then timers and the store get a turn)
 # Registrations answered after one commit. A wake-up that reads a burst commits and
 # answers every so many, so the first of the burst does not wait for the last.
 ANSWER_EVERY = 16
+# An asynchronous store (redis) may have this many batches in flight: another one
+# goes while the store works on the first (once SECOND_FLUSH_AT registrations
+# wait), so the tracker is not idle while the store, another process, waits for a
+# core.
+FLUSHES_IN_FLIGHT = 3
+SECOND_FLUSH_AT = 32
 MAX_DATAGRAM = 65535  # the largest UDP payload: a padded request is read whole
 HOUSEKEEPING_INTERVAL = 0.5
 # The most often a repeated log line goes out (with a count of those held back):
@@ -187,7 +196,7 @@ class TrackerServer:
         self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
         self._batch: list[tuple[PendingRegistration, _ReplyTo, Any]] = []
         self._flush_scheduled = False
-        self._flushing = False
+        self._flushing = 0  # store writes in flight (an asynchronous store: redis)
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -301,6 +310,11 @@ class TrackerServer:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # A cancellation that lands in a client library's own timeout handling
+            # (redis-py's, around a store call) can be swallowed: ask until it ends.
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.2)
+                task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
@@ -574,9 +588,12 @@ class TrackerServer:
     def _enqueue(self, pending: PendingRegistration, listener: _ReplyTo, addr: Any) -> None:
         if len(self._batch) >= MAX_QUEUED_REGISTRATIONS:
             self.core.counters["drop_overload"] += 1
+            self._send(listener, self.core.finish_registration(pending, _STORE_UNAVAILABLE), addr)
             return
         self._batch.append((pending, listener, addr))
-        if not self._sync_store and not self._flush_scheduled:
+        if not self._sync_store and not self._flush_scheduled and (
+            not self._flushing or len(self._batch) == SECOND_FLUSH_AT
+        ):
             self._flush_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._start_flush)
@@ -696,10 +713,12 @@ class TrackerServer:
     # -- registrations, batched per loop turn -----------------------------------------
     def _start_flush(self) -> None:
         self._flush_scheduled = False
-        if self._flushing or not self._batch:
+        if not self._batch:
+            return
+        if self._flushing and (self._flushing >= FLUSHES_IN_FLIGHT or len(self._batch) < SECOND_FLUSH_AT):
             return
         batch, self._batch = self._batch, []
-        self._flushing = True
+        self._flushing += 1
         assert self._loop is not None
         self._loop.create_task(self._flush(batch))
 
@@ -721,7 +740,7 @@ class TrackerServer:
                 results = [StoreError(str(exc))] * len(batch)
             self._deliver(batch, results, started)
         finally:
-            self._flushing = False
+            self._flushing -= 1
             if self._batch and not self._flush_scheduled:
                 self._flush_scheduled = True
                 assert self._loop is not None

@@ -1,34 +1,43 @@
-"""Redis / Valkey store: several trackers on one Redis form one logical tracker.
+"""Redis / Valkey store: several trackers on one Redis, or one Redis Cluster, form
+one logical tracker.
 
-Data model (all times are wall-clock seconds, scores are ``seen``):
+Data model (times are integer wall-clock milliseconds; nt:trackers has seconds):
 
-- ``nt:{G}:m``  sorted set identity -> seen, one per group ``G``
-- ``nt:{G}:d``  hash identity -> encoded member
-  Both carry the hash tag ``{G}``, so a group lives in one Redis Cluster slot and
-  one Lua script can touch both. Their key TTL (the member TTL plus a second) is
-  refreshed on each write: an abandoned group is deleted by Redis itself. Inside a
-  live group, members older than ``now - ttl`` are removed by the registration
-  script before it answers, so a stale member is never returned.
-- ``nt:src:{S}`` sorted set group -> seen for source ``S``: the groups-per-source
-  cap. A different slot than the group, so it is a separate script sent in the
-  same pipeline; when it refuses a *new* identity, a second round trip removes
-  what the group script wrote (rare: only an over-cap source pays it). If the
-  tracker dies between the two, the member stays until its TTL.
-- ``nt:live`` sorted set "G<US>identity" -> seen and ``nt:groups`` group -> seen:
-  counts for stats() and an *approximate* total-members cap (the count read at
-  the end of one batch decides whether the next batch may add new identities).
-  They cost one ZADD each per registration in the same pipeline and are trimmed
-  by ``expire()`` in bounded steps. Evicted members leave ``nt:live`` at the next
-  batch, so the count may run a little high, never low.
+- ``nt:{G}:z``  sorted set, one per group ``G``: record -> seen, where the record is
+  "identity US endpoint US lan US source" (US = \\x1f). A page of a group is ONE
+  ZREVRANGEBYSCORE: the records carry what a reply needs.
+- ``nt:{G}:h``  hash identity -> record RS stamp (RS = \\x1e): finds a member's record
+  by identity; ``stamp`` is when the slower bookkeeping below was last done.
+  Both keys carry the hash tag ``{G}``, so a group lives in one Redis Cluster slot.
+  Their key TTL (TTL + refresh + 1 s) is renewed with the bookkeeping: an abandoned
+  group is deleted by Redis itself. Members older than ``now - ttl`` are never
+  returned (the read starts at the horizon) and are trimmed at the bookkeeping.
+- ``nt:src:{S}`` sorted set group -> stamp for source ``S``: the groups-per-source cap.
+- ``nt:live`` sorted set "G US identity" -> stamp and ``nt:groups`` group -> stamp:
+  counts for stats() and an *approximate* total-members cap; trimmed by ``expire()``
+  in bounded steps.
 - ``nt:trackers`` sorted set endpoint -> expires.
 
-A batch is ONE pipeline (one round trip): per registration an EVALSHA of the
-source script, an EVALSHA of the group script and two ZADDs, then one ZCOUNT. No
-KEYS or SCAN anywhere.
+The bookkeeping (caps, stale trimming, key TTLs, the source and counting sets) is
+done when a member is new, changed (endpoint, LAN list, source), or its stamp is
+older than ``refresh`` (half the TTL). A keepalive in between costs Redis a
+ZADD and the read of its page. So the counting sets hold a member's bookkeeping
+time, not its latest registration: a member that stopped registering leaves the
+counts up to ``refresh`` seconds before its TTL ends, and the total-members cap is
+approximate.
 
-When Redis is down or slow, ``register()`` answers every entry of the batch with a
-StoreError within ``timeout`` seconds, then fails fast (no network) until a
-backoff delay has passed, doubling up to ``max_backoff``. Nothing is queued.
+Single Redis (redis_single.py): a batch goes in one round trip; keepalives of
+members this tracker knows as plain pipelined commands, the rest as one Lua call
+(redis_lua.py) per level of the batch. Redis Cluster (redis_cluster.py): one Lua
+call per slot, then the source and counting sets. No KEYS or SCAN anywhere.
+
+Failures: when Redis is down or stalled (nothing from it for ``timeout`` seconds),
+``register()`` answers every entry of the batch with a StoreError, then fails fast
+(no network) until a backoff delay has passed, doubling up to ``max_backoff``. A
+slow but answering Redis only makes replies later: on a single Redis the deadline
+moves on whenever reply bytes come, and the server queues registrations while a
+batch is in flight (bounded: nattool/net/server.py MAX_QUEUED_REGISTRATIONS; past
+it, ERR store unavailable at once, counted as drop_overload).
 """
 
 from __future__ import annotations
@@ -56,107 +65,31 @@ from nattool.store.base import (
     StoreStats,
     TrackerRecord,
 )
+from nattool.store.redis_lua import CLUSTER_SCRIPTS, SCRIPTS
 
-DEFAULT_TIMEOUT = 0.5
+#: a Redis that sends nothing for this long is unavailable
+DEFAULT_TIMEOUT = 1.0
 FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
 EXPIRE_BATCH = 2000
-_FIELD_SEP = "\x1f"
-_LAN_SEP = "\x1e"
+#: registrations per script call: Redis runs one call without serving others
+CHUNK = 256
+#: registrations per round trip; a larger batch takes several
+ROUND_TRIP = 4096
+#: the bookkeeping of a member is redone after this share of the TTL
+REFRESH_SHARE = 0.5
+RECORD_SEP = "\x1f"
+_REPLY_SEP = "\x1d"
 LIVE_KEY = "nt:live"
 GROUPS_KEY = "nt:groups"
 TRACKERS_KEY = "nt:trackers"
-
-# Scores and horizons are passed as strings and handed to Redis untouched: Lua
-# would print a number with 14 digits and move the TTL boundary.
-_GROUP_SCRIPT = """
-local m, d = KEYS[1], KEYS[2]
-local id, enc, seen, horizon = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local keyttl, maxm, full = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
-local offset, limit = tonumber(ARGV[8]), tonumber(ARGV[9])
-while true do
-  local stale = redis.call('ZRANGEBYSCORE', m, '-inf', horizon, 'LIMIT', 0, 256)
-  if #stale == 0 then break end
-  redis.call('ZREM', m, unpack(stale))
-  redis.call('HDEL', d, unpack(stale))
-  if #stale < 256 then break end
-end
-local existed = 1
-local evicted = ''
-if not redis.call('ZSCORE', m, id) then
-  existed = 0
-  if full then return {2} end
-  if redis.call('ZCARD', m) >= maxm then
-    local oldest = redis.call('ZPOPMIN', m, 1)
-    if #oldest > 0 then
-      evicted = oldest[1]
-      redis.call('HDEL', d, evicted)
-    end
-  end
-end
-redis.call('ZADD', m, seen, id)
-redis.call('HSET', d, id, enc)
-redis.call('PEXPIRE', m, keyttl)
-redis.call('PEXPIRE', d, keyttl)
-local total = redis.call('ZCARD', m) - 1
-local ids = redis.call('ZREVRANGE', m, 0, offset + limit)
-local page = {}
-local skip = offset
-for _, other in ipairs(ids) do
-  if other ~= id then
-    if skip > 0 then
-      skip = skip - 1
-    elseif #page < limit then
-      page[#page + 1] = other
-    end
-  end
-end
-local out = {existed, evicted, total}
-if #page > 0 then
-  local encs = redis.call('HMGET', d, unpack(page))
-  for i, other in ipairs(page) do
-    out[#out + 1] = other
-    out[#out + 1] = encs[i]
-  end
-end
-return out
-"""
-
-_SOURCE_SCRIPT = """
-local src = KEYS[1]
-redis.call('ZREMRANGEBYSCORE', src, '-inf', ARGV[3])
-if not redis.call('ZSCORE', src, ARGV[1]) and redis.call('ZCARD', src) >= tonumber(ARGV[4]) then
-  return 0
-end
-redis.call('ZADD', src, ARGV[2], ARGV[1])
-redis.call('PEXPIRE', src, tonumber(ARGV[5]))
-return 1
-"""
-
-_TRIM_SCRIPT = """
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
-return #gone
-"""
-
-_SAVE_TRACKER_SCRIPT = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-return 1
-"""
-
-_SCRIPTS = {
-    "group": _GROUP_SCRIPT,
-    "source": _SOURCE_SCRIPT,
-    "trim": _TRIM_SCRIPT,
-    "tracker": _SAVE_TRACKER_SCRIPT,
-}
+TRACKER_FULL = LimitError("tracker full")
+SOURCE_FULL = LimitError("too many groups from this source")
 
 
 def group_keys(group: str) -> tuple[str, str]:
-    return f"nt:{{{group}}}:m", f"nt:{{{group}}}:d"
+    """The group's sorted set of records and its hash identity -> record."""
+    return f"nt:{{{group}}}:z", f"nt:{{{group}}}:h"
 
 
 def source_key_name(source: str) -> str:
@@ -167,29 +100,108 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-def _encode(member: Member) -> str:
-    return _FIELD_SEP.join(
-        (member.endpoint_text, _LAN_SEP.join(member.lan), member.source, _num(member.seen))
-    )
+def ms(seconds: float) -> int:
+    """Wall-clock seconds as the integer milliseconds group scores are kept in
+    (floored: a time and its horizon move alike)."""
+    return int(seconds * 1000)
 
 
-def _decode(group: str, identity: str, text: str) -> Member:
-    parts = text.split(_FIELD_SEP)
-    if len(parts) != 4:
-        raise ProtocolError(f"bad stored member in group {group!r}")
-    endpoint, lan, source, seen = parts
+def record_of(member: Member) -> str:
+    """The member as its group's sorted set holds it."""
+    return f"{member[1]}{RECORD_SEP}{member[2]}{RECORD_SEP}{member[3]}{RECORD_SEP}{member[4]}"
+
+
+def registration_args(batch: Sequence[Registration]) -> list[Any]:
+    """The script's per-registration ARGV fields (redis_lua.FIELDS_PER_REGISTRATION)."""
+    args: list[Any] = []
+    add = args.extend
+    for reg in batch:
+        m = reg.member
+        add((m[0], m[1], record_of(m), int(m[5] * 1000), m[4], max(0, reg.offset), max(0, reg.limit)))
+    return args
+
+
+class RecordCache:
+    """Members decoded from records, per group: a keepalive's page is mostly the
+    records the previous one read. Bounded: emptied when full (nattool.memo's rule).
+    A cached member's ``seen`` is when this tracker first read its record, a time it
+    was live: Redis holds the latest as the score, but printing scores costs it
+    more than the rest of a registration, and no reply shows them."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.groups: dict[str, dict[str, Member]] = {}
+        self.size = 0
+        self.limit = limit
+
+    def table(self, group: str) -> dict[str, Member]:
+        table = self.groups.get(group)
+        if table is None:
+            if self.size >= self.limit:
+                self.groups.clear()
+                self.size = 0
+            table = self.groups[group] = {}
+        return table
+
+    def learn(self, table: dict[str, Member], group: str, rec: str, seen: float) -> Member:
+        """Decode ``rec``; ValueError when nattool did not write it."""
+        identity, endpoint, lan, source = rec.split(RECORD_SEP)
+        member = table[rec] = tuple.__new__(Member, (group, identity, endpoint, lan, source, seen))
+        self.size += 1
+        return member
+
+
+def page_view(
+    reg: Registration, own: str, page: Sequence[str], start: int, total: int, cache: RecordCache
+) -> RegisterResult:
+    """The registration's view from a page of its group: records, newest first,
+    from ``page[start]``."""
+    me, offset, limit = reg
+    group = me[0]
+    table = cache.groups.get(group) or cache.table(group)
+    get = table.get
+    if start == 0 and offset <= 0 and len(page) <= limit + 1 and page.__class__ is list:
+        # The usual keepalive: the whole page, every record decoded before; C loops.
+        if own in page:
+            page.remove(own)  # type: ignore[attr-defined]  # the caller's list, read once
+        known = tuple(map(get, page))
+        if all(known):
+            return tuple.__new__(GroupView, (me, known[:limit], total))
     try:
-        when = float(seen)
+        if offset <= 0 and len(page) - start <= limit + 1:
+            others = [get(rec) or cache.learn(table, group, rec, me[5]) for rec in page[start:] if rec != own]
+            return tuple.__new__(GroupView, (me, tuple(others[:limit]), total))
+        skip, room = offset, limit
+        picked: list[Member] = []
+        for j in range(start, len(page)):
+            rec = page[j]
+            if rec == own:
+                continue
+            if skip > 0:
+                skip -= 1
+                continue
+            if room <= 0:
+                break
+            picked.append(get(rec) or cache.learn(table, group, rec, me[5]))
+            room -= 1
     except ValueError:
-        raise ProtocolError(f"bad stored member in group {group!r}") from None
-    return Member(
-        group=group,
-        identity=identity,
-        endpoint=Endpoint.from_text(endpoint),
-        lan=tuple(lan.split(_LAN_SEP)) if lan else (),
-        source=source,
-        seen=when,
-    )
+        return StoreError(f"redis holds data nattool did not write in group {group!r}")
+    return tuple.__new__(GroupView, (me, tuple(picked), total))
+
+
+def view_of(reg: Registration, reply: Any, cache: RecordCache) -> "tuple[str, RegisterResult]":
+    """A registration's flag field (flag and stamp) and result from its batch-script
+    reply (see redis_lua)."""
+    if not isinstance(reply, str):
+        return "", StoreError(f"redis gave an unexpected reply: {reply!r:.80}")
+    parts = reply.split(_REPLY_SEP)
+    flag = parts[0]
+    if flag == "F":
+        return flag, TRACKER_FULL
+    if flag == "S":
+        return flag, SOURCE_FULL
+    if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
+        return "", StoreError(f"redis gave an unexpected reply: {reply!r:.80}")
+    return flag, page_view(reg, record_of(reg.member), parts, 2, int(parts[1]), cache)
 
 
 def redact(url: str) -> str:
@@ -205,7 +217,8 @@ def redact(url: str) -> str:
 
 
 class RedisStore(Store):
-    """Shared state in Redis or Valkey."""
+    """Shared state in Redis or Valkey: a single server, or any node of a cluster
+    (detected at open(); the other nodes are then discovered)."""
 
     kind = "redis"
     shared = True
@@ -222,16 +235,17 @@ class RedisStore(Store):
         self.url = url
         self.timeout = timeout
         self.max_backoff = max_backoff
-        self._client: aioredis.Redis | None = None
+        self.cluster = False  # set by open()
+        self._single: Any = None  # its SingleRegistrar when not a cluster
+        self._client: Any = None  # aioredis.Redis, or RedisCluster
         self._sha: dict[str, str] = {}
         self._live_count = 0
-        # Entries of nt:live to remove at the next round trip (evicted members).
-        # Bounded: past the cap they are left for expire() to trim by score.
-        self._pending_unlive: list[str] = []
+        self.records = RecordCache()
         self._retry_at = 0.0
         self._backoff = 0.0
         self.counters: dict[str, float] = {
             "batches": 0.0,
+            "round_trips": 0.0,
             "failures": 0.0,
             "timeouts": 0.0,
             "fast_fails": 0.0,
@@ -240,28 +254,46 @@ class RedisStore(Store):
         }
 
     def describe(self) -> str:
-        return redact(self.url)
+        return redact(self.url) + (" (cluster)" if self.cluster else "")
 
     # -- lifecycle ---------------------------------------------------------------
+    def _client_options(self) -> dict[str, Any]:
+        return {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "decode_responses": True,
+            "health_check_interval": 0,
+            # RESP2: the replies the lane parses (flat pairs for WITHSCORES)
+            "protocol": 2,
+        }
+
     async def open(self) -> None:
-        self._client = aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             self.url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
             # Our own backoff decides when to try again; the client must not
             # retry inside one call and stretch it past the timeout.
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
-            decode_responses=True,
-            health_check_interval=0,
+            **self._client_options(),
         )
+        self._client = client
         try:
             async with asyncio.timeout(self.timeout * 4):
-                await self._client.ping()
+                await client.ping()
+                info = await client.info("cluster")
+                if info.get("cluster_enabled"):
+                    from nattool.store.redis_cluster import cluster_client
+
+                    await client.aclose()
+                    self._client = await cluster_client(self.url, self._client_options())
+                    self.cluster = True
+                else:
+                    from nattool.store.redis_single import SingleRegistrar
+
+                    self._single = SingleRegistrar(self)
                 await self._load_scripts()
         except (RedisError, OSError, TimeoutError) as exc:
-            await self._client.aclose()
-            self._client = None
+            await self.close()
             raise StoreError(
                 f"cannot reach {self.describe()}: {exc or type(exc).__name__}; "
                 "start Redis/Valkey there, or use --store sqlite: or --store memory"
@@ -274,10 +306,10 @@ class RedisStore(Store):
 
     async def _load_scripts(self) -> None:
         client = self._require()
-        for name, body in _SCRIPTS.items():
+        for name, body in (CLUSTER_SCRIPTS if self.cluster else SCRIPTS).items():
             self._sha[name] = await client.script_load(body)
 
-    def _require(self) -> aioredis.Redis:
+    def _require(self) -> Any:
         if self._client is None:
             raise StoreError("redis store used before open()")
         return self._client
@@ -307,7 +339,8 @@ class RedisStore(Store):
     async def _run(self, build: Any) -> list[Any]:
         """Build a pipeline with ``build(pipe)``, send it, return per-command
         results (errors as values). Reloads the scripts once if Redis lost them
-        (restart, SCRIPT FLUSH). Raises StoreError on a dead or slow Redis."""
+        (restart, failover, SCRIPT FLUSH). Raises StoreError on a dead or stalled
+        Redis."""
         refused = self._unavailable()
         if refused is not None:
             raise refused
@@ -325,126 +358,47 @@ class RedisStore(Store):
                     break
         except (RedisError, OSError, TimeoutError) as exc:
             raise self._failed(exc) from None
+        self.counters["round_trips"] += 1
         self.counters["round_trip_seconds"] += time.perf_counter() - started
         self._succeeded()
         return results
 
+    def script_header(self, mode: str, now: float, live: int) -> list[Any]:
+        """The batch script's ARGV before the registrations (redis_lua.HEADER_FIELDS)."""
+        limits = self.limits
+        refresh = ms(limits.ttl * REFRESH_SHARE)
+        return [
+            mode, ms(now - limits.ttl), math.ceil(limits.ttl * 1000) + refresh + 1000, refresh,
+            limits.max_members_per_group, limits.max_groups_per_source, limits.max_members, live,
+        ]  # fmt: skip
+
     # -- members -----------------------------------------------------------------
     async def register(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
-        if not batch:
-            return []
-        limits = self.limits
-        horizon = _num(now - limits.ttl)
-        keyttl = str(math.ceil(limits.ttl * 1000) + 1000)
-        full = "1" if self._live_count >= limits.max_members else "0"
-        sha = self._sha
-        unlive, self._pending_unlive = self._pending_unlive, []
-
-        def build(pipe: Any) -> None:
-            if unlive:
-                pipe.zrem(LIVE_KEY, *unlive)
-            for reg in batch:
-                m = reg.member
-                seen = _num(m.seen)
-                pipe.evalsha(
-                    sha["source"], 1, source_key_name(m.source),
-                    m.group, seen, horizon, limits.max_groups_per_source, keyttl,
-                )  # fmt: skip
-                pipe.evalsha(
-                    sha["group"], 2, *group_keys(m.group),
-                    m.identity, _encode(m), seen, horizon, keyttl,
-                    limits.max_members_per_group, full, max(0, reg.offset), max(0, reg.limit),
-                )  # fmt: skip
-                pipe.zadd(LIVE_KEY, {m.group + _FIELD_SEP + m.identity: m.seen})
-                pipe.zadd(GROUPS_KEY, {m.group: m.seen})
-            pipe.zcount(LIVE_KEY, f"({horizon}", "+inf")
-
-        try:
-            replies = await self._run(build)
-        except StoreError as exc:
-            self._pending_unlive = (unlive + self._pending_unlive)[:10_000]
-            return [exc] * len(batch)
-        self.counters["batches"] += 1
-        if unlive:
-            replies = replies[1:]
-        count = replies[-1]
-        if isinstance(count, int):
-            self._live_count = count
-
         results: list[RegisterResult] = []
-        undo: list[Member] = []
-        for i, reg in enumerate(batch):
-            admitted, reply = replies[4 * i], replies[4 * i + 1]
-            m = reg.member
-            if isinstance(admitted, Exception) or isinstance(reply, Exception):
-                err = reply if isinstance(reply, Exception) else admitted
-                results.append(StoreError(f"redis refused the registration: {err}"))
-                continue
-            existed = reply[0]
-            if existed == 2:
-                self._pending_unlive.append(m.group + _FIELD_SEP + m.identity)
-                results.append(LimitError("tracker full"))
-                continue
-            if admitted == 0 and existed == 0:
-                undo.append(m)
-                results.append(LimitError("too many groups from this source"))
-                continue
-            if reply[1]:
-                self._pending_unlive.append(m.group + _FIELD_SEP + reply[1])
-            results.append(self._view(m, reply))
-        if undo:
-            await self._undo(undo)
-        del self._pending_unlive[10_000:]
+        for start in range(0, len(batch), ROUND_TRIP):
+            part = batch[start : start + ROUND_TRIP]
+            if self.cluster:
+                from nattool.store.redis_cluster import register_on_cluster
+
+                results += await register_on_cluster(self, part, now)
+            else:
+                results += await self._single.register(part, now)
+        if batch:
+            self.counters["batches"] += 1
         return results
-
-    def _view(self, me: Member, reply: list[Any]) -> RegisterResult:
-        others: list[Member] = []
-        try:
-            for j in range(3, len(reply) - 1, 2):
-                if reply[j + 1] is None:  # deleted between ZREVRANGE and HMGET: cannot be
-                    continue
-                others.append(_decode(me.group, reply[j], reply[j + 1]))
-        except ProtocolError as exc:
-            return StoreError(f"redis holds data nattool did not write: {exc}")
-        return GroupView(me=me, others=tuple(others), total_others=int(reply[2]))
-
-    async def _undo(self, members: list[Member]) -> None:
-        """Remove what the group script wrote for registrations that the source
-        cap refused (a second round trip, paid only by over-cap sources)."""
-
-        def build(pipe: Any) -> None:
-            for m in members:
-                mkey, dkey = group_keys(m.group)
-                pipe.zrem(mkey, m.identity)
-                pipe.hdel(dkey, m.identity)
-            pipe.zrem(LIVE_KEY, *(m.group + _FIELD_SEP + m.identity for m in members))
-
-        try:
-            await self._run(build)
-        except StoreError:
-            pass  # they expire with their TTL; the refusal was still answered
 
     async def expire(self, now: float) -> int:
         """Redis expires group keys itself and the registration script drops stale
         members; here only the counting sets are trimmed, in bounded steps."""
-        horizon = _num(now - self.limits.ttl)
+        horizon = ms(now - self.limits.ttl)
         sha = self._sha
-        unlive, self._pending_unlive = self._pending_unlive, []
 
         def build(pipe: Any) -> None:
-            if unlive:
-                pipe.zrem(LIVE_KEY, *unlive)
             pipe.evalsha(sha["trim"], 1, LIVE_KEY, horizon, EXPIRE_BATCH)
             pipe.evalsha(sha["trim"], 1, GROUPS_KEY, horizon, EXPIRE_BATCH)
             pipe.zcount(LIVE_KEY, f"({horizon}", "+inf")
 
-        try:
-            replies = await self._run(build)
-        except StoreError:
-            self._pending_unlive = (unlive + self._pending_unlive)[:10_000]
-            raise
-        if unlive:
-            replies = replies[1:]
+        replies = await self._run(build)
         if isinstance(replies[-1], int):
             self._live_count = replies[-1]
         gone = replies[0]
@@ -480,7 +434,7 @@ class RedisStore(Store):
         return records
 
     async def stats(self) -> StoreStats:
-        horizon = _num(time.time() - self.limits.ttl)
+        horizon = ms(time.time() - self.limits.ttl)
 
         def build(pipe: Any) -> None:
             pipe.zcount(GROUPS_KEY, f"({horizon}", "+inf")
@@ -499,4 +453,4 @@ class RedisStore(Store):
         )
 
 
-__all__ = ["RedisStore", "group_keys", "redact", "source_key_name"]
+__all__ = ["RedisStore", "group_keys", "record_of", "redact", "registration_args", "source_key_name", "view_of"]
