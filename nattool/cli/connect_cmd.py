@@ -35,6 +35,7 @@ def connect(
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
     relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 2 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
     tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
+    portmap: Annotated[bool, typer.Option("--portmap/--no-portmap", help="Ask the gateway (PCP, NAT-PMP or UPnP IGD, about 1 s) to map the local port, offer the mapped endpoint to the peers, renew it, and delete it on exit (also on Ctrl-C and SIGTERM).")] = True,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -42,8 +43,9 @@ def connect(
     else through a tracker's TURN relay; then carry lines: stdin goes to the connected
     peers, their lines are printed as '<peer> line'.
 
-    End of input leaves, once the lines read are delivered. Exit status: 0 ok, 1 no path could be opened (with
-    the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker can be sent to.
+    End of input leaves, once the lines read are delivered. Exit status: 0 ok (also after SIGTERM), 1 no path
+    could be opened (with the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker
+    can be sent to.
     """
     from nattool.cli.connect_render import Renderer
     from nattool.cli.node_args import parse_identity, parse_lan
@@ -93,6 +95,7 @@ def connect(
                 once=once,
                 relay=relay,
                 tcp=tcp,
+                portmap=portmap,
             )
             return await connect_session(config, Renderer(json_out), port=port, bind=bind, read_stdin=not once)
 

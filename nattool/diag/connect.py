@@ -15,18 +15,29 @@ on: to the CLI's renderer (:func:`connect_session`) or to a :class:`PeerConnecti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import os
+import signal
 import socket
 import stat
 import sys
 from collections import deque
-from typing import Awaitable, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional, Sequence
 
 from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
-from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
+from nattool.protocol.connect_events import (
+    ConnectEvent,
+    MappingChange,
+    MessageReceived,
+    PathUp,
+    PortMapped,
+    SessionEnded,
+    StreamWanted,
+)
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
@@ -34,6 +45,9 @@ from nattool.protocol.punch import MAX_BODY
 from nattool.protocol.stream_frames import StreamDeframer, TextFrame, text_frame
 from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
 from nattool.protocol.tracker_spec import TrackerLike, as_tracker_specs
+
+if TYPE_CHECKING:
+    from nattool.net.portmap import PortMapping
 
 OnEvent = Callable[[ConnectEvent], None]
 
@@ -50,6 +64,7 @@ class ConnectionClosed(NattoolError):
 
 
 STREAM_CONNECT_TIMEOUT = 5.0  # s for a TCP connection to a tracker to open
+PORTMAP_DISCOVERY = 1.0  # s the gateway's PCP, NAT-PMP and UPnP IGD get to answer (asked at once)
 STREAM_READ = 65536
 
 
@@ -114,6 +129,8 @@ class SessionShell:
         self.closed = False
         self._timer: Optional[asyncio.TimerHandle] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.mapper: Optional["PortMapping"] = None
+        self._mapping_task: Optional[asyncio.Task[None]] = None
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -129,7 +146,12 @@ class SessionShell:
         except BaseException:
             self.pool.close()
             raise
+        mapped_client = self._client_to_map()
+        if mapped_client is None and self.config.portmap:
+            self.config = dataclasses.replace(self.config, portmap=False)  # nothing to map: do not wait
         self.session = ConnectSession(self.config, os.urandom(8), self._loop.time(), local, seed=os.urandom(16))
+        if mapped_client is not None:
+            self._mapping_task = asyncio.ensure_future(self._map_port(mapped_client))
         self._pump()
 
     @property
@@ -166,6 +188,8 @@ class SessionShell:
             self._timer.cancel()
             self._timer = None
         self.closed = True
+        if self.mapper is not None or self._mapping_task is not None:
+            _background(self.release_mapping())  # closed without release_mapping(): delete it anyway
         for stream in self.streams.values():
             stream.close()
         for task in self._tasks:
@@ -259,6 +283,90 @@ class SessionShell:
             self.live.send_failed(dest, str(exc), now)
 
 
+    # -- the port mapping ------------------------------------------------------------
+
+    def _client_to_map(self) -> Optional[UdpClient]:
+        """The socket whose port is worth a mapping: the IPv4 one (the protocols map
+        IPv4 here), unless every tracker is on loopback (no gateway in between)."""
+        client = self.clients.get(socket.AF_INET)
+        if not self.config.portmap or client is None or all(t.ip.is_loopback for t in self.config.trackers):
+            return None
+        if self.bind is not None and ipaddress.ip_address(self.bind).is_loopback:
+            return None
+        return client
+
+    async def _map_port(self, client: UdpClient) -> None:
+        """Ask the gateway for a mapping of ``client``'s port and tell the session what
+        came of it (it holds the registrations back until then)."""
+        from nattool.net.portmap import PortMapping
+
+        self.mapper = PortMapping(client.local.port, local_ip=self.bind, wait=PORTMAP_DISCOVERY,
+                                  on_change=self._on_mapper_event)
+        why = "no gateway offered PCP, NAT-PMP or UPnP IGD"
+        try:
+            mapping = await self.mapper.start()
+        except NattoolError as exc:
+            mapping, why = None, str(exc)
+        if mapping is None:
+            self._report_mapping(PortMapped(MappingChange.NONE, reason=why))
+        else:
+            self._report_mapping(PortMapped(MappingChange.GRANTED, mapping.protocol, mapping.external,
+                                            float(mapping.lifetime)))
+
+    def _on_mapper_event(self, event: object) -> None:
+        """A renewal (the external endpoint may move) or the loss of the mapping, from
+        the mapper's background renewal (its first grant comes from start())."""
+        from nattool.protocol.portmap_client import MappingFailed, MappingGranted
+
+        if isinstance(event, MappingGranted) and event.renewal:
+            self._report_mapping(PortMapped(MappingChange.RENEWED, event.protocol, event.external,
+                                            float(event.lifetime)))
+        elif isinstance(event, MappingFailed) and event.lost:
+            held = self.mapper.mapping if self.mapper is not None else None
+            self._report_mapping(PortMapped(MappingChange.LOST, event.protocol, held.external if held else None,
+                                            None, event.reason))
+
+    def _report_mapping(self, report: PortMapped) -> None:
+        if self.session is not None and not self.closed and self.session.ended is None:
+            self.session.port_mapping(report, self._now())
+            self._pump()
+        else:
+            self.on_event(report)
+
+    async def release_mapping(self) -> None:
+        """Delete the port mapping (if any; also one still being asked for), and say so."""
+        task, self._mapping_task = self._mapping_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        mapper, self.mapper = self.mapper, None
+        if mapper is None:
+            return
+        held = mapper.mapping
+        try:
+            await mapper.close()
+        except NattoolError as exc:
+            self.on_event(PortMapped(MappingChange.LOST, held.protocol if held else None,
+                                     held.external if held else None, None, f"not deleted: {exc}"))
+            return
+        if held is not None:
+            self.on_event(PortMapped(MappingChange.DELETED, held.protocol, held.external))
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _background(coro: Awaitable[None]) -> None:
+    """Run ``coro`` to its end, unowned (a mapping deleted after a synchronous close)."""
+    try:
+        task = asyncio.ensure_future(coro)
+    except RuntimeError:  # no running loop any more: nothing can be sent
+        getattr(coro, "close", lambda: None)()
+        return
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
 def _family(ep: Endpoint) -> int:
     return socket.AF_INET6 if ep.ip.version == 6 else socket.AF_INET
 
@@ -279,6 +387,7 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
             done.set_result(event)
 
     shell = SessionShell(config, on_event, port=port, bind=bind)
+    terminated = _on_sigterm(lambda: done.done() or done.set_result(SessionEnded(ExitCode.OK, "terminated")))
     await shell.open()
     reader = asyncio.create_task(_pump_stdin(shell)) if read_stdin and not config.once else None
     try:
@@ -290,13 +399,26 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        if shell.ended is None:
-            shell.leave()  # Ctrl-C: the peers hear it now, not after --dead-after
-            try:
+        try:
+            if shell.ended is None:
+                shell.leave()  # Ctrl-C, SIGTERM: the peers hear it now, not after --dead-after
                 await shell.linger()
-            except asyncio.CancelledError:
-                pass  # a second Ctrl-C: close now
-        shell.close()
+            await shell.release_mapping()  # the gateway's mapping goes with us, Ctrl-C or not
+        except asyncio.CancelledError:
+            pass  # a second Ctrl-C: close now
+        finally:
+            terminated()
+            shell.close()
+
+
+def _on_sigterm(stop: Callable[[], object]) -> Callable[[], None]:
+    """SIGTERM ends the run as Ctrl-C does (leave, delete the port mapping), exit 0; the
+    returned function puts the default handling back."""
+    loop = asyncio.get_running_loop()
+    if sys.platform == "win32":
+        return lambda: None
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    return lambda: loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _pump_stdin(shell: SessionShell) -> None:
@@ -411,6 +533,7 @@ class PeerConnection:
         if self._shell is not None and not self._closed:
             self._shell.leave()
             await self._shell.linger()
+            await self._shell.release_mapping()
         self.close()
         if self._shell is not None:
             await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled
@@ -472,6 +595,7 @@ async def connect(
     retries: int = 3,
     relay: RelayMode | str = RelayMode.AUTO,
     tcp: bool = False,
+    portmap: bool = True,
 ) -> PeerConnection:
     """Join ``group`` at ``trackers`` (``HOST[:PORT]`` or ``[IPv6]:PORT`` strings) and open
     paths to its members, direct or relayed, as `nattool connect` does.
@@ -484,9 +608,11 @@ async def connect(
     could be opened, the reason says why); ``relay``: "auto" (a tracker's relay for
     members no direct path reaches within a few seconds; direct paths take over when
     they open), "never", or "only"; ``tcp``: reach the trackers over TCP at once (else
-    only when none answers over UDP, and only with a relay). Returns once the sockets
-    are open and the registrations are on their way; use ``wait_for_peer()`` to wait
-    for a path.
+    only when none answers over UDP, and only with a relay); ``portmap``: ask the
+    gateway (PCP, NAT-PMP, UPnP IGD) to map the port and offer the mapped endpoint to
+    the peers (deleted by ``aclose()``; not for trackers on loopback: the registrations
+    wait for the gateway's answer, a second or so). Returns once the sockets are open
+    and the registrations are on their way; use ``wait_for_peer()`` to wait for a path.
     """
     try:
         group_key = canonical_group(group)
@@ -521,6 +647,7 @@ async def connect(
         retries=retries,
         relay=relay_mode,
         tcp=tcp,
+        portmap=portmap,
     )
     conn = PeerConnection()
     shell = SessionShell(config, conn._on_event, port=port, bind=bind)
