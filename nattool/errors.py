@@ -63,3 +63,35 @@ class StoreError(NattoolError):
 class StoreLocked(StoreError):
     """The store's file is held by another process: another server, an sqlite3 shell."""
 
+
+
+class PortmapProtocolError(ProtocolError):
+    """Bytes that are not a valid PCP, NAT-PMP or UPnP IGD message.
+
+    ``result`` is the result code a PCP server answers such a request with
+    (MALFORMED_REQUEST = 3 unless the fault is an option's: MALFORMED_OPTION = 6,
+    UNSUPP_OPTION = 5).
+    """
+
+    def __init__(self, message: str, *, result: int = 3) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class PortmapError(NattoolError):
+    """Port mapping at the gateway failed or is not available."""
+
+
+class PortmapRefused(PortmapError):
+    """A port-mapping gateway answered, and the answer is no (a result code or a fault)."""
+
+    def __init__(self, message: str, *, protocol: str = "", code: int = 0) -> None:
+        super().__init__(message)
+        self.protocol = protocol  # "pcp" | "natpmp" | "upnp"
+        self.code = code  # the protocol's result code (UPnP: the UPnPError code)
+
+
+class PortmapUnavailable(PortmapError):
+    """No port-mapping protocol answered at the gateway (or there is no gateway)."""
+
+    exit_code = ExitCode.UNREACHABLE
