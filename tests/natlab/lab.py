@@ -55,6 +55,10 @@ WAN_GW = "198.51.100.1"
 LINK_GW6 = "fe80::1"
 WAN6_PREFIX = "2001:db8:198::"
 LAN6_FORMAT = "2001:db8:192:{:x}::"
+#: Where an inner router of a double NAT has its WAN: the outer router's LAN side gets
+#: 100.64.<outer index>.1/24 (RFC 6598 shared address space, as a carrier-grade NAT uses).
+CGN_SUPERNET = ipaddress.IPv4Network("100.64.0.0/10")
+CGN_FORMAT = "100.64.{}.0/24"
 DEFAULT_UDP_TIMEOUT = 120  # seconds, the kernel's "stream" UDP conntrack timeout
 
 
@@ -117,6 +121,14 @@ class Nat(Node):
     udp_timeout: int = DEFAULT_UDP_TIMEOUT
     hairpin: bool = False
     hosts: list[Host] = field(default_factory=list, repr=False)
+    #: The forward chain accepts DNATed new connections (a port-mapping gateway runs here).
+    grants_mappings: bool = False
+    #: The router whose LAN side this router's WAN is on (double NAT), None on the internet.
+    upstream: Nat | None = field(default=None, repr=False)
+    #: This router's default gateway (198.51.100.1, or the upstream router's 100.64.x.1).
+    wan_gateway: str = WAN_GW
+    #: Routers behind this one (their WANs on this router's LAN side, in 100.64.0.0/10).
+    downstream: list[Nat] = field(default_factory=list, repr=False)
 
     @property
     def gateway(self) -> str:
@@ -474,7 +486,8 @@ class Lab:
 
     def add_nat(self, name: str, behaviour: NatBehaviour = NatBehaviour.EIM_EIF, *,
                 ipv6: Ipv6Mode | None = None, wan_ip: str | None = None,
-                udp_timeout: int | None = None, hairpin: bool = False) -> Nat:
+                udp_timeout: int | None = None, hairpin: bool = False,
+                grants_mappings: bool = False, behind: Nat | str | None = None) -> Nat:
         """A NAT router with an empty LAN; put hosts behind it with ``add_host``.
 
         ``ipv6`` defaults to FIREWALL for IPV6_FIREWALL and NONE otherwise (pass e.g.
@@ -484,6 +497,11 @@ class Lab:
         ``hairpin`` makes UDP from the LAN to one of the router's mappings loop back to the
         mapping's owner (with the sender's mapped address as source); off by default, as
         on Linux masquerade. Only for the NATing behaviours (EIM_*, APDM).
+        ``grants_mappings`` makes the forward chain accept new connections a DNAT rule
+        translated, so a port-mapping gateway (tests/natlab/portmap_lab.py) can work here.
+        ``behind`` (a NATing router of this lab) puts this router's WAN on that router's LAN
+        side instead of on the internet: a double NAT. Its WAN address is then in
+        100.64.<behind's index>.0/24 (default .2, .3, ...) and IPv4 only.
         """
         self._check_name(name)
         if hairpin and behaviour in (NatBehaviour.NO_NAT, NatBehaviour.UDP_BLOCKED,
@@ -496,10 +514,26 @@ class Lab:
         lans = list(LAN_SUPERNET.subnets(new_prefix=LAN_PREFIXLEN))
         if index >= len(lans):
             raise LabError(f"at most {len(lans)} NAT routers per lab")
-        wan = wan_ip or str(WAN_NET.network_address + 2 + index)
-        wan_addr = ipaddress.ip_address(wan)
-        if wan_addr not in WAN_NET or wan == WAN_GW:
-            raise ValueError(f"{wan}: router WAN addresses must be in 198.51.100.2-254")
+        upstream: Nat | None = None
+        if behind is not None:
+            node = self.node(behind)
+            if not isinstance(node, Nat) or node.behaviour in (
+                    NatBehaviour.NO_NAT, NatBehaviour.IPV6_FIREWALL) or node.upstream:
+                raise ValueError(f"{getattr(node, 'name', behind)!r}: a router can only be "
+                                 "behind a NATing router that is itself on the internet")
+            if ipv6 is not Ipv6Mode.NONE:
+                raise ValueError("a router behind another router is IPv4 only")
+            upstream = node
+            cgn = ipaddress.IPv4Network(CGN_FORMAT.format(upstream.index))
+            wan = wan_ip or str(cgn.network_address + 2 + len(upstream.downstream))
+            if ipaddress.ip_address(wan) not in cgn or wan == str(cgn.network_address + 1):
+                raise ValueError(f"{wan}: behind {upstream.name}, the WAN address must be "
+                                 f"in {cgn} (not .0, .1)")
+        else:
+            wan = wan_ip or str(WAN_NET.network_address + 2 + index)
+            wan_addr = ipaddress.ip_address(wan)
+            if wan_addr not in WAN_NET or wan == WAN_GW:
+                raise ValueError(f"{wan}: router WAN addresses must be in 198.51.100.2-254")
         self._claim(wan)
         self._nats += 1
         lan = lans[index]
@@ -510,24 +544,16 @@ class Lab:
         ns = self._new_namespace(name, forward=True, forward6=ipv6 is not Ipv6Mode.NONE)
         ifname = f"r{index + 1}"
         assert self.internet is not None
-        self._ip(None, [f"link add name {ifname} netns {self.internet.ns} type veth "
-                        f"peer name wan netns {ns}"])
-        inet = [
-            f"address add {WAN_GW}/32 dev {ifname}",
-            f"address add {LINK_GW6}/64 dev {ifname} nodad",
-            f"link set {ifname} up",
-            f"route add {wan}/32 dev {ifname}",
-        ]
-        if behaviour is NatBehaviour.NO_NAT:
-            inet.append(f"route add {lan} via {wan} dev {ifname}")
-        if lan6 is not None:
-            inet += [f"route add {wan6}/128 dev {ifname}",
-                     f"route add {lan6} via {wan6} dev {ifname}"]
-        self._ip(self.internet.ns, inet)
+        if upstream is None:
+            wan_gateway, wan_cidr = WAN_GW, f"{wan}/32"
+            self._link_to_internet(ifname, ns, wan, lan, lan6, wan6,
+                                   routed=behaviour is NatBehaviour.NO_NAT)
+        else:
+            wan_gateway, wan_cidr = self._link_to_upstream(ifname, ns, wan, upstream)
         cmds = [
-            f"address add {wan}/32 dev wan",
+            f"address add {wan_cidr} dev wan",
             "link set wan up",
-            f"route add default via {WAN_GW} dev wan onlink",
+            f"route add default via {wan_gateway} dev wan onlink",
             "link add name lan type bridge stp_state 0 mcast_snooping 0",
             f"address add {lan.network_address + 1}/{lan.prefixlen} dev lan",
             "link set lan up",
@@ -544,11 +570,51 @@ class Lab:
             tail += "".join(f"echo {udp_timeout} > /proc/sys/net/netfilter/{k}\n" for k in (
                 "nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"))
         self._sysctl(ns, {}, tail, input=router_ruleset(behaviour, ipv6, timeout, wan_ip=wan,
-                                                    lan=str(lan), hairpin=hairpin))
+                                                    lan=str(lan), hairpin=hairpin,
+                                                    accept_dnat=grants_mappings))
         node = Nat(name, ns, self, behaviour=behaviour, ipv6=ipv6, index=index, wan_ip=wan,
-                   wan_ip6=wan6, lan=lan, lan6=lan6, udp_timeout=timeout, hairpin=hairpin)
+                   wan_ip6=wan6, lan=lan, lan6=lan6, udp_timeout=timeout, hairpin=hairpin,
+                   grants_mappings=grants_mappings, upstream=upstream,
+                   wan_gateway=wan_gateway)
+        if upstream is not None:
+            upstream.downstream.append(node)
         self._nodes[name] = node
         return node
+
+    def _link_to_internet(self, ifname: str, ns: str, wan: str, lan: ipaddress.IPv4Network,
+                          lan6: ipaddress.IPv6Network | None, wan6: str | None, *,
+                          routed: bool) -> None:
+        """A router's ``wan`` as a point-to-point link to the internet namespace."""
+        assert self.internet is not None
+        self._ip(None, [f"link add name {ifname} netns {self.internet.ns} type veth "
+                        f"peer name wan netns {ns}"])
+        inet = [
+            f"address add {WAN_GW}/32 dev {ifname}",
+            f"address add {LINK_GW6}/64 dev {ifname} nodad",
+            f"link set {ifname} up",
+            f"route add {wan}/32 dev {ifname}",
+        ]
+        if routed:
+            inet.append(f"route add {lan} via {wan} dev {ifname}")
+        if lan6 is not None:
+            inet += [f"route add {wan6}/128 dev {ifname}",
+                     f"route add {lan6} via {wan6} dev {ifname}"]
+        self._ip(self.internet.ns, inet)
+
+    def _link_to_upstream(self, ifname: str, ns: str, wan: str,
+                          upstream: Nat) -> tuple[str, str]:
+        """A router's ``wan`` as a port of ``upstream``'s LAN bridge, in 100.64.x.0/24
+        (the upstream's LAN side gets 100.64.x.1 with its first downstream router).
+        Returns (default gateway, WAN address with prefix length) for the router's side."""
+        cgn = ipaddress.IPv4Network(CGN_FORMAT.format(upstream.index))
+        gateway = str(cgn.network_address + 1)
+        cmds = [f"link set {ifname} master lan", f"link set {ifname} up"]
+        if not upstream.downstream:
+            cmds.append(f"address add {gateway}/{cgn.prefixlen} dev lan")
+        self._ip(None, [f"link add name {ifname} netns {upstream.ns} type veth "
+                        f"peer name wan netns {ns}"])
+        self._ip(upstream.ns, cmds)
+        return gateway, f"{wan}/{cgn.prefixlen}"
 
     def add_host(self, name: str, behind: Nat | str) -> Host:
         """A host on ``behind``'s LAN: next free 192.0.2.x (and IPv6 if the LAN has it)."""

@@ -92,8 +92,12 @@ class Ipv6Mode(enum.Enum):
 
 
 def router_ruleset(behaviour: NatBehaviour, ipv6: Ipv6Mode, mapping_timeout: int, *,
-                   wan_ip: str = "", lan: str = "", hairpin: bool = False) -> str:
+                   wan_ip: str = "", lan: str = "", hairpin: bool = False,
+                   accept_dnat: bool = False) -> str:
     """The complete nftables ruleset (``nft -f`` input) for one router namespace.
+
+    ``accept_dnat``: the forward chain lets in new connections that a DNAT rule translated
+    (a router that grants port mappings: its gateway adds the DNAT rules in its own table).
 
     ``hairpin`` (needs ``wan_ip`` and ``lan``): a LAN host sending to a mapped address of
     this router reaches the host owning that mapping, with the sender's mapped address as
@@ -199,7 +203,7 @@ def router_ruleset(behaviour: NatBehaviour, ipv6: Ipv6Mode, mapping_timeout: int
             "    ct state established,related accept",
             '    iifname != "wan" accept',
         ]
-        if dnat:
+        if dnat or accept_dnat:
             out.append("    ct status dnat accept")
         out.append("    drop")
     out += ["  }", "  chain fwd6 {"]
