@@ -131,6 +131,7 @@ class SessionShell:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.mapper: Optional["PortMapping"] = None
         self._mapping_task: Optional[asyncio.Task[None]] = None
+        self._mapping_reported = False  # start() answered: later grants are renewals (or fresh grants)
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -307,6 +308,7 @@ class SessionShell:
             mapping = await self.mapper.start()
         except NattoolError as exc:
             mapping, why = None, str(exc)
+        self._mapping_reported = True
         if mapping is None:
             self._report_mapping(PortMapped(MappingChange.NONE, reason=why))
         else:
@@ -318,9 +320,10 @@ class SessionShell:
         the mapper's background renewal (its first grant comes from start())."""
         from nattool.protocol.portmap_client import MappingFailed, MappingGranted
 
-        if isinstance(event, MappingGranted) and event.renewal:
-            self._report_mapping(PortMapped(MappingChange.RENEWED, event.protocol, event.external,
-                                            float(event.lifetime)))
+        if isinstance(event, MappingGranted) and self._mapping_reported:
+            # Not a renewal: granted afresh (the gateway rebooted), perhaps elsewhere.
+            change = MappingChange.RENEWED if event.renewal else MappingChange.GRANTED
+            self._report_mapping(PortMapped(change, event.protocol, event.external, float(event.lifetime)))
         elif isinstance(event, MappingFailed) and event.lost:
             held = self.mapper.mapping if self.mapper is not None else None
             self._report_mapping(PortMapped(MappingChange.LOST, event.protocol, held.external if held else None,

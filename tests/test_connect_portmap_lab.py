@@ -1,0 +1,263 @@
+"""`nattool connect` through a port mapping (issue 25), in the NAT lab: two symmetric NATs
+with random ports (APDM), which plain punching cannot cross (test_connect_lab shows it
+reported impossible); the left router grants port mappings by one protocol alone (PCP,
+NAT-PMP or UPnP IGD: the lab's gateway, tests/natlab/portmap_gateway.py). Both ends are
+the real CLI driven by pexpect, two real `nattool serve` trackers on the lab's internet.
+
+Per protocol: a direct path through the mapping within ``TARGET`` s of both peers
+starting, ``"method": "portmap"`` on the mapped side, and the mapping and its nftables
+rules gone after `connect` exits, once by each way out: --once (a normal exit), Ctrl-C
+(SIGINT) and SIGTERM. The three protocols run at once in one lab (their waits overlap).
+By hand, ``CONNECT_PORTMAP_LAB_RUNS=10 pytest -s tests/test_connect_portmap_lab.py`` runs
+ten of each protocol (the exits in turn) and prints time to path, median and worst.
+A fourth case alongside: behind a double NAT the trackers refuse the mapped endpoint
+(100.64.x.y) and the client registers with ``0`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pexpect
+import pytest
+
+from tests.conftest import BANNER_PREFIX, nattool_cmd, nattool_env
+from tests.natlab import Lab, NatBehaviour
+from tests.natlab.fixtures import natlab_available  # noqa: F401 - fixture
+from tests.natlab.lab import Host, Nat, read_line
+from tests.natlab.portmap_lab import PortmapGateway, start_portmap_gateway
+from tests.natlab.shared_lab import shown_on_failure
+from tests.natlab.topologies import SERVER_V4
+from tests.test_connect_loopback import connect_argv
+
+pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available")]
+
+PROTOCOLS = ("pcp", "natpmp", "upnp")
+EXITS = ("once", "sigint", "sigterm")  # how the mapped side's `connect` ends, in turn
+RUNS = int(os.environ.get("CONNECT_PORTMAP_LAB_RUNS", str(len(EXITS))))
+TARGET = 5.0  # s from the later start to the later path_up
+TRACKERS = (f"{SERVER_V4[0]}:43283", f"{SERVER_V4[1]}:43283")
+EXIT_STATUS = {"once": 0, "sigint": 130, "sigterm": 0}
+
+
+@dataclass
+class Case:
+    protocol: str
+    gateway: PortmapGateway
+    left_nat: Nat  # symmetric, grants mappings (by `protocol` only)
+    right_nat: Nat  # symmetric, grants nothing
+    left: Host
+    right: Host
+
+
+@dataclass
+class Run:
+    how: str
+    elapsed: float  # s from the later spawn to the later path_up
+    left_events: list[dict[str, Any]]
+    right_events: list[dict[str, Any]]
+    left_status: int | None
+    left_port: int
+    gateway_deletes: list[Any]  # the gateway's delete events for the left socket
+    mappings_after: list[Any]  # the gateway's mappings of the left socket after the exit
+    rules_after: list[str]  # its nft rules naming the left socket after the exit
+
+
+def events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+
+
+def start_trackers(lab: Lab, home: Path) -> None:
+    lab.add_server_host("tracker", addrs=list(SERVER_V4))
+    for ep in TRACKERS:
+        host, port = ep.rsplit(":", 1)
+        proc = lab.popen("tracker", nattool_cmd("serve", "--host", host, "--port", port, "--store", "memory",
+                                                "--rate-limit", "0"),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=nattool_env(home), text=True)
+        line = read_line(proc.stdout, 15)
+        assert line and BANNER_PREFIX in line, f"tracker {ep} did not start: {line!r}"
+
+
+def spawn_peer(lab: Lab, host: Host, home: Path, group: str, port: int, *extra: str) -> pexpect.spawn:
+    args = [group, *sum((["-t", t] for t in TRACKERS), []), "--port", str(port), "--json", "--timeout", "10",
+            *extra]
+    return lab.spawn(host, connect_argv(*args), env=nattool_env(home), timeout=15)
+
+
+def wait_path_up(child: pexpect.spawn, log: list[str]) -> float:
+    child.expect(r'\{"event":"path_up"[^\n]*\n')
+    now = time.monotonic()
+    log.append(child.before + child.after)
+    return now
+
+
+def run_once(lab: Lab, case: Case, home: Path, i: int) -> Run:
+    how = EXITS[i % len(EXITS)]
+    group = f"pm-{case.protocol}-{i}"
+    # A fresh port pair per run: no NAT state (nor mapping) carried over from the run before.
+    pl, pr = 44000 + i, 45000 + i
+    left = spawn_peer(lab, case.left, home, group, pl, *(["--once"] if how == "once" else []))
+    right = spawn_peer(lab, case.right, home, group, pr, "--once")
+    t_start = time.monotonic()
+    left_log: list[str] = []
+    right_log: list[str] = []
+    try:
+        t_up = max(wait_path_up(left, left_log), wait_path_up(right, right_log))
+        if how != "once":
+            left.kill(signal.SIGINT if how == "sigint" else signal.SIGTERM)
+        left.expect(pexpect.EOF, timeout=10)
+        left_log.append(left.before)
+        left.close()
+        right.expect(pexpect.EOF, timeout=10)
+        right_log.append(right.before)
+    finally:
+        for child in (left, right):
+            child.close(force=True)
+    internal = (case.left.ip, pl)
+    return Run(
+        how, t_up - t_start, events("".join(left_log)), events("".join(right_log)), left.exitstatus, pl,
+        [e for e in case.gateway.events("delete") if e.internal == internal],
+        [m for m in case.gateway.mappings() if m.internal == internal],
+        [r for r in case.gateway.nft_rules() if f"{case.left.ip}" in r and str(pl) in r],
+    )
+
+
+def run_case(lab: Lab, case: Case, home: Path) -> list[Run]:
+    return [run_once(lab, case, home, i) for i in range(RUNS)]
+
+
+@dataclass
+class DoubleNat:
+    inner: Nat  # grants mappings; its WAN is in 100.64.0.0/10
+    outer: Nat
+    client: Host
+    peer: Any  # a host with a public address (a ServerHost)
+
+
+def run_double_nat(lab: Lab, dn: DoubleNat, home: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    left = spawn_peer(lab, dn.client, home, "pm-double", 44500, "--once")
+    right = spawn_peer(lab, dn.peer, home, "pm-double", 44501, "--once")
+    logs: list[list[str]] = [[], []]
+    try:
+        for child, log in zip((left, right), logs):
+            wait_path_up(child, log)
+        for child, log in zip((left, right), logs):
+            child.expect(pexpect.EOF, timeout=10)
+            log.append(child.before)
+    finally:
+        for child in (left, right):
+            child.close(force=True)
+    return events("".join(logs[0])), events("".join(logs[1]))
+
+
+@pytest.fixture(scope="module")
+def lab_runs(natlab_available: None, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+             ) -> Iterator[tuple[Lab, dict[str, Future[list[Run]]]]]:
+    home = tmp_path_factory.mktemp("connect-portmap-lab-home")
+    with Lab() as lab:
+        start_trackers(lab, home)
+        cases = {}
+        for n, proto in enumerate(PROTOCOLS):
+            left_nat = lab.add_nat(f"gw{n}", NatBehaviour.APDM, grants_mappings=True)
+            right_nat = lab.add_nat(f"sym{n}", NatBehaviour.APDM)
+            cases[proto] = Case(proto, start_portmap_gateway(lab, left_nat, (proto,)), left_nat, right_nat,
+                                lab.add_host(f"left{n}", behind=left_nat), lab.add_host(f"right{n}", behind=right_nat))
+        outer = lab.add_nat("cgn", NatBehaviour.EIM_APDF)
+        inner = lab.add_nat("inner", NatBehaviour.APDM, grants_mappings=True, behind=outer)
+        start_portmap_gateway(lab, inner, ("pcp",))
+        dn = DoubleNat(inner, outer, lab.add_host("dn_client", behind=inner),
+                       lab.add_server_host("peer", addrs=["203.0.113.60"]))
+        with ThreadPoolExecutor(len(cases) + 1) as pool:
+            futures: dict[str, Future[Any]] = {proto: pool.submit(run_case, lab, case, home)
+                                               for proto, case in cases.items()}
+            futures["double"] = pool.submit(run_double_nat, lab, dn, home)
+            yield lab, futures
+        _print_figures({p: futures[p] for p in PROTOCOLS})
+
+
+def _print_figures(futures: dict[str, Future[list[Run]]]) -> None:
+    print("\n\nport mapping | runs | direct via the mapping | time to path (s): median / worst")
+    for proto, future in futures.items():
+        if future.exception() is not None:
+            print(f"{proto} | - | failed: {future.exception()!r}")
+            continue
+        runs = future.result()
+        ok = [r for r in runs if _portmap_path(r)]
+        times = sorted(r.elapsed for r in runs)
+        print(f"{proto} | {len(runs)} | {len(ok)}/{len(runs)} | {times[len(times) // 2]:.2f} / {times[-1]:.2f}")
+
+
+def _portmap_path(run: Run) -> bool:
+    ups = [e for e in run.left_events if e["event"] == "path_up"]
+    return bool(ups) and ups[0]["via"] == "direct" and ups[0]["method"] == "portmap"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_symmetric_pair_connects_directly_through_the_mapping(
+        lab_runs: tuple[Lab, dict[str, Future[list[Run]]]], protocol: str) -> None:
+    lab, futures = lab_runs
+    with shown_on_failure(lab):
+        runs = futures[protocol].result()
+        for i, run in enumerate(runs):
+            label = f"{protocol} run {i} ({run.how})"
+            (granted,) = [e for e in run.left_events if e["event"] == "portmap" and e["change"] == "granted"]
+            assert granted["protocol"] == protocol, label
+            gw_nat = lab.node(f"gw{PROTOCOLS.index(protocol)}")
+            assert isinstance(gw_nat, Nat)
+            mapped = granted["external"]
+            assert mapped.startswith(f"{gw_nat.wan_ip}:"), (label, granted)
+            # Both trackers listed us at the mapped endpoint (we registered it as <public>).
+            regs = [e for e in run.left_events if e["event"] == "registered"]
+            assert {e["public"] for e in regs} == {mapped}, (label, regs)
+            (left_up,) = [e for e in run.left_events if e["event"] == "path_up"]
+            assert (left_up["via"], left_up["method"], left_up["observed_as"]) == ("direct", "portmap", mapped), label
+            (right_up,) = [e for e in run.right_events if e["event"] == "path_up"]
+            assert (right_up["via"], right_up["peer"]) == ("direct", mapped), (label, right_up)
+            assert run.elapsed < TARGET, f"{label}: path after {run.elapsed:.2f}s"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_mapping_and_its_rules_are_gone_after_connect_exits(
+        lab_runs: tuple[Lab, dict[str, Future[list[Run]]]], protocol: str) -> None:
+    lab, futures = lab_runs
+    with shown_on_failure(lab):
+        runs = futures[protocol].result()
+        assert {r.how for r in runs} == set(EXITS[: len(runs)])
+        for i, run in enumerate(runs):
+            label = f"{protocol} run {i} ({run.how})"
+            assert run.left_status == EXIT_STATUS[run.how], label
+            # Deleted by `connect` itself (not expired, not the gateway's own exit).
+            assert [e.reason for e in run.gateway_deletes] == ["request"], (label, run.gateway_deletes)
+            assert run.mappings_after == [] and run.rules_after == [], (label, run.mappings_after, run.rules_after)
+            deleted = [e for e in run.left_events if e["event"] == "portmap" and e["change"] == "deleted"]
+            assert len(deleted) == 1 and deleted[0]["protocol"] == protocol, (label, deleted)
+
+
+def test_behind_a_double_nat_the_trackers_refuse_the_mapping_and_get_0(
+        lab_runs: tuple[Lab, dict[str, Future[Any]]]) -> None:
+    # The inner router maps us to 100.64.x.y: the trackers see the outer router's address,
+    # refuse that <public>, and get `0`; punching goes on as without a mapping.
+    lab, futures = lab_runs
+    with shown_on_failure(lab):
+        left, right = futures["double"].result()
+        inner = lab.node("inner")
+        outer = lab.node("cgn")
+        assert isinstance(inner, Nat) and isinstance(outer, Nat)
+        (granted,) = [e for e in left if e["event"] == "portmap" and e["change"] == "granted"]
+        assert granted["external"].startswith(f"{inner.wan_ip}:")
+        refused = [e for e in left if e["event"] == "portmap" and e["change"] == "refused"]
+        assert sorted(e["tracker"] for e in refused) == sorted(TRACKERS), refused
+        assert all(e["external"] == granted["external"] and e["reason"] for e in refused)
+        regs = [e for e in left if e["event"] == "registered"]
+        assert regs and all(e["public"].startswith(f"{outer.wan_ip}:") for e in regs), regs
+        (left_up,) = [e for e in left if e["event"] == "path_up"]
+        assert (left_up["via"], left_up["method"]) == ("direct", "punch")
+        assert [e for e in right if e["event"] == "path_up"]
