@@ -11,6 +11,7 @@ from nattool.client_defaults import PROBE_RETRIES, PROBE_TIMEOUT
 
 if TYPE_CHECKING:
     from nattool.diag.probe import FamilyResult, ProbeResult
+    from nattool.net.portmap import PortmapReport
 
 # --timeout and --retries as on every client command, with the probe's own defaults and
 # range: it waits a timeout in each of up to three rounds, so the configured 2 s (for
@@ -43,6 +44,7 @@ def probe(
     lifetime: Annotated[bool, typer.Option("--lifetime", help="Also measure the mapping lifetime (needs a server with RESPONSE-PORT; takes up to --lifetime-max).")] = False,
     lifetime_max: Annotated[float, typer.Option("--lifetime-max", metavar="SECONDS", help="Longest idle time tried by --lifetime, seconds (1..600).")] = 120.0,
     repeat: Annotated[int, typer.Option("--repeat", metavar="N", help="Run the whole probe N times and report whether the verdicts agree.")] = 1,
+    no_portmap: Annotated[bool, typer.Option("--no-portmap", help="Do not ask the gateway about port mapping (PCP, NAT-PMP, UPnP IGD; about 1 s at most, in parallel with the STUN tests).")] = False,
     timeout: ProbeTimeoutOpt = None,
     retries: ProbeRetriesOpt = None,
     wait: Annotated[Optional[float], typer.Option("--wait", metavar="SECONDS", hidden=True, help="Old name of --timeout.")] = None,
@@ -89,6 +91,7 @@ def probe(
                 dns_server=settings.dns_server,
                 on_resolve_error=warn,
                 check=False,
+                portmap=not no_portmap,
             )
         )
         render(result, json_out)
@@ -113,6 +116,8 @@ def render(result: ProbeResult, json_out: bool) -> None:
         return
     for fam in result.families:
         _render_family(fam)
+    if result.portmap is not None:
+        _render_portmap(result.portmap)
     if len(result.runs) > 1:
         consistent = result.consistent()
         types = ", ".join("/".join(f.behaviour.nat_type.value for f in run) for run in result.runs)
@@ -174,4 +179,32 @@ def _render_family(fam: FamilyResult) -> None:
                 "yes" if s.rfc5780 else f"no ({s.rfc5780_reason})",
             )
         stdout.print(servers)
+    stdout.print()
+
+
+_PORTMAP_NAMES = {"pcp": "PCP", "natpmp": "NAT-PMP", "upnp": "UPnP IGD"}
+
+
+def _render_portmap(report: PortmapReport) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from nattool.cli.output import stdout
+
+    where = f"gateway {report.gateway}" if report.gateway else "no IPv4 default gateway"
+    stdout.print(f"[bold]Port mapping[/bold] ({where}, {report.elapsed:.2f} s)")
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    for p in report.protocols:
+        if p.external_address:
+            text = f"yes, external address {p.external_address} ({p.address_class})"
+            if p.behind_nat:
+                text += " [yellow]carrier-grade NAT or a double NAT[/yellow]"
+        elif p.answered:
+            text = f"answered, no external address ({escape(p.error or 'unknown')})"
+        else:
+            text = f"no ({escape(p.error or 'no answer')})"
+        table.add_row(_PORTMAP_NAMES.get(p.protocol, p.protocol), text)
+    stdout.print(table)
     stdout.print()

@@ -37,7 +37,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 from nattool import __version__
 from nattool.errors import NetworkError, ProtocolError, UsageError
@@ -65,6 +65,9 @@ from nattool.protocol.stun import (
     binding_request,
     parse as parse_stun,
 )
+
+if TYPE_CHECKING:
+    from nattool.net.portmap import PortmapReport
 
 SCHEMA = "nattool.probe/1"
 SOFTWARE = f"nattool/{__version__}"
@@ -327,6 +330,7 @@ class ProbeResult:
     families: tuple[FamilyResult, ...]
     runs: tuple[tuple[FamilyResult, ...], ...] = ()  # all runs (--repeat)
     elapsed: float = 0.0
+    portmap: Optional[PortmapReport] = None  # what the gateway offers for port mapping (None: not asked)
 
     @property
     def ok(self) -> bool:
@@ -374,6 +378,7 @@ class ProbeResult:
                     for run in self.runs
                 ],
             }
+        out["portmap"] = self.portmap.to_json() if self.portmap is not None else None
         out["elapsed_s"] = round(self.elapsed, 3)
         return out
 

@@ -191,6 +191,9 @@ def _option_to_wire(option: Option) -> bytes:
 
 
 def _options_to_wire(options: tuple[Option, ...]) -> bytes:
+    once = [type(o) for o in options if isinstance(o, (ThirdParty, PreferFailure))]
+    if len(once) != len(set(once)):
+        raise PortmapProtocolError("PCP THIRD_PARTY and PREFER_FAILURE may appear once each")
     return b"".join(_option_to_wire(o) for o in options)
 
 

@@ -164,8 +164,8 @@ class _Mapper:
 
     def handle_timer(self, now: float) -> None:
         for kind, exchange in list(self._exchanges.items()):
-            if exchange.exhausted() and now >= exchange.next_send:
-                del self._exchanges[kind]
+            if self._exchanges.get(kind) is exchange and exchange.exhausted() and now >= exchange.next_send:
+                del self._exchanges[kind]  # (a timeout may have ended the other exchanges too)
                 self._on_timeout(kind, now)
         if self.state == MapperState.MAPPED:
             if self.expires_at is not None and now >= self.expires_at:

@@ -26,6 +26,7 @@ from .lab import Lab, LabError, Nat, Service
 ALL_PROTOCOLS = ("pcp", "natpmp", "upnp")
 REPO = Path(__file__).resolve().parents[2]
 NFT_TABLE = "portmap"
+MAX_LIFETIME = 7200  # s, the longest PCP/NAT-PMP lifetime the gateway grants by default
 
 
 def _endpoint(text: str) -> tuple[str, int]:
@@ -65,17 +66,16 @@ class GatewayMapping:
     description: str
 
 
+@dataclass(eq=False)
 class PortmapGateway:
     """A running gateway in a router namespace (see :func:`start_portmap_gateway`)."""
 
-    def __init__(self, lab: Lab, nat: Nat, service: Service, protocols: tuple[str, ...],
-                 state_file: Path, http_port: int) -> None:
-        self.lab = lab
-        self.nat = nat
-        self.service = service
-        self.protocols = protocols
-        self.state_file = state_file
-        self.http_port = http_port
+    lab: Lab
+    nat: Nat
+    service: Service
+    protocols: tuple[str, ...]
+    state_file: Path
+    http_port: int
 
     @property
     def lan_ip(self) -> str:
@@ -127,7 +127,8 @@ class PortmapGateway:
 
 def start_portmap_gateway(lab: Lab, nat: Nat, protocols: Iterable[str] = ALL_PROTOCOLS, *,
                           http_port: int = 5000, min_lifetime: int = 1,
-                          max_lifetime: int = 7200, timeout: float = 15.0) -> PortmapGateway:
+                          max_lifetime: int = MAX_LIFETIME, timeout: float = 15.0
+                          ) -> PortmapGateway:
     """Start the gateway in ``nat``'s namespace; return once it listens."""
     protocols = tuple(protocols)
     if not nat.grants_mappings:

@@ -113,10 +113,12 @@ class NftRules:
         self.forget_flows(m)
 
     def forget_flows(self, m: Mapping) -> None:
-        """Delete conntrack entries of host:P (exit 1 = there were none: fine)."""
-        subprocess.run(["conntrack", "-D", "-p", m.proto, "--orig-src", m.internal_ip,
-                        "--orig-port-src", str(m.internal_port)],
-                       capture_output=True, text=True, timeout=10)
+        """Delete conntrack entries of host:P, the ones it started and the ones that came
+        in through a DNAT to it (exit 1 = there were none: fine)."""
+        for direction in ("orig", "reply"):
+            subprocess.run(["conntrack", "-D", "-p", m.proto, f"--{direction}-src",
+                            m.internal_ip, f"--{direction}-port-src", str(m.internal_port)],
+                           capture_output=True, text=True, timeout=10)
 
 
 class MappingTable:

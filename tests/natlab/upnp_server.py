@@ -6,6 +6,8 @@ description with WANCommonInterfaceConfig and WANIPConnection, and the SOAP acti
 GetExternalIPAddress, GetStatusInfo, GetConnectionTypeInfo, AddPortMapping,
 DeletePortMapping, GetSpecificPortMappingEntry, GetGenericPortMappingEntry and the common
 interface's GetCommonLinkProperties / GetTotal* counters. Anything else is fault 401.
+HTTP, SSDP and SOAP messages are read and written with nattool's own codec (its gateway
+side); this module is the device and its decisions.
 """
 
 from __future__ import annotations
@@ -16,24 +18,32 @@ import struct
 import time
 import uuid
 from collections.abc import Callable
-from xml.etree import ElementTree
-from xml.sax.saxutils import escape
+
+from nattool.errors import PortmapProtocolError
+from nattool.protocol.upnp_igd import (
+    MAX_HTTP,
+    SSDP_ADDRESS,
+    SSDP_PORT,
+    SsdpResponse,
+    http_message_complete,
+    http_response,
+    parse_http,
+    parse_msearch,
+    parse_soap_call,
+    soap_fault,
+    soap_response,
+)
 
 from .portmap_rules import Mapping, MappingConflict, MappingTable
 
-SSDP_GROUP = "239.255.255.250"
-SSDP_PORT = 1900
 IGD = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
 WAN_DEVICE = "urn:schemas-upnp-org:device:WANDevice:1"
 WAN_CONNECTION_DEVICE = "urn:schemas-upnp-org:device:WANConnectionDevice:1"
 WANIP = "urn:schemas-upnp-org:service:WANIPConnection:1"
 WANCIF = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1"
-SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 DESCRIPTION_PATH = "/rootDesc.xml"
 WANIP_CONTROL = "/ctl/IPConn"
 WANCIF_CONTROL = "/ctl/CmnIfCfg"
-MAX_HEADER = 16 * 1024
-MAX_BODY = 64 * 1024
 SERVER_HEADER = "Linux UPnP/1.0 natlab-portmap-gateway/1.0"
 
 # UPnP IGD error codes (WANIPConnection:1, section 2.4.x)
@@ -91,47 +101,6 @@ def device_description(udn: str, lan_ip: str, http_port: int) -> str:
 
 
 # ------------------------------------------------------------------------------- SOAP
-
-
-def parse_soap_request(body: bytes) -> tuple[str, dict[str, str]]:
-    """(action, arguments) of a SOAP control request; UpnpFault(402) if unreadable.
-
-    No DTDs: entity expansion cannot happen (the stdlib parser does not fetch, and a
-    document with a DOCTYPE is refused outright).
-    """
-    if b"<!doctype" in body.lower():
-        raise UpnpFault(INVALID_ARGS)
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        raise UpnpFault(INVALID_ARGS) from None
-    soap_body = root.find(f"{{{SOAP_ENV}}}Body")
-    if soap_body is None or len(soap_body) == 0:
-        raise UpnpFault(INVALID_ARGS)
-    call = soap_body[0]
-    action = call.tag.rsplit("}", 1)[-1]
-    args = {child.tag.rsplit("}", 1)[-1]: (child.text or "").strip() for child in call}
-    return action, args
-
-
-def soap_response(service_type: str, action: str, values: dict[str, object]) -> str:
-    fields = "".join(f"<{k}>{escape(str(v))}</{k}>" for k, v in values.items())
-    return ('<?xml version="1.0"?>\n'
-            f'<s:Envelope xmlns:s="{SOAP_ENV}" '
-            's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-            f'<u:{action}Response xmlns:u="{service_type}">{fields}</u:{action}Response>'
-            "</s:Body></s:Envelope>\n")
-
-
-def soap_fault(code: int) -> str:
-    return ('<?xml version="1.0"?>\n'
-            f'<s:Envelope xmlns:s="{SOAP_ENV}" '
-            's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body><s:Fault>'
-            "<faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail>"
-            '<UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
-            f"<errorCode>{code}</errorCode>"
-            f"<errorDescription>{_ERROR_TEXT.get(code, 'Error')}</errorDescription>"
-            "</UPnPError></detail></s:Fault></s:Body></s:Envelope>\n")
 
 
 def _port(value: str) -> int:
@@ -257,6 +226,15 @@ class IgdService:
 
 # ------------------------------------------------------------------------------- HTTP
 
+_XML = {"Content-Type": 'text/xml; charset="utf-8"', "Server": SERVER_HEADER, "Ext": ""}
+
+
+def _bodyless_request(data: bytes) -> bool:
+    """Headers complete, and neither a length nor chunks: a request without a body (GET)."""
+    head, blank, _ = data.partition(b"\r\n\r\n")
+    head = head.lower()
+    return bool(blank) and b"content-length:" not in head and b"transfer-encoding:" not in head
+
 
 class HttpServer:
     """One request per connection (``Connection: close``), as miniupnpc expects it."""
@@ -270,55 +248,54 @@ class HttpServer:
 
     async def start(self) -> asyncio.AbstractServer:
         return await asyncio.start_server(self._handle, self.lan_ip, self.port,
-                                          reuse_address=True, limit=MAX_HEADER)
+                                          reuse_address=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> None:
         try:
-            status, ctype, body = await asyncio.wait_for(self._respond(reader, writer), 10)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError, ValueError):
-            status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
-        head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nServer: {SERVER_HEADER}\r\n"
-                "Ext:\r\nConnection: close\r\n\r\n")
+            data = await asyncio.wait_for(self._read(reader), 10)
+            answer = self._answer(data, writer.get_extra_info("peername")[0])
+        except (asyncio.TimeoutError, ConnectionError, PortmapProtocolError):
+            answer = http_response(400, "Bad Request", {"Server": SERVER_HEADER})
         try:
-            writer.write(head.encode() + body)
+            writer.write(answer)
             await writer.drain()
             writer.close()
         except ConnectionError:
             pass
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                       ) -> tuple[str, str, bytes]:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        request_line, *header_lines = head.split("\r\n")
-        method, path, _version = request_line.split(" ", 2)
-        headers = {}
-        for line in header_lines:
-            if ":" in line:
-                k, v = line.split(":", 1)
-                headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length", "0"))
-        if not 0 <= length <= MAX_BODY:
-            raise ValueError("body too long")
-        body = await reader.readexactly(length) if length else b""
-        xml = 'text/xml; charset="utf-8"'
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader) -> bytes:
+        data = b""
+        while not (_bodyless_request(data) or http_message_complete(data)):
+            chunk = await reader.read(4096)
+            if not chunk or len(data) > MAX_HTTP:
+                break  # parse_http says what is wrong with it
+            data += chunk
+        return data
+
+    def _answer(self, data: bytes, client_ip: str) -> bytes:
+        request = parse_http(data)
+        method, path = (request.start_line.split(" ") + ["", ""])[:2]
         if method == "GET" and path == DESCRIPTION_PATH:
-            return "200 OK", xml, self.description
+            return http_response(200, "OK", _XML, self.description)
         service = {WANIP_CONTROL: WANIP, WANCIF_CONTROL: WANCIF}.get(path)
         if method != "POST" or service is None:
-            return "404 Not Found", "text/plain", b"not found\n"
-        client_ip = writer.get_extra_info("peername")[0]
+            return http_response(404, "Not Found", {"Server": SERVER_HEADER})
         try:
-            action, args = parse_soap_request(body)
-            soap_action = headers.get("soapaction", "").strip('"')
-            if soap_action and soap_action != f"{service}#{action}":
+            call = parse_soap_call(request.body)
+            soap_action = (request.header("soapaction") or "").strip('"')
+            if soap_action and soap_action != f"{service}#{call.action}":
                 raise UpnpFault(INVALID_ACTION)
-            values = self.service.call(service, action, args, client_ip)
+            values = self.service.call(service, call.action, dict(call.args), client_ip)
+        except PortmapProtocolError:
+            return http_response(500, "Internal Server Error", _XML,
+                                 soap_fault(INVALID_ARGS, _ERROR_TEXT[INVALID_ARGS]))
         except UpnpFault as fault:
-            return "500 Internal Server Error", xml, soap_fault(fault.code).encode()
-        return "200 OK", xml, soap_response(service, action, values).encode()
+            return http_response(500, "Internal Server Error", _XML,
+                                 soap_fault(fault.code, str(fault)))
+        out = tuple((name, str(value)) for name, value in values.items())
+        return http_response(200, "OK", _XML, soap_response(service, call.action, out))
 
 
 # ------------------------------------------------------------------------------- SSDP
@@ -327,32 +304,17 @@ _SEARCH_TARGETS = ("ssdp:all", "upnp:rootdevice", IGD, WAN_DEVICE, WAN_CONNECTIO
                    WANIP, WANCIF)
 
 
-def parse_msearch(data: bytes) -> str | None:
-    """The ST of an M-SEARCH request, None for anything else."""
+def msearch_answer(data: bytes, location: str, udn: str) -> bytes | None:
+    """The unicast answer to an M-SEARCH datagram, None if it does not search for us."""
     try:
-        text = data.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        st = parse_msearch(data)
+    except PortmapProtocolError:
         return None
-    lines = text.split("\r\n")
-    if not lines or not lines[0].upper().startswith("M-SEARCH * HTTP/1.1"):
-        return None
-    for line in lines[1:]:
-        if ":" in line:
-            k, v = line.split(":", 1)
-            if k.strip().upper() == "ST":
-                return v.strip()
-    return None
-
-
-def msearch_answer(st: str, location: str, udn: str) -> bytes | None:
-    """The unicast answer to an M-SEARCH for ``st``, None if we are not that."""
     if st not in _SEARCH_TARGETS and st != udn:
         return None
     target = IGD if st == "ssdp:all" else st
     usn = udn if target == udn else f"{udn}::{target}"
-    return (f"HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nEXT:\r\n"
-            f"LOCATION: {location}\r\nSERVER: {SERVER_HEADER}\r\nST: {target}\r\n"
-            f"USN: {usn}\r\nBOOTID.UPNP.ORG: 1\r\nCONFIGID.UPNP.ORG: 1\r\n\r\n").encode()
+    return SsdpResponse(location, target, usn, SERVER_HEADER).to_wire()
 
 
 class SsdpResponder(asyncio.DatagramProtocol):
@@ -365,8 +327,7 @@ class SsdpResponder(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        st = parse_msearch(data)
-        answer = None if st is None else msearch_answer(st, self.location, self.udn)
+        answer = msearch_answer(data, self.location, self.udn)
         if answer is not None and self.transport is not None:
             self.transport.sendto(answer, addr)
 
@@ -376,7 +337,7 @@ def ssdp_socket(lan_ip: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("0.0.0.0", SSDP_PORT))
-    mreq = struct.pack("4s4s", socket.inet_aton(SSDP_GROUP), socket.inet_aton(lan_ip))
+    mreq = struct.pack("4s4s", socket.inet_aton(SSDP_ADDRESS), socket.inet_aton(lan_ip))
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(lan_ip))
     sock.setblocking(False)
