@@ -95,12 +95,20 @@ def test_no_mapping_offered_registers_with_0_at_once() -> None:
 
 def test_tcp_fallback_counts_from_the_end_of_the_wait() -> None:
     s = make(0.0, trackers=(T1,), portmap=True, relay=RelayMode.AUTO, tracker_timeout=2.0)
-    s.port_mapping(PortMapped(MappingChange.NONE), 1.0)
-    registrations(s, 1.0)
-    s.handle_timer(UDP_GIVE_UP + 0.1)  # 2.1 s after the start, 1.1 s of registering
+    s.port_mapping(PortMapped(MappingChange.NONE), 0.25)
+    registrations(s, 0.25)
+    s.handle_timer(UDP_GIVE_UP + 0.125)  # 2.125 s after the start, 1.875 s of registering
     assert not [e for e in drain(s) if isinstance(e, ev.StreamWanted)]
-    s.handle_timer(1.0 + UDP_GIVE_UP)
+    s.handle_timer(0.25 + UDP_GIVE_UP)
     assert [e.tracker for e in drain(s) if isinstance(e, ev.StreamWanted)] == [T1]
+
+
+def test_a_late_no_mapping_report_changes_nothing() -> None:
+    s = make(0.0, trackers=(T1,), portmap=True)
+    s.handle_timer(PORTMAP_WAIT)
+    assert registrations(s, PORTMAP_WAIT)[T1].public is None
+    s.port_mapping(PortMapped(MappingChange.NONE), PORTMAP_WAIT + 0.01)  # before any retransmission
+    assert registrations(s, PORTMAP_WAIT + 0.01) == {}  # the registration in flight goes on
 
 
 # --------------------------------------------------------------------------- refusal (double NAT)

@@ -23,7 +23,7 @@ import socket
 import stat
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Awaitable, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Optional, Sequence
 
 from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
@@ -132,6 +132,7 @@ class SessionShell:
         self.mapper: Optional["PortMapping"] = None
         self._mapping_task: Optional[asyncio.Task[None]] = None
         self._mapping_reported = False  # start() answered: later grants are renewals (or fresh grants)
+        self.releasing: Optional[asyncio.Task[None]] = None  # the mapping's deletion, after close()
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -189,13 +190,14 @@ class SessionShell:
             self._timer.cancel()
             self._timer = None
         self.closed = True
-        if self.mapper is not None or self._mapping_task is not None:
-            _background(self.release_mapping())  # closed without release_mapping(): delete it anyway
         for stream in self.streams.values():
             stream.close()
         for task in self._tasks:
             task.cancel()
         self.pool.close()
+        if self.mapper is not None or self._mapping_task is not None:
+            # After the sockets: nothing answers the peers while the gateway is asked.
+            self.releasing = _background(self.release_mapping())
 
     def _now(self) -> float:
         assert self._loop is not None
@@ -303,9 +305,9 @@ class SessionShell:
 
         self.mapper = PortMapping(client.local.port, local_ip=self.bind, wait=PORTMAP_DISCOVERY,
                                   on_change=self._on_mapper_event)
-        why = "no gateway offered PCP, NAT-PMP or UPnP IGD"
         try:
             mapping = await self.mapper.start()
+            why = "; ".join(f"{proto}: {failed}" for proto, failed in self.mapper.failures.items())
         except NattoolError as exc:
             mapping, why = None, str(exc)
         self._mapping_reported = True
@@ -325,7 +327,7 @@ class SessionShell:
             change = MappingChange.RENEWED if event.renewal else MappingChange.GRANTED
             self._report_mapping(PortMapped(change, event.protocol, event.external, float(event.lifetime)))
         elif isinstance(event, MappingFailed) and event.lost:
-            held = self.mapper.mapping if self.mapper is not None else None
+            held = self.session.mapped if self.session is not None else None
             self._report_mapping(PortMapped(MappingChange.LOST, event.protocol, held.external if held else None,
                                             None, event.reason))
 
@@ -335,6 +337,12 @@ class SessionShell:
             self._pump()
         else:
             self.on_event(report)
+
+    async def aclose(self) -> None:
+        """close(), and wait for the port mapping's deletion (bounded by the mapper)."""
+        self.close()
+        if self.releasing is not None:
+            await self.releasing
 
     async def release_mapping(self) -> None:
         """Delete the port mapping (if any; also one still being asked for), and say so."""
@@ -359,15 +367,17 @@ class SessionShell:
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
-def _background(coro: Awaitable[None]) -> None:
-    """Run ``coro`` to its end, unowned (a mapping deleted after a synchronous close)."""
+def _background(coro: Coroutine[Any, Any, None]) -> Optional[asyncio.Task[None]]:
+    """Run ``coro`` to its end even if nobody waits for it (a mapping deleted after a
+    synchronous close)."""
     try:
         task = asyncio.ensure_future(coro)
     except RuntimeError:  # no running loop any more: nothing can be sent
-        getattr(coro, "close", lambda: None)()
-        return
+        coro.close()
+        return None
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
+    return task
 
 
 def _family(ep: Endpoint) -> int:
@@ -406,7 +416,7 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
             if shell.ended is None:
                 shell.leave()  # Ctrl-C, SIGTERM: the peers hear it now, not after --dead-after
                 await shell.linger()
-            await shell.release_mapping()  # the gateway's mapping goes with us, Ctrl-C or not
+            await shell.aclose()  # the gateway's mapping goes with us, Ctrl-C or not
         except asyncio.CancelledError:
             pass  # a second Ctrl-C: close now
         finally:
@@ -536,8 +546,9 @@ class PeerConnection:
         if self._shell is not None and not self._closed:
             self._shell.leave()
             await self._shell.linger()
-            await self._shell.release_mapping()
         self.close()
+        if self._shell is not None and self._shell.releasing is not None:
+            await self._shell.releasing  # the port mapping's deletion
         if self._shell is not None:
             await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled
         await asyncio.sleep(0)  # let the transports finish closing

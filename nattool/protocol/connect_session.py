@@ -48,7 +48,7 @@ path that answers takes over (a second PathUp for the same peer).
 A port mapping (``portmap``): the owner asks the gateway to map the session's port (PCP,
 NAT-PMP, UPnP IGD) and reports what happened with :meth:`ConnectSession.port_mapping`;
 registering waits for that report (``PORTMAP_WAIT`` s at most), so that the trackers
-never list the unmapped endpoint. A granted mapping's external endpoint goes into every
+do not list the unmapped endpoint first. A granted mapping's external endpoint goes into every
 registration as ``<public>``: the trackers list it, the peers ping it, the gateway
 forwards it to our socket. A tracker that refuses it (its IP is not the one the tracker
 sees: a double NAT) gets ``0`` instead. A path is of method PORTMAP when the peer's pong
@@ -128,8 +128,10 @@ SEED, ORIGINAL = "seed", "original"  # registration forms (RegisterRequest.form)
 UDP_GIVE_UP = 2.0  # s without any tracker answer over UDP before trying TCP (with a relay)
 GRANTED, REFUSED = "granted", "refused"  # a tracker's answer to //relay/<group>
 WANTED, OPEN, FAILED = "wanted", "open", "failed"  # a stream to a tracker
-# s registering waits for the owner's port-mapping report (discovery ~1 s, then the MAP)
-PORTMAP_WAIT = 1.5
+# s registering waits for the owner's port-mapping report: a PCP or NAT-PMP gateway answers
+# within it; a UPnP IGD's mapping, or a late one, is registered when it comes (waiting
+# for SSDP's silence would make every start on a network without a gateway a second later)
+PORTMAP_WAIT = 0.5
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
@@ -267,11 +269,10 @@ class ConnectSession:
         self.turn: Optional[TurnClient] = None
         self.relayed_peers: set[Endpoint] = set()  # relayed endpoints of other members
         self.mapped: Optional[PortMapped] = None  # the port mapping in force (GRANTED or RENEWED)
-        self.mapping_wait = config.portmap  # registering waits for the owner's first port_mapping()
-        self.registering_since = now  # UDP_GIVE_UP counts from here
-        if config.portmap:
-            for reg in self.registrations.values():
-                reg.next_round = now + PORTMAP_WAIT
+        self.mapping_wait = config.portmap  # no port_mapping() report yet
+        self.registering_since = now + PORTMAP_WAIT if config.portmap else now  # UDP_GIVE_UP counts from here
+        for reg in self.registrations.values():
+            reg.next_round = self.registering_since
         self.t0 = now
         self._now = now
         self.no_path_since = now
@@ -710,8 +711,8 @@ class ConnectSession:
     def port_mapping(self, report: PortMapped, now: float) -> None:
         """What the owner's port mapper says: GRANTED or RENEWED (the external endpoint is
         offered to the peers from now on), LOST, NONE (nothing offered) or DELETED. The
-        first report ends the wait of the registrations; a new external endpoint is
-        registered at once. The report is handed on as an event."""
+        first report ends the wait of the registrations (if they still wait); a new
+        external endpoint is registered at once. The report is handed on as an event."""
         if self.ended is not None:
             return
         self._now = now
@@ -719,7 +720,8 @@ class ConnectSession:
         live = report.change in (MappingChange.GRANTED, MappingChange.RENEWED) and report.external is not None
         self.mapped = report if live else None
         self._events.append(report)
-        waited, self.mapping_wait = self.mapping_wait, False
+        waited = self.mapping_wait and now < self.registering_since  # the registrations are held back
+        self.mapping_wait = False
         if waited:
             self.registering_since = now
         after = self.mapped.external if self.mapped is not None else None
