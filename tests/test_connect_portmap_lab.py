@@ -46,6 +46,9 @@ RUNS = int(os.environ.get("CONNECT_PORTMAP_LAB_RUNS", str(len(EXITS))))
 TARGET = 5.0  # s from the later start to the later path_up
 TRACKERS = (f"{SERVER_V4[0]}:43283", f"{SERVER_V4[1]}:43283")
 EXIT_STATUS = {"once": 0, "sigint": 130, "sigterm": 0}
+# s between the starts of the cases that run at once: their `connect` processes do not all
+# start (import, open sockets) in the same instant on a 2-core machine
+STAGGER = 0.7
 
 
 @dataclass
@@ -130,7 +133,8 @@ def run_once(lab: Lab, case: Case, home: Path, i: int) -> Run:
     )
 
 
-def run_case(lab: Lab, case: Case, home: Path) -> list[Run]:
+def run_case(lab: Lab, case: Case, home: Path, delay: float) -> list[Run]:
+    time.sleep(delay)
     return [run_once(lab, case, home, i) for i in range(RUNS)]
 
 
@@ -142,7 +146,9 @@ class DoubleNat:
     peer: Any  # a host with a public address (a ServerHost)
 
 
-def run_double_nat(lab: Lab, dn: DoubleNat, home: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def run_double_nat(lab: Lab, dn: DoubleNat, home: Path, delay: float
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    time.sleep(delay)
     left = spawn_peer(lab, dn.client, home, "pm-double", 44500, "--once")
     right = spawn_peer(lab, dn.peer, home, "pm-double", 44501, "--once")
     logs: list[list[str]] = [[], []]
@@ -176,9 +182,9 @@ def lab_runs(natlab_available: None, tmp_path_factory: pytest.TempPathFactory  #
         dn = DoubleNat(inner, outer, lab.add_host("dn_client", behind=inner),
                        lab.add_server_host("peer", addrs=["203.0.113.60"]))
         with ThreadPoolExecutor(len(cases) + 1) as pool:
-            futures: dict[str, Future[Any]] = {proto: pool.submit(run_case, lab, case, home)
-                                               for proto, case in cases.items()}
-            futures["double"] = pool.submit(run_double_nat, lab, dn, home)
+            futures: dict[str, Future[Any]] = {proto: pool.submit(run_case, lab, case, home, n * STAGGER)
+                                               for n, (proto, case) in enumerate(cases.items())}
+            futures["double"] = pool.submit(run_double_nat, lab, dn, home, len(cases) * STAGGER)
             yield lab, futures
         _print_figures({p: futures[p] for p in PROTOCOLS})
 
@@ -269,3 +275,140 @@ def test_behind_a_double_nat_the_trackers_refuse_the_mapping_and_get_0(
         (left_up,) = [e for e in left if e["event"] == "path_up"]
         assert (left_up["via"], left_up["method"]) == ("direct", "punch")
         assert [e for e in right if e["event"] == "path_up"]
+
+
+# --------------------------------------------------------------------------- renewal, loss, library
+
+SHORT_LIFETIME = 4  # s the renewal lab's gateways grant at most: a renewal every 2-2.5 s
+# A UPnP IGD answers AddPortMapping without a lease (the client's is taken): no short one here.
+RENEWING = ("pcp", "natpmp")
+# The gateway falls silent: PCP / NAT-PMP datagrams to it are dropped on its input.
+SILENCE = """table inet silence {
+    chain input { type filter hook input priority -300; policy accept; udp dport 5351 drop; }
+}"""
+LIBRARY_SCRIPT = """
+import asyncio, sys, nattool
+async def main():
+    group, port, portmap = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "on"
+    conn = await nattool.connect(group, sys.argv[4:], port=port, portmap=portmap, timeout=30)
+    await asyncio.sleep(1.5)
+    print("connected", flush=True)
+    sys.stdin.readline()
+    await conn.aclose()
+    print("closed", flush=True)
+asyncio.run(main())
+"""
+
+
+@dataclass
+class Held:
+    """What became of a mapping that was renewed, then lost when the gateway went."""
+
+    events: list[dict[str, Any]]
+    grants: list[Any]  # the gateway's grant events for our socket (the first and renewals)
+    status: int | None
+
+
+def renew_then_lose(lab: Lab, nat: Nat, gw: PortmapGateway, host: Host, home: Path, delay: float) -> Held:
+    time.sleep(delay)
+    child = spawn_peer(lab, host, home, f"renew-{gw.protocols[0]}", 44700, "--timeout", "30")
+    log: list[str] = []
+    try:
+        for _ in range(2):  # two renewals (at 1/2 to 5/8 of 4 s each)
+            child.expect(r'\{"event":"portmap"[^\n]*"change":"renewed"[^\n]*\n', timeout=12)
+            log.append(child.before + child.after)
+        grants = [e for e in gw.events("grant") if e.internal == (host.ip, 44700)]
+        # The gateway goes silent: renewals go unanswered, the mapping expires at both ends.
+        lab.run(nat, ["nft", "-f", "-"], input=SILENCE)
+        child.expect(r'\{"event":"portmap"[^\n]*"change":"lost"[^\n]*\n', timeout=12)
+        log.append(child.before + child.after)
+        external = events(log[0])[0]["external"]
+        while True:  # registered again with `0`: the trackers see the plain NAT's port
+            child.expect(r'\{"event":"registered"[^\n]*\n', timeout=5)
+            log.append(child.before + child.after)
+            if json.loads(child.after)["public"] != external:
+                break
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF, timeout=10)
+        log.append(child.before)
+        child.close()
+    finally:
+        child.close(force=True)
+    return Held(events("".join(log)), grants, child.exitstatus)
+
+
+@dataclass
+class Library:
+    during: list[Any]  # the gateway's mappings of the script's socket while it is connected
+    after: list[Any]  # ... once aclose() returned
+    deletes: list[Any]
+
+
+def library_run(lab: Lab, gw: PortmapGateway, host: Host, home: Path, port: int, portmap: bool) -> Library:
+    import sys
+
+    argv = [sys.executable, "-c", LIBRARY_SCRIPT, f"lib-{port}", str(port), "on" if portmap else "off", *TRACKERS]
+    child = lab.spawn(host, argv, env=nattool_env(home), timeout=15)
+    try:
+        child.expect("connected")
+        during = [m for m in gw.mappings() if m.internal == (host.ip, port)]
+        child.sendline("")
+        child.expect("closed")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    return Library(during, [m for m in gw.mappings() if m.internal == (host.ip, port)],
+                   [e for e in gw.events("delete") if e.internal == (host.ip, port)])
+
+
+@pytest.fixture(scope="module")
+def held_runs(natlab_available: None, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+              ) -> Iterator[tuple[Lab, dict[str, Future[Any]]]]:
+    home = tmp_path_factory.mktemp("connect-portmap-renewal-home")
+    with Lab() as lab:
+        start_trackers(lab, home)
+        jobs: dict[str, Any] = {}
+        for n, proto in enumerate(RENEWING):
+            nat = lab.add_nat(f"short{n}", NatBehaviour.APDM, grants_mappings=True)
+            gw = start_portmap_gateway(lab, nat, (proto,), max_lifetime=SHORT_LIFETIME)
+            jobs[proto] = (renew_then_lose, lab, nat, gw, lab.add_host(f"held{n}", behind=nat), home, n * STAGGER)
+        nat = lab.add_nat("libnat", NatBehaviour.APDM, grants_mappings=True)
+        gw = start_portmap_gateway(lab, nat, ("natpmp",))
+        host = lab.add_host("lib", behind=nat)
+        with ThreadPoolExecutor(len(jobs) + 1) as pool:
+            futures: dict[str, Future[Any]] = {k: pool.submit(*job) for k, job in jobs.items()}
+            futures["library"] = pool.submit(lambda: (library_run(lab, gw, host, home, 44800, True),
+                                                      library_run(lab, gw, host, home, 44801, False)))
+            yield lab, futures
+
+
+@pytest.mark.parametrize("protocol", RENEWING)
+def test_the_mapping_is_renewed_before_expiry_and_a_lost_one_is_withdrawn(
+        held_runs: tuple[Lab, dict[str, Future[Any]]], protocol: str) -> None:
+    lab, futures = held_runs
+    with shown_on_failure(lab):
+        held: Held = futures[protocol].result()
+        granted = first(held.events, "portmap")
+        assert (granted["change"], granted["protocol"], granted["lifetime_s"]) == ("granted", protocol, SHORT_LIFETIME)
+        renewed = [e for e in held.events if e["event"] == "portmap" and e["change"] == "renewed"]
+        # Renewed in time (the gateway never let it expire), at the same external endpoint.
+        assert len(renewed) == 2 and {e["external"] for e in renewed} == {granted["external"]}, renewed
+        assert len(held.grants) >= 3, held.grants
+        assert all(b.raw["lifetime"] and a.external == b.external for a, b in zip(held.grants, held.grants[1:]))
+        (lost,) = [e for e in held.events if e["event"] == "portmap" and e["change"] == "lost"]
+        assert lost["external"] == granted["external"] and lost["reason"], lost
+        # Lost: the trackers get `0`, and see us at an endpoint that is no mapping of ours.
+        regs = [e for e in held.events if e["event"] == "registered"]
+        assert regs[-1]["public"] != granted["external"], regs
+        assert held.status == 0  # SIGTERM
+        assert not [e for e in held.events if e["event"] == "portmap" and e["change"] == "deleted"]
+
+
+def test_the_library_maps_the_port_and_aclose_deletes_it_portmap_false_does_not_ask(
+        held_runs: tuple[Lab, dict[str, Future[Any]]]) -> None:
+    lab, futures = held_runs
+    with shown_on_failure(lab):
+        on, off = futures["library"].result()
+        assert len(on.during) == 1 and on.during[0].via == "natpmp", on
+        assert on.after == [] and [e.reason for e in on.deletes] == ["request"], on
+        assert off.during == off.after == off.deletes == [], off
