@@ -35,7 +35,7 @@ def connect(
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
     relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 2 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
     tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
-    portmap: Annotated[bool, typer.Option("--portmap/--no-portmap", help="Ask the gateway (PCP, NAT-PMP or UPnP IGD, about 1 s) to map the local port, offer the mapped endpoint to the peers, renew it, and delete it on exit (also on Ctrl-C and SIGTERM).")] = True,
+    portmap: Annotated[bool, typer.Option("--portmap/--no-portmap", help="Ask the gateway to map the local port (PCP, NAT-PMP or UPnP IGD; registering waits up to 0.5 s for it), offer the mapped endpoint to the peers, renew it, and delete it on exit (also on Ctrl-C and SIGTERM).")] = True,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:

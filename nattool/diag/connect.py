@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import os
 import signal
 import socket
 import stat
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Optional, Sequence
+from typing import Awaitable, Callable, Optional, Sequence
 
+from nattool.diag.connect_portmap import SocketMapping, worth_mapping
 from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
 from nattool.protocol.connect_events import (
     ConnectEvent,
-    MappingChange,
     MessageReceived,
     PathUp,
     PortMapped,
@@ -45,9 +44,6 @@ from nattool.protocol.punch import MAX_BODY
 from nattool.protocol.stream_frames import StreamDeframer, TextFrame, text_frame
 from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
 from nattool.protocol.tracker_spec import TrackerLike, as_tracker_specs
-
-if TYPE_CHECKING:
-    from nattool.net.portmap import PortMapping
 
 OnEvent = Callable[[ConnectEvent], None]
 
@@ -64,7 +60,6 @@ class ConnectionClosed(NattoolError):
 
 
 STREAM_CONNECT_TIMEOUT = 5.0  # s for a TCP connection to a tracker to open
-PORTMAP_DISCOVERY = 1.0  # s the gateway's PCP, NAT-PMP and UPnP IGD get to answer (asked at once)
 STREAM_READ = 65536
 
 
@@ -129,10 +124,7 @@ class SessionShell:
         self.closed = False
         self._timer: Optional[asyncio.TimerHandle] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.mapper: Optional["PortMapping"] = None
-        self._mapping_task: Optional[asyncio.Task[None]] = None
-        self._mapping_reported = False  # start() answered: later grants are renewals (or fresh grants)
-        self.releasing: Optional[asyncio.Task[None]] = None  # the mapping's deletion, after close()
+        self.mapping = SocketMapping(self._report_mapping, on_event)
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -148,12 +140,12 @@ class SessionShell:
         except BaseException:
             self.pool.close()
             raise
-        mapped_client = self._client_to_map()
-        if mapped_client is None and self.config.portmap:
+        v4 = self.clients.get(socket.AF_INET)
+        if self.config.portmap and (v4 is None or not worth_mapping(self.config.trackers, self.bind)):
             self.config = dataclasses.replace(self.config, portmap=False)  # nothing to map: do not wait
         self.session = ConnectSession(self.config, os.urandom(8), self._loop.time(), local, seed=os.urandom(16))
-        if mapped_client is not None:
-            self._mapping_task = asyncio.ensure_future(self._map_port(mapped_client))
+        if self.config.portmap and v4 is not None:
+            self.mapping.start(v4.local.port, self.bind)
         self._pump()
 
     @property
@@ -195,9 +187,7 @@ class SessionShell:
         for task in self._tasks:
             task.cancel()
         self.pool.close()
-        if self.mapper is not None or self._mapping_task is not None:
-            # After the sockets: nothing answers the peers while the gateway is asked.
-            self.releasing = _background(self.release_mapping())
+        self.mapping.release_later()  # after the sockets: nothing answers the peers meanwhile
 
     def _now(self) -> float:
         assert self._loop is not None
@@ -288,50 +278,8 @@ class SessionShell:
 
     # -- the port mapping ------------------------------------------------------------
 
-    def _client_to_map(self) -> Optional[UdpClient]:
-        """The socket whose port is worth a mapping: the IPv4 one (the protocols map
-        IPv4 here), unless every tracker is on loopback (no gateway in between)."""
-        client = self.clients.get(socket.AF_INET)
-        if not self.config.portmap or client is None or all(t.ip.is_loopback for t in self.config.trackers):
-            return None
-        if self.bind is not None and ipaddress.ip_address(self.bind).is_loopback:
-            return None
-        return client
-
-    async def _map_port(self, client: UdpClient) -> None:
-        """Ask the gateway for a mapping of ``client``'s port and tell the session what
-        came of it (it holds the registrations back until then)."""
-        from nattool.net.portmap import PortMapping
-
-        self.mapper = PortMapping(client.local.port, local_ip=self.bind, wait=PORTMAP_DISCOVERY,
-                                  on_change=self._on_mapper_event)
-        try:
-            mapping = await self.mapper.start()
-            why = "; ".join(f"{proto}: {failed}" for proto, failed in self.mapper.failures.items())
-        except NattoolError as exc:
-            mapping, why = None, str(exc)
-        self._mapping_reported = True
-        if mapping is None:
-            self._report_mapping(PortMapped(MappingChange.NONE, reason=why))
-        else:
-            self._report_mapping(PortMapped(MappingChange.GRANTED, mapping.protocol, mapping.external,
-                                            float(mapping.lifetime)))
-
-    def _on_mapper_event(self, event: object) -> None:
-        """A renewal (the external endpoint may move) or the loss of the mapping, from
-        the mapper's background renewal (its first grant comes from start())."""
-        from nattool.protocol.portmap_client import MappingFailed, MappingGranted
-
-        if isinstance(event, MappingGranted) and self._mapping_reported:
-            # Not a renewal: granted afresh (the gateway rebooted), perhaps elsewhere.
-            change = MappingChange.RENEWED if event.renewal else MappingChange.GRANTED
-            self._report_mapping(PortMapped(change, event.protocol, event.external, float(event.lifetime)))
-        elif isinstance(event, MappingFailed) and event.lost:
-            held = self.session.mapped if self.session is not None else None
-            self._report_mapping(PortMapped(MappingChange.LOST, event.protocol, held.external if held else None,
-                                            None, event.reason))
-
     def _report_mapping(self, report: PortMapped) -> None:
+        """The mapping's news: to the session while it runs, else to the owner."""
         if self.session is not None and not self.closed and self.session.ended is None:
             self.session.port_mapping(report, self._now())
             self._pump()
@@ -341,43 +289,8 @@ class SessionShell:
     async def aclose(self) -> None:
         """close(), and wait for the port mapping's deletion (bounded by the mapper)."""
         self.close()
-        if self.releasing is not None:
-            await self.releasing
-
-    async def release_mapping(self) -> None:
-        """Delete the port mapping (if any; also one still being asked for), and say so."""
-        task, self._mapping_task = self._mapping_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        mapper, self.mapper = self.mapper, None
-        if mapper is None:
-            return
-        held = mapper.mapping
-        try:
-            await mapper.close()
-        except NattoolError as exc:
-            self.on_event(PortMapped(MappingChange.LOST, held.protocol if held else None,
-                                     held.external if held else None, None, f"not deleted: {exc}"))
-            return
-        if held is not None:
-            self.on_event(PortMapped(MappingChange.DELETED, held.protocol, held.external))
-
-
-_BACKGROUND: set[asyncio.Task[None]] = set()
-
-
-def _background(coro: Coroutine[Any, Any, None]) -> Optional[asyncio.Task[None]]:
-    """Run ``coro`` to its end even if nobody waits for it (a mapping deleted after a
-    synchronous close)."""
-    try:
-        task = asyncio.ensure_future(coro)
-    except RuntimeError:  # no running loop any more: nothing can be sent
-        coro.close()
-        return None
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-    return task
+        if self.mapping.releasing is not None:
+            await self.mapping.releasing
 
 
 def _family(ep: Endpoint) -> int:
@@ -428,9 +341,10 @@ def _on_sigterm(stop: Callable[[], object]) -> Callable[[], None]:
     """SIGTERM ends the run as Ctrl-C does (leave, delete the port mapping), exit 0; the
     returned function puts the default handling back."""
     loop = asyncio.get_running_loop()
-    if sys.platform == "win32":
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop)
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
         return lambda: None
-    loop.add_signal_handler(signal.SIGTERM, stop)
     return lambda: loop.remove_signal_handler(signal.SIGTERM)
 
 
@@ -547,8 +461,8 @@ class PeerConnection:
             self._shell.leave()
             await self._shell.linger()
         self.close()
-        if self._shell is not None and self._shell.releasing is not None:
-            await self._shell.releasing  # the port mapping's deletion
+        if self._shell is not None and self._shell.mapping.releasing is not None:
+            await self._shell.mapping.releasing  # the port mapping's deletion
         if self._shell is not None:
             await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled
         await asyncio.sleep(0)  # let the transports finish closing
@@ -624,9 +538,10 @@ async def connect(
     they open), "never", or "only"; ``tcp``: reach the trackers over TCP at once (else
     only when none answers over UDP, and only with a relay); ``portmap``: ask the
     gateway (PCP, NAT-PMP, UPnP IGD) to map the port and offer the mapped endpoint to
-    the peers (deleted by ``aclose()``; not for trackers on loopback: the registrations
-    wait for the gateway's answer, a second or so). Returns once the sockets are open
-    and the registrations are on their way; use ``wait_for_peer()`` to wait for a path.
+    the peers (deleted by ``aclose()``; not for trackers on loopback; the registrations
+    wait for the gateway's answer, half a second at most). Returns once the sockets
+    are open and the registrations are on their way; use ``wait_for_peer()`` to wait
+    for a path.
     """
     try:
         group_key = canonical_group(group)
