@@ -17,6 +17,7 @@ A fourth case alongside: behind a double NAT the trackers refuse the mapped endp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -220,14 +221,21 @@ def _portmap_path(run: Run) -> bool:
     return bool(ups) and ups[0]["via"] == "direct" and ups[0]["method"] == "portmap"
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_symmetric_pair_connects_directly_through_the_mapping(
-        lab_runs: tuple[Lab, dict[str, Future[list[Run]]]], protocol: str) -> None:
+@contextlib.contextmanager
+def case_runs(lab_runs: tuple[Lab, dict[str, Future[list[Run]]]], protocol: str
+              ) -> Iterator[tuple[Lab, list[tuple[str, Run]]]]:
+    """The runs of ``protocol``'s case, each with a label; the lab is shown on failure."""
     lab, futures = lab_runs
     with shown_on_failure(lab):
         runs = futures[protocol].result()
-        for i, run in enumerate(runs):
-            label = f"{protocol} run {i} ({run.how})"
+        yield lab, [(f"{protocol} run {i} ({run.how})", run) for i, run in enumerate(runs)]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_symmetric_pair_connects_directly_through_the_mapping(
+        lab_runs: tuple[Lab, dict[str, Future[list[Run]]]], protocol: str) -> None:
+    with case_runs(lab_runs, protocol) as (lab, runs):
+        for label, run in runs:
             (granted,) = [e for e in run.left_events if e["event"] == "portmap" and e["change"] == "granted"]
             assert granted["protocol"] == protocol, label
             gw_nat = lab.node(f"gw{PROTOCOLS.index(protocol)}")
@@ -251,12 +259,9 @@ def test_symmetric_pair_connects_directly_through_the_mapping(
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_the_mapping_and_its_rules_are_gone_after_connect_exits(
         lab_runs: tuple[Lab, dict[str, Future[list[Run]]]], protocol: str) -> None:
-    lab, futures = lab_runs
-    with shown_on_failure(lab):
-        runs = futures[protocol].result()
-        assert {r.how for r in runs} == set(EXITS[: len(runs)])
-        for i, run in enumerate(runs):
-            label = f"{protocol} run {i} ({run.how})"
+    with case_runs(lab_runs, protocol) as (_, runs):
+        assert {run.how for _, run in runs} == set(EXITS[: len(runs)])
+        for label, run in runs:
             assert run.left_status == EXIT_STATUS[run.how], label
             # Deleted by `connect` itself (not expired, not the gateway's own exit).
             assert [e.reason for e in run.gateway_deletes] == ["request"], (label, run.gateway_deletes)
