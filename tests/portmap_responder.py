@@ -35,6 +35,7 @@ class Gateway:
     upnp_conflicts: set[int] = field(default_factory=set)  # external ports UPnP says are taken
     upnp_permanent_only: bool = False
     seen: list[Seen] = field(default_factory=list)
+    received: list[bytes] = field(default_factory=list)  # every datagram on the UDP port, answered or not
     mappings: dict[tuple[str, int], int] = field(default_factory=dict)  # (protocol, internal port) -> external port
     udp_port: int = 0
     ssdp_port: int = 0
@@ -43,17 +44,14 @@ class Gateway:
     # -- UDP 5351 -------------------------------------------------------------------------
 
     def answer_udp(self, data: bytes, source: str) -> Optional[bytes]:
+        self.received.append(data)
         if data[:1] == bytes([pcp.VERSION]) and "pcp" in self.protocols:
             return self._answer_pcp(data, source)
         if "natpmp" not in self.protocols:
             return None
-        error = natpmp.error_for_request(data, self.epoch)
-        if error is not None:
-            return error.to_wire()
-        try:
-            request = natpmp.parse_request(data)
-        except PortmapProtocolError:
-            return None
+        request = natpmp.read_request(data, self.epoch)
+        if request is None or isinstance(request, natpmp.ErrorResponse):
+            return None if request is None else request.to_wire()
         if isinstance(request, natpmp.ExternalAddressRequest):
             return natpmp.ExternalAddressResponse(0, self.epoch, ipaddress.IPv4Address(self.external)).to_wire()
         lifetime = min(request.lifetime, self.max_lifetime)

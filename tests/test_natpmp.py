@@ -83,6 +83,14 @@ def test_unsupported_opcode_answer_and_requests_needing_no_answer() -> None:
     assert natpmp.error_for_request(b"\x00", epoch=5) is None
 
 
+def test_read_request_is_what_a_server_does_with_the_bytes() -> None:
+    assert natpmp.read_request(bytes([0, 0]), epoch=1) == ExternalAddressRequest()
+    assert natpmp.read_request(bytes([2, 1]) + bytes(58), epoch=1) == ErrorResponse(0, 1, 1)
+    assert natpmp.read_request(bytes([0, 9]), epoch=1) == ErrorResponse(9, 5, 1)
+    assert natpmp.read_request(bytes([0, 1, 0, 0]), epoch=1) is None  # a map request cut short
+    assert natpmp.read_request(bytes([0, 129]) + bytes(14), epoch=1) is None
+
+
 def test_result_codes_are_the_rfc_values() -> None:
     assert [c.value for c in ResultCode] == [0, 1, 2, 3, 4, 5]
     assert natpmp.result_name(2) == "NOT_AUTHORIZED"
@@ -173,6 +181,7 @@ def test_random_bytes_raise_only_our_error(data: bytes) -> None:
         except PortmapProtocolError:
             pass
     natpmp.error_for_request(data, 0)
+    natpmp.read_request(data, 0)
 
 
 @given(st.binary(min_size=6, max_size=20), st.integers(0, 3))

@@ -196,6 +196,26 @@ def test_delete_while_still_asking_deletes_what_may_have_been_granted() -> None:
     assert pcp.parse_request(delete).lifetime == 0
 
 
+def test_delete_after_an_unanswered_request_still_goes() -> None:
+    mapper = PcpMapper(CLIENT, 5000, NONCE, b"seed", 0.0, timeout=1.0)
+    send_times(mapper, 5.0)
+    assert mapper.state == MapperState.FAILED
+    events(mapper)
+    mapper.delete(5.0)  # the gateway may have mapped it and lost every answer
+    [delete] = mapper.datagrams_to_send(5.0)
+    assert pcp.parse_request(delete).lifetime == 0
+    # A refusal is an answer: nothing can have been granted, nothing to delete.
+    refused = PcpMapper(CLIENT, 5000, NONCE, b"seed", 0.0)
+    refused.receive_datagram(pcp_answer(refused.datagrams_to_send(0.0)[0], result=2), 0.1)
+    refused.delete(0.2)
+    assert refused.datagrams_to_send(0.2) == []
+    # An address-only NAT-PMP query maps nothing: its delete would be "all of this client's".
+    query = NatpmpMapper(None, b"seed", 0.0)
+    send_times(query, 5.0)
+    query.delete(5.0)
+    assert query.datagrams_to_send(5.0) == []
+
+
 def test_gateway_reboot_seen_in_the_epoch_remaps_at_once() -> None:
     mapper = PcpMapper(CLIENT, 5000, NONCE, b"seed", 0.0, lifetime=3600)
     mapper.receive_datagram(pcp_answer(mapper.datagrams_to_send(0.0)[0], epoch=5000), 0.0)
@@ -348,3 +368,54 @@ def test_address_class(ip: str, cls: str) -> None:
 def test_behind_another_nat_only_for_private_and_cgnat() -> None:
     assert behind_another_nat("100.64.0.2") and behind_another_nat("192.168.0.2") and behind_another_nat("fd00::2")
     assert not behind_another_nat("203.0.113.20") and not behind_another_nat("8.8.8.8")
+
+
+_pcp_replies = st.one_of(
+    st.builds(lambda r, life, ep, port: pcp.Response(pcp.Opcode.MAP, r, life, ep, pcp.MapData(
+        NONCE, pcp.PROTO_UDP, 5000, port, EXTERNAL)).to_wire(),
+        st.sampled_from([0, 0, 0, 1, 2, 8, 11]), st.integers(0, 10_000), st.integers(0, 20_000), st.integers(0, 65535)),
+    st.builds(lambda ep: pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, ep).to_wire(), st.integers(0, 20_000)),
+    st.builds(lambda ep: natpmp.ErrorResponse(0, 1, ep).to_wire(), st.integers(0, 20_000)),
+)
+_natpmp_replies = st.one_of(
+    st.builds(lambda r, ep: natpmp.ExternalAddressResponse(r, ep, EXTERNAL).to_wire(),  # type: ignore[arg-type]
+              st.sampled_from([0, 0, 3]), st.integers(0, 20_000)),
+    st.builds(lambda r, ep, port, life: natpmp.MapResponse(1, r, ep, 5000, port, life).to_wire(),
+              st.sampled_from([0, 0, 0, 2, 4]), st.integers(0, 20_000), st.integers(0, 65535), st.integers(0, 10_000)),
+    st.builds(lambda r, ep: natpmp.ErrorResponse(1, r, ep).to_wire(), st.integers(1, 5), st.integers(0, 20_000)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.booleans(), st.lists(st.tuples(st.floats(0, 3, allow_nan=False), st.integers(0, 1), st.data()), max_size=25),
+       st.booleans())
+def test_well_formed_answers_in_any_order_keep_the_invariants(use_pcp: bool, steps: list, delete_at_end: bool) -> None:
+    mapper: PcpMapper | NatpmpMapper = (PcpMapper(CLIENT, 5000, NONCE, b"s", 0.0, lifetime=600) if use_pcp
+                                        else NatpmpMapper(5000, b"s", 0.0, lifetime=600))
+    now = 0.0
+    for gap, kind, data in steps:
+        now += gap * (100 if kind else 1)
+        timer = mapper.get_timer()
+        if timer is not None and timer <= now:
+            mapper.handle_timer(now)
+        reply = data.draw(_pcp_replies if use_pcp else _natpmp_replies)
+        mapper.receive_datagram(reply, now)
+        mapper.datagrams_to_send(now)
+        for event in events(mapper):
+            if isinstance(event, MappingGranted):
+                assert event.lifetime > 0 and event.external.ip == EXTERNAL
+        if mapper.state == MapperState.MAPPED:
+            assert mapper.external is not None and mapper.expires_at is not None and mapper.renew_at is not None
+            assert mapper.renew_at < mapper.expires_at
+        if mapper.state in (MapperState.FAILED, MapperState.DELETED):
+            assert mapper.get_timer() is None
+    if delete_at_end:
+        mapper.delete(now)
+        for _ in range(10):
+            timer = mapper.get_timer()
+            if timer is None:
+                break
+            mapper.handle_timer(timer)
+            mapper.datagrams_to_send(timer)
+        assert mapper.state in (MapperState.DELETED, MapperState.FAILED)
+        assert mapper.get_timer() is None

@@ -13,6 +13,7 @@ import pytest
 
 from nattool.net import portmap
 from nattool.net.portmap import PortMapping, discover
+from nattool.protocol import natpmp, pcp
 from nattool.protocol.portmap_client import MappingDeleted, MappingFailed, MappingGranted, PortmapEvent
 from tests import portmap_responder
 from tests.portmap_responder import Gateway, Seen
@@ -87,7 +88,8 @@ def test_upnp_when_udp_5351_is_closed() -> None:
     async def body(gw: Gateway) -> Any:
         pm = mapping_for(gw, 40003, port=closed_udp_port(), wait=1.5)
         mapping = await pm.start()
-        assert pm.failures.get("pcp", "").endswith("(ICMP unreachable)")
+        # ICMP unreachable on 5351 ends PCP at once, and NAT-PMP (the same port) is not tried.
+        assert "pcp" in pm.failures and "natpmp" not in pm.failures
         held = dict(gw.mappings)
         await pm.close()
         return mapping, held
@@ -97,6 +99,42 @@ def test_upnp_when_udp_5351_is_closed() -> None:
     assert mapping is not None and mapping.protocol == "upnp"
     assert mapping.external.to_text() == "203.0.113.9:40003" and held == {("upnp", 40003): 40003}
     assert gw.mappings == {} and gw.seen[-1] == Seen("upnp", 40003, 0)
+
+
+def test_an_igd_other_than_the_gateway_is_used_after_the_first_search_round() -> None:
+    async def body(gw: Gateway) -> Any:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # The default gateway is 127.0.0.2 (nothing there); the IGD answers from 127.0.0.1.
+        pm = PortMapping(40009, gateway="127.0.0.2", port=closed_udp_port(), protocols=("upnp",), wait=1.2,
+                         ssdp_target=("127.0.0.1", gw.ssdp_port))
+        mapping = await pm.start()
+        took = loop.time() - started
+        await pm.close()
+        return mapping, took
+
+    mapping, took = run_with(Gateway(protocols=("upnp",)), body)
+    assert mapping is not None and mapping.protocol == "upnp"
+    assert took >= 0.4  # not before the first round (wait / 3) gave the gateway its chance
+
+
+def test_upnp_lease_is_renewed_by_adding_it_again() -> None:
+    seen_events: list[PortmapEvent] = []
+
+    async def body(gw: Gateway) -> None:
+        async with mapping_for(gw, 40010, protocols=("upnp",), lifetime=2, on_change=seen_events.append) as pm:
+            assert pm.mapping is not None and pm.mapping.lifetime == 2
+            for _ in range(100):
+                if any(isinstance(e, MappingGranted) for e in seen_events):
+                    break
+                await asyncio.sleep(0.05)
+
+    gw = Gateway(protocols=("upnp",))
+    run_with(gw, body)
+    renewed = [e for e in seen_events if isinstance(e, MappingGranted)]
+    assert renewed and renewed[0].renewal and renewed[0].external.port == 40010
+    assert [s.lifetime for s in gw.seen] == [2, 2, 0]  # add, add again, delete
+    assert gw.mappings == {}
 
 
 def test_upnp_conflict_and_permanent_only_leases() -> None:
@@ -117,12 +155,24 @@ def test_silent_gateway_gives_no_mapping_within_the_wait() -> None:
         pm = mapping_for(gw, 40005, wait=0.6)
         mapping = await pm.start()
         await pm.close()
-        return mapping, loop.time() - started, pm.failures
+        took = loop.time() - started
+        for _ in range(100):  # let the responder read the last datagrams on loopback
+            if gw.received[-1][:2] == bytes([0, 1]) and natpmp.parse_request(gw.received[-1]).lifetime == 0:
+                break
+            await asyncio.sleep(0.01)
+        return mapping, took, pm.failures
 
-    mapping, took, failures = run_with(Gateway(protocols=()), body)
+    gw = Gateway(protocols=())
+    mapping, took, failures = run_with(gw, body)
     assert mapping is None
     assert took < 3.0  # wait=0.6 plus UPnP's search bound; nothing waits for retransmissions forever
     assert set(failures) == {"pcp", "natpmp", "upnp"}
+    # Each unanswered mapping request is followed by its delete: a gateway that mapped it
+    # and lost the answer must not keep the mapping.
+    pcp_lifetimes = [pcp.parse_request(d).lifetime for d in gw.received if d[0] == pcp.VERSION]
+    natpmp_maps = [natpmp.parse_request(d) for d in gw.received if d[:2] == bytes([0, 1])]
+    assert pcp_lifetimes[0] == 7200 and pcp_lifetimes[-1] == 0
+    assert natpmp_maps[0].lifetime == 7200 and natpmp_maps[-1].lifetime == 0  # type: ignore[union-attr]
 
 
 def test_cancellation_deletes_the_mapping() -> None:

@@ -20,12 +20,11 @@ renewal answer tells the mapper about a rebooted gateway.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Awaitable, Callable, Iterable, Optional, Sequence
 
 from nattool.errors import NattoolError, PortmapProtocolError, PortmapRefused
 from nattool.net.gateway import default_gateway as gateway_route
@@ -41,6 +40,8 @@ from nattool.protocol.portmap_client import (
     NatpmpMapper,
     PcpMapper,
     PortmapEvent,
+    RENEW_FROM,
+    RENEW_TO,
     address_class,
     behind_another_nat,
 )
@@ -53,6 +54,7 @@ PROBE_PCP_LIFETIME = 30  # s asked for the throwaway PCP mapping of discover()
 UPNP_DESCRIPTION = "nattool"
 UPNP_CONFLICT_TRIES = 4  # other external ports tried when the first is taken (718)
 NAT_NOTE = "carrier-grade NAT or a double NAT"
+SSDP_TARGET = (upnp_igd.SSDP_ADDRESS, upnp_igd.SSDP_PORT)
 
 EventCallback = Callable[[PortmapEvent], None]
 
@@ -82,6 +84,7 @@ class _GatewayChannel(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Optional[bytes]] = asyncio.Queue(maxsize=64)
         self.transport: Optional[asyncio.DatagramTransport] = None
+        self.unreachable = False  # an ICMP error came back: nothing listens there
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -91,6 +94,7 @@ class _GatewayChannel(asyncio.DatagramProtocol):
             self.queue.put_nowait(data)
 
     def error_received(self, exc: Exception) -> None:
+        self.unreachable = True
         if not self.queue.full():
             self.queue.put_nowait(None)  # ICMP unreachable: nobody listens on the gateway's port
 
@@ -140,7 +144,7 @@ async def _pump(mapper: Mapper, channel: _GatewayChannel, on_event: EventCallbac
         timer = mapper.get_timer()
         if timer is None and mapper.state in (MapperState.DELETED, MapperState.FAILED):
             return None
-        wake = min(t for t in (timer, deadline) if t is not None) if (timer is not None or deadline is not None) else None
+        wake = min((t for t in (timer, deadline) if t is not None), default=None)
         if deadline is not None and now >= deadline:
             return None
         try:
@@ -148,8 +152,8 @@ async def _pump(mapper: Mapper, channel: _GatewayChannel, on_event: EventCallbac
         except TimeoutError:
             continue
         if data is None:
-            failed = MappingFailed(mapper.protocol, None, f"the gateway's port {GATEWAY_PORT} is closed (ICMP unreachable)",
-                                   unsupported=True)
+            reason = f"nothing listens on the gateway's port {GATEWAY_PORT} (ICMP unreachable)"
+            failed = MappingFailed(mapper.protocol, None, reason, unsupported=True)
             on_event(failed)
             return failed if until(failed) else None
         mapper.receive_datagram(data, loop.time())
@@ -214,7 +218,7 @@ class _SsdpCollector(asyncio.DatagramProtocol):
 
 
 async def find_igd(timeout: float, *, local_ip: Optional[str] = None, gateway: Optional[str] = None,
-                   ssdp_target: tuple[str, int] = (upnp_igd.SSDP_ADDRESS, upnp_igd.SSDP_PORT)) -> Optional[upnp_igd.IgdService]:
+                   ssdp_target: tuple[str, int] = SSDP_TARGET) -> Optional[upnp_igd.IgdService]:
     """The best port-mapping service of the first IGD that answers SSDP within ``timeout``.
 
     A device's LOCATION must be on the address it answered from. ``gateway``: answers
@@ -233,6 +237,12 @@ async def find_igd(timeout: float, *, local_ip: Optional[str] = None, gateway: O
         pass
     searches = [upnp_igd.build_msearch(st) for st in upnp_igd.SEARCH_TARGETS]
     tried: set[str] = set()
+    others: list[str] = []  # devices other than the gateway, tried once the first round is over
+
+    async def fetch(location: str) -> Optional[upnp_igd.IgdService]:
+        tried.add(location)
+        return await _fetch_service(location, max(deadline - loop.time(), 0.05), local_ip)
+
     try:
         for round_ in range(2):  # SSDP is lossy: a second round a third of the way in
             for data in searches:
@@ -251,11 +261,15 @@ async def find_igd(timeout: float, *, local_ip: Optional[str] = None, gateway: O
                     host = upnp_igd.split_http_url(answer.location).host
                 except PortmapProtocolError:
                     continue
-                if host != source or answer.location in tried:
+                if host != source or answer.location in tried or answer.location in others:
                     continue
-                tried.add(answer.location)
-                service = await _fetch_service(answer.location, max(deadline - loop.time(), 0.05), local_ip)
-                if service is not None:
+                if gateway is not None and source != gateway:
+                    others.append(answer.location)
+                    continue
+                if (service := await fetch(answer.location)) is not None:
+                    return service
+            while others:
+                if (service := await fetch(others.pop(0))) is not None:
                     return service
         return None
     finally:
@@ -342,7 +356,7 @@ class PortmapReport:
 async def discover(*, gateway: Optional[str] = None, timeout: float = DEFAULT_WAIT,
                    protocols: Sequence[str] = PROTOCOLS, local_ip: Optional[str] = None,
                    port: int = GATEWAY_PORT,
-                   ssdp_target: tuple[str, int] = (upnp_igd.SSDP_ADDRESS, upnp_igd.SSDP_PORT)) -> PortmapReport:
+                   ssdp_target: tuple[str, int] = SSDP_TARGET) -> PortmapReport:
     """Which port-mapping protocols the gateway answers, and the external address of each.
 
     All three run in parallel within ``timeout`` (plus up to DELETE_WAIT for PCP's
@@ -356,7 +370,7 @@ async def discover(*, gateway: Optional[str] = None, timeout: float = DEFAULT_WA
     _check_protocols(protocols)
     gateway = gateway or _text(default_gateway())
     if gateway is None:
-        return PortmapReport(None, None, tuple(ProtocolReport(p, False, error="no IPv4 default gateway") for p in protocols))
+        return PortmapReport(None, None, _all_failed(protocols, "no IPv4 default gateway"))
     local_ip = local_ip or local_address_towards(gateway)
     runs = {
         "pcp": lambda: _discover_pcp(gateway, port, local_ip, timeout),
@@ -373,7 +387,11 @@ async def discover_for_probe(timeout: float = DEFAULT_WAIT) -> PortmapReport:
         return await discover(timeout=timeout)
     except (NattoolError, OSError) as exc:
         text = str(exc) or type(exc).__name__
-        return PortmapReport(_text(default_gateway()), None, tuple(ProtocolReport(p, False, error=text) for p in PROTOCOLS))
+        return PortmapReport(_text(default_gateway()), None, _all_failed(PROTOCOLS, text))
+
+
+def _all_failed(protocols: Iterable[str], error: str) -> tuple[ProtocolReport, ...]:
+    return tuple(ProtocolReport(p, False, error=error) for p in protocols)
 
 
 def _check_protocols(protocols: Iterable[str]) -> None:
@@ -386,12 +404,21 @@ def _text(ip: Optional[IPAddress]) -> Optional[str]:
     return None if ip is None else str(ip)
 
 
-async def _discover_pcp(gateway: str, port: int, local_ip: Optional[str], timeout: float) -> ProtocolReport:
+async def _on_channel(protocol: str, gateway: str, port: int, local_ip: Optional[str],
+                      run: Callable[[_GatewayChannel], Awaitable[ProtocolReport]]) -> ProtocolReport:
+    """``run`` on a fresh channel to gateway:port, closed afterwards."""
     try:
         channel = await _open_channel(gateway, port, local_ip)
     except OSError as exc:
-        return ProtocolReport("pcp", False, error=f"cannot send to the gateway: {exc.strerror or exc}")
+        return ProtocolReport(protocol, False, error=f"cannot send to the gateway: {exc.strerror or exc}")
     try:
+        return await run(channel)
+    finally:
+        channel.close()
+
+
+async def _discover_pcp(gateway: str, port: int, local_ip: Optional[str], timeout: float) -> ProtocolReport:
+    async def run(channel: _GatewayChannel) -> ProtocolReport:
         loop = asyncio.get_running_loop()
         sockname = channel.transport.get_extra_info("sockname") if channel.transport else ("0.0.0.0", 0)
         client = ipaddress.ip_address(sockname[0])
@@ -399,14 +426,16 @@ async def _discover_pcp(gateway: str, port: int, local_ip: Optional[str], timeou
                            lifetime=PROBE_PCP_LIFETIME, timeout=timeout)
         first = await _pump(mapper, channel, _ignore, lambda e: isinstance(e, (MappingGranted, MappingFailed)))
         if not isinstance(first, MappingGranted):
+            mapper.delete(loop.time())  # after silence: what a lost answer granted goes too
+            _flush(mapper, channel, loop.time())
             return _failed_report("pcp", first)
         mapper.delete(loop.time())
         deleted = await _pump(mapper, channel, _ignore, lambda e: isinstance(e, MappingDeleted),
                               loop.time() + DELETE_WAIT)
         confirmed = isinstance(deleted, MappingDeleted) and deleted.confirmed
         return ProtocolReport("pcp", True, str(first.external.ip), detail={"deleted": confirmed})
-    finally:
-        channel.close()
+
+    return await _on_channel("pcp", gateway, port, local_ip, run)
 
 
 def _failed_report(protocol: str, event: Optional[PortmapEvent]) -> ProtocolReport:
@@ -418,19 +447,15 @@ def _failed_report(protocol: str, event: Optional[PortmapEvent]) -> ProtocolRepo
 
 
 async def _discover_natpmp(gateway: str, port: int, local_ip: Optional[str], timeout: float) -> ProtocolReport:
-    try:
-        channel = await _open_channel(gateway, port, local_ip)
-    except OSError as exc:
-        return ProtocolReport("natpmp", False, error=f"cannot send to the gateway: {exc.strerror or exc}")
-    try:
+    async def run(channel: _GatewayChannel) -> ProtocolReport:
         loop = asyncio.get_running_loop()
         mapper = NatpmpMapper(None, _seed(), loop.time(), timeout=timeout)
         event = await _pump(mapper, channel, _ignore, lambda e: isinstance(e, (ExternalAddress, MappingFailed)))
         if isinstance(event, ExternalAddress):
             return ProtocolReport("natpmp", True, str(event.address), detail={"epoch": event.epoch})
         return _failed_report("natpmp", event)
-    finally:
-        channel.close()
+
+    return await _on_channel("natpmp", gateway, port, local_ip, run)
 
 
 async def _discover_upnp(gateway: str, local_ip: Optional[str], timeout: float,
@@ -489,7 +514,7 @@ class PortMapping:
     def __init__(self, local_port: int, *, local_ip: Optional[str] = None, gateway: Optional[str] = None,
                  protocols: Sequence[str] = PROTOCOLS, lifetime: int = 7200, wait: float = DEFAULT_WAIT,
                  on_change: Optional[EventCallback] = None, port: int = GATEWAY_PORT,
-                 ssdp_target: tuple[str, int] = (upnp_igd.SSDP_ADDRESS, upnp_igd.SSDP_PORT)) -> None:
+                 ssdp_target: tuple[str, int] = SSDP_TARGET) -> None:
         _check_protocols(protocols)
         if not 1 <= local_port <= 65535:
             raise PortmapProtocolError(f"local port {local_port} out of range")
@@ -574,9 +599,11 @@ class PortMapping:
                 return Mapping(protocol, Endpoint(ipaddress.ip_address(self.local_ip or "0.0.0.0"), self.local_port),
                                event.external, event.lifetime, self.gateway or "")
             self._mapper = self._channel = None
+            mapper.delete(loop.time())  # unanswered: what a late answer would have granted goes too
+            _flush(mapper, channel, loop.time())
             channel.close()
             self.failures[protocol] = event.reason if isinstance(event, MappingFailed) else "no answer"
-            if isinstance(event, MappingFailed) and event.reason.endswith("(ICMP unreachable)"):
+            if channel.unreachable:
                 break  # PCP and NAT-PMP share the port: nobody listens
         return None
 
@@ -652,7 +679,7 @@ class PortMapping:
         loop = asyncio.get_running_loop()
         while self.mapping is not None and self.mapping.lifetime:
             current = self.mapping
-            fraction = 0.5 + 0.125 * (hashlib.sha256(os.urandom(8)).digest()[0] / 256)
+            fraction = RENEW_FROM + (RENEW_TO - RENEW_FROM) * int.from_bytes(os.urandom(2), "big") / 65536
             await asyncio.sleep(current.lifetime * fraction)
             expires = loop.time() + current.lifetime * (1 - fraction)
             while True:
@@ -666,7 +693,8 @@ class PortMapping:
                         self.on_change(MappingFailed("upnp", getattr(exc, "code", None) or None, str(exc), lost=True))
                         return
                     await asyncio.sleep(5)
-            self.mapping = Mapping("upnp", current.internal, Endpoint(current.external.ip, port), lease, current.gateway)
+            external = Endpoint(current.external.ip, port)
+            self.mapping = Mapping("upnp", current.internal, external, lease, current.gateway)
             self.on_change(MappingGranted("upnp", self.local_port, self.mapping.external, lease, renewal=True))
 
     async def close(self) -> None:
@@ -684,6 +712,10 @@ class PortMapping:
             if mapper is not None and channel is not None:
                 mapper.delete(loop.time())
                 _flush(mapper, channel, loop.time())  # the first delete leaves before any await
+            if self._keeper is not None:
+                # Its pump must be gone before ours reads the same channel.
+                await asyncio.gather(self._keeper, return_exceptions=True)
+            if mapper is not None and channel is not None:
                 await _pump(mapper, channel, self.on_change, lambda e: isinstance(e, MappingDeleted),
                             loop.time() + DELETE_WAIT)
             elif mapping is not None and mapping.protocol == "upnp" and self._upnp is not None:
@@ -691,8 +723,6 @@ class PortMapping:
         finally:
             if channel is not None:
                 channel.close()
-            if self._keeper is not None:
-                await asyncio.gather(self._keeper, return_exceptions=True)
 
     async def _upnp_delete(self, mapping: Mapping) -> None:
         assert self._upnp is not None
@@ -717,5 +747,6 @@ def _other_ports(first: int, count: int) -> list[int]:
 
 __all__ = [
     "DEFAULT_WAIT", "GATEWAY_PORT", "Mapping", "NAT_NOTE", "PROTOCOLS", "PortMapping", "PortmapReport",
-    "ProtocolReport", "default_gateway", "discover", "discover_for_probe", "find_igd", "local_address_towards", "upnp_call",
+    "ProtocolReport", "default_gateway", "discover", "discover_for_probe", "find_igd", "local_address_towards",
+    "upnp_call",
 ]

@@ -104,7 +104,8 @@ class ExternalAddressResponse:
         _check_u32(self.epoch, "epoch")
 
     def to_wire(self) -> bytes:
-        return struct.pack("!BBHI", VERSION, RESPONSE_BIT | OP_EXTERNAL_ADDRESS, self.result, self.epoch) + self.address.packed
+        header = struct.pack("!BBHI", VERSION, RESPONSE_BIT | OP_EXTERNAL_ADDRESS, self.result, self.epoch)
+        return header + self.address.packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,18 @@ def error_for_request(data: bytes, epoch: int) -> ErrorResponse | None:
     return None
 
 
+def read_request(data: bytes, epoch: int) -> Request | ErrorResponse | None:
+    """What a server makes of request bytes: the request to serve, the error to answer
+    with (unsupported version or opcode), or None (drop them: not a request at all)."""
+    error = error_for_request(data, epoch)
+    if error is not None:
+        return error
+    try:
+        return parse_request(data)
+    except PortmapProtocolError:
+        return None
+
+
 def parse_response(data: bytes) -> Response:
     """A NAT-PMP response, as a client reads it."""
     if len(data) < 8 or len(data) > MAX_MESSAGE:
@@ -251,5 +264,5 @@ __all__ = [
     "INITIAL_RETRANSMIT", "MAX_RETRANSMITS", "MapRequest", "MapResponse", "OP_EXTERNAL_ADDRESS",
     "OP_MAP_TCP", "OP_MAP_UDP", "RECOMMENDED_LIFETIME", "Request", "Response", "ResultCode",
     "SERVER_PORT", "check_uint", "error_for_request", "is_natpmp_response", "parse_request", "parse_response",
-    "result_name",
+    "read_request", "result_name",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Optional, Union
 
@@ -219,10 +219,14 @@ def _parse_options(data: bytes, offset: int) -> tuple[Option, ...]:
     return tuple(options)
 
 
+_OPTION_LENGTHS: dict[int, int] = {OptionCode.THIRD_PARTY: 16, OptionCode.PREFER_FAILURE: 0, OptionCode.FILTER: 20}
+
+
 def _decode_option(code: int, body: bytes) -> Option:
-    want = {OptionCode.THIRD_PARTY: 16, OptionCode.PREFER_FAILURE: 0, OptionCode.FILTER: 20}.get(code)  # type: ignore[call-overload]
+    want = _OPTION_LENGTHS.get(code)
     if want is not None and len(body) != want:
-        raise PortmapProtocolError(f"PCP option {code} of {len(body)} bytes, want {want}", result=ResultCode.MALFORMED_OPTION)
+        raise PortmapProtocolError(f"PCP option {code} of {len(body)} bytes, want {want}",
+                                   result=ResultCode.MALFORMED_OPTION)
     if code == OptionCode.THIRD_PARTY:
         return ThirdParty(address_from_wire(body))
     if code == OptionCode.PREFER_FAILURE:
@@ -307,8 +311,9 @@ class Response:
 
     def to_wire(self) -> bytes:
         body = self.map.to_wire() if self.map is not None else self.payload
-        wire = (struct.pack("!BBBBII12x", self.version, RESPONSE_BIT | self.opcode, 0, self.result, self.lifetime, self.epoch)
-                + body + _options_to_wire(self.options))
+        header = struct.pack("!BBBBII12x", self.version, RESPONSE_BIT | self.opcode, 0, self.result,
+                             self.lifetime, self.epoch)
+        wire = header + body + _options_to_wire(self.options)
         return _checked_size(wire)
 
 

@@ -146,6 +146,8 @@ class _Mapper:
         self._out: list[bytes] = []
         self._events: deque[PortmapEvent] = deque()
         self._renewing = False
+        self._unanswered = False  # the first request timed out: it may have been granted unseen
+        self._may_map = True  # False for a mapper that only asks for the external address
 
     # -- the sans-I/O interface --------------------------------------------------------
 
@@ -187,10 +189,16 @@ class _Mapper:
             self.counters["junk"] += 1
 
     def delete(self, now: float) -> None:
-        """Remove the mapping (lifetime 0). A mapper that holds none ends at once."""
-        if self.state in (MapperState.DELETING, MapperState.DELETED, MapperState.FAILED):
+        """Remove the mapping (lifetime 0). A mapper that holds none ends at once.
+
+        Also after the first request went unanswered: the gateway may have granted it
+        and lost the answer, so a delete goes (a gateway with nothing to delete says so).
+        """
+        if self.state in (MapperState.DELETING, MapperState.DELETED):
             return
-        had_mapping = self.state == MapperState.MAPPED or "map" in self._exchanges
+        if self.state == MapperState.FAILED and not self._unanswered:
+            return
+        had_mapping = self.state == MapperState.MAPPED or "map" in self._exchanges or self._unanswered
         self._exchanges.clear()
         if not had_mapping:
             self.state = MapperState.DELETED
@@ -258,6 +266,7 @@ class _Mapper:
             self._fail(code, reason, unsupported=unsupported)
 
     def _fail(self, code: Optional[int], reason: str, *, unsupported: bool = False) -> None:
+        self._unanswered = code is None and self._may_map
         self.state = MapperState.FAILED
         self._exchanges.clear()
         self._events.append(MappingFailed(self.protocol, code, reason, unsupported=unsupported))
@@ -343,7 +352,8 @@ class PcpMapper(_Mapper):
     def _on_datagram(self, data: bytes, now: float) -> None:
         if natpmp.is_natpmp_response(data):
             reply = natpmp.parse_response(data)
-            if reply.result == natpmp.ResultCode.UNSUPPORTED_VERSION and "map" in self._exchanges and self.state == MapperState.MAPPING:
+            asking = "map" in self._exchanges and self.state == MapperState.MAPPING
+            if reply.result == natpmp.ResultCode.UNSUPPORTED_VERSION and asking:
                 self._fail(pcp.ResultCode.UNSUPP_VERSION, "the gateway speaks NAT-PMP, not PCP", unsupported=True)
             else:
                 self.counters["junk"] += 1
@@ -399,8 +409,10 @@ class NatpmpMapper(_Mapper):
     def __init__(self, internal_port: Optional[int], seed: bytes, now: float, *, lifetime: int = DEFAULT_LIFETIME,
                  tcp: bool = False, suggested_port: int = 0, timeout: float = DEFAULT_TIMEOUT,
                  delete_timeout: float = DEFAULT_DELETE_TIMEOUT) -> None:
-        super().__init__(internal_port or 0, seed, now, lifetime=lifetime, timeout=timeout, delete_timeout=delete_timeout)
+        super().__init__(internal_port or 0, seed, now, lifetime=lifetime, timeout=timeout,
+                         delete_timeout=delete_timeout)
         self.address_only = internal_port is None
+        self._may_map = not self.address_only
         self.opcode = natpmp.OP_MAP_TCP if tcp else natpmp.OP_MAP_UDP
         self.suggested_port = suggested_port
         self.external_address: Optional[ipaddress.IPv4Address] = None
@@ -448,14 +460,20 @@ class NatpmpMapper(_Mapper):
         else:
             self._on_map(reply, now)
 
+    def _answer_usable(self, kind: str, result: int) -> bool:
+        """Close the ``kind`` exchange with this answer; a refusal ends the other one too."""
+        if kind not in self._exchanges:
+            self.counters["stale"] += 1  # a late duplicate
+            return False
+        del self._exchanges[kind]
+        if result != natpmp.ResultCode.SUCCESS:
+            self._exchanges.clear()
+            self._refused(result, f"NAT-PMP {natpmp.result_name(result)}")
+            return False
+        return True
+
     def _on_address(self, reply: natpmp.ExternalAddressResponse, now: float) -> None:
-        if "address" not in self._exchanges:
-            self.counters["stale"] += 1
-            return
-        del self._exchanges["address"]
-        if reply.result != natpmp.ResultCode.SUCCESS:
-            self._exchanges.pop("map", None)
-            self._refused(reply.result, f"NAT-PMP {natpmp.result_name(reply.result)}")
+        if not self._answer_usable("address", reply.result):
             return
         self.external_address = reply.address
         if self.address_only:
@@ -472,13 +490,7 @@ class NatpmpMapper(_Mapper):
             if "delete" in self._exchanges and reply.lifetime == 0:
                 self._deleted()
             return
-        if "map" not in self._exchanges:
-            self.counters["stale"] += 1
-            return
-        del self._exchanges["map"]
-        if reply.result != natpmp.ResultCode.SUCCESS:
-            self._exchanges.pop("address", None)
-            self._refused(reply.result, f"NAT-PMP {natpmp.result_name(reply.result)}")
+        if not self._answer_usable("map", reply.result):
             return
         self._mapped_port = (reply.external_port, reply.lifetime)
         self._maybe_granted(now)

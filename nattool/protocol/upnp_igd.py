@@ -72,9 +72,10 @@ class HttpMessage:
     def status(self) -> int:
         """The status code of a response (``HTTP/1.1 200 OK``)."""
         parts = self.start_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].upper().startswith("HTTP/") or not (parts[1].isascii() and parts[1].isdigit()) or len(parts[1]) != 3:
+        code = parts[1] if len(parts) >= 2 else ""
+        if not parts[0].upper().startswith("HTTP/") or not (code.isascii() and code.isdigit() and len(code) == 3):
             raise PortmapProtocolError(f"not an HTTP status line: {self.start_line[:60]!r}")
-        return int(parts[1])
+        return int(code)
 
 
 def parse_http(data: bytes, *, complete: bool = True) -> HttpMessage:
@@ -189,19 +190,21 @@ def split_http_url(url: str) -> HttpUrl:
     return HttpUrl(parts.hostname, port, path)
 
 
+def _http_bytes(start_line: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    lines = [start_line, *(f"{name}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 def http_request(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> bytes:
     target = split_http_url(url)
-    lines = [f"{method} {target.path} HTTP/1.1", f"Host: {target.host_header}", "Connection: close",
-             f"Content-Length: {len(body)}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    fixed = {"Host": target.host_header, "Connection": "close", "Content-Length": str(len(body))}
+    return _http_bytes(f"{method} {target.path} HTTP/1.1", {**fixed, **headers}, body)
 
 
 def http_response(status: int, reason: str, headers: dict[str, str], body: bytes = b"") -> bytes:
     """A gateway's answer (the lab fixture's side)."""
-    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    fixed = {"Content-Length": str(len(body)), "Connection": "close"}
+    return _http_bytes(f"HTTP/1.1 {status} {reason}", {**fixed, **headers}, body)
 
 
 # --------------------------------------------------------------------------- SSDP
@@ -209,14 +212,8 @@ def http_response(status: int, reason: str, headers: dict[str, str], body: bytes
 
 def build_msearch(search_target: str, mx: int = 1) -> bytes:
     """An SSDP M-SEARCH for ``search_target`` (sent to 239.255.255.250:1900)."""
-    return (
-        "M-SEARCH * HTTP/1.1\r\n"
-        f"HOST: {SSDP_ADDRESS}:{SSDP_PORT}\r\n"
-        'MAN: "ssdp:discover"\r\n'
-        f"MX: {mx}\r\n"
-        f"ST: {search_target}\r\n"
-        "\r\n"
-    ).encode("latin-1")
+    return _http_bytes("M-SEARCH * HTTP/1.1", {
+        "HOST": f"{SSDP_ADDRESS}:{SSDP_PORT}", "MAN": '"ssdp:discover"', "MX": str(mx), "ST": search_target})
 
 
 def parse_msearch(data: bytes) -> str:
@@ -242,16 +239,10 @@ class SsdpResponse:
     server: str = ""
 
     def to_wire(self) -> bytes:
-        return (
-            "HTTP/1.1 200 OK\r\n"
-            "CACHE-CONTROL: max-age=120\r\n"
-            "EXT:\r\n"
-            f"LOCATION: {self.location}\r\n"
-            f"SERVER: {self.server or 'nattool UPnP/1.1'}\r\n"
-            f"ST: {self.search_target}\r\n"
-            f"USN: {self.usn or self.search_target}\r\n"
-            "\r\n"
-        ).encode("latin-1")
+        return _http_bytes("HTTP/1.1 200 OK", {
+            "CACHE-CONTROL": "max-age=120", "EXT": "", "LOCATION": self.location,
+            "SERVER": self.server or "nattool UPnP/1.1", "ST": self.search_target,
+            "USN": self.usn or self.search_target})
 
 
 def parse_ssdp_response(data: bytes) -> SsdpResponse:
