@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from nattool.protocol import natpmp, pcp
+from nattool.protocol import natpmp, pcp, upnp_igd
 from tests.natlab import Lab, NatBehaviour, UdpSocket, udp_agent
 from tests.natlab.fixtures import (  # noqa: F401 - fixtures, imported like tests/test_natlab.py
     natlab,
@@ -249,6 +249,7 @@ def test_pcp_map_renew_and_delete(natlab: Lab) -> None:
     renewed = ask(90)
     assert renewed.lifetime == 90 and renewed.map is not None
     assert renewed.map.external_port == 4300
+    assert gw.wait_for("grant", lifetime=90).renewal is True
 
     deleted = ask(0)
     assert deleted.result == pcp.ResultCode.SUCCESS and deleted.lifetime == 0
@@ -273,13 +274,28 @@ def test_a_protocol_left_out_is_not_offered(natlab: Lab) -> None:
     # NAT-PMP: natpmpc is told the version is not supported, maps nothing.
     out = natpmpc(topo, client, "-a", "4500", "5500", "udp", "60")
     assert out.returncode != 0 and "Mapped public port" not in out.stdout, out.stdout
+    assert "unsupported nat-pmp version" in out.stderr, out.stderr
     answer = pcp_exchange(natlab, client, topo.nat.gateway, natpmp.ExternalAddressRequest()
                           .to_wire())
     assert pcp.parse_response(answer).result == pcp.ResultCode.UNSUPP_VERSION
-    # UPnP: nobody answers SSDP.
-    out = run(natlab, client, ["upnpc", "-i", "-l"])
-    assert "No IGD UPnP Device found" in out.stdout + out.stderr, out.stdout + out.stderr
+    # UPnP: nobody answers SSDP (upnpc would say so after 8 s of searching).
+    sock = udp_agent(natlab, client).bind(client.ip, 0)
+    sock.send((upnp_igd.SSDP_ADDRESS, upnp_igd.SSDP_PORT),
+              upnp_igd.build_msearch(upnp_igd.IGD_DEVICE_TYPES[1]))
+    assert sock.recv(1.0) is None
     assert gw.mappings() == []
+
+
+def test_ssdp_answers_an_igd_search(natlab: Lab) -> None:
+    topo, gw, client = gateway_lab(natlab, NatBehaviour.APDM, "upnp")
+    sock = udp_agent(natlab, client).bind(client.ip, 0)
+    sock.send((upnp_igd.SSDP_ADDRESS, upnp_igd.SSDP_PORT),
+              upnp_igd.build_msearch(upnp_igd.IGD_DEVICE_TYPES[1]))
+    got = sock.recv(2.0)
+    assert got is not None and got.src[0] == topo.nat.gateway
+    answer = upnp_igd.parse_ssdp_response(got.data)
+    assert answer.location == f"http://{topo.nat.gateway}:{gw.http_port}/rootDesc.xml"
+    assert answer.search_target == upnp_igd.IGD_DEVICE_TYPES[1]
 
 
 def test_natpmp_only_answers_pcp_with_unsupported_version(natlab: Lab) -> None:

@@ -86,13 +86,11 @@ class PortControl(asyncio.DatagramProtocol):
     # -- NAT-PMP (RFC 6886) ---------------------------------------------------------------
 
     def _natpmp(self, data: bytes, client: str) -> bytes | None:
-        error = natpmp.error_for_request(data, self.epoch)
-        if error is not None:
-            return error.to_wire()
-        try:
-            request = natpmp.parse_request(data)
-        except PortmapProtocolError:
+        request = natpmp.read_request(data, self.epoch)
+        if request is None:
             return None
+        if isinstance(request, natpmp.ErrorResponse):
+            return request.to_wire()
         if isinstance(request, natpmp.ExternalAddressRequest):
             return natpmp.ExternalAddressResponse(
                 natpmp.ResultCode.SUCCESS, self.epoch,

@@ -45,12 +45,14 @@ class GatewayEvent:
     external: tuple[str, int]
     lifetime: int | None  # grant: seconds granted (0: UPnP lease without expiry)
     reason: str | None  # delete: "request" | "expired" | "exit"
+    renewal: bool  # grant: the mapping existed already (same client, protocol, port)
     raw: dict[str, Any]
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> GatewayEvent:
         return cls(raw["event"], raw["via"], raw["proto"], _endpoint(raw["internal"]),
-                   _endpoint(raw["external"]), raw.get("lifetime"), raw.get("reason"), raw)
+                   _endpoint(raw["external"]), raw.get("lifetime"), raw.get("reason"),
+                   bool(raw.get("renewal")), raw)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ def start_portmap_gateway(lab: Lab, nat: Nat, protocols: Iterable[str] = ALL_PRO
     protocols = tuple(protocols)
     if not nat.grants_mappings:
         raise ValueError(f"{nat.name}: build it with add_nat(..., grants_mappings=True)")
+    if shutil.which("conntrack") is None:  # stale flows of a mapped port must go
+        raise LabError("the port-mapping gateway needs 'conntrack' (conntrack-tools)")
     state_dir = Path(tempfile.mkdtemp(prefix=f"natlab-portmap-{nat.name}-"))
     lab.add_cleanup(lambda: shutil.rmtree(state_dir, ignore_errors=True))
     state_file = state_dir / "mappings.json"

@@ -21,6 +21,9 @@ from collections.abc import Callable
 
 from nattool.errors import PortmapProtocolError
 from nattool.protocol.upnp_igd import (
+    ERROR_CONFLICT,
+    ERROR_INVALID_ARGS,
+    ERROR_NO_SUCH_ENTRY,
     MAX_HTTP,
     SSDP_ADDRESS,
     SSDP_PORT,
@@ -46,14 +49,15 @@ WANIP_CONTROL = "/ctl/IPConn"
 WANCIF_CONTROL = "/ctl/CmnIfCfg"
 SERVER_HEADER = "Linux UPnP/1.0 natlab-portmap-gateway/1.0"
 
-# UPnP IGD error codes (WANIPConnection:1, section 2.4.x)
+# UPnP IGD error codes (WANIPConnection:1, section 2.4.x); the codec names those a client
+# acts on, the rest only a gateway sends.
 INVALID_ACTION = 401
-INVALID_ARGS = 402
+INVALID_ARGS = ERROR_INVALID_ARGS
 ACTION_NOT_AUTHORIZED = 606
 ARRAY_INDEX_INVALID = 713
-NO_SUCH_ENTRY = 714
+NO_SUCH_ENTRY = ERROR_NO_SUCH_ENTRY
 WILDCARD_EXT_PORT = 716
-CONFLICT_IN_MAPPING = 718
+CONFLICT_IN_MAPPING = ERROR_CONFLICT
 _ERROR_TEXT = {
     INVALID_ACTION: "Invalid Action", INVALID_ARGS: "Invalid Args",
     ACTION_NOT_AUTHORIZED: "Action not authorized",
@@ -64,6 +68,8 @@ _ERROR_TEXT = {
 
 
 class UpnpFault(Exception):
+    """An action's UPnPError: answered as a SOAP fault with HTTP 500."""
+
     def __init__(self, code: int) -> None:
         super().__init__(_ERROR_TEXT.get(code, str(code)))
         self.code = code
@@ -104,7 +110,7 @@ def device_description(udn: str, lan_ip: str, http_port: int) -> str:
 
 
 def _port(value: str) -> int:
-    if not value.isdigit() or not 0 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= 65535:
         raise UpnpFault(INVALID_ARGS)
     return int(value)
 
