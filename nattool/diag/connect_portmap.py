@@ -75,7 +75,8 @@ class SocketMapping:
             change = MappingChange.RENEWED if event.renewal else MappingChange.GRANTED
             self.external = event.external
             self.report(PortMapped(change, event.protocol, event.external, float(event.lifetime)))
-        elif isinstance(event, MappingFailed) and event.lost:
+        elif isinstance(event, MappingFailed) and (event.lost or event.unsupported) and self.external is not None:
+            # "unsupported" after a grant: the gateway's port closed (ICMP), the renewals ended.
             lost, self.external = self.external, None
             self.report(PortMapped(MappingChange.LOST, event.protocol, lost, None, event.reason))
 
@@ -98,8 +99,8 @@ class SocketMapping:
             await mapper.close()
         except NattoolError as exc:
             why = str(exc)
-        if held is None:
-            return
+        if held is None or self.external is None:
+            return  # nothing held, or its loss was told already
         if self._deleted:
             self.emit(PortMapped(MappingChange.DELETED, held.protocol, held.external))
         else:  # it expires at the gateway by itself, after its lifetime
