@@ -378,6 +378,18 @@ def library_run(lab: Lab, gw: PortmapGateway, host: Host, home: Path, port: int,
                    [e for e in gw.events("delete") if e.internal == (host.ip, port)])
 
 
+def cli_without_portmap(lab: Lab, gw: PortmapGateway, host: Host, home: Path, port: int
+                        ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """`connect --no-portmap` alone in its group (it gives up after 2 s): its events and
+    the gateway's grants for its socket."""
+    child = spawn_peer(lab, host, home, f"cli-{port}", port, "--no-portmap", "--timeout", "2")
+    try:
+        child.expect(pexpect.EOF, timeout=15)
+    finally:
+        child.close(force=True)
+    return events(child.before), [e for e in gw.events("grant") if e.internal == (host.ip, port)]
+
+
 @pytest.fixture(scope="module")
 def held_runs(natlab_available: None, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
               ) -> Iterator[tuple[Lab, dict[str, Future[Any]]]]:
@@ -395,7 +407,8 @@ def held_runs(natlab_available: None, tmp_path_factory: pytest.TempPathFactory  
         with ThreadPoolExecutor(len(jobs) + 1) as pool:
             futures: dict[str, Future[Any]] = {k: pool.submit(*job) for k, job in jobs.items()}
             futures["library"] = pool.submit(lambda: (library_run(lab, gw, host, home, 44800, True),
-                                                      library_run(lab, gw, host, home, 44801, False)))
+                                                      library_run(lab, gw, host, home, 44801, False),
+                                                      cli_without_portmap(lab, gw, host, home, 44802)))
             yield lab, futures
 
 
@@ -421,11 +434,14 @@ def test_the_mapping_is_renewed_before_expiry_and_a_lost_one_is_withdrawn(
         assert not [e for e in held.events if e["event"] == "portmap" and e["change"] == "deleted"]
 
 
-def test_the_library_maps_the_port_and_aclose_deletes_it_portmap_false_does_not_ask(
+def test_the_library_maps_the_port_and_aclose_deletes_it_portmap_false_and_no_portmap_do_not_ask(
         held_runs: tuple[Lab, dict[str, Future[Any]]]) -> None:
     lab, futures = held_runs
     with shown_on_failure(lab):
-        on, off = futures["library"].result()
+        on, off, (cli_events, cli_grants) = futures["library"].result()
         assert len(on.during) == 1 and on.during[0].via == "natpmp", on
         assert on.after == [] and [e.reason for e in on.deletes] == ["request"], on
         assert off.during == off.after == off.deletes == [], off
+        # The same for the command line's --no-portmap: nothing asked, nothing said.
+        assert cli_grants == [] and [e for e in cli_events if e["event"] == "registered"], cli_events
+        assert not [e for e in cli_events if e["event"] == "portmap"], cli_events

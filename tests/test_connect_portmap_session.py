@@ -10,6 +10,7 @@ from typing import Optional
 import pytest
 
 from nattool.cli.connect_render import _human, event_fields
+from nattool.diag.connect_portmap import worth_mapping
 from nattool.protocol import connect_events as ev
 from nattool.protocol.connect_events import MappingChange, PathMethod, PortMapped
 from nattool.protocol.connect_options import RelayMode
@@ -249,3 +250,22 @@ def test_the_event_as_json_and_text(event: PortMapped, fields: dict[str, object]
     assert out is not None and out["event"] == "portmap"
     assert {k: out.get(k) for k in fields} == fields
     assert _human(out) == text
+
+
+# --------------------------------------------------------------------------- the shell's choice
+
+
+@pytest.mark.parametrize(
+    "trackers,bind,worth",
+    [
+        ((T1,), None, True),
+        ((Endpoint.from_text("127.0.0.1:43283"),), None, False),  # no gateway on the way to loopback
+        ((Endpoint.from_text("127.0.0.1:43283"), T1), None, True),
+        ((T1,), "127.0.0.2", False),
+        ((T1,), "192.0.2.10", True),
+        ((Endpoint.from_text("[::1]:43283"),), None, False),
+    ],
+)
+def test_a_mapping_is_asked_for_only_beyond_loopback(trackers: tuple[Endpoint, ...], bind: Optional[str],
+                                                     worth: bool) -> None:
+    assert worth_mapping(trackers, bind) is worth
