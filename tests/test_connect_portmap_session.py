@@ -178,6 +178,21 @@ def test_a_lost_mapping_is_withdrawn_at_once() -> None:
     assert lost in drain(s)
 
 
+def test_our_entry_from_before_the_mapping_is_no_member() -> None:
+    # A late grant: registered with `0` first, then with the mapping; the tracker keeps the
+    # old entry until its TTL and lists it among the members.
+    s = make(0.0, trackers=(T1,), portmap=True)
+    s.handle_timer(PORTMAP_WAIT)
+    registrations(s, PORTMAP_WAIT)
+    unmapped = Endpoint.from_text("198.51.100.1:61000")
+    s.receive_datagram(members(unmapped), T1, 0.6)
+    s.port_mapping(granted(), 0.7)
+    assert registrations(s, 0.7)[T1].public == MAPPED
+    s.receive_datagram(members(MAPPED, unmapped, PEER_PUB), T1, 0.71)
+    assert [e.member for e in drain(s) if isinstance(e, ev.MemberSeen)] == [PEER_PUB]
+    assert {d for _, d in pings(s, 0.71)} == {PEER_PUB}
+
+
 # --------------------------------------------------------------------------- the path's method
 
 

@@ -269,6 +269,7 @@ class ConnectSession:
         self.turn: Optional[TurnClient] = None
         self.relayed_peers: set[Endpoint] = set()  # relayed endpoints of other members
         self.mapped: Optional[PortMapped] = None  # the port mapping in force (GRANTED or RENEWED)
+        self.former: set[Endpoint] = set()  # where trackers listed us before we moved (e.g. a mapping)
         self.mapping_wait = config.portmap  # no port_mapping() report yet
         self.registering_since = now + PORTMAP_WAIT if config.portmap else now  # UDP_GIVE_UP counts from here
         for reg in self.registrations.values():
@@ -789,9 +790,13 @@ class ConnectSession:
         me = entries[0].endpoint
         self.any_tracker_answered = True
         if self.observed.get(tracker) != me:
+            if tracker in self.observed:
+                # Moved (a mapping came or went): our old entry stays in the tracker's list
+                # until its TTL, and is no member.
+                self.former.add(self.observed[tracker])
             self.observed[tracker] = me
             self._events.append(Registered(tracker, me, form))
-        mine = set(self.observed.values())
+        mine = set(self.observed.values()) | self.former
         self.member_views[tracker] = [e.endpoint for e in entries[1:]]
         for entry in entries[1:]:
             if entry.endpoint in mine:
