@@ -324,6 +324,17 @@ class Held:
     status: int | None
 
 
+def gateway_grants(gw: PortmapGateway, internal: tuple[str, int], count: int) -> list[Any]:
+    """The gateway's grants for ``internal`` once there are ``count`` (its output lines
+    may come a moment after its answers), or what there is after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        grants = [e for e in gw.events("grant") if e.internal == internal]
+        if len(grants) >= count or time.monotonic() > deadline:
+            return grants
+        time.sleep(0.05)
+
+
 def renew_then_lose(lab: Lab, nat: Nat, gw: PortmapGateway, host: Host, home: Path, delay: float) -> Held:
     time.sleep(delay)
     child = spawn_peer(lab, host, home, f"renew-{gw.protocols[0]}", 44700, "--timeout", "30")
@@ -332,7 +343,7 @@ def renew_then_lose(lab: Lab, nat: Nat, gw: PortmapGateway, host: Host, home: Pa
         for _ in range(2):  # two renewals (at 1/2 to 5/8 of 4 s each)
             child.expect(r'\{"event":"portmap"[^\n]*"change":"renewed"[^\n]*\n', timeout=12)
             log.append(child.before + child.after)
-        grants = [e for e in gw.events("grant") if e.internal == (host.ip, 44700)]
+        grants = gateway_grants(gw, (host.ip, 44700), 3)
         if gw.protocols == ("pcp",):
             gw.stop()  # the gateway goes (a reboot): its port is closed, the mapping gone
         else:  # the gateway goes silent: renewals go unanswered, the mapping expires at both ends
