@@ -107,6 +107,17 @@ def wait_path_up(child: pexpect.spawn, log: list[str]) -> tuple[float, float]:
     return now, now - json.loads(child.after)["t"]
 
 
+def gateway_events(gw: PortmapGateway, kind: str, internal: tuple[str, int], count: int) -> list[Any]:
+    """The gateway's events of ``kind`` for ``internal`` once there are ``count`` (its
+    output lines may come a moment after its answers), or what there is after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [e for e in gw.events(kind) if e.internal == internal]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
 def run_once(lab: Lab, case: Case, home: Path, i: int) -> Run:
     how = EXITS[i % len(EXITS)]
     group = f"pm-{case.protocol}-{i}"
@@ -131,9 +142,10 @@ def run_once(lab: Lab, case: Case, home: Path, i: int) -> Run:
         for child in (left, right):
             child.close(force=True)
     internal = (case.left.ip, pl)
+    deletes = gateway_events(case.gateway, "delete", internal, 1)
     return Run(
-        how, t_up - t_start, t_up - max(ready_l, ready_r), events("".join(left_log)), events("".join(right_log)), left.exitstatus, pl,
-        [e for e in case.gateway.events("delete") if e.internal == internal],
+        how, t_up - t_start, t_up - max(ready_l, ready_r), events("".join(left_log)), events("".join(right_log)),
+        left.exitstatus, pl, deletes,
         [m for m in case.gateway.mappings() if m.internal == internal],
         [r for r in case.gateway.nft_rules() if f"{case.left.ip}" in r and str(pl) in r],
     )
@@ -324,17 +336,6 @@ class Held:
     status: int | None
 
 
-def gateway_grants(gw: PortmapGateway, internal: tuple[str, int], count: int) -> list[Any]:
-    """The gateway's grants for ``internal`` once there are ``count`` (its output lines
-    may come a moment after its answers), or what there is after 5 s."""
-    deadline = time.monotonic() + 5
-    while True:
-        grants = [e for e in gw.events("grant") if e.internal == internal]
-        if len(grants) >= count or time.monotonic() > deadline:
-            return grants
-        time.sleep(0.05)
-
-
 def renew_then_lose(lab: Lab, nat: Nat, gw: PortmapGateway, host: Host, home: Path, delay: float) -> Held:
     time.sleep(delay)
     child = spawn_peer(lab, host, home, f"renew-{gw.protocols[0]}", 44700, "--timeout", "30")
@@ -343,7 +344,7 @@ def renew_then_lose(lab: Lab, nat: Nat, gw: PortmapGateway, host: Host, home: Pa
         for _ in range(2):  # two renewals (at 1/2 to 5/8 of 4 s each)
             child.expect(r'\{"event":"portmap"[^\n]*"change":"renewed"[^\n]*\n', timeout=12)
             log.append(child.before + child.after)
-        grants = gateway_grants(gw, (host.ip, 44700), 3)
+        grants = gateway_events(gw, "grant", (host.ip, 44700), 3)
         if gw.protocols == ("pcp",):
             gw.stop()  # the gateway goes (a reboot): its port is closed, the mapping gone
         else:  # the gateway goes silent: renewals go unanswered, the mapping expires at both ends
@@ -385,8 +386,8 @@ def library_run(lab: Lab, gw: PortmapGateway, host: Host, home: Path, port: int,
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
-    return Library(during, [m for m in gw.mappings() if m.internal == (host.ip, port)],
-                   [e for e in gw.events("delete") if e.internal == (host.ip, port)])
+    deletes = gateway_events(gw, "delete", (host.ip, port), 1 if portmap else 0)
+    return Library(during, [m for m in gw.mappings() if m.internal == (host.ip, port)], deletes)
 
 
 def cli_without_portmap(lab: Lab, gw: PortmapGateway, host: Host, home: Path, port: int
