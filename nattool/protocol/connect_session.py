@@ -47,9 +47,9 @@ path that answers takes over (a second PathUp for the same peer).
 
 A port mapping (``portmap``): the owner asks the gateway to map the session's port (PCP,
 NAT-PMP, UPnP IGD) and reports what happened with :meth:`ConnectSession.port_mapping`;
-registering waits for that report (``PORTMAP_WAIT`` s at most), so that the trackers
-do not list the unmapped endpoint first. A granted mapping's external endpoint goes into every
-registration as ``<public>``: the trackers list it, the peers ping it, the gateway
+registering waits for that report (``PORTMAP_WAIT`` s at most), so that the trackers do
+not list the unmapped endpoint first. A granted mapping's external endpoint goes into
+every registration as ``<public>``: the trackers list it, the peers ping it, the gateway
 forwards it to our socket. A tracker that refuses it (its IP is not the one the tracker
 sees: a double NAT) gets ``0`` instead. A path is of method PORTMAP when the peer's pong
 says it saw us at the mapped endpoint.
