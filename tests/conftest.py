@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import pytest
 
 # The NAT lab's fixtures (network namespaces + nftables), for every test module.
-pytest_plugins = ["tests.natlab.fixtures"]
+pytest_plugins = ["tests.natlab.fixtures", "tests.natlab.background"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,7 @@ def nattool_env(home: Path | None = None, **extra: str) -> dict[str, str]:
         env["HOME"] = str(home)
         env["XDG_CONFIG_HOME"] = str(home / ".config")
         env["XDG_STATE_HOME"] = str(home / ".local" / "state")
+        env["XDG_CACHE_HOME"] = str(home / ".cache")  # the lifetime cache (--keepalive auto)
     env.update(extra)
     return env
 

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from nattool.cli.keepalive_opt import AUTO, AUTO_HELP
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, TrackerOpt
-from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
+from nattool.protocol.connect_options import BIRTHDAY_BUDGET, BIRTHDAY_RATE, DEFAULT_CONNECT_PORT, RelayMode
 
 # --timeout is connect's give-up time, so --retries says which timeout it splits: the
 # per-tracker one (the config file's `timeout`), as in every other client command.
@@ -30,11 +31,13 @@ def connect(
     node_id: Annotated[str, typer.Option("--id", metavar="ID", help="Identity inside the group: '0' (the endpoint the tracker sees), 'auto' (a stable MAC of this host) or a MAC.")] = "0",
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Give up (non-zero exit) when no path is up for this many seconds.")] = 30.0,
     retries: ConnectRetriesOpt = None,
-    keepalive: Annotated[float, typer.Option("--keepalive", metavar="SECONDS", help="Seconds between keepalive pings on an open path.")] = 20.0,
-    dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x keepalive].", show_default=False)] = None,
+    keepalive: Annotated[str, typer.Option("--keepalive", metavar="SECONDS|auto", help="Seconds between keepalive pings on an open path; " + AUTO_HELP + ".")] = AUTO,
+    dead_after: Annotated[Optional[float], typer.Option("--dead-after", metavar="SECONDS", help="A path with no answer for this many seconds is down [default: 3 x the first keepalive interval].", show_default=False)] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit 0 as soon as a path is up (do not read stdin).")] = False,
     relay: Annotated[RelayMode, typer.Option("--relay", help="Use a tracker's relay (serve --relay): 'auto' for members no direct path reaches within 2 s (direct paths take over when they open), 'never', or 'only'.")] = RelayMode.AUTO,
     tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
+    birthday_rate: Annotated[float, typer.Option("--birthday-rate", metavar="PROBES", help="Birthday punching (a NAT that maps per destination against one that filters by port; two trackers show which): probes per second, both sides.")] = BIRTHDAY_RATE,
+    birthday_budget: Annotated[int, typer.Option("--birthday-budget", metavar="N", help="Birthday punching: probes in all (2048: a hit 99.97% of the time), which bounds the NATs' session tables; 0 turns it and port prediction off.")] = BIRTHDAY_BUDGET,
     portmap: Annotated[bool, typer.Option("--portmap/--no-portmap", help="Ask the gateway to map the local port (PCP, NAT-PMP or UPnP IGD; registering waits up to 0.5 s for it), offer the mapped endpoint to the peers, renew it, and delete it on exit (also on Ctrl-C and SIGTERM).")] = True,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
@@ -47,12 +50,16 @@ def connect(
     could be opened (with the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker
     can be sent to.
     """
+    from dataclasses import replace
+
     from nattool.cli.connect_render import Renderer
+    from nattool.cli.keepalive_opt import SessionKeepalive, parse_keepalive
     from nattool.cli.node_args import parse_identity, parse_lan
     from nattool.cli.output import run_edge
     from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
     from nattool.diag.connect import connect_session
     from nattool.errors import ProtocolError, UsageError
+    from nattool.protocol.birthday import check_limits as check_birthday_limits
     from nattool.protocol.connect_session import SessionConfig
     from nattool.protocol.endpoint import parse_ip
     from nattool.protocol.text import canonical_group
@@ -68,10 +75,8 @@ def connect(
             raise UsageError("--port must be in 0..65535")
         if not 0 < timeout <= 86400:
             raise UsageError("--timeout must be in (0, 86400] seconds")
-        if not 0.2 <= keepalive <= 3600:
-            raise UsageError("--keepalive must be in 0.2..3600 seconds")
-        dead = dead_after if dead_after is not None else 3 * keepalive
-        if not keepalive < dead <= 86400:
+        every = parse_keepalive(keepalive, 0.2, 3600)
+        if every is not None and not every < (dead_after if dead_after is not None else 3 * every) <= 86400:
             raise UsageError("--dead-after must be longer than --keepalive")
         if bind is not None:
             try:
@@ -79,25 +84,35 @@ def connect(
             except ProtocolError:
                 raise UsageError(f"bad --bind {bind[:50]!r}: want an IP address") from None
         identity = parse_identity(node_id)
+        check_birthday_limits(birthday_rate, birthday_budget)
 
         async def go() -> int:
             targets = await resolve_targets(settings)
+            ka = SessionKeepalive(every, targets)
+            interval = ka.interval
+            dead = dead_after if dead_after is not None else 3 * interval
+            if not interval < dead <= 86400:
+                raise UsageError(f"--dead-after must be longer than the keepalive interval ({interval:g} s)")
             config = SessionConfig(
                 group=group_key,
                 trackers=tuple(targets),
                 lan=parse_lan(lan, targets),
                 identity=identity,
                 timeout=timeout,
-                keepalive=keepalive,
+                keepalive=interval,
                 dead_after=dead,
                 tracker_timeout=settings.timeout,
                 retries=settings.retries,
                 once=once,
                 relay=relay,
                 tcp=tcp,
+                birthday_rate=birthday_rate,
+                birthday_budget=birthday_budget,
                 portmap=portmap,
             )
-            return await connect_session(config, Renderer(json_out), port=port, bind=bind, read_stdin=not once)
+            config = replace(config, register_every=ka.register_every(config.register_every))
+            return await connect_session(config, ka.announcing(Renderer(json_out)), port=port, bind=bind,
+                                         read_stdin=not once, retune=ka.retune)
 
         return int(run(go()))
 

@@ -8,7 +8,9 @@ import sys
 import time
 from typing import Any, Optional
 
+from nattool.cli.keepalive_opt import keepalive_text
 from nattool.cli.output import stderr, verbosity
+from nattool.protocol.connect_events import BirthdayEnded, BirthdayStarted
 from nattool.protocol.connect_events import (
     ConnectEvent,
     GaveUp,
@@ -24,6 +26,7 @@ from nattool.protocol.connect_events import (
     StreamWanted,
     Undelivered,
 )
+from nattool.protocol.connect_events import KeepaliveSet
 
 
 class Renderer:
@@ -55,6 +58,8 @@ class Renderer:
 
 def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
     """An event as the JSON object --json prints (None: not shown)."""
+    if isinstance(e, KeepaliveSet):
+        return {"event": "keepalive", **e.plan.to_json()}
     if isinstance(e, Registered):
         return {"event": "registered", "tracker": e.tracker.to_text(), "public": e.public.to_text(), "form": e.form}
     if isinstance(e, MemberSeen):
@@ -95,7 +100,17 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
         return out
     if isinstance(e, PortMapped):
         return _portmap_fields(e)
-    return None  # SessionEnded: the exit status says it
+    if isinstance(e, (BirthdayStarted, BirthdayEnded)):
+        return _birthday_fields(e)
+    return None  # SessionEnded: the exit status says it; ExtraSockets: the shell's business
+
+
+def _birthday_fields(e: BirthdayStarted | BirthdayEnded) -> dict[str, Any]:
+    if isinstance(e, BirthdayStarted):
+        return {"event": "birthday", "member": e.member.to_text(), "role": e.role, "method": e.method.value,
+                "pattern": e.pattern, "reason": e.reason, "rate": e.rate, "budget": e.budget}
+    return {"event": "birthday_end", "member": e.member.to_text(), "method": e.method.value, "up": e.up,
+            "probes": e.probes, "elapsed_s": round(e.elapsed, 3), "reason": e.reason}
 
 
 def _portmap_fields(e: PortMapped) -> dict[str, Any]:
@@ -118,6 +133,8 @@ def sanitize(text: str) -> str:
 
 def _human(e: dict[str, Any]) -> Optional[str]:
     kind = e["event"]
+    if kind == "keepalive":
+        return keepalive_text(e)
     if kind == "registered":
         return f"registered at {e['tracker']}: public endpoint {e['public']}"
     if kind == "member_seen":
@@ -147,6 +164,10 @@ def _human(e: dict[str, Any]) -> Optional[str]:
             lines.append(f"  your mapping: {mapping['self'] or 'unknown'} ({mapping['self_reason']})")
             lines.append(f"  peer mapping: {mapping['peer'] or 'unknown'} ({mapping['peer_reason']})")
         return "\n".join(lines)
+    if kind == "birthday":
+        return f"{e['member']}: {e['reason']} ({e['role']}, {e['rate']:g}/s, at most {e['budget']} probes)"
+    if kind == "birthday_end":
+        return f"{e['member']}: {e['method']} over after {e['probes']} probes in {e['elapsed_s']:.1f} s: {e['reason']}"
     if kind == "queued":
         return "no peer connected yet: the line will be sent when a path is up"
     if kind == "undelivered":

@@ -95,6 +95,8 @@ def probe(
             )
         )
         render(result, json_out)
+        if lifetime:
+            _remember_lifetimes(result)
         if result.ok:
             return int(ExitCode.OK)
         error = api.probe_error(result, probe_timeout)
@@ -102,6 +104,25 @@ def probe(
         return int(error.exit_code)
 
     raise typer.Exit(run_edge(body))
+
+
+def _remember_lifetimes(result: ProbeResult) -> None:
+    """Cache the measured lifetime for `--keepalive auto` (IPv4: the cache is keyed by
+    the local address and the default IPv4 gateway)."""
+    import time
+
+    from nattool.cli.keepalive_opt import cli_cache
+    from nattool.cli.output import info
+    from nattool.diag.keepalive_auto import remember_measurement
+    from nattool.protocol.keepalive_rules import auto_keepalive
+
+    cache = cli_cache()
+    for fam in result.families:
+        entry = remember_measurement(fam.lifetime or {}, time.time(), cache)
+        if entry is not None:
+            plan = auto_keepalive(entry.lifetime, 0.0)
+            info(f"mapping lifetime saved for {entry.local} via gateway {entry.gateway or 'none'}: "
+                 f"--keepalive auto will use {plan.interval:g} s ({cache.path})")
 
 
 def _yn(value: Optional[bool]) -> str:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from nattool.cli.keepalive_opt import AUTO_HELP
 from nattool.cli.options import ConfigOpt, DomainOpt, JsonOpt, RetriesOpt, TimeoutOpt, TrackerOpt
 from nattool.errors import UsageError
 from nattool.exit_codes import ExitCode
@@ -14,6 +15,8 @@ from nattool.exit_codes import ExitCode
 if TYPE_CHECKING:
     from nattool import api
     from nattool.api import Registration
+    from nattool.diag.keepalive_auto import AutoKeepalive
+    from nattool.protocol.keepalive_rules import KeepalivePlan
     from nattool.protocol.endpoint import Endpoint
     from nattool.protocol.text import MemberEntry
 
@@ -25,7 +28,7 @@ def register(
     public: Annotated[str, typer.Option("--public", metavar="IP:PORT", help="'0' to use the endpoint the tracker sees, or IP:PORT where this node listens itself.")] = "0",
     lan: Annotated[str, typer.Option("--lan", metavar="LAN", help="LAN addresses for peers behind the same public IP: 'auto', '0' (none) or a comma list.")] = "auto",
     node_id: Annotated[str, typer.Option("--id", metavar="ID", help="Identity inside the group: 'auto' (a stable MAC of this host), a MAC, or '0' (none).")] = "auto",
-    keepalive: Annotated[Optional[float], typer.Option("--keepalive", metavar="SECONDS", help="Stay running and re-register every SECONDS, showing members joining and leaving.", show_default=False)] = None,
+    keepalive: Annotated[Optional[str], typer.Option("--keepalive", metavar="SECONDS|auto", help="Stay running and re-register every SECONDS, showing members joining and leaving; " + AUTO_HELP + ".", show_default=False)] = None,
     port: Annotated[int, typer.Option("--port", "-p", metavar="PORT", help="Local UDP port to register from (0: any).")] = 0,
     timeout: TimeoutOpt = None,
     retries: RetriesOpt = None,
@@ -35,6 +38,7 @@ def register(
     """Register in GROUP at every tracker and list the group's members."""
 
     from nattool import api
+    from nattool.cli.keepalive_opt import parse_keepalive
     from nattool.cli.node_args import parse_identity, parse_lan
     from nattool.cli.output import info, run_edge
     from nattool.cli.targets import check_timing, client_settings, run
@@ -42,8 +46,7 @@ def register(
     def body() -> int:
         settings = client_settings(tracker, domain, timeout, retries, config)
         check_timing(settings.timeout, settings.retries)
-        if keepalive is not None and not 1 <= keepalive <= 3600:
-            raise UsageError("--keepalive must be in 1..3600 seconds")
+        every = parse_keepalive(keepalive, 1, 3600) if keepalive is not None else None
         group_key = api.group_key(group)
         if group == "new":
             info(f"new group: {group_key}")
@@ -64,7 +67,7 @@ def register(
             async with node:
                 if keepalive is None:
                     return _render_once(await node.register(check=False), json_out)
-                return await _keepalive_loop(node, keepalive, json_out)
+                return await _keepalive_loop(node, _Schedule.start(node, every), json_out)
 
         return run(go())
 
@@ -136,7 +139,80 @@ def _render_once(reg: Registration, json_out: bool) -> int:
     return _exit_code(reg)
 
 
-async def _keepalive_loop(node: api.Registrant, interval: float, json_out: bool) -> int:
+class _Schedule:
+    """When to register again: the interval given, or `--keepalive auto`'s, which a
+    measurement in the background may change while the loop sleeps."""
+
+    def __init__(self, plan: KeepalivePlan, auto: Optional[AutoKeepalive]) -> None:
+        import asyncio
+
+        self.plan = plan
+        self.auto = auto
+        self.changed = asyncio.Event()
+
+    @classmethod
+    def start(cls, node: api.Registrant, every: Optional[float]) -> _Schedule:
+        from nattool.cli.keepalive_opt import cli_cache
+        from nattool.diag.keepalive_auto import AutoKeepalive
+        from nattool.protocol.keepalive_rules import given_keepalive
+
+        if every is not None:
+            return cls(given_keepalive(every, every), None)
+        auto = AutoKeepalive(node.targets, cache=cli_cache())
+        return cls(auto.plan, auto)
+
+    def answered(self, reg: Registration) -> None:
+        if self.auto is not None:
+            for reply in reg.replies:
+                if reply.ok:
+                    self.auto.tracker_answered(reply.tracker)
+
+    def apply(self, plan: KeepalivePlan) -> None:
+        self.plan = plan
+        self.changed.set()
+
+    async def sleep_from(self, started: float) -> None:
+        """Until ``started`` + the current interval (a change while asleep counts)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while (left := started + self.plan.register_every - loop.time()) > 0:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+
+def _show_plan(plan: KeepalivePlan, json_out: bool) -> None:
+    from nattool.cli.keepalive_opt import plan_text
+    from nattool.cli.output import emit_json, stdout
+    from nattool.protocol.keepalive_rules import KeepaliveSource
+
+    if json_out:
+        emit_json({"event": "keepalive", **plan.to_json()})
+    elif plan.source is not KeepaliveSource.GIVEN:
+        stdout.print(f"{time.strftime('%H:%M:%S')} {plan_text(plan)}", markup=False, highlight=False)
+
+
+async def _keepalive_loop(node: api.Registrant, schedule: _Schedule, json_out: bool) -> int:
+    import asyncio
+
+    def changed(plan: KeepalivePlan) -> None:
+        schedule.apply(plan)
+        _show_plan(plan, json_out)
+
+    tuner = (asyncio.create_task(schedule.auto.measure(changed))
+             if schedule.auto is not None and schedule.auto.wants_measurement else None)
+    try:
+        return await _register_forever(node, schedule, json_out)
+    finally:
+        if tuner is not None:
+            tuner.cancel()
+            await asyncio.gather(tuner, return_exceptions=True)
+
+
+async def _register_forever(node: api.Registrant, schedule: _Schedule, json_out: bool) -> int:
     import asyncio
 
     from nattool.cli.output import emit_json, stdout
@@ -144,7 +220,9 @@ async def _keepalive_loop(node: api.Registrant, interval: float, json_out: bool)
     known: dict[str, MemberEntry] = {}
     first = True
     while True:
+        started = asyncio.get_running_loop().time()
         reg = await node.register(check=False)
+        schedule.answered(reg)
         me = reg.me
         current = {m.endpoint.to_text(): m for m in reg.members}
         stamp = time.strftime("%H:%M:%S")
@@ -153,6 +231,7 @@ async def _keepalive_loop(node: api.Registrant, interval: float, json_out: bool)
                 emit_json({"event": "registered", "group": reg.group, "self": _entry_json(me)})
             else:
                 stdout.print(f"{stamp} registered in {reg.group} as {me.to_text()}")
+            _show_plan(schedule.plan, json_out)
         elif me is None:
             if json_out:
                 emit_json({"event": "unreachable", "errors": [str(r.error) for r in reg.replies]})
@@ -173,7 +252,7 @@ async def _keepalive_loop(node: api.Registrant, interval: float, json_out: bool)
                     stdout.print(f"{stamp} - {m.to_text()}")
         if me is not None:
             known = current
-        await asyncio.sleep(interval)
+        await schedule.sleep_from(started)
 
 
 __all__ = ["register"]

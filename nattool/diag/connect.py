@@ -29,23 +29,23 @@ from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, 
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
 from nattool.net.localinfo import lan_addresses
-from nattool.protocol.connect_events import (
-    ConnectEvent,
-    MessageReceived,
-    PathUp,
-    PortMapped,
-    SessionEnded,
-    StreamWanted,
-)
+from nattool.net.socket_set import SocketSet
+from nattool.protocol.birthday import DEFAULT_BUDGET, DEFAULT_RATE
+from nattool.protocol.birthday import check_limits as check_birthday_limits
+from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
+from nattool.protocol.connect_events import ExtraSockets
+from nattool.protocol.connect_events import PortMapped
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.keepalive_rules import KeepalivePlan
 from nattool.protocol.punch import MAX_BODY
 from nattool.protocol.stream_frames import StreamDeframer, TextFrame, text_frame
 from nattool.protocol.text import canonical_group, canonical_mac, parse_lan_list
 from nattool.protocol.tracker_spec import TrackerLike, as_tracker_specs
 
 OnEvent = Callable[[ConnectEvent], None]
+Retune = Callable[[Callable[[KeepalivePlan], None]], Awaitable[None]]
 
 
 class NoPath(NattoolError):
@@ -118,6 +118,7 @@ class SessionShell:
         self.pool = ClientPool(port, bind)
         self.clients: dict[int, UdpClient] = {}
         self.streams: dict[Endpoint, TrackerStream] = {}
+        self.extra = SocketSet(self._on_extra_datagram, bind)  # birthday punching's sockets
         self._tasks: set[asyncio.Task[None]] = set()
         self.session: Optional[ConnectSession] = None
         self.ended: Optional[SessionEnded] = None
@@ -162,6 +163,12 @@ class SessionShell:
         self.live.close_when_delivered(self._now())
         self._pump()
 
+    def set_keepalive(self, plan: KeepalivePlan) -> None:
+        """New keepalive intervals (`--keepalive auto` measured the mapping lifetime)."""
+        if self.session is not None and not self.closed:
+            self.session.set_keepalive(plan, self._now())
+            self._pump()
+
     def leave(self) -> None:
         if self.session is not None and not self.closed:
             self.session.leave(self._now())
@@ -186,6 +193,7 @@ class SessionShell:
             stream.close()
         for task in self._tasks:
             task.cancel()
+        self.extra.close()
         self.pool.close()
         self.mapping.release_later()  # after the sockets: nothing answers the peers meanwhile
 
@@ -196,6 +204,11 @@ class SessionShell:
     def _on_datagram(self, data: bytes, src: Endpoint) -> None:
         if self.session is not None and not self.closed:
             self.session.receive_datagram(data, src, self._now())
+            self._pump()
+
+    def _on_extra_datagram(self, index: int, data: bytes, src: Endpoint) -> None:
+        if self.session is not None and not self.closed:
+            self.session.receive_on_socket(index, data, src, self._now())
             self._pump()
 
     def _on_timer(self) -> None:
@@ -218,7 +231,12 @@ class SessionShell:
                 self.ended = event
             elif isinstance(event, StreamWanted):
                 self._start(self._open_stream(event.tracker))
+            elif isinstance(event, ExtraSockets):
+                self.extra.keep_only(event.wanted, event.ip_version)
             self.on_event(event)
+        if not self.closed:
+            for index, data, dest in session.datagrams_via(self._now()):
+                self.extra.send(index, data, dest)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -275,7 +293,6 @@ class SessionShell:
         except NattoolError as exc:
             self.live.send_failed(dest, str(exc), now)
 
-
     # -- the port mapping ------------------------------------------------------------
 
     def _report_mapping(self, report: PortMapped) -> None:
@@ -301,10 +318,13 @@ def _family(ep: Endpoint) -> int:
 
 
 async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = DEFAULT_CONNECT_PORT,
-                          bind: Optional[str] = None, read_stdin: bool = True) -> int:
+                          bind: Optional[str] = None, read_stdin: bool = True,
+                          retune: Optional[Retune] = None) -> int:
     """`nattool connect`: run a session with stdin as the outgoing chat (each line goes
     to every connected peer; end of input leaves once they are delivered). Returns the
-    exit code; raises NetworkError when no tracker can even be sent to."""
+    exit code; raises NetworkError when no tracker can even be sent to. ``retune``
+    runs alongside and may change the keepalive intervals (`--keepalive auto`'s
+    background measurement)."""
     done: asyncio.Future[SessionEnded] = asyncio.get_running_loop().create_future()
 
     def on_event(event: ConnectEvent) -> None:
@@ -313,15 +333,19 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
             done.set_result(event)
 
     shell = SessionShell(config, on_event, port=port, bind=bind)
-    terminated = _on_sigterm(lambda: done.done() or done.set_result(SessionEnded(ExitCode.OK, "terminated")))
     await shell.open()
+    terminated = _on_sigterm(lambda: done.done() or done.set_result(SessionEnded(ExitCode.OK, "terminated")))
     reader = asyncio.create_task(_pump_stdin(shell)) if read_stdin and not config.once else None
+    tuner = asyncio.create_task(retune(shell.set_keepalive)) if retune is not None else None
     try:
         ended = await done
         if ended.exit_code == ExitCode.UNREACHABLE:
             raise NetworkError(ended.reason)
         return int(ended.exit_code)
     finally:
+        if tuner is not None:
+            tuner.cancel()
+            await asyncio.gather(tuner, return_exceptions=True)
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -523,6 +547,8 @@ async def connect(
     retries: int = 3,
     relay: RelayMode | str = RelayMode.AUTO,
     tcp: bool = False,
+    birthday_rate: float = DEFAULT_RATE,
+    birthday_budget: int = DEFAULT_BUDGET,
     portmap: bool = True,
 ) -> PeerConnection:
     """Join ``group`` at ``trackers`` (``HOST[:PORT]`` or ``[IPv6]:PORT`` strings) and open
@@ -536,10 +562,13 @@ async def connect(
     could be opened, the reason says why); ``relay``: "auto" (a tracker's relay for
     members no direct path reaches within a few seconds; direct paths take over when
     they open), "never", or "only"; ``tcp``: reach the trackers over TCP at once (else
-    only when none answers over UDP, and only with a relay); ``portmap``: ask the
-    gateway (PCP, NAT-PMP, UPnP IGD) to map the port and offer the mapped endpoint to
-    the peers (deleted by ``aclose()``; not for trackers on loopback; the registrations
-    wait for the gateway's answer, half a second at most). Returns once the sockets
+    only when none answers over UDP, and only with a relay); ``birthday_rate`` (probes/s)
+    and ``birthday_budget`` (probes in all, 0: off): birthday punching between a NAT that
+    maps per destination and one that filters by port (see
+    :mod:`nattool.protocol.birthday`); ``portmap``: ask the gateway (PCP, NAT-PMP, UPnP
+    IGD) to map the port and offer the mapped endpoint to the peers (deleted by
+    ``aclose()``; not for trackers on loopback; the registrations wait for the gateway's
+    answer, half a second at most). Returns once the sockets
     are open and the registrations are on their way; use ``wait_for_peer()`` to wait
     for a path.
     """
@@ -558,6 +587,7 @@ async def connect(
     dead = dead_after if dead_after is not None else 3 * keepalive
     if not (timeout > 0 and 0 < keepalive < dead and tracker_timeout > 0 and 0 <= retries <= 20):
         raise UsageError("want timeout > 0, 0 < keepalive < dead_after, tracker_timeout > 0, retries in 0..20")
+    check_birthday_limits(birthday_rate, birthday_budget)
     # Imported here: `import nattool` (a tracker process too) should not load dnspython.
     from nattool.net.resolve import ResolveOptions, resolve_trackers
 
@@ -576,6 +606,8 @@ async def connect(
         retries=retries,
         relay=relay_mode,
         tcp=tcp,
+        birthday_rate=birthday_rate,
+        birthday_budget=birthday_budget,
         portmap=portmap,
     )
     conn = PeerConnection()

@@ -34,6 +34,7 @@ import ipaddress
 import os
 import select
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 from nattool import __version__
 from nattool.errors import NetworkError, ProtocolError, UsageError
 from nattool.protocol.retransmit import backoff_schedule
+from nattool.net.gateway import default_gateway
 from nattool.net.localinfo import local_address_towards
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint
 from nattool.protocol.nat_behaviour import (
@@ -207,14 +209,16 @@ def run_transactions(
     schedule: Sequence[float] = SCHEDULE,
     give_up: float = GIVE_UP,
     clock: Callable[[], float] = time.monotonic,
+    stop: Optional[threading.Event] = None,
 ) -> None:
-    """Run every transaction at once until each is answered or given up."""
+    """Run every transaction at once until each is answered or given up (or ``stop``
+    is set: checked at least once a second)."""
     t0 = clock()
     socks = {id(t.receiver): t.receiver for t in txns}
     for t in txns:
         socks.setdefault(id(t.sock), t.sock)
     pending = [t for t in txns]
-    while pending:
+    while pending and not (stop is not None and stop.is_set()):
         now = clock() - t0
         next_event = now + 1.0
         still: list[Txn] = []
@@ -677,48 +681,82 @@ def _probe_family(
 def _lifetime(
     runs: Sequence[ServerRun], socks: _Sockets, lifetime_max: float, run: Callable[[Sequence[Txn]], None]
 ) -> dict[str, object]:
-    """Mapping lifetime bracket: sockets X_k idle w_k seconds each, probed once, in parallel."""
+    """Mapping lifetime bracket, against the first server that answered STUN."""
     server = next((r for r in runs if r.protocol == "stun" and r.mapped is not None), None)
     if server is None:
         return {"tested": False, "reason": "needs a STUN server that answered"}
-    p = server.target.endpoint
+    return _lifetime_at(server.target, socks, lifetime_max, run)
+
+
+def _lifetime_at(
+    target: ProbeTarget, socks: _Sockets, lifetime_max: float, run: Callable[[Sequence[Txn]], None]
+) -> dict[str, object]:
+    """Sockets X_k get a mapping and stay idle w_k seconds each; then socket Y asks the
+    server to answer to X_k's public port (RESPONSE-PORT). The waits go up the ladder
+    and stop at the first mapping gone: the longer ones cannot change the bracket."""
+    p = target.endpoint
     y = socks.new()
     # Does the server honour RESPONSE-PORT? Ask it to answer to Y's own public port.
     check = _stun_txn("Y", y, p, "binding (learn Y's mapping)")
     run([check])
     y_pub, _, _ = _mapped(check.message)
     if y_pub is None:
-        return {"tested": False, "reason": f"{server.target.label} did not answer"}
+        return {"tested": False, "reason": f"{target.label} did not answer"}
     check2 = _stun_txn("Y", y, p, f"binding response-port={y_pub.port}", response_port=y_pub.port)
     run([check2])
     msg2 = check2.message
     if msg2 is None or msg2.msg_class != MsgClass.SUCCESS:
-        return {"tested": False, "reason": f"{server.target.label} does not support RESPONSE-PORT"}
+        return {"tested": False, "reason": f"{target.label} does not support RESPONSE-PORT"}
     waits = [w for w in LIFETIME_LADDER if w <= lifetime_max] or [int(lifetime_max)]
     xs: list[tuple[float, socket.socket]] = [(w, socks.new()) for w in waits]
     opens = [_stun_txn(f"X[{w}]", s, p, "binding (open mapping)") for w, s in xs]
     run(opens)
-    probes: list[tuple[float, Txn]] = []
+    opened = time.monotonic()
+    alive: list[float] = []
+    dead: list[float] = []
     for (w, s), o in zip(xs, opens):
         pub, _, _ = _mapped(o.message)
         if pub is None:
             continue
-        probes.append((w, _stun_txn("Y", y, p, f"binding response-port={pub.port} after {w}s idle", response_port=pub.port, recv_sock=s, start=float(w))))
-    if not probes:
+        start = max(0.0, w - (time.monotonic() - opened))
+        probe = _stun_txn("Y", y, p, f"binding response-port={pub.port} after {w}s idle", response_port=pub.port,
+                          recv_sock=s, start=start)
+        run([probe])
+        if probe.reply is None:
+            dead.append(w)
+            break
+        alive.append(w)
+    if not alive and not dead:
         return {"tested": False, "reason": "no mapping could be opened"}
-    run([t for _, t in probes])
-    alive = [w for w, t in probes if t.reply is not None]
-    dead = [w for w, t in probes if t.reply is None]
     first_dead = min(dead) if dead else None
-    at_least = max((w for w in alive if first_dead is None or w < first_dead), default=0)
+    local = local_address_towards(p)
+    gateway = default_gateway() if p.ip.version == 4 else None
     return {
         "tested": True,
-        "server": server.target.label,
-        "at_least_s": at_least,
+        "server": target.label,
+        "at_least_s": max(alive, default=0),
         "below_s": first_dead,  # None: still alive at the longest wait tried
         "alive_after_s": alive,
         "expired_after_s": dead,
+        "local": local,
+        "gateway": str(gateway.ip) if gateway is not None else None,
     }
+
+
+def measure_lifetime(target: ProbeTarget, lifetime_max: float, *, give_up: float = GIVE_UP,
+                     retries: int = RETRIES, stop: Optional[threading.Event] = None) -> dict[str, object]:
+    """Only the lifetime test (as `probe --lifetime` makes it) against ``target``, a
+    server with RESPONSE-PORT, on sockets of its own; blocking, up to ``lifetime_max``
+    seconds; ``stop`` set from another thread ends it early (untested then)."""
+    socks = _Sockets(target.endpoint.ip.version)
+    try:
+        run = functools.partial(run_transactions, schedule=send_times(give_up, retries), give_up=give_up, stop=stop)
+        result = _lifetime_at(target, socks, lifetime_max, run)
+    finally:
+        socks.close()
+    if stop is not None and stop.is_set():
+        return {"tested": False, "reason": "stopped"}
+    return result
 
 
 # --------------------------------------------------------------------------- entry
@@ -779,6 +817,7 @@ __all__ = [
     "resolve_literal",
     "probe",
     "probe_family",
+    "measure_lifetime",
     "DEFAULT_PORT",
     "DEFAULT_STUN_PORT",
 ]

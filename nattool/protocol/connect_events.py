@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 from nattool.exit_codes import ExitCode
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.keepalive_rules import KeepalivePlan
 
 
 class PathKind(str, Enum):
@@ -192,32 +193,58 @@ class SessionEnded:
     reason: str
 
 
-ConnectEvent = Union[
-    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
-    StreamWanted, RelayAllocated, RelayLost,
-    "PortMapped",
-]
+# --------------------------------------------------------------------------- birthday punching
 
-__all__ = [
-    "CandidateSource",
-    "ConnectEvent",
-    "GaveUp",
-    "MemberSeen",
-    "MappingChange",
-    "MessageReceived",
-    "PathDown",
-    "PathKind",
-    "PathUp",
-    "PortMapped",
-    "Queued",
-    "Registered",
-    "RelayAllocated",
-    "RelayLost",
-    "SessionEnded",
-    "StreamWanted",
-    "Undelivered",
-    "Verdict",
-]
+
+@dataclass(frozen=True, slots=True)
+class BirthdayStarted:
+    """Birthday punching or port prediction toward ``member`` begins (see
+    :mod:`nattool.protocol.birthday`): ``role`` "open-ports" (our NAT maps per destination:
+    many sockets ping the member) or "probe" (the member's does: we ping its ports);
+    ``method`` BIRTHDAY or PREDICT; ``pattern`` how the per-destination NAT picks ports."""
+
+    member: Endpoint
+    role: str
+    method: PathMethod
+    pattern: str
+    reason: str
+    rate: float  # probes per second
+    budget: int  # probes in all
+
+
+@dataclass(frozen=True, slots=True)
+class BirthdayEnded:
+    """The attempt toward ``member`` is over: a direct path is up (``up``), or its
+    budget is spent; ``probes`` it sent, ``elapsed`` s since it began."""
+
+    member: Endpoint
+    method: PathMethod
+    up: bool
+    probes: int
+    elapsed: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraSockets:
+    """The owner should have exactly these extra local sockets open (indices from 1;
+    the session's own socket is 0), of IP version ``ip_version``: opened when birthday
+    punching starts, all but the one a path lives on closed once it is up."""
+
+    wanted: tuple[int, ...]
+    ip_version: int = 4
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveSet:
+    """The keepalive interval in force and where it came from: given, measured on this
+    network (with the measurement's age) or the default. Again when it changes (a
+    measurement made in the background)."""
+
+    plan: KeepalivePlan
 
 
 class MappingChange(str, Enum):
@@ -243,3 +270,37 @@ class PortMapped:
     reason: str = ""
     tracker: Optional[Endpoint] = None  # REFUSED: the tracker that refused it
 
+
+# --------------------------------------------------------------------------- all of them
+
+ConnectEvent = Union[
+    Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
+    StreamWanted, RelayAllocated, RelayLost, BirthdayStarted, BirthdayEnded, ExtraSockets, KeepaliveSet,
+    PortMapped,
+]
+
+__all__ = [
+    "BirthdayEnded",
+    "BirthdayStarted",
+    "CandidateSource",
+    "ConnectEvent",
+    "ExtraSockets",
+    "GaveUp",
+    "KeepaliveSet",
+    "MappingChange",
+    "MemberSeen",
+    "MessageReceived",
+    "PathDown",
+    "PathKind",
+    "PathMethod",
+    "PathUp",
+    "PortMapped",
+    "Queued",
+    "Registered",
+    "RelayAllocated",
+    "RelayLost",
+    "SessionEnded",
+    "StreamWanted",
+    "Undelivered",
+    "Verdict",
+]

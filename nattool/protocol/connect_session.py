@@ -45,6 +45,14 @@ all) when :func:`~nattool.protocol.connect_rules.relay_due` says so for some mem
 relayed path is the last choice: probing of the direct candidates goes on, and a direct
 path that answers takes over (a second PathUp for the same peer).
 
+Birthday punching (:mod:`nattool.protocol.birthday`): where the trackers show our mapping
+per destination and a member's independent of it (or the reverse), the hard side asks
+its owner for extra sockets (an :class:`ExtraSockets` event), pings the member from each
+(``datagrams_via``: what goes out of which), and takes what arrives on them with
+``receive_on_socket``; the easy side pings random ports of the member's IP. A path
+remembers the socket it lives on (``socket_of``). Both within one rate cap and budget;
+a relayed path does not stop it, a direct one does.
+
 A port mapping (``portmap``): the owner asks the gateway to map the session's port (PCP,
 NAT-PMP, UPnP IGD) and reports what happened with :meth:`ConnectSession.port_mapping`;
 registering waits for that report (``PORTMAP_WAIT`` s at most), so that the trackers do
@@ -63,11 +71,22 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from nattool.errors import ProtocolError
 from nattool.exit_codes import ExitCode
+from nattool.protocol.birthday import (
+    BIRTHDAY_AFTER,
+    DEFAULT_BUDGET,
+    DEFAULT_RATE,
+    REFRESH_EVERY,
+    BirthdayRun,
+    Pacer,
+    Role,
+    plan,
+)
+from nattool.protocol.connect_events import BirthdayEnded, BirthdayStarted, ExtraSockets
 from nattool.protocol.connect_events import (
     CandidateSource,
     RelayAllocated,
@@ -98,7 +117,9 @@ from nattool.protocol.connect_rules import (
     relay_due,
     verdict,
 )
+from nattool.protocol.connect_events import KeepaliveSet
 from nattool.protocol.endpoint import Endpoint
+from nattool.protocol.keepalive_rules import KeepalivePlan
 from nattool.protocol.punch import BadMac, Kind, NotPeerMessage, PeerMessage, ReplayGuard, ReplayWindow, derive_key
 from nattool.protocol.retransmit import backoff_schedule
 from nattool.protocol.text import ErrorReply, MemberList, RegisterRequest, RelayGrant, RelayRequest
@@ -148,6 +169,8 @@ class SessionConfig:
     once: bool = False  # end (exit 0) LINGER s after the first path is up
     relay: RelayMode = RelayMode.NEVER  # `connect --relay` (the CLI and the library default to auto)
     tcp: bool = False  # reach the trackers over TCP at once
+    birthday_rate: float = DEFAULT_RATE  # probes/s of birthday punching (nattool.protocol.birthday)
+    birthday_budget: int = DEFAULT_BUDGET  # its probes in all; 0: neither birthday punching nor prediction
     portmap: bool = False  # the owner asks for a port mapping: registering waits for its port_mapping() report
 
 
@@ -287,6 +310,11 @@ class ConnectSession:
         self._last_tick = now
         self._out: list[tuple[bytes, Endpoint]] = []
         self._events: deque[ConnectEvent] = deque()
+        self.birthday: dict[Endpoint, BirthdayRun] = {}  # its target -> run (see _tick_birthday)
+        self.pacer: Optional[Pacer] = None  # one rate cap and budget for every run
+        self.socket_of: dict[Endpoint, int] = {}  # a peer endpoint reached through an extra socket
+        self.sockets_open: tuple[int, ...] = ()  # the extra sockets the owner was told to have
+        self._out_via: list[tuple[int, bytes, Endpoint]] = []
         self._tick(now)
 
     # -- the sans-I/O interface --------------------------------------------------------
@@ -355,6 +383,7 @@ class ConnectSession:
                 path = peer.paths[peer.active]
                 times.append(min(path.last_heard + self.config.dead_after, path.last_ping + self.config.keepalive))
         times.extend(out.next_send for out in self.outgoing)
+        times.extend(self._birthday_timers())
         if self._finish_at is not None:
             times.append(self._finish_at)
         if self.linger_until is not None:
@@ -427,6 +456,20 @@ class ConnectSession:
         self.linger_until = None
         if self.turn is not None:
             self.turn.close(now)
+
+    def set_keepalive(self, plan: KeepalivePlan, now: float) -> None:
+        """Keep paths and registrations alive at ``plan``'s intervals from now on (a
+        :class:`KeepaliveSet` event says so). ``dead_after`` never shrinks, and grows to
+        three keepalives if it was less."""
+        self._now = now
+        dead_after = max(self.config.dead_after, 3 * plan.interval)
+        self.config = replace(self.config, keepalive=plan.interval, register_every=plan.register_every,
+                              dead_after=dead_after)
+        for reg in self.registrations.values():
+            if reg.trying is None and not reg.asking and self.connected_peers():
+                reg.next_round = min(reg.next_round, now + plan.register_every)
+        self._events.append(KeepaliveSet(plan))
+        self._tick(now)
 
     def close_when_delivered(self, now: float) -> None:
         """The input ended: leave (exit 0) once a path was up and every message is acknowledged."""
@@ -832,6 +875,10 @@ class ConnectSession:
     # -- sending -----------------------------------------------------------------------
 
     def _send(self, dest: Endpoint, msg: PeerMessage) -> None:
+        via = self.socket_of.get(dest)
+        if via is not None:
+            self._out_via.append((via, msg.to_wire(self.key), dest))
+            return
         if dest in self.relayed_peers:
             if self.turn is not None:
                 self.turn.send(dest, msg.to_wire(self.key), self._now)
@@ -842,13 +889,18 @@ class ConnectSession:
         self.seq += 1
         return self.seq
 
-    def _ping(self, dest: Endpoint, now: float) -> None:
+    def _ping(self, dest: Endpoint, now: float, via: int = 0) -> None:
+        """A ping to ``dest``; ``via`` an extra socket to send it from (0: as routed)."""
         seq = self._next_seq()
         self.pending[seq] = (dest, now)
         if len(self.pending) > PENDING_MAX:
             for old in sorted(self.pending)[: len(self.pending) - PENDING_MAX]:
                 del self.pending[old]
-        self._send(dest, PeerMessage(Kind.PING, self.sender, seq))
+        msg = PeerMessage(Kind.PING, self.sender, seq)
+        if via:
+            self._out_via.append((via, msg.to_wire(self.key), dest))
+        else:
+            self._send(dest, msg)
 
     def _end(self, code: ExitCode, reason: str) -> None:
         if self.ended is None:
@@ -904,6 +956,7 @@ class ConnectSession:
                 path.last_ping = now
                 self._ping(path.endpoint, now)
         self._tick_registrations(now)
+        self._tick_birthday(now)
         for cand in list(self.cands.values()):
             if now >= cand.next_send and self._wants_probe(cand, now):
                 self._ping(cand.endpoint, now)
@@ -1128,7 +1181,7 @@ class ConnectSession:
         source = cand.source if cand else CandidateSource.PEER_REFLEXIVE
         observed_as = msg.body.decode("ascii", "replace")[:64]
         self._events.append(PathUp(peer.peer_id, dest, kind, source, rtt, now - started, now - self.t0, observed_as,
-                                  self._path_method(kind, observed_as)))
+                                  self._birthday_method(peer, dest, kind) or self._path_method(kind, observed_as)))
         if self.config.once and self._finish_at is None:
             self._finish_at = now + LINGER
 
@@ -1163,6 +1216,141 @@ class ConnectSession:
             out.tries += 1
             keep.append(out)
         self.outgoing = keep
+
+    # -- birthday punching and port prediction (nattool.protocol.birthday) -------------
+
+    def receive_on_socket(self, index: int, data: bytes, addr: Endpoint, now: float) -> None:
+        """A datagram on extra socket ``index``: only peer messages count there. An
+        authentic one routes ``addr`` through that socket from now on (its NAT let the
+        peer in there: that is where the hole is), and ``addr`` is pinged back at once."""
+        if self.ended is not None:
+            return
+        self._now = now
+        msg = self._peer_message(data)
+        if msg is None or msg.sender == self.sender:
+            return
+        fresh = addr not in self.socket_of and index in self.sockets_open
+        if fresh:
+            self.socket_of[addr] = index
+        replayed = self.counters["replayed"]
+        self._on_peer_message(msg, addr, now)
+        if fresh and self.counters["replayed"] != replayed:
+            del self.socket_of[addr]  # a replay opens nothing
+        elif fresh and (cand := self.cands.get(addr)) is not None:
+            cand.next_send = now  # a triggered check through the new socket, relayed or not
+        self._tick(now)
+
+    def datagrams_via(self, now: float) -> list[tuple[int, bytes, Endpoint]]:
+        """What goes out of an extra socket: (socket index, datagram, destination)."""
+        out, self._out_via = self._out_via, []
+        return out
+
+    def _direct_up(self, member: Member) -> bool:
+        peer = self.peers.get(member.peer) if member.peer else None
+        return peer is not None and peer.active is not None and peer.paths[peer.active].kind != PathKind.RELAY
+
+    def _tick_birthday(self, now: float) -> None:
+        """Start a run toward each member the trackers' views call for (birthday
+        punching after BIRTHDAY_AFTER s of plain punching), send what the runs have due within the
+        rate cap, end them once a direct path is up (a relayed one does not end them),
+        and tell the owner which extra sockets to have."""
+        if self.config.birthday_budget <= 0 or self.config.relay == RelayMode.ONLY or self.local is None:
+            return
+        mine = self._own_mapping()[0]
+        for member in self.members.values():
+            if not member.gave_up and not self._direct_up(member):
+                self._start_birthday(member, mine, now)
+        # The hard side's rounds are short (one ping per socket): they go first, so that
+        # a probing run toward another member cannot starve them.
+        for run in sorted(self.birthday.values(), key=lambda r: r.plan.role is Role.PROBE):
+            if run.ended:
+                continue
+            assert self.pacer is not None
+            member = self.members.get(run.member)
+            mates = [m for m in self.members.values() if m.endpoint.ip == run.target.ip] if run.plan.role is Role.PROBE \
+                else [member] if member is not None else []
+            if any(self._direct_up(m) for m in mates):
+                self._end_birthday(run, True, "a direct path is up", now)
+            elif not mates or all(m.gave_up for m in mates):
+                self._end_birthday(run, False, "the member was given up", now)
+            elif self.pacer.exhausted and (run.plan.role is Role.PROBE or now >= run.last_send + REFRESH_EVERY):
+                self._end_birthday(run, False, f"budget of {self.pacer.budget} probes spent", now)
+            else:
+                for via, dest in run.sends(now, self.pacer.take(now, run.due(now))):
+                    self._ping(dest, now, via)
+        self._announce_sockets(now)
+
+    def _start_birthday(self, member: Member, mine: Optional[str], now: float) -> None:
+        assert self.local is not None
+        own_ports = [e.port for t, e in self.observed.items() if self.registrations[t].stream != OPEN]
+        member_ports = [e.port for eps in self.member_views.values() for e in eps if e.ip == member.endpoint.ip]
+        found = plan(mine, self._member_mapping(member)[0], own_ports, self.local.port, member_ports)
+        # Prediction costs a few probes and no socket: at once. Birthday punching lets
+        # plain punching try first.
+        if found is None or (found.method is PathMethod.BIRTHDAY and now < member.first_seen + BIRTHDAY_AFTER):
+            return
+        target = member.endpoint if found.role is Role.OPEN_PORTS else Endpoint(member.endpoint.ip, 0)
+        if target in self.birthday:
+            return
+        if self.pacer is None:
+            self.pacer = Pacer(self.config.birthday_rate, self.config.birthday_budget, now)
+        self.birthday[target] = BirthdayRun(found, target, member.endpoint, now, self.seed)
+        self._events.append(BirthdayStarted(member.endpoint, found.role.value, found.method, found.pattern.value,
+                                            found.reason, self.config.birthday_rate, self.config.birthday_budget))
+
+    def _end_birthday(self, run: BirthdayRun, up: bool, reason: str, now: float) -> None:
+        run.ended = True
+        self._events.append(BirthdayEnded(run.member, run.plan.method, up, run.sent, now - run.start, reason))
+
+    def _announce_sockets(self, now: float) -> None:
+        """ExtraSockets when the set changes: every run's sockets while it runs, then only
+        those a path that is up lives on (routes through the others are forgotten)."""
+        wanted: set[int] = set()
+        version = 4
+        for run in self.birthday.values():
+            count = run.sockets_wanted(now)
+            if count:
+                wanted.update(range(1, count + 1))
+                version = run.target.ip.version
+        in_use = {p.endpoint for peer in self.peers.values() for p in peer.paths.values() if p.up}
+        wanted |= {via for ep, via in self.socket_of.items() if ep in in_use}
+        if tuple(sorted(wanted)) == self.sockets_open:
+            return
+        self.sockets_open = tuple(sorted(wanted))
+        self.socket_of = {ep: via for ep, via in self.socket_of.items() if via in wanted}
+        self._events.append(ExtraSockets(self.sockets_open, version))
+
+    def _birthday_timers(self) -> list[float]:
+        if self.config.birthday_budget <= 0 or self.config.relay == RelayMode.ONLY:
+            return []
+        # A plan needs our mapping, which needs two trackers' views.
+        times = [m.first_seen + BIRTHDAY_AFTER for m in self.members.values()
+                 if len(self.observed) > 1 and not m.gave_up and m.first_seen + BIRTHDAY_AFTER > self._last_tick]
+        for run in self.birthday.values():
+            if run.ended or self.pacer is None:
+                continue
+            at, paced = run.next_at(), self.pacer.next_at()
+            if at is not None and paced is not None:
+                times.append(max(at, paced))
+            if run.plan.role is Role.OPEN_PORTS and self.pacer.exhausted:
+                times.append(run.last_send + REFRESH_EVERY)  # it ends then (see _tick_birthday)
+        return times
+
+    def _birthday_method(self, peer: Peer, dest: Endpoint, kind: PathKind) -> Optional[PathMethod]:
+        """BIRTHDAY or PREDICT for a path that a birthday run's probe or extra socket
+        just opened; None for any other path."""
+        if kind == PathKind.INTERNET:
+            for run in self.birthday.values():
+                method = run.method_of(dest, dest in self.socket_of)
+                if method is None:
+                    continue
+                # The members the trackers list at the probed IP are this peer (as for a
+                # peer-reflexive path): not members to give up on.
+                for member in self.members.values():
+                    if member.peer is None and member.endpoint.ip == dest.ip:
+                        member.peer = peer.sender
+                return method
+        return None
 
 
 __all__ = ["ConnectSession", "SessionConfig"]
