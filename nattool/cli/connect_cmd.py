@@ -38,6 +38,7 @@ def connect(
     tcp: Annotated[bool, typer.Option("--tcp", help="Reach the trackers over TCP at once (without it: only when none answers over UDP within 2 s, and not with --relay never).")] = False,
     birthday_rate: Annotated[float, typer.Option("--birthday-rate", metavar="PROBES", help="Birthday punching (a NAT that maps per destination against one that filters by port; two trackers show which): probes per second, both sides.")] = BIRTHDAY_RATE,
     birthday_budget: Annotated[int, typer.Option("--birthday-budget", metavar="N", help="Birthday punching: probes in all (2048: a hit 99.97% of the time), which bounds the NATs' session tables; 0 turns it and port prediction off.")] = BIRTHDAY_BUDGET,
+    portmap: Annotated[bool, typer.Option("--portmap/--no-portmap", help="Ask the gateway to map the local port (PCP, NAT-PMP or UPnP IGD; registering waits up to 0.5 s for it), offer the mapped endpoint to the peers, renew it, and delete it on exit (also on Ctrl-C and SIGTERM).")] = True,
     json_out: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -45,8 +46,9 @@ def connect(
     else through a tracker's TURN relay; then carry lines: stdin goes to the connected
     peers, their lines are printed as '<peer> line'.
 
-    End of input leaves, once the lines read are delivered. Exit status: 0 ok, 1 no path could be opened (with
-    the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker can be sent to.
+    End of input leaves, once the lines read are delivered. Exit status: 0 ok (also after SIGTERM), 1 no path
+    could be opened (with the reason), 3 no tracker or no other member answered within --timeout, 4 no tracker
+    can be sent to.
     """
     from dataclasses import replace
 
@@ -106,6 +108,7 @@ def connect(
                 tcp=tcp,
                 birthday_rate=birthday_rate,
                 birthday_budget=birthday_budget,
+                portmap=portmap,
             )
             config = replace(config, register_every=ka.register_every(config.register_every))
             return await connect_session(config, ka.announcing(Renderer(json_out)), port=port, bind=bind,

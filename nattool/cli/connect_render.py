@@ -18,6 +18,7 @@ from nattool.protocol.connect_events import (
     MessageReceived,
     PathDown,
     PathUp,
+    PortMapped,
     Queued,
     Registered,
     RelayAllocated,
@@ -97,6 +98,8 @@ def event_fields(e: ConnectEvent) -> Optional[dict[str, Any]]:
         if e.endpoint is not None:
             out["peer"] = e.endpoint.to_text()
         return out
+    if isinstance(e, PortMapped):
+        return _portmap_fields(e)
     if isinstance(e, (BirthdayStarted, BirthdayEnded)):
         return _birthday_fields(e)
     return None  # SessionEnded: the exit status says it; ExtraSockets: the shell's business
@@ -108,6 +111,18 @@ def _birthday_fields(e: BirthdayStarted | BirthdayEnded) -> dict[str, Any]:
                 "pattern": e.pattern, "reason": e.reason, "rate": e.rate, "budget": e.budget}
     return {"event": "birthday_end", "member": e.member.to_text(), "method": e.method.value, "up": e.up,
             "probes": e.probes, "elapsed_s": round(e.elapsed, 3), "reason": e.reason}
+
+
+def _portmap_fields(e: PortMapped) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": "portmap", "change": e.change.value, "protocol": e.protocol,
+                           "external": e.external.to_text() if e.external else None}
+    if e.lifetime is not None:
+        out["lifetime_s"] = round(e.lifetime, 3)
+    if e.tracker is not None:
+        out["tracker"] = e.tracker.to_text()
+    if e.reason:
+        out["reason"] = e.reason
+    return out
 
 
 def sanitize(text: str) -> str:
@@ -127,7 +142,8 @@ def _human(e: dict[str, Any]) -> Optional[str]:
         return f"member {e['member']}{lan}: punching"
     if kind == "path_up":
         via = {"lan": "LAN", "relay": "relay"}.get(e["via"], "Internet")
-        return (f"path up to {e['peer']} via {via}: "
+        how = "" if e["method"] in ("punch", "lan", "relay") else f" ({e['method']})"
+        return (f"path up to {e['peer']} via {via}{how}: "
                 f"rtt {e['rtt_ms']:.1f} ms, opened in {e['open_s']:.2f} s")
     if kind == "path_down":
         return f"path down to {e['peer']} via {e['via']} ({e['reason']}): trying again"
@@ -137,6 +153,8 @@ def _human(e: dict[str, Any]) -> Optional[str]:
         return f"relay at {e['server']}: relayed endpoint {e['relayed']}"
     if kind == "relay_lost" and e["server"] is not None:
         return f"relay lost: {e['reason']}"
+    if kind == "portmap":
+        return _portmap_human(e)
     if kind == "gave_up":
         who = e.get("member") or "group"
         head = "impossible" if e.get("impossible") else "gave up"
@@ -155,6 +173,23 @@ def _human(e: dict[str, Any]) -> Optional[str]:
     if kind == "undelivered":
         return f"line not delivered to {e.get('peer') or 'anyone'}: {e['reason']}"
     return None
+
+
+def _portmap_human(e: dict[str, Any]) -> str:
+    change, ext = e["change"], e["external"]
+    proto = {"pcp": "PCP", "natpmp": "NAT-PMP", "upnp": "UPnP IGD"}.get(e["protocol"] or "", e["protocol"])
+    why = f" ({e['reason']})" if e.get("reason") else ""
+    if change in ("granted", "renewed"):
+        verb = "granted" if change == "granted" else "renewed"
+        return f"port mapping {verb} by {proto}: {ext} for {e.get('lifetime_s', 0):g} s, offered to the peers"
+    if change == "lost":
+        return f"port mapping {ext} lost{why}: the peers get the endpoint the trackers see"
+    if change == "refused":
+        return (f"tracker {e['tracker']} refused the mapped endpoint {ext}{why}: "
+                "registered there with the endpoint it sees")
+    if change == "deleted":
+        return f"port mapping {ext} deleted"
+    return f"no port mapping{why}"
 
 
 __all__ = ["Renderer", "event_fields", "sanitize"]

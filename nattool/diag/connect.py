@@ -15,13 +15,16 @@ on: to the CLI's renderer (:func:`connect_session`) or to a :class:`PeerConnecti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import signal
 import socket
 import stat
 import sys
 from collections import deque
 from typing import Awaitable, Callable, Optional, Sequence
 
+from nattool.diag.connect_portmap import SocketMapping, worth_mapping
 from nattool.errors import NattoolError, NetworkError, NoAnswer, ProtocolError, UsageError
 from nattool.exit_codes import ExitCode
 from nattool.net.client import ClientPool, UdpClient
@@ -31,6 +34,7 @@ from nattool.protocol.birthday import DEFAULT_BUDGET, DEFAULT_RATE
 from nattool.protocol.birthday import check_limits as check_birthday_limits
 from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
 from nattool.protocol.connect_events import ExtraSockets
+from nattool.protocol.connect_events import PortMapped
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
 from nattool.protocol.connect_session import ConnectSession, SessionConfig
 from nattool.protocol.endpoint import Endpoint
@@ -121,6 +125,7 @@ class SessionShell:
         self.closed = False
         self._timer: Optional[asyncio.TimerHandle] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.mapping = SocketMapping(self._report_mapping, on_event)
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -136,7 +141,12 @@ class SessionShell:
         except BaseException:
             self.pool.close()
             raise
+        v4 = self.clients.get(socket.AF_INET)
+        if self.config.portmap and (v4 is None or not worth_mapping(self.config.trackers, self.bind)):
+            self.config = dataclasses.replace(self.config, portmap=False)  # nothing to map: do not wait
         self.session = ConnectSession(self.config, os.urandom(8), self._loop.time(), local, seed=os.urandom(16))
+        if self.config.portmap and v4 is not None:
+            self.mapping.start(v4.local.port, self.bind)
         self._pump()
 
     @property
@@ -185,6 +195,7 @@ class SessionShell:
             task.cancel()
         self.extra.close()
         self.pool.close()
+        self.mapping.release_later()  # after the sockets: nothing answers the peers meanwhile
 
     def _now(self) -> float:
         assert self._loop is not None
@@ -282,6 +293,22 @@ class SessionShell:
         except NattoolError as exc:
             self.live.send_failed(dest, str(exc), now)
 
+    # -- the port mapping ------------------------------------------------------------
+
+    def _report_mapping(self, report: PortMapped) -> None:
+        """The mapping's news: to the session while it runs, else to the owner."""
+        if self.session is not None and not self.closed and self.session.ended is None:
+            self.session.port_mapping(report, self._now())
+            self._pump()
+        else:
+            self.on_event(report)
+
+    async def aclose(self) -> None:
+        """close(), and wait for the port mapping's deletion (bounded by the mapper)."""
+        self.close()
+        if self.mapping.releasing is not None:
+            await self.mapping.releasing
+
 
 def _family(ep: Endpoint) -> int:
     return socket.AF_INET6 if ep.ip.version == 6 else socket.AF_INET
@@ -307,6 +334,7 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
 
     shell = SessionShell(config, on_event, port=port, bind=bind)
     await shell.open()
+    terminated = _on_sigterm(lambda: done.done() or done.set_result(SessionEnded(ExitCode.OK, "terminated")))
     reader = asyncio.create_task(_pump_stdin(shell)) if read_stdin and not config.once else None
     tuner = asyncio.create_task(retune(shell.set_keepalive)) if retune is not None else None
     try:
@@ -321,13 +349,27 @@ async def connect_session(config: SessionConfig, emit: OnEvent, *, port: int = D
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        if shell.ended is None:
-            shell.leave()  # Ctrl-C: the peers hear it now, not after --dead-after
-            try:
+        try:
+            if shell.ended is None:
+                shell.leave()  # Ctrl-C, SIGTERM: the peers hear it now, not after --dead-after
                 await shell.linger()
-            except asyncio.CancelledError:
-                pass  # a second Ctrl-C: close now
-        shell.close()
+            await shell.aclose()  # the gateway's mapping goes with us, Ctrl-C or not
+        except asyncio.CancelledError:
+            pass  # a second Ctrl-C: close now
+        finally:
+            terminated()
+            shell.close()
+
+
+def _on_sigterm(stop: Callable[[], object]) -> Callable[[], None]:
+    """SIGTERM ends the run as Ctrl-C does (leave, delete the port mapping), exit 0; the
+    returned function puts the default handling back."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop)
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _pump_stdin(shell: SessionShell) -> None:
@@ -443,6 +485,8 @@ class PeerConnection:
             self._shell.leave()
             await self._shell.linger()
         self.close()
+        if self._shell is not None and self._shell.mapping.releasing is not None:
+            await self._shell.mapping.releasing  # the port mapping's deletion
         if self._shell is not None:
             await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled
         await asyncio.sleep(0)  # let the transports finish closing
@@ -505,6 +549,7 @@ async def connect(
     tcp: bool = False,
     birthday_rate: float = DEFAULT_RATE,
     birthday_budget: int = DEFAULT_BUDGET,
+    portmap: bool = True,
 ) -> PeerConnection:
     """Join ``group`` at ``trackers`` (``HOST[:PORT]`` or ``[IPv6]:PORT`` strings) and open
     paths to its members, direct or relayed, as `nattool connect` does.
@@ -520,7 +565,10 @@ async def connect(
     only when none answers over UDP, and only with a relay); ``birthday_rate`` (probes/s)
     and ``birthday_budget`` (probes in all, 0: off): birthday punching between a NAT that
     maps per destination and one that filters by port (see
-    :mod:`nattool.protocol.birthday`). Returns once the sockets
+    :mod:`nattool.protocol.birthday`); ``portmap``: ask the gateway (PCP, NAT-PMP, UPnP
+    IGD) to map the port and offer the mapped endpoint to the peers (deleted by
+    ``aclose()``; not for trackers on loopback; the registrations wait for the gateway's
+    answer, half a second at most). Returns once the sockets
     are open and the registrations are on their way; use ``wait_for_peer()`` to wait
     for a path.
     """
@@ -560,6 +608,7 @@ async def connect(
         tcp=tcp,
         birthday_rate=birthday_rate,
         birthday_budget=birthday_budget,
+        portmap=portmap,
     )
     conn = PeerConnection()
     shell = SessionShell(config, conn._on_event, port=port, bind=bind)

@@ -247,11 +247,36 @@ class KeepaliveSet:
     plan: KeepalivePlan
 
 
+class MappingChange(str, Enum):
+    """What happened to the port mapping of the session's socket (the JSON ``change``)."""
+
+    GRANTED = "granted"  # a gateway mapped our port: its external endpoint is offered to the peers
+    RENEWED = "renewed"  # renewed before expiry (the external endpoint may have moved)
+    LOST = "lost"  # renewal failed or the gateway took it back: peers get the endpoint the trackers see
+    NONE = "none"  # no gateway offered a mapping in time (or --no-portmap): registration goes on without
+    REFUSED = "refused"  # a tracker refused the mapped endpoint (double NAT): `0` at that tracker
+    DELETED = "deleted"  # given back at the end of the session
+
+
+@dataclass(frozen=True, slots=True)
+class PortMapped:
+    """The port mapping of the session's socket: which protocol granted which external
+    endpoint for how long, and when it is renewed, lost, refused by a tracker or deleted."""
+
+    change: MappingChange
+    protocol: Optional[str] = None  # "pcp", "natpmp" or "upnp"
+    external: Optional[Endpoint] = None
+    lifetime: Optional[float] = None  # s the gateway granted
+    reason: str = ""
+    tracker: Optional[Endpoint] = None  # REFUSED: the tracker that refused it
+
+
 # --------------------------------------------------------------------------- all of them
 
 ConnectEvent = Union[
     Registered, MemberSeen, PathUp, PathDown, MessageReceived, Queued, Undelivered, GaveUp, SessionEnded,
     StreamWanted, RelayAllocated, RelayLost, BirthdayStarted, BirthdayEnded, ExtraSockets, KeepaliveSet,
+    PortMapped,
 ]
 
 __all__ = [
@@ -262,12 +287,14 @@ __all__ = [
     "ExtraSockets",
     "GaveUp",
     "KeepaliveSet",
+    "MappingChange",
     "MemberSeen",
     "MessageReceived",
     "PathDown",
     "PathKind",
     "PathMethod",
     "PathUp",
+    "PortMapped",
     "Queued",
     "Registered",
     "RelayAllocated",

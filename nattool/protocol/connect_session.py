@@ -53,6 +53,15 @@ its owner for extra sockets (an :class:`ExtraSockets` event), pings the member f
 remembers the socket it lives on (``socket_of``). Both within one rate cap and budget;
 a relayed path does not stop it, a direct one does.
 
+A port mapping (``portmap``): the owner asks the gateway to map the session's port (PCP,
+NAT-PMP, UPnP IGD) and reports what happened with :meth:`ConnectSession.port_mapping`;
+registering waits for that report (``PORTMAP_WAIT`` s at most), so that the trackers do
+not list the unmapped endpoint first. A granted mapping's external endpoint goes into
+every registration as ``<public>``: the trackers list it, the peers ping it, the gateway
+forwards it to our socket. A tracker that refuses it (its IP is not the one the tracker
+sees: a double NAT) gets ``0`` instead. A path is of method PORTMAP when the peer's pong
+says it saw us at the mapped endpoint.
+
 No tracker answering over UDP for ``UDP_GIVE_UP`` s (or ``tcp`` set) makes the session
 ask its owner for a TCP stream to each tracker (a :class:`StreamWanted` event); the
 owner frames what goes to that tracker and says ``stream_opened`` / ``stream_failed``.
@@ -85,12 +94,14 @@ from nattool.protocol.connect_events import (
     StreamWanted,
     ConnectEvent,
     GaveUp,
+    MappingChange,
     MemberSeen,
     MessageReceived,
     PathDown,
     PathKind,
     PathMethod,
     PathUp,
+    PortMapped,
     Queued,
     Registered,
     SessionEnded,
@@ -138,6 +149,10 @@ SEED, ORIGINAL = "seed", "original"  # registration forms (RegisterRequest.form)
 UDP_GIVE_UP = 2.0  # s without any tracker answer over UDP before trying TCP (with a relay)
 GRANTED, REFUSED = "granted", "refused"  # a tracker's answer to //relay/<group>
 WANTED, OPEN, FAILED = "wanted", "open", "failed"  # a stream to a tracker
+# s registering waits for the owner's port-mapping report: a PCP or NAT-PMP gateway answers
+# within it; a UPnP IGD's mapping, or a late one, is registered when it comes (waiting
+# for SSDP's silence would make every start on a network without a gateway a second later)
+PORTMAP_WAIT = 0.5
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
@@ -156,6 +171,7 @@ class SessionConfig:
     tcp: bool = False  # reach the trackers over TCP at once
     birthday_rate: float = DEFAULT_RATE  # probes/s of birthday punching (nattool.protocol.birthday)
     birthday_budget: int = DEFAULT_BUDGET  # its probes in all; 0: neither birthday punching nor prediction
+    portmap: bool = False  # the owner asks for a port mapping: registering waits for its port_mapping() report
 
 
 # --------------------------------------------------------------------------- state
@@ -229,6 +245,8 @@ class Registration:
     ask_next: float = 0.0
     stream: Optional[str] = None  # WANTED, OPEN or FAILED: reached over TCP
     silent: bool = False  # a whole registration went unanswered (on this transport)
+    public_sent: Optional[Endpoint] = None  # the <public> of the registration in flight (None: `0`)
+    public_refused: Optional[Endpoint] = None  # the mapped endpoint this tracker refused as <public>
 
 
 @dataclass
@@ -273,6 +291,12 @@ class ConnectSession:
         self.counters = {"bad_mac": 0, "junk": 0, "replayed": 0, "stale_pong": 0, "not_relayed": 0}
         self.turn: Optional[TurnClient] = None
         self.relayed_peers: set[Endpoint] = set()  # relayed endpoints of other members
+        self.mapped: Optional[PortMapped] = None  # the port mapping in force (GRANTED or RENEWED)
+        self.former: set[Endpoint] = set()  # where trackers listed us before we moved (e.g. a mapping)
+        self.mapping_wait = config.portmap  # no port_mapping() report yet
+        self.registering_since = now + PORTMAP_WAIT if config.portmap else now  # UDP_GIVE_UP counts from here
+        for reg in self.registrations.values():
+            reg.next_round = self.registering_since
         self.t0 = now
         self._now = now
         self.no_path_since = now
@@ -367,7 +391,7 @@ class ConnectSession:
         # Give-up deadlines: only those still ahead (one already past was decided on).
         deadlines = [self.no_path_since + self.config.timeout]
         if self._udp_give_up_pending():
-            deadlines.append(self.t0 + UDP_GIVE_UP)
+            deadlines.append(self.registering_since + UDP_GIVE_UP)
         for member in self.members.values():
             if not member.gave_up:
                 deadlines += (member.first_seen + IMPOSSIBLE_GRACE, member.first_seen + self.config.timeout,
@@ -505,7 +529,9 @@ class ConnectSession:
         # it would be the all-zero MAC, the same for every such member of the group, and
         # the tracker would take them all for one member.
         lan = self.config.lan if form == SEED or self.config.identity else ()
-        req = RegisterRequest(group=self.config.group, lan=lan, identity=self.config.identity, form=form)
+        reg.public_sent = self._public_for(reg)
+        req = RegisterRequest(group=self.config.group, public=reg.public_sent, lan=lan, identity=self.config.identity,
+                              form=form)
         # While the dialect is unknown each form gets half of the time, so that
         # tracker_timeout bounds the whole registration, fallback included.
         timeout = self.config.tracker_timeout / 2 if reg.form is None else self.config.tracker_timeout
@@ -545,6 +571,9 @@ class ConnectSession:
         except ProtocolError:
             if not self._is_refusal(data):
                 return  # not an answer: keep waiting for one
+            if reg.public_sent is not None:
+                self._public_refused(reg, data, now)
+                return
             # Refused (group full, rate limit...): ask again next round.
             reg.trying = None
             reg.next_round = now + self._round_wait()
@@ -721,6 +750,66 @@ class ConnectSession:
         udp = {t: e for t, e in self.observed.items() if self.registrations[t].stream != OPEN}
         return mapping_of(udp, self.local)
 
+    # -- the port mapping --------------------------------------------------------------
+
+    def port_mapping(self, report: PortMapped, now: float) -> None:
+        """What the owner's port mapper says: GRANTED or RENEWED (the external endpoint is
+        offered to the peers from now on), LOST, NONE (nothing offered) or DELETED. The
+        first report ends the wait of the registrations (if they still wait); a new
+        external endpoint is registered at once. The report is handed on as an event."""
+        if self.ended is not None:
+            return
+        self._now = now
+        before = self.mapped.external if self.mapped is not None else None
+        live = report.change in (MappingChange.GRANTED, MappingChange.RENEWED) and report.external is not None
+        self.mapped = report if live else None
+        self._events.append(report)
+        waited = self.mapping_wait and now < self.registering_since  # the registrations are held back
+        self.mapping_wait = False
+        if waited:
+            self.registering_since = now
+        after = self.mapped.external if self.mapped is not None else None
+        if waited or after != before:
+            for reg in self.registrations.values():
+                if reg.trying is not None:
+                    self._start_registration(reg, reg.trying, now)  # again, with the new <public>
+                elif not reg.asking:
+                    reg.next_round = now
+        self._tick(now)
+
+    def _public_for(self, reg: Registration) -> Optional[Endpoint]:
+        """The <public> to register at ``reg``'s tracker: the mapped external endpoint,
+        unless that tracker refused it (or cannot reach it: another address family)."""
+        ext = self.mapped.external if self.mapped is not None else None
+        if ext is None or ext == reg.public_refused or ext.ip.version != reg.tracker.ip.version:
+            return None
+        return ext
+
+    def _public_refused(self, reg: Registration, data: bytes, now: float) -> None:
+        """The tracker refused our mapped endpoint as <public> (its IP is not the one the
+        tracker sees, e.g. a double NAT; or any other refusal, which `0` meets too): register
+        there with `0` at once, and never offer it that endpoint again."""
+        reg.public_refused = reg.public_sent
+        why = ErrorReply.from_wire(data).reason
+        mapped = self.mapped
+        self._events.append(PortMapped(MappingChange.REFUSED, mapped.protocol if mapped else None, reg.public_sent,
+                                       None, why, reg.tracker))
+        self._start_registration(reg, reg.trying or SEED, now)
+        self._tick(now)
+
+    def _path_method(self, kind: PathKind, observed_as: str) -> PathMethod:
+        """PORTMAP when the peer saw us at the mapped endpoint (its pong says where),
+        else what the kind says."""
+        ext = self.mapped.external if self.mapped is not None else None
+        if kind == PathKind.INTERNET and ext is not None:
+            try:
+                seen = Endpoint.from_text(observed_as)
+            except ProtocolError:
+                seen = None
+            if seen == ext:
+                return PathMethod.PORTMAP
+        return PathMethod.of_kind(kind)
+
     # -- streams -----------------------------------------------------------------------
 
     def _udp_give_up_pending(self) -> bool:
@@ -730,7 +819,7 @@ class ConnectSession:
     def _want_streams(self, now: float) -> None:
         if self.config.tcp:
             reason = "TCP asked for (--tcp)"
-        elif self._udp_give_up_pending() and now - self.t0 >= UDP_GIVE_UP:
+        elif self._udp_give_up_pending() and now - self.registering_since >= UDP_GIVE_UP:
             reason = f"no tracker answered over UDP within {UDP_GIVE_UP:g}s"
         else:
             return
@@ -744,9 +833,13 @@ class ConnectSession:
         me = entries[0].endpoint
         self.any_tracker_answered = True
         if self.observed.get(tracker) != me:
+            if tracker in self.observed:
+                # Moved (a mapping came or went): our old entry stays in the tracker's list
+                # until its TTL, and is no member.
+                self.former.add(self.observed[tracker])
             self.observed[tracker] = me
             self._events.append(Registered(tracker, me, form))
-        mine = set(self.observed.values())
+        mine = set(self.observed.values()) | self.former
         self.member_views[tracker] = [e.endpoint for e in entries[1:]]
         for entry in entries[1:]:
             if entry.endpoint in mine:
@@ -1088,7 +1181,7 @@ class ConnectSession:
         source = cand.source if cand else CandidateSource.PEER_REFLEXIVE
         observed_as = msg.body.decode("ascii", "replace")[:64]
         self._events.append(PathUp(peer.peer_id, dest, kind, source, rtt, now - started, now - self.t0, observed_as,
-                                  self._birthday_method(peer, dest, kind) or PathMethod.of_kind(kind)))
+                                  self._birthday_method(peer, dest, kind) or self._path_method(kind, observed_as)))
         if self.config.once and self._finish_at is None:
             self._finish_at = now + LINGER
 
