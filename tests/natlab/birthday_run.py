@@ -97,7 +97,10 @@ def run_once(lab: Lab, topo: PairTopology, env: dict[str, str], connect_argv: Ca
     come first), until each has its direct path and its birthday is over (or WINDOW + 10 s)."""
     def spawn(host: Any, port: int):  # type: ignore[no-untyped-def]
         args = [group, *sum((["-t", t] for t in TRACKERS), []), "--port", str(port), "--json",
-                "--relay", relay, "--timeout", f"{WINDOW:g}", *(["--once"] if relay == "never" else [])]
+                "--relay", relay, "--timeout", f"{WINDOW:g}", *(["--once"] if relay == "never" else []),
+                # A given interval: --keepalive auto's background lifetime measurement holds
+                # sockets of its own, and the socket count below is birthday's.
+                "--keepalive", "20"]
         return lab.spawn(host, connect_argv(*args), env=env, timeout=WINDOW + 10)
 
     children = {"hard": spawn(topo.left, ports[0]), "easy": spawn(topo.right, ports[1])}
