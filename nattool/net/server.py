@@ -28,7 +28,15 @@ from nattool.net.collector import ServingCollector
 from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
 from nattool.net.tcp_listener import StreamConnection, TcpListener
-from nattool.net.turn_relay import DEFAULT_RELAY_PORTS, RelayPortRange, TurnRelay, relay_addresses
+from nattool.net.turn_relay import (
+    DEFAULT_RELAY_PORTS,
+    ROUTE_TO_CLIENT,
+    DatagramTarget,
+    RelayPortRange,
+    Route,
+    TurnRelay,
+    relay_addresses,
+)
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX, RelayGrant
@@ -132,7 +140,7 @@ def v6_source_key(host: str) -> str:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients")
+    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients", "turn_routes")
 
     def __init__(self, local: Endpoint, sock: socket.socket, primary: bool = False) -> None:
         self.local = local
@@ -141,6 +149,8 @@ class _Listener:
         self.primary = primary  # the tracker port (not an RFC 5780 alternate)
         # source (host, port) -> its TURN ClientRef, when TURN is on
         self.turn_clients: dict[Any, Any] = {}
+        # (source (host, port), channel number) -> its ChannelData route, when TURN is on
+        self.turn_routes: dict[Any, Route] = {}
         self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
         # (request, IPv4 source as an integer, port) -> reply, for bare Binding requests
         self.bare_stun: Callable[[bytes, int, int], bytes] | None = None
@@ -284,8 +294,15 @@ class TrackerServer:
         for port_range in ranges.values():
             port_range.check()
         self.relay = TurnRelay(
-            self.turn, loop, ranges, lambda ref: self._client_sender(ref, droppable=True), self.core.counters
+            self.turn,
+            loop,
+            ranges,
+            lambda ref: self._client_sender(ref, droppable=True),
+            self.core.counters,
+            self._datagram_target,
         )
+        for lst in self.listeners:
+            lst.turn_routes = self.relay.route_table()
         if cfg.turn.relay_groups:
             self.core.relay = _GroupRelay(self.turn)
 
@@ -409,7 +426,12 @@ class TrackerServer:
         """The reader of a tracker socket with TURN on: ChannelData and
         TURN methods to the TURN core, everything else as :meth:`_drain` would answer
         it, through the general path. TURN requests count against the per-source rate
-        limit; Send indications and ChannelData do not (the core caps their bandwidth)."""
+        limit; Send indications and ChannelData do not (the core caps their bandwidth).
+
+        ChannelData goes along its route (:meth:`TurnRelay.learn_route`, what the core
+        decided for that source and channel number, kept until it expires or the
+        core's state changes): per packet only the length, the bandwidth and the
+        header are left. Without a route, the general path decides; a test compares both."""
         sock = listener.sock
         recvfrom = sock.recvfrom
         turn = self.turn
@@ -419,6 +441,12 @@ class TrackerServer:
         limited = limiter.rate > 0
         refs = listener.turn_clients
         channel_data = relay.channel_data
+        relay.check_routes()
+        routes = listener.turn_routes
+        route_of = routes.get
+        capped = turn.config.bandwidth
+        spend = turn.spend
+        to_peer = to_peer_bytes = to_client = to_client_bytes = send_errors = turn_send_errors = 0
         now, wall = time.monotonic(), time.time()
         for _ in range(DRAIN_BATCH):
             try:
@@ -430,6 +458,42 @@ class TrackerServer:
                 continue
             first = data[0] if data else 0xFF
             if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
+                n = len(data)
+                if n >= 4:
+                    key = (addr, (first << 8) | data[1])
+                    route = route_of(key)
+                    if route is None or now >= route[0]:
+                        ref = refs.get(addr) or self._udp_client(listener, addr)
+                        if ref is None:
+                            continue
+                        route = relay.learn_route(routes, key, ref, key[1], now)
+                    until, how, send, address, head, sender, target = route
+                    if how and now < until:
+                        length = (data[2] << 8) | data[3]
+                        if not 0 <= n - 4 - length <= 3:
+                            continue  # a bad length: dropped
+                        if capped and not spend(sender, length, now):
+                            continue
+                        to_peer += 1
+                        to_peer_bytes += length
+                        if target is None:
+                            try:
+                                send(data[4 : 4 + length], address)
+                            except OSError:
+                                turn_send_errors += 1
+                            continue
+                        if capped and not spend(target, length, now):
+                            continue
+                        to_client += 1
+                        to_client_bytes += length
+                        if how == ROUTE_TO_CLIENT:
+                            try:
+                                send(head + data[2 : 4 + length], address)
+                            except OSError:
+                                send_errors += 1
+                        else:
+                            send(head + data[2 : 4 + length] + bytes(-length % 4))
+                        continue
                 ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
                     channel_data(data, ref, now)
@@ -441,10 +505,16 @@ class TrackerServer:
                 ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
                     self._turn_outcome(turn.on_client_message(data, ref, now, wall), ref, now, wall)
+                    relay.check_routes()
                 continue
             if limited and not limiter.allow(self._limit_key(addr[0]), now):
                 continue
             self._slow_path(listener, data, addr, now, wall)
+        if to_peer:
+            turn.count_relayed(to_peer, to_peer_bytes, to_client, to_client_bytes)
+        if send_errors or turn_send_errors:
+            self.core.counters["send_error"] += send_errors
+            self.core.counters["turn_send_error"] += turn_send_errors
         self._answer_held(sock.sendto, [])
         if self.core.counters["register"] >= self.collector.next_at:
             self.collector.collect_young(self.core.counters["register"])
@@ -484,6 +554,16 @@ class TrackerServer:
             send = self._client_sender(ref)
             if send is not None:
                 send(reply)
+
+    def _datagram_target(self, ref: ClientRef) -> DatagramTarget | None:
+        """A UDP TURN client's address and the sendto of the tracker socket it wrote to
+        (what :meth:`_client_sender` sends with), for the relay's routes."""
+        if ref.stream:
+            return None
+        for lst in self.listeners:
+            if lst.local == ref.server:
+                return lst.sock.sendto, ref.client.sockaddr()
+        return None
 
     def _client_sender(self, ref: ClientRef, droppable: bool = False) -> Callable[[bytes], None] | None:
         """How to send to a TURN client: from the tracker socket it wrote to, or on its

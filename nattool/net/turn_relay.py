@@ -23,12 +23,12 @@ import random
 import socket
 import time
 from collections import Counter
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from nattool.errors import NetworkError
 from nattool.memo import bounded_memo
 from nattool.protocol.endpoint import Endpoint, IPAddress
-from nattool.protocol.turn_server import AllocationWanted, ClientRef, Handover, ToPeer, TurnCore
+from nattool.protocol.turn_server import AllocationWanted, ChannelRoute, ClientRef, Handover, ToPeer, TurnCore
 
 DEFAULT_RELAY_PORTS = (49152, 65535)
 # Where a UDP socket would send to, to learn the source address the kernel picks
@@ -41,6 +41,18 @@ PEER_CACHE_MAX = 65_536  # (host, port) -> Endpoint entries remembered
 
 # Sends bytes to one allocation's client (a UDP reply, or a frame on its TCP connection).
 ClientSender = Callable[[bytes], None]
+# A UDP client's socket address and the sendto of the tracker socket it writes to.
+DatagramTarget = tuple[Callable[[bytes, Any], int], Any]
+
+# How a route sends a ChannelData packet (see TurnRelay.learn_route).
+ROUTE_NONE = 0  # no route: the general path decides
+ROUTE_TO_CLIENT = 1  # handed over: sendto(header + payload, client address)
+ROUTE_TO_STREAM = 2  # handed over to a TCP client: send(header + payload + padding)
+ROUTE_TO_PEER = 3  # sendto(payload, peer address) from the sender's relayed socket
+# (until, how, send, address, header, sender, target): see learn_route.
+Route = tuple[float, int, Any, Any, bytes, object, object]
+NO_ROUTE: Route = (float("inf"), ROUTE_NONE, None, None, b"", None, None)
+ROUTES_MAX = 65_536  # entries in one route table; beyond, it is emptied
 
 
 def route_source(version: int) -> IPAddress | None:
@@ -187,6 +199,7 @@ class TurnRelay:
         ranges: dict[int, RelayPortRange],
         sender_for: Callable[[ClientRef], Optional[ClientSender]],
         counters: Counter[str],
+        datagram_target_for: Callable[[ClientRef], Optional[DatagramTarget]] = lambda ref: None,
     ) -> None:
         self.core = core
         self.loop = loop
@@ -205,6 +218,14 @@ class TurnRelay:
         self._handover = core.channel_data_handover
         self._sockaddrs, self._learn_sockaddr = bounded_memo(Endpoint.sockaddr, PEER_CACHE_MAX)
         self._peers, self._learn_peer = bounded_memo(_peer_endpoint, PEER_CACHE_MAX)
+        self._datagram_target_for = datagram_target_for
+        self._datagram_targets: dict[int, Optional[DatagramTarget]] = {}  # allocation id -> its client's
+        # The readers' route tables ((source, channel number) -> Route), good for one
+        # core version; off: every ChannelData packet takes the general path (for the
+        # test that compares both).
+        self.routes_on = True
+        self._route_tables: list[dict[Any, Route]] = []
+        self._routes_version = core.version
 
     @property
     def open_sockets(self) -> int:
@@ -236,6 +257,7 @@ class TurnRelay:
                 self.close(wanted.reserve_id)
             return None
         self._senders[wanted.allocation_id] = sender
+        self._datagram_targets[wanted.allocation_id] = self._datagram_target_for(wanted.client)
         self.loop.add_reader(sock.fileno(), self._drain_peer, wanted.allocation_id, sock)
         source = Endpoint.from_sockaddr(sock.getsockname()[:2])
         if source == relayed:
@@ -251,6 +273,8 @@ class TurnRelay:
     def close(self, allocation_id: int) -> None:
         sock = self._sockets.pop(allocation_id, None)
         self._senders.pop(allocation_id, None)
+        self._datagram_targets.pop(allocation_id, None)
+        self.forget_routes()
         source = self._source_of.pop(allocation_id, None)
         if source is not None:
             del self._local[source[0]]
@@ -264,6 +288,99 @@ class TurnRelay:
     def close_all(self) -> None:
         for allocation_id in list(self._sockets):
             self.close(allocation_id)
+
+    # -- routes: ChannelData along what the core decided once -----------------------
+    def route_table(self) -> dict[Any, Route]:
+        """A new table of routes for one reader (emptied with the others)."""
+        table: dict[Any, Route] = {}
+        self._route_tables.append(table)
+        return table
+
+    def check_routes(self) -> None:
+        """Empty the route tables when the core's version moved since they were filled.
+        The readers call it before they use a table, and after each request they pass
+        to the core."""
+        if self._routes_version != self.core.version:
+            self.forget_routes()
+
+    def forget_routes(self) -> None:
+        for table in self._route_tables:
+            table.clear()
+        self._routes_version = self.core.version
+
+    def learn_route(self, table: dict[Any, Route], key: Any, client: ClientRef, number: int, now: float) -> Route:
+        """The route of ChannelData from ``client`` on channel ``number`` (remembered in
+        ``table`` under ``key``): ``(until, how, send, address, header, sender, target)``,
+        valid while ``now < until`` and the core's version stays. ``how``:
+        :data:`ROUTE_TO_CLIENT` (``send`` is a tracker socket's sendto, ``address`` the
+        target client's, ``header`` the 2-byte channel number it gets),
+        :data:`ROUTE_TO_STREAM` (``send`` takes the padded message),
+        :data:`ROUTE_TO_PEER` (``send`` is the relayed socket's sendto, ``address`` the
+        peer's), :data:`ROUTE_NONE` (the general path, :meth:`channel_data`, decides).
+        ``sender`` and ``target`` are for :meth:`TurnCore.spend`."""
+        self.check_routes()
+        if len(table) >= ROUTES_MAX:
+            table.clear()
+        route = table[key] = self._route(client, number, now)
+        return route
+
+    def _route(self, client: ClientRef, number: int, now: float) -> Route:
+        if not self.routes_on:
+            return NO_ROUTE
+        found: Optional[ChannelRoute] = self.core.channel_route(client, number, now, self.local_fast_path)
+        if found is None:
+            return NO_ROUTE
+        until, sender, target, allocation_id, peer, back, stream = found
+        if target is None:
+            sock = self._sockets.get(allocation_id)
+            local = self._local.get(peer)
+            if sock is None or (local is not None and self.local_fast_path):
+                return NO_ROUTE  # closed; or another family's relayed address here (to_peer decides)
+            return (until, ROUTE_TO_PEER, sock.sendto, self._learn_sockaddr(peer), b"", sender, None)
+        head = back.to_bytes(2, "big")
+        if stream:
+            send = self._senders.get(allocation_id)
+            if send is None:
+                return NO_ROUTE
+            return (until, ROUTE_TO_STREAM, send, None, head, sender, target)
+        udp = self._datagram_targets.get(allocation_id)
+        if udp is None:
+            return NO_ROUTE
+        return (until, ROUTE_TO_CLIENT, udp[0], udp[1], head, sender, target)
+
+    def routed(self, route: Route, data: bytes, now: float) -> bool:
+        """Relay ChannelData along ``route`` (valid now): what :meth:`channel_data`
+        would do. False: the route does not apply (the general path decides)."""
+        until, how, send, address, head, sender, target = route
+        n = len(data)
+        length = (data[2] << 8) | data[3] if n >= 4 else -1
+        if how == ROUTE_NONE or now >= until:
+            return False
+        if not 0 <= n - 4 - length <= 3:
+            return True  # a bad length: dropped
+        core = self.core
+        capped = core.config.bandwidth
+        if capped and not core.spend(sender, length, now):
+            return True
+        if target is None:
+            core.count_relayed(1, length, 0, 0)
+            try:
+                send(data[4 : 4 + length], address)
+            except OSError:
+                self.counters["turn_send_error"] += 1
+            return True
+        core.count_relayed(1, length, 0, 0)
+        if capped and not core.spend(target, length, now):
+            return True
+        core.count_relayed(0, 0, 1, length)
+        if how == ROUTE_TO_STREAM:
+            send(head + data[2 : 4 + length] + bytes(-length % 4))
+            return True
+        try:
+            send(head + data[2 : 4 + length], address)
+        except OSError:
+            self.counters["send_error"] += 1
+        return True
 
     def channel_data(self, data: bytes, client: ClientRef, now: float) -> None:
         """ChannelData from a client, to its peer: handed to the allocation whose

@@ -244,6 +244,28 @@ class Handover(NamedTuple):
 _new_tuple = tuple.__new__
 
 
+class ChannelRoute(NamedTuple):
+    """Where ChannelData from one client on one channel goes, and the checks it passes,
+    as :meth:`TurnCore.channel_data_handover` decides them, while they hold: until
+    ``until`` (monotonic; the earliest expiry of the allocations and channels involved)
+    and while :attr:`TurnCore.version` stays the same. What is left per packet: the
+    length check, the bandwidth (:meth:`TurnCore.spend` on ``sender``, then on
+    ``target``), the counters (:meth:`TurnCore.count_relayed`), the ChannelData header.
+
+    ``target`` None: send the payload from the relayed socket of ``allocation_id``
+    (the sender's) to ``peer``. Otherwise hand it over to the client of
+    ``allocation_id`` (the target's) as ChannelData on channel ``number``, padded when
+    ``stream``."""
+
+    until: float
+    sender: object  # the sending allocation, for spend()
+    target: object  # the allocation handed over to, or None
+    allocation_id: int
+    peer: Endpoint
+    number: int
+    stream: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Deallocated:
     """Send ``reply`` to the client, then close the relayed socket of ``allocation_id``."""
@@ -383,6 +405,10 @@ class TurnCore:
         )
         self.nonces = NonceMint(hmac.new(secret, b"nonce", hashlib.sha256).digest())
         self.counters = TurnCounters()
+        # Changes whenever a verdict of the per-packet paths may change other than by
+        # time passing (a request, an allocation made or removed): the shell's
+        # ChannelRoute caches are good for one version.
+        self.version = 0
         self._next_id = 1
         self._by_client: dict[ClientRef, _Allocation] = {}
         self._by_id: dict[int, _Allocation] = {}
@@ -524,6 +550,50 @@ class TurnCore:
         self.counters.bytes_to_peer += len(message.payload)
         return ToPeer(alloc.id, peer, message.payload)
 
+    def channel_route(self, client: ClientRef, number: int, now: float, handover: bool = True) -> Optional[ChannelRoute]:
+        """The :class:`ChannelRoute` of ChannelData from ``client`` on channel ``number``
+        now, or None when :meth:`channel_data_handover` would drop it or take a way
+        without a route (to an allocation without a live channel back: a Data
+        indication). Changes nothing; a test compares routes with the handover."""
+        alloc = self._by_client.get(client)
+        if alloc is None or alloc.expiry <= now:
+            return None
+        channel = alloc.channels.get(number)
+        if channel is None or channel[1] < now:
+            return None
+        peer = channel[0]
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            return None
+        until = min(alloc.expiry, channel[1])
+        target = self._relayed.get(peer) if handover else None
+        if target is None or target.relayed.ip.version != alloc.relayed.ip.version:
+            return _new_tuple(ChannelRoute, (until, alloc, None, alloc.id, peer, 0, False))
+        if target.expiry <= now:
+            return None
+        source = alloc.relayed
+        back = target.channel_of_peer.get(source)
+        if back is None or target.channels[back][1] < now:
+            return None
+        perm = target.permissions.get(source.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(target, source, perm[1])):
+            return None
+        until = min(until, target.expiry, target.channels[back][1])
+        return _new_tuple(ChannelRoute, (until, alloc, target, target.id, peer, back, target.stream))
+
+    def spend(self, allocation: object, n: int, now: float) -> bool:
+        """Take ``n`` bytes from the bandwidth of a route's ``sender`` or ``target``
+        (False: over the cap, dropped and counted)."""
+        return self._spend(allocation, n, now)  # type: ignore[arg-type]
+
+    def count_relayed(self, packets_to_peer: int, bytes_to_peer: int, packets_to_client: int, bytes_to_client: int) -> None:
+        """Count what the shell relayed along routes (once per batch of packets)."""
+        counters = self.counters
+        counters.packets_to_peer += packets_to_peer
+        counters.bytes_to_peer += bytes_to_peer
+        counters.packets_to_client += packets_to_client
+        counters.bytes_to_client += bytes_to_client
+
     def allocation_made(self, wanted: AllocationWanted, relayed: Endpoint, now: float, wall: float) -> Optional[bytes]:
         """The shell bound ``relayed`` for ``wanted``: the success reply for the client.
         None: the client went away meanwhile; close the sockets registered under
@@ -539,6 +609,7 @@ class TurnCore:
         self._by_id[aid] = alloc
         self._relayed[relayed] = alloc
         self._own_ips.add(unmap(relayed.ip))
+        self.version += 1
         if alloc.group is not None:
             self._by_group.setdefault(alloc.group, {})[aid] = alloc
         heapq.heappush(self._timers, (alloc.expiry, aid))
@@ -669,6 +740,7 @@ class TurnCore:
         auth = self._authenticate(msg, data, client, now, wall)
         if not isinstance(auth, UserKey):
             return auth
+        self.version += 1  # whatever it changes (permissions, channels, lifetimes, quotas)
         key = auth.key
         fp = msg.has_fingerprint
         unknown = [
@@ -1097,6 +1169,7 @@ class TurnCore:
                 table.pop(k, None)
 
     def _remove(self, alloc: _Allocation) -> None:
+        self.version += 1
         self._by_id.pop(alloc.id, None)
         if self._by_client.get(alloc.client) is alloc:
             del self._by_client[alloc.client]
