@@ -193,6 +193,8 @@ class TrackerServer:
         self.relay: TurnRelay | None = None  # its relayed sockets
         self.relay_ips: dict[int, IPAddress] = {}
         self._streams: dict[int, StreamConnection] = {}  # TCP connections that spoke TURN, by id
+        # Monotonic seconds for the TURN core's decisions (a test moves it forward).
+        self.turn_clock: Callable[[], float] = time.monotonic
         self._v6_keys, self._learn_v6_key = bounded_memo(v6_source_key, SOURCE_CACHE_MAX)
         self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
         self._batch: list[tuple[PendingRegistration, _ReplyTo, Any]] = []
@@ -300,6 +302,7 @@ class TrackerServer:
             lambda ref: self._client_sender(ref, droppable=True),
             self.core.counters,
             self._datagram_target,
+            clock=lambda: self.turn_clock(),
         )
         for lst in self.listeners:
             lst.turn_routes = self.relay.route_table()
@@ -447,7 +450,7 @@ class TrackerServer:
         capped = turn.config.bandwidth
         spend = turn.spend
         to_peer = to_peer_bytes = to_client = to_client_bytes = send_errors = turn_send_errors = 0
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.turn_clock(), time.time()
         for _ in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -733,7 +736,7 @@ class TrackerServer:
         server), Binding to the STUN responder (replies that would come from another
         address or port are not possible on a stream)."""
         if self.turn is not None and is_turn_message(message):
-            now = time.monotonic()
+            now = self.turn_clock()
             request = not (message[0] & 0x01 or message[1] & 0x10)
             if request and self.limiter.rate > 0 and not self.limiter.allow(self._limit_key(conn.addr[0]), now):
                 return
@@ -755,7 +758,7 @@ class TrackerServer:
         if self.turn is None or self.relay is None:
             conn.close()  # no TURN relay here
             return
-        self.relay.channel_data(frame, self._stream_client(conn), time.monotonic())
+        self.relay.channel_data(frame, self._stream_client(conn), self.turn_clock())
 
     def _stream_client(self, conn: StreamConnection) -> ClientRef:
         ref = conn.turn_client

@@ -200,12 +200,14 @@ class TurnRelay:
         sender_for: Callable[[ClientRef], Optional[ClientSender]],
         counters: Counter[str],
         datagram_target_for: Callable[[ClientRef], Optional[DatagramTarget]] = lambda ref: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.core = core
         self.loop = loop
         self.ranges = ranges
         self.sender_for = sender_for
         self.counters = counters
+        self.clock = clock  # monotonic seconds for the core's decisions on peer datagrams
         self._sockets: dict[int, socket.socket] = {}  # allocation (or reservation) id -> socket
         self._senders: dict[int, ClientSender] = {}
         # Read relayed sockets: the endpoint the kernel names as their address (what a
@@ -429,7 +431,7 @@ class TurnRelay:
             return
         known = self._peers.get
         learn = self._learn_peer
-        now = time.monotonic()
+        now = self.clock()
         for _ in range(PEER_DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
