@@ -42,6 +42,9 @@ from nattool.store.base import StoreLimits
 from nattool.store.factory import open_store
 
 PEER_IP = "127.0.0.5"  # a peer through the kernel (--allow-peer), not a relayed address
+# A peer at the relayed addresses' IP (--allow-peer): reachable until a permission for a
+# relayed address at that IP makes the permission strict (relayed addresses only).
+PEER_AT_RELAY_IP = "127.0.0.1"
 BANDWIDTH = 100_000  # bytes per second per allocation; the bucket holds as much
 _txids = itertools.count(1)
 
@@ -110,10 +113,10 @@ class _Session:
     """The server in this event loop, its clock, the clients, the peer, and the log of
     everything each of them received (in the order the session settled it)."""
 
-    def __init__(self, server: TrackerServer, clients: dict[str, _Client], peer: socket.socket) -> None:
+    def __init__(self, server: TrackerServer, clients: dict[str, _Client], peers: list[socket.socket]) -> None:
         self.server = server
         self.clients = clients
-        self.peer = peer
+        self.peers = peers
         self.log: list[tuple[str, object]] = []
         self.roles: dict[Endpoint, str] = {}
 
@@ -135,12 +138,13 @@ class _Session:
                     client.replies.append(msg)
                     err = msg.get(ErrorCode)
                     self.log.append((client.name, ("reply", msg.msg_class, msg.method, err.code if err else None)))
-        while True:
-            try:
-                data, addr = self.peer.recvfrom(65536)
-            except BlockingIOError:
-                break
-            self.log.append(("peer", (self.roles[Endpoint.from_sockaddr(addr)], data)))
+        for peer in self.peers:
+            while True:
+                try:
+                    data, addr = peer.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                self.log.append(("peer", (self.roles[Endpoint.from_sockaddr(addr)], data)))
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -157,7 +161,7 @@ async def _serving() -> AsyncIterator[TrackerServer]:
         bandwidth=BANDWIDTH,
         user_quota=10,
         source_quota=10,
-        peer_policy=PeerPolicy.from_text(allow=[f"{PEER_IP}/32"]),
+        peer_policy=PeerPolicy.from_text(allow=[f"{PEER_IP}/32", f"{PEER_AT_RELAY_IP}/32"]),
     )
     config = ServerConfig(hosts=("127.0.0.1",), port=port, rate_limit=0, turn=turn, tcp=True)
     server = TrackerServer(config, open_store("memory", StoreLimits()))
@@ -180,7 +184,7 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
         socks: list[socket.socket] = []
         try:
             clients: dict[str, _Client] = {}
-            for name, ip in (("x", "127.0.0.2"), ("y", "127.0.0.3"), ("w", "127.0.0.6")):  # W allocates later
+            for name, ip in (("x", "127.0.0.2"), ("y", "127.0.0.3"), ("v", "127.0.0.7"), ("w", "127.0.0.6")):  # W later
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 sock.bind((ip, 0))
                 clients[name] = _Client(name, sock, addr, stream=False)
@@ -188,15 +192,19 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             clients["z"] = _Client("z", tcp, addr, stream=True)
             peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             peer.bind((PEER_IP, 0))
-            socks += [c.sock for c in clients.values()] + [peer]
+            near = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # receives into the same log
+            near.bind((PEER_AT_RELAY_IP, 0))
+            socks += [c.sock for c in clients.values()] + [peer, near]
             for sock in socks:
                 sock.setblocking(False)
-            s = _Session(server, clients, peer)
+            s = _Session(server, clients, [peer, near])
             s.now = 1_000_000.0  # far beyond the real clock: housekeeping never sweeps
             server.turn_clock = lambda: s.now
             peer_ep = Endpoint.from_sockaddr(peer.getsockname())
+            near_ep = Endpoint.from_sockaddr(near.getsockname())
             s.roles[peer_ep] = "P"
-            x, y, z, w = clients["x"], clients["y"], clients["z"], clients["w"]
+            s.roles[near_ep] = "N"
+            x, y, z, v, w = clients["x"], clients["y"], clients["z"], clients["v"], clients["w"]
 
             async def allocate(c: _Client) -> None:
                 reply = await c.ok(TurnMethod.ALLOCATE, [RequestedTransport(17)], s)
@@ -205,7 +213,7 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
                 c.relayed = relayed.endpoint
                 s.roles[c.relayed] = c.name.upper()
 
-            for c in (x, y, z):
+            for c in (x, y, z, v):
                 await allocate(c)
 
             async def channel(c: _Client, number: int, payload: bytes, raw: Optional[bytes] = None) -> None:
@@ -238,6 +246,13 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await channel(x, 0x4003, b"to P")
             peer.sendto(b"from P", x.relayed.sockaddr())
             await s.settle()
+            # V to N, a peer at the relayed addresses' IP, until V's permission for that
+            # IP becomes strict (a permission for Y's relayed address): then refused.
+            assert y.relayed.ip == near_ep.ip
+            await bind(v, 0x4001, near_ep)
+            await channel(v, 0x4001, b"to N")
+            await v.ok(TurnMethod.CREATE_PERMISSION, [XorPeerAddress(y.relayed)], s)
+            await channel(v, 0x4001, b"to N, refused now")
             # X to Z (TCP): padded frames; Z back to X.
             await bind(x, 0x4004, z.relayed)
             await bind(z, 0x4005, x.relayed)
@@ -304,6 +319,7 @@ def test_channel_data_routes_equal_the_general_path() -> None:
     assert fast_counters["bandwidth_drops"] >= 2 and fast_counters["permission_drops"] >= 1
     assert ("y", ("channel", encode_channel_data(0x4002, b"to Y 4"))) in fast
     assert ("z", ("channel", encode_channel_data(0x4005, b"to Z, 3 bytes of padding"))) in fast
-    assert ("peer", ("X", b"to P")) in fast
+    assert ("peer", ("X", b"to P")) in fast and ("peer", ("V", b"to N")) in fast
+    assert not any(b"refused" in repr(entry).encode() for entry in fast)
     assert ("w", ("channel", encode_channel_data(0x4006, b"to W, rebound"))) in fast
     assert not any(b"expired" in repr(entry).encode() for entry in fast if entry[0] in ("w", "y"))

@@ -470,8 +470,8 @@ class TrackerServer:
                         if ref is None:
                             continue
                         route = relay.learn_route(routes, key, ref, key[1], now)
-                    until, how, send, address, head, sender, target = route
-                    if how and now < until:
+                    until, how, send, address, head, sender, target = route  # valid now, as learned now
+                    if how:
                         length = (data[2] << 8) | data[3]
                         if not 0 <= n - 4 - length <= 3:
                             continue  # a bad length: dropped
