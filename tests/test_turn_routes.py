@@ -22,7 +22,7 @@ from typing import AsyncIterator, Optional
 from conftest import free_udp_tcp_port
 
 from nattool.net.server import ServerConfig, TrackerServer
-from nattool.net.turn_relay import ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM
+from nattool.net.turn_relay import ROUTE_FROM_PEER, ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.peer_policy import PeerPolicy
 from nattool.protocol.stream_frames import ChannelDataFrame, StreamDeframer, StunFrame
@@ -179,7 +179,6 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
     async with _serving() as server:
         assert server.relay is not None and server.turn is not None
         server.relay.routes_on = routes
-        listener = server.listeners[0]
         addr = ("127.0.0.1", server.config.port)
         socks: list[socket.socket] = []
         try:
@@ -219,7 +218,13 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             async def channel(c: _Client, number: int, payload: bytes, raw: Optional[bytes] = None) -> None:
                 c.send(raw if raw is not None else encode_channel_data(number, payload, stream=c.stream))
                 await s.settle()
-                kinds.update(r[1] for r in listener.turn_routes.values())
+                kinds.update(server.relay.route_kinds())  # type: ignore[union-attr]
+
+            async def from_peer(c: _Client, payload: bytes) -> None:
+                assert c.relayed
+                peer.sendto(payload, c.relayed.sockaddr())
+                await s.settle()
+                kinds.update(server.relay.route_kinds())  # type: ignore[union-attr]
 
             async def bind(c: _Client, number: int, peer_of: Endpoint) -> StunMessage:
                 return await c.request(TurnMethod.CHANNEL_BIND, [ChannelNumber(number), XorPeerAddress(peer_of)], s)
@@ -242,10 +247,11 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await channel(x, 0x4001, b"", raw=b"\x40\x01\x00")  # no header
             await channel(x, 0x4009, b"on a channel never bound")
             # X to the peer through the kernel, and back on X's channel.
+            await from_peer(x, b"from P, before X's channel")  # no permission: dropped
             await bind(x, 0x4003, peer_ep)
             await channel(x, 0x4003, b"to P")
-            peer.sendto(b"from P", x.relayed.sockaddr())
-            await s.settle()
+            for n in range(3):
+                await from_peer(x, b"from P %d" % n)
             # V to N, a peer at the relayed addresses' IP, until V's permission for that
             # IP becomes strict (a permission for Y's relayed address): then refused.
             assert y.relayed.ip == near_ep.ip
@@ -258,9 +264,15 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await bind(z, 0x4005, x.relayed)
             await channel(x, 0x4004, b"to Z, 3 bytes of padding")
             await channel(z, 0x4005, b"to X from TCP")
+            await from_peer(z, b"from P to Z, no permission")
+            await z.ok(TurnMethod.CREATE_PERMISSION, [XorPeerAddress(peer_ep)], s)
+            await from_peer(z, b"from P to Z, no channel: a Data indication")
+            await bind(z, 0x400A, peer_ep)
+            await from_peer(z, b"from P to Z, padded")
             # The bandwidth cap: X's bucket (BANDWIDTH bytes) runs out, refills with time.
             await channel(x, 0x4001, b"a" * 60_000)
             await channel(x, 0x4001, b"b" * 50_000)  # over X's cap
+            await from_peer(x, b"f" * 50_000)  # over X's cap
             s.advance(0.6)  # 60 kB back in each bucket
             await channel(y, 0x4002, b"c" * 50_000)
             await channel(x, 0x4001, b"d" * 50_000)
@@ -269,11 +281,13 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             s.advance(400)
             await channel(x, 0x4001, b"after the permission, before the channel")
             await channel(y, 0x4002, b"back, the same")
+            await from_peer(x, b"from P, after the permission, before the channel")
             await x.ok(TurnMethod.REFRESH, [Lifetime(3000)], s)
             await y.ok(TurnMethod.REFRESH, [Lifetime(3000)], s)
             s.advance(250)  # the channels bound first have expired
             await channel(x, 0x4001, b"after the channel expired")
             await channel(y, 0x4002, b"back, the same")
+            await from_peer(x, b"from P, after the channel expired")
             # Y shortens its lifetime, X and Y bind again, then Y deallocates.
             await y.ok(TurnMethod.REFRESH, [Lifetime(600)], s)
             await bind(x, 0x4007, y.relayed)
@@ -311,7 +325,7 @@ def test_channel_data_routes_equal_the_general_path() -> None:
     slow, slow_counters, slow_kinds = asyncio.run(_session(routes=False))
     assert fast == slow
     assert fast_counters == slow_counters
-    assert fast_kinds >= {ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM}
+    assert fast_kinds >= {ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM, ROUTE_FROM_PEER}
     assert slow_kinds <= {0}
     # The session is not vacuous: it relayed, refused for bandwidth and permission.
     delivered = [entry for entry in fast if entry[0] != "peer" and entry[1][0] in ("channel", "data")]
@@ -320,6 +334,12 @@ def test_channel_data_routes_equal_the_general_path() -> None:
     assert ("y", ("channel", encode_channel_data(0x4002, b"to Y 4"))) in fast
     assert ("z", ("channel", encode_channel_data(0x4005, b"to Z, 3 bytes of padding"))) in fast
     assert ("peer", ("X", b"to P")) in fast and ("peer", ("V", b"to N")) in fast
+    assert ("x", ("channel", encode_channel_data(0x4003, b"from P 2"))) in fast
+    assert ("z", ("channel", encode_channel_data(0x400A, b"from P to Z, padded"))) in fast
+    assert any(entry[0] == "z" and entry[1][0] == "data" for entry in fast)
     assert not any(b"refused" in repr(entry).encode() for entry in fast)
     assert ("w", ("channel", encode_channel_data(0x4006, b"to W, rebound"))) in fast
     assert not any(b"expired" in repr(entry).encode() for entry in fast if entry[0] in ("w", "y"))
+    assert not any(b"channel expired" in repr(entry).encode() for entry in fast if entry[0] == "x")
+    assert not any(b"fff" in repr(entry).encode() or b"before X" in repr(entry).encode() for entry in fast)
+    assert not any(b"no permission" in repr(entry).encode() for entry in fast)

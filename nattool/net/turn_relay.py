@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import random
 import socket
+import struct
 import time
 from collections import Counter
 from typing import Any, Callable, Optional
@@ -28,7 +29,15 @@ from typing import Any, Callable, Optional
 from nattool.errors import NetworkError
 from nattool.memo import bounded_memo
 from nattool.protocol.endpoint import Endpoint, IPAddress
-from nattool.protocol.turn_server import AllocationWanted, ChannelRoute, ClientRef, Handover, ToPeer, TurnCore
+from nattool.protocol.turn_server import (
+    AllocationWanted,
+    ChannelRoute,
+    ClientRef,
+    Handover,
+    PeerRoute,
+    ToPeer,
+    TurnCore,
+)
 
 DEFAULT_RELAY_PORTS = (49152, 65535)
 # Where a UDP socket would send to, to learn the source address the kernel picks
@@ -49,9 +58,12 @@ ROUTE_NONE = 0  # no route: the general path decides
 ROUTE_TO_CLIENT = 1  # handed over: sendto(header + payload, client address)
 ROUTE_TO_STREAM = 2  # handed over to a TCP client: send(header + payload + padding)
 ROUTE_TO_PEER = 3  # sendto(payload, peer address) from the sender's relayed socket
+ROUTE_FROM_PEER = 4  # a PeerRoute: a peer's datagram to the client as ChannelData
 # (until, how, send, address, header, sender, target): see learn_route.
 Route = tuple[float, int, Any, Any, bytes, object, object]
 NO_ROUTE: Route = (float("inf"), ROUTE_NONE, None, None, b"", None, None)
+NO_PEER_ROUTE = PeerRoute(float("inf"), None, 0, False)
+_CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
 ROUTES_MAX = 65_536  # entries in one route table; beyond, it is emptied
 
 
@@ -227,6 +239,7 @@ class TurnRelay:
         # test that compares both).
         self.routes_on = True
         self._route_tables: list[dict[Any, Route]] = []
+        self._peer_routes: dict[int, dict[Any, PeerRoute]] = {}  # allocation id -> peer (host, port) -> route
         self._routes_version = core.version
 
     @property
@@ -259,6 +272,7 @@ class TurnRelay:
                 self.close(wanted.reserve_id)
             return None
         self._senders[wanted.allocation_id] = sender
+        self._peer_routes[wanted.allocation_id] = {}
         self._datagram_targets[wanted.allocation_id] = self._datagram_target_for(wanted.client)
         self.loop.add_reader(sock.fileno(), self._drain_peer, wanted.allocation_id, sock)
         source = Endpoint.from_sockaddr(sock.getsockname()[:2])
@@ -276,6 +290,7 @@ class TurnRelay:
         sock = self._sockets.pop(allocation_id, None)
         self._senders.pop(allocation_id, None)
         self._datagram_targets.pop(allocation_id, None)
+        self._peer_routes.pop(allocation_id, None)
         self.forget_routes()
         source = self._source_of.pop(allocation_id, None)
         if source is not None:
@@ -305,9 +320,18 @@ class TurnRelay:
         if self._routes_version != self.core.version:
             self.forget_routes()
 
+    def route_kinds(self) -> set[int]:
+        """The kinds of route held now (ROUTE_FROM_PEER for a peer's), for the tests."""
+        kinds = {route[1] for table in self._route_tables for route in table.values()}
+        if any(r.allocation is not None for routes in self._peer_routes.values() for r in routes.values()):
+            kinds.add(ROUTE_FROM_PEER)
+        return kinds
+
     def forget_routes(self) -> None:
         for table in self._route_tables:
             table.clear()
+        for routes in self._peer_routes.values():
+            routes.clear()
         self._routes_version = self.core.version
 
     def learn_route(self, table: dict[Any, Route], key: Any, client: ClientRef, number: int, now: float) -> Route:
@@ -423,22 +447,42 @@ class TurnRelay:
             self.counters["turn_send_error"] += 1
 
     def _drain_peer(self, allocation_id: int, sock: socket.socket) -> None:
-        """Datagrams from peers on one relayed socket, to the allocation's client."""
+        """Datagrams from peers on one relayed socket, to the allocation's client: along
+        the peer's route (:meth:`_learn_peer_route`) when it has a live channel, else
+        as the core decides (a test compares both)."""
         recvfrom = sock.recvfrom
         on_peer = self.core.on_peer_datagram
         send = self._senders.get(allocation_id)
-        if send is None:
+        routes = self._peer_routes.get(allocation_id)
+        if send is None or routes is None:
             return
+        self.check_routes()
+        core = self.core
+        capped = core.config.bandwidth
+        spend = core.spend
         known = self._peers.get
         learn = self._learn_peer
+        packets = size = 0
         now = self.clock()
         for _ in range(PEER_DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
                 self.counters["turn_socket_error"] += 1  # an ICMP error for an earlier send
+                continue
+            route = routes.get(addr)
+            if route is None or now >= route[0]:
+                route = self._learn_peer_route(routes, allocation_id, addr, now)
+            until, allocation, number, stream = route  # valid now, as learned now
+            if allocation is not None:
+                n = len(data)
+                if capped and not spend(allocation, n, now):
+                    continue
+                packets += 1
+                size += n
+                send(_CHANNEL_HEAD(number, n) + data + bytes(-n % 4) if stream else _CHANNEL_HEAD(number, n) + data)
                 continue
             try:
                 peer = known(addr) or learn(addr)
@@ -447,3 +491,22 @@ class TurnRelay:
             out = on_peer(allocation_id, data, peer, now)
             if out is not None:
                 send(out)
+        if packets:
+            core.count_relayed(0, 0, packets, size)
+
+    def _learn_peer_route(self, routes: dict[Any, PeerRoute], allocation_id: int, addr: Any, now: float) -> PeerRoute:
+        """The route of datagrams from ``addr`` on the relayed socket of
+        ``allocation_id`` (remembered in ``routes``): the core's :class:`PeerRoute`, or
+        one without an allocation (the core decides each datagram)."""
+        route: Optional[PeerRoute] = None
+        if self.routes_on:
+            try:
+                peer = self._peers.get(addr) or self._learn_peer(addr)
+            except ValueError:
+                peer = None
+            if peer is not None:
+                route = self.core.peer_route(allocation_id, peer, now)
+        if len(routes) >= ROUTES_MAX:
+            routes.clear()
+        routes[addr] = route if route is not None else NO_PEER_ROUTE
+        return routes[addr]

@@ -266,6 +266,20 @@ class ChannelRoute(NamedTuple):
     stream: bool
 
 
+class PeerRoute(NamedTuple):
+    """How datagrams from one peer on one relayed socket reach the allocation's client,
+    as :meth:`TurnCore.on_peer_datagram` decides, while it holds (``until``, and the
+    core's version): as ChannelData on channel ``number`` (padded when ``stream``),
+    after :meth:`TurnCore.spend` on ``allocation``; counted with
+    :meth:`TurnCore.count_relayed`. Datagrams longer than 65535 bytes cannot come
+    from a UDP socket."""
+
+    until: float
+    allocation: object
+    number: int
+    stream: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Deallocated:
     """Send ``reply`` to the client, then close the relayed socket of ``allocation_id``."""
@@ -580,6 +594,22 @@ class TurnCore:
             return None
         until = min(until, target.expiry, target.channels[back][1])
         return _new_tuple(ChannelRoute, (until, alloc, target, target.id, peer, back, target.stream))
+
+    def peer_route(self, allocation_id: int, peer: Endpoint, now: float) -> Optional[PeerRoute]:
+        """The :class:`PeerRoute` of datagrams from ``peer`` on the relayed socket of
+        ``allocation_id`` now: when :meth:`on_peer_datagram` would send them to the
+        client as ChannelData. None: it would not (no live channel, no permission:
+        it decides). Changes nothing; a test compares routes with it."""
+        alloc = self._by_id.get(allocation_id)
+        if alloc is None or alloc.expiry <= now:
+            return None
+        number = alloc.channel_of_peer.get(peer)
+        if number is None or alloc.channels[number][1] < now:
+            return None
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            return None
+        return _new_tuple(PeerRoute, (min(alloc.expiry, alloc.channels[number][1]), alloc, number, alloc.stream))
 
     def spend(self, allocation: object, n: int, now: float) -> bool:
         """Take ``n`` bytes from the bandwidth of a route's ``sender`` or ``target``
