@@ -281,13 +281,17 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             s.advance(400)
             await channel(x, 0x4001, b"after the permission, before the channel")
             await channel(y, 0x4002, b"back, the same")
-            await from_peer(x, b"from P, after the permission, before the channel")
             await x.ok(TurnMethod.REFRESH, [Lifetime(3000)], s)
             await y.ok(TurnMethod.REFRESH, [Lifetime(3000)], s)
+            await channel(x, 0x4004, b"to Z after the permission, before the channel")
+            await channel(z, 0x4005, b"from Z after the permission, before the channel")
+            await from_peer(x, b"from P, after the permission, before the channel")
             s.advance(250)  # the channels bound first have expired
             await channel(x, 0x4001, b"after the channel expired")
             await channel(y, 0x4002, b"back, the same")
             await from_peer(x, b"from P, after the channel expired")
+            await channel(x, 0x4004, b"to Z after the channel expired")
+            await channel(z, 0x4005, b"from Z after the channel expired")
             # Y shortens its lifetime, X and Y bind again, then Y deallocates.
             await y.ok(TurnMethod.REFRESH, [Lifetime(600)], s)
             await bind(x, 0x4007, y.relayed)

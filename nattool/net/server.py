@@ -193,6 +193,7 @@ class TrackerServer:
         self.relay: TurnRelay | None = None  # its relayed sockets
         self.relay_ips: dict[int, IPAddress] = {}
         self._streams: dict[int, StreamConnection] = {}  # TCP connections that spoke TURN, by id
+        self._stream_routes: dict[Any, Route] = {}  # ChannelData routes of TCP clients (with TURN)
         # Monotonic seconds for the TURN core's decisions (a test moves it forward).
         self.turn_clock: Callable[[], float] = time.monotonic
         self._v6_keys, self._learn_v6_key = bounded_memo(v6_source_key, SOURCE_CACHE_MAX)
@@ -306,6 +307,7 @@ class TrackerServer:
         )
         for lst in self.listeners:
             lst.turn_routes = self.relay.route_table()
+        self._stream_routes = self.relay.route_table()  # (connection id, channel number) -> route
         if cfg.turn.relay_groups:
             self.core.relay = _GroupRelay(self.turn)
 
@@ -742,6 +744,8 @@ class TrackerServer:
                 return
             ref = self._stream_client(conn)
             self._turn_outcome(self.turn.on_client_message(message, ref, now, time.time()), ref, now, time.time())
+            if self.relay is not None:
+                self.relay.check_routes()
             return
         peer = conn.peer
         responder = self._stun_by_local.get(conn.local)
@@ -758,7 +762,15 @@ class TrackerServer:
         if self.turn is None or self.relay is None:
             conn.close()  # no TURN relay here
             return
-        self.relay.channel_data(frame, self._stream_client(conn), self.turn_clock())
+        relay = self.relay
+        now = self.turn_clock()
+        relay.check_routes()
+        key = (conn.id, (frame[0] << 8) | frame[1])  # a frame holds at least the 4-byte header
+        route = self._stream_routes.get(key)
+        if route is None or now >= route[0]:
+            route = relay.learn_route(self._stream_routes, key, self._stream_client(conn), key[1], now)
+        if not relay.routed(route, frame, now):
+            relay.channel_data(frame, self._stream_client(conn), now)
 
     def _stream_client(self, conn: StreamConnection) -> ClientRef:
         ref = conn.turn_client

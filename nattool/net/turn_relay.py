@@ -375,13 +375,14 @@ class TurnRelay:
         return (until, ROUTE_TO_CLIENT, udp[0], udp[1], head, sender, target)
 
     def routed(self, route: Route, data: bytes, now: float) -> bool:
-        """Relay ChannelData along ``route`` (valid now): what :meth:`channel_data`
-        would do. False: the route does not apply (the general path decides)."""
+        """Relay ChannelData along ``route`` (as learned now, or learned earlier and not
+        expired): what :meth:`channel_data` would do. False: there is no route (the
+        general path decides)."""
         until, how, send, address, head, sender, target = route
+        if how == ROUTE_NONE:
+            return False
         n = len(data)
         length = (data[2] << 8) | data[3] if n >= 4 else -1
-        if how == ROUTE_NONE or now >= until:
-            return False
         if not 0 <= n - 4 - length <= 3:
             return True  # a bad length: dropped
         core = self.core
