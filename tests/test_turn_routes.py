@@ -273,12 +273,15 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await channel(x, 0x4001, b"a" * 60_000)
             await channel(x, 0x4001, b"b" * 50_000)  # over X's cap
             await from_peer(x, b"f" * 50_000)  # over X's cap
+            await channel(z, 0x4005, b"i" * 45_000)  # from TCP, over X's cap
             s.advance(0.6)  # 60 kB back in each bucket
             await channel(y, 0x4002, b"c" * 50_000)
             await channel(x, 0x4001, b"d" * 50_000)
             await channel(x, 0x4001, b"e" * 30_000)  # over X's cap again
             # Permissions expire after 300 s; live channels stand for them (600 s).
             s.advance(400)
+            await channel(z, 0x4005, b"g" * 60_000)  # from TCP: Z's bucket, then X's
+            await channel(z, 0x4005, b"h" * 45_000)  # over Z's cap
             await channel(x, 0x4001, b"after the permission, before the channel")
             await channel(y, 0x4002, b"back, the same")
             await x.ok(TurnMethod.REFRESH, [Lifetime(3000)], s)
@@ -337,6 +340,7 @@ def test_channel_data_routes_equal_the_general_path() -> None:
     assert fast_counters["bandwidth_drops"] >= 2 and fast_counters["permission_drops"] >= 1
     assert ("y", ("channel", encode_channel_data(0x4002, b"to Y 4"))) in fast
     assert ("z", ("channel", encode_channel_data(0x4005, b"to Z, 3 bytes of padding"))) in fast
+    assert ("x", ("channel", encode_channel_data(0x4004, b"g" * 60_000))) in fast
     assert ("peer", ("X", b"to P")) in fast and ("peer", ("V", b"to N")) in fast
     assert ("x", ("channel", encode_channel_data(0x4003, b"from P 2"))) in fast
     assert ("z", ("channel", encode_channel_data(0x400A, b"from P to Z, padded"))) in fast
@@ -345,5 +349,5 @@ def test_channel_data_routes_equal_the_general_path() -> None:
     assert ("w", ("channel", encode_channel_data(0x4006, b"to W, rebound"))) in fast
     assert not any(b"expired" in repr(entry).encode() for entry in fast if entry[0] in ("w", "y"))
     assert not any(b"channel expired" in repr(entry).encode() for entry in fast if entry[0] == "x")
-    assert not any(b"fff" in repr(entry).encode() or b"before X" in repr(entry).encode() for entry in fast)
+    assert not any(b"fff" in repr(entry).encode() or b"hhh" in repr(entry).encode() or b"iii" in repr(entry).encode() or b"before X" in repr(entry).encode() for entry in fast)
     assert not any(b"no permission" in repr(entry).encode() for entry in fast)
