@@ -22,7 +22,7 @@ from typing import AsyncIterator, Optional
 from conftest import free_udp_tcp_port
 
 from nattool.net.server import ServerConfig, TrackerServer
-from nattool.net.turn_relay import ROUTE_FROM_PEER, ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM
+from nattool.net.turn_relay import ROUTE_FROM_PEER, ROUTE_HANDOVER, ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM
 from nattool.protocol.endpoint import Endpoint
 from nattool.protocol.peer_policy import PeerPolicy
 from nattool.protocol.stream_frames import ChannelDataFrame, StreamDeframer, StunFrame
@@ -220,6 +220,18 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
                 await s.settle()
                 kinds.update(server.relay.route_kinds())  # type: ignore[union-attr]
 
+            async def indication(c: _Client, to: Endpoint, payload: bytes, shape: str = "uclient") -> None:
+                """A Send indication: DATA first and FINGERPRINT (as coturn's client
+                sends them), the peer first without FINGERPRINT, or a bad FINGERPRINT."""
+                attrs = (XorPeerAddress(to), Data(payload)) if shape == "peer first" else (Data(payload), XorPeerAddress(to))
+                msg = StunMessage(MsgClass.INDICATION, TurnMethod.SEND, next(_txids).to_bytes(12, "big"), attrs)
+                data = msg.to_wire(fingerprint=shape != "peer first")
+                if shape == "bad fingerprint":
+                    data = data[:-1] + bytes([data[-1] ^ 1])
+                c.send(data)
+                await s.settle()
+                kinds.update(server.relay.route_kinds())  # type: ignore[union-attr]
+
             async def from_peer(c: _Client, payload: bytes) -> None:
                 assert c.relayed
                 peer.sendto(payload, c.relayed.sockaddr())
@@ -234,10 +246,16 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             # channel back (a Data indication), then a channel back.
             await bind(x, 0x4001, y.relayed)
             await channel(x, 0x4001, b"before Y permits X")
+            await indication(x, y.relayed, b"send before Y permits X")
             await y.ok(TurnMethod.CREATE_PERMISSION, [XorPeerAddress(x.relayed)], s)
             await channel(x, 0x4001, b"as a Data indication")
+            await indication(x, y.relayed, b"send as a Data indication")
+            await indication(x, y.relayed, b"send as a Data indication, peer first", "peer first")
             await bind(y, 0x4002, x.relayed)
+            await indication(x, y.relayed, b"send on Y's channel")
+            await indication(x, y.relayed, b"send with a bad fingerprint: refused", "bad fingerprint")
             for n in range(5):
+                await indication(x, y.relayed, b"send %d" % n)
                 await channel(x, 0x4001, b"to Y %d" % n)
                 await channel(y, 0x4002, b"to X %d" % n)
             await channel(x, 0x4001, b"", raw=encode_channel_data(0x4001, b"")[:4])  # empty payload
@@ -250,6 +268,8 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await from_peer(x, b"from P, before X's channel")  # no permission: dropped
             await bind(x, 0x4003, peer_ep)
             await channel(x, 0x4003, b"to P")
+            await indication(x, peer_ep, b"send to P")
+            await indication(v, peer_ep, b"send to P without a permission: refused")
             for n in range(3):
                 await from_peer(x, b"from P %d" % n)
             # V to N, a peer at the relayed addresses' IP, until V's permission for that
@@ -273,6 +293,7 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await channel(x, 0x4001, b"a" * 60_000)
             await channel(x, 0x4001, b"b" * 50_000)  # over X's cap
             await from_peer(x, b"f" * 50_000)  # over X's cap
+            await indication(x, y.relayed, b"j" * 50_000)  # over X's cap
             await channel(z, 0x4005, b"i" * 45_000)  # from TCP, over X's cap
             s.advance(0.6)  # 60 kB back in each bucket
             await channel(y, 0x4002, b"c" * 50_000)
@@ -283,6 +304,8 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await channel(z, 0x4005, b"g" * 60_000)  # from TCP: Z's bucket, then X's
             await channel(z, 0x4005, b"h" * 45_000)  # over Z's cap
             await channel(x, 0x4001, b"after the permission, before the channel")
+            await indication(x, y.relayed, b"send after the permission expired: refused")
+            await indication(x, peer_ep, b"send to P after the permission expired: refused")
             await channel(y, 0x4002, b"back, the same")
             await x.ok(TurnMethod.REFRESH, [Lifetime(3000)], s)
             await y.ok(TurnMethod.REFRESH, [Lifetime(3000)], s)
@@ -300,9 +323,11 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await bind(x, 0x4007, y.relayed)
             await bind(y, 0x4008, x.relayed)
             await channel(x, 0x4007, b"to Y again")
+            await indication(x, y.relayed, b"send to Y again")
             await channel(y, 0x4008, b"to X again")
             await y.ok(TurnMethod.REFRESH, [Lifetime(0)], s)
             await channel(x, 0x4007, b"to Y, deallocated")
+            await indication(x, y.relayed, b"send to Y, deallocated")
             # W: X rebinds 0x4001 to it (a number whose binding expired may go
             # elsewhere), W binds back; later X refreshes the channel but W's
             # allocation (600 s) expires.
@@ -318,6 +343,7 @@ async def _session(routes: bool) -> tuple[list[tuple[str, object]], dict[str, in
             await channel(x, 0x4001, b"to W, channel refreshed")
             s.advance(350)
             await channel(x, 0x4001, b"to W, expired")
+            await indication(x, w.relayed, b"send to W, expired")
             await channel(w, 0x4006, b"from W, expired")
             return s.log, dataclasses.asdict(server.turn.counters), kinds
         finally:
@@ -332,7 +358,7 @@ def test_channel_data_routes_equal_the_general_path() -> None:
     slow, slow_counters, slow_kinds = asyncio.run(_session(routes=False))
     assert fast == slow
     assert fast_counters == slow_counters
-    assert fast_kinds >= {ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM, ROUTE_FROM_PEER}
+    assert fast_kinds >= {ROUTE_TO_CLIENT, ROUTE_TO_PEER, ROUTE_TO_STREAM, ROUTE_FROM_PEER, ROUTE_HANDOVER}
     assert slow_kinds <= {0}
     # The session is not vacuous: it relayed, refused for bandwidth and permission.
     delivered = [entry for entry in fast if entry[0] != "peer" and entry[1][0] in ("channel", "data")]
@@ -341,13 +367,15 @@ def test_channel_data_routes_equal_the_general_path() -> None:
     assert ("y", ("channel", encode_channel_data(0x4002, b"to Y 4"))) in fast
     assert ("z", ("channel", encode_channel_data(0x4005, b"to Z, 3 bytes of padding"))) in fast
     assert ("x", ("channel", encode_channel_data(0x4004, b"g" * 60_000))) in fast
+    assert ("peer", ("X", b"send to P")) in fast and ("y", ("channel", encode_channel_data(0x4008, b"send to Y again"))) in fast
+    assert sum(entry[1][0] == "data" and entry[1][3].startswith(b"send as a Data") for entry in fast) == 2  # type: ignore[index]
     assert ("peer", ("X", b"to P")) in fast and ("peer", ("V", b"to N")) in fast
     assert ("x", ("channel", encode_channel_data(0x4003, b"from P 2"))) in fast
     assert ("z", ("channel", encode_channel_data(0x400A, b"from P to Z, padded"))) in fast
     assert any(entry[0] == "z" and entry[1][0] == "data" for entry in fast)
-    assert not any(b"refused" in repr(entry).encode() for entry in fast)
+    assert not any(b"refused" in repr(entry).encode() or b"send before" in repr(entry).encode() for entry in fast)
     assert ("w", ("channel", encode_channel_data(0x4006, b"to W, rebound"))) in fast
-    assert not any(b"expired" in repr(entry).encode() for entry in fast if entry[0] in ("w", "y"))
+    assert not any(b"expired" in repr(entry).encode() or b"deallocated" in repr(entry).encode() for entry in fast if entry[0] in ("w", "y"))
     assert not any(b"channel expired" in repr(entry).encode() for entry in fast if entry[0] == "x")
-    assert not any(b"fff" in repr(entry).encode() or b"hhh" in repr(entry).encode() or b"iii" in repr(entry).encode() or b"before X" in repr(entry).encode() for entry in fast)
+    assert not any(b"fff" in repr(entry).encode() or b"hhh" in repr(entry).encode() or b"iii" in repr(entry).encode() or b"jjj" in repr(entry).encode() or b"before X" in repr(entry).encode() for entry in fast)
     assert not any(b"no permission" in repr(entry).encode() for entry in fast)

@@ -34,6 +34,7 @@ from nattool.net.turn_relay import (
     DatagramTarget,
     RelayPortRange,
     Route,
+    SendRoute,
     TurnRelay,
     relay_addresses,
 )
@@ -140,7 +141,7 @@ def v6_source_key(host: str) -> str:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients", "turn_routes")
+    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients", "turn_routes", "send_routes")
 
     def __init__(self, local: Endpoint, sock: socket.socket, primary: bool = False) -> None:
         self.local = local
@@ -151,6 +152,9 @@ class _Listener:
         self.turn_clients: dict[Any, Any] = {}
         # (source (host, port), channel number) -> its ChannelData route, when TURN is on
         self.turn_routes: dict[Any, Route] = {}
+        # (source (host, port), peer IPv4 address as an integer, peer port) -> the route
+        # of its Send indications, when TURN is on
+        self.send_routes: dict[Any, SendRoute] = {}
         self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
         # (request, IPv4 source as an integer, port) -> reply, for bare Binding requests
         self.bare_stun: Callable[[bytes, int, int], bytes] | None = None
@@ -307,6 +311,7 @@ class TrackerServer:
         )
         for lst in self.listeners:
             lst.turn_routes = self.relay.route_table()
+            lst.send_routes = self.relay.route_table()
         self._stream_routes = self.relay.route_table()  # (connection id, channel number) -> route
         if cfg.turn.relay_groups:
             self.core.relay = _GroupRelay(self.turn)
@@ -449,6 +454,9 @@ class TrackerServer:
         relay.check_routes()
         routes = listener.turn_routes
         route_of = routes.get
+        send_routes = listener.send_routes
+        send_parts = turn.send_indication_parts
+        sent = relay.sent
         capped = turn.config.bandwidth
         spend = turn.spend
         to_peer = to_peer_bytes = to_client = to_client_bytes = send_errors = turn_send_errors = 0
@@ -503,6 +511,18 @@ class TrackerServer:
                 if ref is not None:
                     channel_data(data, ref, now)
                 continue
+            if first == 0 and data[1:2] == b"\x16":  # a Send indication: along its route when plain
+                parts = send_parts(data)
+                if parts.__class__ is tuple:
+                    key = (addr, parts[0], parts[1])  # type: ignore[index]
+                    send_route = send_routes.get(key)
+                    if send_route is None or now >= send_route[0]:
+                        ref = refs.get(addr) or self._udp_client(listener, addr)
+                        if ref is None:
+                            continue
+                        send_route = relay.learn_send_route(send_routes, key, ref, key[1], key[2], now)
+                    if sent(send_route, parts[2], now):  # type: ignore[index]
+                        continue
             if first < 0x40 and is_turn_message(data):
                 request = not (first & 0x01 or data[1] & 0x10)
                 if request and limited and not limiter.allow(self._limit_key(addr[0]), now):

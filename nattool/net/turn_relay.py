@@ -58,11 +58,15 @@ ROUTE_NONE = 0  # no route: the general path decides
 ROUTE_TO_CLIENT = 1  # handed over: sendto(header + payload, client address)
 ROUTE_TO_STREAM = 2  # handed over to a TCP client: send(header + payload + padding)
 ROUTE_TO_PEER = 3  # sendto(payload, peer address) from the sender's relayed socket
-ROUTE_FROM_PEER = 4  # a PeerRoute: a peer's datagram to the client as ChannelData
+ROUTE_FROM_PEER = 4  # a PeerRoute: a peer's datagram to the client (ChannelData or a Data indication)
+ROUTE_HANDOVER = 5  # a Send indication's payload to another allocation here, along its PeerRoute
 # (until, how, send, address, header, sender, target): see learn_route.
 Route = tuple[float, int, Any, Any, bytes, object, object]
 NO_ROUTE: Route = (float("inf"), ROUTE_NONE, None, None, b"", None, None)
-NO_PEER_ROUTE = PeerRoute(float("inf"), None, 0, False)
+NO_PEER_ROUTE = PeerRoute(float("inf"), None, 0, False, 0, Endpoint(ipaddress.IPv4Address(0), 0))
+# A Send indication's route: (until, how, send, address, peer route, sender); see learn_send_route.
+SendRoute = tuple[float, int, Any, Any, Optional[PeerRoute], object]
+NO_SEND_ROUTE: SendRoute = (float("inf"), ROUTE_NONE, None, None, None, None)
 _CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
 ROUTES_MAX = 65_536  # entries in one route table; beyond, it is emptied
 
@@ -238,7 +242,7 @@ class TurnRelay:
         # core version; off: every ChannelData packet takes the general path (for the
         # test that compares both).
         self.routes_on = True
-        self._route_tables: list[dict[Any, Route]] = []
+        self._route_tables: list[dict[Any, Any]] = []  # of Route, or of SendRoute
         self._peer_routes: dict[int, dict[Any, PeerRoute]] = {}  # allocation id -> peer (host, port) -> route
         self._routes_version = core.version
 
@@ -307,9 +311,9 @@ class TurnRelay:
             self.close(allocation_id)
 
     # -- routes: ChannelData along what the core decided once -----------------------
-    def route_table(self) -> dict[Any, Route]:
-        """A new table of routes for one reader (emptied with the others)."""
-        table: dict[Any, Route] = {}
+    def route_table(self) -> dict[Any, Any]:
+        """A new table of routes (Route or SendRoute) for one reader (emptied with the others)."""
+        table: dict[Any, Any] = {}
         self._route_tables.append(table)
         return table
 
@@ -322,7 +326,7 @@ class TurnRelay:
 
     def route_kinds(self) -> set[int]:
         """The kinds of route held now (ROUTE_FROM_PEER for a peer's), for the tests."""
-        kinds = {route[1] for table in self._route_tables for route in table.values()}
+        kinds = {route[1] for table in self._route_tables for route in table.values()}  # type: ignore[attr-defined]
         if any(r.allocation is not None for routes in self._peer_routes.values() for r in routes.values()):
             kinds.add(ROUTE_FROM_PEER)
         return kinds
@@ -409,6 +413,64 @@ class TurnRelay:
             self.counters["send_error"] += 1
         return True
 
+    def learn_send_route(
+        self, table: dict[Any, SendRoute], key: Any, client: ClientRef, ip: int, port: int, now: float
+    ) -> SendRoute:
+        """The route of plain Send indications (:meth:`TurnCore.send_indication_parts`)
+        from ``client`` to the IPv4 peer ``ip``:``port`` (remembered in ``table`` under
+        ``key``): ``(until, how, send, address, peer route, sender)``, valid while ``now <
+        until`` and the core's version stays. ``how``: :data:`ROUTE_TO_PEER` (``send`` is
+        the relayed socket's sendto, ``address`` the peer's), :data:`ROUTE_HANDOVER`
+        (the peer is the relayed address of another allocation here: ``send`` is its
+        client's sender, the peer route says how), :data:`ROUTE_NONE` (the general
+        path decides). What :meth:`to_peer` does with the core's ToPeer, decided once."""
+        self.check_routes()
+        if len(table) >= ROUTES_MAX:
+            table.clear()
+        route = table[key] = self._send_route(client, ip, port, now)
+        return route
+
+    def _send_route(self, client: ClientRef, ip: int, port: int, now: float) -> SendRoute:
+        found = self.core.send_route(client, ip, port, now) if self.routes_on else None
+        if found is None:
+            return NO_SEND_ROUTE
+        until, sender, peer = found
+        allocation_id = sender.id  # type: ignore[attr-defined]
+        sock = self._sockets.get(allocation_id)
+        if sock is None:
+            return NO_SEND_ROUTE
+        local = self._local.get(peer)
+        if local is not None and self.local_fast_path:
+            source = self._source_of.get(allocation_id)
+            send = self._senders.get(local[0])
+            if source is not None and send is not None and source[1] == local[1]:
+                back = self.core.peer_route(local[0], source[0], now)
+                if back is None:
+                    return NO_SEND_ROUTE
+                return (min(until, back.until), ROUTE_HANDOVER, send, None, back, sender)
+        return (until, ROUTE_TO_PEER, sock.sendto, self._learn_sockaddr(peer), None, sender)
+
+    def sent(self, route: SendRoute, payload: bytes, now: float) -> bool:
+        """Relay a Send indication's payload along ``route`` (as learned now, or learned
+        earlier and not expired): what the core and :meth:`to_peer` would do. False:
+        there is no route (the general path decides)."""
+        until, how, send, address, back, sender = route
+        if how == ROUTE_NONE:
+            return False
+        core = self.core
+        n = len(payload)
+        if core.config.bandwidth and not core.spend(sender, n, now):
+            return True
+        core.count_relayed(1, n, 0, 0)
+        if how == ROUTE_HANDOVER:
+            self._to_client(back, payload, now, send)  # type: ignore[arg-type]
+            return True
+        try:
+            send(payload, address)
+        except OSError:
+            self.counters["turn_send_error"] += 1
+        return True
+
     def channel_data(self, data: bytes, client: ClientRef, now: float) -> None:
         """ChannelData from a client, to its peer: handed to the allocation whose
         relayed address that is, when it is one of this server's (the core decides as
@@ -449,8 +511,8 @@ class TurnRelay:
 
     def _drain_peer(self, allocation_id: int, sock: socket.socket) -> None:
         """Datagrams from peers on one relayed socket, to the allocation's client: along
-        the peer's route (:meth:`_learn_peer_route`) when it has a live channel, else
-        as the core decides (a test compares both)."""
+        the peer's route (:meth:`_learn_peer_route`), else as the core decides (a test
+        compares both)."""
         recvfrom = sock.recvfrom
         on_peer = self.core.on_peer_datagram
         send = self._senders.get(allocation_id)
@@ -458,32 +520,23 @@ class TurnRelay:
         if send is None or routes is None:
             return
         self.check_routes()
-        core = self.core
-        capped = core.config.bandwidth
-        spend = core.spend
+        to_client = self._to_client
         known = self._peers.get
         learn = self._learn_peer
-        packets = size = 0
         now = self.clock()
         for _ in range(PEER_DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                break
+                return
             except OSError:
                 self.counters["turn_socket_error"] += 1  # an ICMP error for an earlier send
                 continue
             route = routes.get(addr)
             if route is None or now >= route[0]:
                 route = self._learn_peer_route(routes, allocation_id, addr, now)
-            until, allocation, number, stream = route  # valid now, as learned now
-            if allocation is not None:
-                n = len(data)
-                if capped and not spend(allocation, n, now):
-                    continue
-                packets += 1
-                size += n
-                send(_CHANNEL_HEAD(number, n) + data + bytes(-n % 4) if stream else _CHANNEL_HEAD(number, n) + data)
+            if route[1] is not None:  # valid now, as learned now
+                to_client(route, data, now, send)
                 continue
             try:
                 peer = known(addr) or learn(addr)
@@ -492,8 +545,22 @@ class TurnRelay:
             out = on_peer(allocation_id, data, peer, now)
             if out is not None:
                 send(out)
-        if packets:
-            core.count_relayed(0, 0, packets, size)
+
+    def _to_client(self, route: PeerRoute, data: bytes, now: float, send: ClientSender) -> None:
+        """A peer's datagram along its route to the allocation's client: what
+        :meth:`TurnCore.on_peer_datagram` would make of it, sent."""
+        until, allocation, number, stream, limit, peer = route
+        core = self.core
+        n = len(data)
+        if n > limit or (core.config.bandwidth and not core.spend(allocation, n, now)):
+            return
+        core.count_relayed(0, 0, 1, n)
+        if not number:
+            send(core.data_indication(allocation, peer, data))  # type: ignore[arg-type]
+        elif stream and n % 4:
+            send(_CHANNEL_HEAD(number, n) + data + bytes(-n % 4))
+        else:
+            send(_CHANNEL_HEAD(number, n) + data)
 
     def _learn_peer_route(self, routes: dict[Any, PeerRoute], allocation_id: int, addr: Any, now: float) -> PeerRoute:
         """The route of datagrams from ``addr`` on the relayed socket of

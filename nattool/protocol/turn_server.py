@@ -267,17 +267,20 @@ class ChannelRoute(NamedTuple):
 
 
 class PeerRoute(NamedTuple):
-    """How datagrams from one peer on one relayed socket reach the allocation's client,
+    """How datagrams from ``peer`` on one relayed socket reach the allocation's client,
     as :meth:`TurnCore.on_peer_datagram` decides, while it holds (``until``, and the
-    core's version): as ChannelData on channel ``number`` (padded when ``stream``),
-    after :meth:`TurnCore.spend` on ``allocation``; counted with
-    :meth:`TurnCore.count_relayed`. Datagrams longer than 65535 bytes cannot come
-    from a UDP socket."""
+    core's version): after :meth:`TurnCore.spend` on ``allocation``, as ChannelData
+    on channel ``number`` (padded when ``stream``), or with ``number`` 0 as a Data
+    indication (:meth:`TurnCore.data_indication`) when the datagram is at most
+    ``limit`` bytes (longer ones are dropped); counted with
+    :meth:`TurnCore.count_relayed`."""
 
     until: float
     allocation: object
     number: int
     stream: bool
+    limit: int
+    peer: Endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,19 +600,37 @@ class TurnCore:
 
     def peer_route(self, allocation_id: int, peer: Endpoint, now: float) -> Optional[PeerRoute]:
         """The :class:`PeerRoute` of datagrams from ``peer`` on the relayed socket of
-        ``allocation_id`` now: when :meth:`on_peer_datagram` would send them to the
-        client as ChannelData. None: it would not (no live channel, no permission:
-        it decides). Changes nothing; a test compares routes with it."""
+        ``allocation_id`` now. None: :meth:`on_peer_datagram` would drop them (it
+        decides). Changes nothing; a test compares routes with it."""
         alloc = self._by_id.get(allocation_id)
         if alloc is None or alloc.expiry <= now:
             return None
         number = alloc.channel_of_peer.get(peer)
-        if number is None or alloc.channels[number][1] < now:
-            return None
         perm = alloc.permissions.get(peer.ip)
         if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
             return None
-        return _new_tuple(PeerRoute, (min(alloc.expiry, alloc.channels[number][1]), alloc, number, alloc.stream))
+        if number is not None and alloc.channels[number][1] >= now:
+            until = min(alloc.expiry, alloc.channels[number][1])
+            return _new_tuple(PeerRoute, (until, alloc, number, alloc.stream, 0xFFFF, peer))
+        if perm[0] < now:
+            return None
+        until = min(alloc.expiry, perm[0])
+        return _new_tuple(PeerRoute, (until, alloc, 0, alloc.stream, MAX_DATA_PAYLOAD[peer.ip.version], peer))
+
+    def send_route(self, client: ClientRef, ip: int, port: int, now: float) -> Optional[tuple[float, object, Endpoint]]:
+        """Where a plain Send indication from ``client`` to the IPv4 peer ``ip``:``port``
+        goes (:meth:`send_indication_parts`), as :meth:`_relay_send` decides, while it
+        holds (``until``, and the core's version): ``(until, sender, peer)``; send the
+        payload from the relayed socket of the sender (after :meth:`spend` on it, counted
+        with :meth:`count_relayed`). None: it would be dropped (it decides)."""
+        peer = self.v4_peer(ip, port)
+        alloc = self._by_client.get(client)
+        if alloc is None or alloc.expiry <= now or peer.ip.version != alloc.family:
+            return None
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or perm[0] < now or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            return None
+        return (min(alloc.expiry, perm[0]), alloc, peer)
 
     def spend(self, allocation: object, n: int, now: float) -> bool:
         """Take ``n`` bytes from the bandwidth of a route's ``sender`` or ``target``
@@ -990,15 +1011,26 @@ class TurnCore:
         return self._build(MsgClass.SUCCESS, TurnMethod.CHANNEL_BIND, txid, [], alloc.key, fp)
 
     def _plain_send_indication(self, data: bytes, client: ClientRef, now: float) -> object:
-        """The per-packet path of a Send indication that holds XOR-PEER-ADDRESS (IPv4)
-        and DATA once each, and maybe FINGERPRINT last, in any order: read without the
-        general parser. Anything else: :data:`_NOT_PLAIN` (the general path decides).
-        Same verdicts as the general path (a test compares them)."""
+        """The per-packet path of a Send indication of the plain shape
+        (:meth:`send_indication_parts`). Anything else: :data:`_NOT_PLAIN` (the general
+        path decides). Same verdicts as the general path (a test compares them)."""
+        parts = self.send_indication_parts(data)
+        if parts.__class__ is not tuple:
+            return parts
+        ip, port, payload = parts  # type: ignore[misc]
+        return self._relay_send(client, self.v4_peer(ip, port), payload, now)
+
+    def send_indication_parts(self, data: bytes) -> object:
+        """(peer IPv4 address as an integer, peer port, payload) of a Send indication
+        that holds XOR-PEER-ADDRESS (IPv4) and DATA once each, and maybe FINGERPRINT
+        last, in any order: read without the general parser. None: its FINGERPRINT
+        does not match (dropped, as parse() would refuse it). Anything else (another
+        shape): :data:`_NOT_PLAIN`, the general path decides."""
         n = len(data)
         if n < 20 or data[4:8] != _COOKIE or ((data[2] << 8) | data[3]) + 20 != n or n % 4:
             return _NOT_PLAIN
         pos = 20
-        peer: Optional[Endpoint] = None
+        ip = port = -1
         payload: Optional[bytes] = None
         while pos < n:
             if n - pos < 4:
@@ -1008,10 +1040,9 @@ class TurnCore:
             end = pos + 4 + length
             if end + (-length % 4) > n:
                 return _NOT_PLAIN
-            if t == 0x0012 and peer is None and length == 8 and data[pos + 5] == 0x01:
+            if t == 0x0012 and port < 0 and length == 8 and data[pos + 5] == 0x01:
                 port = ((data[pos + 6] << 8) | data[pos + 7]) ^ 0x2112
                 ip = int.from_bytes(data[pos + 8 : pos + 12], "big") ^ MAGIC_COOKIE
-                peer = self._v4_peers.get((ip, port)) or self._learn_v4_peer(ip, port)
             elif t == 0x0013 and payload is None:
                 payload = data[pos + 4 : end]
             elif t == 0x8028 and length == 4 and end == n:
@@ -1020,9 +1051,13 @@ class TurnCore:
             else:
                 return _NOT_PLAIN
             pos = end + (-length % 4)
-        if peer is None or payload is None:
+        if port < 0 or payload is None:
             return _NOT_PLAIN
-        return self._relay_send(client, peer, payload, now)
+        return (ip, port, payload)
+
+    def v4_peer(self, ip: int, port: int) -> Endpoint:
+        """The peer endpoint of an IPv4 address (as an integer) and port, interned."""
+        return self._v4_peers.get((ip, port)) or self._learn_v4_peer(ip, port)
 
     def _learn_v4_peer(self, ip: int, port: int) -> Endpoint:
         if len(self._v4_peers) >= _V4_PEERS_MAX:
