@@ -68,7 +68,8 @@ NO_PEER_ROUTE = PeerRoute(float("inf"), None, 0, False, 0, Endpoint(ipaddress.IP
 SendRoute = tuple[float, int, Any, Any, Optional[PeerRoute], object]
 NO_SEND_ROUTE: SendRoute = (float("inf"), ROUTE_NONE, None, None, None, None)
 _CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
-ROUTES_MAX = 65_536  # entries in one route table; beyond, it is emptied
+ROUTES_MAX = 16_384  # entries in one reader's route table; beyond, it is emptied
+PEER_ROUTES_MAX = 1024  # entries in one allocation's table of peer routes; the same
 
 
 def route_source(version: int) -> IPAddress | None:
@@ -564,17 +565,19 @@ class TurnRelay:
 
     def _learn_peer_route(self, routes: dict[Any, PeerRoute], allocation_id: int, addr: Any, now: float) -> PeerRoute:
         """The route of datagrams from ``addr`` on the relayed socket of
-        ``allocation_id`` (remembered in ``routes``): the core's :class:`PeerRoute`, or
-        one without an allocation (the core decides each datagram)."""
-        route: Optional[PeerRoute] = None
-        if self.routes_on:
-            try:
-                peer = self._peers.get(addr) or self._learn_peer(addr)
-            except ValueError:
-                peer = None
-            if peer is not None:
-                route = self.core.peer_route(allocation_id, peer, now)
-        if len(routes) >= ROUTES_MAX:
+        ``allocation_id``: the core's :class:`PeerRoute` (remembered in ``routes``), or
+        one without an allocation, not remembered (the core decides each datagram:
+        what it drops may come from any number of addresses)."""
+        if not self.routes_on:
+            return NO_PEER_ROUTE
+        try:
+            peer = self._peers.get(addr) or self._learn_peer(addr)
+        except ValueError:
+            return NO_PEER_ROUTE
+        route = self.core.peer_route(allocation_id, peer, now)
+        if route is None:
+            return NO_PEER_ROUTE
+        if len(routes) >= PEER_ROUTES_MAX:
             routes.clear()
-        routes[addr] = route if route is not None else NO_PEER_ROUTE
-        return routes[addr]
+        routes[addr] = route
+        return route

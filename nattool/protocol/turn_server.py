@@ -567,7 +567,9 @@ class TurnCore:
         self.counters.bytes_to_peer += len(message.payload)
         return ToPeer(alloc.id, peer, message.payload)
 
-    def channel_route(self, client: ClientRef, number: int, now: float, handover: bool = True) -> Optional[ChannelRoute]:
+    def channel_route(
+        self, client: ClientRef, number: int, now: float, handover: bool = True
+    ) -> Optional[ChannelRoute]:
         """The :class:`ChannelRoute` of ChannelData from ``client`` on channel ``number``
         now, or None when :meth:`channel_data_handover` would drop it or take a way
         without a route (to an allocation without a live channel back: a Data
@@ -637,7 +639,9 @@ class TurnCore:
         (False: over the cap, dropped and counted)."""
         return self._spend(allocation, n, now)  # type: ignore[arg-type]
 
-    def count_relayed(self, packets_to_peer: int, bytes_to_peer: int, packets_to_client: int, bytes_to_client: int) -> None:
+    def count_relayed(
+        self, packets_to_peer: int, bytes_to_peer: int, packets_to_client: int, bytes_to_client: int
+    ) -> None:
         """Count what the shell relayed along routes (once per batch of packets)."""
         counters = self.counters
         counters.packets_to_peer += packets_to_peer
