@@ -63,7 +63,7 @@ ROUTE_HANDOVER = 5  # a Send indication's payload to another allocation here, al
 # (until, how, send, address, header, sender, target): see learn_route.
 Route = tuple[float, int, Any, Any, bytes, object, object]
 NO_ROUTE: Route = (float("inf"), ROUTE_NONE, None, None, b"", None, None)
-NO_PEER_ROUTE = PeerRoute(float("inf"), None, 0, False, 0, Endpoint(ipaddress.IPv4Address(0), 0))
+NO_PEER_ROUTE = PeerRoute(float("inf"), None, 0, False, 0, Endpoint(ipaddress.IPv4Address(0), 0), b"")
 # A Send indication's route: (until, how, send, address, peer route, sender); see learn_send_route.
 SendRoute = tuple[float, int, Any, Any, Optional[PeerRoute], object]
 NO_SEND_ROUTE: SendRoute = (float("inf"), ROUTE_NONE, None, None, None, None)
@@ -550,14 +550,14 @@ class TurnRelay:
     def _to_client(self, route: PeerRoute, data: bytes, now: float, send: ClientSender) -> None:
         """A peer's datagram along its route to the allocation's client: what
         :meth:`TurnCore.on_peer_datagram` would make of it, sent."""
-        until, allocation, number, stream, limit, peer = route
+        until, allocation, number, stream, limit, peer, xpa = route
         core = self.core
         n = len(data)
         if n > limit or (core.config.bandwidth and not core.spend(allocation, n, now)):
             return
         core.count_relayed(0, 0, 1, n)
         if not number:
-            send(core.data_indication(allocation, peer, data))  # type: ignore[arg-type]
+            send(core.data_indication(allocation, peer, data, xpa))  # type: ignore[arg-type]
         elif stream and n % 4:
             send(_CHANNEL_HEAD(number, n) + data + bytes(-n % 4))
         else:

@@ -92,7 +92,13 @@ RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 
 MAX_PERMISSIONS = 256  # per allocation; beyond: 508
 # The largest peer datagram a Data indication carries within STUN's 16-bit length
 # (XOR-PEER-ADDRESS 12 or 24 bytes, DATA header 4, padding up to 3), by IP version.
-_CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
+_CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length (and an attribute's)
+# A Data indication's header: type, length, magic cookie, transaction id (allocation id, counter)
+_DATA_INDICATION_HEAD = struct.Struct("!HHIIQ").pack
+_TXID = struct.Struct("!IQ").pack
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
+_ATTR_HEAD = struct.Struct("!HH").unpack_from  # an attribute's type and length
+_XPA_V4 = struct.Struct("!HI").unpack_from  # X-Port and X-Address of an IPv4 XOR-PEER-ADDRESS
 MAX_DATA_PAYLOAD = {4: 0xFFFF - 12 - 4 - 3, 6: 0xFFFF - 24 - 4 - 3}
 MAX_CHANNELS = 1024  # per allocation (the number space is 16K; memory is the limit); beyond: 508
 DEFAULT_REALM = "nattool"
@@ -281,6 +287,7 @@ class PeerRoute(NamedTuple):
     stream: bool
     limit: int
     peer: Endpoint
+    xpa: bytes  # the Data indication's XOR-PEER-ADDRESS attribute (IPv4; empty: per packet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,11 +620,12 @@ class TurnCore:
             return None
         if number is not None and alloc.channels[number][1] >= now:
             until = min(alloc.expiry, alloc.channels[number][1])
-            return _new_tuple(PeerRoute, (until, alloc, number, alloc.stream, 0xFFFF, peer))
+            return _new_tuple(PeerRoute, (until, alloc, number, alloc.stream, 0xFFFF, peer, b""))
         if perm[0] < now:
             return None
         until = min(alloc.expiry, perm[0])
-        return _new_tuple(PeerRoute, (until, alloc, 0, alloc.stream, MAX_DATA_PAYLOAD[peer.ip.version], peer))
+        xpa = self._v4_xpa(peer) if peer.ip.version == 4 else b""
+        return _new_tuple(PeerRoute, (until, alloc, 0, alloc.stream, MAX_DATA_PAYLOAD[peer.ip.version], peer, xpa))
 
     def send_route(self, client: ClientRef, ip: int, port: int, now: float) -> Optional[tuple[float, object, Endpoint]]:
         """Where a plain Send indication from ``client`` to the IPv4 peer ``ip``:``port``
@@ -1039,14 +1047,14 @@ class TurnCore:
         while pos < n:
             if n - pos < 4:
                 return _NOT_PLAIN
-            t = (data[pos] << 8) | data[pos + 1]
-            length = (data[pos + 2] << 8) | data[pos + 3]
+            t, length = _ATTR_HEAD(data, pos)
             end = pos + 4 + length
             if end + (-length % 4) > n:
                 return _NOT_PLAIN
             if t == 0x0012 and port < 0 and length == 8 and data[pos + 5] == 0x01:
-                port = ((data[pos + 6] << 8) | data[pos + 7]) ^ 0x2112
-                ip = int.from_bytes(data[pos + 8 : pos + 12], "big") ^ MAGIC_COOKIE
+                port, ip = _XPA_V4(data, pos + 6)
+                port ^= 0x2112
+                ip ^= MAGIC_COOKIE
             elif t == 0x0013 and payload is None:
                 payload = data[pos + 4 : end]
             elif t == 0x8028 and length == 4 and end == n:
@@ -1178,33 +1186,33 @@ class TurnCore:
         alloc.tokens = tokens - n
         return True
 
-    def data_indication(self, alloc: _Allocation, peer: Endpoint, payload: bytes) -> bytes:
+    def data_indication(self, alloc: _Allocation, peer: Endpoint, payload: bytes, xpa: bytes = b"") -> bytes:
         """A Data indication built without the general encoder (per packet); byte for
-        byte what ``StunMessage.to_wire`` gives (a test compares them)."""
+        byte what ``StunMessage.to_wire`` gives (a test compares them). ``xpa``: the
+        XOR-PEER-ADDRESS attribute of an IPv4 ``peer`` when the caller has it (a
+        route's :attr:`PeerRoute.xpa`)."""
         alloc.txid_counter += 1
-        txid = struct.pack("!IQ", alloc.id & 0xFFFFFFFF, alloc.txid_counter & 0xFFFFFFFFFFFFFFFF)
-        if peer.ip.version == 4:
-            xpa = self._xor_peer_cache.get(peer)
-            if xpa is None:
-                if len(self._xor_peer_cache) > 4096:
-                    self._xor_peer_cache.clear()
-                xpa = self._xor_peer_cache[peer] = self._xor_peer_attr(peer, txid)
+        counter = alloc.txid_counter & 0xFFFFFFFFFFFFFFFF
+        if xpa:
+            pass
+        elif peer.ip.version == 4:
+            xpa = self._v4_xpa(peer)
         else:
-            xpa = self._xor_peer_attr(peer, txid)
+            xpa = self._xor_peer_attr(peer, _TXID(alloc.id & 0xFFFFFFFF, counter))
         n = len(payload)
         pad = -n % 4
-        length = len(xpa) + 4 + n + pad
-        return b"".join(
-            (
-                struct.pack("!HH", 0x0017, length),
-                _COOKIE,
-                txid,
-                xpa,
-                struct.pack("!HH", TurnAttr.DATA, n),
-                payload,
-                bytes(pad),
-            )
-        )
+        head = _DATA_INDICATION_HEAD(0x0017, len(xpa) + 4 + n + pad, MAGIC_COOKIE, alloc.id & 0xFFFFFFFF, counter)
+        return b"".join((head, xpa, _CHANNEL_HEAD(TurnAttr.DATA, n), payload, _PADDING[pad]))
+
+    def _v4_xpa(self, peer: Endpoint) -> bytes:
+        """XOR-PEER-ADDRESS of an IPv4 peer (the same in every message: only the magic
+        cookie is mixed in), remembered."""
+        xpa = self._xor_peer_cache.get(peer)
+        if xpa is None:
+            if len(self._xor_peer_cache) > 4096:
+                self._xor_peer_cache.clear()
+            xpa = self._xor_peer_cache[peer] = self._xor_peer_attr(peer, bytes(12))
+        return xpa
 
     @staticmethod
     def _xor_peer_attr(peer: Endpoint, txid: bytes) -> bytes:
