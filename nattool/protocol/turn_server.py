@@ -32,6 +32,7 @@ import heapq
 import hmac
 import ipaddress
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
@@ -40,6 +41,7 @@ from nattool.protocol.endpoint import Endpoint, IPAddress, endpoint_source_key, 
 from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
 from nattool.protocol.stun import (
+    FINGERPRINT_XOR,
     MAGIC_COOKIE,
     AttrType,
     Attribute,
@@ -53,7 +55,6 @@ from nattool.protocol.stun import (
     XorMappedAddress,
     attr_type,
     encode_xor_address,
-    fingerprint_matches,
     integrity_matches,
     is_comprehension_required,
     parse,
@@ -99,6 +100,7 @@ _TXID = struct.Struct("!IQ").pack
 _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 _ATTR_HEAD = struct.Struct("!HH").unpack_from  # an attribute's type and length
 _XPA_V4 = struct.Struct("!HI").unpack_from  # X-Port and X-Address of an IPv4 XOR-PEER-ADDRESS
+_U32 = struct.Struct("!I").unpack_from
 MAX_DATA_PAYLOAD = {4: 0xFFFF - 12 - 4 - 3, 6: 0xFFFF - 24 - 4 - 3}
 MAX_CHANNELS = 1024  # per allocation (the number space is 16K; memory is the limit); beyond: 508
 DEFAULT_REALM = "nattool"
@@ -1058,7 +1060,9 @@ class TurnCore:
             elif t == 0x0013 and payload is None:
                 payload = data[pos + 4 : end]
             elif t == 0x8028 and length == 4 and end == n:
-                if not fingerprint_matches(data, pos, int.from_bytes(data[pos + 4 : end], "big")):
+                # FINGERPRINT last: the header's length already ends with it, so what it
+                # covers is the message before it as it is (fingerprint_matches, no copy).
+                if (zlib.crc32(data[:pos]) ^ FINGERPRINT_XOR) & 0xFFFFFFFF != _U32(data, pos + 4)[0]:
                     return None  # not STUN after all: what parse() would refuse
             else:
                 return _NOT_PLAIN
