@@ -438,9 +438,10 @@ class TrackerServer:
         it, through the general path. TURN requests count against the per-source rate
         limit; Send indications and ChannelData do not (the core caps their bandwidth).
 
-        ChannelData goes along its route (:meth:`TurnRelay.learn_route`, what the core
-        decided for that source and channel number, kept until it expires or the
-        core's state changes): per packet only the length, the bandwidth and the
+        ChannelData and plain Send indications go along their routes
+        (:meth:`TurnRelay.learn_route`, :meth:`TurnRelay.learn_send_route`: what the
+        core decided for that source and channel number or peer, kept until it expires
+        or the core's state changes): per packet only the length, the bandwidth and the
         header are left. Without a route, the general path decides; a test compares both."""
         sock = listener.sock
         recvfrom = sock.recvfrom

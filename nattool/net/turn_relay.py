@@ -11,6 +11,13 @@ server) a packet does not go out through the kernel and back: what one allocatio
 sends to another's relayed address is handed to that allocation's peer side at once,
 from the sender's relayed address, as the kernel would have delivered it (the same
 checks in the core decide; a test compares both ways).
+
+Per packet, the readers follow routes: what the core decided once for a source and a
+channel number (or a Send indication's peer, or a peer of a relayed socket), kept
+until the earliest expiry it depends on or until the core's state changes
+(:attr:`TurnCore.version`); only the length, the bandwidth cap, the header and the
+counters are left per packet. Without a route the general path decides; a test
+compares both (tests/test_turn_routes.py).
 """
 
 from __future__ import annotations
@@ -239,9 +246,9 @@ class TurnRelay:
         self._peers, self._learn_peer = bounded_memo(_peer_endpoint, PEER_CACHE_MAX)
         self._datagram_target_for = datagram_target_for
         self._datagram_targets: dict[int, Optional[DatagramTarget]] = {}  # allocation id -> its client's
-        # The readers' route tables ((source, channel number) -> Route), good for one
-        # core version; off: every ChannelData packet takes the general path (for the
-        # test that compares both).
+        # The route tables of the readers (ChannelData and Send indications) and of each
+        # allocation's peers, good for one core version; off: every packet takes the
+        # general path (for the test that compares both).
         self.routes_on = True
         self._route_tables: list[dict[Any, Any]] = []  # of Route, or of SendRoute
         self._peer_routes: dict[int, dict[Any, PeerRoute]] = {}  # allocation id -> peer (host, port) -> route
@@ -394,14 +401,13 @@ class TurnRelay:
         capped = core.config.bandwidth
         if capped and not core.spend(sender, length, now):
             return True
+        core.count_relayed(1, length, 0, 0)
         if target is None:
-            core.count_relayed(1, length, 0, 0)
             try:
                 send(data[4 : 4 + length], address)
             except OSError:
                 self.counters["turn_send_error"] += 1
             return True
-        core.count_relayed(1, length, 0, 0)
         if capped and not core.spend(target, length, now):
             return True
         core.count_relayed(0, 0, 1, length)
