@@ -3,7 +3,7 @@ loaded by the same `turnutils_uclient` command in the same run.
 
     python benchmarks/relay_bench.py                       # 3 rounds, the defaults below
     python benchmarks/relay_bench.py --rounds 5 --clients 100 --messages 2000 --interval 2
-    python benchmarks/relay_bench.py --tcp                 # TURN over TCP to the server
+    python benchmarks/relay_bench.py --tcp --clients 20 --messages 5000   # TURN over TCP to the server
     python benchmarks/relay_bench.py --indications         # Send/Data indications, no channels
     python benchmarks/relay_bench.py --cap 0.25            # each server held to a quarter core (root)
 
@@ -28,6 +28,11 @@ over the uclient run, allocations included. The figure is relayed packets per CP
 second; the ratio is nattool's to coturn's in the same round, and the table gives the
 medians. Both servers must lose nothing: a server that cannot keep up would look
 cheap per packet while dropping them, so a loss is reported next to its figure.
+
+Over TCP, uclient opens about two connections a client from 127.0.0.1, and nattool
+admits 64 TCP connections a source address: 50 clients are refused some (uclient then
+stops with "recv: Success"); ``--clients 20 --messages 5000`` relays the same 100,000
+messages.
 
 With ``--cap SHARE`` (Linux, root) each server is held to the same share of one core
 (``cpu_cap.py``): with an offered load above what that share relays, the relayed
@@ -137,7 +142,7 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=2000, help="uclient -n: messages per client")
     ap.add_argument("--length", type=int, default=100, help="uclient -l: message length, bytes")
     ap.add_argument("--interval", type=int, default=2, help="uclient -z: ms between a session's messages")
-    ap.add_argument("--tcp", action="store_true", help="uclient -t: TURN over TCP to the server")
+    ap.add_argument("--tcp", action="store_true", help="uclient -t: TURN over TCP (use --clients 20: 64 connections a source)")
     ap.add_argument("--indications", action="store_true", help="uclient -s: Send/Data indications, no channels")
     ap.add_argument("--cap", type=float, metavar="SHARE", help="hold each server to SHARE of one core (cgroup quota; Linux, root)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for one uclient run")

@@ -28,7 +28,16 @@ from nattool.net.collector import ServingCollector
 from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
 from nattool.net.tcp_listener import StreamConnection, TcpListener
-from nattool.net.turn_relay import DEFAULT_RELAY_PORTS, RelayPortRange, TurnRelay, relay_addresses
+from nattool.net.turn_relay import (
+    DEFAULT_RELAY_PORTS,
+    ROUTE_TO_CLIENT,
+    DatagramTarget,
+    RelayPortRange,
+    Route,
+    SendRoute,
+    TurnRelay,
+    relay_addresses,
+)
 from nattool.protocol.endpoint import DEFAULT_PORT, Endpoint, IPAddress, source_key
 from nattool.protocol.stun import MAGIC_COOKIE, is_stun
 from nattool.protocol.text import REGISTER_PREFIX, RelayGrant
@@ -141,7 +150,7 @@ def v6_source_key(host: str) -> str:
 class _Listener:
     """One bound socket, read by the event loop's reader callback."""
 
-    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients")
+    __slots__ = ("local", "sock", "closed", "bare_stun", "v4", "primary", "turn_clients", "turn_routes", "send_routes")
 
     def __init__(self, local: Endpoint, sock: socket.socket, primary: bool = False) -> None:
         self.local = local
@@ -150,6 +159,11 @@ class _Listener:
         self.primary = primary  # the tracker port (not an RFC 5780 alternate)
         # source (host, port) -> its TURN ClientRef, when TURN is on
         self.turn_clients: dict[Any, Any] = {}
+        # (source (host, port), channel number) -> its ChannelData route, when TURN is on
+        self.turn_routes: dict[Any, Route] = {}
+        # (source (host, port), peer IPv4 address as an integer, peer port) -> the route
+        # of its Send indications, when TURN is on
+        self.send_routes: dict[Any, SendRoute] = {}
         self.v4 = local.ip.version == 4  # sources are then canonical dotted quads
         # (request, IPv4 source as an integer, port) -> reply, for bare Binding requests
         self.bare_stun: Callable[[bytes, int, int], bytes] | None = None
@@ -192,6 +206,9 @@ class TrackerServer:
         self.relay: TurnRelay | None = None  # its relayed sockets
         self.relay_ips: dict[int, IPAddress] = {}
         self._streams: dict[int, StreamConnection] = {}  # TCP connections that spoke TURN, by id
+        self._stream_routes: dict[Any, Route] = {}  # ChannelData routes of TCP clients (with TURN)
+        # Monotonic seconds for the TURN core's decisions (a test moves it forward).
+        self.turn_clock: Callable[[], float] = time.monotonic
         self._v6_keys, self._learn_v6_key = bounded_memo(v6_source_key, SOURCE_CACHE_MAX)
         self._v4_addresses, self._learn_v4_address = bounded_memo(v4_address, SOURCE_CACHE_MAX)
         self._batch: list[tuple[PendingRegistration, _ReplyTo, Any]] = []
@@ -293,8 +310,18 @@ class TrackerServer:
         for port_range in ranges.values():
             port_range.check()
         self.relay = TurnRelay(
-            self.turn, loop, ranges, lambda ref: self._client_sender(ref, droppable=True), self.core.counters
+            self.turn,
+            loop,
+            ranges,
+            lambda ref: self._client_sender(ref, droppable=True),
+            self.core.counters,
+            self._datagram_target,
+            clock=lambda: self.turn_clock(),
         )
+        for lst in self.listeners:
+            lst.turn_routes = self.relay.route_table()
+            lst.send_routes = self.relay.route_table()
+        self._stream_routes = self.relay.route_table()  # (connection id, channel number) -> route
         if cfg.turn.relay_groups:
             self.core.relay = _GroupRelay(self.turn)
 
@@ -423,7 +450,13 @@ class TrackerServer:
         """The reader of a tracker socket with TURN on: ChannelData and
         TURN methods to the TURN core, everything else as :meth:`_drain` would answer
         it, through the general path. TURN requests count against the per-source rate
-        limit; Send indications and ChannelData do not (the core caps their bandwidth)."""
+        limit; Send indications and ChannelData do not (the core caps their bandwidth).
+
+        ChannelData and plain Send indications go along their routes
+        (:meth:`TurnRelay.learn_route`, :meth:`TurnRelay.learn_send_route`: what the
+        core decided for that source and channel number or peer, kept until it expires
+        or the core's state changes): per packet only the length, the bandwidth and the
+        header are left. Without a route, the general path decides; a test compares both."""
         sock = listener.sock
         recvfrom = sock.recvfrom
         turn = self.turn
@@ -433,7 +466,16 @@ class TrackerServer:
         limited = limiter.rate > 0
         refs = listener.turn_clients
         channel_data = relay.channel_data
-        now, wall = time.monotonic(), time.time()
+        relay.check_routes()
+        routes = listener.turn_routes
+        route_of = routes.get
+        send_routes = listener.send_routes
+        send_parts = turn.send_indication_parts
+        sent = relay.sent
+        capped = turn.config.bandwidth
+        spend = turn.spend
+        to_peer = to_peer_bytes = to_client = to_client_bytes = send_errors = turn_send_errors = 0
+        now, wall = self.turn_clock(), time.time()
         for _ in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -444,10 +486,58 @@ class TrackerServer:
                 continue
             first = data[0] if data else 0xFF
             if 0x40 <= first <= 0x7F:  # ChannelData (RFC 8656: 0x40-0x4F; RFC 5766 clients use up to 0x7F)
+                n = len(data)
+                if n >= 4:
+                    key = (addr, (first << 8) | data[1])
+                    route = route_of(key)
+                    if route is None or now >= route[0]:
+                        ref = refs.get(addr) or self._udp_client(listener, addr)
+                        if ref is None:
+                            continue
+                        route = relay.learn_route(routes, key, ref, key[1], now)
+                    until, how, send, address, head, sender, target = route  # valid now, as learned now
+                    if how:
+                        length = (data[2] << 8) | data[3]
+                        if not 0 <= n - 4 - length <= 3:
+                            continue  # a bad length: dropped
+                        if capped and not spend(sender, length, now):
+                            continue
+                        to_peer += 1
+                        to_peer_bytes += length
+                        if target is None:
+                            try:
+                                send(data[4 : 4 + length], address)
+                            except OSError:
+                                turn_send_errors += 1
+                            continue
+                        if capped and not spend(target, length, now):
+                            continue
+                        to_client += 1
+                        to_client_bytes += length
+                        if how == ROUTE_TO_CLIENT:
+                            try:
+                                send(head + data[2 : 4 + length], address)
+                            except OSError:
+                                send_errors += 1
+                        else:
+                            send(head + data[2 : 4 + length] + bytes(-length % 4))
+                        continue
                 ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
                     channel_data(data, ref, now)
                 continue
+            if first == 0 and data[1:2] == b"\x16":  # a Send indication: along its route when plain
+                parts = send_parts(data)
+                if parts.__class__ is tuple:
+                    key = (addr, parts[0], parts[1])  # type: ignore[index]
+                    send_route = send_routes.get(key)
+                    if send_route is None or now >= send_route[0]:
+                        ref = refs.get(addr) or self._udp_client(listener, addr)
+                        if ref is None:
+                            continue
+                        send_route = relay.learn_send_route(send_routes, key, ref, key[1], key[2], now)
+                    if sent(send_route, parts[2], now):  # type: ignore[index]
+                        continue
             if first < 0x40 and is_turn_message(data):
                 request = not (first & 0x01 or data[1] & 0x10)
                 if request and limited and not limiter.allow(self._limit_key(addr[0]), now):
@@ -455,10 +545,16 @@ class TrackerServer:
                 ref = refs.get(addr) or self._udp_client(listener, addr)
                 if ref is not None:
                     self._turn_outcome(turn.on_client_message(data, ref, now, wall), ref, now, wall)
+                    relay.check_routes()
                 continue
             if limited and not limiter.allow(self._limit_key(addr[0]), now):
                 continue
             self._slow_path(listener, data, addr, now, wall)
+        if to_peer:
+            turn.count_relayed(to_peer, to_peer_bytes, to_client, to_client_bytes)
+        if send_errors or turn_send_errors:
+            self.core.counters["send_error"] += send_errors
+            self.core.counters["turn_send_error"] += turn_send_errors
         self._answer_held(sock.sendto, [])
         if self.core.counters["register"] >= self.collector.next_at:
             self.collector.collect_young(self.core.counters["register"])
@@ -498,6 +594,16 @@ class TrackerServer:
             send = self._client_sender(ref)
             if send is not None:
                 send(reply)
+
+    def _datagram_target(self, ref: ClientRef) -> DatagramTarget | None:
+        """A UDP TURN client's address and the sendto of the tracker socket it wrote to
+        (what :meth:`_client_sender` sends with), for the relay's routes."""
+        if ref.stream:
+            return None
+        for lst in self.listeners:
+            if lst.local == ref.server:
+                return lst.sock.sendto, ref.client.sockaddr()
+        return None
 
     def _client_sender(self, ref: ClientRef, droppable: bool = False) -> Callable[[bytes], None] | None:
         """How to send to a TURN client: from the tracker socket it wrote to, or on its
@@ -670,12 +776,14 @@ class TrackerServer:
         server), Binding to the STUN responder (replies that would come from another
         address or port are not possible on a stream)."""
         if self.turn is not None and is_turn_message(message):
-            now = time.monotonic()
+            now = self.turn_clock()
             request = not (message[0] & 0x01 or message[1] & 0x10)
             if request and self.limiter.rate > 0 and not self.limiter.allow(self._limit_key(conn.addr[0]), now):
                 return
             ref = self._stream_client(conn)
             self._turn_outcome(self.turn.on_client_message(message, ref, now, time.time()), ref, now, time.time())
+            if self.relay is not None:
+                self.relay.check_routes()
             return
         peer = conn.peer
         responder = self._stun_by_local.get(conn.local)
@@ -692,7 +800,15 @@ class TrackerServer:
         if self.turn is None or self.relay is None:
             conn.close()  # no TURN relay here
             return
-        self.relay.channel_data(frame, self._stream_client(conn), time.monotonic())
+        relay = self.relay
+        now = self.turn_clock()
+        relay.check_routes()
+        key = (conn.id, (frame[0] << 8) | frame[1])  # a frame holds at least the 4-byte header
+        route = self._stream_routes.get(key)
+        if route is None or now >= route[0]:
+            route = relay.learn_route(self._stream_routes, key, self._stream_client(conn), key[1], now)
+        if not relay.routed(route, frame, now):
+            relay.channel_data(frame, self._stream_client(conn), now)
 
     def _stream_client(self, conn: StreamConnection) -> ClientRef:
         ref = conn.turn_client

@@ -32,6 +32,7 @@ import heapq
 import hmac
 import ipaddress
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Optional, Union
 
@@ -40,6 +41,7 @@ from nattool.protocol.endpoint import Endpoint, IPAddress, endpoint_source_key, 
 from nattool.protocol.limits import SAFE_DATAGRAM, reply_budget
 from nattool.protocol.peer_policy import PeerPolicy
 from nattool.protocol.stun import (
+    FINGERPRINT_XOR,
     MAGIC_COOKIE,
     AttrType,
     Attribute,
@@ -53,7 +55,6 @@ from nattool.protocol.stun import (
     XorMappedAddress,
     attr_type,
     encode_xor_address,
-    fingerprint_matches,
     integrity_matches,
     is_comprehension_required,
     parse,
@@ -92,7 +93,14 @@ RESERVATION_LIFETIME = 30.0  # RFC 8656 section 7.2: a reserved port is held 30 
 MAX_PERMISSIONS = 256  # per allocation; beyond: 508
 # The largest peer datagram a Data indication carries within STUN's 16-bit length
 # (XOR-PEER-ADDRESS 12 or 24 bytes, DATA header 4, padding up to 3), by IP version.
-_CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
+_CHANNEL_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length (and an attribute's)
+# A Data indication's header: type, length, magic cookie, transaction id (allocation id, counter)
+_DATA_INDICATION_HEAD = struct.Struct("!HHIIQ").pack
+_TXID = struct.Struct("!IQ").pack
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
+_ATTR_HEAD = struct.Struct("!HH").unpack_from  # an attribute's type and length
+_XPA_V4 = struct.Struct("!HI").unpack_from  # X-Port and X-Address of an IPv4 XOR-PEER-ADDRESS
+_U32 = struct.Struct("!I").unpack_from
 MAX_DATA_PAYLOAD = {4: 0xFFFF - 12 - 4 - 3, 6: 0xFFFF - 24 - 4 - 3}
 MAX_CHANNELS = 1024  # per allocation (the number space is 16K; memory is the limit); beyond: 508
 DEFAULT_REALM = "nattool"
@@ -244,6 +252,46 @@ class Handover(NamedTuple):
 _new_tuple = tuple.__new__
 
 
+class ChannelRoute(NamedTuple):
+    """Where ChannelData from one client on one channel goes, and the checks it passes,
+    as :meth:`TurnCore.channel_data_handover` decides them, while they hold: until
+    ``until`` (monotonic; the earliest expiry of the allocations and channels involved)
+    and while :attr:`TurnCore.version` stays the same. What is left per packet: the
+    length check, the bandwidth (:meth:`TurnCore.spend` on ``sender``, then on
+    ``target``), the counters (:meth:`TurnCore.count_relayed`), the ChannelData header.
+
+    ``target`` None: send the payload from the relayed socket of ``allocation_id``
+    (the sender's) to ``peer``. Otherwise hand it over to the client of
+    ``allocation_id`` (the target's) as ChannelData on channel ``number``, padded when
+    ``stream``."""
+
+    until: float
+    sender: object  # the sending allocation, for spend()
+    target: object  # the allocation handed over to, or None
+    allocation_id: int
+    peer: Endpoint
+    number: int
+    stream: bool
+
+
+class PeerRoute(NamedTuple):
+    """How datagrams from ``peer`` on one relayed socket reach the allocation's client,
+    as :meth:`TurnCore.on_peer_datagram` decides, while it holds (``until``, and the
+    core's version): after :meth:`TurnCore.spend` on ``allocation``, as ChannelData
+    on channel ``number`` (padded when ``stream``), or with ``number`` 0 as a Data
+    indication (:meth:`TurnCore.data_indication`) when the datagram is at most
+    ``limit`` bytes (longer ones are dropped); counted with
+    :meth:`TurnCore.count_relayed`."""
+
+    until: float
+    allocation: object
+    number: int
+    stream: bool
+    limit: int
+    peer: Endpoint
+    xpa: bytes  # the Data indication's XOR-PEER-ADDRESS attribute (IPv4; empty: per packet)
+
+
 @dataclass(frozen=True, slots=True)
 class Deallocated:
     """Send ``reply`` to the client, then close the relayed socket of ``allocation_id``."""
@@ -383,6 +431,10 @@ class TurnCore:
         )
         self.nonces = NonceMint(hmac.new(secret, b"nonce", hashlib.sha256).digest())
         self.counters = TurnCounters()
+        # Changes whenever a verdict of the per-packet paths may change other than by
+        # time passing (a request, an allocation made or removed): the shell's
+        # ChannelRoute caches are good for one version.
+        self.version = 0
         self._next_id = 1
         self._by_client: dict[ClientRef, _Allocation] = {}
         self._by_id: dict[int, _Allocation] = {}
@@ -524,6 +576,89 @@ class TurnCore:
         self.counters.bytes_to_peer += len(message.payload)
         return ToPeer(alloc.id, peer, message.payload)
 
+    def channel_route(
+        self, client: ClientRef, number: int, now: float, handover: bool = True
+    ) -> Optional[ChannelRoute]:
+        """The :class:`ChannelRoute` of ChannelData from ``client`` on channel ``number``
+        now, or None when :meth:`channel_data_handover` would drop it or take a way
+        without a route (to an allocation without a live channel back: a Data
+        indication). Changes nothing; a test compares routes with the handover."""
+        alloc = self._by_client.get(client)
+        if alloc is None or alloc.expiry <= now:
+            return None
+        channel = alloc.channels.get(number)
+        if channel is None or channel[1] < now:
+            return None
+        peer = channel[0]
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            return None
+        until = min(alloc.expiry, channel[1])
+        target = self._relayed.get(peer) if handover else None
+        if target is None or target.relayed.ip.version != alloc.relayed.ip.version:
+            return _new_tuple(ChannelRoute, (until, alloc, None, alloc.id, peer, 0, False))
+        if target.expiry <= now:
+            return None
+        source = alloc.relayed
+        back = target.channel_of_peer.get(source)
+        if back is None or target.channels[back][1] < now:
+            return None
+        perm = target.permissions.get(source.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(target, source, perm[1])):
+            return None
+        until = min(until, target.expiry, target.channels[back][1])
+        return _new_tuple(ChannelRoute, (until, alloc, target, target.id, peer, back, target.stream))
+
+    def peer_route(self, allocation_id: int, peer: Endpoint, now: float) -> Optional[PeerRoute]:
+        """The :class:`PeerRoute` of datagrams from ``peer`` on the relayed socket of
+        ``allocation_id`` now. None: :meth:`on_peer_datagram` would drop them (it
+        decides). Changes nothing; a test compares routes with it."""
+        alloc = self._by_id.get(allocation_id)
+        if alloc is None or alloc.expiry <= now:
+            return None
+        number = alloc.channel_of_peer.get(peer)
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            return None
+        if number is not None and alloc.channels[number][1] >= now:
+            until = min(alloc.expiry, alloc.channels[number][1])
+            return _new_tuple(PeerRoute, (until, alloc, number, alloc.stream, 0xFFFF, peer, b""))
+        if perm[0] < now:
+            return None
+        until = min(alloc.expiry, perm[0])
+        xpa = self._v4_xpa(peer) if peer.ip.version == 4 else b""
+        return _new_tuple(PeerRoute, (until, alloc, 0, alloc.stream, MAX_DATA_PAYLOAD[peer.ip.version], peer, xpa))
+
+    def send_route(self, client: ClientRef, ip: int, port: int, now: float) -> Optional[tuple[float, object, Endpoint]]:
+        """Where a plain Send indication from ``client`` to the IPv4 peer ``ip``:``port``
+        goes (:meth:`send_indication_parts`), as :meth:`_relay_send` decides, while it
+        holds (``until``, and the core's version): ``(until, sender, peer)``; send the
+        payload from the relayed socket of the sender (after :meth:`spend` on it, counted
+        with :meth:`count_relayed`). None: it would be dropped (it decides)."""
+        peer = self.v4_peer(ip, port)
+        alloc = self._by_client.get(client)
+        if alloc is None or alloc.expiry <= now or peer.ip.version != alloc.family:
+            return None
+        perm = alloc.permissions.get(peer.ip)
+        if perm is None or perm[0] < now or (perm[1] != _OPEN and not self._reach_checked(alloc, peer, perm[1])):
+            return None
+        return (min(alloc.expiry, perm[0]), alloc, peer)
+
+    def spend(self, allocation: object, n: int, now: float) -> bool:
+        """Take ``n`` bytes from the bandwidth of a route's ``sender`` or ``target``
+        (False: over the cap, dropped and counted)."""
+        return self._spend(allocation, n, now)  # type: ignore[arg-type]
+
+    def count_relayed(
+        self, packets_to_peer: int, bytes_to_peer: int, packets_to_client: int, bytes_to_client: int
+    ) -> None:
+        """Count what the shell relayed along routes (once per batch of packets)."""
+        counters = self.counters
+        counters.packets_to_peer += packets_to_peer
+        counters.bytes_to_peer += bytes_to_peer
+        counters.packets_to_client += packets_to_client
+        counters.bytes_to_client += bytes_to_client
+
     def allocation_made(self, wanted: AllocationWanted, relayed: Endpoint, now: float, wall: float) -> Optional[bytes]:
         """The shell bound ``relayed`` for ``wanted``: the success reply for the client.
         None: the client went away meanwhile; close the sockets registered under
@@ -539,6 +674,7 @@ class TurnCore:
         self._by_id[aid] = alloc
         self._relayed[relayed] = alloc
         self._own_ips.add(unmap(relayed.ip))
+        self.version += 1
         if alloc.group is not None:
             self._by_group.setdefault(alloc.group, {})[aid] = alloc
         heapq.heappush(self._timers, (alloc.expiry, aid))
@@ -669,6 +805,7 @@ class TurnCore:
         auth = self._authenticate(msg, data, client, now, wall)
         if not isinstance(auth, UserKey):
             return auth
+        self.version += 1  # whatever it changes (permissions, channels, lifetimes, quotas)
         key = auth.key
         fp = msg.has_fingerprint
         unknown = [
@@ -888,39 +1025,55 @@ class TurnCore:
         return self._build(MsgClass.SUCCESS, TurnMethod.CHANNEL_BIND, txid, [], alloc.key, fp)
 
     def _plain_send_indication(self, data: bytes, client: ClientRef, now: float) -> object:
-        """The per-packet path of a Send indication that holds XOR-PEER-ADDRESS (IPv4)
-        and DATA once each, and maybe FINGERPRINT last, in any order: read without the
-        general parser. Anything else: :data:`_NOT_PLAIN` (the general path decides).
-        Same verdicts as the general path (a test compares them)."""
+        """The per-packet path of a Send indication of the plain shape
+        (:meth:`send_indication_parts`). Anything else: :data:`_NOT_PLAIN` (the general
+        path decides). Same verdicts as the general path (a test compares them)."""
+        parts = self.send_indication_parts(data)
+        if parts.__class__ is not tuple:
+            return parts
+        ip, port, payload = parts  # type: ignore[misc]
+        return self._relay_send(client, self.v4_peer(ip, port), payload, now)
+
+    def send_indication_parts(self, data: bytes) -> object:
+        """(peer IPv4 address as an integer, peer port, payload) of a Send indication
+        that holds XOR-PEER-ADDRESS (IPv4) and DATA once each, and maybe FINGERPRINT
+        last, in any order: read without the general parser. None: its FINGERPRINT
+        does not match (dropped, as parse() would refuse it). Anything else (another
+        shape): :data:`_NOT_PLAIN`, the general path decides."""
         n = len(data)
         if n < 20 or data[4:8] != _COOKIE or ((data[2] << 8) | data[3]) + 20 != n or n % 4:
             return _NOT_PLAIN
         pos = 20
-        peer: Optional[Endpoint] = None
+        ip = port = -1
         payload: Optional[bytes] = None
         while pos < n:
             if n - pos < 4:
                 return _NOT_PLAIN
-            t = (data[pos] << 8) | data[pos + 1]
-            length = (data[pos + 2] << 8) | data[pos + 3]
+            t, length = _ATTR_HEAD(data, pos)
             end = pos + 4 + length
             if end + (-length % 4) > n:
                 return _NOT_PLAIN
-            if t == 0x0012 and peer is None and length == 8 and data[pos + 5] == 0x01:
-                port = ((data[pos + 6] << 8) | data[pos + 7]) ^ 0x2112
-                ip = int.from_bytes(data[pos + 8 : pos + 12], "big") ^ MAGIC_COOKIE
-                peer = self._v4_peers.get((ip, port)) or self._learn_v4_peer(ip, port)
+            if t == 0x0012 and port < 0 and length == 8 and data[pos + 5] == 0x01:
+                port, ip = _XPA_V4(data, pos + 6)
+                port ^= 0x2112
+                ip ^= MAGIC_COOKIE
             elif t == 0x0013 and payload is None:
                 payload = data[pos + 4 : end]
             elif t == 0x8028 and length == 4 and end == n:
-                if not fingerprint_matches(data, pos, int.from_bytes(data[pos + 4 : end], "big")):
+                # FINGERPRINT last: the header's length already ends with it, so what it
+                # covers is the message before it as it is (fingerprint_matches, no copy).
+                if (zlib.crc32(data[:pos]) ^ FINGERPRINT_XOR) & 0xFFFFFFFF != _U32(data, pos + 4)[0]:
                     return None  # not STUN after all: what parse() would refuse
             else:
                 return _NOT_PLAIN
             pos = end + (-length % 4)
-        if peer is None or payload is None:
+        if port < 0 or payload is None:
             return _NOT_PLAIN
-        return self._relay_send(client, peer, payload, now)
+        return (ip, port, payload)
+
+    def v4_peer(self, ip: int, port: int) -> Endpoint:
+        """The peer endpoint of an IPv4 address (as an integer) and port, interned."""
+        return self._v4_peers.get((ip, port)) or self._learn_v4_peer(ip, port)
 
     def _learn_v4_peer(self, ip: int, port: int) -> Endpoint:
         if len(self._v4_peers) >= _V4_PEERS_MAX:
@@ -1037,33 +1190,33 @@ class TurnCore:
         alloc.tokens = tokens - n
         return True
 
-    def data_indication(self, alloc: _Allocation, peer: Endpoint, payload: bytes) -> bytes:
+    def data_indication(self, alloc: _Allocation, peer: Endpoint, payload: bytes, xpa: bytes = b"") -> bytes:
         """A Data indication built without the general encoder (per packet); byte for
-        byte what ``StunMessage.to_wire`` gives (a test compares them)."""
+        byte what ``StunMessage.to_wire`` gives (a test compares them). ``xpa``: the
+        XOR-PEER-ADDRESS attribute of an IPv4 ``peer`` when the caller has it (a
+        route's :attr:`PeerRoute.xpa`)."""
         alloc.txid_counter += 1
-        txid = struct.pack("!IQ", alloc.id & 0xFFFFFFFF, alloc.txid_counter & 0xFFFFFFFFFFFFFFFF)
-        if peer.ip.version == 4:
-            xpa = self._xor_peer_cache.get(peer)
-            if xpa is None:
-                if len(self._xor_peer_cache) > 4096:
-                    self._xor_peer_cache.clear()
-                xpa = self._xor_peer_cache[peer] = self._xor_peer_attr(peer, txid)
+        counter = alloc.txid_counter & 0xFFFFFFFFFFFFFFFF
+        if xpa:
+            pass
+        elif peer.ip.version == 4:
+            xpa = self._v4_xpa(peer)
         else:
-            xpa = self._xor_peer_attr(peer, txid)
+            xpa = self._xor_peer_attr(peer, _TXID(alloc.id & 0xFFFFFFFF, counter))
         n = len(payload)
         pad = -n % 4
-        length = len(xpa) + 4 + n + pad
-        return b"".join(
-            (
-                struct.pack("!HH", 0x0017, length),
-                _COOKIE,
-                txid,
-                xpa,
-                struct.pack("!HH", TurnAttr.DATA, n),
-                payload,
-                bytes(pad),
-            )
-        )
+        head = _DATA_INDICATION_HEAD(0x0017, len(xpa) + 4 + n + pad, MAGIC_COOKIE, alloc.id & 0xFFFFFFFF, counter)
+        return b"".join((head, xpa, _CHANNEL_HEAD(TurnAttr.DATA, n), payload, _PADDING[pad]))
+
+    def _v4_xpa(self, peer: Endpoint) -> bytes:
+        """XOR-PEER-ADDRESS of an IPv4 peer (the same in every message: only the magic
+        cookie is mixed in), remembered."""
+        xpa = self._xor_peer_cache.get(peer)
+        if xpa is None:
+            if len(self._xor_peer_cache) > 4096:
+                self._xor_peer_cache.clear()
+            xpa = self._xor_peer_cache[peer] = self._xor_peer_attr(peer, bytes(12))
+        return xpa
 
     @staticmethod
     def _xor_peer_attr(peer: Endpoint, txid: bytes) -> bytes:
@@ -1097,6 +1250,7 @@ class TurnCore:
                 table.pop(k, None)
 
     def _remove(self, alloc: _Allocation) -> None:
+        self.version += 1
         self._by_id.pop(alloc.id, None)
         if self._by_client.get(alloc.client) is alloc:
             del self._by_client[alloc.client]
