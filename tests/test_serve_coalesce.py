@@ -15,10 +15,12 @@ import json
 import re
 import select
 import socket
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
-from conftest import TrackerFactory, TrackerProcess, run_nattool
+from conftest import TrackerFactory, TrackerProcess, free_udp_tcp_port, run_nattool
 
 from nattool.protocol.stun import MAGIC_COOKIE
 from nattool.protocol.text import REGISTER_PREFIX
@@ -100,6 +102,40 @@ def test_replies_do_not_depend_on_waiting(tracker: TrackerFactory, tmp_path: Pat
     waiting_counters = stopped_counters(waiting)
     assert waiting_counters["coalesce_waits"] > 0
     assert waiting_counters["register"] == stopped_counters(never)["register"] > 0
+
+
+def test_housekeeping_and_the_metrics_endpoint_keep_their_turn(tracker: TrackerFactory) -> None:
+    mport = free_udp_tcp_port()
+    tp = tracker("--coalesce-us", LONG, "--ttl", "1", "--metrics", str(mport))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as member:
+        member.settimeout(5)
+        member.sendto(f"{REGISTER_PREFIX}coalesce-expiry/0/0/0".encode(), tp.addr)
+        assert member.recv(65535).startswith(b"127.0.0.1:")
+    scrapes: list[bytes] = []
+
+    def scrape() -> None:
+        time.sleep(2.5)  # the member's TTL and a housekeeping tick or more
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as resp:
+            scrapes.append(resp.read())
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        # About three seconds of waiting for batches: the member's TTL, and more.
+        start = time.monotonic()
+        while time.monotonic() - start < 3:
+            stream(tp.addr, socks, [b"//nat"], 20)
+    finally:
+        for s in socks:
+            s.close()
+    scraper.join(10)
+    assert scrapes, "the metrics endpoint did not answer while the server waited for batches"
+    # Housekeeping expired the member while the stream went on.
+    assert re.search(rb"^nattool_expired_members_total [1-9]", scrapes[0], re.M), scrapes[0][-2000:]
+    assert stopped_counters(tp)["coalesce_waits"] > 0
 
 
 def test_the_rate_limit_holds_while_waiting(tracker: TrackerFactory) -> None:
