@@ -7,6 +7,7 @@
     python benchmarks/run_benchmarks.py --cap 0.5  # every server held to half a core (root)
     python benchmarks/run_benchmarks.py --json out.json
     python benchmarks/run_benchmarks.py --rate 50000 --coalesce 0,50,100,200,400
+    python benchmarks/run_benchmarks.py --peak --coalesce 0,200  # closed-loop peak of each
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn: STUN only, no
 auth, loopback) and `nattool serve` (default embedded SQLite store in a temporary
@@ -283,13 +284,14 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optional[frozenset[int]], server_cpus: Optional[frozenset[int]]) -> int:
-    """CPU per request at a fixed open-loop rate: coturn and `nattool serve` at each
-    --coalesce value, interleaved round by round."""
+    """CPU per request at a fixed open-loop rate (or with --peak, the closed-loop
+    peak): coturn and `nattool serve` at each --coalesce value, interleaved round by round."""
     duration = opts.duration or (3.0 if opts.quick else 10.0)
     warmup = 1.0
     coalesce = [int(v) for v in opts.coalesce.split(",")]
     workloads = opts.workloads.split(",")
-    gen = ["--rate", f"{opts.rate:.0f}", "--sockets", str(opts.sockets), "--processes", str(opts.processes), "--timeout", "1"]
+    load = ["--window", str(opts.window)] if opts.peak else ["--rate", f"{opts.rate:.0f}"]
+    gen = [*load, "--sockets", str(opts.sockets), "--processes", str(opts.processes), "--timeout", "1"]
     cmd = bench_cmd()
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="nattool-bench-") as tmp:
@@ -329,7 +331,8 @@ def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optiona
             stop_all(servers, cap)
     ref = {d["round"]: cpu_per_request(d) for d in runs.get(("coturn", "stun"), [])}
     print()
-    print(f"nattool bench --rate {opts.rate:,.0f} (open loop), {opts.rounds} x {duration:g} s runs, interleaved, median (range); "
+    how = f"--window {opts.window} (closed loop: the peak)" if opts.peak else f"--rate {opts.rate:,.0f} (open loop)"
+    print(f"nattool bench {how}, {opts.rounds} x {duration:g} s runs, interleaved, median (range); "
           f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, kernel {platform.release()}")
     print()
     print("| server | workload | replies/s | loss | CPU per request (us) | vs coturn STUN | p50 ms | p99 ms | generator CPU |")
@@ -366,8 +369,9 @@ def main() -> int:
     )
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     ap.add_argument("--rate", type=float, help="measure CPU per request at this open-loop rate (requests/s) instead of the maximum rates")
-    ap.add_argument("--coalesce", default="0,200", help="with --rate: the --coalesce-us values of the nattool servers, comma-separated (default 0,200)")
-    ap.add_argument("--workloads", default="nat,stun,register", help="with --rate: the nattool workloads, comma-separated (default nat,stun,register)")
+    ap.add_argument("--peak", action="store_true", help="as --rate, but closed loop (--window): the peak rate of each --coalesce value")
+    ap.add_argument("--coalesce", default="0,200", help="with --rate or --peak: the --coalesce-us values of the nattool servers, comma-separated (default 0,200)")
+    ap.add_argument("--workloads", default="nat,stun,register", help="with --rate or --peak: the nattool workloads, comma-separated (default nat,stun,register)")
     opts = ap.parse_args()
     cap = cap_option(ap, opts.cap)
     gen_cpus: Optional[frozenset[int]] = None
@@ -380,7 +384,7 @@ def main() -> int:
             ap.error(f"--pin needs more CPUs than --processes: {len(usable)} usable, {opts.processes} for the generator")
         gen_cpus = frozenset(usable[: opts.processes])
         server_cpus = frozenset(usable[opts.processes :])
-    if opts.rate is not None:
+    if opts.rate is not None or opts.peak:
         return rate_mode(opts, cap, gen_cpus, server_cpus)
     duration = opts.duration or (3.0 if opts.quick else 10.0)
     warmup = 1.0
