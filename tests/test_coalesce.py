@@ -63,6 +63,13 @@ def test_a_drain_that_read_a_batch_already_does_not_wait() -> None:
     assert coalescer.after_drain(TARGET_BATCH, 1.0) == 0.0
 
 
+def test_no_wait_while_the_loop_has_work_due() -> None:
+    coalescer = Coalescer(BOUND)
+    _, now = steady(coalescer, 50_000, HISTORY * 2)
+    assert coalescer.after_drain(1, now + 20e-6, urgent=True) == 0.0
+    assert coalescer.after_drain(1, now + 40e-6) > 0
+
+
 def test_zero_turns_coalescing_off() -> None:
     wait, _ = steady(Coalescer(0.0), 500_000, HISTORY * 2)
     assert wait == 0.0

@@ -53,9 +53,12 @@ def _sleep_keeping_the_gil() -> Callable[[float], Any]:
     return lambda seconds: usleep(int(seconds * 1e6))
 
 
-def coalesced(drain: Callable[[Any], Optional[int]], coalescer: Coalescer) -> Callable[[Any], None]:
+def coalesced(
+    drain: Callable[[Any], Optional[int]], coalescer: Coalescer, urgent: Callable[[], bool]
+) -> Callable[[Any], None]:
     """A reader callback: ``drain(listener)`` (which returns how many datagrams it read,
-    or None when it does not count), then the wait the coalescer decides."""
+    or None when it does not count), then the wait the coalescer decides; none while
+    ``urgent()`` says the loop has work due at once."""
     after_drain = coalescer.after_drain
     slept = coalescer.slept
     clock = time.monotonic
@@ -63,7 +66,7 @@ def coalesced(drain: Callable[[Any], Optional[int]], coalescer: Coalescer) -> Ca
 
     def reader(listener: Any) -> None:
         began = clock()
-        wait = after_drain(drain(listener), began, listener)
+        wait = after_drain(drain(listener), began, listener, urgent())
         if wait:
             start = clock()
             sleep(wait)

@@ -261,7 +261,9 @@ class TrackerServer:
                     socks.append((ep, _bind_udp(str(ep.ip), ep.port, cfg.reuse_port)))
             reader: Callable[[_Listener], Any] = self._drain if cfg.turn is None else self._drain_turn
             if self.coalescer is not None:
-                reader = coalesced(reader, self.coalescer)
+                # A store write scheduled (Redis): its registrations are answered once
+                # it commits, and it runs when the loop gets its turn: no wait then.
+                reader = coalesced(reader, self.coalescer, lambda: self._flush_scheduled)
             for local, sock in socks:
                 listener = _Listener(local, sock, primary=local == primary)
                 self.listeners.append(listener)

@@ -17,6 +17,8 @@ sleeps; nothing here reads a clock or sleeps. The rules:
   in batches (a backlog, or clients that wait for their answers), and a sleep would
   idle a busy server;
 - no wait right after another socket's wait: one loop turn waits once;
+- no wait when the loop has work due at once (``urgent``: a store's write, whose
+  registrations are answered when it commits);
 - otherwise wait as long as TARGET_BATCH datagrams take at that rate, at most the
   bound, less what the shell's sleeps overshoot.
 """
@@ -53,11 +55,11 @@ class Coalescer:
         self._expected = 0.0  # datagrams the wait just decided should gather
         self.waits = 0  # waits decided so far
 
-    def after_drain(self, count: int | None, now: float, source: Hashable = None) -> float:
+    def after_drain(self, count: int | None, now: float, source: Hashable = None, urgent: bool = False) -> float:
         """Seconds to sleep now, after a drain of ``source`` that began at ``now`` and
         read ``count`` datagrams (0: do not sleep). A drain that does not count
         (None) is taken to have read the one datagram that woke it and what the last
-        wait was expected to gather."""
+        wait was expected to gather. ``urgent``: the loop has work due at once."""
         if count is None:
             count = 1 + int(self._expected)
         at = self._at
@@ -71,7 +73,7 @@ class Coalescer:
             at = 0  # the oldest drain is still in the first slot
         bound = self.bound
         self._expected = 0.0
-        if count >= TARGET_BATCH or bound <= 0 or self._filled < 2:
+        if count >= TARGET_BATCH or bound <= 0 or urgent or self._filled < 2:
             return 0.0
         if source != self._waiter and now - self._waited_until < bound:
             return 0.0
