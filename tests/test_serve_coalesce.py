@@ -15,6 +15,7 @@ import json
 import re
 import select
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from conftest import TrackerFactory, TrackerProcess, free_udp_tcp_port, run_nattool
 
+from nattool.net.coalescing import _sleep_keeping_the_gil
 from nattool.protocol.stun import MAGIC_COOKIE
 from nattool.protocol.text import REGISTER_PREFIX
 
@@ -198,3 +200,33 @@ def test_workers_share_the_setting(tracker: TrackerFactory, tmp_path: Path) -> N
     waits = [int(m) for m in re.findall(r"event=stopped.* coalesce_waits=(\d+)", tp.stderr())]
     assert len(waits) == 2 and sum(waits) > 0, tp.stderr()[-2000:]
 
+
+
+def test_the_wait_keeps_the_gil() -> None:
+    """Released, the GIL went to the SQLite log's idle-priority checkpoint thread,
+    which could hold it for milliseconds on a busy machine (see nattool/net/coalescing.py)."""
+    sleep = _sleep_keeping_the_gil()
+    counter = [0]
+    stop = threading.Event()
+
+    def other_thread() -> None:
+        while not stop.is_set():
+            counter[0] += 1
+            time.sleep(0)  # gives the GIL back at once
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # no forced switch between reading the counter and sleeping
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while counter[0] < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)  # releases the GIL: the other thread runs
+        assert counter[0] >= 10
+        before = counter[0]
+        sleep(0.05)
+        assert counter[0] == before
+    finally:
+        stop.set()
+        thread.join(10)
+        sys.setswitchinterval(interval)

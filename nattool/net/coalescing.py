@@ -37,7 +37,7 @@ def fine_timer_slack() -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(_PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return False
 
 
@@ -46,7 +46,7 @@ def _sleep_keeping_the_gil() -> Callable[[float], Any]:
     ``ctypes.PyDLL``), or ``time.sleep`` where there is no such libc function."""
     try:
         usleep = ctypes.PyDLL(None).usleep
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library to load by that name
         return time.sleep
     usleep.argtypes = [ctypes.c_uint]
     usleep.restype = ctypes.c_int
