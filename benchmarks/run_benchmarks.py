@@ -6,6 +6,8 @@
     python benchmarks/run_benchmarks.py --pin      # generator on CPU 0, servers on the others
     python benchmarks/run_benchmarks.py --cap 0.5  # every server held to half a core (root)
     python benchmarks/run_benchmarks.py --json out.json
+    python benchmarks/run_benchmarks.py --rate 50000 --coalesce 0,50,100,200,400
+    python benchmarks/run_benchmarks.py --peak --coalesce 0,200  # closed-loop peak of each
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn: STUN only, no
 auth, loopback) and `nattool serve` (default embedded SQLite store in a temporary
@@ -40,6 +42,16 @@ same share of one core by a cgroup CPU quota (``cpu_cap.py``). Uncapped, at full
 the rate is the machine's; capped, the server is the limit and the generator has
 room, so the ratios compare what each server does with the same CPU. A throttled
 server's latency is the quota's, so ``--cap`` leaves out the half-rate runs.
+
+With ``--rate R`` it measures CPU per request instead, at a fixed open-loop rate (a
+tracker on the Internet runs at a steady load, not saturated): coturn's STUN and
+``nattool serve`` (one server per ``--coalesce`` value, each with that
+``--coalesce-us``) for ``//nat``, STUN and registrations, interleaved round by
+round (the order turns by one each round). CPU per request is the server's CPU
+over the run, from /proc, over the replies (the rate held during warm-up and
+run); "vs coturn" is coturn's CPU per STUN request over the server's, taken within
+each round, then the median and range over the rounds. The latency percentiles are
+`nattool bench`'s, from the kernel's receive timestamps: they include any wait.
 
 Everything stays on 127.0.0.1.
 """
@@ -260,6 +272,86 @@ def run_bench(
     return doc
 
 
+def cpu_per_request(doc: dict[str, Any]) -> float:
+    """Server CPU microseconds a reply (the run's share of a core over its reply rate)."""
+    rate = doc["achieved_rate"]
+    return doc["server_cpu"] / rate * 1e6 if rate else float("nan")
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """Median (range) of the rounds."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optional[frozenset[int]], server_cpus: Optional[frozenset[int]]) -> int:
+    """CPU per request at a fixed open-loop rate (or with --peak, the closed-loop
+    peak): coturn and `nattool serve` at each --coalesce value, interleaved round by round."""
+    duration = opts.duration or (3.0 if opts.quick else 10.0)
+    warmup = 1.0
+    coalesce = [int(v) for v in opts.coalesce.split(",")]
+    workloads = opts.workloads.split(",")
+    load = ["--window", str(opts.window)] if opts.peak else ["--rate", f"{opts.rate:.0f}"]
+    gen = [*load, "--sockets", str(opts.sockets), "--processes", str(opts.processes), "--timeout", "1"]
+    cmd = bench_cmd()
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="nattool-bench-") as tmp:
+        work = Path(tmp)
+        (work / "home").mkdir()
+        servers: list[Server] = []
+        try:
+            coturn = start_coturn(work, server_cpus)
+            plan: list[tuple[Server, str]] = []
+            if coturn is not None:
+                servers.append(coturn)
+                plan.append((coturn, "stun"))
+            for us in coalesce:
+                server = start_nattool(work, ("--coalesce-us", str(us), *opts.serve_arg), name=f"nattool --coalesce-us {us}", cpus=server_cpus)
+                servers.append(server)
+                plan += [(server, w) for w in workloads]
+            if cap is not None:
+                cap.put([s.proc.pid for s in servers])
+            for rnd in range(opts.rounds):
+                turn = rnd % len(plan)
+                for server, workload in plan[turn:] + plan[:turn]:
+                    doc = run_bench(cmd, server, workload, duration, warmup, gen, work, gen_cpus)
+                    doc["round"] = rnd
+                    runs.setdefault((server.name, workload), []).append(doc)
+                    lat = doc["latency_ms"]
+                    print(
+                        f"round {rnd + 1}: {server.name:26} {workload:9} {doc['achieved_rate']:>9,.0f}/s  loss {doc['loss_ratio']:.3%}  "
+                        f"cpu/req {cpu_per_request(doc):6.2f} us  p50 {lat['p50']:.3f}  p99 {lat['p99']:.3f} ms  "
+                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        except CpuCapError as exc:
+            print(f"run_benchmarks.py: --cap: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            stop_all(servers, cap)
+    ref = {d["round"]: cpu_per_request(d) for d in runs.get(("coturn", "stun"), [])}
+    print()
+    how = f"--window {opts.window} (closed loop: the peak)" if opts.peak else f"--rate {opts.rate:,.0f} (open loop)"
+    print(f"nattool bench {how}, {opts.rounds} x {duration:g} s runs, interleaved, median (range); "
+          f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, kernel {platform.release()}")
+    print()
+    print("| server | workload | replies/s | loss | CPU per request (us) | vs coturn STUN | p50 ms | p99 ms | generator CPU |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (name, workload), docs in runs.items():
+        cpu = [cpu_per_request(d) for d in docs]
+        ratios = [ref[d["round"]] / cpu_per_request(d) for d in docs if d["round"] in ref]
+        print(
+            f"| {name} | {workload} | {statistics.median(d['achieved_rate'] for d in docs):,.0f} | "
+            f"{statistics.median(d['loss_ratio'] for d in docs):.3%} | {spread(cpu)} | "
+            f"{spread(ratios) + 'x' if ratios else '-'} | {spread([d['latency_ms']['p50'] for d in docs], '{:.3f}')} | "
+            f"{spread([d['latency_ms']['p99'] for d in docs], '{:.3f}')} | "
+            f"{max(max(d['generator']['cpu_per_process']) for d in docs) * 100:.0f}% |"
+        )
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in runs.items()}, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 s runs (instead of 10 s)")
@@ -276,6 +368,10 @@ def main() -> int:
         help="hold every server to SHARE of one core (cgroup quota; Linux, root), so that the server and not the generator is the limit; no half-rate runs",
     )
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
+    ap.add_argument("--rate", type=float, help="measure CPU per request at this open-loop rate (requests/s) instead of the maximum rates")
+    ap.add_argument("--peak", action="store_true", help="as --rate, but closed loop (--window): the peak rate of each --coalesce value")
+    ap.add_argument("--coalesce", default="0,200", help="with --rate or --peak: the --coalesce-us values of the nattool servers, comma-separated (default 0,200)")
+    ap.add_argument("--workloads", default="nat,stun,register", help="with --rate or --peak: the nattool workloads, comma-separated (default nat,stun,register)")
     opts = ap.parse_args()
     cap = cap_option(ap, opts.cap)
     gen_cpus: Optional[frozenset[int]] = None
@@ -288,6 +384,8 @@ def main() -> int:
             ap.error(f"--pin needs more CPUs than --processes: {len(usable)} usable, {opts.processes} for the generator")
         gen_cpus = frozenset(usable[: opts.processes])
         server_cpus = frozenset(usable[opts.processes :])
+    if opts.rate is not None or opts.peak:
+        return rate_mode(opts, cap, gen_cpus, server_cpus)
     duration = opts.duration or (3.0 if opts.quick else 10.0)
     warmup = 1.0
     gen = ["--window", str(opts.window), "--sockets", str(opts.sockets), "--processes", str(opts.processes), "--timeout", "1"]

@@ -34,6 +34,7 @@ metrics = 9100
 alt_host = "127.0.0.2"
 alt_port = 5001
 workers = 2
+coalesce_us = 100
 no_stun = true
 burst = 10
 max_group_members = 16
@@ -92,6 +93,7 @@ def test_file_values_and_sources(tmp_path: Path) -> None:
     assert serve["host"] == ("127.0.0.1", "::1")
     assert serve["port"] == 5000 and serve["rate_limit"] == 0.0 and serve["log_level"] == "debug"
     assert serve["metrics"] == "9100" and serve["workers"] == 2 and serve["join"] == ("192.0.2.2:43283",)
+    assert serve["coalesce_us"] == 100
     assert serve["no_stun"] is True and serve["burst"] == 10.0 and serve["max_group_members"] == 16
     for item in s.items():
         if item.key != "domain":

@@ -24,6 +24,7 @@ from typing import Any, Callable, Union
 from nattool import __version__
 from nattool.errors import ConfigError, NattoolError, NetworkError, StoreError
 from nattool.memo import bounded_memo
+from nattool.net.coalescing import coalesced, fine_timer_slack
 from nattool.net.collector import ServingCollector
 from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
@@ -52,6 +53,7 @@ from nattool.protocol.turn_server import (
     TurnCore,
 )
 from nattool.store.base import Store, StoreLimits, StoreStats
+from nattool.tracker.coalesce import Coalescer
 from nattool.tracker.dispatch import HELD, HeldReplies, Junk, PendingRegistration, TrackerCore
 from nattool.tracker.federation import Federation, FederationConfig
 from nattool.tracker.ratelimit import SourceRateLimiter
@@ -108,6 +110,7 @@ class ServerConfig:
     relay_ips: tuple[IPAddress, ...] = ()  # --relay-ip, at most one per family
     relay_ports: tuple[int, int] = DEFAULT_RELAY_PORTS
     tcp: bool = False  # listen on TCP on the tracker port too
+    coalesce_us: float = 200.0  # the most a drain waits for more datagrams; 0 = never
 
 
 def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -222,6 +225,7 @@ class TrackerServer:
         self._junk_log = LogGate(JUNK_LOG_INTERVAL)
         self.last_stats: StoreStats | None = None  # refreshed by housekeeping, read by metrics
         self.collector = ServingCollector()  # started by serve()
+        self.coalescer = Coalescer(config.coalesce_us / 1e6) if config.coalesce_us > 0 else None
         self._metrics_httpd: Any = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -229,6 +233,8 @@ class TrackerServer:
         """Open the store, bind every socket (the tracker port on each host, and the
         RFC 5780 alternates), start the timers. Returns the bound endpoints."""
         loop = self._loop = asyncio.get_running_loop()
+        if self.coalescer is not None:
+            fine_timer_slack()  # the loop's thread: the waits end on time
         await self.store.open()
         self.core.keepalive_lane = self.store.keepalive_lane()
         try:
@@ -279,6 +285,11 @@ class TrackerServer:
                     raise
                 for ep in responder.local_endpoints()[1:]:
                     socks.append((ep, _bind_udp(str(ep.ip), ep.port, cfg.reuse_port)))
+            reader: Callable[[_Listener], Any] = self._drain if cfg.turn is None else self._drain_turn
+            if self.coalescer is not None:
+                # A store write scheduled (Redis): its registrations are answered once
+                # it commits, and it runs when the loop gets its turn: no wait then.
+                reader = coalesced(reader, self.coalescer, lambda: self._flush_scheduled)
             for local, sock in socks:
                 listener = _Listener(local, sock, primary=local == primary)
                 self.listeners.append(listener)
@@ -286,7 +297,7 @@ class TrackerServer:
                     self._stun_by_local[local] = responder
                     if local.ip.version == 4:
                         listener.bare_stun = responder.bare_binding_builder(local, 4)
-                loop.add_reader(sock.fileno(), self._drain if cfg.turn is None else self._drain_turn, listener)
+                loop.add_reader(sock.fileno(), reader, listener)
 
     def _start_turn(self, loop: asyncio.AbstractEventLoop) -> None:
         """The TURN core and its relayed sockets: relay addresses per family, the
@@ -369,9 +380,10 @@ class TrackerServer:
         self._stopped.set()
 
     # -- the hot path ----------------------------------------------------------------
-    def _drain(self, listener: _Listener) -> None:
+    def _drain(self, listener: _Listener) -> int:
         """Read and answer up to DRAIN_BATCH datagrams: one event-loop wake-up serves a
-        burst, and the cheap requests are answered right here with plain sendto."""
+        burst, and the cheap requests are answered right here with plain sendto.
+        Returns how many it read."""
         sock = listener.sock
         recvfrom = sock.recvfrom
         sendto = sock.sendto
@@ -387,7 +399,7 @@ class TrackerServer:
         kept: HeldReplies = []
         held = HELD
         batch = self._batch
-        for _ in range(DRAIN_BATCH):
+        for read in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
@@ -437,6 +449,8 @@ class TrackerServer:
             if sync_store and len(batch) >= ANSWER_EVERY:
                 self._answer_held(sendto, kept)
                 batch = self._batch
+        else:
+            read = DRAIN_BATCH
         if nat:
             self.core.counters["nat"] += nat
         if stun:
@@ -445,6 +459,7 @@ class TrackerServer:
         registered = self.core.counters["register"]
         if registered >= self.collector.next_at:
             self.collector.collect_young(registered)
+        return read
 
     def _drain_turn(self, listener: _Listener) -> None:
         """The reader of a tracker socket with TURN on: ChannelData and
@@ -981,6 +996,8 @@ class TrackerServer:
         """Every counter, with the datagrams the per-source rate limit dropped."""
         totals = dict(self.core.counters)
         totals["drop_rate_limit"] = self.limiter.dropped
+        if self.coalescer is not None:
+            totals["coalesce_waits"] = self.coalescer.waits
         if self.turn is not None:
             for key, value in dataclasses.asdict(self.turn.counters).items():
                 totals[f"turn_{key}"] = value
