@@ -461,7 +461,7 @@ class TrackerServer:
             self.collector.collect_young(registered)
         return read
 
-    def _drain_turn(self, listener: _Listener) -> None:
+    def _drain_turn(self, listener: _Listener) -> int:
         """The reader of a tracker socket with TURN on: ChannelData and
         TURN methods to the TURN core, everything else as :meth:`_drain` would answer
         it, through the general path. TURN requests count against the per-source rate
@@ -491,7 +491,7 @@ class TrackerServer:
         spend = turn.spend
         to_peer = to_peer_bytes = to_client = to_client_bytes = send_errors = turn_send_errors = 0
         now, wall = self.turn_clock(), time.time()
-        for _ in range(DRAIN_BATCH):
+        for read in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
@@ -565,6 +565,8 @@ class TrackerServer:
             if limited and not limiter.allow(self._limit_key(addr[0]), now):
                 continue
             self._slow_path(listener, data, addr, now, wall)
+        else:
+            read = DRAIN_BATCH
         if to_peer:
             turn.count_relayed(to_peer, to_peer_bytes, to_client, to_client_bytes)
         if send_errors or turn_send_errors:
@@ -573,6 +575,7 @@ class TrackerServer:
         self._answer_held(sock.sendto, [])
         if self.core.counters["register"] >= self.collector.next_at:
             self.collector.collect_young(self.core.counters["register"])
+        return read  # for the coalescer: how many datagrams this wake-up read
 
     def _limit_key(self, host: str) -> str:
         return (self._v6_keys.get(host) or self._learn_v6_key(host) or host) if ":" in host else host
