@@ -252,6 +252,7 @@ class RedisStore(Store):
 
     kind = "redis"
     shared = True
+    repeats_views = True  # RecordCache.pages
 
     def __init__(
         self,
