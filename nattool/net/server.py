@@ -228,7 +228,7 @@ class TrackerServer:
         self.collector = ServingCollector()  # started by serve()
         self.coalescer = Coalescer(config.coalesce_us / 1e6) if config.coalesce_us > 0 else None
         self._metrics_httpd: Any = None
-        self._reply_memo = ReplyMemo(self.core) if store.repeats_views else None
+        self._reply_memo: ReplyMemo | None = None  # set once the store is open
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> list[Endpoint]:
@@ -239,6 +239,7 @@ class TrackerServer:
             fine_timer_slack()  # the loop's thread: the waits end on time
         await self.store.open()
         self.core.keepalive_lane = self.store.keepalive_lane()
+        self._reply_memo = ReplyMemo(self.core) if self.store.repeats_views else None
         try:
             self.federation.restore(await self.store.load_trackers(time.time()))
             await self._bind_all(loop)

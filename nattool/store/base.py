@@ -172,8 +172,8 @@ class Store(abc.ABC):
     supports_sync: bool = False
 
     #: register() hands back the same ``others`` tuple when a member's page has not
-    #: changed (redis), so the server keeps the replies it built from them
-    #: (nattool/net/reply_memo.py)
+    #: changed (a single Redis; known once open), so the server keeps the replies
+    #: it built from them (nattool/net/reply_memo.py)
     repeats_views: bool = False
 
     def register_now(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:

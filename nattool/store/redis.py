@@ -252,7 +252,6 @@ class RedisStore(Store):
 
     kind = "redis"
     shared = True
-    repeats_views = True  # RecordCache.pages
 
     def __init__(
         self,
@@ -322,6 +321,7 @@ class RedisStore(Store):
                     from nattool.store.redis_single import SingleRegistrar
 
                     self._single = SingleRegistrar(self)
+                    self.repeats_views = True  # the lane's pages: RecordCache.pages
                 await self._load_scripts()
         except (RedisError, OSError, TimeoutError) as exc:
             await self.close()
