@@ -251,3 +251,42 @@ def test_the_lane_reads_replies_without_hiredis_too(redisd: RedisServer, monkeyp
         assert without == with_hiredis
 
     asyncio.run(body())
+
+
+def test_a_page_read_again_gives_the_view_decoded_afresh() -> None:
+    """page_view's first case (a member's page the same records as the last one it
+    read, answered from RecordCache.pages) against decoding with an empty cache:
+    the same views, for pages that repeat, change, reorder, lose the requester, and
+    for a record that is the same in two groups."""
+    import random
+
+    from nattool.store.redis import RecordCache, page_view, record_of
+
+    rng = random.Random(2026)
+    kept = RecordCache(limit=40)  # small: emptied when full along the way
+    now = time.time()
+    people = {g: [member(f"id{i}", 1000 + i, now, group=g) for i in range(6)] for g in ("a", "b")}
+    hits = 0
+    last_page: dict[str, list[str]] = {}
+    for step in range(400):
+        g = rng.choice("ab")
+        me = rng.choice(people[g])
+        own = record_of(me)
+        roll = rng.random()
+        if own in last_page and roll < 0.5:
+            page = list(last_page[own])  # the same records, new strings from Redis
+        elif own in last_page and roll < 0.7:
+            page = last_page[own][:-1]  # one fewer, or one more
+            page += [record_of(m) for m in people[g] if record_of(m) not in page][: rng.randint(0, 2)]
+        else:
+            page = [record_of(m) for m in rng.sample(people[g], rng.randint(0, 6))]
+            rng.shuffle(page)
+        last_page[own] = list(page)
+        reg = Registration(me, 0, rng.choice((128, 128, 3)))
+        hits += kept.pages.get(own, ([], (), ""))[0] == page
+        fast = page_view(reg, own, [("" + r + ".")[:-1] for r in page], 0, len(page), kept)
+        slow = page_view(reg, own, list(page), 0, len(page), RecordCache())
+        assert isinstance(fast, GroupView) and isinstance(slow, GroupView)
+        assert fast.me is me and fast.total_others == slow.total_others
+        assert [m[:5] for m in fast.others] == [m[:5] for m in slow.others], step
+    assert hits > 50

@@ -28,6 +28,7 @@ from nattool.net.coalescing import coalesced, fine_timer_slack
 from nattool.net.collector import ServingCollector
 from nattool.net.log_gate import LogGate
 from nattool.net.metrics import MetricsSnapshot, start_metrics
+from nattool.net.reply_memo import ReplyMemo
 from nattool.net.tcp_listener import StreamConnection, TcpListener
 from nattool.net.turn_relay import (
     DEFAULT_RELAY_PORTS,
@@ -227,6 +228,7 @@ class TrackerServer:
         self.collector = ServingCollector()  # started by serve()
         self.coalescer = Coalescer(config.coalesce_us / 1e6) if config.coalesce_us > 0 else None
         self._metrics_httpd: Any = None
+        self._reply_memo: ReplyMemo | None = None  # set once the store is open
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> list[Endpoint]:
@@ -237,6 +239,7 @@ class TrackerServer:
             fine_timer_slack()  # the loop's thread: the waits end on time
         await self.store.open()
         self.core.keepalive_lane = self.store.keepalive_lane()
+        self._reply_memo = ReplyMemo(self.core) if self.store.repeats_views else None
         try:
             self.federation.restore(await self.store.load_trackers(time.time()))
             await self._bind_all(loop)
@@ -890,7 +893,7 @@ class TrackerServer:
             self._store_failed(len(failed), failed[0])
             results = [_STORE_UNAVAILABLE if isinstance(r, StoreError) else r for r in results]
         self._count_store_write(started)
-        finish = self.core.finish_registration
+        finish = self._reply_memo.finish if self._reply_memo is not None else self.core.finish_registration
         send = self._send
         for (pending, listener, addr), result in zip(batch, results):
             send(listener, finish(pending, result), addr)

@@ -171,6 +171,11 @@ class Store(abc.ABC):
     #: event-loop wake-up that read the datagrams
     supports_sync: bool = False
 
+    #: register() hands back the same ``others`` tuple when a member's page has not
+    #: changed (a single Redis; known once open), so the server keeps the replies
+    #: it built from them (nattool/net/reply_memo.py)
+    repeats_views: bool = False
+
     def register_now(self, batch: Sequence[Registration], now: float) -> list[RegisterResult]:
         """:meth:`register`, synchronously; only where ``supports_sync``."""
         raise NotImplementedError

@@ -126,12 +126,20 @@ class RecordCache:
     records the previous one read. Bounded: emptied when full (nattool.memo's rule).
     A cached member's ``seen`` is when this tracker first read its record, a time it
     was live: Redis holds the latest as the score, but printing scores costs it
-    more than the rest of a registration, and no reply shows them."""
+    more than the rest of a registration, and no reply shows them.
+
+    ``pages`` keeps, per requester's record, the last whole page it read and the
+    others decoded from it: keepalives come in a steady order, so a member's page
+    is usually the very same records again, and comparing them costs less than
+    looking each up (a new string from Redis is hashed for that). Bounded by the
+    records it holds, emptied when full too."""
 
     def __init__(self, limit: int = 200_000) -> None:
         self.groups: dict[str, dict[str, Member]] = {}
         self.size = 0
         self.limit = limit
+        self.pages: dict[str, tuple[list[str], tuple[Member, ...], str]] = {}
+        self.page_records = 0
 
     def table(self, group: str) -> dict[str, Member]:
         table = self.groups.get(group)
@@ -149,6 +157,17 @@ class RecordCache:
         self.size += 1
         return member
 
+    def keep_page(self, own: str, group: str, page: list[str], others: tuple[Member, ...]) -> None:
+        """Remember ``page`` of ``group`` (``own`` among its records) and its ``others``."""
+        old = self.pages.get(own)
+        if old is not None:
+            self.page_records -= len(old[0])
+        elif self.page_records >= self.limit:
+            self.pages.clear()
+            self.page_records = 0
+        self.pages[own] = (page, others, group)
+        self.page_records += len(page)
+
 
 def page_view(
     reg: Registration, own: str, page: Sequence[str], start: int, total: int, cache: RecordCache
@@ -157,15 +176,26 @@ def page_view(
     from ``page[start]``."""
     me, offset, limit = reg
     group = me[0]
+    if start == 0 and offset <= 0 and len(page) <= limit + 1 and page.__class__ is list:
+        # The usual keepalive: the whole page, the same records as this member's
+        # last one (or every record decoded before); C loops.
+        last = cache.pages.get(own)
+        if last is not None and last[0] == page and last[2] == group:
+            return tuple.__new__(GroupView, (me, last[1], total))
+        table = cache.groups.get(group) or cache.table(group)
+        if own in page:
+            whole = page[:]
+            page.remove(own)  # type: ignore[attr-defined]  # the caller's list, read once
+            known = tuple(map(table.get, page))
+            if all(known):
+                cache.keep_page(own, group, whole, known)  # all of the page but own: within limit
+                return tuple.__new__(GroupView, (me, known, total))
+        else:
+            known = tuple(map(table.get, page))
+            if all(known):
+                return tuple.__new__(GroupView, (me, known[:limit], total))
     table = cache.groups.get(group) or cache.table(group)
     get = table.get
-    if start == 0 and offset <= 0 and len(page) <= limit + 1 and page.__class__ is list:
-        # The usual keepalive: the whole page, every record decoded before; C loops.
-        if own in page:
-            page.remove(own)  # type: ignore[attr-defined]  # the caller's list, read once
-        known = tuple(map(get, page))
-        if all(known):
-            return tuple.__new__(GroupView, (me, known[:limit], total))
     try:
         if offset <= 0 and len(page) - start <= limit + 1:
             others = [get(rec) or cache.learn(table, group, rec, me[5]) for rec in page[start:] if rec != own]
@@ -291,6 +321,7 @@ class RedisStore(Store):
                     from nattool.store.redis_single import SingleRegistrar
 
                     self._single = SingleRegistrar(self)
+                    self.repeats_views = True  # the lane's pages: RecordCache.pages
                 await self._load_scripts()
         except (RedisError, OSError, TimeoutError) as exc:
             await self.close()

@@ -278,6 +278,8 @@ class SingleRegistrar:
             return [exc] * len(batch)
 
         cache = store.records
+        pages_get = cache.pages.get
+        new_tuple = tuple.__new__
         again: list[int] = []
         totals: list[int] = []  # lane registrations whose page came back full
         k = 0
@@ -325,8 +327,14 @@ class SingleRegistrar:
                     continue
             else:
                 total = len(page)
-            sizes[reg[0][0]] = total
-            results[step] = page_view(reg, records[step], page, 0, total - 1, cache)
+            group = reg[0][0]
+            sizes[group] = total
+            # page_view's first case, inline: this member's page as it last read it
+            last = pages_get(records[step])
+            if last is not None and last[0] == page and last[2] == group and reg[1] <= 0:
+                results[step] = new_tuple(GroupView, (reg[0], last[1], total - 1))
+            else:
+                results[step] = page_view(reg, records[step], page, 0, total - 1, cache)
         self.counters["lane"] += lane
         self.counters["lane_bookkeeping"] += booked
         if again or totals:
