@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable, Optional, Sequence
 
 from nattool.errors import NattoolError, PortmapProtocolError, PortmapRefused
-from nattool.net.gateway import default_gateway as gateway_route
-from nattool.net.localinfo import local_address_towards as towards
+from nattool.net.gateway import default_gateway
+from nattool.net.localinfo import local_address_towards
 from nattool.protocol import upnp_igd
 from nattool.protocol.endpoint import Endpoint, IPAddress
 from nattool.protocol.portmap_client import (
@@ -62,15 +62,15 @@ EventCallback = Callable[[PortmapEvent], None]
 # --------------------------------------------------------------------------- gateway
 
 
-def default_gateway() -> Optional[ipaddress.IPv4Address]:
-    found = gateway_route()
+def _gateway_ip() -> Optional[ipaddress.IPv4Address]:
+    found = default_gateway()
     return None if found is None else found.ip
 
 
-def local_address_towards(gateway: str) -> Optional[str]:
+def _source_toward(gateway: str) -> Optional[str]:
     """The source address the kernel picks toward ``gateway`` (nothing is sent)."""
     try:
-        return towards(Endpoint(ipaddress.IPv4Address(gateway), GATEWAY_PORT))
+        return local_address_towards(Endpoint(ipaddress.IPv4Address(gateway), GATEWAY_PORT))
     except ValueError:
         return None
 
@@ -368,10 +368,10 @@ async def discover(*, gateway: Optional[str] = None, timeout: float = DEFAULT_WA
     loop = asyncio.get_running_loop()
     started = loop.time()
     _check_protocols(protocols)
-    gateway = gateway or _text(default_gateway())
+    gateway = gateway or _text(_gateway_ip())
     if gateway is None:
         return PortmapReport(None, None, _all_failed(protocols, "no IPv4 default gateway"))
-    local_ip = local_ip or local_address_towards(gateway)
+    local_ip = local_ip or _source_toward(gateway)
     runs = {
         "pcp": lambda: _discover_pcp(gateway, port, local_ip, timeout),
         "natpmp": lambda: _discover_natpmp(gateway, port, local_ip, timeout),
@@ -387,7 +387,7 @@ async def discover_for_probe(timeout: float = DEFAULT_WAIT) -> PortmapReport:
         return await discover(timeout=timeout)
     except (NattoolError, OSError) as exc:
         text = str(exc) or type(exc).__name__
-        return PortmapReport(_text(default_gateway()), None, _all_failed(PROTOCOLS, text))
+        return PortmapReport(_text(_gateway_ip()), None, _all_failed(PROTOCOLS, text))
 
 
 def _all_failed(protocols: Iterable[str], error: str) -> tuple[ProtocolReport, ...]:
@@ -552,12 +552,12 @@ class PortMapping:
     async def _start(self) -> Optional[Mapping]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
-        gateway = self.gateway or _text(default_gateway())
+        gateway = self.gateway or _text(_gateway_ip())
         if gateway is None:
             self.failures = {p: "no IPv4 default gateway" for p in self.protocols}
             return None
         self.gateway = gateway
-        self.local_ip = self.local_ip or local_address_towards(gateway)
+        self.local_ip = self.local_ip or _source_toward(gateway)
         if self.local_ip is None:
             self.failures = {p: "no route to the gateway" for p in self.protocols}
             return None
@@ -747,6 +747,6 @@ def _other_ports(first: int, count: int) -> list[int]:
 
 __all__ = [
     "DEFAULT_WAIT", "GATEWAY_PORT", "Mapping", "NAT_NOTE", "PROTOCOLS", "PortMapping", "PortmapReport",
-    "ProtocolReport", "default_gateway", "discover", "discover_for_probe", "find_igd", "local_address_towards",
+    "ProtocolReport", "discover", "discover_for_probe", "find_igd",
     "upnp_call",
 ]
