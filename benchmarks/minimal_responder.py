@@ -2,6 +2,7 @@
 
     python benchmarks/minimal_responder.py PORT             # asyncio on uvloop
     python benchmarks/minimal_responder.py PORT --blocking  # a blocking recvfrom/sendto loop
+    python benchmarks/minimal_responder.py PORT --blocking --wait-us 200  # that loop, waiting after each wake-up
 
 Answers a bare ``//nat`` with the source endpoint, a bare STUN Binding request
 with a Binding success that carries nothing but XOR-MAPPED-ADDRESS, and a seed-form
@@ -21,8 +22,11 @@ import asyncio
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
+
+from nattool.net.coalescing import fine_timer_slack
 
 DRAIN_BATCH = 256
 _BARE_BINDING_HEAD = b"\x00\x01\x00\x00\x21\x12\xa4\x42"
@@ -70,11 +74,26 @@ def answer(sendto: Callable[[bytes, Any], int], data: bytes, addr: Any) -> None:
             pass
 
 
-def serve_blocking(sock: socket.socket) -> None:
+def serve_blocking(sock: socket.socket, wait_us: int = 0) -> None:
+    """Answer each datagram as it comes; with ``wait_us``, after each wake-up sleep
+    that long (timer slack 1 us) and then answer everything that came meanwhile."""
     recvfrom, sendto = sock.recvfrom, sock.sendto
+    if not wait_us:
+        while True:
+            data, addr = recvfrom(65535)
+            answer(sendto, data, addr)
+    fine_timer_slack()
+    wait, sleep, dontwait = wait_us / 1e6, time.sleep, socket.MSG_DONTWAIT
     while True:
         data, addr = recvfrom(65535)
         answer(sendto, data, addr)
+        sleep(wait)
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, addr = recvfrom(65535, dontwait)
+            except (BlockingIOError, InterruptedError):
+                break
+            answer(sendto, data, addr)
 
 
 async def serve_asyncio(sock: socket.socket) -> None:
@@ -102,6 +121,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("port", type=int)
     ap.add_argument("--blocking", action="store_true", help="a blocking recvfrom/sendto loop instead of asyncio on uvloop")
+    ap.add_argument("--wait-us", type=int, default=0, help="with --blocking: after each wake-up, sleep this long, then answer what came meanwhile")
     opts = ap.parse_args()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -110,7 +130,7 @@ def main() -> int:
     if opts.blocking:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
-            serve_blocking(sock)
+            serve_blocking(sock, opts.wait_us)
         except KeyboardInterrupt:
             pass
         return 0

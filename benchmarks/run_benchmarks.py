@@ -52,6 +52,11 @@ over the run, from /proc, over the replies (the rate held during warm-up and
 run); "vs coturn" is coturn's CPU per STUN request over the server's, taken within
 each round, then the median and range over the rounds. The latency percentiles are
 `nattool bench`'s, from the kernel's receive timestamps: they include any wait.
+The generator spaces its requests evenly (it sleeps, then polls for the last few
+microseconds before each send is due). With ``--floor`` the rate mode also runs
+``minimal_responder.py --blocking`` for ``//nat`` and STUN, plain and with a fixed
+wait after each wake-up as long as the largest ``--coalesce`` value: the floor any
+Python loop reaches on this machine, in the same rounds.
 
 Everything stays on 127.0.0.1.
 """
@@ -209,11 +214,16 @@ def launch(name: str, port: int, args: list[str], log: Path, work: Path, environ
     return server
 
 
-def start_minimal(work: Path, cpus: Optional[frozenset[int]] = None, blocking: bool = False) -> Server:
-    """``minimal_responder.py``: on uvloop, or as a blocking ``recvfrom``/``sendto`` loop."""
+def start_minimal(work: Path, cpus: Optional[frozenset[int]] = None, blocking: bool = False, wait_us: int = 0) -> Server:
+    """``minimal_responder.py``: on uvloop, or as a blocking ``recvfrom``/``sendto`` loop
+    (with ``wait_us``, one that sleeps that long after each wake-up)."""
     port = free_port()
-    args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port), *(["--blocking"] if blocking else [])]
-    name, log = ("minimal blocking", "blocking.log") if blocking else ("minimal Python", "minimal.log")
+    args = [sys.executable, str(REPO / "benchmarks" / "minimal_responder.py"), str(port)]
+    if blocking:
+        args += ["--blocking", "--wait-us", str(wait_us)]
+        name, log = (f"minimal blocking, wait {wait_us} us", f"blocking-{wait_us}.log") if wait_us else ("minimal blocking", "blocking.log")
+    else:
+        name, log = "minimal Python", "minimal.log"
     return launch(name, port, args, work / log, work, cpus=cpus)
 
 
@@ -308,6 +318,13 @@ def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optiona
                 server = start_nattool(work, ("--coalesce-us", str(us), *opts.serve_arg), name=f"nattool --coalesce-us {us}", cpus=server_cpus)
                 servers.append(server)
                 plan += [(server, w) for w in workloads]
+            if opts.floor:
+                # What any Python loop reaches here: blocking recvfrom/sendto, without
+                # and with a fixed wait after each wake-up (the largest --coalesce value).
+                for wait_us in sorted({0, max(coalesce)}):
+                    floor = start_minimal(work, server_cpus, blocking=True, wait_us=wait_us)
+                    servers.append(floor)
+                    plan += [(floor, w) for w in ("nat", "stun")]
             if cap is not None:
                 cap.put([s.proc.pid for s in servers])
             for rnd in range(opts.rounds):

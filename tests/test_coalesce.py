@@ -149,6 +149,9 @@ def test_waits_are_counted() -> None:
     before = coalescer.waits
     coalescer.after_drain(1, 10.0)
     assert coalescer.waits == before
+    coalescer.slept(100e-6, 120e-6, 10.1)
+    coalescer.slept(100e-6, 90e-6, 10.2)
+    assert coalescer.waited == pytest.approx(210e-6)
 
 
 drains = st.lists(

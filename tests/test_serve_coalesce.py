@@ -137,6 +137,10 @@ def test_housekeeping_and_the_metrics_endpoint_keep_their_turn(tracker: TrackerF
     assert scrapes, "the metrics endpoint did not answer while the server waited for batches"
     # Housekeeping expired the member while the stream went on.
     assert re.search(rb"^nattool_expired_members_total [1-9]", scrapes[0], re.M), scrapes[0][-2000:]
+    # The waits themselves show on the endpoint, in number and in time.
+    assert re.search(rb"^nattool_coalesce_waits_total [1-9]", scrapes[0], re.M), scrapes[0][-2000:]
+    waited = re.search(rb"^nattool_coalesce_wait_seconds_total (\S+)$", scrapes[0], re.M)
+    assert waited is not None and float(waited.group(1)) > 0, scrapes[0][-2000:]
     assert stopped_counters(tp)["coalesce_waits"] > 0
 
 

@@ -390,7 +390,8 @@ def engine_plans(config: BenchConfig, start_at_ns: int = 0) -> list[EnginePlan]:
                 source_ips=_source_ips(c, p),
                 seed=c.seed,
                 max_requests=bound,
-                start_at_ns=start_at_ns,
+                # Each process's schedule shifted by one request: together they send evenly.
+                start_at_ns=start_at_ns + (int(p * 1e9 / c.rate) if start_at_ns and c.rate else 0),
                 spin=c.spin,
                 rx_timestamps=rate is not None and rx_timestamps_supported(),
             )

@@ -135,6 +135,15 @@ class _Collector:
         )
         keepalives.add_metric([], counters.get("register_keepalive", 0))
         yield keepalives
+        waits = CounterMetricFamily(
+            "nattool_coalesce_waits",
+            "Waits after a drain for more datagrams, so that one wake-up answers a batch (--coalesce-us).",
+        )
+        waits.add_metric([], counters.get("coalesce_waits", 0))
+        yield waits
+        waited = CounterMetricFamily("nattool_coalesce_wait_seconds", "Seconds spent in those waits.")
+        waited.add_metric([], counters.get("coalesce_wait_us", 0) / 1e6)
+        yield waited
         batches = CounterMetricFamily("nattool_store_batches", "Registration batches written to the store.")
         batches.add_metric([], counters.get("store_batches", 0))
         yield batches

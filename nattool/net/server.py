@@ -1004,6 +1004,7 @@ class TrackerServer:
         totals["drop_rate_limit"] = self.limiter.dropped
         if self.coalescer is not None:
             totals["coalesce_waits"] = self.coalescer.waits
+            totals["coalesce_wait_us"] = int(self.coalescer.waited * 1e6)
         if self.turn is not None:
             for key, value in dataclasses.asdict(self.turn.counters).items():
                 totals[f"turn_{key}"] = value

@@ -38,7 +38,7 @@ MIN_SLEEP = 5e-6
 class Coalescer:
     """The wait after each drain, from the last HISTORY drains of one server."""
 
-    __slots__ = ("bound", "_times", "_counts", "_at", "_sum", "_filled", "lateness", "_waiter", "_waited_until", "_expected", "waits")
+    __slots__ = ("bound", "_times", "_counts", "_at", "_sum", "_filled", "lateness", "_waiter", "_waited_until", "_expected", "waits", "waited")
 
     def __init__(self, bound: float) -> None:
         if bound < 0:
@@ -54,6 +54,7 @@ class Coalescer:
         self._waited_until = float("-inf")
         self._expected = 0.0  # datagrams the wait just decided should gather
         self.waits = 0  # waits decided so far
+        self.waited = 0.0  # seconds the shell slept, in all
 
     def after_drain(self, count: int | None, now: float, source: Hashable = None, urgent: bool = False) -> float:
         """Seconds to sleep now, after a drain of ``source`` that began at ``now`` and
@@ -98,6 +99,7 @@ class Coalescer:
     def slept(self, asked: float, took: float, end: float) -> None:
         """The shell asked to sleep ``asked`` seconds, slept ``took``, woke at ``end``."""
         self._waited_until = end
+        self.waited += took
         late = took - asked
         late = 0.0 if late < 0 else min(late, self.bound)  # a preemption is no timer's lateness
         self.lateness += (late - self.lateness) * LATENESS_WEIGHT
