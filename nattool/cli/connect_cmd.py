@@ -53,7 +53,8 @@ def connect(
     from dataclasses import replace
 
     from nattool.cli.connect_render import Renderer
-    from nattool.cli.keepalive_opt import SessionKeepalive, parse_keepalive
+    from nattool.cli.keepalive_opt import cli_cache, parse_keepalive
+    from nattool.diag.keepalive_auto import SessionKeepalive
     from nattool.cli.node_args import parse_identity, parse_lan
     from nattool.cli.output import run_edge
     from nattool.cli.targets import check_timing, client_settings, resolve_targets, run
@@ -88,7 +89,7 @@ def connect(
 
         async def go() -> int:
             targets = await resolve_targets(settings)
-            ka = SessionKeepalive(every, targets)
+            ka = SessionKeepalive(every, targets, cache=cli_cache() if every is None else None)
             interval = ka.interval
             dead = dead_after if dead_after is not None else 3 * interval
             if not interval < dead <= 86400:

@@ -32,7 +32,7 @@ from nattool.net.localinfo import lan_addresses
 from nattool.net.socket_set import SocketSet
 from nattool.protocol.birthday import DEFAULT_BUDGET, DEFAULT_RATE
 from nattool.protocol.birthday import check_limits as check_birthday_limits
-from nattool.protocol.connect_events import ConnectEvent, MessageReceived, PathUp, SessionEnded, StreamWanted
+from nattool.protocol.connect_events import ConnectEvent, KeepaliveSet, MessageReceived, PathUp, SessionEnded, StreamWanted
 from nattool.protocol.connect_events import ExtraSockets
 from nattool.protocol.connect_events import PortMapped
 from nattool.protocol.connect_options import DEFAULT_CONNECT_PORT, RelayMode
@@ -426,6 +426,8 @@ class PeerConnection:
         self._waiters: set[asyncio.Future[None]] = set()
         self._ended: Optional[SessionEnded] = None
         self._closed = False
+        self._tuner: Optional[asyncio.Task[None]] = None  # keepalive="auto"'s measurement
+        self._keepalive: Optional[KeepalivePlan] = None
 
     @property
     def peers(self) -> list[str]:
@@ -433,6 +435,12 @@ class PeerConnection:
         if self._shell is None or self._shell.session is None or self._closed:
             return []
         return self._shell.session.connected_peers()
+
+    @property
+    def keepalive(self) -> Optional[KeepalivePlan]:
+        """With ``keepalive="auto"``: the keepalive in force and where it came from, once a
+        tracker answered (it changes when the background measurement ends); else None."""
+        return self._keepalive
 
     async def send(self, data: bytes, to: Optional[str] = None) -> None:
         """Send one datagram (at most ``nattool.protocol.punch.MAX_BODY`` bytes) to the peer
@@ -474,6 +482,8 @@ class PeerConnection:
         if self._closed:
             return
         self._closed = True
+        if self._tuner is not None:
+            self._tuner.cancel()
         if self._shell is not None:
             if self._shell.session is not None and not self._shell.session.left:
                 self._shell.leave()
@@ -489,6 +499,8 @@ class PeerConnection:
             await self._shell.mapping.releasing  # the port mapping's deletion
         if self._shell is not None:
             await asyncio.gather(*self._shell.tasks(), return_exceptions=True)  # TCP readers, cancelled
+        if self._tuner is not None:
+            await asyncio.gather(self._tuner, return_exceptions=True)
         await asyncio.sleep(0)  # let the transports finish closing
 
     async def __aenter__(self) -> "PeerConnection":
@@ -502,6 +514,9 @@ class PeerConnection:
             self._inbox.append((event.peer_id, event.data))
         elif isinstance(event, SessionEnded):
             self._ended = event
+        elif isinstance(event, KeepaliveSet):
+            self._keepalive = event.plan
+            return
         elif not isinstance(event, PathUp):
             return
         self._notify()
@@ -541,7 +556,7 @@ async def connect(
     timeout: float = 30.0,
     bind: Optional[str] = None,
     lan: Optional[Sequence[str]] = None,
-    keepalive: float = 20.0,
+    keepalive: float | str = 20.0,
     dead_after: Optional[float] = None,
     tracker_timeout: float = 2.0,
     retries: int = 3,
@@ -557,6 +572,10 @@ async def connect(
     ``port``: the local UDP port (0: any); ``identity``: a MAC-shaped id inside the group
     (None: the endpoint the tracker sees); ``lan``: LAN addresses to publish for members
     behind the same public IP (None: the addresses toward the trackers; ``()``: none);
+    ``keepalive``: seconds between keepalives on a path, or "auto" (as `connect
+    --keepalive auto`: half the mapping lifetime measured on this network, cached by
+    `probe --lifetime` or measured in the background, 20 s until then; a
+    :class:`~nattool.protocol.connect_events.KeepaliveSet` event says which);
     ``timeout``: when no path is up for that long the session gives up and ``recv()`` /
     ``wait_for_peer()`` raise (NoAnswer: nobody answered or joined; NoPath: no path
     could be opened, the reason says why); ``relay``: "auto" (a tracker's relay for
@@ -584,8 +603,12 @@ async def connect(
         raise UsageError(f"relay must be one of auto, never, only, not {str(relay)[:20]!r}") from None
     if not 0 <= port <= 65535:
         raise UsageError("port must be in 0..65535")
-    dead = dead_after if dead_after is not None else 3 * keepalive
-    if not (timeout > 0 and 0 < keepalive < dead and tracker_timeout > 0 and 0 <= retries <= 20):
+    auto = keepalive == "auto"
+    if not auto and (isinstance(keepalive, (str, bool)) or not isinstance(keepalive, (int, float))):
+        raise UsageError(f"keepalive must be seconds or 'auto', not {str(keepalive)[:20]!r}")
+    interval = 20.0 if auto else float(keepalive)
+    dead = dead_after if dead_after is not None else 3 * interval
+    if not (timeout > 0 and 0 < interval < dead and tracker_timeout > 0 and 0 <= retries <= 20):
         raise UsageError("want timeout > 0, 0 < keepalive < dead_after, tracker_timeout > 0, retries in 0..20")
     check_birthday_limits(birthday_rate, birthday_budget)
     # Imported here: `import nattool` (a tracker process too) should not load dnspython.
@@ -594,13 +617,22 @@ async def connect(
     targets = await resolve_trackers(as_tracker_specs(trackers), ResolveOptions(timeout=tracker_timeout))
     if not targets:
         raise UsageError("no tracker address to talk to")
+    ka = None
+    if auto:
+        from nattool.diag.keepalive_auto import SessionKeepalive
+
+        ka = SessionKeepalive(None, targets)
+        interval = ka.interval
+        dead = dead_after if dead_after is not None else 3 * interval
+        if not interval < dead:
+            raise UsageError(f"dead_after must be longer than the keepalive interval ({interval:g} s)")
     config = SessionConfig(
         group=group_key,
         trackers=tuple(targets),
         lan=lan_addresses(targets) if lan_given is None else lan_given,
         identity=ident,
         timeout=timeout,
-        keepalive=keepalive,
+        keepalive=interval,
         dead_after=dead,
         tracker_timeout=tracker_timeout,
         retries=retries,
@@ -611,9 +643,15 @@ async def connect(
         portmap=portmap,
     )
     conn = PeerConnection()
-    shell = SessionShell(config, conn._on_event, port=port, bind=bind)
+    on_event: OnEvent = conn._on_event
+    if ka is not None:
+        config = dataclasses.replace(config, register_every=ka.register_every(config.register_every))
+        on_event = ka.announcing(conn._on_event)
+    shell = SessionShell(config, on_event, port=port, bind=bind)
     await shell.open()
     conn._shell = shell
+    if ka is not None and ka.retune is not None:
+        conn._tuner = asyncio.create_task(ka.retune(shell.set_keepalive))
     return conn
 
 

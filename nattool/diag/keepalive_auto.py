@@ -13,12 +13,24 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from nattool.errors import NattoolError
 from nattool.net.lifetime_cache import CachedLifetime, LifetimeCache, auto_plan
 from nattool.protocol.endpoint import Endpoint
-from nattool.protocol.keepalive_rules import FRESH_FOR, TRACKER_TTL, KeepalivePlan, KeepaliveSource, LifetimeBracket, auto_keepalive
+from nattool.protocol.connect_events import ConnectEvent, KeepaliveSet, Registered
+from nattool.protocol.keepalive_rules import (
+    FRESH_FOR,
+    TRACKER_TTL,
+    KeepalivePlan,
+    KeepaliveSource,
+    LifetimeBracket,
+    auto_keepalive,
+    given_keepalive,
+)
+
+if TYPE_CHECKING:
+    from nattool.diag.connect import OnEvent, Retune
 
 BACKGROUND_LIFETIME_MAX = 120.0  # s, the longest idle wait of a background measurement
 
@@ -100,6 +112,53 @@ class AutoKeepalive:
         apply(self.plan)
 
 
+class SessionKeepalive:
+    """A `connect` session's keepalive: ``every`` seconds given, or (None) auto for a
+    session with ``trackers`` (lifetimes cached in ``cache``)."""
+
+    def __init__(self, every: Optional[float], trackers: Sequence[Endpoint], cache: Optional[LifetimeCache] = None) -> None:
+        self.every = every
+        self.auto = AutoKeepalive(trackers, cache=cache) if every is None else None
+        self.plan = self.auto.plan if self.auto is not None else None
+
+    @property
+    def interval(self) -> float:
+        """The keepalive interval to start with."""
+        if self.auto is not None:
+            return self.auto.plan.interval
+        assert self.every is not None
+        return self.every
+
+    @property
+    def retune(self) -> Optional[Retune]:
+        """The background measurement to run alongside the session, if any."""
+        return self.auto.measure if self.auto is not None and self.auto.wants_measurement else None
+
+    def register_every(self, default: float) -> float:
+        """The registration interval: auto's, or the session's ``default`` with a given one."""
+        if self.plan is None:
+            assert self.every is not None
+            self.plan = given_keepalive(self.every, default)
+        return self.plan.register_every
+
+    def announcing(self, render: OnEvent) -> OnEvent:
+        """``render``, plus the keepalive in force once a tracker answered (and the
+        tracker handed to the background measurement)."""
+        shown = False
+
+        def emit(event: ConnectEvent) -> None:
+            nonlocal shown
+            render(event)
+            if isinstance(event, Registered):
+                if not shown and self.plan is not None:
+                    render(KeepaliveSet(self.plan))
+                shown = True
+                if self.auto is not None:
+                    self.auto.tracker_answered(event.tracker)
+
+        return emit
+
+
 async def _in_daemon_thread(work: Callable[[threading.Event], dict[str, object]]) -> dict[str, object]:
     """``work(stop)`` in a daemon thread (a measurement never holds up the exit); a
     cancelled wait sets ``stop``."""
@@ -128,4 +187,4 @@ async def _in_daemon_thread(work: Callable[[threading.Event], dict[str, object]]
         stop.set()
 
 
-__all__ = ["AutoKeepalive", "BACKGROUND_LIFETIME_MAX", "remember_measurement"]
+__all__ = ["AutoKeepalive", "BACKGROUND_LIFETIME_MAX", "SessionKeepalive", "remember_measurement"]
