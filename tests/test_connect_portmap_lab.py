@@ -42,7 +42,8 @@ from tests.test_connect_loopback import connect_argv
 
 # One lane (pytest-xdist group): its module fixtures run every case at once, in each lane
 # that runs one of their tests.
-pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available"), pytest.mark.xdist_group("connect_portmap_lab")]
+pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available"),
+              pytest.mark.xdist_group("connect_portmap_lab")]
 
 PROTOCOLS = ("pcp", "natpmp", "upnp")
 EXITS = ("once", "sigint", "sigterm")  # how the mapped side's `connect` ends, in turn

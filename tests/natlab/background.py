@@ -100,7 +100,8 @@ class BackgroundScenario(Generic[R]):
         try:
             data = pickle.dumps(outcome)
         except Exception:  # noqa: BLE001 - an unpicklable result still must reach the waiters
-            data = pickle.dumps(("error", None, f"its result is not picklable: {outcome[1]!r}\n{traceback.format_exc()}"))
+            trace = f"its result is not picklable: {outcome[1]!r}\n{traceback.format_exc()}"
+            data = pickle.dumps(("error", None, trace))
         partial = _shared_dir / f"{self.name}.result.partial"
         partial.write_bytes(data)
         partial.rename(_shared_dir / f"{self.name}.result")
