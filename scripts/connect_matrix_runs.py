@@ -59,7 +59,7 @@ def main() -> int:
     code = 1 if failed else 0
     if args.lab_tests:
         env = dict(os.environ, CONNECT_LAB_RUNS=str(args.runs))
-        lab = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "tests/test_connect_lab.py"],
+        lab = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-n", "0", "tests/test_connect_lab.py"],
                              cwd=REPO, env=env)
         code = code or lab.returncode
     return code

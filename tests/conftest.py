@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
-# The NAT lab's fixtures (network namespaces + nftables), for every test module.
-pytest_plugins = ["tests.natlab.fixtures", "tests.natlab.background"]
+# The lanes (pytest-xdist groups) and the NAT lab's fixtures (network namespaces + nftables).
+pytest_plugins = ["tests.lanes", "tests.natlab.fixtures", "tests.natlab.background"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -82,7 +82,9 @@ class Gateway:
         if lifetime == 0:
             self.mappings.pop(key, None)
             return 0
-        external = self.mappings.get(key) or suggested or internal + 10000
+        # 10000 above the internal port, counted round within 1024..65535: an ephemeral
+        # internal port (a discovery maps its own socket's) may be above 55535.
+        external = self.mappings.get(key) or suggested or 1024 + (internal + 10000 - 1024) % (65536 - 1024)
         self.mappings[key] = external
         return external
 

@@ -19,7 +19,18 @@ A_IP, B_IP = "127.0.0.2", "127.0.0.3"
 
 
 def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    """This process's sockets and other anonymous inodes (epoll, eventfd), by fd and inode.
+    Not its pipes and files: a lab scenario started with the session (tests/natlab/background.py)
+    may open those in its own thread meanwhile."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed since the listing (the listing's own fd, say)
+            continue
+        if target.startswith(("socket:", "anon_inode:")):
+            found.add(f"{fd} {target}")
+    return found
 
 
 async def pair(endpoint: str, group: str, **kwargs: object) -> tuple[PeerConnection, PeerConnection]:

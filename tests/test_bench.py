@@ -366,8 +366,15 @@ def test_ramp_stops_when_loss_passes_the_threshold(fake) -> None:
     target = fake("drop10")
     strict = run_ramp(quick(target, window=None), start_rate=2000, factor=2, step_seconds=0.4, max_loss=0.05, budget_seconds=3)
     assert strict.best is None and "loss" in strict.stopped_because and len(strict.steps) == 1
-    lax = run_ramp(quick(target, window=None), start_rate=1000, factor=2, step_seconds=0.4, max_loss=0.2, budget_seconds=3.5)
-    assert lax.best is not None and len(lax.steps) >= 2
+    # On a busy machine the generator itself may miss its schedule (a step's sends skipped):
+    # a ramp then rightly stops at its first step, which says nothing of the loss threshold,
+    # so that ramp is run again (one that stops at the first loss stops so every time).
+    for _ in range(3):
+        lax = run_ramp(quick(target, window=None), start_rate=1000, factor=2, step_seconds=0.4, max_loss=0.2,
+                       budget_seconds=3.5)
+        if len(lax.steps) >= 2 or lax.steps[-1].generator_limited is None:
+            break
+    assert lax.best is not None and len(lax.steps) >= 2, lax.stopped_because
     rates = [s.config.rate for s in lax.steps]
     assert rates == sorted(rates)
 

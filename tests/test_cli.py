@@ -203,6 +203,7 @@ def bad_input_runs(nattool_home: Path) -> dict[str, subprocess.CompletedProcess[
     return done
 
 
+@pytest.mark.xdist_group("cli_bad_input")  # one lane: the fixture runs every command
 @pytest.mark.parametrize("args", BAD_INPUT, ids=lambda a: " ".join(a)[:50])
 def test_bad_input_is_a_one_line_usage_error(args: list[str], bad_input_runs) -> None:  # type: ignore[no-untyped-def]
     result = bad_input_runs[" ".join(args)]

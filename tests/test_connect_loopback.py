@@ -266,21 +266,29 @@ def alone_with_stdin_from(home: Path, tracker_ep: str, kind: str, path: str) -> 
         return subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=nattool_env(home), timeout=30)
 
 
+# The datagrams counted go out within 3.5 s: the seed form's sends in the first half of the
+# tracker timeout (2 s), the original form's in the next 2 s, the next round's first seed
+# 0.5 s later. Every send waits for a timer, and on a busy machine each wakes up late: the
+# give-up time leaves seconds for that, and a slow start of the interpreter gets its own wait.
+SILENT_GIVE_UP = 8
+SILENT_WAIT = 30.0  # s for the next datagram (the first comes after the interpreter's start-up)
+
+
 def against_a_silent_tracker(home: Path, retries: int) -> tuple[list[bytes], int, str]:
-    """`connect --retries N --timeout 4` against a silent tracker (our own socket): the first
-    2 (N + 1) + 1 datagrams it got, then connect's exit status and stderr."""
+    """`connect --retries N --timeout SILENT_GIVE_UP` against a silent tracker (our own
+    socket): the first 2 (N + 1) + 1 datagrams it got, then connect's exit status and stderr."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
-        silent.settimeout(5)
+        silent.settimeout(SILENT_WAIT)
         tracker_ep = f"127.0.0.1:{silent.getsockname()[1]}"
         argv = connect_argv(*peer_args(tracker_ep, A_IP, free_udp_port(A_IP), f"retries-{retries}",
-                                       "--retries", str(retries), "--timeout", "4"))
+                                       "--retries", str(retries), "--timeout", str(SILENT_GIVE_UP)))
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=nattool_env(home))
         try:
             got = [silent.recvfrom(2048)[0] for _ in range(2 * (retries + 1) + 1)]
         finally:
-            proc.wait(timeout=20)
+            proc.wait(timeout=SILENT_GIVE_UP + SILENT_WAIT)
             assert proc.stderr is not None
             err = proc.stderr.read().decode()
             proc.stderr.close()
@@ -306,6 +314,7 @@ def timeout_runs(
     return runs
 
 
+@pytest.mark.xdist_group("connect_timeout_runs")  # one lane: the fixture runs every case
 @pytest.mark.parametrize("stdin_kind", STDIN_KINDS)
 def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
     timeout_runs: dict[tuple[str, object], Future[Any]], stdin_kind: str
@@ -318,6 +327,7 @@ def test_stdin_from_dev_null_or_a_file_is_read_without_a_traceback(
         assert "no peer connected yet: the line will be sent when a path is up" in out.stderr
 
 
+@pytest.mark.xdist_group("connect_timeout_runs")
 @pytest.mark.parametrize("retries", RETRIES)
 def test_retries_sets_the_registration_retransmissions(
     timeout_runs: dict[tuple[str, object], Future[Any]], retries: int
@@ -330,7 +340,7 @@ def test_retries_sets_the_registration_retransmissions(
     seed, original = RegisterRequest(group).to_wire(), RegisterRequest(group, form="original").to_wire()
     got, returncode, err = timeout_runs[("retries", retries)].result()
     assert got == [seed] * (retries + 1) + [original] * (retries + 1) + [seed]
-    assert returncode == 3 and "no tracker answered within 4s" in err
+    assert returncode == 3 and f"no tracker answered within {SILENT_GIVE_UP}s" in err
 
 
 def test_retries_out_of_range_is_one_usage_line(nattool_home: Path) -> None:

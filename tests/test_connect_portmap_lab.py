@@ -40,7 +40,10 @@ from tests.natlab.shared_lab import shown_on_failure
 from tests.natlab.topologies import SERVER_V4
 from tests.test_connect_loopback import connect_argv
 
-pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available")]
+# One lane (pytest-xdist group): its module fixtures run every case at once, in each lane
+# that runs one of their tests.
+pytestmark = [pytest.mark.natlab, pytest.mark.usefixtures("natlab_available"),
+              pytest.mark.xdist_group("connect_portmap_lab")]
 
 PROTOCOLS = ("pcp", "natpmp", "upnp")
 EXITS = ("once", "sigint", "sigterm")  # how the mapped side's `connect` ends, in turn

@@ -56,6 +56,29 @@ TRACKER = f"{SERVER_V4[0]}:43283"
 GROUP_AB, GROUP_R, GROUP_C = "ka-connect", "ka-register", "ka-control"
 
 
+@dataclass
+class Transcript:
+    """What a program printed: plain data, so that the scenario's result can be handed
+    from the lane (pytest-xdist worker) that ran it to the one that runs its tests."""
+
+    lines: list[str]
+    stderr: str = ""
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON object printed (one per line for connect, indented for register)."""
+        text = "\n".join(self.lines)
+        decoder = json.JSONDecoder()
+        out: list[dict[str, Any]] = []
+        i = 0
+        while (start := text.find("{", i)) >= 0:
+            obj, i = decoder.raw_decode(text, start)
+            out.append(obj)
+        return out
+
+    def output(self) -> str:
+        return "\n".join(self.lines) + "\n--- stderr:\n" + self.stderr
+
+
 class Program:
     """A program in the lab with its stdout (JSON lines) collected as it comes, stdin
     kept open for typing, stderr in a file."""
@@ -81,15 +104,7 @@ class Program:
             buf = ""
 
     def events(self) -> list[dict[str, Any]]:
-        """Every JSON object printed (one per line for connect, indented for register)."""
-        text = "\n".join(self.lines)
-        decoder = json.JSONDecoder()
-        out: list[dict[str, Any]] = []
-        i = 0
-        while (start := text.find("{", i)) >= 0:
-            obj, i = decoder.raw_decode(text, start)
-            out.append(obj)
-        return out
+        return Transcript(list(self.lines)).events()
 
     def wait_for(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -111,9 +126,9 @@ class Program:
         if self.stderr_text is None:
             self.stderr_file.flush()
         err = self.stderr_text if self.stderr_text is not None else self.stderr_path.read_text()
-        return "\n".join(self.lines) + "\n--- stderr:\n" + err
+        return Transcript(list(self.lines), err).output()
 
-    def stop(self) -> None:
+    def stop(self) -> Transcript:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -124,12 +139,13 @@ class Program:
         self._reader.join(5)
         self.stderr_file.close()
         self.stderr_text = self.stderr_path.read_text()
+        return Transcript(list(self.lines), self.stderr_text)
 
 
 @dataclass
 class Scenario:
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    programs: dict[str, Program] = field(default_factory=dict)
+    programs: dict[str, Transcript] = field(default_factory=dict)  # as they were when stopped
     listed: dict[str, list[str]] = field(default_factory=dict)  # group -> endpoints the tracker lists
     wan: dict[str, str] = field(default_factory=dict)  # host -> its NAT's WAN address
     idle: float = 0.0
@@ -187,7 +203,7 @@ def _run(lab: Lab, homes: dict[str, Path], out: Scenario) -> None:
                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=nattool_env(homes["tracker"]))
     line = read_line(tracker.stdout, 15)  # type: ignore[arg-type]
     assert line and BANNER_PREFIX in line, f"tracker did not start: {line!r}"
-    progs = out.programs
+    progs: dict[str, Program] = {}
     try:
         # The control starts at once: its first mapping is lost within 20 s.
         control_start = time.monotonic()
@@ -215,8 +231,7 @@ def _run(lab: Lab, homes: dict[str, Path], out: Scenario) -> None:
         out.listed = {g: _listed(lab, g, homes["tracker"]) for g in (GROUP_R, GROUP_C)}
         out.control_ran = time.monotonic() - control_start
     finally:
-        for prog in progs.values():
-            prog.stop()
+        out.programs = {name: prog.stop() for name, prog in progs.items()}
         tracker.terminate()
         tracker.wait(10)
 

@@ -37,7 +37,9 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+# One lane (pytest-xdist group): the session's checkout is installed once, and two tests
+# need the default port, which no other test binds.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("newcomer")]
 
 INSTALL_TIMEOUT = 300
 UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"

@@ -25,7 +25,9 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.redis_server import REDIS_CLI, REDIS_SERVER, SKIP_REASON, RedisCluster
 
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None or REDIS_CLI is None, reason=SKIP_REASON)
+# One lane (pytest-xdist group): the module's cluster (six redis-servers) starts once.
+pytestmark = [pytest.mark.skipif(REDIS_SERVER is None or REDIS_CLI is None, reason=SKIP_REASON),
+              pytest.mark.xdist_group("redis_cluster")]
 
 REG = "//51pwn/P2P&E2E/"
 

@@ -22,6 +22,7 @@ from typing import Iterator
 from conftest import free_udp_port, nattool_cmd
 
 from nattool.net.collector import COLLECT_EVERY, NEVER, ServingCollector
+from nattool.net.server import DRAIN_BATCH
 
 # A tracker in a process of its own (the test must not switch pytest's collector off),
 # which records how many objects each collection walked once serving has started.
@@ -65,7 +66,6 @@ def test_serving_collects_the_young_generations_every_so_many_registrations(tmp_
             capture_output=True, text=True, timeout=60,
         )
         assert load.returncode == 0, load.stderr
-        assert json.loads(load.stdout)["answered"] > 15_000
     finally:
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=30)
@@ -75,8 +75,13 @@ def test_serving_collects_the_young_generations_every_so_many_registrations(tmp_
     registrations = report["registrations"]
     young = [walked for generation, walked in walks if generation == 1]
     print(f"\n{registrations} registrations, {len(walks)} collections, walked at most {max(w for _, w in walks)} objects")
-    # One collection of the young generations every COLLECT_EVERY registrations ...
-    assert len(young) >= registrations // COLLECT_EVERY - 1
+    # Enough registrations to count the collections by (a busy machine serves fewer than
+    # the 25,000 asked for).
+    assert registrations >= 10 * COLLECT_EVERY, registrations
+    # One collection of the young generations every COLLECT_EVERY registrations: the count
+    # is looked at after each read of up to DRAIN_BATCH datagrams, so on a busy machine,
+    # where the reads are full, one may come up to DRAIN_BATCH - 1 registrations late ...
+    assert len(young) >= registrations // (COLLECT_EVERY + DRAIN_BATCH - 1) - 1, (registrations, len(young))
     # ... so that none walks much more than the members written since the last one,
     assert max(walked for _, walked in walks) <= 4 * COLLECT_EVERY, sorted(walks)[-5:]
     # and no full collection while serving (not CPython's: its threshold is out of reach).

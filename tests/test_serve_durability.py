@@ -536,12 +536,14 @@ def downtime_scenarios(
     stop_cleanly([tp for trackers in started.values() for tp in trackers])
 
 
+@pytest.mark.xdist_group("serve_durability_downtime")  # one lane: the fixture runs every scenario
 def test_members_whose_ttl_passed_during_the_downtime_are_not_served(
     downtime_scenarios: dict[str, Future[None]],
 ) -> None:
     downtime_scenarios["member ttl"].result()
 
 
+@pytest.mark.xdist_group("serve_durability_downtime")
 def test_verified_trackers_survive_kill_9_until_they_expire(
     downtime_scenarios: dict[str, Future[None]],
 ) -> None:

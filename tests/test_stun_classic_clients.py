@@ -41,6 +41,10 @@ from tests.natlab.stun import communicate_bounded
 from tests.natlab.topologies import SERVER_V4, ProbeTopology
 from tests.test_probe_lab import start_serve
 
+# One lane (pytest-xdist group): the module fixture runs every case at once, in each lane
+# that runs one of its tests.
+pytestmark = pytest.mark.xdist_group("stun_classic_clients")
+
 STUN_PORT, STUN_ALT_PORT = 3478, 3479  # stun-client knows no other port
 # Local ports of the clients sharing a client host. stun-client binds its port and the next.
 STUN_CLIENT_PORT, ONE_ADDRESS_CLIENT_PORT, PY3STUN_PORT = 40000, 40002, 54320

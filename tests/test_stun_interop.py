@@ -332,6 +332,7 @@ def coturn_clients_runs(natlab_available: None) -> Iterator[SharedLab[ClientsRun
 
 
 @pytest.mark.natlab
+@pytest.mark.xdist_group("stun_interop_clients")  # one lane: the fixture runs every case
 @pytest.mark.parametrize("behaviour", CLIENT_NATS, ids=[b.value for b in CLIENT_NATS])
 def test_coturn_clients_behind_nat(coturn_clients_runs: SharedLab[ClientsRun], behaviour: NatBehaviour) -> None:
     check_case(coturn_clients_runs, behaviour, check_coturn_clients)
@@ -405,6 +406,7 @@ def coturn_probe_runs(turnserver_available: None) -> Iterator[SharedLab[ProbesRu
 
 
 @pytest.mark.natlab
+@pytest.mark.xdist_group("stun_interop_probes")  # one lane: the fixture runs every case
 @pytest.mark.parametrize("behaviour", PROBE_NATS, ids=[b.value for b in PROBE_NATS])
 def test_probe_against_coturn(coturn_probe_runs: SharedLab[ProbesRun], behaviour: NatBehaviour) -> None:
     check_case(coturn_probe_runs, behaviour, check_probes)
