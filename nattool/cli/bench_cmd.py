@@ -18,7 +18,7 @@ def bench(
     members: Annotated[int, typer.Option("--members", metavar="M", help="Distinct member identities that register.")] = 10_000,
     sockets: Annotated[int, typer.Option("--sockets", metavar="S", help="Source sockets per process, used in turn (each carries one outstanding request; a member always registers from the same one).")] = 256,
     window: Annotated[Optional[int], typer.Option("--window", metavar="W", help="Closed loop: requests kept outstanding (all processes) [default: 128].", show_default=False)] = None,
-    rate: Annotated[Optional[float], typer.Option("--rate", metavar="R", help="Open loop: requests per second (all processes); on Linux latency is then timed by the kernel's receive timestamp of each reply.", show_default=False)] = None,
+    rate: Annotated[Optional[float], typer.Option("--rate", metavar="R", help="Open loop: requests per second (all processes), evenly spaced (at tens of thousands a second the generator polls its core between sends); on Linux latency is then timed by the kernel's receive timestamp of each reply.", show_default=False)] = None,
     duration: Annotated[float, typer.Option("--duration", metavar="SECONDS", help="Measured seconds.")] = 10.0,
     warmup: Annotated[float, typer.Option("--warmup", metavar="SECONDS", help="Seconds of load before measuring.")] = 1.0,
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="A request without a reply after this long is lost.")] = 1.0,
