@@ -209,7 +209,7 @@ KEYS: dict[str, KeyDef] = {
         KeyDef("serve.log_level", _v_log_level, "info", "log level"),
         KeyDef("serve.metrics", _v_metrics, None, "Prometheus endpoint [ADDR:]PORT"),
         KeyDef("serve.workers", _v_int(1, 1024), 1, "processes sharing the port"),
-        KeyDef("serve.coalesce_us", _v_int(0, 10_000), 200, "microseconds a busy server may wait to answer requests in batches (0: never)"),
+        KeyDef("serve.coalesce_us", _v_int(0, 10_000), 400, "microseconds a busy server may wait to answer requests in batches (0: never)"),
         KeyDef("serve.tcp", _v_bool, None, "listen on TCP on the tracker port too (default: with TURN or --relay)"),
         KeyDef("serve.relay", _v_bool, False, "relay for the members of a group (TURN credentials via //relay/GROUP)"),
         KeyDef("serve.turn_user", _v_str_or_list, (), "TURN long-term credentials NAME:PASSWORD"),

@@ -111,7 +111,7 @@ class ServerConfig:
     relay_ips: tuple[IPAddress, ...] = ()  # --relay-ip, at most one per family
     relay_ports: tuple[int, int] = DEFAULT_RELAY_PORTS
     tcp: bool = False  # listen on TCP on the tracker port too
-    coalesce_us: float = 200.0  # the most a drain waits for more datagrams; 0 = never
+    coalesce_us: float = 400.0  # the most a drain waits for more datagrams; 0 = never
 
 
 def _bind_udp(host: str, port: int, reuse_port: bool) -> socket.socket:
