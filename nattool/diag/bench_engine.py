@@ -24,8 +24,10 @@ Latency in the open loop is taken from the kernel's receive timestamp of each re
 (SO_TIMESTAMPNS) minus the wall clock just before the send, so that the generator's
 own scheduling does not count as the server's; the closed loop, which measures
 throughput, reads the monotonic clock once per poll. Waiting for the next send, the
-open loop sleeps rather than spins: a spinning generator starves the kernel's softirq
-thread on its core, and replies then sit in a queue for a scheduler tick (4 ms).
+open loop sleeps as long as the wake-up can still come on time, and polls only for the
+rest: a generator that polls its core all the time starves the kernel's softirq thread
+there, and replies then sit in a queue for a scheduler tick (4 ms). Above about 25,000
+requests/s a process polls most of each gap; more ``--processes`` keep them asleep.
 """
 
 from __future__ import annotations
