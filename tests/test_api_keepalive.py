@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -19,9 +20,9 @@ from tests.conftest import TrackerFactory
 from tests.test_keepalive_auto import seed_cache
 
 
-async def _until(predicate: object, timeout: float) -> None:
+async def _until(predicate: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
 
