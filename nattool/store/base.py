@@ -13,7 +13,7 @@ import abc
 import sys
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from nattool.errors import LimitError, NattoolError, StoreError
 from nattool.protocol.endpoint import Endpoint
@@ -110,20 +110,18 @@ class GroupView(NamedTuple):
 RegisterResult = Union[GroupView, NattoolError]
 
 
-class LaneAnswer(NamedTuple):
-    """What the keepalive lane found: the group's other live members, newest first,
-    as data; the tracker decides what a reply shows of them. Stores build it with
-    ``tuple.__new__(LaneAnswer, (...))``, as cheap as a plain tuple, once per keepalive."""
-
-    #: the others as members; None only when ``lines`` is given and ``same_source``
-    #: is 0 (the lines then say all about them but their LAN lists)
-    others: Optional[List[Member]]
-    #: their endpoint texts, one a line ("" for none), when the store holds them ready
-    #: (every member of the group live); else None
-    lines: Optional[str]
-    #: how many of the group's other members (live or not yet swept) registered from
-    #: the member's source
-    same_source: int
+# What the keepalive lane found, as data (the tracker decides what a reply shows):
+# (others, lines, same_source).
+# - others: the group's other live members, newest first; None only when ``lines``
+#   is given and ``same_source`` is 0 (the lines then say all about them but their
+#   LAN lists);
+# - lines: their endpoint texts, one a line ("" for none), when the store holds them
+#   ready (every member of the group live); else None;
+# - same_source: how many of the group's other members (live or not yet swept)
+#   registered from the member's source.
+# A plain tuple: it is built once per keepalive, and a NamedTuple instance costs
+# about five times as much to build.
+LaneAnswer = Tuple[Optional[List[Member]], Optional[str], int]
 
 
 # (group, identity, endpoint_text, lan_text, source, now) -> LaneAnswer, or None
