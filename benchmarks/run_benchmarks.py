@@ -90,6 +90,8 @@ RATE_PER_GENERATOR = 25_000  # open loop: requests/s one generator process sends
 
 # The share of the offered rate a run must answer to count as a run at that rate.
 CARRIED = 0.98
+# The share of requests sent late above which a row's p99 is marked.
+LATE_MARK = 0.01
 
 
 def free_port() -> int:
@@ -344,7 +346,7 @@ def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optiona
                     print(
                         f"round {rnd + 1}: {server.name:26} {workload:9} {doc['achieved_rate']:>9,.0f}/s  loss {doc['loss_ratio']:.3%}  "
                         f"cpu/req {cpu_per_request(doc):6.2f} us  p50 {lat['p50']:.3f}  p99 {lat['p99']:.3f} ms  "
-                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%",
+                        f"gen cpu {max(doc['generator']['cpu_per_process']) * 100:.0f}%  late {late_share(doc):.1%}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -362,7 +364,7 @@ def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optiona
     print()
     print("| server | workload | replies/s | loss | CPU per request (us) | vs coturn STUN | p50 ms | p99 ms | generator CPU |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    short = False
+    short = bursty = False
     for (name, workload), docs in runs.items():
         cpu = [cpu_per_request(d) for d in docs]
         ratios = [ref[d["round"]] / cpu_per_request(d) for d in docs if d["round"] in ref]
@@ -370,11 +372,15 @@ def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optiona
         if not opts.peak and any(not carried(d, opts.rate) for d in docs):
             mark = " (!)"
             short = True
+        p99_mark = ""
+        if not opts.peak and statistics.median(late_share(d) for d in docs) > LATE_MARK:
+            p99_mark = " †"
+            bursty = True
         print(
             f"| {name}{mark} | {workload} | {statistics.median(d['achieved_rate'] for d in docs):,.0f} | "
             f"{statistics.median(d['loss_ratio'] for d in docs):.3%} | {spread(cpu)} | "
             f"{spread(ratios) + 'x' if ratios else '-'} | {spread([d['latency_ms']['p50'] for d in docs], '{:.3f}')} | "
-            f"{spread([d['latency_ms']['p99'] for d in docs], '{:.3f}')} | "
+            f"{spread([d['latency_ms']['p99'] for d in docs], '{:.3f}')}{p99_mark} | "
             f"{max(max(d['generator']['cpu_per_process']) for d in docs) * 100:.0f}% |"
         )
     if short:
@@ -383,9 +389,19 @@ def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optiona
               f"requests were answered: that row is not a measurement at {opts.rate:,.0f}/s. A machine "
               "whose cores the generator and the server share is full: try --processes 1 (one polling "
               "generator) or a lower --rate.")
+    if bursty:
+        print()
+        print(f"† The generator sent over {LATE_MARK:.0%} of the requests more than 0.1 ms late (the median of "
+              "the rounds): it fell behind and caught up in bursts, and that p99 includes the server's answer "
+              "to them.")
     if opts.json:
         Path(opts.json).write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in runs.items()}, indent=1))
     return 0
+
+
+def late_share(doc: dict[str, Any]) -> float:
+    """The share of an open-loop run's requests that went out late (in bursts)."""
+    return doc.get("late", 0) / max(1, doc["sent"])
 
 
 def carried(doc: dict[str, Any], rate: float) -> bool:

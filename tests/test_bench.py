@@ -20,7 +20,7 @@ import typer
 from typer.testing import CliRunner
 
 from nattool.diag.bench import BenchConfig, BenchReport, GeneratorLoad, parse_mix, parse_target, run_bench, run_ramp
-from nattool.diag.bench_engine import EngineResult, register_request, stun_request, xor_mapped_value
+from nattool.diag.bench_engine import EngineResult, Progress, register_request, stun_request, xor_mapped_value
 from nattool.errors import UsageError
 from nattool.exit_codes import ExitCode
 from nattool.protocol import stun as stun_codec
@@ -168,6 +168,23 @@ def test_open_loop_holds_the_rate(fake) -> None:
         report.offered_rate < 1800 and (report.generator_limited or report.result.skipped)
     ), report.to_json()
     assert report.result.answered == report.result.sent
+
+
+def test_open_loop_counts_the_requests_it_sent_late(fake) -> None:
+    """A generator that stalls catches up in a burst: those requests are counted late,
+    so that the latency of the server's answer to a burst is not taken for its own."""
+    stalled: list[float] = []
+
+    def stall(p: Progress) -> None:
+        if p.phase == "run" and not stalled:
+            stalled.append(0.06)
+            time.sleep(0.06)  # 120 slots at 2,000/s: 56 skipped, the last 64 sent at once
+
+    report = run_bench(quick(fake("ok"), rate=2000.0, window=None, sockets=128, duration=1.5), progress=stall)
+    assert stalled, "the run never reached its measured phase"
+    r = report.result
+    assert 50 <= r.late <= r.sent, report.to_json()
+    assert report.to_json()["late"] == r.late
 
 
 def test_open_loop_latency_is_the_servers_delay(fake) -> None:
@@ -401,7 +418,7 @@ def run_cli(*args: str) -> "object":
 
 JSON_KEYS = {
     "target", "workload", "mode", "window", "rate", "duration", "warmup", "timeout", "processes",
-    "sockets", "sent", "answered", "lost", "invalid", "send_errors", "skipped", "loss_ratio",
+    "sockets", "sent", "answered", "lost", "invalid", "send_errors", "skipped", "late", "loss_ratio",
     "elapsed", "offered_rate", "achieved_rate", "latency_ms", "invalid_reasons", "by_kind", "generator",
     "spin", "hints",
 }

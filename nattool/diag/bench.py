@@ -187,6 +187,7 @@ class BenchReport:
             "invalid": r.invalid,
             "send_errors": r.send_errors,
             "skipped": r.skipped,
+            "late": r.late,
             "loss_ratio": round(self.loss_ratio, 6),
             "elapsed": round(r.elapsed, 4),
             "offered_rate": round(self.offered_rate, 1),
@@ -412,6 +413,7 @@ def merge_results(parts: list[EngineResult]) -> EngineResult:
         out.invalid += r.invalid
         out.send_errors += r.send_errors
         out.skipped += r.skipped
+        out.late += r.late
         reasons.update(r.invalid_reasons)
         out.histogram.merge(r.histogram)
         out.elapsed = max(out.elapsed, r.elapsed)

@@ -86,6 +86,10 @@ STUN_RING = 8
 SEND_BATCH = 64  # requests sent per loop turn before looking for replies
 PROGRESS_EVERY_NS = 500_000_000
 MAX_BACKLOG_S = 0.01  # open loop: a schedule further behind than this is skipped, not burst
+# Open loop: a request sent this far behind its slot is counted late. A generator that
+# falls behind catches up in a burst, and the server's answer to a burst is part of
+# the latency measured, not of the load asked for.
+LATE_NS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,7 @@ class EngineResult:
     invalid: int = 0
     send_errors: int = 0
     skipped: int = 0  # open loop: sends the generator could not make on schedule
+    late: int = 0  # open loop: sent more than LATE_NS behind their slot
     invalid_reasons: Counter[str] = field(default_factory=Counter)
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     histogram: Histogram = field(default_factory=Histogram)
@@ -138,6 +143,7 @@ class EngineResult:
             "invalid": self.invalid,
             "send_errors": self.send_errors,
             "skipped": self.skipped,
+            "late": self.late,
             "invalid_reasons": dict(self.invalid_reasons),
             "by_kind": self.by_kind,
             "histogram": self.histogram.to_dict(),
@@ -158,6 +164,7 @@ class EngineResult:
             invalid=obj["invalid"],
             send_errors=obj["send_errors"],
             skipped=obj["skipped"],
+            late=obj.get("late", 0),
             invalid_reasons=Counter(obj["invalid_reasons"]),
             by_kind=obj["by_kind"],
             histogram=Histogram.from_dict(obj["histogram"]),
@@ -407,7 +414,7 @@ class Engine:
         k_bad = [0, 0, 0, 0]
         k_lost = [0, 0, 0, 0]
         reasons: Counter[str] = Counter()
-        sent = answered = lost = invalid = send_errors = skipped = 0
+        sent = answered = lost = invalid = send_errors = skipped = late = 0
         reg_replies = 0
 
         closed = plan.window is not None
@@ -481,6 +488,11 @@ class Engine:
                     if n == 0:
                         sending = False
                         cpu_end = CpuSample.now()
+                if not closed and measuring and n:
+                    # The k-th of these n is due at slot `issued + k`.
+                    behind = now - (t0 + issued * ns_per_req) - LATE_NS
+                    if behind > 0:
+                        late += min(n, int(behind / ns_per_req) + 1)
                 for _ in range(n):
                     s = free.popleft()
                     kind = kinds[kind_pos]
@@ -705,7 +717,7 @@ class Engine:
         res.idle = idle_ns / 1e9
         res.latency_clock = "kernel" if rx_ts else "user"
         res.sent, res.answered, res.lost, res.invalid = sent, answered, lost, invalid
-        res.send_errors, res.skipped = send_errors, skipped
+        res.send_errors, res.skipped, res.late = send_errors, skipped, late
         res.invalid_reasons = reasons
         hist.count = answered
         hist.total = h_total
