@@ -23,10 +23,17 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 
 from nattool.errors import StoreError
+
+try:
+    # redis-py's hiredis reader is private: read_replies() reads straight from it
+    # where it is there, and through redis-py's public read_response() otherwise.
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+except ImportError:  # pragma: no cover - a redis-py that moved it (tested in a subprocess)
+    NOT_ENOUGH_DATA = object()
+    _AsyncHiredisParser = None
 from nattool.store.base import GroupView, Registration, RegisterResult
 from nattool.store.redis_lua import HEADER_FIELDS
 from nattool.store.redis import (
@@ -76,7 +83,7 @@ async def read_replies(conn: Any, count: int, deadline: asyncio.Timeout, patienc
     parser = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
     replies: list[Any] = []
-    if not isinstance(parser, _AsyncHiredisParser) or reader is None:
+    if _AsyncHiredisParser is None or not isinstance(parser, _AsyncHiredisParser) or reader is None:
         for _ in range(count):
             try:
                 replies.append(await conn.read_response())
