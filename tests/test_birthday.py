@@ -289,6 +289,8 @@ class SimNet:
         self.registered: dict[Endpoint, dict[str, Endpoint]] = {T1: {}, T2: {}}
         self.events: dict[str, list[object]] = {"hard": [], "easy": []}
         self.technique_sends: dict[str, list[float]] = {"hard": [], "easy": []}
+        self.technique_to: dict[str, list[tuple[float, Endpoint]]] = {"hard": [], "easy": []}  # (when, where)
+        self.hard_cut = False  # the hard side's NAT lets nothing in
         self.now = 0.0
         self.wakeups = 0
         self.same_instant = 0
@@ -314,11 +316,13 @@ class SimNet:
             src = self._hard_public(via, dest)
             if via and data.startswith(b"NtC1") and PeerMessage.from_wire(data, KEY).kind == Kind.PING:
                 self.technique_sends["hard"].append(self.now)
+                self.technique_to["hard"].append((self.now, dest))
         else:
             src = EASY_PUB
             self.easy_sent_to.add(dest)
             if str(dest.ip) == HARD_IP and dest.port not in self._listed_hard_ports():
                 self.technique_sends["easy"].append(self.now)
+                self.technique_to["easy"].append((self.now, dest))
         if dest in (T1, T2):
             self._tracker(dest, name, src, data)
         else:
@@ -332,7 +336,7 @@ class SimNet:
         if str(dest.ip) == EASY_IP:
             if dest.port == EASY_PUB.port and src in self.easy_sent_to:
                 self.s["easy"].receive_datagram(data, src, self.now)
-        elif str(dest.ip) == HARD_IP:
+        elif str(dest.ip) == HARD_IP and not self.hard_cut:
             owner = self.hard_rev.get(dest.port)
             if owner is not None and owner[1] == src:
                 via = owner[0]
@@ -539,3 +543,48 @@ def test_bad_rates_and_budgets_are_usage_errors_in_the_library_and_the_cli(tmp_p
         assert proc.returncode == 2, proc.stderr
         assert "birthday" in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_lost_birthday_path_is_punched_again() -> None:
+    """The hard side's NAT forgets every mapping (a rebinding, a reboot) after birthday
+    punching opened the path: both sides see it go down, start a second run with a
+    budget of its own, and open a direct path again the same way."""
+    net = SimNet("random", 2, timeout=300.0)
+    net.run(40.0)
+    assert net.direct_up("hard") is not None and net.direct_up("easy") is not None
+    lost = net.now
+    net.hard_map.clear()
+    net.hard_rev.clear()
+    net.run(lost + 120.0, stop_when_up=False)
+    for name in ("hard", "easy"):
+        downs = [e for e in net.of(name, ev.PathDown)]
+        assert downs, (name, net.events[name])
+        starts = net.of(name, ev.BirthdayStarted)
+        assert len(starts) == 2, (name, starts)
+        assert "again" in starts[1].reason and "again" not in starts[0].reason
+        ups = [e for e in net.of(name, ev.PathUp) if e.via == "direct"]
+        assert len(ups) >= 2 and ups[-1].method is ev.PathMethod.BIRTHDAY, (name, ups)
+    # Both runs kept to the rate cap. The easy side also pings the lost path's endpoint
+    # again, as it does any candidate once a path is down: that is no probe.
+    old_path = net.direct_up("easy").endpoint  # type: ignore[union-attr]
+    for name in ("hard", "easy"):
+        probes = [t for t, dest in net.technique_to[name] if dest != old_path or t < lost]
+        assert max_in_any_second(probes) <= DEFAULT_RATE + DEFAULT_RATE * 0.05 + 1
+        ends = net.of(name, ev.BirthdayEnded)
+        assert [e.up for e in ends] == [True, True], ends
+
+
+def test_a_second_run_has_a_budget_of_its_own() -> None:
+    """After the path is lost, the hard side's NAT lets nothing in any more: the easy
+    side's second run probes its whole budget, not what the first run left of it."""
+    budget = 300
+    net = SimNet("random", 2, timeout=300.0, birthday_budget=budget)
+    net.run(40.0)
+    assert net.direct_up("easy") is not None
+    net.hard_map.clear()
+    net.hard_rev.clear()
+    net.hard_cut = True
+    net.run(net.now + 120.0, stop_when_up=False)
+    first, second = net.of("easy", ev.BirthdayEnded)
+    assert first.up and 0 < first.probes < budget
+    assert not second.up and second.probes == budget and "budget" in second.reason

@@ -252,6 +252,8 @@ class BirthdayRun:
     sockets: int = HARD_SOCKETS
     sent: int = 0
     ended: bool = False
+    opened: bool = False  # it ended with a direct path up
+    lost_at: Optional[float] = None  # when no direct path was up any more, after it opened one
     probed: set[int] = field(default_factory=set)  # probe role: ports pinged so far
     cursor: int = 0  # open role: the next socket of the round
     round_at: float = 0.0  # open role: when the current round may start

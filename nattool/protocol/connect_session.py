@@ -950,9 +950,11 @@ class ConnectSession:
             if peer.active is None:
                 continue
             path = peer.paths[peer.active]
-            if now - path.last_heard >= self.config.dead_after:
+            # The same sums as get_timer()'s: (a + b) - a may fall short of b, and a
+            # timer due by one and not by the other would fire again at once.
+            if now >= path.last_heard + self.config.dead_after:
                 self._path_down(peer, path, f"no answer for {now - path.last_heard:.1f}s", now)
-            elif now - path.last_ping >= self.config.keepalive:
+            elif now >= path.last_ping + self.config.keepalive:
                 path.last_ping = now
                 self._ping(path.endpoint, now)
         self._tick_registrations(now)
@@ -1263,12 +1265,15 @@ class ConnectSession:
         # The hard side's rounds are short (one ping per socket): they go first, so that
         # a probing run toward another member cannot starve them.
         for run in sorted(self.birthday.values(), key=lambda r: r.plan.role is Role.PROBE):
+            mates = self._mates(run)
             if run.ended:
+                if run.opened:
+                    # The path it opened: once it is down, a new run may start
+                    # (_start_birthday), BIRTHDAY_AFTER later.
+                    up = any(self._direct_up(m) for m in mates)
+                    run.lost_at = None if up else (run.lost_at if run.lost_at is not None else now)
                 continue
             assert self.pacer is not None
-            member = self.members.get(run.member)
-            mates = [m for m in self.members.values() if m.endpoint.ip == run.target.ip] if run.plan.role is Role.PROBE \
-                else [member] if member is not None else []
             if any(self._direct_up(m) for m in mates):
                 self._end_birthday(run, True, "a direct path is up", now)
             elif not mates or all(m.gave_up for m in mates):
@@ -1280,6 +1285,14 @@ class ConnectSession:
                     self._ping(dest, now, via)
         self._announce_sockets(now)
 
+    def _mates(self, run: BirthdayRun) -> list[Member]:
+        """The members a run is for: a probing run, every member behind the target IP
+        (one NAT: a path to any of them is what the probes were for)."""
+        if run.plan.role is Role.PROBE:
+            return [m for m in self.members.values() if m.endpoint.ip == run.target.ip]
+        member = self.members.get(run.member)
+        return [member] if member is not None else []
+
     def _start_birthday(self, member: Member, mine: Optional[str], now: float) -> None:
         assert self.local is not None
         own_ports = [e.port for t, e in self.observed.items() if self.registrations[t].stream != OPEN]
@@ -1290,16 +1303,26 @@ class ConnectSession:
         if found is None or (found.method is PathMethod.BIRTHDAY and now < member.first_seen + BIRTHDAY_AFTER):
             return
         target = member.endpoint if found.role is Role.OPEN_PORTS else Endpoint(member.endpoint.ip, 0)
-        if target in self.birthday:
-            return
+        reason = found.reason
+        last = self.birthday.get(target)
+        if last is not None:
+            # One run a target, unless the direct path it opened was lost: then the
+            # NATs have new mappings (a rebinding, a reboot) and the technique is what
+            # opened a path between these two before. The new run has a budget of its own.
+            if last.lost_at is None or now < last.lost_at + BIRTHDAY_AFTER:
+                return
+            reason = f"{reason}; again: the direct path it opened was lost"
         if self.pacer is None:
             self.pacer = Pacer(self.config.birthday_rate, self.config.birthday_budget, now)
+        elif last is not None:
+            self.pacer.budget = self.pacer.spent + self.config.birthday_budget
         self.birthday[target] = BirthdayRun(found, target, member.endpoint, now, self.seed)
         self._events.append(BirthdayStarted(member.endpoint, found.role.value, found.method, found.pattern.value,
-                                            found.reason, self.config.birthday_rate, self.config.birthday_budget))
+                                            reason, self.config.birthday_rate, self.config.birthday_budget))
 
     def _end_birthday(self, run: BirthdayRun, up: bool, reason: str, now: float) -> None:
         run.ended = True
+        run.opened = up
         self._events.append(BirthdayEnded(run.member, run.plan.method, up, run.sent, now - run.start, reason))
 
     def _announce_sockets(self, now: float) -> None:
@@ -1327,6 +1350,8 @@ class ConnectSession:
         times = [m.first_seen + BIRTHDAY_AFTER for m in self.members.values()
                  if len(self.observed) > 1 and not m.gave_up and m.first_seen + BIRTHDAY_AFTER > self._last_tick]
         for run in self.birthday.values():
+            if run.lost_at is not None and run.lost_at + BIRTHDAY_AFTER > self._last_tick:
+                times.append(run.lost_at + BIRTHDAY_AFTER)  # it may start again then
             if run.ended or self.pacer is None:
                 continue
             at, paced = run.next_at(), self.pacer.next_at()
