@@ -391,9 +391,9 @@ def rate_mode(opts: argparse.Namespace, cap: Optional[CpuCap], gen_cpus: Optiona
               "generator) or a lower --rate.")
     if bursty:
         print()
-        print(f"† The generator sent over {LATE_MARK:.0%} of the requests more than 0.1 ms late (the median of "
-              "the rounds): it fell behind and caught up in bursts, and that p99 includes the server's answer "
-              "to them.")
+        print(f"† The generator sent over {LATE_MARK:.0%} of the requests in bursts, more than 0.1 ms late (the "
+              "median of the rounds): it fell behind and caught up, and that p99 includes the server's answer "
+              "to those bursts.")
     if opts.json:
         Path(opts.json).write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in runs.items()}, indent=1))
     return 0

@@ -195,7 +195,7 @@ def _render(d: dict[str, Any]) -> None:
     if d["skipped"] or d["send_errors"]:
         rows.append(("not sent", f"{d['skipped']:,} skipped, {d['send_errors']:,} send errors"))
     if d.get("late"):
-        rows.append(("sent late", f"{d['late']:,} over 0.1 ms behind schedule ({d['late'] / max(1, d['sent']):.2%})"))
+        rows.append(("sent late", f"{d['late']:,} in bursts, over 0.1 ms behind schedule ({d['late'] / max(1, d['sent']):.2%})"))
     for reason, count in sorted(d["invalid_reasons"].items(), key=lambda kv: -kv[1])[:5]:
         rows.append(("  invalid", f"{count:,} {reason}"))
     for name, value in rows:

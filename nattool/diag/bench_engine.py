@@ -86,9 +86,9 @@ STUN_RING = 8
 SEND_BATCH = 64  # requests sent per loop turn before looking for replies
 PROGRESS_EVERY_NS = 500_000_000
 MAX_BACKLOG_S = 0.01  # open loop: a schedule further behind than this is skipped, not burst
-# Open loop: a request sent this far behind its slot is counted late. A generator that
-# falls behind catches up in a burst, and the server's answer to a burst is part of
-# the latency measured, not of the load asked for.
+# Open loop: a request sent this far behind its slot, in a burst with others, is
+# counted late. A generator that falls behind catches up in a burst, and the server's
+# answer to a burst is part of the latency measured, not of the load asked for.
 LATE_NS = 100_000
 
 
@@ -124,7 +124,7 @@ class EngineResult:
     invalid: int = 0
     send_errors: int = 0
     skipped: int = 0  # open loop: sends the generator could not make on schedule
-    late: int = 0  # open loop: sent more than LATE_NS behind their slot
+    late: int = 0  # open loop: sent in a burst, more than LATE_NS behind their slot
     invalid_reasons: Counter[str] = field(default_factory=Counter)
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     histogram: Histogram = field(default_factory=Histogram)
@@ -488,8 +488,9 @@ class Engine:
                     if n == 0:
                         sending = False
                         cpu_end = CpuSample.now()
-                if not closed and measuring and n:
-                    # The k-th of these n is due at slot `issued + k`.
+                if not closed and measuring and n > 1:
+                    # Several due at once: a burst. The k-th is due at slot `issued + k`.
+                    # (A lone request sent late makes no queue at the server.)
                     behind = now - (t0 + issued * ns_per_req) - LATE_NS
                     if behind > 0:
                         late += min(n, int(behind / ns_per_req) + 1)
