@@ -1265,15 +1265,17 @@ class ConnectSession:
         # The hard side's rounds are short (one ping per socket): they go first, so that
         # a probing run toward another member cannot starve them.
         for run in sorted(self.birthday.values(), key=lambda r: r.plan.role is Role.PROBE):
-            mates = self._mates(run)
             if run.ended:
                 if run.opened:
                     # The path it opened: once it is down, a new run may start
                     # (_start_birthday), BIRTHDAY_AFTER later.
-                    up = any(self._direct_up(m) for m in mates)
-                    run.lost_at = None if up else (run.lost_at if run.lost_at is not None else now)
+                    if any(self._direct_up(m) for m in self._mates(run)):
+                        run.lost_at = None
+                    elif run.lost_at is None:
+                        run.lost_at = now
                 continue
             assert self.pacer is not None
+            mates = self._mates(run)
             if any(self._direct_up(m) for m in mates):
                 self._end_birthday(run, True, "a direct path is up", now)
             elif not mates or all(m.gave_up for m in mates):
