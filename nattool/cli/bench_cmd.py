@@ -9,10 +9,6 @@ import typer
 
 from nattool.exit_codes import ExitCode
 
-# Above this share of requests sent late the report says that its highest latencies
-# may be the server's answer to the generator's bursts.
-LATE_NOTE_SHARE = 0.01
-
 
 def bench(
     target: Annotated[str, typer.Argument(metavar="TARGET", help="Server to load: IP:PORT or [IPv6]:PORT (no default: say which server).", show_default=False)],
@@ -205,10 +201,9 @@ def _render(d: dict[str, Any]) -> None:
         stdout.print(f"note: the generator, not the server, was the limit: {gen['limit_reason']}")
     else:
         stdout.print("note: the generator was not the limit")
-    late_share = d.get("late", 0) / max(1, d["sent"])
-    if late_share > LATE_NOTE_SHARE:
+    if gen["bursty"]:
         stdout.print(
-            f"note: {late_share:.1%} of the requests went out late, in bursts (the generator fell behind its "
+            f"note: {d['late'] / max(1, d['sent']):.1%} of the requests went out late, in bursts (the generator fell behind its "
             "schedule): the highest latencies may be the server's answer to those bursts"
         )
     _print_hints(d["hints"])

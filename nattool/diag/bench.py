@@ -43,6 +43,9 @@ MAX_REQUESTS_PER_SECOND_BOUND = 2_000_000  # requests per process per second of 
 GENERATOR_CPU_LIMIT = 0.9  # fraction of one core: above this the generator is the bottleneck
 GENERATOR_WAIT_LIMIT = 0.1  # fraction of the run spent runnable without a core: the machine is busy
 HIGH_LOSS = 0.05
+# Above this share of an open loop's requests sent late, in bursts, its highest
+# latencies may be the server's answer to the generator's bursts.
+BURSTY_SHARE = 0.01
 # Answers per source address per second at or below which a per-source rate limit of
 # the server may explain a high loss (20 times the tracker's default limit).
 RATE_LIMITED_PER_SOURCE = 20 * float(KEYS["serve.rate_limit"].default)
@@ -132,6 +135,12 @@ class BenchReport:
         return None
 
     @property
+    def bursty(self) -> bool:
+        """Whether the open loop sent enough requests late, in bursts, to make the tail."""
+        r = self.result
+        return r.late > BURSTY_SHARE * max(1, r.sent)
+
+    @property
     def source_addresses(self) -> int:
         """Distinct source addresses the requests came from, as the server sees them."""
         c = self.config
@@ -214,6 +223,7 @@ class BenchReport:
                 "runqueue_wait_per_process": [round(load.waiting, 3) for load in self.loads],
                 "limited": self.generator_limited is not None,
                 "limit_reason": self.generator_limited,
+                "bursty": self.bursty,
             },
             "hints": [hint for hint in (self.rate_limit_hint,) if hint is not None],
         }
