@@ -6,6 +6,7 @@ loaded by the same `turnutils_uclient` command in the same run.
     python benchmarks/relay_bench.py --tcp --clients 20 --messages 5000   # TURN over TCP to the server
     python benchmarks/relay_bench.py --indications         # Send/Data indications, no channels
     python benchmarks/relay_bench.py --cap 0.25            # each server held to a quarter core (root)
+    python benchmarks/relay_bench.py --peer --coalesce 0,400   # an echo peer; a nattool per --coalesce-us
 
 Not run in CI. Starts coturn (`turnserver`, Debian package coturn) as a TURN server
 (long-term credentials, relay on 127.0.0.1, `allow-loopback-peers`, since its relayed
@@ -19,14 +20,19 @@ server goes first, runs coturn's client against each::
 
 ``-y``: client-to-client (each client's peer is another client's relayed address on the
 same server: every message is relayed twice by the server's sockets, in at the relayed
-address of one allocation and out to the other's client); ``-c``: no RTCP sessions;
+address of one allocation and out to the other's client); with ``--peer``, ``-e HOST -r
+PORT`` instead: every client's peer is coturn's ``turnutils_peer``, a UDP echo server,
+so each message goes out of a relayed socket to the peer and its echo comes back in on
+that socket (nattool's relay hands a packet between two of its own allocations over
+without the kernel, so ``-y`` hardly reads the relayed sockets); ``-c``: no RTCP sessions;
 ``-z``: milliseconds between messages of one session (an offered load, the same for
 both servers); ``-s`` (``--indications``): Send and Data indications instead of channels
 (ChannelBind, then ChannelData). The relayed packets are the messages the clients got back (uclient's
 ``tot_recv_msgs``); the server's CPU is its user + system time (every thread, /proc)
 over the uclient run, allocations included. The figure is relayed packets per CPU
 second; the ratio is nattool's to coturn's in the same round, and the table gives the
-medians. Both servers must lose nothing: a server that cannot keep up would look
+medians. ``--coalesce 0,400`` starts one nattool server per ``--coalesce-us`` value,
+each a row of its own. Both servers must lose nothing: a server that cannot keep up would look
 cheap per packet while dropping them, so a loss is reported next to its figure.
 
 Over TCP, uclient opens about two connections a client from 127.0.0.1, and nattool
@@ -81,18 +87,34 @@ def start_coturn_turn(work: Path) -> Server:
     return launch("coturn", port, args, work / "coturn-turn.out", work)
 
 
-def start_nattool_turn(work: Path, clients: int) -> Server:
+def start_nattool_turn(work: Path, clients: int, relay_ports: str = NATTOOL_RELAY_PORTS, coalesce_us: str | None = None) -> Server:
     port = free_port()
-    home = work / "home-nattool-turn"
+    home = work / f"home-nattool-turn-{port}"
     home.mkdir(exist_ok=True)
     quota = str(4 * clients + 10)  # uclient -y makes more than one allocation per client
     args = [
         sys.executable, "-m", "nattool", "serve", "--host", HOST, "--port", str(port),
         "--store", "memory", "--rate-limit", "0", "--log-level", "warning",
         "--turn-user", f"{USER}:{PASSWORD}", "--realm", REALM, "--relay-bandwidth", "0",
-        "--relay-ports", NATTOOL_RELAY_PORTS, "--user-quota", quota, "--source-quota", quota,
+        "--relay-ports", relay_ports, "--user-quota", quota, "--source-quota", quota,
+        "--allow-peer", f"{HOST}/32",  # the --peer echo server (uclient -y needs none)
     ]
-    return launch("nattool", port, args, work / f"nattool-turn-{port}.log", work, env(home))
+    name = "nattool"
+    if coalesce_us is not None:
+        args += ["--coalesce-us", coalesce_us]
+        name = f"nattool --coalesce-us {coalesce_us}"
+    return launch(name, port, args, work / f"nattool-turn-{port}.log", work, env(home))
+
+
+def start_peer(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """coturn's ``turnutils_peer``: a UDP echo server on HOST, the peer of every client."""
+    port = free_port()
+    with open(work / "peer.log", "wb") as log:
+        proc = subprocess.Popen(["turnutils_peer", "-L", HOST, "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    time.sleep(0.5)  # it binds at once; nothing to ask it before the clients do
+    if proc.poll() is not None:
+        raise RuntimeError(f"turnutils_peer exited at once (code {proc.returncode}); see {work / 'peer.log'}")
+    return proc, port
 
 
 @dataclass(frozen=True)
@@ -112,16 +134,17 @@ class RelayRun:
         return self.relayed / self.cpu if self.cpu > 0 else float("nan")
 
 
-def uclient_argv(port: int, opts: argparse.Namespace) -> list[str]:
+def uclient_argv(port: int, opts: argparse.Namespace, peer_port: int | None = None) -> list[str]:
+    peers = ["-y"] if peer_port is None else ["-e", HOST, "-r", str(peer_port)]
     return [
-        "turnutils_uclient", "-y", "-c", "-m", str(opts.clients), "-n", str(opts.messages),
+        "turnutils_uclient", *peers, "-c", "-m", str(opts.clients), "-n", str(opts.messages),
         "-l", str(opts.length), "-z", str(opts.interval), "-u", USER, "-w", PASSWORD,
         "-p", str(port), *(["-t"] if opts.tcp else []), *(["-s"] if opts.indications else []), HOST,
     ]
 
 
-def run_uclient(server: Server, opts: argparse.Namespace) -> RelayRun:
-    argv = uclient_argv(server.port, opts)
+def run_uclient(server: Server, opts: argparse.Namespace, peer_port: int | None = None) -> RelayRun:
+    argv = uclient_argv(server.port, opts, peer_port)
     user0, system0 = server.cpu_times()
     started = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=opts.timeout)
@@ -146,37 +169,59 @@ def main() -> int:
     ap.add_argument("--indications", action="store_true", help="uclient -s: Send/Data indications, no channels")
     ap.add_argument("--cap", type=float, metavar="SHARE", help="hold each server to SHARE of one core (cgroup quota; Linux, root)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for one uclient run")
+    ap.add_argument("--peer", action="store_true",
+                    help="every client's peer is an echo server (turnutils_peer) instead of another client (-y): "
+                         "the echoes come in on the relayed sockets")
+    ap.add_argument("--coalesce", metavar="US,US,...",
+                    help="one nattool server per --coalesce-us value, each measured (default: one, its default setting)")
     opts = ap.parse_args()
-    if shutil.which("turnutils_uclient") is None:
-        ap.error("turnutils_uclient is not installed (Debian package coturn)")
+    for tool in ("turnutils_uclient", *(["turnutils_peer"] if opts.peer else [])):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} is not installed (Debian package coturn)")
+    try:
+        coalesce: list[str | None] = [str(int(v)) for v in opts.coalesce.split(",")] if opts.coalesce else [None]
+    except ValueError:
+        ap.error(f"--coalesce: comma-separated whole microseconds, not {opts.coalesce!r}")
     cap = cap_option(ap, opts.cap)
-    runs: dict[str, list[RelayRun]] = {"coturn": [], "nattool": []}
-    ratios: list[float] = []
+    runs: dict[str, list[RelayRun]] = {}
+    ratios: dict[str, list[float]] = {}
+    peer: subprocess.Popen[bytes] | None = None
+    peer_port: int | None = None
     with tempfile.TemporaryDirectory(prefix="nattool-relay-bench-") as tmp:
         work = Path(tmp)
         servers: list[Server] = []
         try:
+            if opts.peer:
+                peer, peer_port = start_peer(work)
             servers.append(start_coturn_turn(work))
-            servers.append(start_nattool_turn(work, opts.clients))
+            for k, value in enumerate(coalesce):
+                # Relayed port ranges apart: no server takes another's.
+                low = 20000 + k * 4000
+                servers.append(start_nattool_turn(work, opts.clients, f"{low}-{low + 3999}", value))
             if cap is not None:
                 cap.put([s.proc.pid for s in servers])
             for rnd in range(opts.rounds):
                 order = servers if rnd % 2 == 0 else servers[::-1]
                 this: dict[str, RelayRun] = {}
                 for server in order:
-                    run = this[server.name] = run_uclient(server, opts)
-                    runs[server.name].append(run)
+                    run = this[server.name] = run_uclient(server, opts, peer_port)
+                    runs.setdefault(server.name, []).append(run)
                     print(f"round {rnd + 1}: {server.name:8} sent {run.sent:,} relayed {run.relayed:,} lost {run.lost} "
                           f"in {run.wall:.1f} s; server CPU {run.cpu:.2f} s -> {run.per_cpu_second:,.0f} packets per CPU second",
                           file=sys.stderr, flush=True)
-                ratios.append(this["nattool"].per_cpu_second / this["coturn"].per_cpu_second)
+                for name, run in this.items():
+                    if name != "coturn":
+                        ratios.setdefault(name, []).append(run.per_cpu_second / this["coturn"].per_cpu_second)
         except CpuCapError as exc:
             print(f"relay_bench.py: --cap: {exc}", file=sys.stderr)
             return 2
         finally:
             stop_all(servers, cap)
+            if peer is not None:
+                peer.terminate()
+                peer.wait(10)
     print()
-    print(f"turnutils_uclient {' '.join(uclient_argv(0, opts)[1:]).replace('-p 0', '-p PORT')}; "
+    print(f"turnutils_uclient {' '.join(uclient_argv(0, opts, 0 if opts.peer else None)[1:]).replace('-p 0', '-p PORT').replace('-r 0', '-r PEER_PORT')}; "
           f"{opts.rounds} rounds (median); {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"Python {platform.python_version()}, kernel {platform.release()}")
     if cap is not None:
@@ -185,13 +230,14 @@ def main() -> int:
     print("| server | relayed packets | lost | relayed packets/s | server CPU s | relayed packets per CPU second | vs coturn |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ref = statistics.median(r.per_cpu_second for r in runs["coturn"])
-    for name, rs in runs.items():
+    for name, rs in sorted(runs.items(), key=lambda item: item[0] != "coturn"):
         rate = statistics.median(r.per_cpu_second for r in rs)
         print(f"| {name} | {statistics.median(r.relayed for r in rs):,.0f} | {max(r.lost for r in rs)} | "
               f"{statistics.median(r.per_second for r in rs):,.0f} | {statistics.median(r.cpu for r in rs):.2f} | "
               f"{rate:,.0f} | {rate / ref:.2f}x |")
     print()
-    print("nattool / coturn by round: " + ", ".join(f"{r:.2f}x" for r in ratios))
+    for name, rs in ratios.items():
+        print(f"{name} / coturn by round: " + ", ".join(f"{r:.2f}x" for r in rs))
     return 0
 
 
