@@ -12,14 +12,19 @@ anything else fails at once. scripts/birthday_runs.py makes the ten runs by hand
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from pathlib import Path
+from typing import Any, Callable
 
+import pexpect
 import pytest
 
 from nattool.protocol.birthday import HARD_SOCKETS
 from tests.conftest import nattool_cmd, nattool_env
 from tests.natlab import Lab
-from tests.natlab.birthday_run import WINDOW, build, describe, run_once, start_trackers
+from tests.natlab.birthday_run import TRACKERS, WINDOW, build, describe, run_once, start_trackers
 from tests.natlab.fixtures import natlab, natlab_available  # noqa: F401 - fixtures
 from tests.test_connect_loopback import connect_argv
 
@@ -67,3 +72,68 @@ def test_with_a_relay_birthday_goes_on_and_its_direct_path_takes_over(natlab: La
     assert outcome.ok, f"{describe(outcome)}\n" + "\n".join(f"--- {k}:\n{v}" for k, v in outcome.transcript.items())
     assert {up["via"] for up in outcome.first.values()} <= {"relay", "direct"}
     assert outcome.ups["hard"]["peer_id"] == outcome.first["hard"]["peer_id"]
+
+
+_EVENT_LINE = re.compile(r'\{"event":"(path_up|path_down|birthday|birthday_end|gave_up)"[^\n]*\n')
+LOST_WINDOW = 60.0  # s from the cut to the second direct path: 6 s to see it down, 1 s, then a run
+
+
+def test_a_lost_birthday_path_is_punched_again(natlab: Lab, tmp_path: Path) -> None:  # noqa: F811
+    """The symmetric NAT forgets its mappings (its conntrack table flushed: a reboot, a
+    rebinding) after birthday punching opened the path. Both ends see the path go down;
+    the symmetric side starts a second run of its own ("again" in its reason), and a
+    direct path opens again by birthday punching. The probing side may not need a run of
+    its own: its NAT still lets in the ports its first run probed, and the new sockets'
+    mappings land on one of them about half the time; if it starts one, it says "again".
+    Short keepalives, so that the loss shows in 6 s."""
+    topo = build(natlab)
+    env = nattool_env(tmp_path)
+    start_trackers(natlab, env, nattool_cmd)
+    args = ["bday-again", *sum((["-t", t] for t in TRACKERS), []), "--json", "--relay", "never",
+            "--timeout", f"{WINDOW:g}", "--keepalive", "2", "--dead-after", "6"]
+    children = {
+        "hard": natlab.spawn(topo.left, connect_argv(*args, "--port", "43320"), env=env, timeout=WINDOW + LOST_WINDOW),
+        "easy": natlab.spawn(topo.right, connect_argv(*args, "--port", "43420"), env=env, timeout=WINDOW + LOST_WINDOW),
+    }
+    events: dict[str, list[dict[str, Any]]] = {side: [] for side in children}
+
+    def until(side: str, done: Callable[[list[dict[str, Any]]], bool], seconds: float) -> None:
+        child = children[side]
+        deadline = time.monotonic() + seconds
+        while not done(events[side]):
+            left = deadline - time.monotonic()
+            assert left > 0, f"{side}: not within {seconds:g} s: " + "\n".join(map(json.dumps, events[side]))
+            try:
+                child.expect(_EVENT_LINE, timeout=left)
+            except pexpect.TIMEOUT:
+                continue
+            events[side].append(json.loads(child.after.strip()))
+            assert events[side][-1]["event"] != "gave_up", (side, "\n".join(map(json.dumps, events[side])))
+
+    def direct_ups(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in seen if e["event"] == "path_up" and e["via"] == "direct"]
+
+    try:
+        for side in children:
+            until(side, lambda seen: bool(direct_ups(seen)), WINDOW + 10)
+        assert direct_ups(events["easy"])[0]["method"] == "birthday", events["easy"]
+        natlab.run("nat_l", ["conntrack", "-F"])
+        cut = {side: len(events[side]) for side in children}
+
+        def after_down(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """What came after the first path_down (none yet: nothing)."""
+            downs = [i for i, e in enumerate(seen) if e["event"] == "path_down"]
+            return seen[downs[0] + 1:] if downs else []
+
+        for side in children:
+            until(side, lambda seen, side=side: bool(direct_ups(after_down(seen[cut[side]:]))), LOST_WINDOW)
+        after = {side: events[side][cut[side]:] for side in children}
+        for side, seen in after.items():
+            shown = "\n".join(map(json.dumps, seen))
+            assert direct_ups(after_down(seen))[0]["method"] == "birthday", (side, shown)
+            assert all("again" in e["reason"] for e in seen if e["event"] == "birthday"), (side, shown)
+        assert any(e["event"] == "birthday" for e in after["hard"]), after["hard"]
+        assert direct_ups(after_down(after["hard"]))[0]["peer"].startswith(topo.right_nat.wan_ip + ":")
+    finally:
+        for child in children.values():
+            child.close(force=True)
