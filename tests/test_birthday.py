@@ -581,6 +581,39 @@ def test_a_lost_birthday_path_is_punched_again(anonymous: bool) -> None:
         assert [e.up for e in ends] == [True, True], ends
 
 
+def _listed_before(net: SimNet, t1_port: int, t2_port: int) -> None:
+    """The trackers still list an earlier "hard" (a run of `connect` without an identity
+    that has since stopped), at these ports, until their TTL."""
+    for tracker, port in ((T1, t1_port), (T2, t2_port)):
+        earlier = Endpoint.from_text(f"{HARD_IP}:{port}")
+        net.registered[tracker][("hard", earlier)] = earlier
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_an_earlier_listing_of_the_symmetric_side_does_not_hold_birthday_back(seed: int) -> None:
+    """Two members behind the hard side's IP at each tracker, at four different ports:
+    none maps endpoint-independently, so the NAT maps per destination, and the easy side
+    probes as it would for one member."""
+    net = SimNet("random", seed, anonymous=True)
+    _listed_before(net, 30001, 30002)
+    net.run(40.0)
+    hard_up, easy_up = net.direct_up("hard"), net.direct_up("easy")
+    assert hard_up is not None and easy_up is not None, net.events
+    assert easy_up.method is ev.PathMethod.BIRTHDAY
+    (easy_start,) = net.of("easy", ev.BirthdayStarted)
+    assert easy_start.role == "probe"
+
+
+def test_a_member_at_one_port_at_both_trackers_leaves_the_mapping_unknown() -> None:
+    """One of the members behind that IP shows the same port to both trackers (its NAT
+    maps endpoint-independently, or it is another host): which listing is which member
+    cannot be told, so the easy side does not probe."""
+    net = SimNet("random", 1, anonymous=True, timeout=10.0)
+    _listed_before(net, 30001, 30001)
+    net.run(12.0)
+    assert not net.of("easy", ev.BirthdayStarted), net.events["easy"]
+
+
 def test_a_second_run_has_a_budget_of_its_own() -> None:
     """After the path is lost, the hard side's NAT lets nothing in any more: the easy
     side's second run probes its whole budget, not what the first run left of it."""

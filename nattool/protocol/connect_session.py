@@ -110,6 +110,7 @@ from nattool.protocol.connect_events import (
 )
 from nattool.protocol.connect_options import RelayMode
 from nattool.protocol.connect_rules import (
+    ED,
     RELAY_AFTER,
     lan_candidates,
     mapping_of,
@@ -1063,6 +1064,15 @@ class ConnectSession:
         if len(per_tracker) < 2:
             return None, "seen by one tracker only: unknown"
         if any(len(v) != 1 for v in per_tracker.values()):
+            # A member behind an endpoint-independent mapping shows the same port to
+            # every tracker. None does: that NAT maps per destination. (Also the case of
+            # one member listed twice, at an old and a new mapping, as a member without
+            # an identity is until its old entry expires.)
+            ports = [{e.port for e in eps} for eps in per_tracker.values()]
+            if all(a.isdisjoint(b) for i, a in enumerate(ports) for b in ports[i + 1:]):
+                seen = "; ".join(f"{t} saw ports {', '.join(map(str, sorted(at)))}" for t, at in zip(per_tracker, ports))
+                return ED, (f"{seen}: several members behind that public IP, none at the same port "
+                            "at two trackers: mapping per destination")
             return None, "several members behind that public IP: cannot tell"
         return mapping_verdict(member.endpoint, {t: v[0] for t, v in per_tracker.items()})
 
@@ -1300,18 +1310,9 @@ class ConnectSession:
         own_ports = [e.port for t, e in self.observed.items() if self.registrations[t].stream != OPEN]
         member_ports = [e.port for eps in self.member_views.values() for e in eps if e.ip == member.endpoint.ip]
         found = plan(mine, self._member_mapping(member)[0], own_ports, self.local.port, member_ports)
-        if found is None:
-            # A run whose path was lost keeps its plan even when the trackers can no
-            # longer tell the member's mapping: a member without an identity that
-            # re-registered from its new mapping is listed twice, old and new, until
-            # the old one expires.
-            lost = self._lost_run(member)
-            if lost is None:
-                return
-            found = lost.plan
         # Prediction costs a few probes and no socket: at once. Birthday punching lets
         # plain punching try first.
-        if found.method is PathMethod.BIRTHDAY and now < member.first_seen + BIRTHDAY_AFTER:
+        if found is None or (found.method is PathMethod.BIRTHDAY and now < member.first_seen + BIRTHDAY_AFTER):
             return
         target = member.endpoint if found.role is Role.OPEN_PORTS else Endpoint(member.endpoint.ip, 0)
         reason = found.reason
@@ -1330,15 +1331,6 @@ class ConnectSession:
         self.birthday[target] = BirthdayRun(found, target, member.endpoint, now, self.seed)
         self._events.append(BirthdayStarted(member.endpoint, found.role.value, found.method, found.pattern.value,
                                             reason, self.config.birthday_rate, self.config.birthday_budget))
-
-    def _lost_run(self, member: Member) -> Optional[BirthdayRun]:
-        """The run toward ``member`` (probing its IP, or opening ports toward it) whose
-        direct path was lost, if there is one."""
-        for target in (Endpoint(member.endpoint.ip, 0), member.endpoint):
-            run = self.birthday.get(target)
-            if run is not None and run.lost_at is not None:
-                return run
-        return None
 
     def _end_birthday(self, run: BirthdayRun, up: bool, reason: str, now: float) -> None:
         run.ended = True
