@@ -13,7 +13,6 @@ anything else fails at once. scripts/birthday_runs.py makes the ten runs by hand
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +23,7 @@ import pytest
 from nattool.protocol.birthday import HARD_SOCKETS
 from tests.conftest import nattool_cmd, nattool_env
 from tests.natlab import Lab
-from tests.natlab.birthday_run import TRACKERS, WINDOW, build, describe, run_once, start_trackers
+from tests.natlab.birthday_run import EVENT_LINE, TRACKERS, WINDOW, build, describe, run_once, start_trackers
 from tests.natlab.fixtures import natlab, natlab_available  # noqa: F401 - fixtures
 from tests.test_connect_loopback import connect_argv
 
@@ -74,7 +73,6 @@ def test_with_a_relay_birthday_goes_on_and_its_direct_path_takes_over(natlab: La
     assert outcome.ups["hard"]["peer_id"] == outcome.first["hard"]["peer_id"]
 
 
-_EVENT_LINE = re.compile(r'\{"event":"(path_up|path_down|birthday|birthday_end|gave_up)"[^\n]*\n')
 LOST_WINDOW = 60.0  # s from the cut to the second direct path: 6 s to see it down, 1 s, then a run
 
 
@@ -104,7 +102,7 @@ def test_a_lost_birthday_path_is_punched_again(natlab: Lab, tmp_path: Path) -> N
             left = deadline - time.monotonic()
             assert left > 0, f"{side}: not within {seconds:g} s: " + "\n".join(map(json.dumps, events[side]))
             try:
-                child.expect(_EVENT_LINE, timeout=left)
+                child.expect(EVENT_LINE, timeout=left)
             except pexpect.TIMEOUT:
                 continue
             events[side].append(json.loads(child.after.strip()))

@@ -88,7 +88,8 @@ def settled_udp_sockets(lab: Lab, pid: int) -> int:
     return count
 
 
-_EVENT = re.compile(r'\{"event":"(path_up|birthday|birthday_end|gave_up)"[^\n]*\n')
+# The JSON events of `connect --json` that a birthday run is followed by.
+EVENT_LINE = re.compile(r'\{"event":"(path_up|path_down|birthday|birthday_end|gave_up)"[^\n]*\n')
 
 
 def run_once(lab: Lab, topo: PairTopology, env: dict[str, str], connect_argv: Callable[..., list[str]],
@@ -125,7 +126,7 @@ def run_once(lab: Lab, topo: PairTopology, env: dict[str, str], connect_argv: Ca
         text: list[str] = []
         while True:
             try:
-                child.expect(_EVENT)
+                child.expect(EVENT_LINE)
             except Exception:  # EOF or timeout: the transcript says why
                 text.append(str(child.before))
                 break
@@ -185,4 +186,4 @@ def describe(o: BirthdayOutcome) -> str:
             + (f"; {o.why}" if o.why else ""))
 
 
-__all__ = ["BirthdayOutcome", "WINDOW", "build", "describe", "run_once", "start_trackers"]
+__all__ = ["EVENT_LINE", "TRACKERS", "BirthdayOutcome", "WINDOW", "build", "describe", "run_once", "start_trackers"]
