@@ -66,8 +66,9 @@ from cpu_cap import CpuCapError, cap_option
 from run_benchmarks import HOST, Server, env, free_port, launch, stop_all
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench"
-# Relayed ports of the two servers apart, so that neither takes the other's.
-NATTOOL_RELAY_PORTS = "20000-29999"
+# nattool servers' relayed ports: a range of this many each from 20000, clear of
+# coturn's (49152-65535), so that no server takes another's.
+NATTOOL_RELAY_FIRST, NATTOOL_RELAY_SPAN = 20000, 4000
 _TOTALS = re.compile(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
 _LOST = re.compile(r"Total lost packets (\d+)")
 
@@ -87,7 +88,7 @@ def start_coturn_turn(work: Path) -> Server:
     return launch("coturn", port, args, work / "coturn-turn.out", work)
 
 
-def start_nattool_turn(work: Path, clients: int, relay_ports: str = NATTOOL_RELAY_PORTS, coalesce_us: str | None = None) -> Server:
+def start_nattool_turn(work: Path, clients: int, relay_ports: str, coalesce_us: str | None = None) -> Server:
     port = free_port()
     home = work / f"home-nattool-turn-{port}"
     home.mkdir(exist_ok=True)
@@ -195,9 +196,8 @@ def main() -> int:
                 peer, peer_port = start_peer(work)
             servers.append(start_coturn_turn(work))
             for k, value in enumerate(coalesce):
-                # Relayed port ranges apart: no server takes another's.
-                low = 20000 + k * 4000
-                servers.append(start_nattool_turn(work, opts.clients, f"{low}-{low + 3999}", value))
+                low = NATTOOL_RELAY_FIRST + k * NATTOOL_RELAY_SPAN
+                servers.append(start_nattool_turn(work, opts.clients, f"{low}-{low + NATTOOL_RELAY_SPAN - 1}", value))
             if cap is not None:
                 cap.put([s.proc.pid for s in servers])
             for rnd in range(opts.rounds):
